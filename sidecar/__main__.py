@@ -1,0 +1,7 @@
+"""`python -m sidecar` is `caliper-sidecar`."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())

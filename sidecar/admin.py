@@ -1,0 +1,110 @@
+"""Admin routes for dead letters: list, replay, purge. They need `admin.token`, or, when none
+is set, a request from this machine."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from .config import is_loopback
+from .runtime import RUNTIME, Runtime
+
+MAX_LIST: int = 1000
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/v1/dead-letters", list_dead_letters),
+        web.post("/v1/dead-letters/replay", replay),
+        web.post("/v1/dead-letters/purge", purge),
+    ]
+
+
+def _authorize(rt: Runtime, request: web.Request) -> None:
+    token = rt.settings.admin.token
+    if token:
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            presented.strip().encode(), token.encode()
+        ):
+            return
+        raise _error(web.HTTPUnauthorized, "unauthorized", "a valid admin bearer token is required")
+    if not is_loopback(request.remote or ""):
+        raise _error(
+            web.HTTPForbidden,
+            "forbidden",
+            "admin endpoints answer only on loopback unless admin.token is set",
+        )
+
+
+def _error(kind: type[web.HTTPException], error: str, message: str) -> web.HTTPException:
+    return kind(
+        text=json.dumps({"error": error, "message": message}), content_type="application/json"
+    )
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    _authorize(rt, request)
+    try:
+        limit = min(int(request.query.get("limit", "100")), MAX_LIST)
+    except ValueError:
+        raise _error(web.HTTPBadRequest, "bad_request", "limit must be an integer") from None
+    items = await rt.outbox.dead_letters(max(limit, 1), request.query.get("after") or None)
+    return web.json_response(
+        {
+            "dead_letters": [dead_letter_document(d) for d in items],
+            "next_after": items[-1].id if len(items) == limit else None,
+        }
+    )
+
+
+def dead_letter_document(d: Any) -> dict[str, Any]:
+    """A dead letter as JSON: the event itself, and why it died."""
+    return {
+        "id": d.id,
+        "reason": d.reason,
+        "status": d.status,
+        "response": d.response,
+        "attempts": d.attempts,
+        "received_at": d.received_at,
+        "first_attempt_at": d.first_attempt_at,
+        "last_attempt_at": d.last_attempt_at,
+        "dead_lettered_at": d.dead_lettered_at,
+        "event": json.loads(d.body),
+    }
+
+
+async def _selection(request: web.Request) -> Sequence[str] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _error(web.HTTPBadRequest, "malformed_json", "the body is not valid JSON") from None
+    if isinstance(body, dict) and body.get("all") is True:
+        return None
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
+        return ids
+    raise _error(
+        web.HTTPBadRequest, "bad_request", 'the body must be {"ids": ["..."]} or {"all": true}'
+    )
+
+
+async def replay(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    _authorize(rt, request)
+    return web.json_response(
+        {"replayed": await rt.outbox.replay_dead_letters(await _selection(request))}
+    )
+
+
+async def purge(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    _authorize(rt, request)
+    return web.json_response(
+        {"purged": await rt.outbox.purge_dead_letters(await _selection(request))}
+    )

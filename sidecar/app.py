@@ -1,0 +1,152 @@
+"""Wiring: builds every part from the Settings, starts them, and stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from . import admin, ops, receiver
+from .config import Settings, is_loopback, require_upstream
+from .dispatcher import Dispatcher
+from .metrics import Metrics
+from .outbox import OutboxLock, SqliteOutbox
+from .runtime import RUNTIME, Runtime
+from .tokens import OAuthTokens, StaticToken, TokenSource
+from .upstream import UpstreamClient
+
+log = structlog.get_logger("sidecar")
+
+INGEST_DRAIN_S: Final = 10.0  # how long shutdown waits for ingest requests under way
+
+
+@dataclass
+class Sidecar:
+    """A started sidecar: its parts and the address it listens on."""
+
+    runtime: Runtime
+    dispatcher: Dispatcher
+    runner: web.AppRunner
+    session: aiohttp.ClientSession
+    outbox: SqliteOutbox
+    lock: OutboxLock
+    url: str
+
+    async def stop(self) -> None:
+        """Stop accepting (503), let commits under way finish, give requests upstream a
+        bounded time, then close everything. Whatever is left is delivered after a restart."""
+        started = time.monotonic()
+        rt = self.runtime
+        rt.accepting = False
+        deadline = time.monotonic() + INGEST_DRAIN_S
+        while rt.ingests_in_progress and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        cut = await self.dispatcher.stop(grace_s=rt.settings.upstream.timeout_s)
+        await self.runner.cleanup()
+        stats = await self.outbox.stats()
+        await self.outbox.close()
+        await self.session.close()
+        self.lock.release()
+        log.info(
+            "stopped",
+            waiting=stats.events,
+            sends_cut=cut,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+
+
+async def start(settings: Settings) -> Sidecar:
+    """Start a sidecar: outbox, dispatcher and HTTP server. Raises SidecarError subclasses."""
+    require_upstream(settings)
+    lock = OutboxLock(settings.outbox.path)
+    lock.acquire()
+    try:
+        outbox = await SqliteOutbox(
+            settings.outbox.path,
+            synchronous=settings.outbox.synchronous,
+            max_events=settings.outbox.max_events,
+            max_bytes=settings.outbox.max_bytes,
+            dedupe_window_s=settings.outbox.dedupe_window_s,
+        ).open()
+    except BaseException:
+        lock.release()
+        raise
+    metrics = Metrics()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=settings.upstream.concurrency + 2),
+        headers={"User-Agent": "caliper-sidecar"},
+    )
+    tokens: TokenSource = (
+        OAuthTokens(session, settings.oauth, settings.upstream.timeout_s, metrics)
+        if settings.oauth.token_url
+        else StaticToken(settings.upstream.bearer_token)
+    )
+    upstream = UpstreamClient(session, settings.upstream, tokens, metrics)
+    dispatcher = Dispatcher(outbox, upstream, settings, metrics)
+    runtime = Runtime(
+        settings=settings,
+        outbox=outbox,
+        metrics=metrics,
+        dispatcher=dispatcher,
+        tokens=tokens,
+        max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
+    )
+    app = web.Application(client_max_size=settings.receiver.max_body_bytes)
+    app[RUNTIME] = runtime
+    app.add_routes(receiver.routes() + ops.routes() + admin.routes())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    r = settings.receiver
+    site = web.TCPSite(runner, r.host, r.port, ssl_context=_tls(settings))
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await outbox.close()
+        await session.close()
+        lock.release()
+        raise OSError(e.errno, f"cannot listen on {r.host}:{r.port}: {e.strerror}") from None
+    host, port = runner.addresses[0][:2]
+    scheme = "https" if r.tls_cert else "http"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+    dispatcher.start()
+    log.info(
+        "started",
+        url=url,
+        outbox=settings.outbox.path,
+        upstream=settings.upstream.endpoint,
+        loopback_only=is_loopback(r.host),
+    )
+    return Sidecar(runtime, dispatcher, runner, session, outbox, lock, url)
+
+
+def _tls(settings: Settings) -> ssl.SSLContext | None:
+    r = settings.receiver
+    if not r.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(r.tls_cert, r.tls_key)
+    return context
+
+
+async def serve(settings: Settings) -> None:
+    """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully."""
+    sidecar = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("stopping", reason="signal")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await sidecar.stop()

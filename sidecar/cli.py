@@ -1,0 +1,228 @@
+"""The `caliper-sidecar` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Settings, load_settings, redacted, render_toml, require_upstream
+from .exceptions import SidecarError
+from .logs import configure_logging
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args))
+    except SidecarError as e:
+        print(f"caliper-sidecar: {e}", file=sys.stderr)
+        return 2 if e.__class__.__name__ == "ConfigError" else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="caliper-sidecar",
+        description="A durable local outbox that forwards IMS Caliper 1.2 events to TimeBack.",
+    )
+    p.add_argument("--version", action="version", version=f"caliper-sidecar {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def command(name: str, help: str, handler: Any, config: bool = True) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        if config:
+            c.add_argument(
+                "-c",
+                "--config",
+                metavar="FILE",
+                help="TOML configuration (default: $SIDECAR_CONFIG, else built-in)",
+            )
+        c.set_defaults(handler=handler)
+        return c
+
+    command("run", "receive events and forward them until SIGTERM/SIGINT", _run)
+    command(
+        "demo",
+        "run a sidecar against a built-in fake TimeBack, no config needed",
+        _demo,
+        config=False,
+    )
+    m = command(
+        "mock-upstream",
+        "serve a fake TimeBack (token + Caliper endpoints)",
+        _mock_upstream,
+        config=False,
+    )
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8788)
+    m.add_argument("--client-id", default="sidecar")
+    m.add_argument("--client-secret", default="sidecar-secret")
+    m.add_argument("--token-ttl", type=float, default=3600.0, metavar="SECONDS")
+    m.add_argument("--latency-ms", type=float, default=0.0)
+    m.add_argument(
+        "--chaos-rate",
+        type=float,
+        default=0.0,
+        help="probability of a random fault per request (0..1)",
+    )
+    v = command("validate", "validate events or envelopes offline", _validate, config=False)
+    v.add_argument("files", nargs="*", metavar="FILE", help="JSON files (default: stdin)")
+    v.add_argument("--json", action="store_true", help="machine-readable report")
+    command("check-config", "print the effective configuration, secrets redacted", _check_config)
+
+    outbox = sub.add_parser("outbox", help="inspect the outbox").add_subparsers(metavar="ACTION")
+    stats = outbox.add_parser("stats", help="counts of waiting, delivered and dead events")
+    stats.add_argument("-c", "--config", metavar="FILE")
+    stats.set_defaults(handler=_outbox_stats)
+
+    dead = sub.add_parser("dead-letters", help="list, replay or purge dead letters")
+    dead_sub = dead.add_subparsers(metavar="ACTION")
+    listing = dead_sub.add_parser("list", help="show dead letters with their reasons")
+    listing.add_argument("-c", "--config", metavar="FILE")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--after", metavar="ID", help="continue after this event id")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(handler=_dead_list)
+    for name, handler in (("replay", _dead_replay), ("purge", _dead_purge)):
+        a = dead_sub.add_parser(name, help=f"{name} dead letters by id, or all of them")
+        a.add_argument("-c", "--config", metavar="FILE")
+        which = a.add_mutually_exclusive_group(required=True)
+        which.add_argument("ids", nargs="*", default=[], metavar="ID")
+        which.add_argument("--all", action="store_true")
+        a.set_defaults(handler=handler)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    settings = _settings(args)
+    require_upstream(settings)
+    configure_logging(settings.log.level, settings.log.format)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return asyncio.run(run_demo())
+
+
+def _mock_upstream(args: argparse.Namespace) -> int:
+    from .mock_upstream import FakeTimeBack, serve_fake
+
+    fake = FakeTimeBack(args.client_id, args.client_secret, args.token_ttl)
+    fake.faults.latency_s = args.latency_ms / 1000
+    fake.faults.chaos_rate = args.chaos_rate
+    configure_logging("info", "console")
+    asyncio.run(serve_fake(fake, args.host, args.port))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .validate_command import validate_command
+
+    return validate_command(args.files, as_json=args.json)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(render_toml(redacted(settings)), end="")
+    try:
+        require_upstream(settings)
+    except SidecarError as e:
+        print(f"# warning: `run` will refuse this configuration: {e}", file=sys.stderr)
+    return 0
+
+
+def _open_outbox(args: argparse.Namespace) -> Any:
+    from .outbox import SqliteOutbox
+
+    settings = _settings(args)
+    path = Path(settings.outbox.path)
+    if not path.exists():
+        raise SidecarError(f"there is no outbox at {path} (outbox.path)")
+    return SqliteOutbox(
+        path,
+        synchronous=settings.outbox.synchronous,
+        dedupe_window_s=settings.outbox.dedupe_window_s,
+    )
+
+
+def _outbox_stats(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with _open_outbox(args) as outbox:
+            stats = await outbox.stats()
+        print(
+            json.dumps(
+                {
+                    "path": str(outbox.path),
+                    "events": stats.events,
+                    "bytes": stats.bytes,
+                    "oldest_received_at": stats.oldest_received_at,
+                    "dead_letters": stats.dead_letters,
+                    "delivered_total": stats.delivered_total,
+                    "dead_lettered_total": stats.dead_lettered_total,
+                },
+                indent=2,
+            )
+        )
+        return 0
+
+    return asyncio.run(go())
+
+
+def _dead_list(args: argparse.Namespace) -> int:
+    from .admin import dead_letter_document
+
+    async def go() -> int:
+        async with _open_outbox(args) as outbox:
+            items = await outbox.dead_letters(args.limit, args.after)
+        for d in items:
+            doc = dead_letter_document(d)
+            if args.json:
+                print(json.dumps(doc))
+            else:
+                status = f"HTTP {d.status}" if d.status else "-"
+                print(f"{d.id}  {d.reason}  {status}  attempts={d.attempts}  {d.response[:120]}")
+        if not args.json:
+            print(f"{len(items)} dead letter(s)", file=sys.stderr)
+        return 0
+
+    return asyncio.run(go())
+
+
+def _dead_replay(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with _open_outbox(args) as outbox:
+            n = await outbox.replay_dead_letters(None if args.all else args.ids)
+        print(f"replayed {n} dead letter(s); the running sidecar sends them within a second")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _dead_purge(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with _open_outbox(args) as outbox:
+            n = await outbox.purge_dead_letters(None if args.all else args.ids)
+        print(f"purged {n} dead letter(s)")
+        return 0
+
+    return asyncio.run(go())

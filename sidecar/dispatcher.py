@@ -1,0 +1,256 @@
+"""The dispatcher: claims batches from the outbox, sends them, and turns each outcome into an
+outbox operation: acknowledge, retry later, split, or dead-letter."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable
+from enum import StrEnum
+from typing import Final
+
+import structlog
+
+from .backoff import Circuit, CircuitState
+from .config import Settings
+from .exceptions import AuthFailed, Refused, RetryLater
+from .metrics import Metrics
+from .outbox import Outbox, StoredEvent
+from .upstream import UpstreamClient
+
+log = structlog.get_logger("sidecar.dispatcher")
+
+IDLE_POLL_S: Final = 1.0  # also how soon a replay made by another process is noticed
+
+
+class UpstreamState(StrEnum):
+    OK = "ok"
+    BACKING_OFF = "backing_off"
+    AUTH_FAILED = "auth_failed"
+
+
+class Dispatcher:
+    """Keeps up to `upstream.concurrency` envelopes in flight, no event in two at once.
+
+    Receive order is kept as far as concurrency and retries allow: batches are claimed oldest
+    first, and a failed batch goes back to the head of the queue.
+    """
+
+    def __init__(
+        self, outbox: Outbox, upstream: UpstreamClient, settings: Settings, metrics: Metrics
+    ) -> None:
+        self._outbox = outbox
+        self._upstream = upstream
+        self._batch = settings.upstream
+        self._retry = settings.retry
+        self._metrics = metrics
+        self._circuit = Circuit(settings.retry.initial_backoff_s, settings.retry.max_backoff_s)
+        self._slots = asyncio.Semaphore(settings.upstream.concurrency)
+        self._sends: set[asyncio.Task[None]] = set()
+        self._bookkeeping: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._batch_ids = itertools.count(1)
+        self.state = UpstreamState.OK
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.in_flight = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._claim_loop(), name="dispatcher")
+
+    async def stop(self, grace_s: float) -> int:
+        """Stop claiming, give sends in flight `grace_s` to finish; returns how many were cut.
+
+        Cut sends keep their events in the outbox: they go out again after the restart.
+        """
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        cut = 0
+        if self._sends:
+            _, pending = await asyncio.wait(self._sends, timeout=grace_s)
+            cut = len(pending)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Outcomes already decided (a 2xx received) are written before the outbox closes.
+        await asyncio.gather(*self._bookkeeping, return_exceptions=True)
+        return cut
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": self.state.value,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "retry_in_s": round(self._circuit.retry_in(), 3),
+            "in_flight": self.in_flight,
+        }
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                probe = await self._circuit.admit()
+                events = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not probe and self._circuit.state != CircuitState.CLOSED:
+                # The circuit opened while this batch was being gathered: it waits its turn.
+                await self._outbox.release([e.seq for e in events])
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._deliver(events, probe))
+            self._sends.add(task)
+            task.add_done_callback(self._send_done)
+
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dispatch_crashed", error=repr(task.exception()))
+
+    async def _next_batch(self) -> list[StoredEvent]:
+        """The next batch worth sending: full, or its oldest event has lingered long enough."""
+        linger_s = self._batch.linger_ms / 1000
+        budget = self._batch.batch_max_bytes - self._upstream.overhead
+        while True:
+            batch = await self._outbox.claim_batch(self._batch.batch_max_events, budget)
+            if batch.events:
+                wait = batch.events[0].received_at + linger_s - time.time()
+                if batch.full or wait <= 0:
+                    return batch.events
+                await self._outbox.release(batch.seqs)
+            else:
+                wait = IDLE_POLL_S
+            await self._outbox.wait_appended(wait)
+
+    # -- delivering ------------------------------------------------------------------------
+
+    async def _deliver(self, events: list[StoredEvent], probe: bool) -> None:
+        batch_id = next(self._batch_ids)
+        self.in_flight += len(events)
+        self._metrics.in_flight.inc(len(events))
+        parts = [events]
+        try:
+            while parts:
+                part = parts.pop(0)
+                started = time.monotonic()
+                try:
+                    status = await self._upstream.send([e.body for e in part])
+                except Refused as e:
+                    self._platform_answered()
+                    if len(part) > 1:
+                        # Split until the event the platform refuses is alone; its batch-mates
+                        # are delivered.
+                        middle = len(part) // 2
+                        parts[:0] = [part[:middle], part[middle:]]
+                        log.info("batch_split", batch=batch_id, status=e.status, events=len(part))
+                        continue
+                    await self._bookkeep(
+                        self._outbox.dead_letter([part[0].seq], "refused", e.status, e.body)
+                    )
+                    self._metrics.events_dead_lettered.labels(reason="refused").inc()
+                    log.warning(
+                        "event_dead_lettered",
+                        batch=batch_id,
+                        event_id=part[0].id,
+                        reason="refused",
+                        status=e.status,
+                        response=e.body[:200],
+                    )
+                    continue
+                except (RetryLater, AuthFailed) as e:
+                    waiting = part + [ev for rest in parts for ev in rest]
+                    parts = []
+                    await self._failed(batch_id, waiting, e, probe)
+                    return
+                await self._bookkeep(self._outbox.acknowledge([e.seq for e in part]))
+                self._metrics.events_delivered.inc(len(part))
+                self._platform_answered()
+                log.info(
+                    "batch_delivered",
+                    batch=batch_id,
+                    events=len(part),
+                    status=status,
+                    duration_ms=round((time.monotonic() - started) * 1000, 1),
+                )
+        finally:
+            self.in_flight -= len(events)
+            self._metrics.in_flight.dec(len(events))
+            if parts:  # cut short by shutdown: the events stay queued, untouched
+                await self._outbox.release([e.seq for rest in parts for e in rest])
+                if probe:
+                    self._circuit.probe_abandoned()
+
+    async def _failed(
+        self, batch_id: int, events: list[StoredEvent], error: RetryLater | AuthFailed, probe: bool
+    ) -> None:
+        reason = str(error)
+        retry_after = error.retry_after_s if isinstance(error, RetryLater) else None
+        delay = self._circuit.failed(retry_after, probe=probe)
+        state = (
+            UpstreamState.AUTH_FAILED
+            if isinstance(error, AuthFailed)
+            else UpstreamState.BACKING_OFF
+        )
+        self._set_state(state, reason)
+        log.warning(
+            "batch_failed",
+            batch=batch_id,
+            events=len(events),
+            error=reason,
+            retry_in_s=round(delay, 3),
+        )
+        expired: dict[str, list[StoredEvent]] = {}
+        keep: list[StoredEvent] = []
+        for event in events:
+            # Authentication is the operator's to fix: it never costs an event its place.
+            why = None if isinstance(error, AuthFailed) else self._expiry(event)
+            if why is None:
+                keep.append(event)
+            else:
+                expired.setdefault(why, []).append(event)
+        for why, dead in expired.items():
+            await self._bookkeep(self._outbox.dead_letter([e.seq for e in dead], why, None, reason))
+            self._metrics.events_dead_lettered.labels(reason=why).inc(len(dead))
+            log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
+        if keep:
+            await self._bookkeep(self._outbox.record_failure([e.seq for e in keep], reason))
+
+    def _expiry(self, event: StoredEvent) -> str | None:
+        if self._retry.max_attempts and event.attempts + 1 >= self._retry.max_attempts:
+            return "max_attempts"
+        if self._retry.max_age_s and time.time() - event.received_at >= self._retry.max_age_s:
+            return "max_age"
+        return None
+
+    def _platform_answered(self) -> None:
+        self._circuit.succeeded()
+        self._set_state(UpstreamState.OK, None)
+
+    def _set_state(self, state: UpstreamState, error: str | None) -> None:
+        if error is not None:
+            self.last_error, self.last_error_at = error, time.time()
+        if state == self.state:
+            return
+        previous, self.state = self.state, state
+        # One line per change of state, not per attempt: an outage of hours is two lines.
+        if state == UpstreamState.AUTH_FAILED:
+            log.error("upstream_auth_failed", previous=previous.value, error=error)
+        elif state == UpstreamState.BACKING_OFF:
+            log.warning("upstream_backing_off", previous=previous.value, error=error)
+        else:
+            log.info("upstream_recovered", previous=previous.value)
+
+    async def _bookkeep(self, operation: Awaitable[None]) -> None:
+        """Run an outbox write that must finish even if this send is cancelled."""
+        task = asyncio.ensure_future(operation)
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping.discard)
+        await asyncio.shield(task)

@@ -1,0 +1,65 @@
+"""The domain's exceptions. Delivery outcomes are exceptions with fields, so the dispatcher's
+decision (retry when, refuse which, auth failed why) is carried by the value itself."""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(SidecarError):
+    """Raised when the configuration is wrong; the message names the key at fault."""
+
+
+class OutboxLocked(SidecarError):
+    """Raised when another `run` process already owns the outbox file."""
+
+
+class OutboxUnavailable(SidecarError):
+    """Raised when an append cannot be committed now; the caller answers 503 + Retry-After.
+
+    `reason` is a short machine-readable word ("outbox_full", "disk_full", "shutting_down").
+    """
+
+    def __init__(self, reason: str, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class EventTooLarge(SidecarError):
+    """Raised when one event can never fit an envelope of `upstream.batch_max_bytes`."""
+
+
+class DeliveryOutcome(SidecarError):
+    """Base of the ways a send can fail; the dispatcher turns each into an outbox operation."""
+
+
+class RetryLater(DeliveryOutcome):
+    """The platform or the network failed transiently: keep the events, retry after a delay.
+
+    `retry_after_s` is what the platform asked for (Retry-After), or None to use the backoff.
+    """
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class Refused(DeliveryOutcome):
+    """The platform refused the batch for good (a 4xx other than auth or rate limits)."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:200]}")
+        self.status = status
+        self.body = body
+
+
+class AuthFailed(DeliveryOutcome):
+    """Credentials were refused (token endpoint or a persistent 401/403); events stay queued."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

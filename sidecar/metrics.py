@@ -1,0 +1,75 @@
+"""Prometheus metrics, one registry per sidecar (so several can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+
+class Metrics:
+    """Every metric the sidecar exports, by the names SPEC §4 fixes."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.events_received = Counter(
+            "sidecar_events_received", "Events committed to the outbox", registry=r
+        )
+        self.events_duplicate = Counter(
+            "sidecar_events_duplicate", "Events received again and not stored twice", registry=r
+        )
+        self.events_rejected = Counter(
+            "sidecar_events_rejected",
+            "Events refused at the door, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "sidecar_events_delivered", "Events the platform accepted", registry=r
+        )
+        self.events_dead_lettered = Counter(
+            "sidecar_events_dead_lettered",
+            "Events moved to the dead-letter table",
+            ["reason"],
+            registry=r,
+        )
+        self.outbox_events = Gauge("sidecar_outbox_events", "Events waiting", registry=r)
+        self.outbox_bytes = Gauge("sidecar_outbox_bytes", "Bytes of events waiting", registry=r)
+        self.outbox_oldest_age = Gauge(
+            "sidecar_outbox_oldest_age_seconds", "Age of the oldest waiting event", registry=r
+        )
+        self.outbox_dead_letters = Gauge(
+            "sidecar_outbox_dead_letters", "Events in the dead-letter table", registry=r
+        )
+        self.outbox_commits = Counter(
+            "sidecar_outbox_commits", "Group commits of ingested events", registry=r
+        )
+        self.in_flight = Gauge(
+            "sidecar_events_in_flight", "Events in requests to the platform", registry=r
+        )
+        self.upstream_requests = Counter(
+            "sidecar_upstream_requests",
+            "Requests to the Caliper endpoint, by status code",
+            ["code"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "sidecar_upstream_request_seconds",
+            "Duration of requests to the Caliper endpoint",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.token_refreshes = Counter(
+            "sidecar_token_refreshes", "Tokens fetched from the OAuth token endpoint", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

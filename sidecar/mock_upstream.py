@@ -1,0 +1,379 @@
+"""A fake TimeBack: an OAuth2 token endpoint and a Caliper endpoint, with fault injection.
+
+It checks what the real platform checks (client credentials, expiring bearer tokens, the
+envelope's exact shape) and records what it accepts, so tests, the demo and benchmarks can
+compare what was acknowledged with what arrived. Faults are set from Python (`FakeTimeBack
+.faults`) or over HTTP (`POST /_mock/faults`), for a learning app developed offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import random
+import re
+import secrets
+import signal
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import web
+
+from .envelope import DATA_VERSION, ENVELOPE_KEYS
+
+TOKEN_PATH: Final = "/auth/1.0/token"
+EVENTS_PATH: Final = "/events/1.0/"
+SEND_TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+@dataclass
+class ScriptedFault:
+    """Answer the next `times` requests with this status (and Retry-After, when given)."""
+
+    status: int
+    times: int = 1
+    retry_after: str | None = None
+
+
+@dataclass
+class Faults:
+    """What the fake platform does wrong, and when."""
+
+    #: answers for the next Caliper requests, consumed in order (after auth checks)
+    script: deque[ScriptedFault] = field(default_factory=deque)
+    #: answers for the next token requests
+    token_script: deque[ScriptedFault] = field(default_factory=deque)
+    latency_s: float = 0.0
+    #: an envelope holding any of these event ids is refused with 422, as a whole
+    refuse_ids: set[str] = field(default_factory=set)
+    #: envelopes larger than this many bytes are refused with 413
+    max_envelope_bytes: int | None = None
+    #: until this time (time.monotonic()), connections are dropped without an answer
+    outage_until: float = 0.0
+    #: probability that a request meets a random fault (chaos testing)
+    chaos_rate: float = 0.0
+    #: a random fault that sleeps sleeps this long (set it past the client's timeout)
+    chaos_slow_s: float = 2.0
+    rng: random.Random = field(default_factory=lambda: random.Random(1))
+
+
+class FakeTimeBack:
+    """The fake platform's state: who may get tokens, which tokens live, what arrived."""
+
+    def __init__(
+        self,
+        client_id: str = "sidecar",
+        client_secret: str = "sidecar-secret",
+        token_ttl_s: float = 3600.0,
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.token_ttl_s = token_ttl_s
+        self.faults = Faults()
+        self.tokens: dict[str, float] = {}  # access token -> expiry (time.time())
+        self.received: dict[str, dict[str, Any]] = {}  # event id -> first copy received
+        self.order: list[str] = []  # event ids in the order first received
+        self.duplicates = 0
+        self.envelopes = 0
+        self.statuses: Counter[int] = Counter()
+        self.token_requests = 0
+        self.max_events_seen = 0
+        self.arrived = asyncio.Event()  # set whenever events are recorded
+
+    # -- the application -------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes(
+            [
+                web.post(TOKEN_PATH, self._token),
+                web.post(EVENTS_PATH, self._events),
+                web.get("/_mock/events", self._list_events),
+                web.post("/_mock/faults", self._set_faults),
+                web.get("/healthz", self._alive),
+            ]
+        )
+        return app
+
+    def revoke_tokens(self) -> None:
+        """Every token issued so far stops working (the platform rotated its keys)."""
+        self.tokens.clear()
+
+    def fail_next(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
+        self.faults.script.append(ScriptedFault(status, times, retry_after))
+
+    def outage(self, seconds: float) -> None:
+        """Drop every connection for this long (the platform is down)."""
+        self.faults.outage_until = time.monotonic() + seconds
+
+    async def wait_for(self, ids: set[str] | int, timeout: float = 30.0) -> None:
+        """Wait until these ids (or this many distinct events) have arrived."""
+        deadline = time.monotonic() + timeout
+        while not self._has(ids):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                have = len(self.received)
+                raise TimeoutError(f"fake TimeBack has {have} events; still waiting for {ids!r}")
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), remaining)
+
+    def _has(self, ids: set[str] | int) -> bool:
+        if isinstance(ids, int):
+            return len(self.received) >= ids
+        return ids <= self.received.keys()
+
+    # -- token endpoint --------------------------------------------------------------------
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        self.token_requests += 1
+        scripted = _take(self.faults.token_script)
+        if scripted is not None:
+            return _scripted(scripted)
+        form = await request.post()
+        client_id, client_secret = _basic_credentials(request.headers.get("Authorization", ""))
+        if client_id is None:
+            client_id = str(form.get("client_id", "")) or None
+            client_secret = str(form.get("client_secret", ""))
+        if form.get("grant_type") != "client_credentials":
+            return _oauth_error(400, "unsupported_grant_type")
+        if client_id != self.client_id or not secrets.compare_digest(
+            client_secret or "", self.client_secret
+        ):
+            return _oauth_error(401, "invalid_client")
+        token = secrets.token_urlsafe(24)
+        self.tokens[token] = time.time() + self.token_ttl_s
+        return web.json_response(
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": self.token_ttl_s,
+                "scope": form.get("scope", ""),
+            }
+        )
+
+    # -- Caliper endpoint ------------------------------------------------------------------
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        f = self.faults
+        if time.monotonic() < f.outage_until:
+            return _drop(request)
+        if f.latency_s:
+            await asyncio.sleep(f.latency_s)
+        status, body, headers = await self._check(request)
+        self.statuses[status] += 1
+        if status == 0:
+            return _drop(request)
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _check(self, request: web.Request) -> tuple[int, Any, dict[str, str]]:
+        """Decide the answer: (status, JSON body, headers); status 0 drops the connection."""
+        f = self.faults
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        expiry = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        if expiry is None or expiry <= time.time():
+            return 401, {"error": "invalid_token"}, {"WWW-Authenticate": "Bearer"}
+        if request.content_type != "application/json":
+            return 415, {"error": f"unsupported content type {request.content_type}"}, {}
+        if f.chaos_rate and f.rng.random() < f.chaos_rate:
+            return await self._chaos()
+        scripted = _take(f.script)
+        if scripted is not None:
+            headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else {}
+            return scripted.status, {"error": "injected fault"}, headers
+        raw = await request.read()
+        if f.max_envelope_bytes is not None and len(raw) > f.max_envelope_bytes:
+            return 413, {"error": f"payload larger than {f.max_envelope_bytes} bytes"}, {}
+        try:
+            envelope = json.loads(raw)
+        except ValueError:
+            return 400, {"error": "malformed JSON"}, {}
+        problem = envelope_problem(envelope)
+        if problem is not None:
+            status = 422 if problem.startswith("unsupported dataVersion") else 400
+            return status, {"error": problem}, {}
+        refused = [e.get("id") for e in envelope["data"] if e.get("id") in f.refuse_ids]
+        if refused:
+            return 422, {"error": "event rejected", "ids": refused}, {}
+        self._record(envelope["data"])
+        return 200, {"status": "success", "events": len(envelope["data"])}, {}
+
+    async def _chaos(self) -> tuple[int, Any, dict[str, str]]:
+        f = self.faults
+        kind = f.rng.choice(["500", "502", "503", "429", "slow", "drop"])
+        if kind == "slow":
+            await asyncio.sleep(f.chaos_slow_s)
+            return 503, {"error": "slow"}, {}
+        if kind == "drop":
+            return 0, None, {}
+        headers = {"Retry-After": "1"} if kind == "429" else {}
+        return int(kind), {"error": f"chaos {kind}"}, headers
+
+    def _record(self, events: list[dict[str, Any]]) -> None:
+        self.envelopes += 1
+        self.max_events_seen = max(self.max_events_seen, len(events))
+        for event in events:
+            if event["id"] in self.received:
+                self.duplicates += 1
+            else:
+                self.received[event["id"]] = event
+                self.order.append(event["id"])
+        self.arrived.set()
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def _list_events(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "count": len(self.received),
+                "duplicates": self.duplicates,
+                "envelopes": self.envelopes,
+                "statuses": {str(k): v for k, v in self.statuses.items()},
+                "ids": self.order,
+            }
+        )
+
+    async def _set_faults(self, request: web.Request) -> web.Response:
+        """Set faults over HTTP: fail_next {status, times, retry_after}, latency_ms,
+        refuse_ids, outage_s, chaos_rate, revoke_tokens."""
+        body = await request.json()
+        f = self.faults
+        if "fail_next" in body:
+            self.fail_next(**body["fail_next"])
+        if "latency_ms" in body:
+            f.latency_s = float(body["latency_ms"]) / 1000
+        if "refuse_ids" in body:
+            f.refuse_ids = set(body["refuse_ids"])
+        if "outage_s" in body:
+            self.outage(float(body["outage_s"]))
+        if "chaos_rate" in body:
+            f.chaos_rate = float(body["chaos_rate"])
+        if body.get("revoke_tokens"):
+            self.revoke_tokens()
+        return web.json_response({"ok": True})
+
+    async def _alive(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+
+def envelope_problem(envelope: Any) -> str | None:
+    """Why this is not a Caliper 1.2 envelope the platform accepts, or None."""
+    if not isinstance(envelope, dict):
+        return "the body is not a JSON object"
+    keys = set(envelope)
+    if keys != ENVELOPE_KEYS:
+        return f"envelope keys must be exactly {sorted(ENVELOPE_KEYS)}; got {sorted(keys)}"
+    if not isinstance(envelope["sensor"], str) or not envelope["sensor"]:
+        return "sensor must be a non-empty string"
+    if not isinstance(envelope["sendTime"], str) or not SEND_TIME.fullmatch(envelope["sendTime"]):
+        return "sendTime must be a UTC time with milliseconds (2024-01-15T10:07:30.000Z)"
+    if envelope["dataVersion"] != DATA_VERSION:
+        return f"unsupported dataVersion {envelope['dataVersion']!r}"
+    data = envelope["data"]
+    if not isinstance(data, list) or not data:
+        return "data must be a non-empty array"
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            return "every data item must be an object with a string id"
+    return None
+
+
+def _take(script: deque[ScriptedFault]) -> ScriptedFault | None:
+    if not script:
+        return None
+    fault = script[0]
+    fault.times -= 1
+    if fault.times <= 0:
+        script.popleft()
+    return fault
+
+
+def _scripted(fault: ScriptedFault) -> web.Response:
+    headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
+    return web.json_response({"error": "injected fault"}, status=fault.status, headers=headers)
+
+
+def _drop(request: web.Request) -> web.StreamResponse:
+    # Close the connection without an answer, as a dead load balancer would.
+    if request.transport is not None:
+        request.transport.abort()
+    return web.Response(status=503)
+
+
+def _oauth_error(status: int, error: str) -> web.Response:
+    return web.json_response({"error": error}, status=status)
+
+
+def _basic_credentials(header: str) -> tuple[str | None, str | None]:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None, None
+    client_id, _, client_secret = decoded.partition(":")
+    return client_id, client_secret
+
+
+@dataclass
+class RunningFake:
+    """A fake TimeBack listening on a port, with the URLs a sidecar needs."""
+
+    fake: FakeTimeBack
+    runner: web.AppRunner
+    base_url: str
+
+    @property
+    def token_url(self) -> str:
+        return self.base_url + TOKEN_PATH
+
+    @property
+    def events_url(self) -> str:
+        return self.base_url + EVENTS_PATH
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_fake(
+    fake: FakeTimeBack | None = None, host: str = "127.0.0.1", port: int = 0
+) -> RunningFake:
+    """Serve a fake TimeBack; port 0 picks a free one."""
+    fake = fake or FakeTimeBack()
+    runner = web.AppRunner(fake.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    return RunningFake(fake, runner, f"http://{bound_host}:{bound_port}")
+
+
+async def serve_fake(fake: FakeTimeBack, host: str, port: int) -> None:
+    """`caliper-sidecar mock-upstream`: serve until SIGTERM or SIGINT, saying where."""
+    running = await start_fake(fake, host, port)
+    print(
+        f"fake TimeBack listening on {running.base_url}\n"
+        f"  token endpoint     {running.token_url}  (client_id={fake.client_id!r})\n"
+        f"  Caliper endpoint   {running.events_url}\n"
+        f"  received events    GET {running.base_url}/_mock/events\n"
+        f"  inject faults      POST {running.base_url}/_mock/faults\n"
+        "Point a sidecar at it with:\n"
+        f"  SIDECAR_UPSTREAM_ENDPOINT={running.events_url} "
+        f"SIDECAR_OAUTH_TOKEN_URL={running.token_url} \\\n"
+        f"  SIDECAR_OAUTH_CLIENT_ID={fake.client_id} SIDECAR_OAUTH_CLIENT_SECRET=... "
+        "caliper-sidecar run",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await running.close()

@@ -1,0 +1,91 @@
+"""What operators look at: liveness, readiness, Prometheus metrics and a JSON status."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .backoff import utc_from_timestamp
+from .exceptions import OutboxUnavailable
+from .runtime import RUNTIME, Runtime
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+        web.get("/v1/status", status),
+    ]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    reason = await not_ready_reason(rt)
+    if reason is None:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not_ready", "reason": reason}, status=503)
+
+
+async def not_ready_reason(rt: Runtime) -> str | None:
+    """Why the sidecar should not be sent events now, or None when it should."""
+    if not rt.accepting:
+        return "shutting_down"
+    try:
+        stats = await rt.outbox.stats()
+    except OutboxUnavailable as e:
+        return e.reason
+    limits = rt.settings.outbox
+    if stats.events >= limits.max_events or stats.bytes >= limits.max_bytes:
+        return "outbox_full"
+    return None
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    stats = await rt.outbox.stats()
+    m = rt.metrics
+    m.outbox_events.set(stats.events)
+    m.outbox_bytes.set(stats.bytes)
+    m.outbox_dead_letters.set(stats.dead_letters)
+    m.outbox_oldest_age.set(_age(stats.oldest_received_at) or 0)
+    return web.Response(body=m.render(), content_type="text/plain", charset="utf-8")
+
+
+async def status(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    return web.json_response(await status_document(rt))
+
+
+async def status_document(rt: Runtime) -> dict[str, Any]:
+    stats = await rt.outbox.stats()
+    upstream: dict[str, Any] = {"endpoint": rt.settings.upstream.endpoint}
+    if rt.dispatcher is not None:
+        upstream.update(rt.dispatcher.status())
+        upstream["last_error_at"] = utc_from_timestamp(rt.dispatcher.last_error_at)
+    expires_at = rt.tokens.expires_at if rt.tokens is not None else None
+    upstream["token_expires_at"] = utc_from_timestamp(expires_at)
+    return {
+        "version": __version__,
+        "accepting": rt.accepting,
+        "outbox": {
+            "events": stats.events,
+            "bytes": stats.bytes,
+            "oldest_age_s": _age(stats.oldest_received_at),
+            "dead_letters": stats.dead_letters,
+            "delivered_total": stats.delivered_total,
+            "dead_lettered_total": stats.dead_lettered_total,
+        },
+        "upstream": upstream,
+    }
+
+
+def _age(received_at: float | None) -> float | None:
+    return None if received_at is None else round(max(0.0, time.time() - received_at), 3)

@@ -1,0 +1,413 @@
+"""The SQLite outbox: WAL, group commit for ingest, in-memory claims for the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import aiosqlite
+import structlog
+
+from ..exceptions import OutboxUnavailable
+from .base import AppendResult, Batch, DeadLetter, NewEvent, OutboxStats, StoredEvent
+from .schema import migrate
+
+log = structlog.get_logger("sidecar.outbox")
+
+_SQLITE_FULL: Final = 13
+_SQLITE_BUSY: Final = 5
+_PRUNE_EVERY_S: Final = 60.0
+
+
+@dataclass
+class _Pending:
+    """One caller's events waiting for the next group commit."""
+
+    events: Sequence[NewEvent]
+    future: asyncio.Future[AppendResult]
+
+
+class SqliteOutbox:
+    """The outbox in one SQLite file, owned by one process at a time.
+
+    Appends from concurrent requests are committed together: one writer task takes everything
+    queued, inserts it with one `executemany` and commits once, so ingest is bounded by the
+    disk's fsync rate divided by the group, not per request. Claims are kept in memory: after a
+    crash nothing is claimed, so whatever was in flight is sent again.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "full",
+        max_events: int = 1_000_000,
+        max_bytes: int = 1 << 30,
+        dedupe_window_s: float = 86_400,
+    ) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.dedupe_window_s = dedupe_window_s
+        #: group commits done by this process (a metric, and how tests see the grouping).
+        self.commits = 0
+        self._queue: list[_Pending] = []
+        self._queued = asyncio.Event()
+        self._appended = asyncio.Event()
+        self._claimed: set[int] = set()
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self._ingest: aiosqlite.Connection | None = None
+        self._dispatch: aiosqlite.Connection | None = None
+        # The dispatch connection is shared by concurrent senders and admin calls; a
+        # transaction must not interleave with another one's statements.
+        self._dispatch_lock = asyncio.Lock()
+        self._last_prune = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> SqliteOutbox:
+        await asyncio.to_thread(self._prepare_file)
+        self._ingest = await self._connect()
+        self._dispatch = await self._connect()
+        self._writer = asyncio.create_task(self._write_groups(), name="outbox-writer")
+        return self
+
+    async def close(self) -> None:
+        """Commit what is queued, then close; later appends raise OutboxUnavailable."""
+        self._closing = True
+        self._queued.set()
+        if self._writer is not None:
+            await self._writer
+        for conn in (self._ingest, self._dispatch):
+            if conn is not None:
+                await conn.close()
+        self._ingest = self._dispatch = None
+
+    async def __aenter__(self) -> SqliteOutbox:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _prepare_file(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Created here, before SQLite, so that it is born owner-only; SQLite gives the -wal
+        # and -shm files the same mode as the database.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            migrate(conn)
+        finally:
+            conn.close()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent]) -> AppendResult:
+        if self._closing:
+            raise OutboxUnavailable("shutting_down", "the sidecar is shutting down")
+        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(events, future))
+        self._queued.set()
+        # Shielded: a caller that goes away must not cancel a commit other requests share.
+        return await asyncio.shield(future)
+
+    async def _write_groups(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            if not self._queue:
+                if self._closing:
+                    return
+                continue
+            group, self._queue = self._queue, []
+            try:
+                results = await self._commit_group(group)
+            except OutboxUnavailable as e:
+                results = [e] * len(group)
+            except Exception as e:  # never leave a request hanging, whatever broke
+                log.exception("outbox_write_failed")
+                results = [OutboxUnavailable("storage_error", f"outbox write failed: {e}")] * len(
+                    group
+                )
+            for pending, result in zip(group, results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(result)
+                else:
+                    pending.future.set_result(result)
+            if any(isinstance(r, AppendResult) and r.accepted for r in results):
+                self._appended.set()
+
+    async def _commit_group(self, group: list[_Pending]) -> list[AppendResult | OutboxUnavailable]:
+        conn = self._require(self._ingest)
+        now = time.time()
+        all_ids = [e.id for p in group for e in p.events]
+        async with self._transaction(conn):
+            known = await self._known_ids(conn, all_ids, now)
+            cur = await conn.execute("SELECT events, bytes FROM totals")
+            row = await cur.fetchone()
+            depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
+            rows: list[tuple[str, bytes, int, float]] = []
+            results: list[AppendResult | OutboxUnavailable] = []
+            for pending in group:
+                fresh = []
+                for event in pending.events:
+                    if event.id not in known:
+                        known.add(event.id)
+                        fresh.append(event)
+                added = sum(len(e.body) for e in fresh)
+                if depth + len(fresh) > self.max_events or size + added > self.max_bytes:
+                    for event in fresh:  # not stored: a retry must not count them as duplicates
+                        known.discard(event.id)
+                    results.append(
+                        OutboxUnavailable(
+                            "outbox_full",
+                            f"the outbox is full ({depth} events, {size} bytes)",
+                        )
+                    )
+                    continue
+                depth += len(fresh)
+                size += added
+                rows.extend((e.id, e.body, len(e.body), now) for e in fresh)
+                results.append(AppendResult(len(fresh), len(pending.events) - len(fresh)))
+            if rows:
+                await conn.executemany(
+                    "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)", rows
+                )
+        self.commits += 1
+        return results
+
+    async def _known_ids(self, conn: aiosqlite.Connection, ids: list[str], now: float) -> set[str]:
+        """Which of these ids are queued, dead-lettered, or delivered within the window."""
+        cur = await conn.execute(
+            """
+            WITH wanted(id) AS (SELECT value FROM json_each(?1))
+            SELECT id FROM events WHERE id IN wanted
+            UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
+            UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
+            """,
+            (json.dumps(ids), now - self.dedupe_window_s),
+        )
+        return {r[0] for r in await cur.fetchall()}
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    async def wait_appended(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._appended.wait(), timeout)
+
+    async def claim_batch(self, max_events: int, max_bytes: int) -> Batch:
+        self._appended.clear()
+        async with self._dispatch_lock:
+            cur = await self._require(self._dispatch).execute(
+                """
+                SELECT seq, id, body, received_at, attempts, first_attempt_at FROM events
+                WHERE seq NOT IN (SELECT value FROM json_each(?)) ORDER BY seq LIMIT ?
+                """,
+                (json.dumps(sorted(self._claimed)), max_events),
+            )
+            rows = list(await cur.fetchall())
+        events: list[StoredEvent] = []
+        used = 0
+        full = len(rows) == max_events
+        for seq, id_, body, received_at, attempts, first_attempt_at in rows:
+            cost = len(body) + (1 if events else 0)  # the comma between events
+            if events and used + cost > max_bytes:
+                full = True
+                break
+            used += cost
+            events.append(StoredEvent(seq, id_, body, received_at, attempts, first_attempt_at))
+        self._claimed.update(e.seq for e in events)
+        return Batch(events, full)
+
+    async def release(self, seqs: Sequence[int]) -> None:
+        self._claimed.difference_update(seqs)
+
+    async def acknowledge(self, seqs: Sequence[int]) -> None:
+        now = time.time()
+        async with self._dispatch_transaction() as conn:
+            if self.dedupe_window_s > 0:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO delivered (id, delivered_at) "
+                    "SELECT id, ? FROM events WHERE seq IN (SELECT value FROM json_each(?))",
+                    (now, json.dumps(list(seqs))),
+                )
+            cur = await conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(seqs)),),
+            )
+            await conn.execute(
+                "UPDATE totals SET delivered_total = delivered_total + ?", (cur.rowcount,)
+            )
+            if now - self._last_prune > _PRUNE_EVERY_S:
+                self._last_prune = now
+                await conn.execute(
+                    "DELETE FROM delivered WHERE delivered_at < ?", (now - self.dedupe_window_s,)
+                )
+        self._claimed.difference_update(seqs)
+
+    async def record_failure(self, seqs: Sequence[int], error: str) -> None:
+        now = time.time()
+        async with self._dispatch_transaction() as conn:
+            await conn.execute(
+                """
+                UPDATE events SET attempts = attempts + 1,
+                    first_attempt_at = coalesce(first_attempt_at, ?1),
+                    last_attempt_at = ?1, last_error = ?2
+                WHERE seq IN (SELECT value FROM json_each(?3))
+                """,
+                (now, error[:1024], json.dumps(list(seqs))),
+            )
+        self._claimed.difference_update(seqs)
+
+    async def dead_letter(
+        self, seqs: Sequence[int], reason: str, status: int | None, response: str
+    ) -> None:
+        # Called right after the attempt that decided it, so that attempt is counted here.
+        now = time.time()
+        wanted = json.dumps(list(seqs))
+        async with self._dispatch_transaction() as conn:
+            await conn.execute(
+                """
+                INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
+                    response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
+                SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
+                    coalesce(first_attempt_at, ?4), ?4, ?4
+                FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
+                """,
+                (reason, status, response[:1024], now, wanted),
+            )
+            await conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,)
+            )
+        self._claimed.difference_update(seqs)
+
+    # -- inspection and operations ---------------------------------------------------------
+
+    async def stats(self) -> OutboxStats:
+        async with self._dispatch_lock:
+            conn = self._require(self._dispatch)
+            cur = await conn.execute(
+                "SELECT events, bytes, dead_letters, delivered_total, dead_lettered_total "
+                "FROM totals"
+            )
+            totals = await cur.fetchone()
+            cur = await conn.execute("SELECT received_at FROM events ORDER BY seq LIMIT 1")
+            oldest = await cur.fetchone()
+        assert totals is not None
+        return OutboxStats(
+            events=totals[0],
+            bytes=totals[1],
+            oldest_received_at=oldest[0] if oldest else None,
+            dead_letters=totals[2],
+            delivered_total=totals[3],
+            dead_lettered_total=totals[4],
+        )
+
+    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
+        async with self._dispatch_lock:
+            cur = await self._require(self._dispatch).execute(
+                """
+                SELECT id, body, reason, status, response, attempts, received_at,
+                    first_attempt_at, last_attempt_at, dead_lettered_at
+                FROM dead_letters
+                WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1)
+                ORDER BY seq LIMIT ?2
+                """,
+                (after, limit),
+            )
+            rows = await cur.fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    async def replay_dead_letters(self, ids: Sequence[str] | None) -> int:
+        where, params = _selection(ids)
+        async with self._dispatch_transaction() as conn:
+            await conn.execute(
+                "INSERT OR IGNORE INTO events (id, body, size, received_at) "
+                f"SELECT id, body, length(body), received_at FROM dead_letters WHERE {where} "
+                "ORDER BY seq",
+                params,
+            )
+            cur = await conn.execute(f"DELETE FROM dead_letters WHERE {where}", params)
+            count = cur.rowcount
+        self._appended.set()
+        return count
+
+    async def purge_dead_letters(self, ids: Sequence[str] | None) -> int:
+        where, params = _selection(ids)
+        async with self._dispatch_transaction() as conn:
+            cur = await conn.execute(f"DELETE FROM dead_letters WHERE {where}", params)
+            return cur.rowcount
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @staticmethod
+    def _require(conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
+        if conn is None:
+            raise OutboxUnavailable("closed", "the outbox is not open")
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _dispatch_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._dispatch_lock:
+            conn = self._require(self._dispatch)
+            async with self._transaction(conn):
+                yield conn
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _transaction(conn: aiosqlite.Connection) -> AsyncIterator[None]:
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise _unavailable(e) from e
+        try:
+            yield
+            await conn.execute("COMMIT")
+        except BaseException as e:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise _unavailable(e) from e
+            raise
+
+
+def _selection(ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:
+    if ids is None:
+        return "1", ()
+    return "id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),)
+
+
+def _unavailable(e: sqlite3.Error) -> OutboxUnavailable:
+    """Name a storage failure the way the HTTP API reports it."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    if code == _SQLITE_FULL:
+        return OutboxUnavailable("disk_full", "the disk holding the outbox is full", 30)
+    if code == _SQLITE_BUSY:
+        return OutboxUnavailable("busy", "the outbox is busy; try again", 1)
+    return OutboxUnavailable("storage_error", f"outbox error: {e}", 5)

@@ -1,0 +1,179 @@
+"""The ingest routes: authenticate, parse, validate, append, and answer only after the commit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from .exceptions import OutboxUnavailable
+from .outbox import AppendResult, NewEvent
+from .runtime import RUNTIME, Runtime
+from .validation import validate_events
+from .validation.shape import ShapeError, events_of
+
+log = structlog.get_logger("sidecar.receiver")
+
+JSON_TYPES: Final = frozenset({"application/json", "application/ld+json"})
+
+
+class Rejected(Exception):
+    """An ingest request answered with an error; nothing of it was stored."""
+
+    def __init__(self, status: int, error: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, "message": message, **extra}
+        self.headers: dict[str, str] = {}
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/events", _ingest_route(_answer_v1)),
+        web.post("/caliper/event", _ingest_route(_answer_caliper)),
+    ]
+
+
+def _answer_v1(ids: list[str], result: AppendResult) -> web.Response:
+    return web.json_response(
+        {"accepted": result.accepted, "duplicates": result.duplicates, "ids": ids}, status=202
+    )
+
+
+def _answer_caliper(ids: list[str], result: AppendResult) -> web.Response:
+    # Caliper 1.2's Sensor API: 200 with an empty body.
+    return web.Response(status=200)
+
+
+def _ingest_route(
+    answer: Callable[[list[str], AppendResult], web.Response],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        rt = request.app[RUNTIME]
+        started = time.monotonic()
+        rt.ingests_in_progress += 1
+        fields: dict[str, Any] = {}
+        try:
+            ids, result = await _ingest(rt, request, fields)
+            response = answer(ids, result)
+        except Rejected as e:
+            rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
+            response = web.json_response(e.body, status=e.status, headers=e.headers)
+            fields["error"] = e.body["error"]
+        finally:
+            rt.ingests_in_progress -= 1
+        log.info(
+            "ingest",
+            path=request.path,
+            status=response.status,
+            remote=request.remote,
+            duration_ms=round((time.monotonic() - started) * 1000, 2),
+            **fields,
+        )
+        return response
+
+    return handle
+
+
+async def _ingest(
+    rt: Runtime, request: web.Request, fields: dict[str, Any]
+) -> tuple[list[str], AppendResult]:
+    if not rt.accepting:
+        raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
+    _authenticate(rt, request)
+    events = await _read_events(rt, request)
+    fields["events"] = len(events)
+    report = validate_events(events, rt.settings.validation.mode)
+    if not report.ok:
+        raise Rejected(
+            422,
+            "invalid_events",
+            f"{len(report.errors)} problem(s) found; nothing of this request was stored",
+            errors=[f.as_dict() for f in report.errors],
+        )
+    batch = []
+    for index, event in enumerate(events):
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(body) > rt.max_event_bytes:
+            raise Rejected(
+                413,
+                "event_too_large",
+                f"event {index} is {len(body)} bytes serialized; an envelope holds at most "
+                f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
+            )
+        batch.append(NewEvent(event["id"], body))
+    try:
+        result = await rt.outbox.append(batch)
+    except OutboxUnavailable as e:
+        raise _unavailable(e) from e
+    rt.metrics.events_received.inc(result.accepted)
+    rt.metrics.events_duplicate.inc(result.duplicates)
+    fields.update(accepted=result.accepted, duplicates=result.duplicates)
+    return [e.id for e in batch], result
+
+
+def _authenticate(rt: Runtime, request: web.Request) -> None:
+    tokens = rt.settings.receiver.tokens
+    if not tokens:
+        return
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    matched = False
+    # Every configured token is compared, in constant time, whatever matches first.
+    for token in tokens:
+        matched |= hmac.compare_digest(presented.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not matched:
+        error = Rejected(401, "unauthorized", "a valid `Authorization: Bearer <token>` is required")
+        error.headers["WWW-Authenticate"] = 'Bearer realm="caliper-sidecar"'
+        raise error
+
+
+async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
+    if request.content_type not in JSON_TYPES:
+        raise Rejected(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json or application/ld+json, "
+            f"not {request.content_type or 'missing'}",
+        )
+    limit = rt.settings.receiver.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+    except Exception as e:  # a broken gzip stream, a truncated chunked body
+        raise Rejected(400, "unreadable_body", f"the body could not be read: {e}") from None
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise Rejected(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+    try:
+        events = events_of(document)
+    except ShapeError as e:
+        raise Rejected(400, e.code, str(e)) from None
+    if len(events) > rt.settings.receiver.max_events_per_request:
+        raise Rejected(
+            413,
+            "too_many_events",
+            f"{len(events)} events in one request; at most "
+            f"{rt.settings.receiver.max_events_per_request} (receiver.max_events_per_request)",
+        )
+    return events
+
+
+def _too_large(limit: int) -> Rejected:
+    return Rejected(
+        413, "body_too_large", f"the body is larger than {limit} bytes (receiver.max_body_bytes)"
+    )
+
+
+def _unavailable(e: OutboxUnavailable) -> Rejected:
+    error = Rejected(503, e.reason, str(e))
+    error.headers["Retry-After"] = str(e.retry_after_s)
+    return error

@@ -1,0 +1,32 @@
+"""The parts of a running sidecar, as the HTTP routes see them (stored under one AppKey)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from .config import Settings
+from .dispatcher import Dispatcher
+from .metrics import Metrics
+from .outbox import Outbox
+from .tokens import TokenSource
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler needs; built once by `app.py`."""
+
+    settings: Settings
+    outbox: Outbox
+    metrics: Metrics
+    dispatcher: Dispatcher | None = None
+    tokens: TokenSource | None = None
+    #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
+    max_event_bytes: int = 0
+    accepting: bool = True
+    ingests_in_progress: int = field(default=0)
+
+
+RUNTIME: Final = web.AppKey("runtime", Runtime)

@@ -181,9 +181,7 @@ def load_settings(
 
     _resolve_secret_files(values)
     _apply_preset(values)
-    settings = Settings(
-        **{name: cls(**values[name]) for name, cls in SECTIONS.items()}
-    )
+    settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
     _check(settings)
     return settings
 
@@ -215,7 +213,7 @@ def _target_key(section: str, key: str, where: str) -> str:
 
 def _coerce_toml(section: str, key: str, value: Any, where: str) -> Any:
     kind = _fields(section).get(key, str)
-    if kind is tuple[str, ...]:
+    if kind == tuple[str, ...]:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(f"{where} must be an array of strings")
@@ -230,7 +228,7 @@ def _coerce_toml(section: str, key: str, value: Any, where: str) -> Any:
 
 def _coerce_env(section: str, key: str, text: str, where: str) -> Any:
     kind = _fields(section).get(key, str)
-    if kind is tuple[str, ...]:
+    if kind == tuple[str, ...]:
         return tuple(t.strip() for t in text.split(",") if t.strip())
     if kind is str:
         return text

@@ -49,6 +49,7 @@ class Faults:
     #: answers for the next token requests
     token_script: deque[ScriptedFault] = field(default_factory=deque)
     latency_s: float = 0.0
+    token_latency_s: float = 0.0
     #: an envelope holding any of these event ids is refused with 422, as a whole
     refuse_ids: set[str] = field(default_factory=set)
     #: envelopes larger than this many bytes are refused with 413
@@ -83,6 +84,9 @@ class FakeTimeBack:
         self.statuses: Counter[int] = Counter()
         self.token_requests = 0
         self.max_events_seen = 0
+        self.max_envelope_bytes_seen = 0
+        #: the last accepted envelope, without its data
+        self.last_envelope: dict[str, Any] = {}
         self.arrived = asyncio.Event()  # set whenever events are recorded
 
     # -- the application -------------------------------------------------------------------
@@ -132,6 +136,8 @@ class FakeTimeBack:
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.token_requests += 1
+        if self.faults.token_latency_s:
+            await asyncio.sleep(self.faults.token_latency_s)
         scripted = _take(self.faults.token_script)
         if scripted is not None:
             return _scripted(scripted)
@@ -200,6 +206,8 @@ class FakeTimeBack:
         refused = [e.get("id") for e in envelope["data"] if e.get("id") in f.refuse_ids]
         if refused:
             return 422, {"error": "event rejected", "ids": refused}, {}
+        self.max_envelope_bytes_seen = max(self.max_envelope_bytes_seen, len(raw))
+        self.last_envelope = {k: v for k, v in envelope.items() if k != "data"}
         self._record(envelope["data"])
         return 200, {"status": "success", "events": len(envelope["data"])}, {}
 

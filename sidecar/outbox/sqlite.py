@@ -137,11 +137,11 @@ class SqliteOutbox:
 
     async def _write_groups(self) -> None:
         while True:
-            await self._queued.wait()
-            self._queued.clear()
             if not self._queue:
                 if self._closing:
                     return
+                await self._queued.wait()
+                self._queued.clear()
                 continue
             group, self._queue = self._queue, []
             try:

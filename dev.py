@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""The two commands a fresh clone needs, on nothing but Python 3.11+:
+
+    python3 dev.py demo    create .venv, install, run `caliper-sidecar demo`
+    python3 dev.py test    create .venv, install with the test extra, run ruff, mypy and pytest
+
+Installs are skipped when pyproject.toml has not changed since the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / "bin"
+
+
+def ensure_installed(extra: str) -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 - the point is to say so on older ones
+        sys.exit(f"caliper-sidecar needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not (BIN / "python").exists():
+        print(f"creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extra.encode()).hexdigest()
+    stamp = VENV / f".installed-{digest[:16]}"
+    if stamp.exists():
+        return
+    target = f".[{extra}]" if extra else "."
+    print(f"installing caliper-sidecar{f'[{extra}]' if extra else ''} into {VENV}", flush=True)
+    pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "-e", target], cwd=ROOT, check=True)
+    for old in VENV.glob(".installed-*"):
+        old.unlink()
+    stamp.touch()
+
+
+def run(*command: str) -> None:
+    print("$", " ".join(command), flush=True)
+    result = subprocess.run(command, cwd=ROOT, check=False)
+    if result.returncode:
+        sys.exit(result.returncode)
+
+
+def main(argv: list[str]) -> None:
+    what = argv[0] if argv else ""
+    if what == "demo":
+        ensure_installed("")
+        os.execv(BIN / "caliper-sidecar", ["caliper-sidecar", "demo"])
+    elif what == "test":
+        ensure_installed("test")
+        run(str(BIN / "ruff"), "check", ".")
+        run(str(BIN / "ruff"), "format", "--check", ".")
+        run(str(BIN / "mypy"))
+        run(str(BIN / "pytest"), *argv[1:])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,261 @@
+"""Configuration: file, environment, secret files, presets, errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import (
+    REDACTED,
+    Settings,
+    load_settings,
+    redacted,
+    render_toml,
+    require_upstream,
+)
+from sidecar.exceptions import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "sidecar.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sidecar.toml"
+    path.write_text(text)
+    return path
+
+
+class TestSources:
+    def test_defaults_without_a_file(self) -> None:
+        """With no file and no environment, the built-in defaults of SPEC §3 apply."""
+        s = load_settings(None, environ={})
+        assert s == Settings()
+        assert s.receiver.host == "127.0.0.1"
+        assert s.receiver.port == 8787
+        assert s.outbox.synchronous == "full"
+        assert s.upstream.batch_max_events == 100
+
+    def test_file_values(self, tmp_path: Path) -> None:
+        """Values in the TOML file replace the defaults, with their types."""
+        path = write(
+            tmp_path,
+            '[upstream]\nendpoint = "https://x.test/e"\nbatch_max_events = 7\n'
+            "[retry]\nmax_backoff_s = 60\n",
+        )
+        s = load_settings(path, environ={})
+        assert s.upstream.endpoint == "https://x.test/e"
+        assert s.upstream.batch_max_events == 7
+        assert s.retry.max_backoff_s == 60.0
+        assert isinstance(s.retry.max_backoff_s, float)
+
+    def test_sidecar_config_variable_names_the_file(self, tmp_path: Path) -> None:
+        """SIDECAR_CONFIG is used when no -c is given."""
+        path = write(tmp_path, "[receiver]\nport = 9999\n")
+        assert load_settings(None, environ={"SIDECAR_CONFIG": str(path)}).receiver.port == 9999
+
+    def test_environment_overrides_the_file(self, tmp_path: Path) -> None:
+        """SIDECAR_<SECTION>_<KEY> wins over the file, and is parsed to the key's type."""
+        path = write(tmp_path, "[receiver]\nport = 9999\n")
+        s = load_settings(
+            path,
+            environ={
+                "SIDECAR_RECEIVER_PORT": "7000",
+                "SIDECAR_UPSTREAM_ENDPOINT": "https://env.test/e",
+                "SIDECAR_RETRY_INITIAL_BACKOFF_S": "0.5",
+                "SIDECAR_RECEIVER_TOKENS": "a, b",
+                "SIDECAR_OUTBOX_MAX_EVENTS": "10",
+            },
+        )
+        assert s.receiver.port == 7000
+        assert s.upstream.endpoint == "https://env.test/e"
+        assert s.retry.initial_backoff_s == 0.5
+        assert s.receiver.tokens == ("a", "b")
+        assert s.outbox.max_events == 10
+
+    def test_secret_from_file(self, tmp_path: Path) -> None:
+        """client_secret_file reads the secret from a file (container secrets)."""
+        secret = tmp_path / "secret"
+        secret.write_text("s3cret\n")
+        path = write(
+            tmp_path,
+            f'[oauth]\ntoken_url = "https://t.test/token"\nclient_id = "c"\n'
+            f'client_secret_file = "{secret}"\n',
+        )
+        assert load_settings(path, environ={}).oauth.client_secret == "s3cret"
+
+    def test_secret_file_from_environment(self, tmp_path: Path) -> None:
+        """The *_file keys can be set from the environment too; tokens files hold one a line."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text("one\n\ntwo\n")
+        s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+        assert s.receiver.tokens == ("one", "two")
+
+    def test_example_config_documents_every_key(self) -> None:
+        """config/sidecar.example.toml loads and names every key of every section."""
+        s = load_settings(EXAMPLE, environ={})
+        text = EXAMPLE.read_text()
+        for section, table in redacted(s).items():
+            assert f"[{section}]" in text
+            for key in table:
+                assert f"\n{key} =" in text or f"\n# {key} =" in text, f"{section}.{key}"
+
+
+class TestPresets:
+    def test_timeback_preset_fills_endpoints(self) -> None:
+        """The timeback preset fills endpoint, token URL, scope and auth method."""
+        s = load_settings(
+            None,
+            environ={
+                "SIDECAR_UPSTREAM_PRESET": "timeback",
+                "SIDECAR_OAUTH_CLIENT_ID": "c",
+                "SIDECAR_OAUTH_CLIENT_SECRET": "s",
+            },
+        )
+        assert s.upstream.endpoint == "https://platform.timeback.com/events/1.0/"
+        assert s.oauth.token_url == "https://platform.timeback.com/auth/1.0/token"
+        assert s.oauth.scope.endswith("/scope/events.write")
+        assert s.oauth.auth_method == "client_secret_basic"
+
+    def test_explicit_keys_win_over_the_preset(self, tmp_path: Path) -> None:
+        """Every preset value is overridable by setting the key."""
+        path = write(
+            tmp_path,
+            '[upstream]\npreset = "timeback-staging"\nendpoint = "https://mine.test/e"\n'
+            '[oauth]\nclient_id = "c"\nclient_secret = "s"\nauth_method = "client_secret_post"\n',
+        )
+        s = load_settings(path, environ={})
+        assert s.upstream.endpoint == "https://mine.test/e"
+        assert s.oauth.token_url == "https://platform.dev.timeback.com/auth/1.0/token"
+        assert s.oauth.auth_method == "client_secret_post"
+
+    def test_unknown_preset(self) -> None:
+        with pytest.raises(ConfigError, match=r"upstream.preset 'nope' is unknown"):
+            load_settings(None, environ={"SIDECAR_UPSTREAM_PRESET": "nope"})
+
+
+class TestErrors:
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("[receiver]\nprot = 1\n", "unknown key receiver.prot"),
+            ("[recever]\nport = 1\n", r"unknown section \[recever\]"),
+            ('[receiver]\nport = "80"\n', "receiver.port must be an integer, got str"),
+            ("[receiver]\nport = true\n", "receiver.port must be an integer, not a boolean"),
+            ('[receiver]\ntokens = "abc"\n', "receiver.tokens must be an array of strings"),
+            ('[outbox]\nsynchronous = "off"\n', "outbox.synchronous must be one of full, normal"),
+            ("[upstream]\nconcurrency = 0\n", "upstream.concurrency must be greater than 0"),
+            ("[receiver]\nport = 70000\n", "receiver.port must be between 0 and 65535"),
+            ("receiver = 3\n", r"\[receiver\] must be a table"),
+            ("[receiver\n", "is not valid TOML"),
+            ('[oauth]\ntoken_url = "https://t"\nclient_id = "c"\n', "oauth.client_secret"),
+            ('[receiver]\ntls_cert = "c.pem"\n', "tls_cert and receiver.tls_key"),
+        ],
+    )
+    def test_file_errors_name_the_key(self, tmp_path: Path, text: str, message: str) -> None:
+        """Unknown keys, wrong types and bad values are errors naming the key."""
+        with pytest.raises(ConfigError, match=message):
+            load_settings(write(tmp_path, text), environ={})
+
+    @pytest.mark.parametrize(
+        ("environ", "message"),
+        [
+            ({"SIDECAR_RECEIVER_PORT": "eighty"}, "SIDECAR_RECEIVER_PORT must be an integer"),
+            ({"SIDECAR_UPSTREAM_ENDPONT": "x"}, "unknown key SIDECAR_UPSTREAM_ENDPONT"),
+            ({"SIDECAR_NOPE_KEY": "x"}, "unknown environment variable SIDECAR_NOPE_KEY"),
+            ({"SIDECAR_RETRY_MAX_BACKOFF_S": "1e"}, "SIDECAR_RETRY_MAX_BACKOFF_S must be a number"),
+        ],
+    )
+    def test_environment_errors_name_the_variable(
+        self, environ: dict[str, str], message: str
+    ) -> None:
+        with pytest.raises(ConfigError, match=message):
+            load_settings(None, environ=environ)
+
+    def test_missing_file(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="does not exist"):
+            load_settings(tmp_path / "nope.toml", environ={})
+
+    def test_secret_and_secret_file_together(self, tmp_path: Path) -> None:
+        secret = tmp_path / "s"
+        secret.write_text("x")
+        with pytest.raises(ConfigError, match="not both"):
+            load_settings(
+                None,
+                environ={
+                    "SIDECAR_OAUTH_CLIENT_SECRET": "y",
+                    "SIDECAR_OAUTH_CLIENT_SECRET_FILE": str(secret),
+                },
+            )
+
+    def test_unreadable_secret_file(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="oauth.client_secret_file: cannot read"):
+            load_settings(
+                None, environ={"SIDECAR_OAUTH_CLIENT_SECRET_FILE": str(tmp_path / "missing")}
+            )
+
+    def test_non_loopback_host_needs_tokens(self) -> None:
+        """Listening beyond this machine without receiver.tokens is refused, saying why."""
+        with pytest.raises(ConfigError, match="not a loopback address.*receiver.tokens"):
+            load_settings(None, environ={"SIDECAR_RECEIVER_HOST": "0.0.0.0"})
+        s = load_settings(
+            None, environ={"SIDECAR_RECEIVER_HOST": "0.0.0.0", "SIDECAR_RECEIVER_TOKENS": "t"}
+        )
+        assert s.receiver.host == "0.0.0.0"
+
+    def test_run_needs_an_endpoint(self) -> None:
+        with pytest.raises(ConfigError, match="upstream.endpoint is empty"):
+            require_upstream(Settings())
+
+
+class TestRedaction:
+    def test_secrets_never_printed(self, tmp_path: Path) -> None:
+        """redacted() and the Settings repr hide every secret, and only secrets."""
+        s = load_settings(
+            None,
+            environ={
+                "SIDECAR_RECEIVER_TOKENS": "app-token-1",
+                "SIDECAR_UPSTREAM_BEARER_TOKEN": "bearer-xyz",
+                "SIDECAR_OAUTH_TOKEN_URL": "https://t.test/token",
+                "SIDECAR_OAUTH_CLIENT_ID": "client-1",
+                "SIDECAR_OAUTH_CLIENT_SECRET": "oauth-secret-xyz",
+                "SIDECAR_ADMIN_TOKEN": "admin-xyz",
+            },
+        )
+        for text in (render_toml(redacted(s)), repr(s)):
+            for secret in ("app-token-1", "bearer-xyz", "oauth-secret-xyz", "admin-xyz"):
+                assert secret not in text
+            assert "client-1" in text
+            assert REDACTED in text
+
+
+class TestCheckConfigCommand:
+    def test_prints_effective_config_redacted(self, tmp_path: Path) -> None:
+        """`check-config` prints the effective TOML, secrets redacted, and exits 0."""
+        path = write(
+            tmp_path,
+            '[upstream]\npreset = "timeback"\n[oauth]\nclient_id = "c"\n'
+            'client_secret = "top-secret"\n',
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "top-secret" not in out.stdout
+        assert 'endpoint = "https://platform.timeback.com/events/1.0/"' in out.stdout
+        assert f'client_secret = "{REDACTED}"' in out.stdout
+
+    def test_wrong_config_exits_non_zero_with_the_key(self, tmp_path: Path) -> None:
+        path = write(tmp_path, "[upstream]\nbatch_max_events = -1\n")
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 2
+        assert "upstream.batch_max_events must be greater than 0" in out.stderr

@@ -1,0 +1,239 @@
+"""The SQLite outbox: durability settings, group commit, deduplication, claims, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.exceptions import OutboxLocked, OutboxUnavailable
+from sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
+from sidecar.outbox.schema import VERSION, SchemaTooNew
+
+from .conftest import new_id
+
+
+def events(n: int, size: int = 10) -> list[NewEvent]:
+    return [NewEvent(new_id(), b"{" + b"x" * (size - 2) + b"}") for _ in range(n)]
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[SqliteOutbox]:
+    async with SqliteOutbox(tmp_path / "outbox.db", synchronous="normal") as box:
+        yield box
+
+
+class TestFile:
+    async def test_created_owner_only(self, tmp_path: Path) -> None:
+        """The outbox file (and its WAL) is readable by its owner only."""
+        path = tmp_path / "sub" / "outbox.db"
+        async with SqliteOutbox(path) as box:
+            await box.append(events(1))
+            for f in (path, Path(f"{path}-wal")):
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+    async def test_wal_and_schema_version(self, outbox: SqliteOutbox) -> None:
+        """The file is in WAL mode and carries the schema version."""
+        conn = sqlite3.connect(outbox.path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+        conn.close()
+
+    async def test_synchronous_applied_on_every_connection(self, tmp_path: Path) -> None:
+        """outbox.synchronous is set on the ingest and dispatch connections."""
+        async with SqliteOutbox(tmp_path / "o.db", synchronous="full") as box:
+            for conn in (box._ingest, box._dispatch):
+                assert conn is not None
+                cur = await conn.execute("PRAGMA synchronous")
+                assert (await cur.fetchone()) == (2,)  # FULL
+
+    async def test_refuses_a_newer_schema(self, tmp_path: Path) -> None:
+        """A file written by a newer release is not touched."""
+        path = tmp_path / "o.db"
+        conn = sqlite3.connect(path)
+        conn.execute(f"PRAGMA user_version = {VERSION + 1}")
+        conn.close()
+        with pytest.raises(SchemaTooNew, match="newer release"):
+            await SqliteOutbox(path).open()
+
+    async def test_reopen_keeps_events(self, tmp_path: Path) -> None:
+        path = tmp_path / "o.db"
+        async with SqliteOutbox(path) as box:
+            await box.append(events(3))
+        async with SqliteOutbox(path) as box:
+            assert (await box.stats()).events == 3
+
+
+class TestAppend:
+    async def test_counts_new_and_duplicate(self, outbox: SqliteOutbox) -> None:
+        """Known ids, and ids repeated within one append, are counted, not stored twice."""
+        first = events(3)
+        assert (await outbox.append(first)).accepted == 3
+        again = [first[0], *events(1), first[1]]
+        result = await outbox.append([*again, again[1]])
+        assert (result.accepted, result.duplicates) == (1, 3)
+        assert (await outbox.stats()).events == 4
+
+    async def test_delivered_ids_are_duplicates_within_the_window(self, tmp_path: Path) -> None:
+        """An id delivered within dedupe_window_s is still a duplicate; after it, it is new."""
+        async with SqliteOutbox(tmp_path / "o.db", dedupe_window_s=0.3) as box:
+            batch = events(1)
+            await box.append(batch)
+            claimed = await box.claim_batch(10, 10_000)
+            await box.acknowledge(claimed.seqs)
+            assert (await box.append(batch)).duplicates == 1
+            await asyncio.sleep(0.35)
+            assert (await box.append(batch)).accepted == 1
+
+    async def test_dead_lettered_ids_are_duplicates(self, outbox: SqliteOutbox) -> None:
+        batch = events(1)
+        await outbox.append(batch)
+        claimed = await outbox.claim_batch(10, 10_000)
+        await outbox.dead_letter(claimed.seqs, "refused", 422, "no")
+        assert (await outbox.append(batch)).duplicates == 1
+
+    async def test_group_commit(self, outbox: SqliteOutbox) -> None:
+        """Concurrent appends share transactions: far fewer commits than requests."""
+        requests = 200
+        before = outbox.commits
+        results = await asyncio.gather(*(outbox.append(events(1)) for _ in range(requests)))
+        assert all(r.accepted == 1 for r in results)
+        assert (await outbox.stats()).events == requests
+        commits = outbox.commits - before
+        assert 1 <= commits <= requests // 10, commits
+
+    async def test_full_by_events(self, tmp_path: Path) -> None:
+        """Past max_events an append is refused whole (outbox_full) and nothing of it stored."""
+        async with SqliteOutbox(tmp_path / "o.db", max_events=5) as box:
+            await box.append(events(4))
+            with pytest.raises(OutboxUnavailable) as caught:
+                await box.append(events(2))
+            assert caught.value.reason == "outbox_full"
+            assert (await box.stats()).events == 4
+            # Duplicates of stored events cost no room; a fitting append still goes in.
+            assert (await box.append(events(1))).accepted == 1
+
+    async def test_full_by_bytes_then_room_again(self, tmp_path: Path) -> None:
+        """Past max_bytes appends are refused until deliveries make room."""
+        async with SqliteOutbox(tmp_path / "o.db", max_bytes=100) as box:
+            await box.append(events(2, size=40))
+            with pytest.raises(OutboxUnavailable, match="full"):
+                await box.append(events(1, size=40))
+            claimed = await box.claim_batch(1, 10_000)
+            await box.acknowledge(claimed.seqs)
+            assert (await box.append(events(1, size=40))).accepted == 1
+
+    async def test_refused_when_closing(self, tmp_path: Path) -> None:
+        box = await SqliteOutbox(tmp_path / "o.db").open()
+        await box.close()
+        with pytest.raises(OutboxUnavailable, match="shutting down"):
+            await box.append(events(1))
+
+    async def test_close_commits_what_is_queued(self, tmp_path: Path) -> None:
+        """Appends queued when close() is called are committed before it returns."""
+        box = await SqliteOutbox(tmp_path / "o.db").open()
+        pending = [asyncio.ensure_future(box.append(events(1))) for _ in range(20)]
+        await asyncio.sleep(0)
+        await box.close()
+        assert all(p.result().accepted == 1 for p in pending)
+        async with SqliteOutbox(tmp_path / "o.db") as again:
+            assert (await again.stats()).events == 20
+
+
+class TestClaims:
+    async def test_oldest_first_within_count(self, outbox: SqliteOutbox) -> None:
+        stored = events(5)
+        await outbox.append(stored)
+        batch = await outbox.claim_batch(3, 10_000)
+        assert [e.id for e in batch.events] == [e.id for e in stored[:3]]
+        assert batch.full
+
+    async def test_byte_budget_counts_commas(self, outbox: SqliteOutbox) -> None:
+        """A batch's serialized events (with the commas between them) fit max_bytes."""
+        await outbox.append(events(5, size=10))
+        batch = await outbox.claim_batch(100, 32)  # 10 + 1 + 10 + 1 + 10 = 32
+        assert len(batch.events) == 3
+        assert batch.full
+
+    async def test_one_oversized_event_still_goes_alone(self, outbox: SqliteOutbox) -> None:
+        await outbox.append(events(2, size=50))
+        batch = await outbox.claim_batch(100, 10)
+        assert len(batch.events) == 1
+
+    async def test_no_event_in_two_batches(self, outbox: SqliteOutbox) -> None:
+        """Claimed events are not claimed again until released or failed."""
+        await outbox.append(events(4))
+        a = await outbox.claim_batch(2, 10_000)
+        b = await outbox.claim_batch(2, 10_000)
+        assert not set(a.seqs) & set(b.seqs)
+        assert not (await outbox.claim_batch(2, 10_000)).events
+        await outbox.release(a.seqs)
+        assert (await outbox.claim_batch(2, 10_000)).seqs == a.seqs
+
+    async def test_partial_batch_is_not_full(self, outbox: SqliteOutbox) -> None:
+        await outbox.append(events(2))
+        batch = await outbox.claim_batch(10, 10_000)
+        assert len(batch.events) == 2
+        assert not batch.full
+
+    async def test_failure_counts_attempts_and_releases(self, outbox: SqliteOutbox) -> None:
+        await outbox.append(events(1))
+        batch = await outbox.claim_batch(1, 10_000)
+        await outbox.record_failure(batch.seqs, "HTTP 503")
+        again = await outbox.claim_batch(1, 10_000)
+        assert again.events[0].attempts == 1
+        assert again.events[0].first_attempt_at is not None
+
+    async def test_acknowledge_removes_and_counts(self, outbox: SqliteOutbox) -> None:
+        await outbox.append(events(3))
+        batch = await outbox.claim_batch(2, 10_000)
+        await outbox.acknowledge(batch.seqs)
+        stats = await outbox.stats()
+        assert (stats.events, stats.delivered_total) == (1, 2)
+
+    async def test_wait_appended_wakes_on_commit(self, outbox: SqliteOutbox) -> None:
+        await outbox.claim_batch(1, 100)
+        waiter = asyncio.ensure_future(outbox.wait_appended(5))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        started = time.monotonic()
+        await outbox.append(events(1))
+        await waiter
+        assert time.monotonic() - started < 5
+
+
+class TestDeadLetters:
+    async def test_dead_letter_list_replay_purge(self, outbox: SqliteOutbox) -> None:
+        """Dead letters keep the reason; replay puts them back; purge deletes them."""
+        stored = events(3)
+        await outbox.append(stored)
+        batch = await outbox.claim_batch(3, 10_000)
+        await outbox.dead_letter(batch.seqs, "refused", 422, '{"error": "bad"}')
+        dead = await outbox.dead_letters(10)
+        assert [d.id for d in dead] == [e.id for e in stored]
+        assert dead[0].status == 422
+        assert dead[0].attempts == 1
+        assert dead[0].body == stored[0].body
+        assert [d.id for d in await outbox.dead_letters(10, after=stored[0].id)] == [
+            e.id for e in stored[1:]
+        ]
+        assert await outbox.replay_dead_letters([stored[0].id]) == 1
+        stats = await outbox.stats()
+        assert (stats.events, stats.dead_letters, stats.dead_lettered_total) == (1, 2, 3)
+        assert await outbox.purge_dead_letters(None) == 2
+        assert (await outbox.stats()).dead_letters == 0
+
+
+class TestLock:
+    def test_second_owner_refused(self, tmp_path: Path) -> None:
+        """Only one process (or owner) holds an outbox's run lock at a time."""
+        path = tmp_path / "o.db"
+        with OutboxLock(path), pytest.raises(OutboxLocked, match="in use"):
+            OutboxLock(path).acquire()
+        with OutboxLock(path):  # released on exit
+            pass

@@ -1,0 +1,318 @@
+"""The ingest routes: every status code of SPEC §4, and bad input that stores nothing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.app import Sidecar, start
+from sidecar.envelope import DATA_VERSION
+from sidecar.mock_upstream import RunningFake
+
+from .conftest import make_event, make_events, settings_for
+
+StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
+
+
+@pytest.fixture
+async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSidecar]:
+    """Start a sidecar with some settings changed; returns it and a client for it."""
+    started: list[tuple[Sidecar, aiohttp.ClientSession]] = []
+
+    async def make(**sections: dict[str, Any]) -> tuple[Sidecar, aiohttp.ClientSession]:
+        sidecar = await start(settings_for(platform, tmp_path, **sections))
+        pair = (sidecar, aiohttp.ClientSession(base_url=sidecar.url))
+        started.append(pair)
+        return pair
+
+    yield make
+    for sidecar, session in started:
+        await session.close()
+        await sidecar.stop()
+
+
+async def stored(sidecar: Sidecar) -> int:
+    stats = await sidecar.outbox.stats()
+    return stats.events + stats.delivered_total
+
+
+class TestAccepted:
+    async def test_single_event(self, client: aiohttp.ClientSession) -> None:
+        """One event: 202 with the counts and its id, after the commit."""
+        event = make_event()
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+            assert await resp.json() == {"accepted": 1, "duplicates": 0, "ids": [event["id"]]}
+
+    async def test_array_and_duplicates(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar
+    ) -> None:
+        """A retried request is answered again with the events counted as duplicates."""
+        events = make_events(3)
+        async with client.post("/v1/events", json=events) as resp:
+            assert (await resp.json())["accepted"] == 3
+        async with client.post("/v1/events", json=events) as resp:
+            body = await resp.json()
+        assert resp.status == 202
+        assert (body["accepted"], body["duplicates"]) == (0, 3)
+        assert body["ids"] == [e["id"] for e in events]
+        assert await stored(sidecar) == 3
+
+    async def test_envelope_and_ld_json(self, client: aiohttp.ClientSession) -> None:
+        """An envelope's events are taken; application/ld+json is accepted."""
+        envelope = {
+            "sensor": "https://app.test/s",
+            "sendTime": "2024-01-15T10:07:30.000Z",
+            "dataVersion": DATA_VERSION,
+            "data": make_events(2),
+        }
+        async with client.post(
+            "/v1/events",
+            data=json.dumps(envelope),
+            headers={"Content-Type": "application/ld+json; charset=utf-8"},
+        ) as resp:
+            assert resp.status == 202
+            assert (await resp.json())["accepted"] == 2
+
+    async def test_gzip(self, client: aiohttp.ClientSession) -> None:
+        events = make_events(5)
+        async with client.post(
+            "/v1/events",
+            data=gzip.compress(json.dumps(events).encode()),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ) as resp:
+            assert resp.status == 202
+            assert (await resp.json())["accepted"] == 5
+
+    async def test_caliper_route_answers_200_empty(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar
+    ) -> None:
+        """POST /caliper/event answers 200 with an empty body, as the Sensor API says."""
+        async with client.post("/caliper/event", json=make_events(2)) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b""
+        assert await stored(sidecar) == 2
+
+    async def test_event_content_is_kept(
+        self, client: aiohttp.ClientSession, fake: Any, sidecar: Sidecar
+    ) -> None:
+        """What arrives upstream is the event as sent, unicode and numbers included."""
+        event = make_event(extensions={"note": "élève 🎓", "n": 1.5, "big": 12345678901234567890})
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+        await fake.wait_for({event["id"]})
+        assert fake.received[event["id"]] == event
+
+
+class TestRejected:
+    @pytest.mark.parametrize(
+        ("body", "error"),
+        [
+            (b"{not json", "malformed_json"),
+            (b"", "malformed_json"),
+            (b"\xff\xfe", "malformed_json"),
+            (b"[" * 100_000 + b"]" * 100_000, "malformed_json"),
+            (b'"an event"', "malformed_request"),
+            (b"42", "malformed_request"),
+            (b"[]", "malformed_request"),
+            (
+                json.dumps({"sensor": "s", "sendTime": "t", "dataVersion": DATA_VERSION}).encode(),
+                "invalid_events",  # no `data`: taken as a (broken) event
+            ),
+            (
+                json.dumps(
+                    {"sensor": "s", "sendTime": "t", "dataVersion": "v1p1", "data": [{}]}
+                ).encode(),
+                "malformed_envelope",
+            ),
+            (
+                json.dumps(
+                    {"sensor": "s", "sendTime": "t", "dataVersion": DATA_VERSION, "data": []}
+                ).encode(),
+                "malformed_envelope",
+            ),
+            (
+                json.dumps(
+                    {
+                        "sensor": "s",
+                        "sendTime": "t",
+                        "dataVersion": DATA_VERSION,
+                        "data": [{}],
+                        "extra": 1,
+                    }
+                ).encode(),
+                "malformed_envelope",
+            ),
+        ],
+    )
+    async def test_malformed(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar, body: bytes, error: str
+    ) -> None:
+        """Malformed JSON or shapes: a clear 400 (or 422), nothing stored, no 500."""
+        async with client.post(
+            "/v1/events", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == (422 if error == "invalid_events" else 400)
+            assert (await resp.json())["error"] == error
+        assert await stored(sidecar) == 0
+
+    async def test_broken_gzip(self, client: aiohttp.ClientSession) -> None:
+        async with client.post(
+            "/v1/events",
+            data=b"\x1f\x8b\x08\x00garbage",
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ) as resp:
+            assert resp.status == 400
+
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+    async def test_wrong_content_type(
+        self, client: aiohttp.ClientSession, content_type: str
+    ) -> None:
+        async with client.post(
+            "/v1/events", data=json.dumps(make_event()), headers={"Content-Type": content_type}
+        ) as resp:
+            assert resp.status == 415
+            assert "application/json" in (await resp.json())["message"]
+
+    async def test_invalid_event_rejects_the_whole_request(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar
+    ) -> None:
+        """One invalid event: 422 naming its index and path; its valid neighbours not stored."""
+        events = make_events(3)
+        events[1]["id"] = "not-a-urn"
+        del events[2]["eventTime"]
+        async with client.post("/v1/events", json=events) as resp:
+            assert resp.status == 422
+            errors = (await resp.json())["errors"]
+        assert {(e["index"], e["path"]) for e in errors} == {(1, "/id"), (2, "/eventTime")}
+        assert all(e["message"] and e["rule"] for e in errors)
+        assert await stored(sidecar) == 0
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("id", 5), ("type", ["ViewEvent"]), ("eventTime", None), ("actor", None)],
+    )
+    async def test_wrong_types(self, client: aiohttp.ClientSession, field: str, value: Any) -> None:
+        async with client.post("/v1/events", json=make_event(**{field: value})) as resp:
+            assert resp.status == 422
+            assert (await resp.json())["errors"][0]["path"] == f"/{field}"
+
+    async def test_non_object_event(self, client: aiohttp.ClientSession) -> None:
+        async with client.post("/v1/events", json=[make_event(), 7]) as resp:
+            assert resp.status == 422
+            assert (await resp.json())["errors"][0]["index"] == 1
+
+
+class TestLimits:
+    async def test_body_too_large(self, custom: StartSidecar) -> None:
+        """A body over max_body_bytes is refused with 413, whether announced or streamed."""
+        sidecar, client = await custom(receiver={"max_body_bytes": 2000})
+        big = json.dumps(make_events(10)).encode()
+        async with client.post(
+            "/v1/events", data=big, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 413
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(big), 500):
+                yield big[i : i + 500]
+
+        async with client.post(
+            "/v1/events", data=chunks(), headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 413
+        assert await stored(sidecar) == 0
+
+    async def test_gzip_bomb(self, custom: StartSidecar) -> None:
+        """The limit applies to the decompressed body: a small gzip of a huge body is 413."""
+        _, client = await custom(receiver={"max_body_bytes": 100_000})
+        bomb = gzip.compress(b"[" + b" " * 50_000_000 + b"]")
+        assert len(bomb) < 100_000
+        async with client.post(
+            "/v1/events",
+            data=bomb,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ) as resp:
+            assert resp.status == 413
+
+    async def test_too_many_events(self, custom: StartSidecar) -> None:
+        _, client = await custom(receiver={"max_events_per_request": 3})
+        async with client.post("/v1/events", json=make_events(4)) as resp:
+            assert resp.status == 413
+            assert "max_events_per_request" in (await resp.json())["message"]
+
+    async def test_event_larger_than_an_envelope(self, custom: StartSidecar) -> None:
+        """An event that could never fit an envelope is refused at the door, not later."""
+        _, client = await custom(upstream={"batch_max_bytes": 3000})
+        event = make_event(extensions={"blob": "x" * 4000})
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"] == "event_too_large"
+
+    async def test_outbox_full(self, custom: StartSidecar) -> None:
+        """A full outbox answers 503 with Retry-After, and keeps what it had."""
+        sidecar, client = await custom(
+            outbox={"max_events": 2}, upstream={"endpoint": "http://127.0.0.1:9/unreachable"}
+        )
+        async with client.post("/v1/events", json=make_events(2)) as resp:
+            assert resp.status == 202
+        async with client.post("/v1/events", json=make_events(1)) as resp:
+            assert resp.status == 503
+            assert int(resp.headers["Retry-After"]) > 0
+            assert (await resp.json())["error"] == "outbox_full"
+        async with client.get("/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["reason"] == "outbox_full"
+        assert (await sidecar.outbox.stats()).events == 2
+
+
+class TestAuthentication:
+    @pytest.mark.parametrize(
+        "header", [None, "Bearer wrong", "Basic YTpi", "Bearer", "bearer app-token-2x"]
+    )
+    async def test_missing_or_wrong_token(self, custom: StartSidecar, header: str | None) -> None:
+        sidecar, client = await custom(receiver={"tokens": ("app-token-1", "app-token-2")})
+        headers = {"Authorization": header} if header else {}
+        async with client.post("/v1/events", json=make_event(), headers=headers) as resp:
+            assert resp.status == 401
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert await stored(sidecar) == 0
+
+    async def test_any_configured_token(self, custom: StartSidecar) -> None:
+        _, client = await custom(receiver={"tokens": ("app-token-1", "app-token-2")})
+        for token in ("app-token-1", "app-token-2"):
+            async with client.post(
+                "/v1/events", json=make_event(), headers={"Authorization": f"Bearer {token}"}
+            ) as resp:
+                assert resp.status == 202
+
+
+class TestShutdown:
+    async def test_not_accepting_answers_503(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar
+    ) -> None:
+        sidecar.runtime.accepting = False
+        async with client.post("/v1/events", json=make_event()) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"]
+            assert (await resp.json())["error"] == "shutting_down"
+        async with client.get("/readyz") as resp:
+            assert resp.status == 503
+
+    async def test_alive_after_bad_input(self, client: aiohttp.ClientSession) -> None:
+        """Bad input never harms the process: it still serves."""
+        for body in (b"\x00" * 1000, b"{" * 5000, b"null"):
+            async with client.post(
+                "/v1/events", data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                assert resp.status < 500
+        async with client.get("/healthz") as resp:
+            assert resp.status == 200
+        async with client.post("/v1/events", json=make_event()) as resp:
+            assert resp.status == 202

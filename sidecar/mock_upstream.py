@@ -83,6 +83,8 @@ class FakeTimeBack:
         self.envelopes = 0
         self.statuses: Counter[int] = Counter()
         self.token_requests = 0
+        #: (started, ended, status) of every Caliper request, when a test sets it to a list
+        self.request_log: list[tuple[float, float, int]] | None = None
         self.max_events_seen = 0
         self.max_envelope_bytes_seen = 0
         #: the last accepted envelope, without its data
@@ -167,12 +169,17 @@ class FakeTimeBack:
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         f = self.faults
-        if time.monotonic() < f.outage_until:
-            return _drop(request)
-        if f.latency_s:
-            await asyncio.sleep(f.latency_s)
-        status, body, headers = await self._check(request)
+        started = time.monotonic()
+        headers: dict[str, str] = {}
+        if started < f.outage_until:
+            status, body = 0, None
+        else:
+            if f.latency_s:
+                await asyncio.sleep(f.latency_s)
+            status, body, headers = await self._check(request)
         self.statuses[status] += 1
+        if self.request_log is not None:
+            self.request_log.append((started, time.monotonic(), status))
         if status == 0:
             return _drop(request)
         return web.json_response(body, status=status, headers=headers)
@@ -192,7 +199,10 @@ class FakeTimeBack:
         if scripted is not None:
             headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else {}
             return scripted.status, {"error": "injected fault"}, headers
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except ConnectionError:  # the sender died mid-request
+            return 0, None, {}
         if f.max_envelope_bytes is not None and len(raw) > f.max_envelope_bytes:
             return 413, {"error": f"payload larger than {f.max_envelope_bytes} bytes"}, {}
         try:

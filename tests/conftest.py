@@ -121,20 +121,28 @@ def free_port() -> int:
 
 
 def write_config(
-    path: Path, platform: RunningFake, outbox: Path, port: int, **extra: object
+    path: Path,
+    platform: RunningFake,
+    outbox: Path,
+    port: int,
+    *,
+    oauth: bool = True,
+    **extra: object,
 ) -> Path:
-    """A TOML config for a subprocess sidecar forwarding to the fake."""
+    """A TOML config for a subprocess sidecar forwarding to the fake (with OAuth, unless
+    `oauth` is False); `section__key=value` arguments add or change keys."""
     sections: dict[str, dict[str, Any]] = {
         "receiver": {"port": port},
         "outbox": {"path": str(outbox)},
         "upstream": {"endpoint": platform.events_url, "linger_ms": 20, "timeout_s": 5},
-        "oauth": {
+        "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
+    }
+    if oauth:
+        sections["oauth"] = {
             "token_url": platform.token_url,
             "client_id": platform.fake.client_id,
             "client_secret": platform.fake.client_secret,
-        },
-        "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
-    }
+        }
     for dotted, value in extra.items():
         section, key = dotted.split("__")
         sections.setdefault(section, {})[key] = value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,7 +21,7 @@ def launch(
     processes: list[SidecarProcess],
     name: str = "a",
     outbox: Path | None = None,
-    **extra: object,
+    **extra: Any,
 ) -> SidecarProcess:
     port = free_port()
     config = write_config(

@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     v = command("validate", "validate events or envelopes offline", _validate, config=False)
     v.add_argument("files", nargs="*", metavar="FILE", help="JSON files (default: stdin)")
     v.add_argument("--json", action="store_true", help="machine-readable report")
+    v.add_argument(
+        "--profile",
+        choices=("timeback", "caliper"),
+        default="timeback",
+        help="timeback: Caliper 1.2 plus the TimeBack rules (default); caliper: 1.2 only",
+    )
     command("check-config", "print the effective configuration, secrets redacted", _check_config)
 
     outbox = sub.add_parser("outbox", help="inspect the outbox").add_subparsers(metavar="ACTION")
@@ -138,7 +144,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from .validate_command import validate_command
 
-    return validate_command(args.files, as_json=args.json)
+    return validate_command(args.files, as_json=args.json, profile=args.profile)
 
 
 def _check_config(args: argparse.Namespace) -> int:

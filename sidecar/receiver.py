@@ -6,6 +6,7 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -39,19 +40,24 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-def _answer_v1(ids: list[str], result: AppendResult) -> web.Response:
-    return web.json_response(
-        {"accepted": result.accepted, "duplicates": result.duplicates, "ids": ids}, status=202
-    )
+def _answer_v1(accepted: Accepted) -> web.Response:
+    body: dict[str, Any] = {
+        "accepted": accepted.result.accepted,
+        "duplicates": accepted.result.duplicates,
+        "ids": accepted.ids,
+    }
+    if accepted.warnings:
+        body["warnings"] = accepted.warnings
+    return web.json_response(body, status=202)
 
 
-def _answer_caliper(ids: list[str], result: AppendResult) -> web.Response:
+def _answer_caliper(accepted: Accepted) -> web.Response:
     # Caliper 1.2's Sensor API: 200 with an empty body.
     return web.Response(status=200)
 
 
 def _ingest_route(
-    answer: Callable[[list[str], AppendResult], web.Response],
+    answer: Callable[[Accepted], web.Response],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
         rt = request.app[RUNTIME]
@@ -59,8 +65,7 @@ def _ingest_route(
         rt.ingests_in_progress += 1
         fields: dict[str, Any] = {}
         try:
-            ids, result = await _ingest(rt, request, fields)
-            response = answer(ids, result)
+            response = answer(await _ingest(rt, request, fields))
         except Rejected as e:
             rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
             response = web.json_response(e.body, status=e.status, headers=e.headers)
@@ -80,15 +85,25 @@ def _ingest_route(
     return handle
 
 
-async def _ingest(
-    rt: Runtime, request: web.Request, fields: dict[str, Any]
-) -> tuple[list[str], AppendResult]:
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What a successful ingest answers with."""
+
+    ids: list[str]
+    result: AppendResult
+    warnings: list[dict[str, Any]]
+
+
+async def _ingest(rt: Runtime, request: web.Request, fields: dict[str, Any]) -> Accepted:
     if not rt.accepting:
         raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
     _authenticate(rt, request)
     events = await _read_events(rt, request)
     fields["events"] = len(events)
-    report = validate_events(events, rt.settings.validation.mode)
+    validation = rt.settings.validation
+    report = validate_events(events, validation.mode, validation.profile)
+    if report.warnings:
+        fields["warnings"] = [f"{f.index}{f.path}: {f.rule}" for f in report.warnings[:20]]
     if not report.ok:
         raise Rejected(
             422,
@@ -114,7 +129,7 @@ async def _ingest(
     rt.metrics.events_received.inc(result.accepted)
     rt.metrics.events_duplicate.inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates)
-    return [e.id for e in batch], result
+    return Accepted([e.id for e in batch], result, [f.as_dict() for f in report.warnings])
 
 
 def _authenticate(rt: Runtime, request: web.Request) -> None:

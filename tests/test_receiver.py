@@ -316,3 +316,52 @@ class TestShutdown:
             assert resp.status == 200
         async with client.post("/v1/events", json=make_event()) as resp:
             assert resp.status == 202
+
+
+class TestValidationModes:
+    async def test_strict_rejects_with_rule_and_path(self, client: aiohttp.ClientSession) -> None:
+        """Strict (the default): a rule broken anywhere rejects the request with 422."""
+        events = make_events(2)
+        events[1]["action"] = "Started"
+        async with client.post("/v1/events", json=events) as resp:
+            assert resp.status == 422
+            (error,) = (await resp.json())["errors"]
+        assert error == {
+            "index": 1,
+            "path": "/action",
+            "message": error["message"],
+            "rule": "caliper.action-not-allowed",
+        }
+
+    async def test_warnings_come_back_in_the_202(self, client: aiohttp.ClientSession) -> None:
+        event = make_event()
+        del event["session"]
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+            body = await resp.json()
+        assert [w["rule"] for w in body["warnings"]] == ["timeback.session-auto-attach"]
+
+    async def test_warn_mode_accepts_and_reports(self, custom: StartSidecar) -> None:
+        _, client = await custom(validation={"mode": "warn"})
+        event = make_event(action="Started")
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+            body = await resp.json()
+        assert body["accepted"] == 1
+        assert [w["rule"] for w in body["warnings"]] == ["caliper.action-not-allowed"]
+
+    async def test_off_mode_keeps_structure(self, custom: StartSidecar) -> None:
+        _, client = await custom(validation={"mode": "off"})
+        async with client.post("/v1/events", json=make_event(action="Started")) as resp:
+            assert resp.status == 202
+            assert "warnings" not in await resp.json()
+        async with client.post("/v1/events", json=make_event(id="x")) as resp:
+            assert resp.status == 422
+
+    async def test_caliper_profile(self, custom: StartSidecar) -> None:
+        """With profile caliper, TimeBack's own rules do not apply."""
+        _, client = await custom(validation={"profile": "caliper"})
+        event = make_event(actor="https://school.example/users/7")
+        del event["edApp"]
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202

@@ -1,22 +1,74 @@
-"""Validation at the door: every event is checked before it is acknowledged."""
+"""Validation at the door: every event is checked before it is acknowledged.
+
+`validate_events` applies, in order, the structural checks (always: the outbox relies on
+them), the Caliper 1.2 rules, and the TimeBack profile when it is selected.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from .caliper import CaliperChecker, looks_like_event, property_table
 from .issues import Finding, Report, pointer
 from .structural import check_structure
+from .timeback import EXTRA_PROPERTIES, TimeBackChecker
 
 __all__ = ["Finding", "Report", "pointer", "validate_events"]
 
+_PROPERTIES = {"caliper": property_table({}), "timeback": property_table(EXTRA_PROPERTIES)}
 
-def validate_events(events: Sequence[Any], mode: str = "strict") -> Report:
-    """Check each event; `mode` is `validation.mode` ("strict", "warn" or "off").
 
-    The structural checks apply in every mode: the outbox needs an id to deduplicate.
+def validate_events(
+    events: Sequence[Any],
+    mode: str = "strict",
+    profile: str = "timeback",
+    allow_entities: bool = False,
+) -> Report:
+    """Check each item; `mode` and `profile` are `validation.mode` and `validation.profile`.
+
+    In "off" mode only the structural checks run. In "warn" mode the rule findings come back
+    as warnings. Entity describes (envelope items that are not events) are validated as
+    entities when `allow_entities`, and refused otherwise: the sidecar forwards events.
     """
     report = Report()
-    for index, event in enumerate(events):
-        report.errors.extend(check_structure(index, event))
+    timeback = profile == "timeback"
+    properties = _PROPERTIES[profile]
+    for index, item in enumerate(events):
+        if isinstance(item, dict) and not looks_like_event(item):
+            if allow_entities:
+                checker = CaliperChecker(index, properties)
+                checker.describe(item)
+                _collect(report, checker.errors, checker.warnings, mode)
+            else:
+                report.errors.append(
+                    Finding(
+                        index,
+                        "",
+                        "this is an entity describe, not an event (it has no `action`); "
+                        "the sidecar accepts and forwards events only",
+                        "event-object",
+                    )
+                )
+            continue
+        structural = check_structure(index, item)
+        report.errors.extend(structural)
+        if mode == "off" or structural:
+            continue
+        caliper = CaliperChecker(index, properties)
+        caliper.event(item)
+        errors, warnings = caliper.errors, caliper.warnings
+        if timeback:
+            rules = TimeBackChecker(index)
+            rules.event(item)
+            errors, warnings = errors + rules.errors, warnings + rules.warnings
+        _collect(report, errors, warnings, mode)
     return report
+
+
+def _collect(report: Report, errors: list[Finding], warnings: list[Finding], mode: str) -> None:
+    if mode == "warn":
+        report.warnings.extend(errors)
+    else:
+        report.errors.extend(errors)
+    report.warnings.extend(warnings)

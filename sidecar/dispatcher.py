@@ -113,7 +113,9 @@ class Dispatcher:
         self._sends.discard(task)
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
-            log.error("dispatch_crashed", error=repr(task.exception()))
+            # An outcome that could not be written (a full disk): the outbox released the
+            # claims, so the events go out again; at least once, never lost.
+            log.error("outcome_not_recorded", error=repr(task.exception()))
 
     async def _next_batch(self) -> list[StoredEvent]:
         """The next batch worth sending: full, or its oldest event has lingered long enough."""

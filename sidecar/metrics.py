@@ -12,6 +12,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+DEAD_LETTER_REASONS = ("refused", "max_attempts", "max_age")
+
 
 class Metrics:
     """Every metric the sidecar exports, by the names SPEC §4 fixes."""
@@ -41,6 +43,10 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Exported at 0 from the start, so that alerts on them see a series before the first
+        # dead letter.
+        for reason in DEAD_LETTER_REASONS:
+            self.events_dead_lettered.labels(reason=reason)
         self.outbox_events = Gauge("sidecar_outbox_events", "Events waiting", registry=r)
         self.outbox_bytes = Gauge("sidecar_outbox_bytes", "Bytes of events waiting", registry=r)
         self.outbox_oldest_age = Gauge(

@@ -23,11 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import RSAKey
 
 from .envelope import DATA_VERSION, ENVELOPE_KEYS
 
 TOKEN_PATH: Final = "/auth/1.0/token"
 EVENTS_PATH: Final = "/events/1.0/"
+JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SEND_TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
@@ -71,10 +75,13 @@ class FakeTimeBack:
         client_id: str = "sidecar",
         client_secret: str = "sidecar-secret",
         token_ttl_s: float = 3600.0,
+        client_public_key: str | None = None,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
         self.token_ttl_s = token_ttl_s
+        #: PEM public key: clients may then authenticate with private_key_jwt (RFC 7523)
+        self.client_public_key = client_public_key
         self.faults = Faults()
         self.tokens: dict[str, float] = {}  # access token -> expiry (time.time())
         self.received: dict[str, dict[str, Any]] = {}  # event id -> first copy received
@@ -144,15 +151,21 @@ class FakeTimeBack:
         if scripted is not None:
             return _scripted(scripted)
         form = await request.post()
-        client_id, client_secret = _basic_credentials(request.headers.get("Authorization", ""))
-        if client_id is None:
-            client_id = str(form.get("client_id", "")) or None
-            client_secret = str(form.get("client_secret", ""))
         if form.get("grant_type") != "client_credentials":
             return _oauth_error(400, "unsupported_grant_type")
-        if client_id != self.client_id or not secrets.compare_digest(
-            client_secret or "", self.client_secret
-        ):
+        if form.get("client_assertion_type") == JWT_BEARER:
+            authenticated = self._assertion_valid(
+                str(form.get("client_assertion", "")), str(request.url)
+            )
+        else:
+            client_id, client_secret = _basic_credentials(request.headers.get("Authorization", ""))
+            if client_id is None:
+                client_id = str(form.get("client_id", "")) or None
+                client_secret = str(form.get("client_secret", ""))
+            authenticated = client_id == self.client_id and secrets.compare_digest(
+                client_secret or "", self.client_secret
+            )
+        if not authenticated:
             return _oauth_error(401, "invalid_client")
         token = secrets.token_urlsafe(24)
         self.tokens[token] = time.time() + self.token_ttl_s
@@ -163,6 +176,20 @@ class FakeTimeBack:
                 "expires_in": self.token_ttl_s,
                 "scope": form.get("scope", ""),
             }
+        )
+
+    def _assertion_valid(self, assertion: str, token_url: str) -> bool:
+        """A client assertion signed by the client's key, for us, not expired (RFC 7523)."""
+        if self.client_public_key is None:
+            return False
+        try:
+            claims = jwt.decode(assertion, RSAKey.import_key(self.client_public_key)).claims
+        except (JoseError, ValueError):
+            return False
+        return (
+            claims.get("iss") == claims.get("sub") == self.client_id
+            and claims.get("aud") == token_url
+            and float(claims.get("exp", 0)) > time.time()
         )
 
     # -- Caliper endpoint ------------------------------------------------------------------

@@ -38,6 +38,9 @@ async def not_ready_reason(rt: Runtime) -> str | None:
     """Why the sidecar should not be sent events now, or None when it should."""
     if not rt.accepting:
         return "shutting_down"
+    failing = rt.outbox.unwritable_reason()
+    if failing is not None:
+        return failing
     try:
         stats = await rt.outbox.stats()
     except OutboxUnavailable as e:

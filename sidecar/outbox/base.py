@@ -104,6 +104,9 @@ class Outbox(Protocol):
     async def stats(self) -> OutboxStats:
         """Current counts."""
 
+    def unwritable_reason(self) -> str | None:
+        """Why appends are failing now (e.g. "disk_full"), or None when they are not."""
+
     async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
         """Dead letters in the order they died, after the given id."""
 

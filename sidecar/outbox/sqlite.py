@@ -73,6 +73,9 @@ class SqliteOutbox:
         # transaction must not interleave with another one's statements.
         self._dispatch_lock = asyncio.Lock()
         self._last_prune = 0.0
+        #: why the last write failed (e.g. "disk_full"), and until when to report it
+        self.write_error: str | None = None
+        self._write_error_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -144,15 +147,19 @@ class SqliteOutbox:
                 self._queued.clear()
                 continue
             group, self._queue = self._queue, []
+            results: list[AppendResult | OutboxUnavailable]
             try:
                 results = await self._commit_group(group)
             except OutboxUnavailable as e:
+                self._write_failed(e)
                 results = [e] * len(group)
             except Exception as e:  # never leave a request hanging, whatever broke
                 log.exception("outbox_write_failed")
-                results = [OutboxUnavailable("storage_error", f"outbox write failed: {e}")] * len(
-                    group
-                )
+                failure = OutboxUnavailable("storage_error", f"outbox write failed: {e}")
+                self._write_failed(failure)
+                results = [failure] * len(group)
+            else:
+                self._write_succeeded()
             for pending, result in zip(group, results, strict=True):
                 if pending.future.done():
                     continue
@@ -215,6 +222,30 @@ class SqliteOutbox:
         )
         return {r[0] for r in await cur.fetchall()}
 
+    def _write_failed(self, error: OutboxUnavailable) -> None:
+        if self.write_error != error.reason:
+            # Once per episode, not per request: a full disk can last hours.
+            log.error(
+                "outbox_write_failing", reason=error.reason, error=str(error), path=str(self.path)
+            )
+        self.write_error = error.reason
+        self._write_error_until = time.monotonic() + error.retry_after_s
+
+    def _write_succeeded(self) -> None:
+        if self.write_error is not None:
+            log.info("outbox_writable_again", previous=self.write_error)
+            self.write_error = None
+
+    def unwritable_reason(self) -> str | None:
+        """Why appends are failing now (for readiness), or None.
+
+        Reported for a Retry-After after the last failure only: with no traffic there is no
+        write to prove the disk has room again, so readiness must not stay down forever.
+        """
+        if self.write_error and time.monotonic() < self._write_error_until:
+            return self.write_error
+        return None
+
     # -- dispatch --------------------------------------------------------------------------
 
     async def wait_appended(self, timeout: float | None) -> None:
@@ -250,7 +281,7 @@ class SqliteOutbox:
 
     async def acknowledge(self, seqs: Sequence[int]) -> None:
         now = time.time()
-        async with self._dispatch_transaction() as conn:
+        async with self._dispatch_transaction(releasing=seqs) as conn:
             if self.dedupe_window_s > 0:
                 await conn.execute(
                     "INSERT OR REPLACE INTO delivered (id, delivered_at) "
@@ -269,11 +300,10 @@ class SqliteOutbox:
                 await conn.execute(
                     "DELETE FROM delivered WHERE delivered_at < ?", (now - self.dedupe_window_s,)
                 )
-        self._claimed.difference_update(seqs)
 
     async def record_failure(self, seqs: Sequence[int], error: str) -> None:
         now = time.time()
-        async with self._dispatch_transaction() as conn:
+        async with self._dispatch_transaction(releasing=seqs) as conn:
             await conn.execute(
                 """
                 UPDATE events SET attempts = attempts + 1,
@@ -283,7 +313,6 @@ class SqliteOutbox:
                 """,
                 (now, error[:1024], json.dumps(list(seqs))),
             )
-        self._claimed.difference_update(seqs)
 
     async def dead_letter(
         self, seqs: Sequence[int], reason: str, status: int | None, response: str
@@ -291,7 +320,7 @@ class SqliteOutbox:
         # Called right after the attempt that decided it, so that attempt is counted here.
         now = time.time()
         wanted = json.dumps(list(seqs))
-        async with self._dispatch_transaction() as conn:
+        async with self._dispatch_transaction(releasing=seqs) as conn:
             await conn.execute(
                 """
                 INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
@@ -305,7 +334,6 @@ class SqliteOutbox:
             await conn.execute(
                 "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,)
             )
-        self._claimed.difference_update(seqs)
 
     # -- inspection and operations ---------------------------------------------------------
 
@@ -373,11 +401,19 @@ class SqliteOutbox:
         return conn
 
     @contextlib.asynccontextmanager
-    async def _dispatch_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._dispatch_lock:
-            conn = self._require(self._dispatch)
-            async with self._transaction(conn):
-                yield conn
+    async def _dispatch_transaction(
+        self, releasing: Sequence[int] = ()
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        """A transaction on the dispatch connection that releases these claims whatever
+        happens: if the outcome cannot be written (a full disk), the events stay queued and
+        are sent again rather than stuck claimed until a restart."""
+        try:
+            async with self._dispatch_lock:
+                conn = self._require(self._dispatch)
+                async with self._transaction(conn):
+                    yield conn
+        finally:
+            self._claimed.difference_update(releasing)
 
     @staticmethod
     @contextlib.asynccontextmanager

@@ -1,0 +1,54 @@
+"""Bytes of outbox file per waiting event, for sizing the outbox volume (issue 5).
+
+    .venv/bin/python bench/outbox_size.py [--events 100000]
+
+Appends the TimeBack sample events (fresh ids) to a new outbox, checkpoints the WAL, and
+divides the file size by the number of events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import tempfile
+import uuid
+from pathlib import Path
+
+from sidecar.outbox import NewEvent, SqliteOutbox
+from sidecar.samples import sample_events
+
+
+async def measure(n: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "outbox.db"
+        body_bytes = 0
+        async with SqliteOutbox(path, synchronous="normal", max_events=n + 1) as outbox:
+            for _ in range(0, n, 1000):
+                batch = []
+                while len(batch) < 1000:
+                    for event in sample_events():
+                        event["id"] = f"urn:uuid:{uuid.uuid4()}"
+                        body = json.dumps(event, separators=(",", ":")).encode()
+                        body_bytes += len(body)
+                        batch.append(NewEvent(event["id"], body))
+                await outbox.append(batch[:1000])
+            stats = await outbox.stats()
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        size = path.stat().st_size
+        print(f"{stats.events} events, {stats.bytes / stats.events:.0f} bytes of JSON each")
+        print(f"outbox file: {size / 1e6:.1f} MB, {size / stats.events:.0f} bytes per event")
+        print(f"events per GiB of outbox: {2**30 / (size / stats.events):,.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=100_000)
+    asyncio.run(measure(parser.parse_args().events))
+
+
+if __name__ == "__main__":
+    main()

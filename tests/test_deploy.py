@@ -1,0 +1,125 @@
+"""deploy/: what can be checked without a container engine or a cluster. The manifests parse,
+reference files and secrets that exist, configure the sidecar with keys it accepts, and the
+systemd unit passes `systemd-analyze verify`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.config import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def sidecar_environment(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The SIDECAR_* variables, with secret files replaced by readable temporary ones."""
+    out = {}
+    for key, value in env.items():
+        if not key.startswith("SIDECAR_"):
+            continue
+        if key.endswith("_FILE"):
+            path = tmp_path / key.lower()
+            path.write_text("a-secret\n")
+            value = str(path)
+        out[key] = value
+    return out
+
+
+class TestDockerfile:
+    def test_slim_non_root_healthcheck_volume(self) -> None:
+        text = (DEPLOY / "Dockerfile").read_text()
+        assert re.search(r"^FROM python:3\.11-slim", text, re.MULTILINE)
+        assert re.search(r"^USER 10001$", text, re.MULTILINE)
+        assert "HEALTHCHECK" in text
+        assert "/healthz" in text
+        assert 'VOLUME ["/var/lib/caliper-sidecar"]' in text
+        for source in re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE):
+            for name in source.split():
+                assert (ROOT / name).exists(), name
+
+
+class TestCompose:
+    def test_services_and_references(self, tmp_path: Path) -> None:
+        compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+        services: dict[str, Any] = compose["services"]
+        assert set(services) == {"app", "sidecar", "timeback"}
+        for service in services.values():
+            build = service["build"]
+            assert (DEPLOY / "compose" / build["context"] / build["dockerfile"]).is_file()
+            for secret in service.get("secrets", []):
+                assert (DEPLOY / "compose" / compose["secrets"][secret]["file"]).is_file()
+        env = sidecar_environment(services["sidecar"]["environment"], tmp_path)
+        settings = load_settings(None, environ=env)
+        assert settings.receiver.tokens == ("a-secret",)
+        assert settings.upstream.endpoint.startswith("http://timeback:8788/")
+        assert (DEPLOY / "compose" / "sample_app.py").is_file()
+
+
+class TestKubernetes:
+    @pytest.fixture
+    def documents(self) -> dict[str, dict[str, Any]]:
+        text = (DEPLOY / "kubernetes" / "caliper-sidecar.yaml").read_text()
+        return {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
+
+    def test_sidecar_container(self, documents: dict[str, Any], tmp_path: Path) -> None:
+        deployment = documents["Deployment"]
+        spec = deployment["spec"]["template"]["spec"]
+        assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        containers = {c["name"]: c for c in spec["containers"]}
+        assert set(containers) == {"app", "caliper-sidecar"}
+        sidecar = containers["caliper-sidecar"]
+        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        env = {e["name"]: e["value"] for e in sidecar["env"]}
+        settings = load_settings(None, environ=sidecar_environment(env, tmp_path))
+        assert settings.upstream.endpoint == "https://platform.timeback.com/events/1.0/"
+        mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+        assert Path(env["SIDECAR_OUTBOX_PATH"]).parent == Path(mounts["outbox"])
+        assert env["SIDECAR_OAUTH_CLIENT_SECRET_FILE"].startswith(mounts["timeback-client"])
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert (
+            volumes["timeback-client"]["secret"]["secretName"]
+            == (documents["Secret"]["metadata"]["name"])
+        )
+        assert (
+            volumes["outbox"]["persistentVolumeClaim"]["claimName"]
+            == (documents["PersistentVolumeClaim"]["metadata"]["name"])
+        )
+        assert spec["terminationGracePeriodSeconds"] > settings.upstream.timeout_s
+
+
+class TestSystemd:
+    UNIT = DEPLOY / "systemd" / "caliper-sidecar.service"
+
+    def test_restart_always_and_state_directory(self) -> None:
+        text = self.UNIT.read_text()
+        assert "Restart=always" in text
+        assert "StateDirectory=caliper-sidecar" in text
+        assert "SIDECAR_OUTBOX_PATH=/var/lib/caliper-sidecar/" in text
+
+    @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+    def test_systemd_analyze_verify(self, tmp_path: Path) -> None:
+        """The unit verifies, with ExecStart pointed at this checkout's command."""
+        command = shutil.which("caliper-sidecar") or str(ROOT / ".venv/bin/caliper-sidecar")
+        unit = tmp_path / "caliper-sidecar.service"
+        unit.write_text(
+            self.UNIT.read_text().replace("/opt/caliper-sidecar/bin/caliper-sidecar", command)
+        )
+        result = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+        )
+        problems = [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if "caliper-sidecar.service" in line
+        ]
+        assert result.returncode == 0, result.stderr
+        assert problems == [], result.stdout + result.stderr

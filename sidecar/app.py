@@ -16,6 +16,7 @@ from aiohttp import web
 from . import admin, ops, receiver
 from .config import Settings, is_loopback, require_upstream
 from .dispatcher import Dispatcher
+from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import OutboxLock, SqliteOutbox
 from .runtime import RUNTIME, Runtime
@@ -60,6 +61,7 @@ class Sidecar:
             sends_cut=cut,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
+        flush_logs()
 
 
 async def start(settings: Settings) -> Sidecar:
@@ -79,6 +81,7 @@ async def start(settings: Settings) -> Sidecar:
         lock.release()
         raise
     metrics = Metrics()
+    metrics.observe_commits(lambda: outbox.commits)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.upstream.concurrency + 2),
         headers={"User-Agent": "caliper-sidecar"},

@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--token-ttl", type=float, default=3600.0, metavar="SECONDS")
     m.add_argument("--latency-ms", type=float, default=0.0)
     m.add_argument(
+        "--ids-only",
+        action="store_true",
+        help="remember only the ids of received events (for large benchmarks)",
+    )
+    m.add_argument(
         "--chaos-rate",
         type=float,
         default=0.0,
@@ -133,7 +138,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _mock_upstream(args: argparse.Namespace) -> int:
     from .mock_upstream import FakeTimeBack, serve_fake
 
-    fake = FakeTimeBack(args.client_id, args.client_secret, args.token_ttl)
+    fake = FakeTimeBack(
+        args.client_id, args.client_secret, args.token_ttl, keep_events=not args.ids_only
+    )
     fake.faults.latency_s = args.latency_ms / 1000
     fake.faults.chaos_rate = args.chaos_rate
     configure_logging("info", "console")

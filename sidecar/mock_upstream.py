@@ -12,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import random
 import re
 import secrets
@@ -27,10 +26,12 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
+from . import codec
 from .envelope import DATA_VERSION, ENVELOPE_KEYS
 
 TOKEN_PATH: Final = "/auth/1.0/token"
 EVENTS_PATH: Final = "/events/1.0/"
+_NOT_KEPT: Final[dict[str, Any]] = {}
 JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SEND_TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -76,12 +77,15 @@ class FakeTimeBack:
         client_secret: str = "sidecar-secret",
         token_ttl_s: float = 3600.0,
         client_public_key: str | None = None,
+        keep_events: bool = True,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
         self.token_ttl_s = token_ttl_s
         #: PEM public key: clients may then authenticate with private_key_jwt (RFC 7523)
         self.client_public_key = client_public_key
+        #: False keeps only the ids of what arrives (for benchmarks with millions of events)
+        self.keep_events = keep_events
         self.faults = Faults()
         self.tokens: dict[str, float] = {}  # access token -> expiry (time.time())
         self.received: dict[str, dict[str, Any]] = {}  # event id -> first copy received
@@ -233,7 +237,7 @@ class FakeTimeBack:
         if f.max_envelope_bytes is not None and len(raw) > f.max_envelope_bytes:
             return 413, {"error": f"payload larger than {f.max_envelope_bytes} bytes"}, {}
         try:
-            envelope = json.loads(raw)
+            envelope = codec.loads(raw)
         except ValueError:
             return 400, {"error": "malformed JSON"}, {}
         problem = envelope_problem(envelope)
@@ -266,22 +270,23 @@ class FakeTimeBack:
             if event["id"] in self.received:
                 self.duplicates += 1
             else:
-                self.received[event["id"]] = event
+                self.received[event["id"]] = event if self.keep_events else _NOT_KEPT
                 self.order.append(event["id"])
         self.arrived.set()
 
     # -- control ---------------------------------------------------------------------------
 
     async def _list_events(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "count": len(self.received),
-                "duplicates": self.duplicates,
-                "envelopes": self.envelopes,
-                "statuses": {str(k): v for k, v in self.statuses.items()},
-                "ids": self.order,
-            }
-        )
+        """What arrived; `?ids=false` leaves out the ids (cheap to poll during a benchmark)."""
+        summary: dict[str, Any] = {
+            "count": len(self.received),
+            "duplicates": self.duplicates,
+            "envelopes": self.envelopes,
+            "statuses": {str(k): v for k, v in self.statuses.items()},
+        }
+        if request.query.get("ids") != "false":
+            summary["ids"] = self.order
+        return web.json_response(summary)
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         """Set faults over HTTP: fail_next {status, times, retry_after}, latency_ms,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
+from . import codec
 from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
@@ -40,6 +40,12 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
 def _answer_v1(accepted: Accepted) -> web.Response:
     body: dict[str, Any] = {
         "accepted": accepted.result.accepted,
@@ -48,7 +54,7 @@ def _answer_v1(accepted: Accepted) -> web.Response:
     }
     if accepted.warnings:
         body["warnings"] = accepted.warnings
-    return web.json_response(body, status=202)
+    return _json(body, 202)
 
 
 def _answer_caliper(accepted: Accepted) -> web.Response:
@@ -68,7 +74,7 @@ def _ingest_route(
             response = answer(await _ingest(rt, request, fields))
         except Rejected as e:
             rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
-            response = web.json_response(e.body, status=e.status, headers=e.headers)
+            response = _json(e.body, e.status, e.headers)
             fields["error"] = e.body["error"]
         finally:
             rt.ingests_in_progress -= 1
@@ -113,7 +119,14 @@ async def _ingest(rt: Runtime, request: web.Request, fields: dict[str, Any]) -> 
         )
     batch = []
     for index, event in enumerate(events):
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            body = codec.dumps(event)
+        except ValueError:
+            raise Rejected(
+                400,
+                "malformed_json",
+                f"event {index} holds text that is not valid Unicode (a lone UTF-16 surrogate)",
+            ) from None
         if len(body) > rt.max_event_bytes:
             raise Rejected(
                 413,
@@ -165,7 +178,7 @@ async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
     except Exception as e:  # a broken gzip stream, a truncated chunked body
         raise Rejected(400, "unreadable_body", f"the body could not be read: {e}") from None
     try:
-        document = json.loads(raw)
+        document = codec.loads(raw)
     except (ValueError, RecursionError) as e:
         raise Rejected(400, "malformed_json", f"the body is not valid JSON: {e}") from None
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -200,6 +201,14 @@ class SidecarProcess:
     async def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return await self.wait_exit(timeout)
+
+    def events(self) -> list[str]:
+        """The `event` of every JSON log line so far, in order."""
+        names = []
+        for line in self.logs().splitlines():
+            if line.startswith("{"):
+                names.append(json.loads(line).get("event", ""))
+        return names
 
     def logs(self) -> str:
         if not self._log.closed:

@@ -96,9 +96,8 @@ async def test_really_full_filesystem(
     platform.fake.faults.outage_until = 0
     await platform.fake.wait_for(acknowledged, timeout=60)
     assert await p.terminate() == 0
-    logs = p.logs()
-    assert logs.count('"event": "outbox_write_failing"') == 1
-    assert logs.count('"event": "outbox_writable_again"') == 1
+    assert p.events().count("outbox_write_failing") == 1
+    assert p.events().count("outbox_writable_again") == 1
     conn = sqlite3.connect(outbox)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()

@@ -55,6 +55,7 @@ class TestMetrics:
         assert "sidecar_events_received_total 7.0" in text
         assert 'sidecar_upstream_requests_total{code="200"}' in text
         assert "sidecar_token_refreshes_total 1.0" in text
+        assert "sidecar_outbox_commits_total 1.0" in text
         assert "sidecar_outbox_events 0.0" in text
         assert "process_resident_memory_bytes" in text
 

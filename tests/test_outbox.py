@@ -44,13 +44,17 @@ class TestFile:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
         conn.close()
 
-    async def test_synchronous_applied_on_every_connection(self, tmp_path: Path) -> None:
-        """outbox.synchronous is set on the ingest and dispatch connections."""
-        async with SqliteOutbox(tmp_path / "o.db", synchronous="full") as box:
-            for conn in (box._ingest, box._dispatch):
+    @pytest.mark.parametrize(("mode", "level"), [("full", 2), ("normal", 1)])
+    async def test_synchronous_applied_to_ingest(
+        self, tmp_path: Path, mode: str, level: int
+    ) -> None:
+        """outbox.synchronous governs the commits that acknowledge events to apps; outcomes
+        and reads run at NORMAL (a lost acknowledgement only means a duplicate)."""
+        async with SqliteOutbox(tmp_path / "o.db", synchronous=mode) as box:
+            for conn, expected in ((box._ingest, level), (box._dispatch, 1), (box._reader, 1)):
                 assert conn is not None
                 cur = await conn.execute("PRAGMA synchronous")
-                assert (await cur.fetchone()) == (2,)  # FULL
+                assert (await cur.fetchone()) == (expected,)
 
     async def test_refuses_a_newer_schema(self, tmp_path: Path) -> None:
         """A file written by a newer release is not touched."""

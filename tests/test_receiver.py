@@ -365,3 +365,33 @@ class TestValidationModes:
         del event["edApp"]
         async with client.post("/v1/events", json=event) as resp:
             assert resp.status == 202
+
+
+class TestJsonEdges:
+    async def test_lone_surrogate_is_400_not_500(self, client: aiohttp.ClientSession) -> None:
+        event = make_event(extensions={"note": "SURROGATE"})
+        body = json.dumps(event).replace("SURROGATE", "\\ud800").encode()
+        async with client.post(
+            "/v1/events", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 400
+            assert "not valid Unicode" in (await resp.json())["message"]
+
+    async def test_huge_integers_arrive_exactly(
+        self, client: aiohttp.ClientSession, fake: Any
+    ) -> None:
+        """Integers beyond 64 bits are forwarded digit for digit, not rounded to floats."""
+        event = make_event(extensions={"huge": 123456789012345678901234567890, "neg": -(2**70)})
+        async with client.post(
+            "/v1/events", data=json.dumps(event), headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 202
+        await fake.wait_for({event["id"]})
+        assert fake.received[event["id"]]["extensions"] == event["extensions"]
+
+    async def test_nan_is_refused(self, client: aiohttp.ClientSession) -> None:
+        body = json.dumps(make_event(extensions={"x": 1})).replace('"x": 1', '"x": NaN')
+        async with client.post(
+            "/v1/events", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 400

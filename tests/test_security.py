@@ -210,7 +210,7 @@ class TestSecretsNeverLogged:
         )
         printed, _ = await check.communicate()
         logs = p.logs()
-        assert logs.count('"event": "token_refreshed"') >= 2
+        assert p.events().count("token_refreshed") >= 2
         for secret in (
             "oauth-secret-d41d8cd98f",
             "app-token-0cc175b9c0",

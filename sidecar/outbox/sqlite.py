@@ -9,7 +9,6 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -19,6 +18,7 @@ import structlog
 
 from ..exceptions import OutboxUnavailable
 from .base import AppendResult, Batch, DeadLetter, NewEvent, OutboxStats, StoredEvent
+from .grouping import GroupCommit
 from .schema import migrate
 
 log = structlog.get_logger("sidecar.outbox")
@@ -26,14 +26,6 @@ log = structlog.get_logger("sidecar.outbox")
 _SQLITE_FULL: Final = 13
 _SQLITE_BUSY: Final = 5
 _PRUNE_EVERY_S: Final = 60.0
-
-
-@dataclass
-class _Pending:
-    """One caller's events waiting for the next group commit."""
-
-    events: Sequence[NewEvent]
-    future: asyncio.Future[AppendResult]
 
 
 class SqliteOutbox:
@@ -59,15 +51,18 @@ class SqliteOutbox:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.dedupe_window_s = dedupe_window_s
-        #: group commits done by this process (a metric, and how tests see the grouping).
+        #: group commits of appends done by this process (a metric; how tests see grouping)
         self.commits = 0
-        self._queue: list[_Pending] = []
-        self._queued = asyncio.Event()
+        self._appends: GroupCommit[Sequence[NewEvent], AppendResult] = GroupCommit(
+            self._commit_appends, "outbox-appends"
+        )
+        self._acks: GroupCommit[Sequence[int], None] = GroupCommit(self._commit_acks, "outbox-acks")
         self._appended = asyncio.Event()
         self._claimed: set[int] = set()
-        self._closing = False
-        self._writer: asyncio.Task[None] | None = None
+        # Three connections, each with its own thread: ingest commits, reads (claims and
+        # stats, which never wait behind a write), and the dispatcher's writes.
         self._ingest: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
         self._dispatch: aiosqlite.Connection | None = None
         # The dispatch connection is shared by concurrent senders and admin calls; a
         # transaction must not interleave with another one's statements.
@@ -81,21 +76,24 @@ class SqliteOutbox:
 
     async def open(self) -> SqliteOutbox:
         await asyncio.to_thread(self._prepare_file)
-        self._ingest = await self._connect()
-        self._dispatch = await self._connect()
-        self._writer = asyncio.create_task(self._write_groups(), name="outbox-writer")
+        self._ingest = await self._connect(self.synchronous)
+        self._reader = await self._connect("normal")
+        # Outcomes need no fsync of their own: an acknowledgement lost in a power cut means the
+        # events are sent again (a duplicate, which at-least-once allows), never that one is
+        # lost; and the next ingest commit fsyncs the WAL they share anyway.
+        self._dispatch = await self._connect("normal")
+        self._appends.start()
+        self._acks.start()
         return self
 
     async def close(self) -> None:
         """Commit what is queued, then close; later appends raise OutboxUnavailable."""
-        self._closing = True
-        self._queued.set()
-        if self._writer is not None:
-            await self._writer
-        for conn in (self._ingest, self._dispatch):
+        await self._appends.close()
+        await self._acks.close()
+        for conn in (self._ingest, self._reader, self._dispatch):
             if conn is not None:
                 await conn.close()
-        self._ingest = self._dispatch = None
+        self._ingest = self._reader = self._dispatch = None
 
     async def __aenter__(self) -> SqliteOutbox:
         return await self.open()
@@ -121,59 +119,42 @@ class SqliteOutbox:
         finally:
             conn.close()
 
-    async def _connect(self) -> aiosqlite.Connection:
+    async def _connect(self, synchronous: str) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         await conn.execute("PRAGMA busy_timeout = 5000")
+        # Checkpoint every ~40 MB of WAL rather than 4 MB: acknowledgements dirty index pages
+        # scattered by random event ids, and a page rewritten by many commits is copied to
+        # the database once per checkpoint. Measured: 14k -> 19k events/s delivered.
+        await conn.execute("PRAGMA wal_autocheckpoint = 10000")
         return conn
 
     # -- ingest ----------------------------------------------------------------------------
 
     async def append(self, events: Sequence[NewEvent]) -> AppendResult:
-        if self._closing:
-            raise OutboxUnavailable("shutting_down", "the sidecar is shutting down")
-        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(events, future))
-        self._queued.set()
-        # Shielded: a caller that goes away must not cancel a commit other requests share.
-        return await asyncio.shield(future)
+        return await self._appends.submit(events)
 
-    async def _write_groups(self) -> None:
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                await self._queued.wait()
-                self._queued.clear()
-                continue
-            group, self._queue = self._queue, []
-            results: list[AppendResult | OutboxUnavailable]
-            try:
-                results = await self._commit_group(group)
-            except OutboxUnavailable as e:
-                self._write_failed(e)
-                results = [e] * len(group)
-            except Exception as e:  # never leave a request hanging, whatever broke
-                log.exception("outbox_write_failed")
-                failure = OutboxUnavailable("storage_error", f"outbox write failed: {e}")
-                self._write_failed(failure)
-                results = [failure] * len(group)
-            else:
-                self._write_succeeded()
-            for pending, result in zip(group, results, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    pending.future.set_exception(result)
-                else:
-                    pending.future.set_result(result)
-            if any(isinstance(r, AppendResult) and r.accepted for r in results):
-                self._appended.set()
+    async def _commit_appends(
+        self, group: list[Sequence[NewEvent]]
+    ) -> list[AppendResult | OutboxUnavailable]:
+        """One transaction for every append queued: known ids skipped, capacity checked per
+        append (all of it or none), one executemany, one commit."""
+        try:
+            results = await self._insert_new(group)
+        except OutboxUnavailable as e:
+            self._write_failed(e)
+            raise
+        self._write_succeeded()
+        if any(isinstance(r, AppendResult) and r.accepted for r in results):
+            self._appended.set()
+        return results
 
-    async def _commit_group(self, group: list[_Pending]) -> list[AppendResult | OutboxUnavailable]:
+    async def _insert_new(
+        self, group: list[Sequence[NewEvent]]
+    ) -> list[AppendResult | OutboxUnavailable]:
         conn = self._require(self._ingest)
         now = time.time()
-        all_ids = [e.id for p in group for e in p.events]
+        all_ids = [e.id for events in group for e in events]
         async with self._transaction(conn):
             known = await self._known_ids(conn, all_ids, now)
             cur = await conn.execute("SELECT events, bytes FROM totals")
@@ -181,9 +162,9 @@ class SqliteOutbox:
             depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
             rows: list[tuple[str, bytes, int, float]] = []
             results: list[AppendResult | OutboxUnavailable] = []
-            for pending in group:
+            for events in group:
                 fresh = []
-                for event in pending.events:
+                for event in events:
                     if event.id not in known:
                         known.add(event.id)
                         fresh.append(event)
@@ -201,7 +182,7 @@ class SqliteOutbox:
                 depth += len(fresh)
                 size += added
                 rows.extend((e.id, e.body, len(e.body), now) for e in fresh)
-                results.append(AppendResult(len(fresh), len(pending.events) - len(fresh)))
+                results.append(AppendResult(len(fresh), len(events) - len(fresh)))
             if rows:
                 await conn.executemany(
                     "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)", rows
@@ -254,15 +235,14 @@ class SqliteOutbox:
 
     async def claim_batch(self, max_events: int, max_bytes: int) -> Batch:
         self._appended.clear()
-        async with self._dispatch_lock:
-            cur = await self._require(self._dispatch).execute(
-                """
-                SELECT seq, id, body, received_at, attempts, first_attempt_at FROM events
-                WHERE seq NOT IN (SELECT value FROM json_each(?)) ORDER BY seq LIMIT ?
-                """,
-                (json.dumps(sorted(self._claimed)), max_events),
-            )
-            rows = list(await cur.fetchall())
+        cur = await self._require(self._reader).execute(
+            """
+            SELECT seq, id, body, received_at, attempts, first_attempt_at FROM events
+            WHERE seq NOT IN (SELECT value FROM json_each(?)) ORDER BY seq LIMIT ?
+            """,
+            (json.dumps(sorted(self._claimed)), max_events),
+        )
+        rows = list(await cur.fetchall())
         events: list[StoredEvent] = []
         used = 0
         full = len(rows) == max_events
@@ -280,17 +260,22 @@ class SqliteOutbox:
         self._claimed.difference_update(seqs)
 
     async def acknowledge(self, seqs: Sequence[int]) -> None:
+        await self._acks.submit(seqs)
+
+    async def _commit_acks(self, group: list[Sequence[int]]) -> list[OutboxUnavailable | None]:
+        """Acknowledgements of concurrent deliveries, in one transaction."""
         now = time.time()
+        seqs = [seq for acked in group for seq in acked]
+        wanted = json.dumps(seqs)
         async with self._dispatch_transaction(releasing=seqs) as conn:
             if self.dedupe_window_s > 0:
                 await conn.execute(
                     "INSERT OR REPLACE INTO delivered (id, delivered_at) "
                     "SELECT id, ? FROM events WHERE seq IN (SELECT value FROM json_each(?))",
-                    (now, json.dumps(list(seqs))),
+                    (now, wanted),
                 )
             cur = await conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))",
-                (json.dumps(list(seqs)),),
+                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,)
             )
             await conn.execute(
                 "UPDATE totals SET delivered_total = delivered_total + ?", (cur.rowcount,)
@@ -300,6 +285,7 @@ class SqliteOutbox:
                 await conn.execute(
                     "DELETE FROM delivered WHERE delivered_at < ?", (now - self.dedupe_window_s,)
                 )
+        return [None] * len(group)
 
     async def record_failure(self, seqs: Sequence[int], error: str) -> None:
         now = time.time()
@@ -338,15 +324,13 @@ class SqliteOutbox:
     # -- inspection and operations ---------------------------------------------------------
 
     async def stats(self) -> OutboxStats:
-        async with self._dispatch_lock:
-            conn = self._require(self._dispatch)
-            cur = await conn.execute(
-                "SELECT events, bytes, dead_letters, delivered_total, dead_lettered_total "
-                "FROM totals"
-            )
-            totals = await cur.fetchone()
-            cur = await conn.execute("SELECT received_at FROM events ORDER BY seq LIMIT 1")
-            oldest = await cur.fetchone()
+        conn = self._require(self._reader)
+        cur = await conn.execute(
+            "SELECT events, bytes, dead_letters, delivered_total, dead_lettered_total FROM totals"
+        )
+        totals = await cur.fetchone()
+        cur = await conn.execute("SELECT received_at FROM events ORDER BY seq LIMIT 1")
+        oldest = await cur.fetchone()
         assert totals is not None
         return OutboxStats(
             events=totals[0],
@@ -358,18 +342,17 @@ class SqliteOutbox:
         )
 
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
-        async with self._dispatch_lock:
-            cur = await self._require(self._dispatch).execute(
-                """
-                SELECT id, body, reason, status, response, attempts, received_at,
-                    first_attempt_at, last_attempt_at, dead_lettered_at
-                FROM dead_letters
-                WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1)
-                ORDER BY seq LIMIT ?2
-                """,
-                (after, limit),
-            )
-            rows = await cur.fetchall()
+        cur = await self._require(self._reader).execute(
+            """
+            SELECT id, body, reason, status, response, attempts, received_at,
+                first_attempt_at, last_attempt_at, dead_lettered_at
+            FROM dead_letters
+            WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1)
+            ORDER BY seq LIMIT ?2
+            """,
+            (after, limit),
+        )
+        rows = await cur.fetchall()
         return [DeadLetter(*row) for row in rows]
 
     async def replay_dead_letters(self, ids: Sequence[str] | None) -> int:

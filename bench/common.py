@@ -1,0 +1,157 @@
+"""What the benchmark scripts share: starting servers as subprocesses, running wrk, reading
+memory, and reporting medians."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """A server in a subprocess, listening on `port`, stopped with SIGTERM."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            list(args),
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{args} exited with {self.proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{args} did not listen on {port}") from None
+                time.sleep(0.05)
+
+    def peak_rss_mb(self) -> float:
+        """The process's peak resident memory so far (VmHWM), in MB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()  # type: ignore[union-attr]
+
+
+def sidecar(tmp: Path, port: int, **sections: dict[str, Any]) -> Process:
+    """`caliper-sidecar run` with a config built from these sections."""
+    config = tmp / f"sidecar-{port}.toml"
+    lines = []
+    for section, table in {"receiver": {"port": port}, **sections}.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
+    config.write_text("\n".join(lines) + "\n")
+    return Process(
+        [PYTHON, "-m", "sidecar", "run", "-c", str(config)], port, log=tmp / f"sidecar-{port}.log"
+    )
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url) as response:
+        return json.loads(response.read())
+
+
+def require_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        sys.exit("this benchmark needs wrk: apt-get install wrk")
+    return wrk
+
+
+def wrk(
+    url: str, template: Path, *, batch: int = 1, connections: int = 64, seconds: int = 10
+) -> dict[str, float]:
+    """Run wrk (one thread, so the load generator takes one core at most) and return
+    requests/s, p50 and p99 latency in ms, and error counts."""
+    out = subprocess.run(
+        [
+            require_wrk(),
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(BENCH / "wrk_events.lua"),
+            url,
+        ],
+        env={**os.environ, "TEMPLATE": str(template), "BATCH": str(batch)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    seconds_run = result["duration_us"] / 1e6
+    return {
+        "rps": result["requests"] / seconds_run,
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "errors": result["socket_errors"] + result["non_2xx"],
+    }
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}"

@@ -1,0 +1,180 @@
+"""Ingest throughput against this machine's ceilings, side by side in one run (issue 6).
+
+    .venv/bin/python bench/ingest.py [--rounds 3] [--seconds 10] [--connections 64]
+
+Single events: wrk (one thread, 64 keep-alive connections, a new event id per request) against
+  - the bare aiohttp handler (parse the JSON, answer 202, store nothing): the HTTP ceiling,
+  - caliper-sidecar with synchronous = "full" and "normal" (default config otherwise: strict
+    TimeBack validation, an info log line per request),
+  - the naive design: one SQLite transaction per request (synchronous = "full").
+Batches: 100 events per request against the sidecar ("full"), and the raw aiosqlite
+executemany + commit rate for the same rows, 100 per transaction: the storage ceiling.
+The sidecar's upstream is unreachable, so its dispatcher is idle (backing off) and the
+numbers are ingest alone. Medians of the rounds; servers start fresh for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import aiosqlite
+from common import PYTHON, Process, free_port, machine, median, metric, sidecar, wrk
+
+from sidecar.outbox.schema import migrate
+from sidecar.samples import sample_events
+
+
+def template(tmp: Path) -> Path:
+    event = sample_events()[6]
+    event["id"] = "__ID__"
+    path = tmp / "event.json"
+    path.write_text(json.dumps(event, separators=(",", ":")))
+    return path
+
+
+def sidecar_factory(synchronous: str) -> Callable[[Path, int], Process]:
+    def start(tmp: Path, port: int) -> Process:
+        return sidecar(
+            tmp,
+            port,
+            outbox={"path": str(tmp / f"outbox-{port}.db"), "synchronous": synchronous},
+            upstream={"endpoint": "http://127.0.0.1:9/events/1.0/", "bearer_token": "x"},
+        )
+
+    return start
+
+
+def bare(tmp: Path, port: int) -> Process:
+    return Process([PYTHON, "bench/servers.py", "bare", "--port", str(port)], port)
+
+
+def naive(tmp: Path, port: int) -> Process:
+    return Process(
+        [
+            PYTHON,
+            "bench/servers.py",
+            "naive",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp / f"naive-{port}.db"),
+        ],
+        port,
+    )
+
+
+def measure(
+    start: Callable[[Path, int], Process],
+    tmp: Path,
+    event: Path,
+    batch: int,
+    seconds: int,
+    connections: int,
+) -> dict[str, float]:
+    port = free_port()
+    server = start(tmp, port)
+    try:
+        wrk(server.url, event, batch=batch, connections=connections, seconds=2)  # warm up
+        try:
+            commits_before = metric(server.url, "sidecar_outbox_commits_total")
+        except (KeyError, OSError):
+            commits_before = None
+        result = wrk(server.url, event, batch=batch, connections=connections, seconds=seconds)
+        if commits_before is not None:
+            commits = metric(server.url, "sidecar_outbox_commits_total") - commits_before
+            result["requests_per_commit"] = result["rps"] * seconds / max(commits, 1)
+        return result
+    finally:
+        server.stop()
+
+
+async def raw_executemany(tmp: Path, batches: int = 300) -> float:
+    """Events/s of the bare storage path: executemany 100 rows, commit, repeat."""
+    path = tmp / "raw.db"
+    setup = sqlite3.connect(path, isolation_level=None)
+    setup.execute("PRAGMA journal_mode = WAL")
+    migrate(setup)
+    setup.close()
+    body = json.dumps(sample_events()[6], separators=(",", ":")).encode()
+    rows = [
+        [(f"urn:uuid:{uuid.uuid4()}", body, len(body), 0.0) for _ in range(100)]
+        for _ in range(batches)
+    ]
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        await db.execute("PRAGMA synchronous = FULL")
+        started = time.perf_counter()
+        for batch in rows:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(
+                "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)", batch
+            )
+            await db.execute("COMMIT")
+        return batches * 100 / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    single = {
+        "bare aiohttp, no storage (HTTP ceiling)": bare,
+        "sidecar, synchronous=full": sidecar_factory("full"),
+        "sidecar, synchronous=normal": sidecar_factory("normal"),
+        "naive: one transaction per request (full)": naive,
+    }
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in single}
+    batch_results: list[dict[str, float]] = []
+    raw: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        event = template(tmp)
+        for round_ in range(args.rounds):
+            for name, start in single.items():
+                results[name].append(measure(start, tmp, event, 1, args.seconds, args.connections))
+            batch_results.append(
+                measure(sidecar_factory("full"), tmp, event, 100, args.seconds, args.connections)
+            )
+            raw_dir = tmp / f"raw-{round_}"
+            raw_dir.mkdir()
+            raw.append(asyncio.run(raw_executemany(raw_dir)))
+    print(
+        f"machine: {machine()}; {args.rounds} rounds of {args.seconds} s, "
+        f"{args.connections} connections, medians"
+    )
+    print("\nsingle-event ingest")
+    print(f"  {'server':45s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'req/commit':>10s}")
+    ceiling = median([r["rps"] for r in results["bare aiohttp, no storage (HTTP ceiling)"]])
+    for name, runs in results.items():
+        per_commit = [r["requests_per_commit"] for r in runs if "requests_per_commit" in r]
+        print(
+            f"  {name:45s} {median([r['rps'] for r in runs]):8.0f} "
+            f"{median([r['p50_ms'] for r in runs]):8.2f} "
+            f"{median([r['p99_ms'] for r in runs]):8.2f} "
+            f"{median(per_commit) if per_commit else float('nan'):10.1f}"
+        )
+        if any(r["errors"] for r in runs):
+            print(f"    errors: {[r['errors'] for r in runs]}")
+    full = median([r["rps"] for r in results["sidecar, synchronous=full"]])
+    print(f"  sidecar full / HTTP ceiling: {full / ceiling:.2f} (target 0.8)")
+    events = median([r["rps"] * 100 for r in batch_results])
+    print("\nbatch ingest, 100 events per request")
+    print(
+        f"  sidecar, synchronous=full        {events:10.0f} events/s, "
+        f"p99 {median([r['p99_ms'] for r in batch_results]):.1f} ms"
+    )
+    print(f"  raw executemany + commit (full)  {median(raw):10.0f} events/s")
+    print(f"  sidecar / storage ceiling: {events / median(raw):.2f} (target 0.6)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Where a sidecar spends its time under single-event ingest load (issue 6).
+
+    .venv/bin/pip install py-spy
+    .venv/bin/python bench/profile_ingest.py [--batch 1] [--seconds 8] [--top 40]
+
+Starts a sidecar (synchronous = "full", upstream unreachable), loads it with wrk, samples it
+with py-spy, and prints the functions with the largest inclusive share of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter
+from pathlib import Path
+
+from common import free_port, sidecar, wrk
+
+from sidecar.samples import sample_events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        event = sample_events()[6]
+        event["id"] = "__ID__"
+        (tmp / "event.json").write_text(json.dumps(event))
+        port = free_port()
+        server = sidecar(
+            tmp,
+            port,
+            outbox={"path": str(tmp / "outbox.db")},
+            upstream={"endpoint": "http://127.0.0.1:9/events/1.0/", "bearer_token": "x"},
+        )
+        load = threading.Thread(
+            target=wrk,
+            args=(server.url, tmp / "event.json"),
+            kwargs={"batch": args.batch, "seconds": args.seconds + 4},
+        )
+        load.start()
+        raw = tmp / "raw.txt"
+        subprocess.run(
+            [
+                py_spy,
+                "record",
+                "-p",
+                str(server.proc.pid),
+                "-d",
+                str(args.seconds),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+            ],
+            capture_output=True,
+            check=True,
+        )
+        load.join()
+        server.stop()
+        inclusive: Counter[str] = Counter()
+        total = 0
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            total += int(count)
+            for frame in set(stack.split(";")):
+                inclusive[frame] += int(count)
+    print(f"{total} samples; inclusive share")
+    for frame, count in inclusive.most_common(args.top):
+        print(f"{100 * count / total:5.1f}%  {frame[:140]}")
+
+
+if __name__ == "__main__":
+    main()

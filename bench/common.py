@@ -155,3 +155,26 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     return f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}"
+
+
+def fake_and_sidecar(tmp: Path, **sections: dict[str, Any]) -> tuple[Process, Process]:
+    """The fake TimeBack (ids only) and a sidecar forwarding to it with OAuth; `sections`
+    add to the sidecar's configuration (an `upstream` section is merged)."""
+    fake_port = free_port()
+    fake = Process(
+        [PYTHON, "-m", "sidecar", "mock-upstream", "--port", str(fake_port), "--ids-only"],
+        fake_port,
+    )
+    upstream = {"endpoint": f"{fake.url}/events/1.0/", **sections.pop("upstream", {})}
+    server = sidecar(
+        tmp,
+        free_port(),
+        upstream=upstream,
+        oauth={
+            "token_url": f"{fake.url}/auth/1.0/token",
+            "client_id": "sidecar",
+            "client_secret": "sidecar-secret",
+        },
+        **sections,
+    )
+    return fake, server

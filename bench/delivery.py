@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import PYTHON, Process, free_port, get_json, machine, sidecar
+from common import fake_and_sidecar, get_json, machine
 
 from sidecar.outbox.schema import migrate
 from sidecar.samples import sample_events
@@ -65,26 +65,13 @@ def main() -> None:
             f"{outbox.stat().st_size / 1e6:.0f} MB file) written in "
             f"{time.perf_counter() - started:.0f} s"
         )
-        fake_port = free_port()
-        fake = Process(
-            [PYTHON, "-m", "sidecar", "mock-upstream", "--port", str(fake_port), "--ids-only"],
-            fake_port,
-        )
-        port = free_port()
-        server = sidecar(
+        fake, server = fake_and_sidecar(
             tmp,
-            port,
             outbox={"path": str(outbox), "max_events": args.events + 1},
             upstream={
-                "endpoint": f"{fake.url}/events/1.0/",
                 "batch_max_events": args.batch,
                 "concurrency": args.concurrency,
                 "linger_ms": 0,
-            },
-            oauth={
-                "token_url": f"{fake.url}/auth/1.0/token",
-                "client_id": "sidecar",
-                "client_secret": "sidecar-secret",
             },
         )
         try:

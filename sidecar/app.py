@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import ssl
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import OutboxLock, SqliteOutbox
 from .runtime import RUNTIME, Runtime
+from .signals import until_stop_signal
 from .tokens import OAuthTokens, StaticToken, TokenSource
 from .upstream import UpstreamClient
 
@@ -142,14 +142,8 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
 async def serve(settings: Settings) -> None:
     """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully."""
     sidecar = await start(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stop_signal()
         log.info("stopping", reason="signal")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         await sidecar.stop()

@@ -222,20 +222,22 @@ def _dead_list(args: argparse.Namespace) -> int:
 
 
 def _dead_replay(args: argparse.Namespace) -> int:
-    async def go() -> int:
-        async with _open_outbox(args) as outbox:
-            n = await outbox.replay_dead_letters(None if args.all else args.ids)
-        print(f"replayed {n} dead letter(s); the running sidecar sends them within a second")
-        return 0
-
-    return asyncio.run(go())
+    n = _on_dead_letters(args, "replay_dead_letters")
+    print(f"replayed {n} dead letter(s); the running sidecar sends them within a second")
+    return 0
 
 
 def _dead_purge(args: argparse.Namespace) -> int:
+    print(f"purged {_on_dead_letters(args, 'purge_dead_letters')} dead letter(s)")
+    return 0
+
+
+def _on_dead_letters(args: argparse.Namespace, operation: str) -> int:
+    """Apply an outbox operation to the dead letters named on the command line (or all)."""
+
     async def go() -> int:
         async with _open_outbox(args) as outbox:
-            n = await outbox.purge_dead_letters(None if args.all else args.ids)
-        print(f"purged {n} dead letter(s)")
-        return 0
+            count: int = await getattr(outbox, operation)(None if args.all else args.ids)
+            return count
 
     return asyncio.run(go())

@@ -15,7 +15,6 @@ import contextlib
 import random
 import re
 import secrets
-import signal
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from joserfc.jwk import RSAKey
 
 from . import codec
 from .envelope import DATA_VERSION, ENVELOPE_KEYS
+from .signals import until_stop_signal
 
 TOKEN_PATH: Final = "/auth/1.0/token"
 EVENTS_PATH: Final = "/events/1.0/"
@@ -419,11 +419,7 @@ async def serve_fake(fake: FakeTimeBack, host: str, port: int) -> None:
         "caliper-sidecar run",
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stop_signal()
     finally:
         await running.close()

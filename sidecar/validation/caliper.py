@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
-from .issues import Finding, pointer
+from .issues import Checker, kind_of, pointer
 from .vocabulary import (
     ACTIONS,
     ANONYMOUS_PREFIX,
@@ -65,21 +65,15 @@ def property_table(extra: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str
     return table
 
 
-class CaliperChecker:
+class CaliperChecker(Checker):
     """Collects the findings for one event (or entity describe) at `index`; `properties` is
     the profile's `property_table`."""
 
+    prefix = "caliper"
+
     def __init__(self, index: int, properties: Mapping[str, Mapping[str, str]]) -> None:
-        self.index = index
+        super().__init__(index)
         self.properties = properties
-        self.errors: list[Finding] = []
-        self.warnings: list[Finding] = []
-
-    def error(self, path: str, message: str, rule: str) -> None:
-        self.errors.append(Finding(self.index, path, message, f"caliper.{rule}"))
-
-    def warn(self, path: str, message: str, rule: str) -> None:
-        self.warnings.append(Finding(self.index, path, message, f"caliper.{rule}"))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -166,7 +160,7 @@ class CaliperChecker:
         else:
             self.error(
                 path,
-                f"must be an entity object or an IRI string, not {_kind(value)}",
+                f"must be an entity object or an IRI string, not {kind_of(value)}",
                 "entity-value",
             )
 
@@ -211,7 +205,7 @@ class CaliperChecker:
     def property(self, path: str, value: Any, spec: str, depth: int) -> None:
         if spec.startswith("["):
             if not isinstance(value, list):
-                self.error(path, f"must be an array, not {_kind(value)}", "type")
+                self.error(path, f"must be an array, not {kind_of(value)}", "type")
                 return
             for i, item in enumerate(value):
                 self.value(pointer_join(path, i), item, (spec[1:-1],), depth)
@@ -228,7 +222,7 @@ class CaliperChecker:
         elif spec == "selector":
             self._selector(path, value)
         elif not _SCALARS[spec][0](value):
-            self.error(path, f"must be {_SCALARS[spec][1]}, not {_kind(value)}", spec)
+            self.error(path, f"must be {_SCALARS[spec][1]}, not {kind_of(value)}", spec)
 
     def _identifiers(self, path: str, value: Any) -> None:
         if not isinstance(value, list):
@@ -292,16 +286,3 @@ _SCALARS: Final[dict[str, tuple[Any, str]]] = {
         "an array of strings",
     ),
 }
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)

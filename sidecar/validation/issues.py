@@ -34,3 +34,37 @@ class Report:
 def pointer(*parts: str | int) -> str:
     """A JSON pointer (RFC 6901) from path parts."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+class Checker:
+    """Collects one item's findings; `prefix` names the rule set ("caliper", "timeback")."""
+
+    prefix = ""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.errors: list[Finding] = []
+        self.warnings: list[Finding] = []
+
+    def error(self, path: str, message: str, rule: str) -> None:
+        self.errors.append(Finding(self.index, path, message, f"{self.prefix}.{rule}"))
+
+    def warn(self, path: str, message: str, rule: str) -> None:
+        self.warnings.append(Finding(self.index, path, message, f"{self.prefix}.{rule}"))
+
+
+def kind_of(value: Any) -> str:
+    """How a JSON value is named in messages: "a string", "an array", "null"…"""
+    if value is None:
+        return "null"
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+_KINDS = {
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from .issues import Finding, pointer
+from .issues import Finding, kind_of, pointer
 
 UUID_URN: Final = re.compile(
     r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -19,7 +19,7 @@ def check_structure(index: int, event: Any) -> list[Finding]:
     if not isinstance(event, dict):
         return [
             Finding(
-                index, "", f"an event must be a JSON object, not {_kind(event)}", "event-object"
+                index, "", f"an event must be a JSON object, not {kind_of(event)}", "event-object"
             )
         ]
     found: list[Finding] = []
@@ -31,7 +31,7 @@ def check_structure(index: int, event: Any) -> list[Finding]:
                 Finding(
                     index,
                     pointer(key),
-                    f"`{key}` must be a string, not {_kind(event[key])}",
+                    f"`{key}` must be a string, not {kind_of(event[key])}",
                     "string",
                 )
             )
@@ -46,16 +46,3 @@ def check_structure(index: int, event: Any) -> list[Finding]:
             )
         )
     return found
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from .issues import Finding
+from .issues import Checker
 from .structural import UUID_URN
 
 #: properties TimeBack adds to Caliper entities
@@ -28,19 +28,10 @@ def _attempt(value: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value.get("type") == "Attempt" else None
 
 
-class TimeBackChecker:
+class TimeBackChecker(Checker):
     """Collects the TimeBack findings for one event at `index`."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.errors: list[Finding] = []
-        self.warnings: list[Finding] = []
-
-    def error(self, path: str, message: str, rule: str) -> None:
-        self.errors.append(Finding(self.index, path, message, f"timeback.{rule}"))
-
-    def warn(self, path: str, message: str, rule: str) -> None:
-        self.warnings.append(Finding(self.index, path, message, f"timeback.{rule}"))
+    prefix = "timeback"
 
     def event(self, event: Mapping[str, Any]) -> None:
         self._identities(event)

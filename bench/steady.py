@@ -106,6 +106,14 @@ def main() -> None:
         finally:
             server.stop()
             fake.stop()
+            problems = [
+                line
+                for line in (tmp / f"sidecar-{server.port}.log").read_text().splitlines()
+                if '"level":"warning"' in line or '"level":"error"' in line
+            ]
+            print(f"sidecar warnings and errors: {len(problems)}")
+            for line in problems[:5]:
+                print("  " + line[:300])
 
 
 if __name__ == "__main__":

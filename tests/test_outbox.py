@@ -233,6 +233,61 @@ class TestDeadLetters:
         assert (await outbox.stats()).dead_letters == 0
 
 
+class TestMigration:
+    async def test_version_1_file_keeps_everything(self, tmp_path: Path) -> None:
+        """A file written by the first release opens in this one: waiting events, dead
+        letters, totals and the ids remembered for deduplication all survive."""
+        from sidecar.outbox.schema import MIGRATIONS, _statements
+
+        path = tmp_path / "v1.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in _statements(MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        waiting = events(3)
+        conn.executemany(
+            "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)",
+            [(e.id, e.body, len(e.body), time.time()) for e in waiting],
+        )
+        delivered = new_id()
+        conn.execute("INSERT INTO delivered VALUES (?, ?)", (delivered, time.time()))
+        conn.close()
+
+        async with SqliteOutbox(path) as box:
+            stats = await box.stats()
+            assert (stats.events, stats.bytes) == (3, sum(len(e.body) for e in waiting))
+            assert (await box.append([NewEvent(delivered, b"{}")])).duplicates == 1
+            batch = await box.claim_batch(10, 10_000)
+            assert [e.id for e in batch.events] == [e.id for e in waiting]
+            await box.acknowledge(batch.seqs)
+            stats = await box.stats()
+            assert (stats.events, stats.bytes, stats.delivered_total) == (0, 0, 3)
+            assert (await box.append(waiting[:1])).duplicates == 1
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        conn.close()
+
+
+class TestPruning:
+    async def test_delivered_rows_pruned_after_the_window(self, tmp_path: Path) -> None:
+        """Delivered events are kept (bodies emptied) for the dedupe window, then removed."""
+        async with SqliteOutbox(tmp_path / "o.db", dedupe_window_s=0.2) as box:
+            await box.append(events(3, size=500))
+            batch = await box.claim_batch(10, 100_000)
+            await box.acknowledge(batch.seqs)
+            conn = sqlite3.connect(box.path)
+            rows = conn.execute("SELECT length(body), delivered_at IS NOT NULL FROM events")
+            assert rows.fetchall() == [(0, 1)] * 3
+            await asyncio.sleep(0.25)
+            box._last_prune = 0  # the next acknowledgement prunes
+            await box.append(events(1))
+            await box.acknowledge((await box.claim_batch(1, 10_000)).seqs)
+            assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+            conn.close()
+
+
 class TestLock:
     def test_second_owner_refused(self, tmp_path: Path) -> None:
         """Only one process (or owner) holds an outbox's run lock at a time."""

@@ -26,6 +26,7 @@ log = structlog.get_logger("sidecar.outbox")
 _SQLITE_FULL: Final = 13
 _SQLITE_BUSY: Final = 5
 _PRUNE_EVERY_S: Final = 60.0
+_PRUNE_CHUNK: Final = 5000
 
 
 class SqliteOutbox:
@@ -185,7 +186,11 @@ class SqliteOutbox:
                 results.append(AppendResult(len(fresh), len(events) - len(fresh)))
             if rows:
                 await conn.executemany(
-                    "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)", rows
+                    # REPLACE only ever meets a delivered row older than the dedupe window
+                    # (not yet pruned): every other known id was filtered out above.
+                    "INSERT OR REPLACE INTO events (id, body, size, received_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    rows,
                 )
         self.commits += 1
         return results
@@ -195,7 +200,8 @@ class SqliteOutbox:
         cur = await conn.execute(
             """
             WITH wanted(id) AS (SELECT value FROM json_each(?1))
-            SELECT id FROM events WHERE id IN wanted
+            SELECT id FROM events
+                WHERE id IN wanted AND (delivered_at IS NULL OR delivered_at >= ?2)
             UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
             UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
             """,
@@ -238,7 +244,8 @@ class SqliteOutbox:
         cur = await self._require(self._reader).execute(
             """
             SELECT seq, id, body, received_at, attempts, first_attempt_at FROM events
-            WHERE seq NOT IN (SELECT value FROM json_each(?)) ORDER BY seq LIMIT ?
+            WHERE delivered_at IS NULL AND seq NOT IN (SELECT value FROM json_each(?))
+            ORDER BY seq LIMIT ?
             """,
             (json.dumps(sorted(self._claimed)), max_events),
         )
@@ -266,26 +273,27 @@ class SqliteOutbox:
         """Acknowledgements of concurrent deliveries, in one transaction."""
         now = time.time()
         seqs = [seq for acked in group for seq in acked]
-        wanted = json.dumps(seqs)
         async with self._dispatch_transaction(releasing=seqs) as conn:
-            if self.dedupe_window_s > 0:
-                await conn.execute(
-                    "INSERT OR REPLACE INTO delivered (id, delivered_at) "
-                    "SELECT id, ? FROM events WHERE seq IN (SELECT value FROM json_each(?))",
-                    (now, wanted),
-                )
-            cur = await conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,)
-            )
             await conn.execute(
-                "UPDATE totals SET delivered_total = delivered_total + ?", (cur.rowcount,)
+                "UPDATE events SET delivered_at = ?, body = x'' "
+                "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
+                (now, json.dumps(seqs)),
             )
             if now - self._last_prune > _PRUNE_EVERY_S:
-                self._last_prune = now
-                await conn.execute(
-                    "DELETE FROM delivered WHERE delivered_at < ?", (now - self.dedupe_window_s,)
-                )
+                await self._prune_delivered(conn, now - self.dedupe_window_s)
         return [None] * len(group)
+
+    async def _prune_delivered(self, conn: aiosqlite.Connection, cutoff: float) -> None:
+        """Forget delivered events older than the dedupe window, a chunk per acknowledgement
+        so that no single commit grows large; done for now when a chunk comes back short."""
+        cur = await conn.execute(
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
+            "WHERE delivered_at < ? ORDER BY delivered_at LIMIT ?)",
+            (cutoff, _PRUNE_CHUNK),
+        )
+        await conn.execute("DELETE FROM delivered WHERE delivered_at < ?", (cutoff,))
+        if cur.rowcount < _PRUNE_CHUNK:
+            self._last_prune = time.time()
 
     async def record_failure(self, seqs: Sequence[int], error: str) -> None:
         now = time.time()
@@ -329,7 +337,9 @@ class SqliteOutbox:
             "SELECT events, bytes, dead_letters, delivered_total, dead_lettered_total FROM totals"
         )
         totals = await cur.fetchone()
-        cur = await conn.execute("SELECT received_at FROM events ORDER BY seq LIMIT 1")
+        cur = await conn.execute(
+            "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
+        )
         oldest = await cur.fetchone()
         assert totals is not None
         return OutboxStats(
@@ -359,7 +369,7 @@ class SqliteOutbox:
         where, params = _selection(ids)
         async with self._dispatch_transaction() as conn:
             await conn.execute(
-                "INSERT OR IGNORE INTO events (id, body, size, received_at) "
+                "INSERT OR REPLACE INTO events (id, body, size, received_at) "
                 f"SELECT id, body, length(body), received_at FROM dead_letters WHERE {where} "
                 "ORDER BY seq",
                 params,

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import random
 import time
-from datetime import UTC, datetime
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 
@@ -112,10 +112,3 @@ class Circuit:
         """The probe ended without a verdict (shutdown): let another one go."""
         self._probe_out = False
         self._changed.set()
-
-
-def utc_from_timestamp(ts: float | None) -> str | None:
-    """An ISO 8601 UTC time for status pages, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

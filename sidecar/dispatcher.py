@@ -14,7 +14,7 @@ import structlog
 
 from .backoff import Circuit, CircuitState
 from .config import Settings
-from .exceptions import AuthFailed, Refused, RetryLater
+from .exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from .metrics import Metrics
 from .outbox import Outbox, StoredEvent
 from .upstream import UpstreamClient
@@ -139,12 +139,13 @@ class Dispatcher:
         self.in_flight += len(events)
         self._metrics.in_flight.inc(len(events))
         parts = [events]
+        sending: list[StoredEvent] = []  # the part whose outcome is not recorded yet
         try:
             while parts:
-                part = parts.pop(0)
+                part = sending = parts.pop(0)
                 started = time.monotonic()
                 try:
-                    status = await self._upstream.send([e.body for e in part])
+                    status = await self._send(batch_id, part)
                 except Refused as e:
                     self._platform_answered()
                     if len(part) > 1:
@@ -152,11 +153,14 @@ class Dispatcher:
                         # are delivered.
                         middle = len(part) // 2
                         parts[:0] = [part[:middle], part[middle:]]
+                        sending = []
                         log.info("batch_split", batch=batch_id, status=e.status, events=len(part))
                         continue
                     await self._bookkeep(
-                        self._outbox.dead_letter([part[0].seq], "refused", e.status, e.body)
+                        self._outbox.dead_letter([part[0].seq], "refused", e.status, e.body),
+                        probe,
                     )
+                    sending = []
                     self._metrics.events_dead_lettered.labels(reason="refused").inc()
                     log.warning(
                         "event_dead_lettered",
@@ -169,10 +173,11 @@ class Dispatcher:
                     continue
                 except (RetryLater, AuthFailed) as e:
                     waiting = part + [ev for rest in parts for ev in rest]
-                    parts = []
+                    parts, sending = [], []
                     await self._failed(batch_id, waiting, e, probe)
                     return
-                await self._bookkeep(self._outbox.acknowledge([e.seq for e in part]))
+                await self._bookkeep(self._outbox.acknowledge([e.seq for e in part]), probe)
+                sending = []
                 self._metrics.events_delivered.inc(len(part))
                 self._platform_answered()
                 log.info(
@@ -185,10 +190,22 @@ class Dispatcher:
         finally:
             self.in_flight -= len(events)
             self._metrics.in_flight.dec(len(events))
-            if parts:  # cut short by shutdown: the events stay queued, untouched
-                await self._outbox.release([e.seq for rest in parts for e in rest])
+            left = sending + [e for rest in parts for e in rest]
+            if left:  # cut short by shutdown: the events stay queued, untouched
+                await self._outbox.release([e.seq for e in left])
                 if probe:
                     self._circuit.probe_abandoned()
+
+    async def _send(self, batch_id: int, part: list[StoredEvent]) -> int:
+        """Send one envelope; any failure that is not the platform's answer counts as
+        transient, so that a bug or an odd error backs off instead of resending at once."""
+        try:
+            return await self._upstream.send([e.body for e in part])
+        except (Refused, RetryLater, AuthFailed):
+            raise
+        except Exception as e:
+            log.exception("send_failed_unexpectedly", batch=batch_id)
+            raise RetryLater(f"unexpected error while sending: {e!r}") from e
 
     async def _failed(
         self, batch_id: int, events: list[StoredEvent], error: RetryLater | AuthFailed, probe: bool
@@ -219,11 +236,13 @@ class Dispatcher:
             else:
                 expired.setdefault(why, []).append(event)
         for why, dead in expired.items():
-            await self._bookkeep(self._outbox.dead_letter([e.seq for e in dead], why, None, reason))
+            await self._bookkeep(
+                self._outbox.dead_letter([e.seq for e in dead], why, None, reason), probe
+            )
             self._metrics.events_dead_lettered.labels(reason=why).inc(len(dead))
             log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
         if keep:
-            await self._bookkeep(self._outbox.record_failure([e.seq for e in keep], reason))
+            await self._bookkeep(self._outbox.record_failure([e.seq for e in keep], reason), probe)
 
     def _expiry(self, event: StoredEvent) -> str | None:
         if self._retry.max_attempts and event.attempts + 1 >= self._retry.max_attempts:
@@ -250,9 +269,18 @@ class Dispatcher:
         else:
             log.info("upstream_recovered", previous=previous.value)
 
-    async def _bookkeep(self, operation: Awaitable[None]) -> None:
-        """Run an outbox write that must finish even if this send is cancelled."""
+    async def _bookkeep(self, operation: Awaitable[None], probe: bool) -> None:
+        """Run an outbox write that must finish even if this send is cancelled.
+
+        If it cannot be written (a full disk), the outbox releases the events and they will
+        be sent again; the circuit opens first, so that happens after a backoff, not at once.
+        """
         task = asyncio.ensure_future(operation)
         self._bookkeeping.add(task)
         task.add_done_callback(self._bookkeeping.discard)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except OutboxUnavailable as e:
+            self._circuit.failed(probe=probe)
+            self._set_state(UpstreamState.BACKING_OFF, f"cannot record outcomes: {e}")
+            raise

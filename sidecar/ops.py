@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from . import __version__
-from .backoff import utc_from_timestamp
 from .exceptions import OutboxUnavailable
 from .runtime import RUNTIME, Runtime
 
@@ -88,6 +88,14 @@ async def status_document(rt: Runtime) -> dict[str, Any]:
         },
         "upstream": upstream,
     }
+
+
+def utc_from_timestamp(ts: float | None) -> str | None:
+    """An ISO 8601 UTC time with milliseconds, or None."""
+    if ts is None:
+        return None
+    moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return moment.replace("+00:00", "Z")
 
 
 def _age(received_at: float | None) -> float | None:

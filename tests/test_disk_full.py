@@ -14,9 +14,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.app import Sidecar
+from sidecar.exceptions import OutboxUnavailable
 from sidecar.mock_upstream import RunningFake
+from sidecar.outbox import NewEvent, SqliteOutbox
 
-from .conftest import SidecarProcess, eventually, free_port, make_event, write_config
+from .conftest import (
+    SidecarProcess,
+    eventually,
+    free_port,
+    make_event,
+    new_id,
+    write_config,
+)
 
 
 def padded_events(n: int) -> list[dict[str, object]]:
@@ -42,47 +51,66 @@ async def fill_until_refused(url: str, acknowledged: set[str]) -> tuple[int, dic
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: a really full filesystem (root only; skipped elsewhere)."""
+    """A 64 MiB tmpfs: a filesystem that really fills (root only; skipped elsewhere)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mount)],
         capture_output=True,
         check=False,
     )
     if made.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here; test_capped_database covers SQLITE_FULL")
+        pytest.skip("cannot mount a tmpfs here; test_capped_database covers SQLITE_FULL")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-async def test_really_full_filesystem(
+def fill_disk(path: Path) -> None:
+    """Write until the filesystem refuses: another program filling the disk."""
+    with path.open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 1_048_576)
+                f.flush()
+        except OSError:
+            pass
+
+
+async def test_disk_filled_by_something_else(
     small_disk: Path, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
 ) -> None:
-    """The real process on a full tmpfs: 503 disk_full with Retry-After, readiness down, one
-    error line; after space returns it accepts again and every acknowledged event arrives."""
-    filler = small_disk / "filler"
-    filler.write_bytes(b"\0" * 700_000)
+    """The real process, its disk filled to the last byte by another program: 503 disk_full
+    with Retry-After, readiness down, one error line; when space returns it accepts again,
+    and every acknowledged event arrives, without a storm of re-sends."""
     platform.fake.outage(3600)
     port = free_port()
     outbox = small_disk / "outbox.db"
-    config = write_config(tmp_path / "c.toml", platform, outbox, port)
-    p = SidecarProcess(config, port, tmp_path / "run.log")
+    p = SidecarProcess(
+        write_config(tmp_path / "c.toml", platform, outbox, port), port, tmp_path / "run.log"
+    )
     processes.append(p)
     await p.wait_ready()
     acknowledged: set[str] = set()
+    for _ in range(20):
+        events = padded_events(20)
+        assert (await post(p.url, events))[0] == 202
+        acknowledged.update(str(e["id"]) for e in events)
+    await asyncio.sleep(1.5)  # the background checkpoint has run
 
-    status, headers, body = await fill_until_refused(p.url, acknowledged)
+    filler = small_disk / "filler"
+    fill_disk(filler)
+    status, headers, body = await post(p.url, padded_events(20))
     assert status == 503, body
     assert '"disk_full"' in body
     assert int(headers["Retry-After"]) > 0
-    assert acknowledged
     async with aiohttp.ClientSession() as http, http.get(f"{p.url}/readyz") as resp:
         assert resp.status == 503
         assert (await resp.json())["reason"] == "disk_full"
-    for _ in range(3):  # more refusals: still one log line
+    for _ in range(3):
         assert (await post(p.url, padded_events(20)))[0] == 503
 
+    platform.fake.faults.outage_until = 0  # deliveries start while the disk is still full
+    await asyncio.sleep(1)
     filler.unlink()  # space returns
 
     async def accepted_again() -> bool:
@@ -92,15 +120,27 @@ async def test_really_full_filesystem(
             acknowledged.update(str(e["id"]) for e in events)
         return status == 202
 
-    await eventually(accepted_again)
-    platform.fake.faults.outage_until = 0
+    await eventually(accepted_again, timeout=30)
     await platform.fake.wait_for(acknowledged, timeout=60)
     assert await p.terminate() == 0
-    assert p.events().count("outbox_write_failing") == 1
-    assert p.events().count("outbox_writable_again") == 1
+    logged = p.events()
+    assert logged.count("outbox_write_failing") >= 1
+    # An outcome that cannot be written is retried after a backoff, never in a tight loop.
+    assert logged.count("outcome_not_recorded") < 50
+    assert platform.fake.duplicates <= len(acknowledged)
     conn = sqlite3.connect(outbox)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()
+
+
+async def test_reserve_keeps_room_for_deliveries(tmp_path: Path) -> None:
+    """New events are refused while less than the reserve is free; what is queued stays."""
+    async with SqliteOutbox(tmp_path / "o.db", reserve_bytes=2**62) as box:
+        with pytest.raises(OutboxUnavailable) as refused:
+            await box.append([NewEvent(new_id(), b"{}")])
+        assert refused.value.reason == "disk_full"
+        assert "MiB free" in str(refused.value)
+        assert box.unwritable_reason() == "disk_full"
 
 
 async def test_capped_database(sidecar: Sidecar, platform: RunningFake) -> None:

@@ -45,13 +45,19 @@ class TestFile:
         conn.close()
 
     @pytest.mark.parametrize(("mode", "level"), [("full", 2), ("normal", 1)])
-    async def test_synchronous_applied_to_ingest(
+    async def test_synchronous_applied_to_every_write(
         self, tmp_path: Path, mode: str, level: int
     ) -> None:
-        """outbox.synchronous governs the commits that acknowledge events to apps; outcomes
-        and reads run at NORMAL (a lost acknowledgement only means a duplicate)."""
+        """outbox.synchronous governs every commit: ingest, and delivery outcomes (so that a
+        power cut re-sends only what was in flight); reads and checkpoints run at NORMAL."""
         async with SqliteOutbox(tmp_path / "o.db", synchronous=mode) as box:
-            for conn, expected in ((box._ingest, level), (box._dispatch, 1), (box._reader, 1)):
+            connections = (
+                (box._ingest, level),
+                (box._dispatch, level),
+                (box._reader, 1),
+                (box._checkpointer, 1),
+            )
+            for conn, expected in connections:
                 assert conn is not None
                 cur = await conn.execute("PRAGMA synchronous")
                 assert (await cur.fetchone()) == (expected,)

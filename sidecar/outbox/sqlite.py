@@ -88,10 +88,7 @@ class SqliteOutbox:
         await asyncio.to_thread(self._prepare_file)
         self._ingest = await self._connect(self.synchronous)
         self._reader = await self._connect("normal")
-        # Outcomes need no fsync of their own: an acknowledgement lost in a power cut means the
-        # events are sent again (a duplicate, which at-least-once allows), never that one is
-        # lost; and the next ingest commit fsyncs the WAL they share anyway.
-        self._dispatch = await self._connect("normal")
+        self._dispatch = await self._connect(self.synchronous)
         self._checkpointer = await self._connect("normal")
         self._appends.start()
         self._acks.start()

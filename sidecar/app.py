@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from aiohttp import web
 from . import admin, ops, receiver
 from .config import Settings, is_loopback, require_upstream
 from .dispatcher import Dispatcher
+from .exceptions import CannotListen, ConfigError
 from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import OutboxLock, SqliteOutbox
@@ -65,11 +67,16 @@ class Sidecar:
 
 
 async def start(settings: Settings) -> Sidecar:
-    """Start a sidecar: outbox, dispatcher and HTTP server. Raises SidecarError subclasses."""
+    """Start a sidecar: outbox, dispatcher and HTTP server. Raises SidecarError subclasses;
+    whatever was opened before a failure is closed again (an open outbox would otherwise keep
+    the process alive: aiosqlite's threads are not daemons)."""
     require_upstream(settings)
-    lock = OutboxLock(settings.outbox.path)
-    lock.acquire()
+    ssl_context = _tls(settings)
+    opened = contextlib.AsyncExitStack()
     try:
+        lock = OutboxLock(settings.outbox.path)
+        lock.acquire()
+        opened.callback(lock.release)
         outbox = await SqliteOutbox(
             settings.outbox.path,
             synchronous=settings.outbox.synchronous,
@@ -77,45 +84,47 @@ async def start(settings: Settings) -> Sidecar:
             max_bytes=settings.outbox.max_bytes,
             dedupe_window_s=settings.outbox.dedupe_window_s,
         ).open()
+        opened.push_async_callback(outbox.close)
+        metrics = Metrics()
+        metrics.observe_commits(lambda: outbox.commits)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.upstream.concurrency + 2),
+            headers={"User-Agent": "caliper-sidecar"},
+        )
+        opened.push_async_callback(session.close)
+        tokens: TokenSource = (
+            OAuthTokens(session, settings.oauth, settings.upstream.timeout_s, metrics)
+            if settings.oauth.token_url
+            else StaticToken(settings.upstream.bearer_token)
+        )
+        upstream = UpstreamClient(session, settings.upstream, tokens, metrics)
+        dispatcher = Dispatcher(outbox, upstream, settings, metrics)
+        runtime = Runtime(
+            settings=settings,
+            outbox=outbox,
+            metrics=metrics,
+            dispatcher=dispatcher,
+            tokens=tokens,
+            max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
+        )
+        app = web.Application(client_max_size=settings.receiver.max_body_bytes)
+        app[RUNTIME] = runtime
+        app.add_routes(receiver.routes() + ops.routes() + admin.routes())
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        opened.push_async_callback(runner.cleanup)
+        r = settings.receiver
+        try:
+            await web.TCPSite(runner, r.host, r.port, ssl_context=ssl_context).start()
+        except OSError as e:
+            raise CannotListen(
+                f"cannot listen on {r.host}:{r.port}: {e.strerror or e} "
+                "(receiver.host, receiver.port)"
+            ) from None
     except BaseException:
-        lock.release()
+        await opened.aclose()
         raise
-    metrics = Metrics()
-    metrics.observe_commits(lambda: outbox.commits)
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=settings.upstream.concurrency + 2),
-        headers={"User-Agent": "caliper-sidecar"},
-    )
-    tokens: TokenSource = (
-        OAuthTokens(session, settings.oauth, settings.upstream.timeout_s, metrics)
-        if settings.oauth.token_url
-        else StaticToken(settings.upstream.bearer_token)
-    )
-    upstream = UpstreamClient(session, settings.upstream, tokens, metrics)
-    dispatcher = Dispatcher(outbox, upstream, settings, metrics)
-    runtime = Runtime(
-        settings=settings,
-        outbox=outbox,
-        metrics=metrics,
-        dispatcher=dispatcher,
-        tokens=tokens,
-        max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
-    )
-    app = web.Application(client_max_size=settings.receiver.max_body_bytes)
-    app[RUNTIME] = runtime
-    app.add_routes(receiver.routes() + ops.routes() + admin.routes())
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    r = settings.receiver
-    site = web.TCPSite(runner, r.host, r.port, ssl_context=_tls(settings))
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        await outbox.close()
-        await session.close()
-        lock.release()
-        raise OSError(e.errno, f"cannot listen on {r.host}:{r.port}: {e.strerror}") from None
+    opened.pop_all()  # from here on, Sidecar.stop closes everything, in order
     host, port = runner.addresses[0][:2]
     scheme = "https" if r.tls_cert else "http"
     url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -135,7 +144,10 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
     if not r.tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(r.tls_cert, r.tls_key)
+    try:
+        context.load_cert_chain(r.tls_cert, r.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"receiver.tls_cert / receiver.tls_key cannot be loaded: {e}") from None
     return context
 
 

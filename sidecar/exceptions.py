@@ -12,6 +12,10 @@ class ConfigError(SidecarError):
     """Raised when the configuration is wrong; the message names the key at fault."""
 
 
+class CannotListen(SidecarError):
+    """Raised when the receiver cannot bind its address (in use, or not this machine's)."""
+
+
 class OutboxLocked(SidecarError):
     """Raised when another `run` process already owns the outbox file."""
 

@@ -21,7 +21,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
 from .backoff import parse_retry_after, transient_status
 from .config import OAuthSettings
-from .exceptions import AuthFailed, RetryLater
+from .exceptions import AuthFailed, ConfigError, RetryLater
 from .metrics import Metrics
 
 log = structlog.get_logger("sidecar.tokens")
@@ -163,6 +163,9 @@ def _client_auth(s: OAuthSettings) -> ClientAuth:
     if s.auth_method == "private_key_jwt":
         from authlib.oauth2.rfc7523 import PrivateKeyJWT
 
-        key = Path(s.private_key_file).read_text(encoding="utf-8")
+        try:
+            key = Path(s.private_key_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"oauth.private_key_file cannot be read: {e.strerror}") from None
         return ClientAuth(s.client_id, key, PrivateKeyJWT(s.token_url))
     return ClientAuth(s.client_id, s.client_secret, s.auth_method)

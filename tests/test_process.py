@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,58 @@ class TestRun:
         _, err = await proc.communicate()
         assert proc.returncode == 2
         assert b"receiver.tokens" in err
+
+
+class TestStartupErrors:
+    """Mistakes an operator makes at start-up: a clear message, a non-zero exit, and no
+    process left hanging (an opened outbox would keep it alive)."""
+
+    async def run_with(self, tmp_path: Path, **env: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sidecar",
+            "run",
+            env={
+                "PATH": "/usr/bin:/bin",
+                "SIDECAR_UPSTREAM_ENDPOINT": "http://127.0.0.1:9/events/1.0/",
+                "SIDECAR_OUTBOX_PATH": str(tmp_path / "outbox.db"),
+                **env,
+            },
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode is not None
+        return proc.returncode, err.decode()
+
+    async def test_port_in_use(self, tmp_path: Path) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            code, err = await self.run_with(tmp_path, SIDECAR_RECEIVER_PORT=str(port))
+        assert code == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in err
+        assert "Traceback" not in err
+
+    async def test_unreadable_tls_files(self, tmp_path: Path) -> None:
+        code, err = await self.run_with(
+            tmp_path,
+            SIDECAR_RECEIVER_TLS_CERT=str(tmp_path / "missing.pem"),
+            SIDECAR_RECEIVER_TLS_KEY=str(tmp_path / "missing.key"),
+        )
+        assert code == 2
+        assert "receiver.tls_cert / receiver.tls_key cannot be loaded" in err
+        assert "Traceback" not in err
+
+    async def test_missing_private_key(self, tmp_path: Path) -> None:
+        code, err = await self.run_with(
+            tmp_path,
+            SIDECAR_OAUTH_TOKEN_URL="http://127.0.0.1:9/token",
+            SIDECAR_OAUTH_CLIENT_ID="c",
+            SIDECAR_OAUTH_AUTH_METHOD="private_key_jwt",
+            SIDECAR_OAUTH_PRIVATE_KEY_FILE=str(tmp_path / "missing.pem"),
+        )
+        assert code == 2
+        assert "oauth.private_key_file cannot be read" in err
+        assert "Traceback" not in err

@@ -22,6 +22,7 @@ from .upstream import UpstreamClient
 log = structlog.get_logger("sidecar.dispatcher")
 
 IDLE_POLL_S: Final = 1.0  # also how soon a replay made by another process is noticed
+CLAIM_RETRY_S: Final = 1.0
 
 
 class UpstreamState(StrEnum):
@@ -94,9 +95,19 @@ class Dispatcher:
     async def _claim_loop(self) -> None:
         while True:
             await self._slots.acquire()
+            probe = False
             try:
                 probe = await self._circuit.admit()
                 events = await self._next_batch()
+            except Exception:
+                # A storage error while reading the next batch must not end delivery for the
+                # life of the process: say so, wait, and try again.
+                log.exception("claim_failed", retry_in_s=CLAIM_RETRY_S)
+                self._slots.release()
+                if probe:
+                    self._circuit.probe_abandoned()
+                await asyncio.sleep(CLAIM_RETRY_S)
+                continue
             except BaseException:
                 self._slots.release()
                 raise

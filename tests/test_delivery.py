@@ -3,6 +3,7 @@ isolation, limits, authentication failures, and a chaos run."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
@@ -332,3 +333,28 @@ class TestUnexpectedErrors:
         assert calls == 4
         assert [e["event"] for e in logs].count("send_failed_unexpectedly") == 3
         assert await dead_letters(sidecar) == 0
+
+    async def test_a_failing_claim_does_not_stop_delivery(
+        self, run: Run, fake: FakeTimeBack
+    ) -> None:
+        """If reading the next batch fails (a transient storage error), the dispatcher logs
+        it, waits, and goes on: it never stops delivering while the process lives."""
+        sidecar, post = await run()
+        outbox = sidecar.outbox
+        real_claim = outbox.claim_batch
+        failures = 0
+
+        async def flaky_claim(max_events: int, max_bytes: int) -> Any:
+            nonlocal failures
+            if failures < 2:
+                failures += 1
+                raise sqlite3.OperationalError("disk I/O error")
+            return await real_claim(max_events, max_bytes)
+
+        outbox.claim_batch = flaky_claim
+        with capture_logs() as logs:
+            event = make_event()
+            await post(event)
+            await fake.wait_for({event["id"]}, timeout=15)
+        assert failures == 2
+        assert [e["event"] for e in logs].count("claim_failed") == 2

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -16,7 +17,7 @@ from aiohttp import web
 from . import admin, ops, receiver
 from .config import Settings, is_loopback, require_upstream
 from .dispatcher import Dispatcher
-from .exceptions import CannotListen, ConfigError
+from .exceptions import CannotListen, ConfigError, OutboxUnavailable
 from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import OutboxLock, SqliteOutbox
@@ -53,13 +54,16 @@ class Sidecar:
             await asyncio.sleep(0.01)
         cut = await self.dispatcher.stop(grace_s=rt.settings.upstream.timeout_s)
         await self.runner.cleanup()
-        stats = await self.outbox.stats()
+        try:
+            waiting: int | None = (await self.outbox.stats()).events
+        except OutboxUnavailable:
+            waiting = None  # the count is for the log line; closing matters more
         await self.outbox.close()
         await self.session.close()
         self.lock.release()
         log.info(
             "stopped",
-            waiting=stats.events,
+            waiting=waiting,
             sends_cut=cut,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
@@ -107,7 +111,9 @@ async def start(settings: Settings) -> Sidecar:
             tokens=tokens,
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
-        app = web.Application(client_max_size=settings.receiver.max_body_bytes)
+        app = web.Application(
+            client_max_size=settings.receiver.max_body_bytes, middlewares=[_unavailable_as_503]
+        )
         app[RUNTIME] = runtime
         app.add_routes(receiver.routes() + ops.routes() + admin.routes())
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -137,6 +143,22 @@ async def start(settings: Settings) -> Sidecar:
         loopback_only=is_loopback(r.host),
     )
     return Sidecar(runtime, dispatcher, runner, session, outbox, lock, url)
+
+
+@web.middleware
+async def _unavailable_as_503(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Any route that meets an unusable outbox (a full disk, shutting down) answers 503 with
+    Retry-After, as ingest does, rather than a 500."""
+    try:
+        return await handler(request)
+    except OutboxUnavailable as e:
+        return web.json_response(
+            {"error": e.reason, "message": str(e)},
+            status=503,
+            headers={"Retry-After": str(e.retry_after_s)},
+        )
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | None:

@@ -165,3 +165,27 @@ class TestCommandsBesideRun:
         assert code == 1
         assert "there is no outbox at" in err
         assert not (tmp_path / "none.db").exists()
+
+
+class TestStorageUnavailable:
+    async def test_admin_and_status_answer_503_not_500(
+        self, sidecar: Sidecar, client: aiohttp.ClientSession
+    ) -> None:
+        """When the outbox cannot be used (a full disk, shutting down), operator routes say
+        so with 503 and Retry-After, like ingest, instead of failing with a 500."""
+        from sidecar.exceptions import OutboxUnavailable
+
+        async def unavailable(*args: Any) -> Any:
+            raise OutboxUnavailable("disk_full", "the disk holding the outbox is full", 30)
+
+        sidecar.outbox.replay_dead_letters = unavailable  # type: ignore[method-assign,assignment]
+        sidecar.outbox.stats = unavailable  # type: ignore[method-assign]
+        for method, path, body in (
+            ("POST", "/v1/dead-letters/replay", {"all": True}),
+            ("GET", "/v1/status", None),
+            ("GET", "/metrics", None),
+        ):
+            async with client.request(method, path, json=body) as resp:
+                assert resp.status == 503, path
+                assert resp.headers["Retry-After"] == "30"
+                assert (await resp.json())["error"] == "disk_full"

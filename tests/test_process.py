@@ -110,23 +110,6 @@ class TestRun:
         await platform.fake.wait_for({e["id"] for e in events}, timeout=20)
         assert await again.terminate() == 0
 
-    async def test_refuses_non_loopback_without_tokens(self, tmp_path: Path) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sidecar",
-            "run",
-            env={
-                "SIDECAR_RECEIVER_HOST": "0.0.0.0",
-                "SIDECAR_UPSTREAM_ENDPOINT": "http://127.0.0.1:9/e",
-                "PATH": "/usr/bin",
-            },
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await proc.communicate()
-        assert proc.returncode == 2
-        assert b"receiver.tokens" in err
-
 
 class TestStartupErrors:
     """Mistakes an operator makes at start-up: a clear message, a non-zero exit, and no
@@ -181,3 +164,9 @@ class TestStartupErrors:
         assert code == 2
         assert "oauth.private_key_file cannot be read" in err
         assert "Traceback" not in err
+
+    async def test_non_loopback_without_tokens(self, tmp_path: Path) -> None:
+        """Listening beyond this machine without app tokens is refused, saying which key."""
+        code, err = await self.run_with(tmp_path, SIDECAR_RECEIVER_HOST="0.0.0.0")
+        assert code == 2
+        assert "receiver.tokens" in err

@@ -18,6 +18,7 @@ _LEVELS = {
     "error": logging.ERROR,
 }
 FLUSH_EVERY_S = 0.2
+MAX_PENDING_LINES = 10_000
 
 
 class BufferedLineLogger:
@@ -38,6 +39,8 @@ class BufferedLineLogger:
 
     def info(self, message: bytes) -> None:
         self._pending.append(message)
+        if len(self._pending) >= MAX_PENDING_LINES:
+            self.flush()
 
     debug = info
 
@@ -50,9 +53,15 @@ class BufferedLineLogger:
     def flush(self) -> None:
         with self._lock:
             lines, self._pending = self._pending, []
-            if lines:
+            if not lines:
+                return
+            try:
                 self._stream.write(b"\n".join(lines) + b"\n")
                 self._stream.flush()
+            except (OSError, ValueError):
+                # stderr is gone (a closed pipe): the lines are dropped rather than kept in
+                # memory for ever; logging must never be what takes the sidecar down.
+                pass
 
     def _flush_periodically(self) -> None:
         while not self._stopped.wait(FLUSH_EVERY_S):

@@ -3,13 +3,13 @@ is set, a request from this machine."""
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
+from .auth import bearer_matches
 from .config import is_loopback
 from .runtime import RUNTIME, Runtime
 
@@ -27,10 +27,7 @@ def routes() -> list[web.RouteDef]:
 def _authorize(rt: Runtime, request: web.Request) -> None:
     token = rt.settings.admin.token
     if token:
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            presented.strip().encode(), token.encode()
-        ):
+        if bearer_matches(request, (token,)):
             return
         raise _error(web.HTTPUnauthorized, "unauthorized", "a valid admin bearer token is required")
     if not is_loopback(request.remote or ""):

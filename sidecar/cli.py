@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .config import Settings, load_settings, redacted, render_toml, require_upstream
-from .exceptions import SidecarError
+from .exceptions import ConfigError, SidecarError
 from .logs import configure_logging
 
 
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except SidecarError as e:
         print(f"caliper-sidecar: {e}", file=sys.stderr)
-        return 2 if e.__class__.__name__ == "ConfigError" else 1
+        return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
 

@@ -247,13 +247,15 @@ class Dispatcher:
             else:
                 expired.setdefault(why, []).append(event)
         for why, dead in expired.items():
+            # probe=False: this failure already opened the circuit (above); a write failure
+            # here must not count the probe twice.
             await self._bookkeep(
-                self._outbox.dead_letter([e.seq for e in dead], why, None, reason), probe
+                self._outbox.dead_letter([e.seq for e in dead], why, None, reason), False
             )
             self._metrics.events_dead_lettered.labels(reason=why).inc(len(dead))
             log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
         if keep:
-            await self._bookkeep(self._outbox.record_failure([e.seq for e in keep], reason), probe)
+            await self._bookkeep(self._outbox.record_failure([e.seq for e in keep], reason), False)
 
     def _expiry(self, event: StoredEvent) -> str | None:
         if self._retry.max_attempts and event.attempts + 1 >= self._retry.max_attempts:

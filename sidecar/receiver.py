@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from . import codec
+from .auth import bearer_matches
 from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
@@ -147,14 +147,7 @@ async def _ingest(rt: Runtime, request: web.Request, fields: dict[str, Any]) -> 
 
 def _authenticate(rt: Runtime, request: web.Request) -> None:
     tokens = rt.settings.receiver.tokens
-    if not tokens:
-        return
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    matched = False
-    # Every configured token is compared, in constant time, whatever matches first.
-    for token in tokens:
-        matched |= hmac.compare_digest(presented.strip().encode(), token.encode())
-    if scheme.lower() != "bearer" or not matched:
+    if tokens and not bearer_matches(request, tokens):
         error = Rejected(401, "unauthorized", "a valid `Authorization: Bearer <token>` is required")
         error.headers["WWW-Authenticate"] = 'Bearer realm="caliper-sidecar"'
         raise error

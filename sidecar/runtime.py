@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
@@ -26,7 +26,7 @@ class Runtime:
     #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
     max_event_bytes: int = 0
     accepting: bool = True
-    ingests_in_progress: int = field(default=0)
+    ingests_in_progress: int = 0
 
 
 RUNTIME: Final = web.AppKey("runtime", Runtime)

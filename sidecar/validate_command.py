@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from .validation import validate_events
@@ -22,10 +23,7 @@ def validate_command(
 ) -> int:
     """Validate each file (or stdin, `-`); returns 1 when anything is invalid, else 0."""
     out = out or sys.stdout
-    results = [
-        _check(name, sys.stdin.read() if name == "-" else _read(name), profile)
-        for name in (list(files) or ["-"])
-    ]
+    results = [_check(name, profile) for name in (list(files) or ["-"])]
     invalid = any(r["errors"] for r in results)
     if as_json:
         json.dump({"valid": not invalid, "profile": profile, "files": results}, out, indent=2)
@@ -37,22 +35,14 @@ def validate_command(
     return 1 if invalid else 0
 
 
-def _read(name: str) -> str | OSError:
-    try:
-        with open(name, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        return OSError(str(e))
-
-
-def _check(name: str, text: str | OSError, profile: str) -> dict[str, Any]:
+def _check(name: str, profile: str) -> dict[str, Any]:
     result: dict[str, Any] = {"file": name, "events": 0, "errors": [], "warnings": []}
     try:
-        if isinstance(text, OSError):
-            raise ValueError(f"cannot read the file: {text}")
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
         items = [item for doc in _documents(text) for item in events_of(doc)]
-    except (ValueError, ShapeError) as e:
-        result["errors"].append({"index": None, "path": "", "message": str(e), "rule": "shape"})
+    except (OSError, ValueError, ShapeError) as e:
+        message = f"cannot read the file: {e}" if isinstance(e, OSError) else str(e)
+        result["errors"].append({"index": None, "path": "", "message": message, "rule": "shape"})
         return result
     report = validate_events(items, "strict", profile, allow_entities=True)
     result["events"] = len(items)

@@ -14,8 +14,9 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from . import admin, ops, receiver
+from . import admin, drop_in, ops, receiver
 from .config import Settings, is_loopback, require_upstream
+from .confirmations import JobFollower
 from .dispatcher import Dispatcher
 from .exceptions import CannotListen, ConfigError, OutboxUnavailable
 from .logs import flush_logs
@@ -53,6 +54,8 @@ class Sidecar:
         while rt.ingests_in_progress and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         cut = await self.dispatcher.stop(grace_s=rt.settings.upstream.timeout_s)
+        if rt.follower is not None:
+            await rt.follower.stop()
         await self.runner.cleanup()
         try:
             waiting: int | None = (await self.outbox.stats()).events
@@ -102,20 +105,24 @@ async def start(settings: Settings) -> Sidecar:
             else StaticToken(settings.upstream.bearer_token)
         )
         upstream = UpstreamClient(session, settings.upstream, tokens, metrics)
-        dispatcher = Dispatcher(outbox, upstream, settings, metrics)
+        follower = JobFollower(outbox, upstream, metrics) if upstream.follows_jobs else None
+        dispatcher = Dispatcher(
+            outbox, upstream, settings, metrics, follower.track if follower else None
+        )
         runtime = Runtime(
             settings=settings,
             outbox=outbox,
             metrics=metrics,
             dispatcher=dispatcher,
             tokens=tokens,
+            follower=follower,
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
         app = web.Application(
             client_max_size=settings.receiver.max_body_bytes, middlewares=[_unavailable_as_503]
         )
         app[RUNTIME] = runtime
-        app.add_routes(receiver.routes() + ops.routes() + admin.routes())
+        app.add_routes(receiver.routes() + drop_in.routes() + ops.routes() + admin.routes())
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         opened.push_async_callback(runner.cleanup)
@@ -127,6 +134,9 @@ async def start(settings: Settings) -> Sidecar:
                 f"cannot listen on {r.host}:{r.port}: {e.strerror or e} "
                 "(receiver.host, receiver.port)"
             ) from None
+        if follower is not None:
+            await follower.start()
+            opened.push_async_callback(follower.stop)
     except BaseException:
         await opened.aclose()
         raise

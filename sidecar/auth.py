@@ -1,22 +1,87 @@
-"""Bearer tokens presented to the sidecar (by apps, by operators), checked in constant time."""
+"""Bearer tokens presented to the sidecar (by apps, by operators), checked in constant time, and
+the access tokens the sidecar issues to apps on its own token endpoint.
+
+An issued token is signed (HMAC-SHA256) with the sender token that was the client secret of its
+request, and carries its expiry: nothing is stored, so it stays valid across a restart, and it
+stops working as soon as that sender token is removed from `receiver.tokens`.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
-from collections.abc import Iterable
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from typing import Final
 
 from aiohttp import web
+
+ISSUED_PREFIX: Final = "cs1"
+ISSUED_TTL_S: Final = 3600
+#: signs the tokens issued when no sender tokens are set (they are then never checked)
+_OPEN_KEY: Final = "caliper-sidecar: receiver.tokens is empty"
+
+
+def presented_token(request: web.Request) -> bytes | None:
+    """The token of an `Authorization: Bearer` header, as bytes (whatever bytes the header
+    held: a header that is not UTF-8 is compared, not decoded), or None."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = presented.strip().encode("utf-8", "surrogateescape")
+    return token or None
 
 
 def bearer_matches(request: web.Request, tokens: Iterable[str]) -> bool:
     """True when the request's `Authorization: Bearer` token is one of these.
 
     Every token is compared, in constant time, whichever matches: how long the check takes
-    tells nothing about the tokens.
+    tells nothing about the tokens. A blank token matches nothing.
     """
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    candidate = presented.strip().encode()
+    candidate = presented_token(request) or b""
     matched = False
     for token in tokens:
-        matched |= hmac.compare_digest(candidate, token.encode())
-    return scheme.lower() == "bearer" and matched
+        matched |= hmac.compare_digest(candidate, token.encode()) and bool(token)
+    return bool(candidate) and matched
+
+
+def sender_allowed(request: web.Request, tokens: Sequence[str]) -> bool:
+    """May this request send events? Always when no sender tokens are set; otherwise when it
+    presents one of them, or a token this sidecar issued for one of them."""
+    if not tokens:
+        return True
+    if bearer_matches(request, tokens):
+        return True
+    candidate = presented_token(request)
+    return candidate is not None and issued_token_valid(candidate, tokens)
+
+
+def issue_token(secret: str | None, now: float | None = None) -> str:
+    """An access token for an app whose client secret was `secret` (None: no tokens are set)."""
+    expires = int((now or time.time()) + ISSUED_TTL_S)
+    claims = f"{ISSUED_PREFIX}.{expires}.{secrets.token_urlsafe(12)}"
+    return f"{claims}.{_mac(secret or _OPEN_KEY, claims)}"
+
+
+def issued_token_valid(token: bytes, secrets_: Sequence[str], now: float | None = None) -> bool:
+    """True for an unexpired token issued for one of these sender tokens."""
+    try:
+        text = token.decode("ascii")
+    except UnicodeDecodeError:
+        return False
+    claims, _, mac = text.rpartition(".")
+    prefix, _, rest = claims.partition(".")
+    expires, _, _ = rest.partition(".")
+    if prefix != ISSUED_PREFIX or not expires.isdigit() or int(expires) <= (now or time.time()):
+        return False
+    matched = False
+    for secret in secrets_:
+        matched |= hmac.compare_digest(mac, _mac(secret, claims))
+    return matched
+
+
+def _mac(key: str, claims: str) -> str:
+    digest = hmac.new(key.encode(), claims.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Settings, load_settings, redacted, render_toml, require_upstream
+from .config import Origins, Settings, load_settings, redacted, render_toml, require_upstream
 from .exceptions import ConfigError, SidecarError
 from .logs import configure_logging
+from .validation import PROFILES
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,9 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.add_argument(
         "--profile",
-        choices=("timeback", "caliper"),
+        choices=PROFILES,
         default="timeback",
-        help="timeback: Caliper 1.2 plus the TimeBack rules (default); caliper: 1.2 only",
+        help="timeback: what TimeBack's platforms accept, the SDK's profile included "
+        "(default); timeback-learnwith: plus LearnWith.AI's identity rules; caliper: 1.2 only",
     )
     command("check-config", "print the effective configuration, secrets redacted", _check_config)
 
@@ -155,8 +157,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    print(render_toml(redacted(settings)), end="")
+    origins: Origins = {}
+    settings = load_settings(getattr(args, "config", None), origins=origins)
+    print(render_toml(redacted(settings), origins), end="")
     try:
         require_upstream(settings)
     except SidecarError as e:

@@ -14,6 +14,7 @@ from typing import Any, Final, get_type_hints
 
 from .exceptions import ConfigError
 from .presets import PRESETS
+from .validation import PROFILES
 
 ENV_PREFIX: Final = "SIDECAR_"
 CONFIG_ENV: Final = "SIDECAR_CONFIG"
@@ -57,6 +58,7 @@ class UpstreamSettings:
     concurrency: int = 4
     timeout_s: float = 30
     bearer_token: str = ""
+    jobs_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,20 +143,28 @@ _CHOICES: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("outbox", "synchronous"): ("full", "normal"),
     ("oauth", "auth_method"): ("client_secret_basic", "client_secret_post", "private_key_jwt"),
     ("validation", "mode"): ("strict", "warn", "off"),
-    ("validation", "profile"): ("timeback", "caliper"),
+    ("validation", "profile"): PROFILES,
     ("log", "level"): ("debug", "info", "warning", "error"),
     ("log", "format"): ("json", "console"),
 }
 
 
+#: where each key's value came from: "file <path>", "environment <VAR>", "preset <name>"…
+Origins = dict[tuple[str, str], str]
+
+
 def load_settings(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    origins: Origins | None = None,
 ) -> Settings:
     """Build the settings from a TOML file (or `SIDECAR_CONFIG`), then the environment.
 
-    Raises ConfigError naming the key or variable at fault.
+    Raises ConfigError naming the key or variable at fault. When `origins` is given, it is
+    filled with where each key that is not a built-in default came from.
     """
     environ = os.environ if environ is None else environ
+    origins = {} if origins is None else origins
     path = path or environ.get(CONFIG_ENV) or None
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
@@ -169,6 +179,7 @@ def load_settings(
         for key, value in table.items():
             target = _target_key(section, key, f"{section}.{key}")
             values[section][key] = _coerce_toml(section, target, value, f"{section}.{key}")
+            origins[(section, key)] = f"file {path}"
 
     for var, text in environ.items():
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
@@ -178,9 +189,13 @@ def load_settings(
             raise ConfigError(f"unknown environment variable {var}")
         target = _target_key(section, key, var)
         values[section][key] = _coerce_env(section, target, text, var)
+        origins[(section, key)] = f"environment {var}"
 
-    _resolve_secret_files(values)
-    _apply_preset(values)
+    _resolve_secret_files(values, origins)
+    _apply_preset(values, origins)
+    if "tokens" in values["receiver"]:
+        # A blank token is no token: it must neither be accepted nor count as protection.
+        values["receiver"]["tokens"] = tuple(t for t in values["receiver"]["tokens"] if t.strip())
     settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
     _check(settings)
     return settings
@@ -242,12 +257,14 @@ def _describe(kind: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 
-def _resolve_secret_files(values: dict[str, dict[str, Any]]) -> None:
+def _resolve_secret_files(values: dict[str, dict[str, Any]], origins: Origins) -> None:
     for section, key in SECRETS:
         file_key = f"{key}_file"
         file_name = values[section].pop(file_key, "")
+        origin = origins.pop((section, file_key), "")
         if not file_name:
             continue
+        origins[(section, key)] = f"{origin}, secret file {file_name}".lstrip(", ")
         if values[section].get(key):
             raise ConfigError(f"set {section}.{key} or {section}.{file_key}, not both")
         try:
@@ -262,14 +279,16 @@ def _resolve_secret_files(values: dict[str, dict[str, Any]]) -> None:
             values[section][key] = text.strip()
 
 
-def _apply_preset(values: dict[str, dict[str, Any]]) -> None:
+def _apply_preset(values: dict[str, dict[str, Any]], origins: Origins) -> None:
     name = values["upstream"].get("preset", "")
     if not name:
         return
     if name not in PRESETS:
         raise ConfigError(f"upstream.preset {name!r} is unknown (known: {', '.join(PRESETS)})")
     for (section, key), value in PRESETS[name].items():
-        values[section].setdefault(key, value)
+        if key not in values[section]:
+            values[section][key] = value
+            origins[(section, key)] = f"preset {name}"
 
 
 def _check(s: Settings) -> None:
@@ -334,6 +353,12 @@ def require_upstream(s: Settings) -> None:
         )
     if not s.upstream.endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"upstream.endpoint must be an http(s) URL; got {s.upstream.endpoint!r}")
+    jobs = s.upstream.jobs_url
+    if jobs and not (jobs.startswith(("http://", "https://")) and "{id}" in jobs):
+        raise ConfigError(
+            "upstream.jobs_url must be an http(s) URL with {id} where the job id goes; "
+            f"got {jobs!r}"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -358,13 +383,16 @@ def redacted(s: Settings) -> dict[str, dict[str, Any]]:
     return out
 
 
-def render_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
-    """Render two-level settings data as TOML (what `check-config` prints)."""
+def render_toml(data: Mapping[str, Mapping[str, Any]], origins: Origins | None = None) -> str:
+    """Render two-level settings data as TOML (what `check-config` prints), each value that is
+    not a built-in default followed by a comment saying where it came from."""
     lines: list[str] = []
     for section, table in data.items():
         lines.append(f"[{section}]")
         for key, value in table.items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            line = f"{key} = {_toml_value(value)}"
+            origin = (origins or {}).get((section, key))
+            lines.append(f"{line}  # {origin}" if origin else line)
         lines.append("")
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Final
 
@@ -17,7 +17,7 @@ from .config import Settings
 from .exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from .metrics import Metrics
 from .outbox import Outbox, StoredEvent
-from .upstream import UpstreamClient
+from .upstream import Sent, UpstreamClient
 
 log = structlog.get_logger("sidecar.dispatcher")
 
@@ -39,9 +39,15 @@ class Dispatcher:
     """
 
     def __init__(
-        self, outbox: Outbox, upstream: UpstreamClient, settings: Settings, metrics: Metrics
+        self,
+        outbox: Outbox,
+        upstream: UpstreamClient,
+        settings: Settings,
+        metrics: Metrics,
+        on_platform_job: Callable[[str], None] | None = None,
     ) -> None:
         self._outbox = outbox
+        self._on_platform_job = on_platform_job
         self._upstream = upstream
         self._batch = settings.upstream
         self._retry = settings.retry
@@ -156,7 +162,7 @@ class Dispatcher:
                 part = sending = parts.pop(0)
                 started = time.monotonic()
                 try:
-                    status = await self._send(batch_id, part)
+                    sent = await self._send(batch_id, part)
                 except Refused as e:
                     self._platform_answered()
                     if len(part) > 1:
@@ -187,15 +193,20 @@ class Dispatcher:
                     parts, sending = [], []
                     await self._failed(batch_id, waiting, e, probe)
                     return
-                await self._bookkeep(self._outbox.acknowledge([e.seq for e in part]), probe)
+                await self._bookkeep(
+                    self._outbox.acknowledge([e.seq for e in part], sent.job_id), probe
+                )
                 sending = []
+                if sent.job_id is not None and self._on_platform_job is not None:
+                    self._on_platform_job(sent.job_id)
                 self._metrics.events_delivered.inc(len(part))
                 self._platform_answered()
                 log.info(
                     "batch_delivered",
                     batch=batch_id,
                     events=len(part),
-                    status=status,
+                    status=sent.status,
+                    platform_job=sent.job_id,
                     duration_ms=round((time.monotonic() - started) * 1000, 1),
                 )
         finally:
@@ -207,7 +218,7 @@ class Dispatcher:
                 if probe:
                     self._circuit.probe_abandoned()
 
-    async def _send(self, batch_id: int, part: list[StoredEvent]) -> int:
+    async def _send(self, batch_id: int, part: list[StoredEvent]) -> Sent:
         """Send one envelope; any failure that is not the platform's answer counts as
         transient, so that a bug or an odd error backs off instead of resending at once."""
         try:

@@ -27,7 +27,8 @@ class _ObservedCounter(Collector):
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
-DEAD_LETTER_REASONS = ("refused", "max_attempts", "max_age")
+DEAD_LETTER_REASONS = ("refused", "max_attempts", "max_age", "platform_failed")
+PLATFORM_JOB_OUTCOMES = ("completed", "failed", "unconfirmed")
 
 
 class Metrics:
@@ -83,6 +84,21 @@ class Metrics:
             "sidecar_upstream_request_seconds",
             "Duration of requests to the Caliper endpoint",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.platform_jobs = Counter(
+            "sidecar_platform_jobs",
+            "Platform processing jobs finished: completed (events confirmed), failed (events "
+            "dead-lettered or sent again), unconfirmed (never finished; given up on)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in PLATFORM_JOB_OUTCOMES:
+            self.platform_jobs.labels(outcome=outcome)
+        self.platform_jobs_open = Gauge(
+            "sidecar_platform_jobs_open",
+            "Platform jobs by state: waiting/active (followed), unconfirmed (given up on)",
+            ["state"],
             registry=r,
         )
         self.token_refreshes = Counter(

@@ -59,6 +59,8 @@ async def metrics(request: web.Request) -> web.Response:
     m.outbox_bytes.set(stats.bytes)
     m.outbox_dead_letters.set(stats.dead_letters)
     m.outbox_oldest_age.set(_age(stats.oldest_received_at) or 0)
+    for state in ("waiting", "active", "unconfirmed"):
+        m.platform_jobs_open.labels(state=state).set(stats.platform_jobs.get(state, 0))
     return web.Response(body=m.render(), content_type="text/plain", charset="utf-8")
 
 
@@ -75,6 +77,12 @@ async def status_document(rt: Runtime) -> dict[str, Any]:
         upstream["last_error_at"] = utc_from_timestamp(rt.dispatcher.last_error_at)
     expires_at = rt.tokens.expires_at if rt.tokens is not None else None
     upstream["token_expires_at"] = utc_from_timestamp(expires_at)
+    if rt.settings.upstream.jobs_url:
+        # Processing confirmation: jobs followed now, and those given up on (never finished).
+        upstream["platform_jobs"] = {
+            "following": rt.follower.following if rt.follower is not None else 0,
+            "unconfirmed": stats.platform_jobs.get("unconfirmed", 0),
+        }
     return {
         "version": __version__,
         "accepting": rt.accepting,

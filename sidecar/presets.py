@@ -1,8 +1,11 @@
-"""Named upstream presets: the TimeBack endpoints an operator would otherwise type by hand.
+"""Named upstream presets: the TimeBack platforms as TimeBack's official SDK knows them.
 
-The values come from TimeBack's public documentation (late 2026). The platform has more than one
-ingestion API, so every value is a default that an operator confirms with their TimeBack
-onboarding; each one can be overridden by setting the key itself.
+The values are the SDK's (`timeback_common/config.py`, timeback-common 0.4.0). TimeBack is two
+platforms: LearnWith.AI (`timeback`, `timeback-staging`, and the older `timeback-sandbox`) takes
+envelopes at `/caliper/v1p2`, wants its own form of TimeBack's profile, and has no jobs; Beyond AI
+(`timeback-beyond`, `timeback-beyond-staging`) takes them at `/caliper/event`, answers with a
+processing job, and issues tokens from AWS Cognito. Every value is a default: an operator's own
+setting of the key wins.
 """
 
 from __future__ import annotations
@@ -11,24 +14,44 @@ from types import MappingProxyType
 from typing import Final
 
 _CALIPER_WRITE_SCOPE: Final = "https://purl.imsglobal.org/spec/caliper/v1p2/scope/events.write"
+_COGNITO: Final = "https://{}-beyond-timeback-api-2-idp.auth.us-east-1.amazoncognito.com"
+
+Preset = MappingProxyType[tuple[str, str], str]
 
 
-def _timeback(base: str) -> MappingProxyType[tuple[str, str], str]:
+def _learnwith(base: str) -> Preset:
     return MappingProxyType(
         {
-            ("upstream", "endpoint"): f"{base}/events/1.0/",
+            ("upstream", "endpoint"): f"{base}/caliper/v1p2",
             ("oauth", "token_url"): f"{base}/auth/1.0/token",
             ("oauth", "scope"): _CALIPER_WRITE_SCOPE,
             ("oauth", "auth_method"): "client_secret_basic",
+            ("validation", "profile"): "timeback-learnwith",
+        }
+    )
+
+
+def _beyond(base: str, cognito: str) -> Preset:
+    return MappingProxyType(
+        {
+            ("upstream", "endpoint"): f"{base}/caliper/event",
+            ("upstream", "jobs_url"): f"{base}/jobs/{{id}}/status",
+            ("oauth", "token_url"): f"{_COGNITO.format(cognito)}/oauth2/token",
+            # Cognito's client-credentials clients are granted their scopes: none is asked for.
+            ("oauth", "scope"): "",
+            ("oauth", "auth_method"): "client_secret_basic",
+            ("validation", "profile"): "timeback",
         }
     )
 
 
 #: preset name -> {(section, key): value}; applied only to keys the operator did not set.
-PRESETS: Final[MappingProxyType[str, MappingProxyType[tuple[str, str], str]]] = MappingProxyType(
+PRESETS: Final[MappingProxyType[str, Preset]] = MappingProxyType(
     {
-        "timeback": _timeback("https://platform.timeback.com"),
-        "timeback-staging": _timeback("https://platform.dev.timeback.com"),
-        "timeback-sandbox": _timeback("https://sandbox.platform.timeback.com"),
+        "timeback": _learnwith("https://platform.timeback.com"),
+        "timeback-staging": _learnwith("https://platform.dev.timeback.com"),
+        "timeback-sandbox": _learnwith("https://sandbox.platform.timeback.com"),
+        "timeback-beyond": _beyond("https://caliper.alpha-1edtech.ai", "prod"),
+        "timeback-beyond-staging": _beyond("https://caliper.staging.alpha-1edtech.ai", "staging"),
     }
 )

@@ -1,8 +1,15 @@
-"""The ingest routes: authenticate, parse, validate, append, and answer only after the commit."""
+"""The ingest routes: authenticate, parse, validate, append, and answer only after the commit.
+
+`/v1/events` answers in the sidecar's own terms; `/caliper/event` and `/caliper/v1p2` answer as
+TimeBack's Caliper API does (`{"status", "jobId", "eventsAccepted"}`), so that apps using
+TimeBack's SDK (or any Caliper sensor) can point at the sidecar instead of the platform.
+`/caliper/event/validate` checks without storing.
+"""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -11,11 +18,11 @@ import structlog
 from aiohttp import web
 
 from . import codec
-from .auth import bearer_matches
+from .auth import sender_allowed
 from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
-from .validation import validate_events
+from .validation import Report, validate_events
 from .validation.shape import ShapeError, events_of
 
 log = structlog.get_logger("sidecar.receiver")
@@ -26,17 +33,27 @@ JSON_TYPES: Final = frozenset({"application/json", "application/ld+json"})
 class Rejected(Exception):
     """An ingest request answered with an error; nothing of it was stored."""
 
-    def __init__(self, status: int, error: str, message: str, **extra: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body: dict[str, Any] = {"error": error, "message": message, **extra}
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = headers or {}
 
 
 def routes() -> list[web.RouteDef]:
+    caliper = _ingest_route(_answer_caliper, with_job=True)
     return [
         web.post("/v1/events", _ingest_route(_answer_v1)),
-        web.post("/caliper/event", _ingest_route(_answer_caliper)),
+        web.post("/caliper/event", caliper),
+        web.post("/caliper/v1p2", caliper),
+        web.post("/caliper/event/validate", validate_only),
     ]
 
 
@@ -58,12 +75,17 @@ def _answer_v1(accepted: Accepted) -> web.Response:
 
 
 def _answer_caliper(accepted: Accepted) -> web.Response:
-    # Caliper 1.2's Sensor API: 200 with an empty body.
-    return web.Response(status=200)
+    # TimeBack's answer (its SDK reads `jobId`); IMS Caliper sensors look only at the status.
+    body = {
+        "status": "success",
+        "jobId": accepted.job,
+        "eventsAccepted": accepted.result.accepted,
+    }
+    return _json(body, 200)
 
 
 def _ingest_route(
-    answer: Callable[[Accepted], web.Response],
+    answer: Callable[[Accepted], web.Response], with_job: bool = False
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
         rt = request.app[RUNTIME]
@@ -71,7 +93,8 @@ def _ingest_route(
         rt.ingests_in_progress += 1
         fields: dict[str, Any] = {}
         try:
-            response = answer(await _ingest(rt, request, fields))
+            job = str(uuid.uuid4()) if with_job else None
+            response = answer(await _ingest(rt, request, fields, job))
         except Rejected as e:
             rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
             response = _json(e.body, e.status, e.headers)
@@ -98,16 +121,18 @@ class Accepted:
     ids: list[str]
     result: AppendResult
     warnings: list[dict[str, Any]]
+    job: str | None
 
 
-async def _ingest(rt: Runtime, request: web.Request, fields: dict[str, Any]) -> Accepted:
+async def _ingest(
+    rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None
+) -> Accepted:
     if not rt.accepting:
         raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
-    _authenticate(rt, request)
+    authenticate(rt, request)
     events = await _read_events(rt, request)
     fields["events"] = len(events)
-    validation = rt.settings.validation
-    report = validate_events(events, validation.mode, validation.profile)
+    report = _validate(rt, events)
     if report.warnings:
         fields["warnings"] = [f"{f.index}{f.path}: {f.rule}" for f in report.warnings[:20]]
     if not report.ok:
@@ -136,21 +161,47 @@ async def _ingest(rt: Runtime, request: web.Request, fields: dict[str, Any]) -> 
             )
         batch.append(NewEvent(event["id"], body))
     try:
-        result = await rt.outbox.append(batch)
+        result = await rt.outbox.append(batch, job)
     except OutboxUnavailable as e:
         raise _unavailable(e) from e
     rt.metrics.events_received.inc(result.accepted)
     rt.metrics.events_duplicate.inc(result.duplicates)
-    fields.update(accepted=result.accepted, duplicates=result.duplicates)
-    return Accepted([e.id for e in batch], result, [f.as_dict() for f in report.warnings])
+    fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
+    return Accepted([e.id for e in batch], result, [f.as_dict() for f in report.warnings], job)
 
 
-def _authenticate(rt: Runtime, request: web.Request) -> None:
-    tokens = rt.settings.receiver.tokens
-    if tokens and not bearer_matches(request, tokens):
-        error = Rejected(401, "unauthorized", "a valid `Authorization: Bearer <token>` is required")
-        error.headers["WWW-Authenticate"] = 'Bearer realm="caliper-sidecar"'
-        raise error
+def _validate(rt: Runtime, events: list[Any]) -> Report:
+    validation = rt.settings.validation
+    return validate_events(events, validation.mode, validation.profile)
+
+
+async def validate_only(request: web.Request) -> web.Response:
+    """`POST /caliper/event/validate`: TimeBack's validation answer; nothing is stored."""
+    rt = request.app[RUNTIME]
+    try:
+        authenticate(rt, request)
+        events = await _read_events(rt, request)
+    except Rejected as e:
+        return _json(e.body, e.status, e.headers)
+    report = _validate(rt, events)
+    body: dict[str, Any] = {"status": "success" if report.ok else "error"}
+    if not report.ok:
+        body["errors"] = [f.as_dict() for f in report.errors]
+    if report.warnings:
+        body["warnings"] = [f.as_dict() for f in report.warnings]
+    return _json(body, 200)
+
+
+def authenticate(rt: Runtime, request: web.Request) -> None:
+    """Raise Rejected (401) unless the request may send events (SPEC §4: a sender token, or a
+    token this sidecar issued)."""
+    if not sender_allowed(request, rt.settings.receiver.tokens):
+        raise Rejected(
+            401,
+            "unauthorized",
+            "a valid `Authorization: Bearer <token>` is required",
+            headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar"'},
+        )
 
 
 async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
@@ -195,6 +246,4 @@ def _too_large(limit: int) -> Rejected:
 
 
 def _unavailable(e: OutboxUnavailable) -> Rejected:
-    error = Rejected(503, e.reason, str(e))
-    error.headers["Retry-After"] = str(e.retry_after_s)
-    return error
+    return Rejected(503, e.reason, str(e), headers={"Retry-After": str(e.retry_after_s)})

@@ -8,6 +8,7 @@ from typing import Final
 from aiohttp import web
 
 from .config import Settings
+from .confirmations import JobFollower
 from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .outbox import Outbox
@@ -23,6 +24,7 @@ class Runtime:
     metrics: Metrics
     dispatcher: Dispatcher | None = None
     tokens: TokenSource | None = None
+    follower: JobFollower | None = None
     #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
     max_event_bytes: int = 0
     accepting: bool = True

@@ -9,18 +9,31 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Sequence
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote
 
 import aiohttp
 
+from . import codec
 from .backoff import parse_retry_after, transient_status
 from .config import UpstreamSettings
 from .envelope import build_envelope, envelope_overhead
 from .exceptions import AuthFailed, Refused, RetryLater
+from .learnwith import rewrite_body, wants_learnwith_form
 from .metrics import Metrics
 from .tokens import TokenSource
 
 RESPONSE_KEPT: Final = 1024  # bytes of a refusal kept with the dead letter
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The platform accepted an envelope: its status, and the processing job it opened (when
+    jobs are followed and the answer named one)."""
+
+    status: int
+    job_id: str | None = None
 
 
 def default_sensor() -> str:
@@ -40,6 +53,8 @@ class UpstreamClient:
     ) -> None:
         self._session = session
         self._endpoint = settings.endpoint
+        self._jobs_url = settings.jobs_url
+        self._learnwith_form = wants_learnwith_form(settings.endpoint)
         self.sensor = settings.sensor or default_sensor()
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._tokens = tokens
@@ -47,19 +62,18 @@ class UpstreamClient:
         #: bytes the envelope adds around its events, for the batch size limit
         self.overhead = envelope_overhead(self.sensor)
 
-    async def send(self, bodies: Sequence[bytes]) -> int:
-        """Send one envelope of these serialized events; returns the 2xx status."""
+    @property
+    def follows_jobs(self) -> bool:
+        return bool(self._jobs_url)
+
+    async def send(self, bodies: Sequence[bytes]) -> Sent:
+        """Send one envelope of these serialized events; returns when the platform took it."""
+        if self._learnwith_form:
+            bodies = [rewrite_body(body) for body in bodies]
         envelope = build_envelope(self.sensor, bodies)
-        token = await self._tokens.bearer()
-        status, retry_after, text = await self._post(envelope, token)
-        if status == 401 and token is not None:
-            # The token may have been revoked or expired early: one fresh token, one retry.
-            self._tokens.invalidate(token)
-            fresh = await self._tokens.bearer()
-            if fresh is not None and fresh != token:
-                status, retry_after, text = await self._post(envelope, fresh)
+        status, retry_after, text = await self._authorized("POST", self._endpoint, envelope)
         if 200 <= status < 300:
-            return status
+            return Sent(status, _job_id(text) if self._jobs_url else None)
         if status in (401, 403):
             raise AuthFailed(f"Caliper endpoint answered HTTP {status}: {text[:200]}")
         if transient_status(status):
@@ -69,15 +83,55 @@ class UpstreamClient:
         # 1xx/3xx: a misconfigured endpoint or proxy, not a verdict on these events.
         raise RetryLater(f"Caliper endpoint answered unexpected HTTP {status}")
 
-    async def _post(self, envelope: bytes, token: str | None) -> tuple[int, float | None, str]:
-        headers = {"Content-Type": "application/json"}
+    async def job_status(self, job_id: str) -> dict[str, Any]:
+        """The platform's word on one of its processing jobs: the `job` object of its answer.
+
+        Raises RetryLater (not readable now), AuthFailed, or Refused (the platform does not
+        know the job, or will never answer for it).
+        """
+        url = self._jobs_url.replace("{id}", quote(job_id, safe=""))
+        status, retry_after, text = await self._authorized("GET", url, None)
+        if status in (401, 403):
+            raise AuthFailed(f"jobs endpoint answered HTTP {status}: {text[:200]}")
+        if transient_status(status):
+            raise RetryLater(f"jobs endpoint answered HTTP {status}", retry_after)
+        if status != 200:
+            raise Refused(status, text[:RESPONSE_KEPT])
+        try:
+            answer = codec.loads(text.encode())
+        except ValueError:
+            raise RetryLater("jobs endpoint answered with something that is not JSON") from None
+        job = answer.get("job", answer) if isinstance(answer, dict) else None
+        if not isinstance(job, dict):
+            raise RetryLater("jobs endpoint answered without a job object")
+        return job
+
+    async def _authorized(
+        self, method: str, url: str, body: bytes | None
+    ) -> tuple[int, float | None, str]:
+        """One request with the current token; on a 401, one fresh token and one retry (the
+        token may have been revoked or expired early)."""
+        token = await self._tokens.bearer()
+        answer = await self._request(method, url, body, token)
+        if answer[0] == 401 and token is not None:
+            self._tokens.invalidate(token)
+            fresh = await self._tokens.bearer()
+            if fresh is not None and fresh != token:
+                answer = await self._request(method, url, body, fresh)
+        return answer
+
+    async def _request(
+        self, method: str, url: str, body: bytes | None, token: str | None
+    ) -> tuple[int, float | None, str]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         started = time.monotonic()
         try:
-            async with self._session.post(
-                self._endpoint,
-                data=envelope,
+            async with self._session.request(
+                method,
+                url,
+                data=body,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -95,3 +149,13 @@ class UpstreamClient:
             self._metrics.upstream_seconds.observe(time.monotonic() - started)
         self._metrics.upstream_requests.labels(code=str(code)).inc()
         return code, retry_after, text
+
+
+def _job_id(text: str) -> str | None:
+    """The `jobId` of a platform's answer (Beyond AI's `{"jobId", "eventsAccepted"}`)."""
+    try:
+        answer = codec.loads(text.encode())
+    except ValueError:
+        return None
+    job = answer.get("jobId") if isinstance(answer, dict) else None
+    return job if isinstance(job, str) and job else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ class TestSources:
 
 class TestPresets:
     def test_timeback_preset_fills_endpoints(self) -> None:
-        """The timeback preset fills endpoint, token URL, scope and auth method."""
+        """The timeback preset (LearnWith.AI) fills the SDK's endpoint, token URL, scope, auth
+        method and the LearnWith.AI validation profile; it follows no jobs."""
         s = load_settings(
             None,
             environ={
@@ -113,10 +115,63 @@ class TestPresets:
                 "SIDECAR_OAUTH_CLIENT_SECRET": "s",
             },
         )
-        assert s.upstream.endpoint == "https://platform.timeback.com/events/1.0/"
+        assert s.upstream.endpoint == "https://platform.timeback.com/caliper/v1p2"
+        assert s.upstream.jobs_url == ""
         assert s.oauth.token_url == "https://platform.timeback.com/auth/1.0/token"
         assert s.oauth.scope.endswith("/scope/events.write")
         assert s.oauth.auth_method == "client_secret_basic"
+        assert s.validation.profile == "timeback-learnwith"
+
+    @pytest.mark.parametrize(
+        ("preset", "host", "cognito"),
+        [
+            ("timeback-beyond", "caliper.alpha-1edtech.ai", "prod"),
+            ("timeback-beyond-staging", "caliper.staging.alpha-1edtech.ai", "staging"),
+        ],
+    )
+    def test_beyond_presets_follow_jobs(self, preset: str, host: str, cognito: str) -> None:
+        """The Beyond AI presets fill the SDK's /caliper/event endpoint, its jobs URL and the
+        Cognito token URL, with no scope and the default validation profile."""
+        s = load_settings(
+            None,
+            environ={
+                "SIDECAR_UPSTREAM_PRESET": preset,
+                "SIDECAR_OAUTH_CLIENT_ID": "c",
+                "SIDECAR_OAUTH_CLIENT_SECRET": "s",
+            },
+        )
+        assert s.upstream.endpoint == f"https://{host}/caliper/event"
+        assert s.upstream.jobs_url == f"https://{host}/jobs/{{id}}/status"
+        assert s.oauth.token_url == (
+            f"https://{cognito}-beyond-timeback-api-2-idp.auth.us-east-1.amazoncognito.com"
+            "/oauth2/token"
+        )
+        assert s.oauth.scope == ""
+        assert s.validation.profile == "timeback"
+
+    def test_staging_and_sandbox_presets(self) -> None:
+        """LearnWith.AI's staging and sandbox presets point at their own hosts."""
+        env = {"SIDECAR_OAUTH_CLIENT_ID": "c", "SIDECAR_OAUTH_CLIENT_SECRET": "s"}
+        staging = load_settings(
+            None, environ={**env, "SIDECAR_UPSTREAM_PRESET": "timeback-staging"}
+        )
+        sandbox = load_settings(
+            None, environ={**env, "SIDECAR_UPSTREAM_PRESET": "timeback-sandbox"}
+        )
+        assert staging.upstream.endpoint == "https://platform.dev.timeback.com/caliper/v1p2"
+        assert sandbox.upstream.endpoint == "https://sandbox.platform.timeback.com/caliper/v1p2"
+
+    def test_jobs_url_needs_the_id_placeholder(self) -> None:
+        """A jobs URL without {id} is refused by `run`, naming the key."""
+        s = load_settings(
+            None,
+            environ={
+                "SIDECAR_UPSTREAM_ENDPOINT": "https://p.test/caliper/event",
+                "SIDECAR_UPSTREAM_JOBS_URL": "https://p.test/jobs/status",
+            },
+        )
+        with pytest.raises(ConfigError, match=r"upstream.jobs_url"):
+            require_upstream(s)
 
     def test_explicit_keys_win_over_the_preset(self, tmp_path: Path) -> None:
         """Every preset value is overridable by setting the key."""
@@ -246,8 +301,37 @@ class TestCheckConfigCommand:
         )
         assert out.returncode == 0, out.stderr
         assert "top-secret" not in out.stdout
-        assert 'endpoint = "https://platform.timeback.com/events/1.0/"' in out.stdout
+        assert 'endpoint = "https://platform.timeback.com/caliper/v1p2"' in out.stdout
         assert f'client_secret = "{REDACTED}"' in out.stdout
+
+    def test_says_where_each_value_came_from(self, tmp_path: Path) -> None:
+        """Each value that is not a default names its origin: the file, the environment
+        variable, the preset, or a secret file."""
+        secret = tmp_path / "secret.txt"
+        secret.write_text("from-a-file\n")
+        path = write(
+            tmp_path,
+            f'[upstream]\npreset = "timeback-beyond"\n[oauth]\nclient_id = "c"\n'
+            f'client_secret_file = "{secret}"\n',
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "SIDECAR_UPSTREAM_BATCH_MAX_EVENTS": "50"},
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert f'preset = "timeback-beyond"  # file {path}' in lines
+        assert "batch_max_events = 50  # environment SIDECAR_UPSTREAM_BATCH_MAX_EVENTS" in lines
+        assert any(
+            line.startswith("jobs_url = ") and line.endswith("# preset timeback-beyond")
+            for line in lines
+        )
+        assert f'client_secret = "{REDACTED}"  # file {path}, secret file {secret}' in lines
+        assert "linger_ms = 200" in lines  # a default says nothing
+        assert "from-a-file" not in out.stdout
 
     def test_wrong_config_exits_non_zero_with_the_key(self, tmp_path: Path) -> None:
         path = write(tmp_path, "[upstream]\nbatch_max_events = -1\n")

@@ -80,7 +80,7 @@ class TestKubernetes:
         assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
         env = {e["name"]: e["value"] for e in sidecar["env"]}
         settings = load_settings(None, environ=sidecar_environment(env, tmp_path))
-        assert settings.upstream.endpoint == "https://platform.timeback.com/events/1.0/"
+        assert settings.upstream.endpoint == "https://platform.timeback.com/caliper/v1p2"
         mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
         assert Path(env["SIDECAR_OUTBOX_PATH"]).parent == Path(mounts["outbox"])
         assert env["SIDECAR_OAUTH_CLIENT_SECRET_FILE"].startswith(mounts["timeback-client"])

@@ -90,13 +90,18 @@ class TestAccepted:
             assert resp.status == 202
             assert (await resp.json())["accepted"] == 5
 
-    async def test_caliper_route_answers_200_empty(
-        self, client: aiohttp.ClientSession, sidecar: Sidecar
+    @pytest.mark.parametrize("path", ["/caliper/event", "/caliper/v1p2"])
+    async def test_caliper_routes_answer_as_timeback(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar, path: str
     ) -> None:
-        """POST /caliper/event answers 200 with an empty body, as the Sensor API says."""
-        async with client.post("/caliper/event", json=make_events(2)) as resp:
+        """POST /caliper/event and /caliper/v1p2 answer 200 {"status", "jobId",
+        "eventsAccepted"}, as TimeBack's Caliper API does, after the commit."""
+        async with client.post(path, json=make_events(2)) as resp:
             assert resp.status == 200
-            assert await resp.read() == b""
+            body = await resp.json()
+        assert body["status"] == "success"
+        assert body["eventsAccepted"] == 2
+        assert isinstance(body["jobId"], str) and body["jobId"]
         assert await stored(sidecar) == 2
 
     async def test_event_content_is_kept(
@@ -335,11 +340,11 @@ class TestValidationModes:
 
     async def test_warnings_come_back_in_the_202(self, client: aiohttp.ClientSession) -> None:
         event = make_event()
-        del event["session"]
+        del event["generated"]
         async with client.post("/v1/events", json=event) as resp:
             assert resp.status == 202
             body = await resp.json()
-        assert [w["rule"] for w in body["warnings"]] == ["timeback.session-auto-attach"]
+        assert [w["rule"] for w in body["warnings"]] == ["timeback.view-attempt"]
 
     async def test_warn_mode_accepts_and_reports(self, custom: StartSidecar) -> None:
         _, client = await custom(validation={"mode": "warn"})

@@ -204,17 +204,25 @@ ERRORS: list[tuple[str, Callable[[], Event], Mutation, str, str, str]] = [
         "caliper.profile",
     ),
     (
-        "no-millis",
+        "no-zone",
         lambda: base(VIEWED),
-        setter("eventTime", value="2024-01-15T11:15:00Z"),
+        setter("eventTime", value="2024-01-15T11:15:00.000"),
         "caliper",
         "/eventTime",
         "caliper.datetime",
     ),
     (
-        "offset",
+        "not-utc",
         lambda: base(VIEWED),
-        setter("eventTime", value="2024-01-15T11:15:00.000+00:00"),
+        setter("eventTime", value="2024-01-15T11:15:00.000+02:00"),
+        "caliper",
+        "/eventTime",
+        "caliper.datetime",
+    ),
+    (
+        "ten-decimals",
+        lambda: base(VIEWED),
+        setter("eventTime", value="2024-01-15T11:15:00.0000000000Z"),
         "caliper",
         "/eventTime",
         "caliper.datetime",
@@ -376,7 +384,7 @@ ERRORS: list[tuple[str, Callable[[], Event], Mutation, str, str, str]] = [
         "actor-not-platform-id",
         lambda: base(VIEWED),
         setter("actor", value="https://learningapp.com/users/1"),
-        "timeback",
+        "timeback-learnwith",
         "/actor",
         "timeback.actor-urn-uuid",
     ),
@@ -384,7 +392,7 @@ ERRORS: list[tuple[str, Callable[[], Event], Mutation, str, str, str]] = [
         "no-edapp",
         lambda: base(VIEWED),
         deleter("edApp"),
-        "timeback",
+        "timeback-learnwith",
         "/edApp",
         "timeback.edapp-required",
     ),
@@ -392,7 +400,7 @@ ERRORS: list[tuple[str, Callable[[], Event], Mutation, str, str, str]] = [
         "edapp-url",
         lambda: base(VIEWED),
         setter("edApp", value="https://learningapp.com"),
-        "timeback",
+        "timeback-learnwith",
         "/edApp",
         "timeback.edapp-urn-uuid",
     ),
@@ -495,13 +503,6 @@ WARNINGS: list[tuple[str, Callable[[], Event], Mutation, str, str]] = [
         "timeback.question-score-given",
     ),
     (
-        "no-session",
-        lambda: base(VIEWED),
-        deleter("session"),
-        "/session",
-        "timeback.session-auto-attach",
-    ),
-    (
         "unknown-entity-property",
         lambda: base(VIEWED),
         setter("object", "colour", value="red"),
@@ -545,6 +546,36 @@ class TestRules:
         assert report.errors == []
         assert [(w.path, w.rule) for w in report.warnings] == [(path, rule)]
 
+    def test_session_is_a_learnwith_rule(self) -> None:
+        """A missing `session` is a warning where LearnWith.AI is the upstream, and nothing for
+        the other platforms."""
+        event = base(VIEWED)
+        del event["session"]
+        learnwith = validate_events([event], profile="timeback-learnwith")
+        assert learnwith.errors == []
+        assert [(w.path, w.rule) for w in learnwith.warnings] == [
+            ("/session", "timeback.session-auto-attach")
+        ]
+        assert validate_events([event], profile="timeback").warnings == []
+
+    @pytest.mark.parametrize(
+        "moment",
+        [
+            "2024-01-15T11:15:00Z",
+            "2024-01-15T11:15:00.1Z",
+            "2024-01-15T11:15:00.123456Z",
+            "2024-01-15T11:15:00.123456789Z",
+            "2024-01-15T11:15:00.000+00:00",
+        ],
+    )
+    def test_any_utc_instant_is_a_time(self, moment: str) -> None:
+        """Times are accepted as the platforms take them: any UTC instant, microseconds (as the
+        SDK sends them) included."""
+        event = base(VIEWED)
+        event["eventTime"] = moment
+        event["generated"]["endedAtTime"] = moment
+        assert validate_events([event], profile="timeback").errors == []
+
     def test_datetime_message_gives_the_form(self) -> None:
         event = base(VIEWED)
         event["eventTime"] = "2024-01-15"
@@ -555,7 +586,8 @@ class TestRules:
         event = base(VIEWED)
         del event["edApp"]
         assert validate_events([event], profile="caliper").errors == []
-        assert validate_events([event], profile="timeback").errors
+        assert validate_events([event], profile="timeback").errors == []
+        assert validate_events([event], profile="timeback-learnwith").errors
 
     def test_deep_nesting_is_an_error_not_a_crash(self) -> None:
         event = base(VIEWED)
@@ -624,7 +656,7 @@ class TestValidateCommand:
 
     def test_invalid_stdin_exits_one_with_paths(self) -> None:
         event = base(VIEWED)
-        event["eventTime"] = "2024-01-15T11:15:00Z"
+        event["eventTime"] = "2024-01-15T11:15:00"
         code, out = run_validate(stdin=json.dumps(event))
         assert code == 1
         assert "-: invalid" in out
@@ -654,7 +686,8 @@ class TestValidateCommand:
         }
         path = tmp_path / "envelope.json"
         path.write_text(json.dumps(envelope))
-        assert run_validate(str(path))[0] == 1
+        assert run_validate("--profile", "timeback-learnwith", str(path))[0] == 1
+        assert run_validate(str(path))[0] == 0
         assert run_validate("--profile", "caliper", str(path))[0] == 0
 
     def test_unreadable_and_malformed(self, tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ from .base import (
     AppendResult,
     Batch,
     DeadLetter,
+    Journey,
     NewEvent,
     Outbox,
     OutboxStats,
+    PlatformJobOutcome,
     StoredEvent,
 )
 from .lock import OutboxLock
@@ -23,10 +25,12 @@ __all__ = [
     "AppendResult",
     "Batch",
     "DeadLetter",
+    "Journey",
     "NewEvent",
     "Outbox",
     "OutboxLock",
     "OutboxStats",
+    "PlatformJobOutcome",
     "SqliteOutbox",
     "StoredEvent",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -73,13 +73,51 @@ class OutboxStats:
     dead_letters: int
     delivered_total: int
     dead_lettered_total: int
+    #: platform jobs by state: "waiting"/"active" (followed), "unconfirmed" (given up on)
+    platform_jobs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Journey:
+    """One event's way through the sidecar, as `GET /v1/events/{id}` shows it.
+
+    `state`: "waiting" (stored, not yet accepted by the platform), "awaiting_confirmation" (in a
+    platform job not finished yet), "unconfirmed" (its job was followed as long as allowed and
+    never finished), "delivered" (accepted; the platform has no jobs), "confirmed" (its job
+    completed), or "dead_lettered".
+    """
+
+    id: str
+    state: str
+    received_at: float
+    attempts: int
+    first_attempt_at: float | None = None
+    last_attempt_at: float | None = None
+    last_error: str | None = None
+    delivered_at: float | None = None
+    platform_job: str | None = None
+    platform_id: str | None = None
+    confirmed_at: float | None = None
+    dead_letter: DeadLetter | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformJobOutcome:
+    """What a finished platform job said: the events it processed (id -> the platform's own id),
+    and, when it failed, the events it names as failing (None: it did not say which)."""
+
+    failed: bool
+    reason: str = ""
+    processed: dict[str, str] = field(default_factory=dict)
+    failing: frozenset[str] | None = None
 
 
 class Outbox(Protocol):
     """The storage operations an event goes through, in the order it meets them."""
 
-    async def append(self, events: Sequence[NewEvent]) -> AppendResult:
-        """Commit the events durably, skipping known ids; raises OutboxUnavailable."""
+    async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
+        """Commit the events durably, skipping known ids; raises OutboxUnavailable. With `job`,
+        the ids of all these events are recorded under that job id in the same commit."""
 
     async def wait_appended(self, timeout: float | None) -> None:
         """Return when events were appended since the last claim, or after the timeout."""
@@ -90,8 +128,9 @@ class Outbox(Protocol):
     async def release(self, seqs: Sequence[int]) -> None:
         """Return claimed events untouched (shutdown, or a batch not worth sending yet)."""
 
-    async def acknowledge(self, seqs: Sequence[int]) -> None:
-        """The platform accepted these: remove them, remember their ids for deduplication."""
+    async def acknowledge(self, seqs: Sequence[int], platform_job: str | None = None) -> None:
+        """The platform accepted these: mark them delivered, their ids kept for deduplication.
+        With `platform_job`, they wait for that job to be confirmed, bodies kept."""
 
     async def record_failure(self, seqs: Sequence[int], error: str) -> None:
         """A send failed transiently: count the attempt and release the claim."""
@@ -115,3 +154,26 @@ class Outbox(Protocol):
 
     async def purge_dead_letters(self, ids: Sequence[str] | None) -> int:
         """Delete dead letters (these ids, or all when None); returns the count."""
+
+    async def job_ids_sent_in(self, platform_job: str) -> list[str]:
+        """The ids of the events still waiting for this platform job's word."""
+
+    async def pending_platform_jobs(self) -> list[str]:
+        """Ids of the platform jobs still to be followed, oldest first."""
+
+    async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
+        """Record one look at a platform job that is not finished (or could not be read)."""
+
+    async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
+        """Apply a finished job: processed events confirmed; on failure the failing ones (all
+        unprocessed ones, when it does not say which) dead-lettered with the reason, and the
+        others queued again. Returns how many were dead-lettered."""
+
+    async def give_up_platform_job(self, job: str, reason: str) -> None:
+        """Stop following a job that never finished; its events stay `unconfirmed`."""
+
+    async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
+        """Where each of these events is (ids the outbox does not know are left out)."""
+
+    async def job_event_ids(self, job: str) -> list[str] | None:
+        """The ids of the events an app sent under this job id, or None for an unknown job."""

@@ -88,6 +88,34 @@ MIGRATIONS: Final[tuple[str, ...]] = (
                           delivered_total = delivered_total + 1;
     END;
     """,
+    # 3: processing confirmation and TimeBack's drop-in API. An event the platform accepted into
+    # one of its processing jobs keeps its body until the job completes (a failed job dead-
+    # letters it, and a dead letter can be replayed); `jobs` are the jobs this sidecar answers
+    # apps with, so that their job-status calls work offline.
+    """
+    ALTER TABLE events ADD COLUMN platform_job TEXT;
+    ALTER TABLE events ADD COLUMN platform_id TEXT;
+    ALTER TABLE events ADD COLUMN confirmed_at REAL;
+    CREATE INDEX events_by_platform_job ON events (platform_job) WHERE platform_job IS NOT NULL;
+    CREATE TABLE platform_jobs (
+        id TEXT PRIMARY KEY,
+        sent_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        polls INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    ) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        event_ids TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX jobs_by_time ON jobs (created_at);
+    CREATE TRIGGER events_requeued AFTER UPDATE OF delivered_at ON events
+    WHEN OLD.delivered_at IS NOT NULL AND NEW.delivered_at IS NULL BEGIN
+        UPDATE totals SET events = events + 1, bytes = bytes + OLD.size,
+                          delivered_total = delivered_total - 1;
+    END;
+    """,
 )
 
 VERSION: Final = len(MIGRATIONS)

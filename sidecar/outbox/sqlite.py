@@ -18,7 +18,16 @@ import aiosqlite
 import structlog
 
 from ..exceptions import OutboxUnavailable
-from .base import AppendResult, Batch, DeadLetter, NewEvent, OutboxStats, StoredEvent
+from .base import (
+    AppendResult,
+    Batch,
+    DeadLetter,
+    Journey,
+    NewEvent,
+    OutboxStats,
+    PlatformJobOutcome,
+    StoredEvent,
+)
 from .grouping import GroupCommit
 from .schema import migrate
 
@@ -60,10 +69,10 @@ class SqliteOutbox:
         self.dedupe_window_s = dedupe_window_s
         #: group commits of appends done by this process (a metric; how tests see grouping)
         self.commits = 0
-        self._appends: GroupCommit[Sequence[NewEvent], AppendResult] = GroupCommit(
+        self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
             self._commit_appends, "outbox-appends"
         )
-        self._acks: GroupCommit[Sequence[int], None] = GroupCommit(self._commit_acks, "outbox-acks")
+        self._acks: GroupCommit[_Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
         self._appended = asyncio.Event()
         self._claimed: set[int] = set()
         # Four connections, each with its own thread: ingest commits, reads (claims and
@@ -142,12 +151,10 @@ class SqliteOutbox:
 
     # -- ingest ----------------------------------------------------------------------------
 
-    async def append(self, events: Sequence[NewEvent]) -> AppendResult:
-        return await self._appends.submit(events)
+    async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
+        return await self._appends.submit((events, job))
 
-    async def _commit_appends(
-        self, group: list[Sequence[NewEvent]]
-    ) -> list[AppendResult | OutboxUnavailable]:
+    async def _commit_appends(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
         """One transaction for every append queued: known ids skipped, capacity checked per
         append (all of it or none), one executemany, one commit."""
         try:
@@ -160,9 +167,7 @@ class SqliteOutbox:
             self._appended.set()
         return results
 
-    async def _insert_new(
-        self, group: list[Sequence[NewEvent]]
-    ) -> list[AppendResult | OutboxUnavailable]:
+    async def _insert_new(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
         free = shutil.disk_usage(self.path.parent).free
         if free < self.reserve_bytes:
             # The last of the disk is kept for what empties the outbox: recording deliveries
@@ -175,15 +180,16 @@ class SqliteOutbox:
             )
         conn = self._require(self._ingest)
         now = time.time()
-        all_ids = [e.id for events in group for e in events]
+        all_ids = [e.id for events, _ in group for e in events]
         async with self._transaction(conn):
             known = await self._known_ids(conn, all_ids, now)
             cur = await conn.execute("SELECT events, bytes FROM totals")
             row = await cur.fetchone()
             depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
             rows: list[tuple[str, bytes, int, float]] = []
+            jobs: list[tuple[str, float, str]] = []
             results: list[AppendResult | OutboxUnavailable] = []
-            for events in group:
+            for events, job in group:
                 fresh = []
                 for event in events:
                     if event.id not in known:
@@ -203,6 +209,8 @@ class SqliteOutbox:
                 depth += len(fresh)
                 size += added
                 rows.extend((e.id, e.body, len(e.body), now) for e in fresh)
+                if job is not None:
+                    jobs.append((job, now, json.dumps([e.id for e in events])))
                 results.append(AppendResult(len(fresh), len(events) - len(fresh)))
             if rows:
                 await conn.executemany(
@@ -211,6 +219,10 @@ class SqliteOutbox:
                     "INSERT OR REPLACE INTO events (id, body, size, received_at) "
                     "VALUES (?, ?, ?, ?)",
                     rows,
+                )
+            if jobs:
+                await conn.executemany(
+                    "INSERT OR IGNORE INTO jobs (id, created_at, event_ids) VALUES (?, ?, ?)", jobs
                 )
         self.commits += 1
         return results
@@ -286,19 +298,35 @@ class SqliteOutbox:
     async def release(self, seqs: Sequence[int]) -> None:
         self._claimed.difference_update(seqs)
 
-    async def acknowledge(self, seqs: Sequence[int]) -> None:
-        await self._acks.submit(seqs)
+    async def acknowledge(self, seqs: Sequence[int], platform_job: str | None = None) -> None:
+        await self._acks.submit((seqs, platform_job))
 
-    async def _commit_acks(self, group: list[Sequence[int]]) -> list[OutboxUnavailable | None]:
+    async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
         """Acknowledgements of concurrent deliveries, in one transaction."""
         now = time.time()
-        seqs = [seq for acked in group for seq in acked]
+        seqs = [seq for acked, _ in group for seq in acked]
         async with self._dispatch_transaction(releasing=seqs) as conn:
-            await conn.execute(
-                "UPDATE events SET delivered_at = ?, body = x'' "
-                "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
-                (now, json.dumps(seqs)),
-            )
+            done = [seq for acked, job in group if job is None for seq in acked]
+            if done:
+                await conn.execute(
+                    "UPDATE events SET delivered_at = ?, body = x'' "
+                    "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
+                    (now, json.dumps(done)),
+                )
+            for acked, job in group:
+                if job is None:
+                    continue
+                # The body stays until the platform's job says the event was processed.
+                await conn.execute(
+                    "UPDATE events SET delivered_at = ?, platform_job = ? "
+                    "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
+                    (now, job, json.dumps(list(acked))),
+                )
+                await conn.execute(
+                    "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) "
+                    "VALUES (?, ?, 'waiting')",
+                    (job, now),
+                )
             if now - self._last_prune > _PRUNE_EVERY_S:
                 await self._prune_delivered(conn, now - self.dedupe_window_s)
         return [None] * len(group)
@@ -306,12 +334,19 @@ class SqliteOutbox:
     async def _prune_delivered(self, conn: aiosqlite.Connection, cutoff: float) -> None:
         """Forget delivered events older than the dedupe window, a chunk per acknowledgement
         so that no single commit grows large; done for now when a chunk comes back short."""
+        # Events whose platform job is still followed stay, however old.
         cur = await conn.execute(
             "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
-            "WHERE delivered_at < ? ORDER BY delivered_at LIMIT ?)",
+            "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
+            "WHERE p.id = events.platform_job AND p.state != 'unconfirmed') "
+            "ORDER BY delivered_at LIMIT ?2)",
             (cutoff, _PRUNE_CHUNK),
         )
         await conn.execute("DELETE FROM delivered WHERE delivered_at < ?", (cutoff,))
+        await conn.execute("DELETE FROM jobs WHERE created_at < ?", (cutoff,))
+        await conn.execute(
+            "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < ?", (cutoff,)
+        )
         if cur.rowcount < _PRUNE_CHUNK:
             self._last_prune = time.time()
 
@@ -332,22 +367,32 @@ class SqliteOutbox:
         self, seqs: Sequence[int], reason: str, status: int | None, response: str
     ) -> None:
         # Called right after the attempt that decided it, so that attempt is counted here.
-        now = time.time()
-        wanted = json.dumps(list(seqs))
         async with self._dispatch_transaction(releasing=seqs) as conn:
-            await conn.execute(
-                """
-                INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
-                    response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
-                SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
-                    coalesce(first_attempt_at, ?4), ?4, ?4
-                FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
-                """,
-                (reason, status, response[:1024], now, wanted),
-            )
-            await conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,)
-            )
+            await self._move_to_dead_letters(conn, seqs, reason, status, response, time.time())
+
+    @staticmethod
+    async def _move_to_dead_letters(
+        conn: aiosqlite.Connection,
+        seqs: Sequence[int],
+        reason: str,
+        status: int | None,
+        response: str,
+        now: float,
+    ) -> None:
+        wanted = json.dumps(list(seqs))
+        await conn.execute(
+            """
+            INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
+                response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
+            SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
+                coalesce(first_attempt_at, ?4), ?4, ?4
+            FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
+            """,
+            (reason, status, response[:1024], now, wanted),
+        )
+        await conn.execute(
+            "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,)
+        )
 
     # -- inspection and operations ---------------------------------------------------------
 
@@ -361,6 +406,8 @@ class SqliteOutbox:
             "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
         )
         oldest = await cur.fetchone()
+        cur = await conn.execute("SELECT state, count(*) FROM platform_jobs GROUP BY state")
+        jobs = {str(state): int(n) for state, n in await cur.fetchall()}
         assert totals is not None
         return OutboxStats(
             events=totals[0],
@@ -369,17 +416,14 @@ class SqliteOutbox:
             dead_letters=totals[2],
             delivered_total=totals[3],
             dead_lettered_total=totals[4],
+            platform_jobs=jobs,
         )
 
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
         cur = await self._require(self._reader).execute(
-            """
-            SELECT id, body, reason, status, response, attempts, received_at,
-                first_attempt_at, last_attempt_at, dead_lettered_at
-            FROM dead_letters
-            WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1)
-            ORDER BY seq LIMIT ?2
-            """,
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+            "WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1) "
+            "ORDER BY seq LIMIT ?2",
             (after, limit),
         )
         rows = await cur.fetchall()
@@ -404,6 +448,130 @@ class SqliteOutbox:
         async with self._dispatch_transaction() as conn:
             cur = await conn.execute(f"DELETE FROM dead_letters WHERE {where}", params)
             return cur.rowcount
+
+    # -- processing confirmation -----------------------------------------------------------
+
+    async def pending_platform_jobs(self) -> list[str]:
+        cur = await self._require(self._reader).execute(
+            "SELECT id FROM platform_jobs WHERE state != 'unconfirmed' ORDER BY sent_at"
+        )
+        return [str(r[0]) for r in await cur.fetchall()]
+
+    async def job_ids_sent_in(self, platform_job: str) -> list[str]:
+        cur = await self._require(self._reader).execute(
+            "SELECT id FROM events WHERE platform_job = ? AND confirmed_at IS NULL ORDER BY seq",
+            (platform_job,),
+        )
+        return [str(r[0]) for r in await cur.fetchall()]
+
+    async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
+        async with self._dispatch_transaction() as conn:
+            await conn.execute(
+                "UPDATE platform_jobs SET state = ?, polls = polls + 1, last_error = ? "
+                "WHERE id = ? AND state != 'unconfirmed'",
+                (state, error and error[:1024], job),
+            )
+
+    async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
+        now = time.time()
+        async with self._dispatch_transaction() as conn:
+            cur = await conn.execute(
+                "SELECT seq, id FROM events WHERE platform_job = ? AND confirmed_at IS NULL",
+                (job,),
+            )
+            events = [(int(seq), str(id_)) for seq, id_ in await cur.fetchall()]
+            confirmed = [(outcome.processed.get(i), now, seq) for seq, i in events]
+            if outcome.failed:
+                confirmed = [
+                    c for c, (_, i) in zip(confirmed, events, strict=True) if i in outcome.processed
+                ]
+                unprocessed = [(seq, i) for seq, i in events if i not in outcome.processed]
+                failing = [
+                    seq for seq, i in unprocessed if outcome.failing is None or i in outcome.failing
+                ]
+                again = [seq for seq, i in unprocessed if seq not in set(failing)]
+            else:
+                failing, again = [], []
+            await conn.executemany(
+                "UPDATE events SET confirmed_at = ?2, platform_id = ?1, body = x'' WHERE seq = ?3",
+                confirmed,
+            )
+            if failing:
+                await self._move_to_dead_letters(
+                    conn, failing, "platform_failed", None, outcome.reason, now
+                )
+            if again:
+                # Not the failing event, not processed either: sent again in a new envelope.
+                await conn.execute(
+                    "UPDATE events SET delivered_at = NULL, platform_job = NULL "
+                    "WHERE seq IN (SELECT value FROM json_each(?))",
+                    (json.dumps(again),),
+                )
+            await conn.execute("DELETE FROM platform_jobs WHERE id = ?", (job,))
+        if again:
+            self._appended.set()
+        return len(failing)
+
+    async def give_up_platform_job(self, job: str, reason: str) -> None:
+        async with self._dispatch_transaction() as conn:
+            await conn.execute(
+                "UPDATE platform_jobs SET state = 'unconfirmed', last_error = ? WHERE id = ?",
+                (reason[:1024], job),
+            )
+
+    async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
+        conn = self._require(self._reader)
+        wanted = json.dumps(list(ids))
+        cur = await conn.execute(
+            """
+            SELECT e.id, e.received_at, e.attempts, e.first_attempt_at,
+                e.last_attempt_at, e.last_error, e.delivered_at, e.platform_job, e.platform_id,
+                e.confirmed_at, p.state
+            FROM events e LEFT JOIN platform_jobs p ON p.id = e.platform_job
+            WHERE e.id IN (SELECT value FROM json_each(?))
+            """,
+            (wanted,),
+        )
+        found: dict[str, Journey] = {}
+        for row in await cur.fetchall():
+            id_, received, attempts, first, last, error, delivered, job, pid, confirmed = row[:10]
+            found[id_] = Journey(
+                id=id_,
+                state=_journey_state(delivered, job, confirmed, row[10]),
+                received_at=received,
+                attempts=attempts,
+                first_attempt_at=first,
+                last_attempt_at=last,
+                last_error=error,
+                delivered_at=delivered,
+                platform_job=job,
+                platform_id=pid,
+                confirmed_at=confirmed,
+            )
+        cur = await conn.execute(
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+            "WHERE id IN (SELECT value FROM json_each(?))",
+            (wanted,),
+        )
+        for row in await cur.fetchall():
+            dead = DeadLetter(*row)
+            found[dead.id] = Journey(
+                id=dead.id,
+                state="dead_lettered",
+                received_at=dead.received_at,
+                attempts=dead.attempts,
+                first_attempt_at=dead.first_attempt_at,
+                last_attempt_at=dead.last_attempt_at,
+                dead_letter=dead,
+            )
+        return found
+
+    async def job_event_ids(self, job: str) -> list[str] | None:
+        cur = await self._require(self._reader).execute(
+            "SELECT event_ids FROM jobs WHERE id = ?", (job,)
+        )
+        row = await cur.fetchone()
+        return None if row is None else [str(i) for i in json.loads(row[0])]
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -471,6 +639,29 @@ class SqliteOutbox:
             with contextlib.suppress(sqlite3.Error):
                 await self._require(self._checkpointer).execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return failure
+
+
+#: an append: the events of one request, and the job id an app is answered with
+_Append = tuple[Sequence[NewEvent], str | None]
+#: an acknowledgement: the events of one envelope, and the platform's job for them
+_Ack = tuple[Sequence[int], str | None]
+#: the columns of dead_letters in the order of DeadLetter's fields
+_DEAD_LETTER_COLUMNS: Final = (
+    "id, body, reason, status, response, attempts, received_at, "
+    "first_attempt_at, last_attempt_at, dead_lettered_at"
+)
+
+
+def _journey_state(
+    delivered_at: float | None, job: str | None, confirmed_at: float | None, job_state: str | None
+) -> str:
+    if delivered_at is None:
+        return "waiting"
+    if job is None:
+        return "delivered"
+    if confirmed_at is not None:
+        return "confirmed"
+    return "unconfirmed" if job_state in (None, "unconfirmed") else "awaiting_confirmation"
 
 
 def _selection(ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:

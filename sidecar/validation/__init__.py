@@ -1,7 +1,13 @@
 """Validation at the door: every event is checked before it is acknowledged.
 
 `validate_events` applies, in order, the structural checks (always: the outbox relies on
-them), the Caliper 1.2 rules, and the TimeBack profile when it is selected.
+them), then the rules of the selected profile (`validation.profile`):
+
+- `caliper`: Caliper 1.2 only;
+- `timeback`: what both TimeBack platforms accept: Caliper 1.2 with TimeBack's additions for
+  standard events, and TimeBack's own profile as its official SDK builds it;
+- `timeback-learnwith`: `timeback` plus the identity rules of LearnWith.AI's events reference
+  (the presets for LearnWith.AI choose it).
 """
 
 from __future__ import annotations
@@ -13,10 +19,18 @@ from .caliper import CaliperChecker, looks_like_event, property_table
 from .issues import Finding, Report, pointer
 from .structural import check_structure
 from .timeback import EXTRA_PROPERTIES, TimeBackChecker
+from .timeback_profile import TimebackProfileChecker, is_profile_event
 
-__all__ = ["Finding", "Report", "pointer", "validate_events"]
+__all__ = ["PROFILES", "Finding", "Report", "pointer", "validate_events"]
 
-_PROPERTIES = {"caliper": property_table({}), "timeback": property_table(EXTRA_PROPERTIES)}
+PROFILES = ("timeback", "timeback-learnwith", "caliper")
+
+_TIMEBACK_PROPERTIES = property_table(EXTRA_PROPERTIES)
+_PROPERTIES = {
+    "caliper": property_table({}),
+    "timeback": _TIMEBACK_PROPERTIES,
+    "timeback-learnwith": _TIMEBACK_PROPERTIES,
+}
 
 
 def validate_events(
@@ -32,7 +46,8 @@ def validate_events(
     entities when `allow_entities`, and refused otherwise: the sidecar forwards events.
     """
     report = Report()
-    timeback = profile == "timeback"
+    timeback = profile != "caliper"
+    learnwith = profile == "timeback-learnwith"
     properties = _PROPERTIES[profile]
     for index, item in enumerate(events):
         if isinstance(item, dict) and not looks_like_event(item):
@@ -55,11 +70,16 @@ def validate_events(
         report.errors.extend(structural)
         if mode == "off" or structural:
             continue
+        if timeback and is_profile_event(item):
+            own = TimebackProfileChecker(index)
+            own.event(item)
+            _collect(report, own.errors, own.warnings, mode)
+            continue
         caliper = CaliperChecker(index, properties)
         caliper.event(item)
         errors, warnings = caliper.errors, caliper.warnings
         if timeback:
-            rules = TimeBackChecker(index)
+            rules = TimeBackChecker(index, learnwith)
             rules.event(item)
             errors, warnings = errors + rules.errors, warnings + rules.warnings
         _collect(report, errors, warnings, mode)

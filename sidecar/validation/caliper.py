@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, Final
 
 from .issues import Checker, kind_of, pointer
+from .moments import UTC_INSTANT_FORM, valid_instant
 from .vocabulary import (
     ACTIONS,
     ANONYMOUS_PREFIX,
@@ -25,26 +25,13 @@ from .vocabulary import (
     properties_of,
 )
 
-DATETIME: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 DURATION: Final = re.compile(
     r"P(?!$)(\d+(\.\d+)?Y)?(\d+(\.\d+)?M)?(\d+(\.\d+)?W)?(\d+(\.\d+)?D)?"
     r"(T(?=\d)(\d+(\.\d+)?H)?(\d+(\.\d+)?M)?(\d+(\.\d+)?S)?)?"
 )
 IRI: Final = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.\-]*:|_:)[^\s<>\"{}|\\^`]+")
-DATETIME_FORM: Final = "a UTC time with milliseconds, like 2024-01-15T10:07:30.000Z"
 MAX_DEPTH: Final = 24
 ENTITY_SLOTS: Final = ("actor", "object", "generated", "target", "referrer")
-
-
-def valid_datetime(value: Any) -> bool:
-    """A Caliper DateTime: the exact form, and a real calendar date and time."""
-    if not isinstance(value, str) or not DATETIME.fullmatch(value):
-        return False
-    try:
-        datetime.fromisoformat(value[:-1])
-    except ValueError:
-        return False
-    return True
 
 
 def looks_like_event(item: Mapping[str, Any]) -> bool:
@@ -103,8 +90,8 @@ class CaliperChecker(Checker):
         profile = event.get("profile")
         if "profile" in event and (not isinstance(profile, str) or profile not in PROFILES):
             self.error("/profile", f"`{profile}` is not a Caliper 1.2 profile", "profile")
-        if isinstance(event.get("eventTime"), str) and not valid_datetime(event["eventTime"]):
-            self.error("/eventTime", f"`eventTime` must be {DATETIME_FORM}", "datetime")
+        if isinstance(event.get("eventTime"), str) and not valid_instant(event["eventTime"]):
+            self.error("/eventTime", f"`eventTime` must be {UTC_INSTANT_FORM}", "datetime")
         if "extensions" in event and not isinstance(event["extensions"], dict):
             self.error("/extensions", "`extensions` must be a JSON object", "extensions")
         if rule is not None:
@@ -271,7 +258,7 @@ def _nonneg(v: Any) -> bool:
 
 _SCALARS: Final[dict[str, tuple[Any, str]]] = {
     "string": (lambda v: isinstance(v, str), "a string"),
-    "datetime": (valid_datetime, DATETIME_FORM),
+    "datetime": (valid_instant, UTC_INSTANT_FORM),
     "duration": (
         lambda v: isinstance(v, str) and bool(DURATION.fullmatch(v)),
         "an ISO 8601 duration, like PT30M54S",

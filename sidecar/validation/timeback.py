@@ -1,8 +1,12 @@
-"""The TimeBack profile: the rules of TimeBack's Caliper events reference on top of Caliper 1.2.
+"""TimeBack's rules for standard Caliper events: its events reference on top of Caliper 1.2.
 
 Where the reference (or the platform's authentication guide) says an event *must* be some way,
 breaking it is an error: the platform would refuse or misattribute the event. Where it says
 *should*, it is a warning, returned to the app and logged, never a rejection.
+
+The reference is LearnWith.AI's: its identity rules (the actor and `edApp` as `urn:uuid:` ids,
+`session` auto-attach) apply only when LearnWith.AI is the upstream (`learnwith`); Beyond AI and
+the SDK's own events do without them.
 """
 
 from __future__ import annotations
@@ -33,8 +37,13 @@ class TimeBackChecker(Checker):
 
     prefix = "timeback"
 
+    def __init__(self, index: int, learnwith: bool) -> None:
+        super().__init__(index)
+        self.learnwith = learnwith
+
     def event(self, event: Mapping[str, Any]) -> None:
-        self._identities(event)
+        if self.learnwith:
+            self._identities(event)
         kind, action = event.get("type"), event.get("action")
         generated = event.get("generated")
         if kind == "AssignableEvent" and action in ("Started", "Completed"):
@@ -59,7 +68,7 @@ class TimeBackChecker(Checker):
             self._response(generated)
         elif kind == "GradeEvent":
             self._score(generated)
-        if "session" not in event:
+        if self.learnwith and "session" not in event:
             self.warn(
                 "/session",
                 f"`session` should be {AUTO_ATTACH!r}, so that TimeBack "

@@ -1,0 +1,198 @@
+"""The rest of TimeBack's API, for apps that use TimeBack's SDK with the sidecar as their
+platform: a token endpoint, and job status. And where any one event is: its journey.
+
+An app changes its base URL and its token URL to the sidecar's; its SDK then gets tokens here,
+sends to `/caliper/event` (or `/caliper/v1p2`), and asks `GET /jobs/{id}/status` about the job id
+it was answered with. A job here is the events of one request: `waiting` while stored, `active`
+once sent and not yet confirmed, `completed` when every one reached the platform (and was
+confirmed, where the platform confirms), `failed` when any was dead-lettered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from . import codec
+from .auth import ISSUED_TTL_S, issue_token
+from .ops import utc_from_timestamp
+from .outbox import Journey
+from .receiver import Rejected, authenticate
+from .runtime import RUNTIME
+
+#: states in which an event has reached the platform for good
+_ARRIVED = frozenset({"delivered", "confirmed"})
+#: … or has been sent and is on its way there
+_UNDER_WAY = frozenset({"awaiting_confirmation", "unconfirmed"})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/auth/1.0/token", token),
+        web.get("/jobs/{job}/status", job_status),
+        web.get("/v1/events/{id}", journey),
+    ]
+
+
+def _json(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+async def token(request: web.Request) -> web.Response:
+    """OAuth2 client credentials (RFC 6749 §4.4), with the client authenticated by HTTP Basic
+    or in the form; with `receiver.tokens` set, the client secret must be one of them."""
+    rt = request.app[RUNTIME]
+    try:
+        form = await request.post()
+    except ValueError:
+        form = None
+    if form is None or form.get("grant_type") != "client_credentials":
+        return _oauth_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
+    client_id, secret = _basic(request.headers.get("Authorization", ""))
+    if client_id is None:
+        client_id = str(form.get("client_id", ""))
+        secret = str(form.get("client_secret", ""))
+    tokens = rt.settings.receiver.tokens
+    matched = None
+    for candidate in tokens:  # every one compared, whichever matches
+        if hmac.compare_digest(
+            (secret or "").encode("utf-8", "surrogateescape"), candidate.encode()
+        ):
+            matched = candidate
+    if tokens and matched is None:
+        return _oauth_error(
+            401,
+            "invalid_client",
+            "the client secret must be one of the sidecar's sender tokens (receiver.tokens)",
+            {"WWW-Authenticate": 'Basic realm="caliper-sidecar"'},
+        )
+    answer: dict[str, Any] = {
+        "access_token": issue_token(matched),
+        "token_type": "Bearer",
+        "expires_in": ISSUED_TTL_S,
+    }
+    if form.get("scope"):
+        answer["scope"] = str(form["scope"])
+    return _json(answer, headers={"Cache-Control": "no-store"})
+
+
+def _oauth_error(
+    status: int, error: str, description: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return _json({"error": error, "error_description": description}, status, headers)
+
+
+def _basic(header: str) -> tuple[str | None, str | None]:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None, None
+    client_id, _, secret = decoded.partition(":")
+    return client_id, secret
+
+
+async def job_status(request: web.Request) -> web.Response:
+    """TimeBack's `GET /jobs/{id}/status`, about a job this sidecar answered an app with."""
+    rt = request.app[RUNTIME]
+    try:
+        authenticate(rt, request)
+    except Rejected as e:
+        return _json(e.body, e.status, e.headers)
+    job = request.match_info["job"]
+    ids = await rt.outbox.job_event_ids(job)
+    if ids is None:
+        return _json({"error": "not_found", "message": f"no job {job!r}"}, 404)
+    journeys = await rt.outbox.journeys(ids)
+    return _json({"job": job_document(job, ids, journeys)})
+
+
+def job_document(job: str, ids: list[str], journeys: dict[str, Journey]) -> dict[str, Any]:
+    """The job in the shape of TimeBack's `JobStatus`. An id the outbox no longer knows was
+    delivered longer ago than `outbox.dedupe_window_s` (only delivered events are forgotten)."""
+    found = [journeys.get(i) for i in ids]
+    dead = [j for j in found if j is not None and j.dead_letter is not None]
+    arrived = [j for j in found if j is None or j.state in _ARRIVED]
+    results = [
+        {"allocatedId": j.platform_id or j.id, "externalId": j.id}
+        for j in found
+        if j is not None and j.state in _ARRIVED
+    ]
+    finished = [j.confirmed_at or j.delivered_at for j in found if j is not None]
+    processed_on = utc_from_timestamp(max((t for t in finished if t), default=None))
+    document: dict[str, Any] = {"id": job, "returnValue": None, "processedOn": None}
+    if dead:
+        document["state"] = "failed"
+        document["failedReason"] = "; ".join(
+            f"{j.id}: {j.dead_letter.reason} {j.dead_letter.response[:200]}".strip()
+            for j in dead
+            if j.dead_letter is not None
+        )
+        document["returnValue"] = {"status": "error", "results": results}
+        document["processedOn"] = processed_on
+    elif len(arrived) == len(found):
+        document["state"] = "completed"
+        document["returnValue"] = {"status": "success", "results": results}
+        document["processedOn"] = processed_on
+    elif any(j is not None and (j.state in _UNDER_WAY or j.attempts) for j in found):
+        document["state"] = "active"
+    else:
+        document["state"] = "waiting"
+    return document
+
+
+async def journey(request: web.Request) -> web.Response:
+    """`GET /v1/events/{id}`: received, attempts, sent, platform job, confirmed or
+    dead-lettered and why."""
+    rt = request.app[RUNTIME]
+    try:
+        authenticate(rt, request)
+    except Rejected as e:
+        return _json(e.body, e.status, e.headers)
+    event_id = request.match_info["id"]
+    found = (await rt.outbox.journeys([event_id])).get(event_id)
+    if found is None:
+        return _json(
+            {
+                "error": "not_found",
+                "message": f"the outbox does not know {event_id!r} (never received, or "
+                "delivered longer ago than outbox.dedupe_window_s)",
+            },
+            404,
+        )
+    return _json(journey_document(found))
+
+
+def journey_document(j: Journey) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "id": j.id,
+        "state": j.state,
+        "received_at": utc_from_timestamp(j.received_at),
+        "attempts": j.attempts,
+        "first_attempt_at": utc_from_timestamp(j.first_attempt_at),
+        "last_attempt_at": utc_from_timestamp(j.last_attempt_at),
+        "last_error": j.last_error,
+        "delivered_at": utc_from_timestamp(j.delivered_at),
+        "platform_job": j.platform_job,
+        "platform_id": j.platform_id,
+        "confirmed_at": utc_from_timestamp(j.confirmed_at),
+    }
+    if j.dead_letter is not None:
+        d = j.dead_letter
+        document["dead_letter"] = {
+            "reason": d.reason,
+            "status": d.status,
+            "response": d.response,
+            "dead_lettered_at": utc_from_timestamp(d.dead_lettered_at),
+        }
+    return document

@@ -1,0 +1,138 @@
+"""The LearnWith.AI form of TimeBack's profile: what that platform takes instead of
+`TimebackProfile` events.
+
+TimeBack's official SDK rewrites every envelope it sends to LearnWith.AI
+(`timeback_caliper/resources/event_transformers/lwai.py`, timeback-caliper 0.4.0): the profile
+becomes `AggregationProfile`, the `TimebackUser` a `Person`, the activity context an
+`AssignableDigitalResource`, the metrics collections standard ones, the time milliseconds, and a
+missing `session` becomes auto-attach. The sidecar applies the same rewrite on the way out, to
+`TimebackProfile` events only: everything else is forwarded as received, and the outbox keeps
+every event as it arrived.
+
+One difference, on purpose: the SDK draws a random id for each metric (and for a collection
+without one); here the ids are derived from the event's id, so a resend after a crash carries
+the same ids and the platform can recognise it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from . import codec
+
+#: the path of LearnWith.AI's Caliper API, by which its endpoints are recognised
+CALIPER_PATH: Final = "/caliper/v1p2"
+AUTO_ATTACH: Final = "urn:tag:auto-attach"
+_MARK: Final = b'"TimebackProfile"'
+_RESOURCE_EVENTS: Final = frozenset(
+    {"ActivityEvent", "TimeSpentEvent", "AssignableEvent", "ViewEvent"}
+)
+#: event type -> (collection type, metric type, the metric name when an item has none)
+_COLLECTIONS: Final = {
+    "ActivityEvent": ("ActivityMetricsCollection", "ActivityMetric", ""),
+    "TimeSpentEvent": ("TimeSpentMetricsCollection", "TimeSpentMetric", "Active"),
+}
+_IDS: Final = uuid.UUID("6f1c2a9e-3b47-4d0a-9c55-2a8e7d1b4f60")
+
+
+def wants_learnwith_form(endpoint: str) -> bool:
+    """True when the endpoint is LearnWith.AI's Caliper API (a path ending in /caliper/v1p2)."""
+    return endpoint.split("?", 1)[0].rstrip("/").endswith(CALIPER_PATH)
+
+
+def rewrite_body(body: bytes) -> bytes:
+    """A stored event in the form LearnWith.AI takes; any event that is not a TimebackProfile
+    event comes back as the same bytes."""
+    if _MARK not in body:  # most events: no parsing at all
+        return body
+    event = codec.loads(body)
+    if not isinstance(event, dict) or event.get("profile") != "TimebackProfile":
+        return body
+    return codec.dumps(rewrite_event(event))
+
+
+def rewrite_event(event: dict[str, Any]) -> dict[str, Any]:
+    """The LearnWith.AI form of one TimebackProfile event (a new dict)."""
+    out = dict(event)
+    out.setdefault("@context", "http://purl.imsglobal.org/ctx/caliper/v1p2")
+    out["profile"] = "AggregationProfile"
+    kind = out.get("type")
+    actor = out.get("actor")
+    if isinstance(actor, dict) and actor.get("type") == "TimebackUser":
+        out["actor"] = {"type": "Person", "id": actor.get("id")}
+    obj = out.get("object")
+    if isinstance(obj, dict):
+        resource = obj.get("type") == "TimebackActivityContext" and kind in _RESOURCE_EVENTS
+        out["object"] = _resource(obj) if resource else dict(obj)
+    generated = out.get("generated")
+    if isinstance(generated, dict) and kind in _COLLECTIONS:
+        out["generated"] = _collection(generated, *_COLLECTIONS[kind], str(out.get("id")))
+    if "eventTime" in out:
+        out["eventTime"] = _milliseconds(out["eventTime"])
+    if not out.get("session"):
+        out["session"] = AUTO_ATTACH
+    return out
+
+
+def _resource(context: dict[str, Any]) -> dict[str, Any]:
+    resource: dict[str, Any] = {"type": "AssignableDigitalResource", "id": context.get("id")}
+    if context.get("name"):
+        resource["name"] = context["name"]
+    course = context.get("course")
+    if isinstance(course, dict):
+        part: dict[str, Any] = {"type": "CourseOffering", "id": course.get("id")}
+        if course.get("name"):
+            part["name"] = course["name"]
+        resource["isPartOf"] = part
+    app = context.get("app")
+    if isinstance(app, dict):
+        resource["extensions"] = {
+            "app": {"name": app.get("name"), "type": app.get("type", "SoftwareApplication")}
+        }
+    return resource
+
+
+def _collection(
+    source: dict[str, Any], kind: str, item_kind: str, default_metric: str, event_id: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": source["id"] if "id" in source else _derived_id(event_id, "generated"),
+        "type": kind,
+    }
+    if "items" in source:
+        out["items"] = [
+            {
+                "id": _derived_id(event_id, f"generated/items/{i}"),
+                "type": item_kind,
+                "metricType": _pascal(item.get("type", "")) or default_metric,
+                "metricValue": item.get("value"),
+            }
+            for i, item in enumerate(source["items"])
+        ]
+    out.update((k, v) for k, v in source.items() if k not in ("id", "type", "items"))
+    return out
+
+
+def _pascal(name: Any) -> str:
+    return name[:1].upper() + name[1:] if isinstance(name, str) else ""
+
+
+def _derived_id(event_id: str, where: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(_IDS, f'{event_id}/{where}')}"
+
+
+def _milliseconds(value: Any) -> Any:
+    """A time as LearnWith.AI wants it, UTC with exactly three decimals; left alone if it is
+    not a time (as the SDK does)."""
+    if not isinstance(value, str) or not value:
+        return value
+    text = value[:-1] + "+00:00" if value.endswith("Z") else value
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return value
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"

@@ -1,9 +1,19 @@
-"""A fake TimeBack: an OAuth2 token endpoint and a Caliper endpoint, with fault injection.
+"""A fake TimeBack: OAuth2 token endpoints and the Caliper endpoints of both platforms, with
+fault injection.
 
-It checks what the real platform checks (client credentials, expiring bearer tokens, the
-envelope's exact shape) and records what it accepts, so tests, the demo and benchmarks can
-compare what was acknowledged with what arrived. Faults are set from Python (`FakeTimeBack
-.faults`) or over HTTP (`POST /_mock/faults`), for a learning app developed offline.
+It checks what the real platforms check (client credentials, expiring bearer tokens, the
+envelope's exact shape, the form of TimeBack's profile each platform takes) and records what it
+accepts, so tests, the demo and benchmarks can compare what was acknowledged with what arrived.
+
+- `/caliper/v1p2` is LearnWith.AI: it refuses `TimebackProfile` events (that platform takes the
+  `AggregationProfile` form the SDK rewrites them into) and has no jobs.
+- `/caliper/event` is Beyond AI: it answers `{"jobId", "eventsAccepted"}` and processes each
+  envelope as a job, `GET /jobs/{id}/status` saying `waiting`, `active`, then `completed` or
+  `failed` (with per-event failures injectable).
+- `/events/1.0/` is the older TimeBack events API: a plain 200.
+
+Faults are set from Python (`FakeTimeBack.faults`) or over HTTP (`POST /_mock/faults`), for a
+learning app developed offline.
 """
 
 from __future__ import annotations
@@ -30,7 +40,11 @@ from .envelope import DATA_VERSION, ENVELOPE_KEYS
 from .signals import until_stop_signal
 
 TOKEN_PATH: Final = "/auth/1.0/token"
+COGNITO_TOKEN_PATH: Final = "/oauth2/token"
 EVENTS_PATH: Final = "/events/1.0/"
+LEARNWITH_PATH: Final = "/caliper/v1p2"
+BEYOND_PATH: Final = "/caliper/event"
+JOBS_PATH: Final = "/jobs/{id}/status"
 _NOT_KEPT: Final[dict[str, Any]] = {}
 JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 SEND_TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -66,6 +80,48 @@ class Faults:
     #: a random fault that sleeps sleeps this long (set it past the client's timeout)
     chaos_slow_s: float = 2.0
     rng: random.Random = field(default_factory=lambda: random.Random(1))
+    #: Beyond AI: a job holding any of these event ids fails, naming them (the others succeed)
+    fail_job_ids: set[str] = field(default_factory=set)
+    #: Beyond AI: jobs are processed this long after the envelope arrived
+    job_delay_s: float = 0.2
+    #: Beyond AI: jobs never finish (stay `active`)
+    stuck_jobs: bool = False
+
+
+@dataclass
+class FakeJob:
+    """One envelope as Beyond AI processes it."""
+
+    id: str
+    event_ids: list[str]
+    created: float  # time.monotonic()
+    failing: list[str]
+    stuck: bool
+    polls: int = 0
+
+    def document(self, delay_s: float) -> dict[str, Any]:
+        age = time.monotonic() - self.created
+        if self.stuck or age < delay_s:
+            return {"id": self.id, "state": "waiting" if age < delay_s / 2 else "active"}
+        results = [
+            {"allocatedId": str(abs(hash(i)) % 10**9), "externalId": i}
+            for i in self.event_ids
+            if i not in self.failing
+        ]
+        done: dict[str, Any] = {"id": self.id, "processedOn": "2024-01-15T10:00:00.000Z"}
+        if self.failing:
+            reason = "; ".join(f"event {i} rejected: extension not allowed" for i in self.failing)
+            return {
+                **done,
+                "state": "failed",
+                "failedReason": reason,
+                "returnValue": {"status": "error", "results": results},
+            }
+        return {
+            **done,
+            "state": "completed",
+            "returnValue": {"status": "success", "results": results},
+        }
 
 
 class FakeTimeBack:
@@ -89,6 +145,8 @@ class FakeTimeBack:
         self.faults = Faults()
         self.tokens: dict[str, float] = {}  # access token -> expiry (time.time())
         self.received: dict[str, dict[str, Any]] = {}  # event id -> first copy received
+        self.arrived_via: dict[str, str] = {}  # event id -> the path it first arrived on
+        self.jobs: dict[str, FakeJob] = {}
         self.order: list[str] = []  # event ids in the order first received
         self.duplicates = 0
         self.envelopes = 0
@@ -109,7 +167,11 @@ class FakeTimeBack:
         app.add_routes(
             [
                 web.post(TOKEN_PATH, self._token),
+                web.post(COGNITO_TOKEN_PATH, self._token),
                 web.post(EVENTS_PATH, self._events),
+                web.post(LEARNWITH_PATH, self._events),
+                web.post(BEYOND_PATH, self._events),
+                web.get(JOBS_PATH, self._job_status),
                 web.get("/_mock/events", self._list_events),
                 web.post("/_mock/faults", self._set_faults),
                 web.get("/healthz", self._alive),
@@ -215,12 +277,15 @@ class FakeTimeBack:
             return _drop(request)
         return web.json_response(body, status=status, headers=headers)
 
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        expiry = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        return expiry is not None and expiry > time.time()
+
     async def _check(self, request: web.Request) -> tuple[int, Any, dict[str, str]]:
         """Decide the answer: (status, JSON body, headers); status 0 drops the connection."""
         f = self.faults
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        expiry = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-        if expiry is None or expiry <= time.time():
+        if not self._authorized(request):
             return 401, {"error": "invalid_token"}, {"WWW-Authenticate": "Bearer"}
         if request.content_type != "application/json":
             return 415, {"error": f"unsupported content type {request.content_type}"}, {}
@@ -244,13 +309,45 @@ class FakeTimeBack:
         if problem is not None:
             status = 422 if problem.startswith("unsupported dataVersion") else 400
             return status, {"error": problem}, {}
-        refused = [e.get("id") for e in envelope["data"] if e.get("id") in f.refuse_ids]
+        data = envelope["data"]
+        refused = [e.get("id") for e in data if e.get("id") in f.refuse_ids]
         if refused:
             return 422, {"error": "event rejected", "ids": refused}, {}
+        if request.path == LEARNWITH_PATH:
+            wrong = [e["id"] for e in data if not learnwith_form(e)]
+            if wrong:
+                return (
+                    422,
+                    {
+                        "error": "TimebackProfile events are not accepted here: LearnWith.AI "
+                        "takes them in AggregationProfile form",
+                        "ids": wrong,
+                    },
+                    {},
+                )
         self.max_envelope_bytes_seen = max(self.max_envelope_bytes_seen, len(raw))
         self.last_envelope = {k: v for k, v in envelope.items() if k != "data"}
-        self._record(envelope["data"])
-        return 200, {"status": "success", "events": len(envelope["data"])}, {}
+        self._record(data, request.path)
+        if request.path == BEYOND_PATH:
+            job = FakeJob(
+                secrets.token_hex(8),
+                [e["id"] for e in data],
+                time.monotonic(),
+                [e["id"] for e in data if e["id"] in f.fail_job_ids],
+                f.stuck_jobs,
+            )
+            self.jobs[job.id] = job
+            return 200, {"jobId": job.id, "eventsAccepted": len(data)}, {}
+        return 200, {"status": "success", "events": len(data)}, {}
+
+    async def _job_status(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "invalid_token"}, status=401)
+        job = self.jobs.get(request.match_info["id"])
+        if job is None:
+            return web.json_response({"error": "job not found"}, status=404)
+        job.polls += 1
+        return web.json_response({"job": job.document(self.faults.job_delay_s)})
 
     async def _chaos(self) -> tuple[int, Any, dict[str, str]]:
         f = self.faults
@@ -263,7 +360,7 @@ class FakeTimeBack:
         headers = {"Retry-After": "1"} if kind == "429" else {}
         return int(kind), {"error": f"chaos {kind}"}, headers
 
-    def _record(self, events: list[dict[str, Any]]) -> None:
+    def _record(self, events: list[dict[str, Any]], path: str) -> None:
         self.envelopes += 1
         self.max_events_seen = max(self.max_events_seen, len(events))
         for event in events:
@@ -271,6 +368,8 @@ class FakeTimeBack:
                 self.duplicates += 1
             else:
                 self.received[event["id"]] = event if self.keep_events else _NOT_KEPT
+                if self.keep_events:
+                    self.arrived_via[event["id"]] = path
                 self.order.append(event["id"])
         self.arrived.set()
 
@@ -290,7 +389,8 @@ class FakeTimeBack:
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         """Set faults over HTTP: fail_next {status, times, retry_after}, latency_ms,
-        refuse_ids, outage_s, chaos_rate, revoke_tokens."""
+        refuse_ids, outage_s, chaos_rate, revoke_tokens, and for Beyond AI's jobs
+        fail_job_ids, job_delay_ms, stuck_jobs."""
         body = await request.json()
         f = self.faults
         if "fail_next" in body:
@@ -305,6 +405,12 @@ class FakeTimeBack:
             f.chaos_rate = float(body["chaos_rate"])
         if body.get("revoke_tokens"):
             self.revoke_tokens()
+        if "fail_job_ids" in body:
+            f.fail_job_ids = set(body["fail_job_ids"])
+        if "job_delay_ms" in body:
+            f.job_delay_s = float(body["job_delay_ms"]) / 1000
+        if "stuck_jobs" in body:
+            f.stuck_jobs = bool(body["stuck_jobs"])
         return web.json_response({"ok": True})
 
     async def _alive(self, request: web.Request) -> web.Response:
@@ -331,6 +437,14 @@ def envelope_problem(envelope: Any) -> str | None:
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
             return "every data item must be an object with a string id"
     return None
+
+
+def learnwith_form(event: dict[str, Any]) -> bool:
+    """Whether LearnWith.AI takes this event: TimeBack's profile only in its own form."""
+    actor = event.get("actor")
+    return event.get("profile") != "TimebackProfile" and not (
+        isinstance(actor, dict) and actor.get("type") == "TimebackUser"
+    )
 
 
 def _take(script: deque[ScriptedFault]) -> ScriptedFault | None:
@@ -387,6 +501,21 @@ class RunningFake:
     def events_url(self) -> str:
         return self.base_url + EVENTS_PATH
 
+    @property
+    def learnwith_url(self) -> str:
+        """LearnWith.AI's Caliper endpoint."""
+        return self.base_url + LEARNWITH_PATH
+
+    @property
+    def beyond_url(self) -> str:
+        """Beyond AI's Caliper endpoint."""
+        return self.base_url + BEYOND_PATH
+
+    @property
+    def jobs_url(self) -> str:
+        """Beyond AI's job status, with `{id}` where the job id goes."""
+        return self.base_url + JOBS_PATH
+
     async def close(self) -> None:
         await self.runner.cleanup()
 
@@ -408,15 +537,20 @@ async def serve_fake(fake: FakeTimeBack, host: str, port: int) -> None:
     running = await start_fake(fake, host, port)
     print(
         f"fake TimeBack listening on {running.base_url}\n"
-        f"  token endpoint     {running.token_url}  (client_id={fake.client_id!r})\n"
-        f"  Caliper endpoint   {running.events_url}\n"
+        f"  token endpoint     {running.token_url}  (client_id={fake.client_id!r}, "
+        f"client_secret={fake.client_secret!r})\n"
+        f"  LearnWith.AI       {running.learnwith_url}\n"
+        f"  Beyond AI          {running.beyond_url}  (jobs: {running.jobs_url})\n"
+        f"  older events API   {running.events_url}\n"
         f"  received events    GET {running.base_url}/_mock/events\n"
         f"  inject faults      POST {running.base_url}/_mock/faults\n"
-        "Point a sidecar at it with:\n"
-        f"  SIDECAR_UPSTREAM_ENDPOINT={running.events_url} "
-        f"SIDECAR_OAUTH_TOKEN_URL={running.token_url} \\\n"
-        f"  SIDECAR_OAUTH_CLIENT_ID={fake.client_id} SIDECAR_OAUTH_CLIENT_SECRET=... "
-        "caliper-sidecar run",
+        "Point a sidecar at it as Beyond AI with:\n"
+        f"  SIDECAR_UPSTREAM_ENDPOINT={running.beyond_url} "
+        f"SIDECAR_UPSTREAM_JOBS_URL='{running.jobs_url}' \\\n"
+        f"  SIDECAR_OAUTH_TOKEN_URL={running.token_url} "
+        f"SIDECAR_OAUTH_CLIENT_ID={fake.client_id} "
+        f"SIDECAR_OAUTH_CLIENT_SECRET={fake.client_secret} caliper-sidecar run\n"
+        f"(or as LearnWith.AI: SIDECAR_UPSTREAM_ENDPOINT={running.learnwith_url}, no jobs URL)",
         flush=True,
     )
     try:

@@ -12,7 +12,7 @@ import aiohttp
 
 from sidecar.envelope import build_envelope
 
-from .conftest import free_port, make_event
+from .conftest import eventually, free_port, make_event, sdk_events
 
 
 async def test_serves_prints_its_urls_and_stops_on_sigterm() -> None:
@@ -37,9 +37,13 @@ async def test_serves_prints_its_urls_and_stops_on_sigterm() -> None:
         assert proc.stdout is not None
         banner = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
         assert f"http://127.0.0.1:{port}" in banner
-        lines = [(await asyncio.wait_for(proc.stdout.readline(), 5)).decode() for _ in range(2)]
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 5)).decode() for _ in range(4)]
         assert f"http://127.0.0.1:{port}/auth/1.0/token" in lines[0]
-        assert f"http://127.0.0.1:{port}/events/1.0/" in lines[1]
+        assert "client_secret='s3cret'" in lines[0]
+        assert f"http://127.0.0.1:{port}/caliper/v1p2" in lines[1]
+        assert f"http://127.0.0.1:{port}/caliper/event " in lines[2]
+        assert f"http://127.0.0.1:{port}/jobs/{{id}}/status" in lines[2]
+        assert f"http://127.0.0.1:{port}/events/1.0/" in lines[3]
         base = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
             async with http.post(
@@ -58,6 +62,21 @@ async def test_serves_prints_its_urls_and_stops_on_sigterm() -> None:
                 assert resp.status == 200
             async with http.get(f"{base}/_mock/events") as resp:
                 assert (await resp.json())["ids"] == [event["id"]]
+            auth = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+            sdk_event = sdk_events()[0]
+            envelope = build_envelope("https://app.test/s", [json.dumps(sdk_event).encode()])
+            async with http.post(f"{base}/caliper/v1p2", data=envelope, headers=auth) as resp:
+                assert resp.status == 422  # LearnWith.AI takes TimeBack's profile in its form
+            async with http.post(f"{base}/caliper/event", data=envelope, headers=auth) as resp:
+                assert resp.status == 200
+                answer = await resp.json()
+            assert answer["eventsAccepted"] == 1
+
+            async def completed() -> bool:
+                async with http.get(f"{base}/jobs/{answer['jobId']}/status", headers=auth) as r:
+                    return bool((await r.json())["job"]["state"] == "completed")
+
+            await eventually(completed)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import sys
 from pathlib import Path
@@ -13,7 +14,14 @@ import pytest
 
 from sidecar.mock_upstream import RunningFake
 
-from .conftest import SidecarProcess, free_port, make_events, write_config
+from .conftest import (
+    SidecarProcess,
+    eventually,
+    free_port,
+    make_events,
+    sdk_envelopes,
+    write_config,
+)
 
 
 def launch(
@@ -170,3 +178,58 @@ class TestStartupErrors:
         code, err = await self.run_with(tmp_path, SIDECAR_RECEIVER_HOST="0.0.0.0")
         assert code == 2
         assert "receiver.tokens" in err
+
+
+class TestTimebackSdkApp:
+    """An app using TimeBack's SDK, pointed at the real process instead of the platform."""
+
+    @pytest.mark.parametrize("upstream", ["beyond-ai", "learnwith-ai"])
+    async def test_sdk_app_through_the_sidecar(
+        self,
+        tmp_path: Path,
+        platform: RunningFake,
+        processes: list[SidecarProcess],
+        upstream: str,
+    ) -> None:
+        """The SDK's calls (token with Basic auth, its envelopes on its send path, job status)
+        work against `caliper-sidecar run`, and the events come out as the platform behind it
+        expects: Beyond AI confirms them through its jobs; LearnWith.AI gets its own form."""
+        beyond = upstream == "beyond-ai"
+        endpoint = platform.beyond_url if beyond else platform.learnwith_url
+        extra: dict[str, Any] = {"upstream__endpoint": endpoint, "receiver__tokens": ["t-1"]}
+        if beyond:
+            extra["upstream__jobs_url"] = platform.jobs_url
+        p = launch(tmp_path, platform, processes, **extra)
+        await p.wait_ready()
+        send_path = "/caliper/event" if beyond else "/caliper/v1p2"
+        ids: list[str] = []
+        async with aiohttp.ClientSession(base_url=p.url) as app:
+            async with app.post(
+                "/auth/1.0/token",
+                data={"grant_type": "client_credentials"},
+                headers={"Authorization": "Basic " + base64.b64encode(b"my-app:t-1").decode()},
+            ) as resp:
+                token = (await resp.json())["access_token"]
+            headers = {"Authorization": f"Bearer {token}"}
+            jobs = []
+            for envelope in sdk_envelopes("beyond-ai"):
+                async with app.post(send_path, json=envelope, headers=headers) as resp:
+                    assert resp.status == 200
+                    jobs.append((await resp.json())["jobId"])
+                ids += [e["id"] for e in envelope["data"]]
+            await platform.fake.wait_for(set(ids), timeout=20)
+
+            async def all_completed() -> bool:
+                for job in jobs:
+                    async with app.get(f"/jobs/{job}/status", headers=headers) as resp:
+                        if (await resp.json())["job"]["state"] != "completed":
+                            return False
+                return True
+
+            await eventually(all_completed, timeout=20)
+            async with app.get(f"/v1/events/{ids[0]}", headers=headers) as resp:
+                journey = await resp.json()
+        assert journey["state"] == ("confirmed" if beyond else "delivered")
+        arrived = platform.fake.received[ids[0]]
+        assert arrived["profile"] == ("TimebackProfile" if beyond else "AggregationProfile")
+        assert await p.terminate() == 0

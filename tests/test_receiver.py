@@ -101,7 +101,8 @@ class TestAccepted:
             body = await resp.json()
         assert body["status"] == "success"
         assert body["eventsAccepted"] == 2
-        assert isinstance(body["jobId"], str) and body["jobId"]
+        assert isinstance(body["jobId"], str)
+        assert body["jobId"]
         assert await stored(sidecar) == 2
 
     async def test_event_content_is_kept(

@@ -17,7 +17,7 @@ from sidecar.samples import sample_events
 from sidecar.validation import validate_events
 from sidecar.validation.shape import events_of
 
-from .conftest import SHARED
+from .conftest import SHARED, sdk_events
 
 FIXTURES = SHARED / "caliper-fixtures" / "v1p2"
 REFERENCE = SHARED / "timeback-caliper-events.txt"
@@ -116,9 +116,9 @@ def tool_launch() -> Event:
 Mutation = Callable[[Event], Any]
 
 
-def setter(*path: str, value: Any) -> Mutation:
+def setter(*path: str | int, value: Any) -> Mutation:
     def mutate(event: Event) -> None:
-        target = event
+        target: Any = event
         for part in path[:-1]:
             target = target[part]
         target[path[-1]] = value
@@ -126,9 +126,9 @@ def setter(*path: str, value: Any) -> Mutation:
     return mutate
 
 
-def deleter(*path: str) -> Mutation:
+def deleter(*path: str | int) -> Mutation:
     def mutate(event: Event) -> None:
-        target = event
+        target: Any = event
         for part in path[:-1]:
             target = target[part]
         del target[path[-1]]
@@ -723,3 +723,165 @@ class TestValidateCommand:
         output = os.read(master, 65536)
         os.close(master)
         assert b"\x1b[32mvalid\x1b[0m" in output
+
+
+def sdk_event(kind: str) -> Event:
+    """The first event of this type the SDK built (see tests/data/timeback-sdk-0.4.0)."""
+    return copy.deepcopy(next(e for e in sdk_events() if e["type"] == kind))
+
+
+# (id, event type, mutation, path, rule): each breaks one rule of the SDK's own types
+SDK_ERRORS: list[tuple[str, str, Mutation, str, str]] = [
+    (
+        "metric-type",
+        "ActivityEvent",
+        setter("generated", "items", 0, "type", value="xp"),
+        "/generated/items/0/type",
+        "timeback.metric",
+    ),
+    (
+        "negative-value",
+        "ActivityEvent",
+        setter("generated", "items", 0, "value", value=-1),
+        "/generated/items/0/value",
+        "timeback.metric-value",
+    ),
+    (
+        "value-as-text",
+        "ActivityEvent",
+        setter("generated", "items", 0, "value", value="10"),
+        "/generated/items/0/value",
+        "timeback.metric-value",
+    ),
+    (
+        "more-than-a-day",
+        "TimeSpentEvent",
+        setter("generated", "items", 0, "value", value=86401),
+        "/generated/items/0/value",
+        "timeback.metric-value",
+    ),
+    (
+        "time-metric-type",
+        "TimeSpentEvent",
+        setter("generated", "items", 0, "type", value="idle"),
+        "/generated/items/0/type",
+        "timeback.metric",
+    ),
+    (
+        "attempt-zero",
+        "ActivityEvent",
+        setter("generated", "attempt", value=0),
+        "/generated/attempt",
+        "timeback.attempt",
+    ),
+    (
+        "subject",
+        "ActivityEvent",
+        setter("object", "subject", value="Art"),
+        "/object/subject",
+        "timeback.subject",
+    ),
+    ("no-email", "ActivityEvent", deleter("actor", "email"), "/actor/email", "timeback.required"),
+    (
+        "role",
+        "ActivityEvent",
+        setter("actor", "role", value="parent"),
+        "/actor/role",
+        "timeback.term",
+    ),
+    (
+        "no-app-name",
+        "TimeSpentEvent",
+        deleter("object", "app", "name"),
+        "/object/app/name",
+        "timeback.required",
+    ),
+    (
+        "empty-course-name",
+        "ActivityEvent",
+        setter("object", "course", value={"name": ""}),
+        "/object/course/name",
+        "timeback.required",
+    ),
+    (
+        "empty-actor-id",
+        "ActivityEvent",
+        setter("actor", "id", value=""),
+        "/actor/id",
+        "timeback.required",
+    ),
+    (
+        "wrong-action",
+        "ActivityEvent",
+        setter("action", value="Started"),
+        "/action",
+        "timeback.action",
+    ),
+    (
+        "wrong-collection",
+        "ActivityEvent",
+        setter("generated", "type", value="TimebackTimeSpentMetricsCollection"),
+        "/generated/type",
+        "timeback.type",
+    ),
+    (
+        "no-zone",
+        "TimeSpentEvent",
+        setter("eventTime", value="2024-01-15T10:30:00.123456"),
+        "/eventTime",
+        "timeback.datetime",
+    ),
+    (
+        "actor-as-iri",
+        "ActivityEvent",
+        setter("actor", value="urn:uuid:x"),
+        "/actor",
+        "timeback.type",
+    ),
+]
+
+
+class TestTimebackSdk:
+    """The events TimeBack's official SDK builds (timeback-caliper 0.4.0)."""
+
+    @pytest.mark.parametrize("platform", ["beyond-ai", "learnwith-ai"])
+    def test_every_sdk_event_is_accepted(self, platform: str) -> None:
+        """Every event the SDK sends, as built and in its LearnWith.AI form, passes the default
+        profile."""
+        assert validate_events(sdk_events(platform), profile="timeback").errors == []
+
+    def test_sdk_events_are_not_caliper_1_2(self) -> None:
+        """The caliper profile stays Caliper 1.2: TimeBack's own event types are not in it."""
+        errors = validate_events([sdk_event("ActivityEvent")], profile="caliper").errors
+        assert ("/type", "caliper.event-type") in [(e.path, e.rule) for e in errors]
+
+    @pytest.mark.parametrize(
+        ("kind", "mutate", "path", "rule"),
+        [pytest.param(*case[1:], id=case[0]) for case in SDK_ERRORS],
+    )
+    def test_breaking_one_sdk_rule_is_one_error(
+        self, kind: str, mutate: Mutation, path: str, rule: str
+    ) -> None:
+        """What the SDK's types refuse is refused, at the right place, and nothing else."""
+        event = sdk_event(kind)
+        assert validate_events([event]).errors == []
+        mutate(event)
+        errors = validate_events([event]).errors
+        assert [(e.path, e.rule) for e in errors] == [(path, rule)]
+
+    def test_sdk_extras_are_allowed(self) -> None:
+        """The SDK's models allow extra properties, so the platform sees them: so do we."""
+        event = sdk_event("ActivityEvent")
+        event["actor"]["grade"] = 5
+        event["object"]["unit"] = {"name": "fractions"}
+        event["custom"] = True
+        assert validate_events([event]).errors == []
+
+    def test_learnwith_form_is_checked(self) -> None:
+        """The LearnWith.AI form is checked too: a metric in it must be one the SDK knows."""
+        event = copy.deepcopy(next(e for e in sdk_events("learnwith-ai") if "generated" in e))
+        event["generated"]["items"][0]["metricType"] = "Bogus"
+        errors = validate_events([event]).errors
+        assert [(e.path, e.rule) for e in errors] == [
+            ("/generated/items/0/metricType", "timeback.metric")
+        ]

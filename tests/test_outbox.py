@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.exceptions import OutboxLocked, OutboxUnavailable
-from sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
+from sidecar.outbox import NewEvent, OutboxLock, PlatformJobOutcome, SqliteOutbox
 from sidecar.outbox.schema import VERSION, SchemaTooNew
 
 from .conftest import new_id
@@ -302,3 +302,76 @@ class TestLock:
             OutboxLock(path).acquire()
         with OutboxLock(path):  # released on exit
             pass
+
+
+class TestPlatformJobs:
+    """Events the platform took into a processing job, until the job's word is applied."""
+
+    async def test_acknowledged_into_a_job_keeps_the_body(self, outbox: SqliteOutbox) -> None:
+        """An event acknowledged with a platform job waits for it with its body, out of the
+        queue's counts but never pruned while the job is followed."""
+        await outbox.append(events(2))
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.acknowledge(batch.seqs, "job-1")
+        assert (await outbox.stats()).events == 0
+        assert await outbox.pending_platform_jobs() == ["job-1"]
+        journeys = await outbox.journeys([e.id for e in batch.events])
+        assert {j.state for j in journeys.values()} == {"awaiting_confirmation"}
+        assert await outbox.job_ids_sent_in("job-1") == [e.id for e in batch.events]
+
+    async def test_failed_job_dead_letters_named_requeues_the_rest(
+        self, outbox: SqliteOutbox
+    ) -> None:
+        """A failed job: processed events confirmed, the named one dead-lettered (body kept),
+        the one neither processed nor named back in the queue, counts restored."""
+        await outbox.append(events(3))
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.acknowledge(batch.seqs, "job-2")
+        done, bad, again = (e.id for e in batch.events)
+        outcome = PlatformJobOutcome(True, f"{bad} broke", {done: "41"}, frozenset({bad}))
+        assert await outbox.finish_platform_job("job-2", outcome) == 1
+        journeys = await outbox.journeys([done, bad, again])
+        assert journeys[done].state == "confirmed"
+        assert journeys[done].platform_id == "41"
+        assert journeys[bad].state == "dead_lettered"
+        assert journeys[again].state == "waiting"
+        stats = await outbox.stats()
+        assert (stats.events, stats.dead_letters, stats.platform_jobs) == (1, 1, {})
+        (dead,) = await outbox.dead_letters(10)
+        assert (dead.reason, dead.response, dead.body) == (
+            "platform_failed",
+            f"{bad} broke",
+            b"{xxxxxxxx}",
+        )
+        (resent,) = (await outbox.claim_batch(10, 10_000)).events
+        assert resent.id == again
+
+    async def test_failed_job_naming_none_dead_letters_all_unprocessed(
+        self, outbox: SqliteOutbox
+    ) -> None:
+        await outbox.append(events(2))
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.acknowledge(batch.seqs, "job-3")
+        outcome = PlatformJobOutcome(True, "the job crashed")
+        assert await outbox.finish_platform_job("job-3", outcome) == 2
+
+    async def test_given_up_jobs_are_counted_and_not_followed(self, outbox: SqliteOutbox) -> None:
+        await outbox.append(events(1))
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.acknowledge(batch.seqs, "job-4")
+        await outbox.give_up_platform_job("job-4", "never finished")
+        assert await outbox.pending_platform_jobs() == []
+        assert (await outbox.stats()).platform_jobs == {"unconfirmed": 1}
+        (journey,) = (await outbox.journeys([batch.events[0].id])).values()
+        assert journey.state == "unconfirmed"
+
+    async def test_app_jobs_list_the_request_s_ids(self, outbox: SqliteOutbox) -> None:
+        """A job recorded with an append lists every event of the request, duplicates too."""
+        first = events(2)
+        await outbox.append(first)
+        await outbox.append([first[0], *events(1)], job="app-job")
+        ids = await outbox.job_event_ids("app-job")
+        assert ids is not None
+        assert ids[0] == first[0].id
+        assert len(ids) == 2
+        assert await outbox.job_event_ids("unknown") is None

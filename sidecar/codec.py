@@ -10,18 +10,36 @@ an integer beyond 64 bits, which it will not write, is written exactly by the st
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+from typing import Any, Final
 
 import orjson
+
+BOM: Final = b"\xef\xbb\xbf"
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        # orjson would write it as null: the event's content would change on the way.
+        raise ValueError(f"{text[:40]} is not a finite number (beyond what a float holds)")
+    return value
+
+
 def loads(data: bytes) -> Any:
-    """Parse JSON; raises ValueError (or RecursionError for absurd nesting)."""
-    return json.loads(data, parse_constant=_refuse_constant)
+    """Parse JSON, the one parser for every door (ingest, `validate`, the fake platform).
+
+    A leading UTF-8 byte order mark is ignored (RFC 8259 §8.1 allows it). Raises ValueError for
+    what is not JSON, NaN and Infinity, and numbers beyond a float; RecursionError for absurd
+    nesting.
+    """
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
+    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite)
 
 
 def dumps(value: Any) -> bytes:

@@ -21,6 +21,24 @@ CONFIG_ENV: Final = "SIDECAR_CONFIG"
 REDACTED: Final = "<redacted>"
 
 
+class Secret(str):
+    """A secret value: the string itself to the code that uses it, masked in every repr (so no
+    traceback, log line or debugger print of a settings section can show it)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self else "Secret('')"
+
+
+def _mask(section: Any, *keys: str) -> None:
+    """Wrap a frozen section's secret fields in Secret (tests and code may pass plain str)."""
+    for key in keys:
+        value = getattr(section, key)
+        masked = tuple(Secret(v) for v in value) if isinstance(value, tuple) else Secret(value)
+        object.__setattr__(section, key, masked)
+
+
 @dataclass(frozen=True)
 class ReceiverSettings:
     """Where and how apps send events to the sidecar."""
@@ -32,6 +50,9 @@ class ReceiverSettings:
     tokens: tuple[str, ...] = ()
     tls_cert: str = ""
     tls_key: str = ""
+
+    def __post_init__(self) -> None:
+        _mask(self, "tokens")
 
 
 @dataclass(frozen=True)
@@ -60,6 +81,9 @@ class UpstreamSettings:
     bearer_token: str = ""
     jobs_url: str = ""
 
+    def __post_init__(self) -> None:
+        _mask(self, "bearer_token")
+
 
 @dataclass(frozen=True)
 class OAuthSettings:
@@ -72,6 +96,9 @@ class OAuthSettings:
     auth_method: str = "client_secret_basic"
     private_key_file: str = ""
     refresh_leeway_s: float = 60
+
+    def __post_init__(self) -> None:
+        _mask(self, "client_secret")
 
 
 @dataclass(frozen=True)
@@ -97,6 +124,9 @@ class AdminSettings:
     """Access to the dead-letter endpoints."""
 
     token: str = ""
+
+    def __post_init__(self) -> None:
+        _mask(self, "token")
 
 
 @dataclass(frozen=True)

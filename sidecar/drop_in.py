@@ -23,6 +23,7 @@ from .ops import utc_from_timestamp
 from .outbox import Journey
 from .receiver import Rejected, authenticate
 from .runtime import RUNTIME
+from .validation.structural import canonical_id
 
 #: states in which an event has reached the platform for good
 _ARRIVED = frozenset({"delivered", "confirmed"})
@@ -160,7 +161,7 @@ async def journey(request: web.Request) -> web.Response:
     except Rejected as e:
         return _json(e.body, e.status, e.headers)
     event_id = request.match_info["id"]
-    found = (await rt.outbox.journeys([event_id])).get(event_id)
+    found = (await rt.outbox.journeys([event_id])).get(canonical_id(event_id))
     if found is None:
         return _json(
             {

@@ -67,6 +67,8 @@ class Faults:
     script: deque[ScriptedFault] = field(default_factory=deque)
     #: answers for the next token requests
     token_script: deque[ScriptedFault] = field(default_factory=deque)
+    #: 200 answers (JSON bodies) for the next token requests, whatever their credentials
+    token_answers: deque[dict[str, Any]] = field(default_factory=deque)
     latency_s: float = 0.0
     token_latency_s: float = 0.0
     #: an envelope holding any of these event ids is refused with 422, as a whole
@@ -216,6 +218,8 @@ class FakeTimeBack:
         scripted = _take(self.faults.token_script)
         if scripted is not None:
             return _scripted(scripted)
+        if self.faults.token_answers:
+            return web.json_response(self.faults.token_answers.popleft())
         form = await request.post()
         if form.get("grant_type") != "client_credentials":
             return _oauth_error(400, "unsupported_grant_type")

@@ -102,7 +102,10 @@ def utc_from_timestamp(ts: float | None) -> str | None:
     """An ISO 8601 UTC time with milliseconds, or None."""
     if ts is None:
         return None
-    moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    try:
+        moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return None  # a time no calendar holds (a token "expiring" in the year 10^12)
     return moment.replace("+00:00", "Z")
 
 

@@ -24,10 +24,13 @@ from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
 from .validation import Report, validate_events
 from .validation.shape import ShapeError, events_of
+from .validation.structural import canonical_id
 
 log = structlog.get_logger("sidecar.receiver")
 
 JSON_TYPES: Final = frozenset({"application/json", "application/ld+json"})
+#: what aiohttp decodes for us; anything else would be read as if it were plain JSON
+ENCODINGS: Final = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 
 
 class Rejected(Exception):
@@ -159,7 +162,7 @@ async def _ingest(
                 f"event {index} is {len(body)} bytes serialized; an envelope holds at most "
                 f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
             )
-        batch.append(NewEvent(event["id"], body))
+        batch.append(NewEvent(canonical_id(event["id"]), body))
     try:
         result = await rt.outbox.append(batch, job)
     except OutboxUnavailable as e:
@@ -211,6 +214,13 @@ async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
             "unsupported_media_type",
             f"Content-Type must be application/json or application/ld+json, "
             f"not {request.content_type or 'missing'}",
+        )
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ENCODINGS:
+        raise Rejected(
+            415,
+            "unsupported_content_encoding",
+            f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or none",
         )
     limit = rt.settings.receiver.max_body_bytes
     if request.content_length is not None and request.content_length > limit:

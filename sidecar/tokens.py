@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
 import structlog
@@ -25,6 +27,9 @@ from .exceptions import AuthFailed, ConfigError, RetryLater
 from .metrics import Metrics
 
 log = structlog.get_logger("sidecar.tokens")
+
+MAX_LIFETIME_S: Final = 365 * 86_400
+_TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")
 
 
 class TokenSource(Protocol):
@@ -123,6 +128,9 @@ class OAuthTokens:
                 payload = _json_object(text) or {}
         except (aiohttp.ClientError, TimeoutError) as e:
             raise RetryLater(f"token endpoint unreachable: {type(e).__name__} {e}") from e
+        if status == 200 and not _sendable(payload.get("access_token")):
+            # A token that cannot go in a header (a line break…) would fail every send.
+            raise RetryLater("token endpoint answered a token that cannot be sent in a header")
         if status != 200 or not isinstance(payload.get("access_token"), str):
             error = payload.get("error", "")
             reason = f"token endpoint answered HTTP {status}" + (f" ({error})" if error else "")
@@ -131,8 +139,11 @@ class OAuthTokens:
             # invalid_client, a wrong URL, a refused scope: no retry fixes these, an operator
             # does. The events wait, and the state says auth_failed.
             raise AuthFailed(reason)
-        token = OAuth2Token(payload)
         lifetime = _lifetime(payload)
+        payload.pop("expires_at", None)  # recomputed from expires_in: ours is the clock
+        if lifetime is not None:
+            payload["expires_in"] = lifetime
+        token = OAuth2Token(payload)
         # A short-lived token is renewed half-way through, whatever the configured leeway.
         self._leeway = min(self._settings.refresh_leeway_s, lifetime / 2) if lifetime else 0
         self._metrics.token_refreshes.inc()
@@ -144,11 +155,21 @@ class OAuthTokens:
         return token
 
 
-def _lifetime(payload: dict[str, Any]) -> float | None:
+def _lifetime(payload: dict[str, Any]) -> int | None:
+    """Seconds the token lives, within sense: at most a year (an endpoint answering 1e12 or
+    Infinity would otherwise break every time computed from it)."""
     try:
-        return float(payload["expires_in"])
+        seconds = float(payload["expires_in"])
     except (KeyError, TypeError, ValueError):
         return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return int(min(seconds, MAX_LIFETIME_S))
+
+
+def _sendable(token: Any) -> bool:
+    """A token that can be sent as `Authorization: Bearer <token>` (RFC 6750's characters)."""
+    return isinstance(token, str) and bool(_TOKEN_CHARS.fullmatch(token))
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

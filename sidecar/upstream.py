@@ -6,6 +6,7 @@ on: RetryLater (transient), Refused (this batch will never be accepted), AuthFai
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Sequence
@@ -112,13 +113,18 @@ class UpstreamClient:
         """One request with the current token; on a 401, one fresh token and one retry (the
         token may have been revoked or expired early)."""
         token = await self._tokens.bearer()
+        used = [token]
         answer = await self._request(method, url, body, token)
         if answer[0] == 401 and token is not None:
             self._tokens.invalidate(token)
             fresh = await self._tokens.bearer()
             if fresh is not None and fresh != token:
+                used.append(fresh)
                 answer = await self._request(method, url, body, fresh)
-        return answer
+        status, retry_after, text = answer
+        # A platform (or a proxy) may echo the request's credentials in its answer; the answer
+        # is kept with dead letters and logged, the credentials must not be.
+        return status, retry_after, redact(text, used)
 
     async def _request(
         self, method: str, url: str, body: bytes | None, token: str | None
@@ -149,6 +155,17 @@ class UpstreamClient:
             self._metrics.upstream_seconds.observe(time.monotonic() - started)
         self._metrics.upstream_requests.labels(code=str(code)).inc()
         return code, retry_after, text
+
+
+_BEARER: Final = re.compile(r"(?i)(bearer\s+)[\x21-\x7e]+")
+
+
+def redact(text: str, secrets: Sequence[str | None]) -> str:
+    """The text without these secrets, nor anything written as `Bearer <token>`."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return _BEARER.sub(r"\1<redacted>", text)
 
 
 def _job_id(text: str) -> str | None:

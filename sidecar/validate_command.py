@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import codec
 from .validation import validate_events
 from .validation.shape import ShapeError, events_of
 
@@ -38,10 +39,16 @@ def validate_command(
 def _check(name: str, profile: str) -> dict[str, Any]:
     result: dict[str, Any] = {"file": name, "events": 0, "errors": [], "warnings": []}
     try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-        items = [item for doc in _documents(text) for item in events_of(doc)]
-    except (OSError, ValueError, ShapeError) as e:
-        message = f"cannot read the file: {e}" if isinstance(e, OSError) else str(e)
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        items = [item for doc in _documents(data) for item in events_of(doc)]
+        codec.dumps(items)  # text that is not Unicode (a lone surrogate), as the receiver does
+    except (OSError, ValueError, RecursionError, ShapeError) as e:
+        if isinstance(e, OSError):
+            message = f"cannot read the file: {e}"
+        elif isinstance(e, RecursionError):
+            message = "the JSON is nested too deeply"
+        else:
+            message = str(e)
         result["errors"].append({"index": None, "path": "", "message": message, "rule": "shape"})
         return result
     report = validate_events(items, "strict", profile, allow_entities=True)
@@ -51,18 +58,19 @@ def _check(name: str, profile: str) -> dict[str, Any]:
     return result
 
 
-def _documents(text: str) -> list[Any]:
-    """One JSON document, or JSON Lines (one document per line)."""
+def _documents(data: bytes) -> list[Any]:
+    """One JSON document, or JSON Lines (one document per line), parsed as the receiver
+    parses a body."""
     try:
-        return [json.loads(text)]
+        return [codec.loads(data)]
     except ValueError:
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = [line for line in data.splitlines() if line.strip()]
         if len(lines) < 2:
             raise
         documents = []
         for number, line in enumerate(lines, 1):
             try:
-                documents.append(json.loads(line))
+                documents.append(codec.loads(line))
             except ValueError as e:
                 raise ValueError(f"line {number}: {e}") from None
         return documents

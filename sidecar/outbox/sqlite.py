@@ -18,6 +18,7 @@ import aiosqlite
 import structlog
 
 from ..exceptions import OutboxUnavailable
+from ..validation.structural import canonical_id
 from .base import (
     AppendResult,
     Batch,
@@ -521,7 +522,7 @@ class SqliteOutbox:
 
     async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
         conn = self._require(self._reader)
-        wanted = json.dumps(list(ids))
+        wanted = _ids_json(ids)
         cur = await conn.execute(
             """
             SELECT e.id, e.received_at, e.attempts, e.first_attempt_at,
@@ -667,7 +668,12 @@ def _journey_state(
 def _selection(ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:
     if ids is None:
         return "1", ()
-    return "id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),)
+    return "id IN (SELECT value FROM json_each(?))", (_ids_json(ids),)
+
+
+def _ids_json(ids: Sequence[str]) -> str:
+    """Ids as the outbox knows them (see `canonical_id`), for a json_each selection."""
+    return json.dumps([canonical_id(i) for i in ids])
 
 
 def _unavailable(e: sqlite3.Error) -> OutboxUnavailable:

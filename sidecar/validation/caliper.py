@@ -202,8 +202,11 @@ class CaliperChecker(Checker):
             terms = VOCABULARIES[spec]
             values = value if spec == "roles" and isinstance(value, list) else [value]
             for term in values:
-                if term not in terms:
-                    self.error(path, f"`{term}` is not a Caliper {spec} term", "term")
+                # A term is a string: an object or an array here is refused, not hashed.
+                if not isinstance(term, str):
+                    self.error(path, f"must be a {spec} term, not {kind_of(term)}", "term")
+                elif term not in terms:
+                    self.error(path, f"`{term[:80]}` is not a Caliper {spec} term", "term")
         elif spec == "identifiers":
             self._identifiers(path, value)
         elif spec == "selector":

@@ -7,11 +7,18 @@ from typing import Any, Final
 
 from .issues import Finding, kind_of, pointer
 
+# The scheme and namespace of a URN are case-insensitive (RFC 8141), and so is a UUID's hex.
 UUID_URN: Final = re.compile(
-    r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE
 )
 REQUIRED: Final = ("id", "type", "action", "actor", "object", "eventTime")
 _STRINGS: Final = ("id", "type", "action", "eventTime")
+
+
+def canonical_id(event_id: str) -> str:
+    """The form an id is known by in the outbox: a `urn:uuid:` id in lower case, so that the
+    same UUID written in two cases is one event (what is forwarded is the id as received)."""
+    return event_id.lower() if UUID_URN.fullmatch(event_id) else event_id
 
 
 def check_structure(index: int, event: Any) -> list[Finding]:

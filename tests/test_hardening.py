@@ -1,0 +1,331 @@
+"""Hostile networks, clocks, disks and peers (SPEC §6): each test is one way the sidecar was
+broken on purpose, named after the promise it keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from sidecar.app import Sidecar, start
+from sidecar.config import load_settings
+from sidecar.exceptions import ConfigError
+from sidecar.mock_upstream import RunningFake
+from sidecar.ops import utc_from_timestamp
+
+from .conftest import eventually, make_event, settings_for
+
+StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
+
+
+@pytest.fixture
+async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSidecar]:
+    """Start a sidecar with some settings changed; returns it and a client for it."""
+    started: list[tuple[Sidecar, aiohttp.ClientSession]] = []
+
+    async def make(**sections: dict[str, Any]) -> tuple[Sidecar, aiohttp.ClientSession]:
+        sidecar = await start(settings_for(platform, tmp_path, **sections))
+        pair = (sidecar, aiohttp.ClientSession(base_url=sidecar.url))
+        started.append(pair)
+        return pair
+
+    yield make
+    for sidecar, session in started:
+        await session.close()
+        await sidecar.stop()
+
+
+async def raw_request(url: str, request: bytes) -> bytes:
+    """Send these exact bytes and read the whole answer (headers that are not UTF-8…)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), 10)
+    writer.close()
+    return answer
+
+
+class TestBlankTokensDoNotCount:
+    """#7: `tokens = [""]` is no protection, and `Bearer ` (empty) is never accepted."""
+
+    def test_blank_tokens_on_a_network_address_refuse_to_start(self) -> None:
+        with pytest.raises(ConfigError, match=r"receiver.tokens"):
+            load_settings(
+                None,
+                environ={"SIDECAR_RECEIVER_HOST": "0.0.0.0", "SIDECAR_RECEIVER_TOKENS": " , "},
+            )
+
+    def test_blank_tokens_in_a_file_refuse_to_start(self, tmp_path: Path) -> None:
+        config = tmp_path / "c.toml"
+        config.write_text('[receiver]\nhost = "0.0.0.0"\ntokens = ["", "  "]\n')
+        with pytest.raises(ConfigError, match=r"receiver.tokens"):
+            load_settings(config, environ={})
+
+    async def test_empty_bearer_is_refused(self, custom: StartSidecar) -> None:
+        _, client = await custom(receiver={"tokens": ("", "real")})
+        for header in ("Bearer ", "Bearer", "Bearer    "):
+            async with client.post(
+                "/v1/events", json=make_event(), headers={"Authorization": header}
+            ) as resp:
+                assert resp.status == 401, header
+
+
+class TestInvalidInputIsA4xxNeverA500:
+    """#8, #9, #11, #18: bytes that are not what they should be get a 4xx with a reason."""
+
+    @pytest.mark.parametrize(
+        ("where", "value"),
+        [
+            ("status", {"x": 1}),
+            ("status", ["Active"]),
+            ("roles", [{"x": 1}]),
+            ("roles", [["Learner"]]),
+        ],
+    )
+    async def test_object_where_a_term_belongs(
+        self, client: aiohttp.ClientSession, where: str, value: Any
+    ) -> None:
+        """An object or an array where a vocabulary term belongs: 422, not a 500."""
+        event = make_event(
+            membership={
+                "id": "https://example.edu/terms/201601/courses/7/sections/1/rosters/1",
+                "type": "Membership",
+                "member": "https://example.edu/users/554433",
+                "organization": "https://example.edu/terms/201601/courses/7/sections/1",
+                "roles": ["Learner"],
+                "status": "Active",
+                where: value,
+            }
+        )
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 422, await resp.text()
+
+    @pytest.mark.parametrize("path", ["/v1/events", "/v1/dead-letters", "/caliper/event"])
+    async def test_authorization_header_that_is_not_utf8(
+        self, custom: StartSidecar, path: str
+    ) -> None:
+        sidecar, _ = await custom(receiver={"tokens": ("t",)}, admin={"token": "a"})
+        body = json.dumps(make_event()).encode()
+        method = b"GET" if path == "/v1/dead-letters" else b"POST"
+        answer = await raw_request(
+            sidecar.url,
+            method + b" " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer \xff\xfe\xc3\x28\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body,
+        )
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+    @pytest.mark.parametrize("number", ["1e999", "-1e999", "1E400"])
+    async def test_numbers_beyond_a_float_are_refused(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar, number: str
+    ) -> None:
+        """A number no float can hold would be forwarded as `null`: refused at the door."""
+        text = json.dumps(make_event(extensions={"n": 0})).replace('"n": 0', f'"n": {number}')
+        async with client.post(
+            "/v1/events", data=text, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 400
+            assert "not a finite number" in (await resp.json())["message"]
+        assert (await sidecar.outbox.stats()).events == 0
+
+    @pytest.mark.parametrize("encoding", ["bogus", "compress", "gzip, bogus"])
+    async def test_unknown_content_encoding_is_415(
+        self, client: aiohttp.ClientSession, encoding: str
+    ) -> None:
+        async with client.post(
+            "/v1/events",
+            data=json.dumps(make_event()),
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        ) as resp:
+            assert resp.status == 415
+            assert (await resp.json())["error"] == "unsupported_content_encoding"
+
+
+async def validate_file(path: Path) -> tuple[int, str, str]:
+    """`caliper-sidecar validate FILE` in a subprocess: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "validate",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+class TestOneParserForEveryDoor:
+    """#12: `validate` and the receiver judge the same bytes the same way."""
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            b'{"a": NaN}',
+            b'{"n": 1e999}',
+            b"[" * 990 + b"]" * 990,
+        ],
+    )
+    async def test_validate_agrees_with_the_receiver(
+        self, client: aiohttp.ClientSession, tmp_path: Path, text: bytes
+    ) -> None:
+        path = tmp_path / "doc.json"
+        path.write_bytes(text)
+        code, out, err = await validate_file(path)
+        assert code == 1, out + err
+        assert "Traceback" not in err
+        async with client.post(
+            "/v1/events", data=text, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 400
+
+    async def test_byte_order_mark_is_the_same_everywhere(
+        self, client: aiohttp.ClientSession, tmp_path: Path
+    ) -> None:
+        """A UTF-8 BOM before the JSON is ignored by both (RFC 8259 allows ignoring it)."""
+        text = b"\xef\xbb\xbf" + json.dumps(make_event()).encode()
+        path = tmp_path / "bom.json"
+        path.write_bytes(text)
+        code, out, _ = await validate_file(path)
+        assert code == 0, out
+        async with client.post(
+            "/v1/events", data=text, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 202
+
+
+class TestUuidCase:
+    """#19: the same UUID in upper and lower case is one event."""
+
+    async def test_case_variants_are_duplicates(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar, fake: Any
+    ) -> None:
+        event = make_event()
+        upper = dict(event, id="URN:UUID:" + event["id"].removeprefix("urn:uuid:").upper())
+        async with client.post("/v1/events", json=upper) as resp:
+            assert (await resp.json())["accepted"] == 1
+        async with client.post("/v1/events", json=event) as resp:
+            assert (await resp.json())["duplicates"] == 1
+        await fake.wait_for(1)
+        await asyncio.sleep(0.2)
+        assert list(fake.received) == [upper["id"]]  # forwarded as received
+        assert fake.duplicates == 0
+
+
+class TestSecretsNeverShow:
+    """#20 and #17: no repr of any settings section, and no stored answer, shows a secret."""
+
+    def test_section_reprs_mask_secrets(self, tmp_path: Path) -> None:
+        settings = load_settings(
+            None,
+            environ={
+                "SIDECAR_OAUTH_CLIENT_SECRET": "s3cret-oauth",
+                "SIDECAR_OAUTH_TOKEN_URL": "https://t.test/token",
+                "SIDECAR_OAUTH_CLIENT_ID": "c",
+                "SIDECAR_RECEIVER_TOKENS": "s3cret-sender",
+                "SIDECAR_ADMIN_TOKEN": "s3cret-admin",
+                "SIDECAR_UPSTREAM_BEARER_TOKEN": "s3cret-bearer",
+            },
+        )
+        shown = " ".join(
+            repr(x)
+            for x in (
+                settings,
+                settings.oauth,
+                settings.receiver,
+                settings.admin,
+                settings.upstream,
+                settings.receiver.tokens,
+            )
+        )
+        assert "s3cret" not in shown
+        assert settings.oauth.client_secret == "s3cret-oauth"  # still the value
+
+    async def test_token_echoed_by_the_platform_is_redacted(
+        self, custom: StartSidecar, fake: Any
+    ) -> None:
+        """A platform that echoes the request's bearer token in its refusal: the token is in
+        neither the dead letter nor the log."""
+        sidecar, client = await custom()
+        event = make_event()
+        fake.faults.refuse_ids.add(event["id"])
+        original = fake._check
+
+        async def echoing(request: Any) -> Any:
+            status, body, headers = await original(request)
+            if status == 422:
+                body = {"error": "refused", "got": request.headers.get("Authorization")}
+            return status, body, headers
+
+        fake._check = echoing
+        with capture_logs() as logs:
+            async with client.post("/v1/events", json=event) as resp:
+                assert resp.status == 202
+            await eventually(lambda: _dead(sidecar))
+        (dead,) = await sidecar.outbox.dead_letters(10)
+        tokens = list(fake.tokens)
+        assert tokens
+        for token in tokens:
+            assert token not in dead.response
+            assert token not in repr(logs)
+        assert "<redacted>" in dead.response
+
+
+async def _dead(sidecar: Sidecar) -> bool:
+    return bool(await sidecar.outbox.dead_letters(1))
+
+
+class TestTokenEndpointOddities:
+    """#16: a token endpoint's odd answers never break status or delivery."""
+
+    @pytest.mark.parametrize("moment", [1e12 * 3600, 1e20, float("inf"), -1e20])
+    def test_far_times_are_shown_not_crashed(self, moment: float) -> None:
+        assert utc_from_timestamp(moment) is None or isinstance(utc_from_timestamp(moment), str)
+
+    async def test_huge_expires_in(self, custom: StartSidecar, fake: Any) -> None:
+        fake.token_ttl_s = 1e12
+        _, client = await custom()
+        async with client.post("/v1/events", json=make_event()) as resp:
+            assert resp.status == 202
+        await fake.wait_for(1)
+        async with client.get("/v1/status") as resp:
+            assert resp.status == 200
+
+    async def test_token_with_a_line_break_is_not_kept(
+        self, custom: StartSidecar, fake: Any
+    ) -> None:
+        """A token that cannot be sent in a header is refused; the next one is fetched, and
+        delivery goes on."""
+        fake.faults.token_answers.append(
+            {"access_token": "abc\r\nX-Evil: 1", "token_type": "Bearer", "expires_in": 3600}
+        )
+        _, client = await custom()
+        event = make_event()
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+        await fake.wait_for({event["id"]}, timeout=10)
+
+
+class TestCheckConfig:
+    def test_exits_non_zero_on_what_run_refuses(self, tmp_path: Path) -> None:
+        """`check-config` fails (exit 2) on a configuration `run` would refuse."""
+        config = tmp_path / "c.toml"
+        config.write_text('[upstream]\nendpoint = ""\n')
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check-config", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 2
+        assert "upstream.endpoint" in out.stderr

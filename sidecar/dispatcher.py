@@ -58,6 +58,8 @@ class Dispatcher:
         self._bookkeeping: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._batch_ids = itertools.count(1)
+        #: the event at the head of the queue, and when (monotonic) it was first seen there
+        self._head: tuple[int, float] = (-1, 0.0)
         self.state = UpstreamState.OK
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -135,13 +137,23 @@ class Dispatcher:
             log.error("outcome_not_recorded", error=repr(task.exception()))
 
     async def _next_batch(self) -> list[StoredEvent]:
-        """The next batch worth sending: full, or its oldest event has lingered long enough."""
+        """The next batch worth sending: full, or its oldest event has lingered long enough.
+
+        How long an event has lingered is measured on the monotonic clock from when this
+        process first saw it at the head of the queue: the stored receive time is wall-clock,
+        and a wall clock stepped back an hour would otherwise hold every batch for an hour.
+        An event stored long ago by wall time (before a restart) goes at once.
+        """
         linger_s = self._batch.linger_ms / 1000
         budget = self._batch.batch_max_bytes - self._upstream.overhead
         while True:
             batch = await self._outbox.claim_batch(self._batch.batch_max_events, budget)
             if batch.events:
-                wait = batch.events[0].received_at + linger_s - time.time()
+                head = batch.events[0]
+                if self._head[0] != head.seq:
+                    self._head = (head.seq, time.monotonic())
+                lingered = time.monotonic() - self._head[1]
+                wait = min(linger_s - lingered, head.received_at + linger_s - time.time())
                 if batch.full or wait <= 0:
                     return batch.events
                 await self._outbox.release(batch.seqs)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -329,3 +330,33 @@ class TestCheckConfig:
         )
         assert out.returncode == 2
         assert "upstream.endpoint" in out.stderr
+
+
+class TestClockSteps:
+    """#3: a wall-clock step (NTP, a laptop waking up) never stops delivery."""
+
+    async def test_backward_step_does_not_stop_delivery(
+        self, custom: StartSidecar, fake: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Events stored, then the clock steps back an hour: they are still delivered (the
+        linger wait used to compare the stepped clock with the stored receive time)."""
+        sidecar, client = await custom(upstream={"linger_ms": 200})
+        fake.outage(0.5)
+        events = [make_event() for _ in range(5)]
+        async with client.post("/v1/events", json=events) as resp:
+            assert resp.status == 202
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() - 3600)
+        await fake.wait_for({e["id"] for e in events}, timeout=10)
+
+    async def test_forward_step_does_not_resend_or_drop(
+        self, custom: StartSidecar, fake: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        sidecar, client = await custom()
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 86_400 * 3)
+        events = [make_event() for _ in range(5)]
+        async with client.post("/v1/events", json=events) as resp:
+            assert resp.status == 202
+        await fake.wait_for({e["id"] for e in events}, timeout=10)
+        assert fake.duplicates == 0

@@ -287,7 +287,7 @@ class TestPruning:
             rows = conn.execute("SELECT length(body), delivered_at IS NOT NULL FROM events")
             assert rows.fetchall() == [(0, 1)] * 3
             await asyncio.sleep(0.25)
-            box._last_prune = 0  # the next acknowledgement prunes
+            box._last_prune = float("-inf")  # the next acknowledgement prunes
             await box.append(events(1))
             await box.acknowledge((await box.claim_batch(1, 10_000)).seqs)
             assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)

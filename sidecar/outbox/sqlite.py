@@ -86,7 +86,7 @@ class SqliteOutbox:
         # The dispatch connection is shared by concurrent senders and admin calls; a
         # transaction must not interleave with another one's statements.
         self._dispatch_lock = asyncio.Lock()
-        self._last_prune = 0.0
+        self._last_prune = float("-inf")  # monotonic; the first acknowledgement prunes
         self._last_reclaim = 0.0
         #: why the last write failed (e.g. "disk_full"), and until when to report it
         self.write_error: str | None = None
@@ -328,7 +328,8 @@ class SqliteOutbox:
                     "VALUES (?, ?, 'waiting')",
                     (job, now),
                 )
-            if now - self._last_prune > _PRUNE_EVERY_S:
+            # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
+            if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
                 await self._prune_delivered(conn, now - self.dedupe_window_s)
         return [None] * len(group)
 
@@ -349,7 +350,7 @@ class SqliteOutbox:
             "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < ?", (cutoff,)
         )
         if cur.rowcount < _PRUNE_CHUNK:
-            self._last_prune = time.time()
+            self._last_prune = time.monotonic()
 
     async def record_failure(self, seqs: Sequence[int], error: str) -> None:
         now = time.time()

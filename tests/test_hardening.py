@@ -4,7 +4,9 @@ broken on purpose, named after the promise it keeps."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from structlog.testing import capture_logs
 
 from sidecar.app import Sidecar, start
 from sidecar.config import load_settings
-from sidecar.exceptions import ConfigError
+from sidecar.exceptions import ConfigError, OutboxLocked
 from sidecar.mock_upstream import RunningFake
 from sidecar.ops import utc_from_timestamp
 
@@ -360,3 +362,29 @@ class TestClockSteps:
             assert resp.status == 202
         await fake.wait_for({e["id"] for e in events}, timeout=10)
         assert fake.duplicates == 0
+
+
+class TestOneRunPerOutboxThroughLinks:
+    """#4: one `run` per outbox holds through symlinks and hard links."""
+
+    @pytest.mark.parametrize("link", ["symlink", "hardlink"])
+    async def test_second_run_through_a_link_is_refused(
+        self, platform: RunningFake, tmp_path: Path, link: str
+    ) -> None:
+        first = settings_for(platform, tmp_path)
+        running = await start(first)
+        try:
+            other = tmp_path / "elsewhere"
+            other.mkdir()
+            alias = other / "alias.db"
+            if link == "symlink":
+                alias.symlink_to(first.outbox.path)
+            else:
+                os.link(first.outbox.path, alias)
+            second = dataclasses.replace(
+                first, outbox=dataclasses.replace(first.outbox, path=str(alias))
+            )
+            with pytest.raises(OutboxLocked, match="in use"):
+                await start(second)
+        finally:
+            await running.stop()

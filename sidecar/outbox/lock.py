@@ -1,4 +1,4 @@
-"""One `run` process per outbox file, enforced with an advisory lock beside it."""
+"""One `run` process per outbox file, enforced with an advisory lock on the file itself."""
 
 from __future__ import annotations
 
@@ -11,31 +11,43 @@ from ..exceptions import OutboxLocked
 
 
 class OutboxLock:
-    """An exclusive `flock` on `<outbox>.lock`, held for the life of the process.
+    """An exclusive `flock` on the outbox file, held for the life of the process.
 
-    The kernel releases it when the process dies, even by SIGKILL, so a crash never leaves a
-    stale lock behind. The CLI's inspection commands do not take it: they are safe alongside
+    The lock is on the file (its inode), not on a name beside it: a symlink or a hard link to
+    the same outbox meets the same lock. `flock` locks are independent of the POSIX locks SQLite
+    takes on the same file. The kernel releases it when the process dies, even by SIGKILL, so a
+    crash never leaves a stale lock. The holder's pid is written to `<real path>.lock`, for the
+    message only. The CLI's inspection commands do not take the lock: they are safe alongside
     `run` because SQLite serializes their writes.
     """
 
     def __init__(self, outbox_path: str | os.PathLike[str]) -> None:
-        self.path = Path(f"{outbox_path}.lock")
+        self.path = Path(outbox_path)
         self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Created here when missing, owner-only, as the outbox itself would be.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        note = Path(f"{os.path.realpath(self.path)}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
+            try:
+                holder = note.read_text(errors="replace").strip()
+            except OSError:
+                holder = ""
             raise OutboxLocked(
-                f"the outbox {str(self.path)[:-5]} is in use by caliper-sidecar run "
-                f"(pid {holder}); only one run process may own an outbox file"
+                f"the outbox {self.path} is in use by caliper-sidecar run "
+                f"({'pid ' + holder if holder else 'another process'}); only one run process "
+                "may own an outbox file, whatever name or link it is reached by"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            note.write_text(str(os.getpid()))
+            note.chmod(0o600)
+        except OSError:
+            pass  # the note is a courtesy; the lock is what counts
         self._fd = fd
 
     def release(self) -> None:

@@ -88,6 +88,9 @@ class Faults:
     job_delay_s: float = 0.2
     #: Beyond AI: jobs never finish (stay `active`)
     stuck_jobs: bool = False
+    #: the next this many Caliper (or token) requests get a 503 whose body never ends
+    huge_answers: int = 0
+    huge_token_answers: int = 0
 
 
 @dataclass
@@ -161,6 +164,8 @@ class FakeTimeBack:
         #: the last accepted envelope, without its data
         self.last_envelope: dict[str, Any] = {}
         self.arrived = asyncio.Event()  # set whenever events are recorded
+        #: bytes of never-ending answers that were written before the client stopped reading
+        self.huge_bytes_sent = 0
 
     # -- the application -------------------------------------------------------------------
 
@@ -211,8 +216,24 @@ class FakeTimeBack:
 
     # -- token endpoint --------------------------------------------------------------------
 
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        """A 503 whose body goes on (up to 1 GiB) for as long as the client reads it."""
+        response = web.StreamResponse(status=503, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        chunk = b" " * 1_048_576
+        try:
+            for _ in range(1024):
+                await response.write(chunk)
+                self.huge_bytes_sent += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away: what it read is counted
+        return response
+
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.token_requests += 1
+        if self.faults.huge_token_answers > 0:
+            self.faults.huge_token_answers -= 1
+            return await self._endless(request)
         if self.faults.token_latency_s:
             await asyncio.sleep(self.faults.token_latency_s)
         scripted = _take(self.faults.token_script)
@@ -270,6 +291,9 @@ class FakeTimeBack:
         headers: dict[str, str] = {}
         if started < f.outage_until:
             status, body = 0, None
+        elif f.huge_answers > 0:
+            f.huge_answers -= 1
+            return await self._endless(request)
         else:
             if f.latency_s:
                 await asyncio.sleep(f.latency_s)

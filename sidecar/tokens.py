@@ -21,6 +21,7 @@ from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6749 import OAuth2Token
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
+from .answers import read_answer
 from .backoff import parse_retry_after, transient_status
 from .config import OAuthSettings
 from .exceptions import AuthFailed, ConfigError, RetryLater
@@ -123,7 +124,7 @@ class OAuthTokens:
                 url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False
             ) as resp:
                 status = resp.status
-                text = await resp.text(errors="replace")
+                text = await read_answer(resp)
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 payload = _json_object(text) or {}
         except (aiohttp.ClientError, TimeoutError) as e:

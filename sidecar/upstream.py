@@ -17,6 +17,7 @@ from urllib.parse import quote
 import aiohttp
 
 from . import codec
+from .answers import read_answer
 from .backoff import parse_retry_after, transient_status
 from .config import UpstreamSettings
 from .envelope import build_envelope, envelope_overhead
@@ -142,7 +143,7 @@ class UpstreamClient:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as resp:
-                text = await resp.text(errors="replace")
+                text = await read_answer(resp)
                 code = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except TimeoutError as e:

@@ -342,7 +342,7 @@ class TestClockSteps:
     ) -> None:
         """Events stored, then the clock steps back an hour: they are still delivered (the
         linger wait used to compare the stepped clock with the stored receive time)."""
-        sidecar, client = await custom(upstream={"linger_ms": 200})
+        _, client = await custom(upstream={"linger_ms": 200})
         fake.outage(0.5)
         events = [make_event() for _ in range(5)]
         async with client.post("/v1/events", json=events) as resp:
@@ -354,7 +354,7 @@ class TestClockSteps:
     async def test_forward_step_does_not_resend_or_drop(
         self, custom: StartSidecar, fake: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        sidecar, client = await custom()
+        _, client = await custom()
         real = time.time
         monkeypatch.setattr(time, "time", lambda: real() + 86_400 * 3)
         events = [make_event() for _ in range(5)]
@@ -388,3 +388,27 @@ class TestOneRunPerOutboxThroughLinks:
                 await start(second)
         finally:
             await running.stop()
+
+
+class TestBoundedAnswers:
+    """#5: what the platform or the token endpoint answers is read only as far as it is kept."""
+
+    async def test_endless_error_body_from_the_platform(
+        self, custom: StartSidecar, fake: Any
+    ) -> None:
+        fake.faults.huge_answers = 1
+        _, client = await custom()
+        event = make_event()
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+        await fake.wait_for({event["id"]}, timeout=20)
+        assert fake.huge_bytes_sent < 32 * 1_048_576
+
+    async def test_endless_token_answer(self, custom: StartSidecar, fake: Any) -> None:
+        fake.faults.huge_token_answers = 1
+        _, client = await custom()
+        event = make_event()
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+        await fake.wait_for({event["id"]}, timeout=20)
+        assert fake.huge_bytes_sent < 32 * 1_048_576

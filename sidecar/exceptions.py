@@ -20,6 +20,11 @@ class OutboxLocked(SidecarError):
     """Raised when another `run` process already owns the outbox file."""
 
 
+class OutboxUnusable(SidecarError):
+    """Raised at start when the outbox file cannot be opened as an outbox (not a database, a
+    directory, a place that cannot be written); the message names `outbox.path`."""
+
+
 class OutboxUnavailable(SidecarError):
     """Raised when an append cannot be committed now; the caller answers 503 + Retry-After.
 

@@ -24,7 +24,7 @@ from sidecar.exceptions import ConfigError, OutboxLocked
 from sidecar.mock_upstream import RunningFake
 from sidecar.ops import utc_from_timestamp
 
-from .conftest import eventually, make_event, settings_for
+from .conftest import eventually, free_port, make_event, settings_for, write_config
 
 StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
 
@@ -412,3 +412,73 @@ class TestBoundedAnswers:
             assert resp.status == 202
         await fake.wait_for({event["id"]}, timeout=20)
         assert fake.huge_bytes_sent < 32 * 1_048_576
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    """The real CLI in a subprocess: exit code and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, err.decode()
+
+
+class TestUnusableOutboxAtStart:
+    """#14: an outbox that cannot be used is one line naming outbox.path, and exit 1."""
+
+    @pytest.mark.parametrize("kind", ["garbage", "directory", "unwritable"])
+    @pytest.mark.parametrize("command", [["run"], ["outbox", "stats"], ["dead-letters", "list"]])
+    async def test_one_line_and_exit_1(
+        self, platform: RunningFake, tmp_path: Path, kind: str, command: list[str]
+    ) -> None:
+        outbox = tmp_path / "outbox.db"
+        if kind == "garbage":
+            outbox.write_bytes(b"this is not a database, just bytes\n" * 200)
+        elif kind == "directory":
+            outbox.mkdir()
+        else:
+            outbox = Path("/proc/caliper-sidecar-test/outbox.db")
+        config = write_config(tmp_path / "c.toml", platform, outbox, free_port())
+        code, err = await run_cli(*command, "-c", str(config))
+        assert code == 1, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, err
+        assert "outbox.path" in lines[0]
+        assert str(outbox) in lines[0]
+
+
+def break_outbox(path: Path, how: str) -> None:
+    """Delete the outbox with its WAL, or truncate it, as a careless operator (or a cleanup
+    job) would. (Truncating the `-shm` index under a running SQLite is a SIGBUS for any
+    process that maps it: nothing a program can survive, so not tried.)"""
+    if how == "truncated":
+        os.truncate(path, 0)
+        return
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+class TestOutboxReplacedWhileRunning:
+    """#13: an outbox deleted or truncated under a running sidecar: 503 and not ready, never
+    a 500, never a 202 for an event stored nowhere."""
+
+    @pytest.mark.parametrize("how", ["deleted", "truncated"])
+    async def test_routes_answer_503_not_500(
+        self, custom: StartSidecar, tmp_path: Path, how: str
+    ) -> None:
+        sidecar, client = await custom()
+        async with client.post("/v1/events", json=make_event()) as resp:
+            assert resp.status == 202
+        break_outbox(Path(sidecar.runtime.settings.outbox.path), how)
+        async with client.post("/v1/events", json=make_event()) as resp:
+            assert resp.status == 503, await resp.text()
+        async with client.get("/readyz") as resp:
+            assert resp.status == 503
+        for route in ("/v1/status", "/metrics", "/v1/dead-letters", "/healthz"):
+            async with client.get(route) as resp:
+                assert resp.status in (200, 503), (route, resp.status)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from ..exceptions import OutboxLocked
+from ..exceptions import OutboxLocked, OutboxUnusable
 
 
 class OutboxLock:
@@ -26,9 +26,14 @@ class OutboxLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Created here when missing, owner-only, as the outbox itself would be.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Created here when missing, owner-only, as the outbox itself would be.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise OutboxUnusable(
+                f"outbox.path {self.path} cannot be used as an outbox: {e.strerror or e}"
+            ) from None
         note = Path(f"{os.path.realpath(self.path)}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 import aiosqlite
 import structlog
 
-from ..exceptions import OutboxUnavailable
+from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
 from .base import (
     AppendResult,
@@ -35,12 +36,49 @@ from .schema import migrate
 log = structlog.get_logger("sidecar.outbox")
 
 _SQLITE_FULL: Final = 13
+_SQLITE_HEADER: Final = 100
 _SQLITE_BUSY: Final = 5
 _PRUNE_EVERY_S: Final = 60.0
 _PRUNE_CHUNK: Final = 5000
 CHECKPOINT_EVERY_S: Final = 1.0
 #: free space kept on the outbox's disk for delivery bookkeeping and checkpoints
 RESERVE_BYTES: Final = 32 * 1_048_576
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file the path names now (device, inode); None when there is none, or when it is
+    shorter than SQLite's header (truncated: a WAL-mode database always has its first page)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st.st_size >= _SQLITE_HEADER else None
+
+
+def unusable(path: Path, e: BaseException) -> OutboxUnusable:
+    """The start-up error for an outbox file that cannot be used, in one line."""
+    cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return OutboxUnusable(f"outbox.path {path} cannot be used as an outbox: {cause}")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _read_errors_unavailable(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A read that meets a broken file (truncated under us, I/O errors) raises
+    OutboxUnavailable, which every route answers as 503, instead of a raw sqlite3 error."""
+
+    @functools.wraps(method)
+    async def read(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(*args, **kwargs)
+        except sqlite3.Error as e:
+            raise _unavailable(e) from e
+
+    return read
 
 
 class SqliteOutbox:
@@ -90,16 +128,26 @@ class SqliteOutbox:
         self._last_reclaim = 0.0
         #: why the last write failed (e.g. "disk_full"), and until when to report it
         self.write_error: str | None = None
+        #: set for good when the file was deleted or replaced under a running process
+        self.lost: str | None = None
+        self._identity: tuple[int, int] | None = None
         self._write_error_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> SqliteOutbox:
-        await asyncio.to_thread(self._prepare_file)
-        self._ingest = await self._connect(self.synchronous)
-        self._reader = await self._connect("normal")
-        self._dispatch = await self._connect(self.synchronous)
-        self._checkpointer = await self._connect("normal")
+        """Open (creating or migrating) the file; raises OutboxUnusable naming the path and
+        the cause when it cannot be an outbox, with nothing left open."""
+        try:
+            await asyncio.to_thread(self._prepare_file)
+            self._ingest = await self._connect(self.synchronous)
+            self._reader = await self._connect("normal")
+            self._dispatch = await self._connect(self.synchronous)
+            self._checkpointer = await self._connect("normal")
+        except (sqlite3.Error, OSError) as e:
+            await self.close()
+            raise unusable(self.path, e) from None
+        self._identity = _identity(self.path)
         self._appends.start()
         self._acks.start()
         self._checkpoints = asyncio.create_task(self._checkpoint_often(), name="checkpoints")
@@ -127,6 +175,26 @@ class SqliteOutbox:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    def _check_identity(self) -> None:
+        """Refuse to write once the file was deleted, replaced or truncated under us: SQLite
+        would go on writing to the unlinked file (or into a WAL over a file that is gone), and
+        every event acknowledged then would be lost."""
+        if self.lost is None and _identity(self.path) != self._identity:
+            self.lost = "outbox_lost"
+            log.error(
+                "outbox_lost",
+                path=str(self.path),
+                error="the outbox file was deleted, replaced or truncated while running; "
+                "restart the sidecar",
+            )
+        if self.lost is not None:
+            raise OutboxUnavailable(
+                self.lost,
+                f"the outbox file {self.path} was deleted, replaced or truncated while running; "
+                "new events are refused until the sidecar is restarted",
+                30,
+            )
 
     def _prepare_file(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -169,6 +237,7 @@ class SqliteOutbox:
         return results
 
     async def _insert_new(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
+        self._check_identity()
         free = shutil.disk_usage(self.path.parent).free
         if free < self.reserve_bytes:
             # The last of the disk is kept for what empties the outbox: recording deliveries
@@ -262,6 +331,8 @@ class SqliteOutbox:
         Reported for a Retry-After after the last failure only: with no traffic there is no
         write to prove the disk has room again, so readiness must not stay down forever.
         """
+        if self.lost is not None:
+            return self.lost
         if self.write_error and time.monotonic() < self._write_error_until:
             return self.write_error
         return None
@@ -272,6 +343,7 @@ class SqliteOutbox:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._appended.wait(), timeout)
 
+    @_read_errors_unavailable
     async def claim_batch(self, max_events: int, max_bytes: int) -> Batch:
         self._appended.clear()
         cur = await self._require(self._reader).execute(
@@ -398,6 +470,7 @@ class SqliteOutbox:
 
     # -- inspection and operations ---------------------------------------------------------
 
+    @_read_errors_unavailable
     async def stats(self) -> OutboxStats:
         conn = self._require(self._reader)
         cur = await conn.execute(
@@ -421,6 +494,7 @@ class SqliteOutbox:
             platform_jobs=jobs,
         )
 
+    @_read_errors_unavailable
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
         cur = await self._require(self._reader).execute(
             f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
@@ -453,12 +527,14 @@ class SqliteOutbox:
 
     # -- processing confirmation -----------------------------------------------------------
 
+    @_read_errors_unavailable
     async def pending_platform_jobs(self) -> list[str]:
         cur = await self._require(self._reader).execute(
             "SELECT id FROM platform_jobs WHERE state != 'unconfirmed' ORDER BY sent_at"
         )
         return [str(r[0]) for r in await cur.fetchall()]
 
+    @_read_errors_unavailable
     async def job_ids_sent_in(self, platform_job: str) -> list[str]:
         cur = await self._require(self._reader).execute(
             "SELECT id FROM events WHERE platform_job = ? AND confirmed_at IS NULL ORDER BY seq",
@@ -521,6 +597,7 @@ class SqliteOutbox:
                 (reason[:1024], job),
             )
 
+    @_read_errors_unavailable
     async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
         conn = self._require(self._reader)
         wanted = _ids_json(ids)
@@ -568,6 +645,7 @@ class SqliteOutbox:
             )
         return found
 
+    @_read_errors_unavailable
     async def job_event_ids(self, job: str) -> list[str] | None:
         cur = await self._require(self._reader).execute(
             "SELECT event_ids FROM jobs WHERE id = ?", (job,)

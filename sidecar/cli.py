@@ -204,19 +204,29 @@ def _outbox_stats(args: argparse.Namespace) -> int:
 
 def _dead_list(args: argparse.Namespace) -> int:
     from .admin import dead_letter_document
+    from .outbox.sqlite import DEAD_CHUNK
 
     async def go() -> int:
+        shown, after = 0, args.after
         async with _open_outbox(args) as outbox:
-            items = await outbox.dead_letters(args.limit, args.after)
-        for d in items:
-            doc = dead_letter_document(d)
-            if args.json:
-                print(json.dumps(doc))
-            else:
-                status = f"HTTP {d.status}" if d.status else "-"
-                print(f"{d.id}  {d.reason}  {status}  attempts={d.attempts}  {d.response[:120]}")
+            # Page by page, printed as they come: a list of 100,000 is never in memory at once.
+            while shown < args.limit:
+                items = await outbox.dead_letters(min(DEAD_CHUNK, args.limit - shown), after)
+                for d in items:
+                    if args.json:
+                        print(json.dumps(dead_letter_document(d)))
+                    else:
+                        status = f"HTTP {d.status}" if d.status else "-"
+                        print(
+                            f"{d.id}  {d.reason}  {status}  attempts={d.attempts}  "
+                            f"{d.response[:120]}"
+                        )
+                shown += len(items)
+                if len(items) < DEAD_CHUNK:
+                    break
+                after = items[-1].id
         if not args.json:
-            print(f"{len(items)} dead letter(s)", file=sys.stderr)
+            print(f"{shown} dead letter(s)", file=sys.stderr)
         return 0
 
     return asyncio.run(go())
@@ -234,11 +244,17 @@ def _dead_purge(args: argparse.Namespace) -> int:
 
 
 def _on_dead_letters(args: argparse.Namespace, operation: str) -> int:
-    """Apply an outbox operation to the dead letters named on the command line (or all)."""
+    """Apply an outbox operation to the dead letters named on the command line (or all),
+    with a running count on stderr (it goes a chunk at a time)."""
+    verb = operation.split("_")[0]
+
+    def progress(done: int) -> None:
+        print(f"{verb}: {done} dead letter(s) so far", file=sys.stderr, flush=True)
 
     async def go() -> int:
         async with _open_outbox(args) as outbox:
-            count: int = await getattr(outbox, operation)(None if args.all else args.ids)
+            selection = None if args.all else args.ids
+            count: int = await getattr(outbox, operation)(selection, progress=progress)
             return count
 
     return asyncio.run(go())

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,8 +24,9 @@ from sidecar.config import load_settings
 from sidecar.exceptions import ConfigError, OutboxLocked
 from sidecar.mock_upstream import RunningFake
 from sidecar.ops import utc_from_timestamp
+from sidecar.outbox import NewEvent, SqliteOutbox
 
-from .conftest import eventually, free_port, make_event, settings_for, write_config
+from .conftest import eventually, free_port, make_event, new_id, settings_for, write_config
 
 StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
 
@@ -482,3 +484,47 @@ class TestOutboxReplacedWhileRunning:
         for route in ("/v1/status", "/metrics", "/v1/dead-letters", "/healthz"):
             async with client.get(route) as resp:
                 assert resp.status in (200, 503), (route, resp.status)
+
+
+def many_dead_letters(path: Path, n: int) -> None:
+    """Put n dead letters straight into an outbox file (as a long outage with a bad app
+    would, only faster)."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO dead_letters (id, body, received_at, reason, status, response, "
+            "attempts, dead_lettered_at) VALUES (?, ?, 0, 'refused', 422, '', 1, 0)",
+            [(new_id(), json.dumps(make_event()).encode()) for _ in range(n)],
+        )
+    conn.close()
+
+
+class TestLargeDeadLetterOperations:
+    """#10: replay and purge of many dead letters go in chunks: a running sidecar's ingest
+    never waits behind one huge transaction, and the operator sees a running count."""
+
+    async def test_replay_all_is_chunked_and_counted(self, tmp_path: Path) -> None:
+        path = tmp_path / "outbox.db"
+        async with SqliteOutbox(path) as outbox:
+            pass
+        many_dead_letters(path, 4500)
+        seen: list[int] = []
+        async with SqliteOutbox(path) as outbox:
+            appended = asyncio.ensure_future(outbox.append([NewEvent(new_id(), b"{}")]))
+            assert await outbox.replay_dead_letters(None, progress=seen.append) == 4500
+            await appended
+            assert (await outbox.stats()).events == 4501
+        assert seen == [1000, 2000, 3000, 4000, 4500]
+
+    async def test_cli_shows_a_running_count(self, platform: RunningFake, tmp_path: Path) -> None:
+        path = tmp_path / "outbox.db"
+        async with SqliteOutbox(path):
+            pass
+        many_dead_letters(path, 2500)
+        config = write_config(tmp_path / "c.toml", platform, path, free_port())
+        code, err = await run_cli("dead-letters", "purge", "--all", "-c", str(config))
+        assert code == 0, err
+        assert "1000" in err
+        assert "2000" in err
+        async with SqliteOutbox(path) as outbox:
+            assert (await outbox.stats()).dead_letters == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -149,11 +149,17 @@ class Outbox(Protocol):
     async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
         """Dead letters in the order they died, after the given id."""
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None) -> int:
-        """Put dead letters (these ids, or all when None) back in the queue; returns the count."""
+    async def replay_dead_letters(
+        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Put dead letters (these ids, or all when None) back in the queue, a chunk at a
+        time, telling `progress` the running count; returns the count."""
 
-    async def purge_dead_letters(self, ids: Sequence[str] | None) -> int:
-        """Delete dead letters (these ids, or all when None); returns the count."""
+    async def purge_dead_letters(
+        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete dead letters (these ids, or all when None), a chunk at a time; returns the
+        count."""
 
     async def job_ids_sent_in(self, platform_job: str) -> list[str]:
         """The ids of the events still waiting for this platform job's word."""

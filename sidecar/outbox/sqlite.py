@@ -37,6 +37,8 @@ log = structlog.get_logger("sidecar.outbox")
 
 _SQLITE_FULL: Final = 13
 _SQLITE_HEADER: Final = 100
+#: dead letters replayed or purged per transaction
+DEAD_CHUNK: Final = 1000
 _SQLITE_BUSY: Final = 5
 _PRUNE_EVERY_S: Final = 60.0
 _PRUNE_CHUNK: Final = 5000
@@ -505,25 +507,51 @@ class SqliteOutbox:
         rows = await cur.fetchall()
         return [DeadLetter(*row) for row in rows]
 
-    async def replay_dead_letters(self, ids: Sequence[str] | None) -> int:
-        where, params = _selection(ids)
-        async with self._dispatch_transaction() as conn:
-            await conn.execute(
-                "INSERT OR REPLACE INTO events (id, body, size, received_at) "
-                f"SELECT id, body, length(body), received_at FROM dead_letters WHERE {where} "
-                "ORDER BY seq",
-                params,
-            )
-            cur = await conn.execute(f"DELETE FROM dead_letters WHERE {where}", params)
-            count = cur.rowcount
-        self._appended.set()
-        return count
+    async def replay_dead_letters(
+        self, ids: Sequence[str] | None, progress: Progress | None = None
+    ) -> int:
+        return await self._dead_letters_in_chunks(
+            ids,
+            progress,
+            "INSERT OR REPLACE INTO events (id, body, size, received_at) "
+            "SELECT id, body, length(body), received_at FROM dead_letters "
+            "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
+        )
 
-    async def purge_dead_letters(self, ids: Sequence[str] | None) -> int:
+    async def purge_dead_letters(
+        self, ids: Sequence[str] | None, progress: Progress | None = None
+    ) -> int:
+        return await self._dead_letters_in_chunks(ids, progress, None)
+
+    async def _dead_letters_in_chunks(
+        self, ids: Sequence[str] | None, progress: Progress | None, copy: str | None
+    ) -> int:
+        """Delete the selected dead letters (copying them with `copy` first), DEAD_CHUNK per
+        transaction: one transaction over 100,000 rows held the write lock for seconds, and a
+        running sidecar's ingest waited behind it until it answered 503."""
         where, params = _selection(ids)
-        async with self._dispatch_transaction() as conn:
-            cur = await conn.execute(f"DELETE FROM dead_letters WHERE {where}", params)
-            return cur.rowcount
+        done = 0
+        while True:
+            async with self._dispatch_transaction() as conn:
+                cur = await conn.execute(
+                    f"SELECT seq FROM dead_letters WHERE {where} ORDER BY seq LIMIT {DEAD_CHUNK}",
+                    params,
+                )
+                chunk = json.dumps([r[0] for r in await cur.fetchall()])
+                if copy is not None:
+                    await conn.execute(copy, (chunk,))
+                cur = await conn.execute(
+                    "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))",
+                    (chunk,),
+                )
+                count = cur.rowcount
+            if count <= 0:
+                return done
+            done += count
+            if copy is not None:
+                self._appended.set()
+            if progress is not None:
+                progress(done)
 
     # -- processing confirmation -----------------------------------------------------------
 
@@ -721,6 +749,8 @@ class SqliteOutbox:
         return failure
 
 
+#: told the running count of a long operation
+Progress = Callable[[int], None]
 #: an append: the events of one request, and the job id an app is answered with
 _Append = tuple[Sequence[NewEvent], str | None]
 #: an acknowledgement: the events of one envelope, and the platform's job for them

@@ -93,7 +93,6 @@ def _ingest_route(
     async def handle(request: web.Request) -> web.Response:
         rt = request.app[RUNTIME]
         started = time.monotonic()
-        rt.ingests_in_progress += 1
         fields: dict[str, Any] = {}
         try:
             job = str(uuid.uuid4()) if with_job else None
@@ -102,8 +101,6 @@ def _ingest_route(
             rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
             response = _json(e.body, e.status, e.headers)
             fields["error"] = e.body["error"]
-        finally:
-            rt.ingests_in_progress -= 1
         log.info(
             "ingest",
             path=request.path,
@@ -163,10 +160,13 @@ async def _ingest(
                 f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
             )
         batch.append(NewEvent(canonical_id(event["id"]), body))
+    rt.commits_in_progress += 1
     try:
         result = await rt.outbox.append(batch, job)
     except OutboxUnavailable as e:
         raise _unavailable(e) from e
+    finally:
+        rt.commits_in_progress -= 1
     rt.metrics.events_received.inc(result.accepted)
     rt.metrics.events_duplicate.inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)

@@ -28,7 +28,8 @@ class Runtime:
     #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
     max_event_bytes: int = 0
     accepting: bool = True
-    ingests_in_progress: int = 0
+    #: ingest requests whose events are being committed now (what shutdown waits for)
+    commits_in_progress: int = 0
 
 
 RUNTIME: Final = web.AppKey("runtime", Runtime)

@@ -4,6 +4,7 @@ broken on purpose, named after the promise it keeps."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +27,15 @@ from sidecar.mock_upstream import RunningFake
 from sidecar.ops import utc_from_timestamp
 from sidecar.outbox import NewEvent, SqliteOutbox
 
-from .conftest import eventually, free_port, make_event, new_id, settings_for, write_config
+from .conftest import (
+    SidecarProcess,
+    eventually,
+    free_port,
+    make_event,
+    new_id,
+    settings_for,
+    write_config,
+)
 
 StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
 
@@ -528,3 +537,39 @@ class TestLargeDeadLetterOperations:
         assert "2000" in err
         async with SqliteOutbox(path) as outbox:
             assert (await outbox.stats()).dead_letters == 0
+
+
+class TestShutdownIsBounded:
+    """#15: SIGTERM with a client trickling its body still exits 0, well within the shipped
+    stop timeouts (systemd's TimeoutStopSec and Kubernetes' grace period, 60 s)."""
+
+    async def test_sigterm_with_a_trickling_client(
+        self, platform: RunningFake, tmp_path: Path, processes: list[SidecarProcess]
+    ) -> None:
+        port = free_port()
+        config = write_config(tmp_path / "c.toml", platform, tmp_path / "outbox.db", port)
+        process = SidecarProcess(config, port, tmp_path / "run.log")
+        processes.append(process)
+        await process.wait_ready()
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n["
+        )
+        await writer.drain()
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await asyncio.sleep(0.5)
+                    writer.write(b" ")
+                    await writer.drain()
+
+        trickling = asyncio.ensure_future(trickle())
+        await asyncio.sleep(1)
+        try:
+            assert await process.terminate(timeout=25) == 0
+        finally:
+            trickling.cancel()
+            writer.close()
+        assert "stopped" in process.events()

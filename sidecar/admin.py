@@ -9,8 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
+from . import codec
 from .auth import bearer_matches
 from .config import is_loopback
+from .receiver import Rejected, read_body
 from .runtime import RUNTIME, Runtime
 
 MAX_LIST: int = 1000
@@ -78,8 +80,11 @@ def dead_letter_document(d: Any) -> dict[str, Any]:
 
 async def _selection(request: web.Request) -> Sequence[str] | None:
     try:
-        body = await request.json()
-    except ValueError:
+        body = codec.loads(await read_body(request))
+    except Rejected as e:
+        kind = {408: web.HTTPRequestTimeout}.get(e.status, web.HTTPBadRequest)
+        raise _error(kind, e.body["error"], e.body["message"]) from None
+    except (ValueError, RecursionError):
         raise _error(web.HTTPBadRequest, "malformed_json", "the body is not valid JSON") from None
     if isinstance(body, dict) and body.get("all") is True:
         return None

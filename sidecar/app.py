@@ -14,7 +14,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from . import admin, drop_in, ops, receiver
+from . import admin, connections, drop_in, ops, receiver
 from .config import Settings, is_loopback, require_upstream
 from .confirmations import JobFollower
 from .dispatcher import Dispatcher
@@ -128,13 +128,21 @@ async def start(settings: Settings) -> Sidecar:
         app[RUNTIME] = runtime
         app.add_routes(receiver.routes() + drop_in.routes() + ops.routes() + admin.routes())
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=HANDLERS_GRACE_S
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=HANDLERS_GRACE_S,
+            keepalive_timeout=connections.HEADERS_DEADLINE_S,
+            lingering_time=connections.LINGER_S,
         )
         await runner.setup()
         opened.push_async_callback(runner.cleanup)
         r = settings.receiver
         try:
-            await web.TCPSite(runner, r.host, r.port, ssl_context=ssl_context).start()
+            connections.raise_fd_limit()
+            await connections.BoundedTCPSite(
+                runner, r.host, r.port, ssl_context=ssl_context
+            ).start()
         except OSError as e:
             raise CannotListen(
                 f"cannot listen on {r.host}:{r.port}: {e.strerror or e} "

@@ -14,6 +14,7 @@ import base64
 import binascii
 import hmac
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -21,7 +22,7 @@ from . import codec
 from .auth import ISSUED_TTL_S, issue_token
 from .ops import utc_from_timestamp
 from .outbox import Journey
-from .receiver import Rejected, authenticate
+from .receiver import Rejected, authenticate, read_body
 from .runtime import RUNTIME
 from .validation.structural import canonical_id
 
@@ -52,10 +53,11 @@ async def token(request: web.Request) -> web.Response:
     or in the form; with `receiver.tokens` set, the client secret must be one of them."""
     rt = request.app[RUNTIME]
     try:
-        form = await request.post()
-    except ValueError:
-        form = None
-    if form is None or form.get("grant_type") != "client_credentials":
+        raw = await read_body(request)
+    except Rejected as e:
+        return _json(e.body, e.status, e.headers)
+    form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    if form.get("grant_type") != "client_credentials":
         return _oauth_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
     client_id, secret = _basic(request.headers.get("Authorization", ""))
     if client_id is None:

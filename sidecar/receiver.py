@@ -17,7 +17,7 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from . import codec
+from . import codec, connections
 from .auth import sender_allowed
 from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
@@ -225,12 +225,7 @@ async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
     limit = rt.settings.receiver.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
-    except Exception as e:  # a broken gzip stream, a truncated chunked body
-        raise Rejected(400, "unreadable_body", f"the body could not be read: {e}") from None
+    raw = await read_body(request)
     try:
         document = codec.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -247,6 +242,24 @@ async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
             f"{rt.settings.receiver.max_events_per_request} (receiver.max_events_per_request)",
         )
     return events
+
+
+async def read_body(request: web.Request) -> bytes:
+    """A request's body, whichever route reads it: within the body deadline and the size
+    limit, or Rejected (408, 413, 400)."""
+    try:
+        return await connections.read_body(request)
+    except TimeoutError:
+        raise Rejected(
+            408,
+            "request_timeout",
+            f"the body did not arrive within {connections.BODY_DEADLINE_S:g} s of its headers",
+            headers={"Connection": "close"},
+        ) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(request.app[RUNTIME].settings.receiver.max_body_bytes) from None
+    except Exception as e:  # a broken gzip stream, a truncated chunked body
+        raise Rejected(400, "unreadable_body", f"the body could not be read: {e}") from None
 
 
 def _too_large(limit: int) -> Rejected:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -176,15 +177,28 @@ def write_config(
 class SidecarProcess:
     """`python -m sidecar run` in a subprocess, its logs in a file."""
 
-    def __init__(self, config: Path, port: int, log: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        log: Path,
+        env: dict[str, str] | None = None,
+        max_files: int | None = None,
+    ):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log
         self._log = log.open("ab")
+
+        def limit_files() -> None:  # in the child: soft and hard limit, as systemd sets them
+            if max_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "-c", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=limit_files,
         )
 
     async def wait_ready(self, timeout: float = 20.0) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from sidecar import connections
 from sidecar.app import Sidecar, start
 from sidecar.config import load_settings
 from sidecar.exceptions import ConfigError, OutboxLocked
@@ -573,3 +575,105 @@ class TestShutdownIsBounded:
             trickling.cancel()
             writer.close()
         assert "stopped" in process.events()
+
+
+class TestConnectionDeadlinesAndBound:
+    """#2: connections that never complete a request are closed; open connections are bounded;
+    the condition is logged once."""
+
+    @pytest.fixture(autouse=True)
+    def short_deadlines(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(connections, "HEADERS_DEADLINE_S", 1.0)
+        monkeypatch.setattr(connections, "BODY_DEADLINE_S", 1.0)
+        monkeypatch.setattr(connections, "MAX_CONNECTIONS", 30)
+
+    async def closed_by_server(self, url: str, send: bytes) -> bytes:
+        """Send these bytes and keep the connection open; what the server answered before it
+        closed (within 10 s, else the test fails)."""
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(send)
+        await writer.drain()
+        try:
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+
+    @pytest.mark.parametrize(
+        "send",
+        [
+            pytest.param(b"", id="idle"),
+            pytest.param(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Ty", id="headers"),
+        ],
+    )
+    async def test_incomplete_headers_are_closed(self, custom: StartSidecar, send: bytes) -> None:
+        sidecar, _ = await custom()
+        assert await self.closed_by_server(sidecar.url, send) == b""
+
+    @pytest.mark.parametrize(
+        "send",
+        [
+            pytest.param(b"Content-Length: 5000\r\n\r\n[{", id="short-body"),
+            pytest.param(b'Transfer-Encoding: chunked\r\n\r\n5\r\n[{"a"\r\n', id="endless-chunks"),
+        ],
+    )
+    async def test_bodies_that_never_end_get_408(self, custom: StartSidecar, send: bytes) -> None:
+        sidecar, _ = await custom()
+        head = b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        answer = await self.closed_by_server(sidecar.url, head + send)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+
+    async def test_a_flood_of_idle_connections_does_not_starve_real_requests(
+        self, custom: StartSidecar
+    ) -> None:
+        sidecar, client = await custom()
+        host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+        with capture_logs() as logs:
+            idle = [await asyncio.open_connection(host, int(port)) for _ in range(60)]
+        try:
+            with capture_logs() as more:
+                for _ in range(5):
+                    async with client.get("/healthz") as resp:
+                        assert resp.status == 200
+                    async with client.post("/v1/events", json=make_event()) as resp:
+                        assert resp.status == 202
+            limited = [e for e in logs + more if e["event"] == "connections_limited"]
+            assert len(limited) == 1
+            assert len(sidecar.runner.server.connections) <= 30  # type: ignore[union-attr]
+        finally:
+            for _, writer in idle:
+                writer.close()
+
+    async def test_more_idle_connections_than_descriptors(
+        self, platform: RunningFake, tmp_path: Path, processes: list[SidecarProcess]
+    ) -> None:
+        """The defect as found: 1,100 idle connections to a process limited to 1,024 open
+        files. /healthz and ingest still answer, the log has one line about it and no
+        'accept() out of system resource' traceback."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1400:
+            pytest.skip(f"this test process may open only {hard} files")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1400), hard))
+        port = free_port()
+        config = write_config(tmp_path / "c.toml", platform, tmp_path / "outbox.db", port)
+        process = SidecarProcess(config, port, tmp_path / "run.log", max_files=1024)
+        processes.append(process)
+        await process.wait_ready()
+        idle = []
+        try:
+            for _ in range(1100):
+                idle.append(await asyncio.open_connection("127.0.0.1", port))
+            async with aiohttp.ClientSession(base_url=process.url) as client:
+                for _ in range(3):
+                    async with client.get("/healthz") as resp:
+                        assert resp.status == 200
+                    async with client.post("/v1/events", json=make_event()) as resp:
+                        assert resp.status == 202
+        finally:
+            for _, writer in idle:
+                writer.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert await process.terminate() == 0
+        logs = process.logs()
+        assert "out of system resource" not in logs
+        assert process.events().count("connections_limited") == 1

@@ -1,0 +1,129 @@
+"""The receiver's connections, against hostile or broken peers: deadlines, and a bound.
+
+- A connection that is idle, or still sending its headers, `HEADERS_DEADLINE_S` after it opened
+  (or after its last answer) is closed: aiohttp's keep-alive timer, armed at connection start.
+- A body must arrive within `BODY_DEADLINE_S` of its headers (`read_body`), else 408: no
+  request holds a connection for more than their sum without completing.
+- At most `max_connections()` connections are open at once, safely below the process's file
+  descriptor limit: a new one beyond it takes the place of the oldest connection that has no
+  request under way, or is closed at once when every one is busy. Either way the process never
+  runs out of descriptors (which had left `/healthz` unanswered and filled the log with
+  "accept() out of system resource" tracebacks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("sidecar.connections")
+
+HEADERS_DEADLINE_S: Final = 15.0
+BODY_DEADLINE_S: Final = 15.0
+#: how long the rest of an unread body is read (so that the client sees the answer) before the
+#: connection is closed anyway; aiohttp's default, 10 s, is a gift to a trickling peer
+LINGER_S: Final = 1.0
+MAX_CONNECTIONS: Final = 1000
+#: descriptors kept for what is not a connection: the outbox, the upstream, logs
+RESERVED_FDS: Final = 128
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (systemd's default soft limit is
+    1024); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, min(MAX_CONNECTIONS, soft - RESERVED_FDS))
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, or TimeoutError when it has not arrived within BODY_DEADLINE_S."""
+    async with asyncio.timeout(BODY_DEADLINE_S):
+        return await request.read()
+
+
+class _Refused(asyncio.Protocol):
+    """What a connection over the bound meets: closed at once, descriptor given back."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _BoundedFactory:
+    """aiohttp's protocol factory, with at most `limit` connections open."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server = server
+        self._limit = limit
+        self._limited = False
+
+    def __call__(self) -> asyncio.Protocol:
+        handlers = self._server.connections
+        if len(handlers) < self._limit:
+            if self._limited and len(handlers) < self._limit // 2:
+                self._limited = False
+                log.info("connections_below_limit", open=len(handlers), limit=self._limit)
+            protocol: asyncio.Protocol = self._server()
+            return protocol
+        if not self._limited:
+            # Once per episode: a flood of connections is one line, not one per connection.
+            self._limited = True
+            log.warning("connections_limited", open=len(handlers), limit=self._limit)
+        for handler in handlers:  # oldest first
+            if not getattr(handler, "_request_in_progress", True) and handler.transport:
+                handler.transport.abort()
+                new: asyncio.Protocol = self._server()
+                return new
+        return _Refused()
+
+
+class BoundedTCPSite(web.BaseSite):
+    """A TCP site like aiohttp's, whose connections are bounded (see the module)."""
+
+    __slots__ = ("_host", "_limit", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: Any = None,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host, self._port = host, port
+        self._limit = limit or max_connections()
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            _BoundedFactory(server, self._limit),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+        )

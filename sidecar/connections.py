@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import structlog
@@ -28,8 +30,13 @@ BODY_DEADLINE_S: Final = 15.0
 #: connection is closed anyway; aiohttp's default, 10 s, is a gift to a trickling peer
 LINGER_S: Final = 1.0
 MAX_CONNECTIONS: Final = 1000
-#: descriptors kept for what is not a connection: the outbox, the upstream, logs
-RESERVED_FDS: Final = 128
+#: bodies held at once, in units of receiver.max_body_bytes
+BODIES_IN_FLIGHT: Final = 4
+#: connections asyncio may accept in one pass of the loop, before the bound is consulted
+BACKLOG: Final = 128
+#: descriptors kept below the limit: one pass of accepts, connections closing (their
+#: descriptors are freed a pass later), and what is not a connection (outbox, upstream, logs)
+RESERVED_FDS: Final = 2 * BACKLOG + 64
 
 
 def raise_fd_limit() -> int:
@@ -49,6 +56,31 @@ def raise_fd_limit() -> int:
 def max_connections() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(1, min(MAX_CONNECTIONS, soft - RESERVED_FDS))
+
+
+class ByteBudget:
+    """How many bytes of request bodies may be held at once, from reading them until their
+    events are committed; a request waits for room before it reads. Small requests hardly
+    wait; a crowd of maximum-size ones is taken a budget's worth at a time (24 concurrent 1 MiB
+    bodies full of warnings had reached 447 MB)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._room = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.total)
+        async with self._room:
+            await self._room.wait_for(lambda: self._free >= size)
+            self._free -= size
+        try:
+            yield
+        finally:
+            async with self._room:
+                self._free += size
+                self._room.notify_all()
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -85,8 +117,10 @@ class _BoundedFactory:
             self._limited = True
             log.warning("connections_limited", open=len(handlers), limit=self._limit)
         for handler in handlers:  # oldest first
-            if not getattr(handler, "_request_in_progress", True) and handler.transport:
-                handler.transport.abort()
+            transport = handler.transport
+            idle = not getattr(handler, "_request_in_progress", True)
+            if idle and transport is not None and not transport.is_closing():
+                transport.abort()
                 new: asyncio.Protocol = self._server()
                 return new
         return _Refused()
@@ -106,7 +140,7 @@ class BoundedTCPSite(web.BaseSite):
         ssl_context: Any = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context)
+        super().__init__(runner, ssl_context=ssl_context, backlog=BACKLOG)
         self._host, self._port = host, port
         self._limit = limit or max_connections()
 

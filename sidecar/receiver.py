@@ -72,8 +72,9 @@ def _answer_v1(accepted: Accepted) -> web.Response:
         "duplicates": accepted.result.duplicates,
         "ids": accepted.ids,
     }
-    if accepted.warnings:
-        body["warnings"] = accepted.warnings
+    if accepted.report.warnings:
+        body["warnings"] = [f.as_dict() for f in accepted.report.warnings]
+        body["warnings_total"] = accepted.report.warning_count
     return _json(body, 202)
 
 
@@ -120,7 +121,7 @@ class Accepted:
 
     ids: list[str]
     result: AppendResult
-    warnings: list[dict[str, Any]]
+    report: Report
     job: str | None
 
 
@@ -130,6 +131,16 @@ async def _ingest(
     if not rt.accepting:
         raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
     authenticate(rt, request)
+    limit = rt.settings.receiver.max_body_bytes
+    # Memory held from reading the body until its events are committed is bounded (see
+    # connections.ByteBudget); a body of unknown length counts as the largest allowed.
+    async with rt.body_budget.reserve(min(request.content_length or limit, limit)):
+        return await _ingest_body(rt, request, fields, job)
+
+
+async def _ingest_body(
+    rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None
+) -> Accepted:
     events = await _read_events(rt, request)
     fields["events"] = len(events)
     report = _validate(rt, events)
@@ -139,8 +150,9 @@ async def _ingest(
         raise Rejected(
             422,
             "invalid_events",
-            f"{len(report.errors)} problem(s) found; nothing of this request was stored",
+            f"{report.error_count} problem(s) found; nothing of this request was stored",
             errors=[f.as_dict() for f in report.errors],
+            errors_total=report.error_count,
         )
     batch = []
     for index, event in enumerate(events):
@@ -170,7 +182,7 @@ async def _ingest(
     rt.metrics.events_received.inc(result.accepted)
     rt.metrics.events_duplicate.inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
-    return Accepted([e.id for e in batch], result, [f.as_dict() for f in report.warnings], job)
+    return Accepted([e.id for e in batch], result, report, job)
 
 
 def _validate(rt: Runtime, events: list[Any]) -> Report:
@@ -190,8 +202,10 @@ async def validate_only(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": "success" if report.ok else "error"}
     if not report.ok:
         body["errors"] = [f.as_dict() for f in report.errors]
+        body["errors_total"] = report.error_count
     if report.warnings:
         body["warnings"] = [f.as_dict() for f in report.warnings]
+        body["warnings_total"] = report.warning_count
     return _json(body, 200)
 
 

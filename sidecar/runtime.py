@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
 
 from .config import Settings
 from .confirmations import JobFollower
+from .connections import BODIES_IN_FLIGHT, ByteBudget
 from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .outbox import Outbox
@@ -30,6 +31,10 @@ class Runtime:
     accepting: bool = True
     #: ingest requests whose events are being committed now (what shutdown waits for)
     commits_in_progress: int = 0
+    body_budget: ByteBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.body_budget = ByteBudget(BODIES_IN_FLIGHT * self.settings.receiver.max_body_bytes)
 
 
 RUNTIME: Final = web.AppKey("runtime", Runtime)

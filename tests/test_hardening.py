@@ -28,6 +28,7 @@ from sidecar.exceptions import ConfigError, OutboxLocked
 from sidecar.mock_upstream import RunningFake
 from sidecar.ops import utc_from_timestamp
 from sidecar.outbox import NewEvent, SqliteOutbox
+from sidecar.validation import MAX_FINDINGS
 
 from .conftest import (
     SidecarProcess,
@@ -677,3 +678,72 @@ class TestConnectionDeadlinesAndBound:
         logs = process.logs()
         assert "out of system resource" not in logs
         assert process.events().count("connections_limited") == 1
+
+
+def noisy_event(size: int) -> dict[str, Any]:
+    """An event whose object has as many unknown properties as fit in `size` bytes: each one is
+    a warning."""
+    event = make_event()
+    count = size // 22
+    event["object"].update({f"k{i:07d}": 1 for i in range(count)})
+    return event
+
+
+class TestBoundedMemory:
+    """#6: memory stays bounded whatever many clients send at once."""
+
+    async def test_findings_per_answer_are_bounded_and_counted(
+        self, client: aiohttp.ClientSession
+    ) -> None:
+        event = noisy_event(200_000)
+        async with client.post("/v1/events", json=event) as resp:
+            assert resp.status == 202
+            body = await resp.json()
+        assert len(body["warnings"]) == MAX_FINDINGS
+        assert body["warnings_total"] > 9000
+        broken = [make_event(action="Glanced") for _ in range(300)]
+        async with client.post("/v1/events", json=broken) as resp:
+            assert resp.status == 422
+            body = await resp.json()
+        assert len(body["errors"]) == MAX_FINDINGS
+        assert body["errors_total"] == 300
+
+    async def test_many_heavy_requests_at_once(
+        self, platform: RunningFake, tmp_path: Path, processes: list[SidecarProcess]
+    ) -> None:
+        """24 concurrent requests of 1 MiB, each full of warnings: the process's peak memory
+        stays bounded (it reached 447 MB, with a 14 s stall of the event loop)."""
+        port = free_port()
+        config = write_config(
+            tmp_path / "c.toml",
+            platform,
+            tmp_path / "outbox.db",
+            port,
+            upstream__batch_max_bytes=2_000_000,
+        )
+        process = SidecarProcess(config, port, tmp_path / "run.log")
+        processes.append(process)
+        await process.wait_ready()
+        body = json.dumps(noisy_event(1_000_000)).encode()
+        assert len(body) < 1_048_576
+
+        async def one(client: aiohttp.ClientSession) -> int:
+            async with client.post(
+                "/v1/events", data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                await resp.read()
+                return resp.status
+
+        async with aiohttp.ClientSession(base_url=process.url) as client:
+            statuses = await asyncio.gather(*(one(client) for _ in range(24)))
+        assert set(statuses) <= {202, 503}
+        assert 202 in statuses
+        peak_mb = peak_rss_kib(process.proc.pid) / 1024
+        assert peak_mb < 250, f"peak RSS {peak_mb:.0f} MB"
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")

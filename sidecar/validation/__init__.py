@@ -21,9 +21,11 @@ from .structural import check_structure
 from .timeback import EXTRA_PROPERTIES, TimeBackChecker
 from .timeback_profile import TimebackProfileChecker, is_profile_event
 
-__all__ = ["PROFILES", "Finding", "Report", "pointer", "validate_events"]
+__all__ = ["MAX_FINDINGS", "PROFILES", "Finding", "Report", "pointer", "validate_events"]
 
 PROFILES = ("timeback", "timeback-learnwith", "caliper")
+#: findings of each kind an answer carries at most (the rest are counted)
+MAX_FINDINGS = 100
 
 _TIMEBACK_PROPERTIES = property_table(EXTRA_PROPERTIES)
 _PROPERTIES = {
@@ -38,6 +40,7 @@ def validate_events(
     mode: str = "strict",
     profile: str = "timeback",
     allow_entities: bool = False,
+    limit: int | None = MAX_FINDINGS,
 ) -> Report:
     """Check each item; `mode` and `profile` are `validation.mode` and `validation.profile`.
 
@@ -45,7 +48,7 @@ def validate_events(
     as warnings. Entity describes (envelope items that are not events) are validated as
     entities when `allow_entities`, and refused otherwise: the sidecar forwards events.
     """
-    report = Report()
+    report = Report(limit)
     timeback = profile != "caliper"
     learnwith = profile == "timeback-learnwith"
     properties = _PROPERTIES[profile]
@@ -56,18 +59,20 @@ def validate_events(
                 checker.describe(item)
                 _collect(report, checker.errors, checker.warnings, mode)
             else:
-                report.errors.append(
-                    Finding(
-                        index,
-                        "",
-                        "this is an entity describe, not an event (it has no `action`); "
-                        "the sidecar accepts and forwards events only",
-                        "event-object",
-                    )
+                report.add_errors(
+                    [
+                        Finding(
+                            index,
+                            "",
+                            "this is an entity describe, not an event (it has no `action`); "
+                            "the sidecar accepts and forwards events only",
+                            "event-object",
+                        )
+                    ]
                 )
             continue
         structural = check_structure(index, item)
-        report.errors.extend(structural)
+        report.add_errors(structural)
         if mode == "off" or structural:
             continue
         if timeback and is_profile_event(item):
@@ -88,7 +93,7 @@ def validate_events(
 
 def _collect(report: Report, errors: list[Finding], warnings: list[Finding], mode: str) -> None:
     if mode == "warn":
-        report.warnings.extend(errors)
+        report.add_warnings(errors)
     else:
-        report.errors.extend(errors)
-    report.warnings.extend(warnings)
+        report.add_errors(errors)
+    report.add_warnings(warnings)

@@ -21,14 +21,32 @@ class Finding:
 
 @dataclass(slots=True)
 class Report:
-    """Errors reject an event (in strict mode); warnings never do."""
+    """Errors reject an event (in strict mode); warnings never do.
 
+    At most `limit` findings of each kind are kept (None: all), the rest only counted: a body
+    full of problems must not become a response (and a memory peak) many times its size.
+    """
+
+    limit: int | None = None
     errors: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    error_count: int = 0
+    warning_count: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        return self.error_count == 0
+
+    def add_errors(self, findings: list[Finding]) -> None:
+        self.error_count += len(findings)
+        self.errors.extend(findings[: self._room(self.errors)])
+
+    def add_warnings(self, findings: list[Finding]) -> None:
+        self.warning_count += len(findings)
+        self.warnings.extend(findings[: self._room(self.warnings)])
+
+    def _room(self, kept: list[Finding]) -> int | None:
+        return None if self.limit is None else max(0, self.limit - len(kept))
 
 
 def pointer(*parts: str | int) -> str:

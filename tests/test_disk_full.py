@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.app import Sidecar
+from sidecar.app import Sidecar, start
 from sidecar.exceptions import OutboxUnavailable
 from sidecar.mock_upstream import RunningFake
 from sidecar.outbox import NewEvent, SqliteOutbox
@@ -24,6 +24,7 @@ from .conftest import (
     free_port,
     make_event,
     new_id,
+    settings_for,
     write_config,
 )
 
@@ -168,3 +169,35 @@ async def test_capped_database(sidecar: Sidecar, platform: RunningFake) -> None:
     platform.fake.faults.outage_until = 0
     await platform.fake.wait_for(acknowledged, timeout=30)
     await asyncio.sleep(0)
+
+
+async def test_disk_filled_by_the_outbox_itself_accepts_again_once_drained(
+    small_disk: Path, tmp_path: Path, platform: RunningFake
+) -> None:
+    """Hardening #1. An outage fills the outbox's own disk to the reserve (503 disk_full); the
+    platform comes back and the backlog drains: the sidecar accepts events again on its own.
+    (The free-space check refused before any write, so the sidecar's own WAL, which only a
+    failed write would truncate, held the space for good.)"""
+    platform.fake.outage(3600)
+    settings = settings_for(platform, small_disk, outbox={"synchronous": "full"})
+    sidecar = await start(settings)
+    try:
+        acknowledged: set[str] = set()
+        status, _, body = await fill_until_refused(sidecar.url, acknowledged)
+        assert (status, '"disk_full"' in body) == (503, True)
+        platform.fake.faults.outage_until = 0
+        await platform.fake.wait_for(acknowledged, timeout=60)
+
+        async def drained() -> bool:
+            return (await sidecar.outbox.stats()).events == 0
+
+        await eventually(drained, timeout=30)
+
+        async def accepted_again() -> bool:
+            return (await post(sidecar.url, padded_events(1)))[0] == 202
+
+        await eventually(accepted_again, timeout=30)
+        async with aiohttp.ClientSession() as http, http.get(f"{sidecar.url}/readyz") as resp:
+            assert resp.status == 200
+    finally:
+        await sidecar.stop()

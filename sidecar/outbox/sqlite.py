@@ -240,7 +240,8 @@ class SqliteOutbox:
 
     async def _insert_new(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
         self._check_identity()
-        free = shutil.disk_usage(self.path.parent).free
+        conn = self._require(self._ingest)
+        free = await self._room(conn)
         if free < self.reserve_bytes:
             # The last of the disk is kept for what empties the outbox: recording deliveries
             # and checkpointing the WAL. Filled to the last byte, neither could happen.
@@ -250,7 +251,6 @@ class SqliteOutbox:
                 f"until {self.reserve_bytes // 1_048_576} MiB are",
                 30,
             )
-        conn = self._require(self._ingest)
         now = time.time()
         all_ids = [e.id for events, _ in group for e in events]
         async with self._transaction(conn):
@@ -741,12 +741,37 @@ class SqliteOutbox:
         database and truncating it is what lets the outbox recover when space returns.
         """
         failure = _unavailable(error)
+        if failure.reason == "disk_full":
+            await self._truncate_wal()
+        return failure
+
+    async def _truncate_wal(self) -> None:
+        """Copy the WAL into the database and truncate it, at most once a second."""
         now = time.monotonic()
-        if failure.reason == "disk_full" and now - self._last_reclaim >= 1.0:
+        if now - self._last_reclaim >= 1.0:
             self._last_reclaim = now
             with contextlib.suppress(sqlite3.Error):
                 await self._require(self._checkpointer).execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return failure
+
+    async def _room(self, conn: aiosqlite.Connection) -> int:
+        """Bytes new events can use: free space on the disk, after giving the WAL's space back
+        when that is short, plus the free pages inside the database, which new rows reuse
+        without growing the file.
+
+        Counting only the disk, a disk filled by the outbox itself stayed 'full' after the
+        backlog drained: the drained events' pages are free inside the file, and the WAL that
+        held the rest was truncated only after a failed write, which the check prevented.
+        """
+        free = shutil.disk_usage(self.path.parent).free
+        if free >= self.reserve_bytes:
+            return free
+        await self._truncate_wal()
+        free = shutil.disk_usage(self.path.parent).free
+        cur = await conn.execute("PRAGMA freelist_count")
+        pages = await cur.fetchone()
+        cur = await conn.execute("PRAGMA page_size")
+        size = await cur.fetchone()
+        return free + (int(pages[0]) * int(size[0]) if pages and size else 0)
 
 
 #: told the running count of a long operation

@@ -66,7 +66,7 @@ def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 @st.composite
 def mutated_events(draw: st.DrawFn) -> dict[str, Any]:
     """A seed event with one to three of its places replaced, deleted or given a new key."""
-    event = copy.deepcopy(draw(st.sampled_from(SEEDS)))
+    event: dict[str, Any] = copy.deepcopy(draw(st.sampled_from(SEEDS)))
     event["id"] = new_id()
     for _ in range(draw(st.integers(1, 3))):
         where = draw(st.sampled_from(paths(event)[1:]))

@@ -1,4 +1,5 @@
-"""Wiring: builds every part from the Settings, starts them, and stops them in order."""
+"""Wiring: builds every part from the Settings, and owns their lifecycle: one exit stack,
+closed in reverse order of opening (`running_sidecar`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -21,7 +22,7 @@ from .dispatcher import Dispatcher
 from .exceptions import CannotListen, ConfigError, OutboxUnavailable
 from .logs import flush_logs
 from .metrics import Metrics
-from .outbox import OutboxLock, SqliteOutbox
+from .outbox import Outbox, open_outbox
 from .runtime import RUNTIME, Runtime
 from .signals import until_stop_signal
 from .tokens import OAuthTokens, StaticToken, TokenSource
@@ -38,71 +39,73 @@ HANDLERS_GRACE_S: Final = 2.0
 
 @dataclass
 class Sidecar:
-    """A started sidecar: its parts and the address it listens on."""
+    """A running sidecar: its parts and the address it listens on."""
 
     runtime: Runtime
     dispatcher: Dispatcher
     runner: web.AppRunner
-    session: aiohttp.ClientSession
-    outbox: SqliteOutbox
-    lock: OutboxLock
+    outbox: Outbox
     url: str
+    _lifecycle: contextlib.AbstractAsyncContextManager[Sidecar] | None = None
 
     async def stop(self) -> None:
-        """Stop accepting (503), let commits under way finish, give requests upstream a
-        bounded time, then close everything. Whatever is left is delivered after a restart."""
-        started = time.monotonic()
-        rt = self.runtime
-        rt.accepting = False
-        deadline = time.monotonic() + INGEST_DRAIN_S
-        while rt.commits_in_progress and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        cut = await self.dispatcher.stop(grace_s=rt.settings.upstream.timeout_s)
-        if rt.follower is not None:
-            await rt.follower.stop()
-        await self.runner.cleanup()
-        try:
-            waiting: int | None = (await self.outbox.stats()).events
-        except OutboxUnavailable:
-            waiting = None  # the count is for the log line; closing matters more
-        await self.outbox.close()
-        await self.session.close()
-        self.lock.release()
-        log.info(
-            "stopped",
-            waiting=waiting,
-            sends_cut=cut,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        flush_logs()
+        """Leave the lifecycle `start` entered: everything closes, in reverse order."""
+        if self._lifecycle is not None:
+            lifecycle, self._lifecycle = self._lifecycle, None
+            await lifecycle.__aexit__(None, None, None)
 
 
 async def start(settings: Settings) -> Sidecar:
-    """Start a sidecar: outbox, dispatcher and HTTP server. Raises SidecarError subclasses;
-    whatever was opened before a failure is closed again (an open outbox would otherwise keep
-    the process alive: aiosqlite's threads are not daemons)."""
+    """Enter `running_sidecar(settings)` and return the sidecar; `Sidecar.stop` leaves it
+    (for callers that cannot hold an `async with`: the demo, tests)."""
+    lifecycle = running_sidecar(settings)
+    sidecar = await lifecycle.__aenter__()
+    sidecar._lifecycle = lifecycle
+    return sidecar
+
+
+class _Closing:
+    """One owner for everything a sidecar opens: closed in reverse order of opening, each
+    close shielded from the failure of another (a failed close is logged, the rest still
+    close; svcs closes its registry the same way)."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+
+    def push(self, name: str, close: Callable[[], Awaitable[object]]) -> None:
+        async def closing() -> None:
+            try:
+                await close()
+            except Exception:
+                log.exception("close_failed", part=name)
+
+        self._stack.push_async_callback(closing)
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
+    """Start a sidecar (outbox, dispatcher, HTTP server) and stop it on exit: stop accepting
+    (503), let commits under way finish, give requests upstream a bounded time, then close
+    everything. Whatever is left is delivered after a restart.
+
+    Raises SidecarError subclasses at start, with whatever was opened closed again (an open
+    outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
+    """
     require_upstream(settings)
     ssl_context = _tls(settings)
-    opened = contextlib.AsyncExitStack()
-    try:
-        lock = OutboxLock(settings.outbox.path)
-        lock.acquire()
-        opened.callback(lock.release)
-        outbox = await SqliteOutbox(
-            settings.outbox.path,
-            synchronous=settings.outbox.synchronous,
-            max_events=settings.outbox.max_events,
-            max_bytes=settings.outbox.max_bytes,
-            dedupe_window_s=settings.outbox.dedupe_window_s,
-        ).open()
-        opened.push_async_callback(outbox.close)
+    async with contextlib.AsyncExitStack() as stack:
+        closing = _Closing(stack)
+        # A claim outlives the longest send, with room to spare: a replica killed mid-send
+        # gives its events to the others once its lease runs out.
+        lease_s = 2 * settings.upstream.timeout_s + 5
+        outbox = await stack.enter_async_context(open_outbox(settings.outbox, lease_s=lease_s))
         metrics = Metrics()
         metrics.observe_commits(lambda: outbox.commits)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.upstream.concurrency + 2),
             headers={"User-Agent": "caliper-sidecar"},
         )
-        opened.push_async_callback(session.close)
+        closing.push("upstream session", session.close)
         tokens: TokenSource = (
             OAuthTokens(session, settings.oauth, settings.upstream.timeout_s, metrics)
             if settings.oauth.token_url
@@ -122,6 +125,7 @@ async def start(settings: Settings) -> Sidecar:
             follower=follower,
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
+        closing.push("stopped log line", lambda: _log_stopped(runtime))
         app = web.Application(
             client_max_size=settings.receiver.max_body_bytes, middlewares=[_unavailable_as_503]
         )
@@ -136,7 +140,7 @@ async def start(settings: Settings) -> Sidecar:
             lingering_time=connections.LINGER_S,
         )
         await runner.setup()
-        opened.push_async_callback(runner.cleanup)
+        closing.push("http server", runner.cleanup)
         r = settings.receiver
         try:
             connections.raise_fd_limit()
@@ -150,23 +154,40 @@ async def start(settings: Settings) -> Sidecar:
             ) from None
         if follower is not None:
             await follower.start()
-            opened.push_async_callback(follower.stop)
-    except BaseException:
-        await opened.aclose()
-        raise
-    opened.pop_all()  # from here on, Sidecar.stop closes everything, in order
-    host, port = runner.addresses[0][:2]
-    scheme = "https" if r.tls_cert else "http"
-    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
-    dispatcher.start()
-    log.info(
-        "started",
-        url=url,
-        outbox=settings.outbox.path,
-        upstream=settings.upstream.endpoint,
-        loopback_only=is_loopback(r.host),
-    )
-    return Sidecar(runtime, dispatcher, runner, session, outbox, lock, url)
+            closing.push("job follower", follower.stop)
+        dispatcher.start()
+        closing.push("dispatcher", lambda: dispatcher.stop(grace_s=settings.upstream.timeout_s))
+        closing.push("ingest", lambda: _drain_ingest(runtime))
+        host, port = runner.addresses[0][:2]
+        scheme = "https" if r.tls_cert else "http"
+        url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+        log.info(
+            "started",
+            url=url,
+            outbox="postgresql" if settings.outbox.url else settings.outbox.path,
+            upstream=settings.upstream.endpoint,
+            loopback_only=is_loopback(r.host),
+        )
+        yield Sidecar(runtime, dispatcher, runner, outbox, url)
+    flush_logs()
+
+
+async def _drain_ingest(rt: Runtime) -> None:
+    """The first step of stopping: 503 to new events, and the commits under way finish."""
+    rt.accepting = False
+    deadline = time.monotonic() + INGEST_DRAIN_S
+    while rt.commits_in_progress and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def _log_stopped(rt: Runtime) -> None:
+    """The last words before the outbox closes: what is still waiting."""
+    try:
+        waiting: int | None = (await rt.outbox.stats()).events
+    except OutboxUnavailable:
+        waiting = None  # the count is for the log line; closing matters more
+    cut = rt.dispatcher.sends_cut if rt.dispatcher is not None else None
+    log.info("stopped", waiting=waiting, sends_cut=cut)
 
 
 @web.middleware
@@ -199,9 +220,6 @@ def _tls(settings: Settings) -> ssl.SSLContext | None:
 
 async def serve(settings: Settings) -> None:
     """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully."""
-    sidecar = await start(settings)
-    try:
+    async with running_sidecar(settings):
         await until_stop_signal()
         log.info("stopping", reason="signal")
-    finally:
-        await sidecar.stop()

@@ -166,17 +166,13 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _open_outbox(args: argparse.Namespace) -> Any:
-    from .outbox import SqliteOutbox
+    """The outbox the configuration names, opened beside a running `run` (no lock)."""
+    from .outbox import open_outbox
 
     settings = _settings(args)
-    path = Path(settings.outbox.path)
-    if not path.exists():
-        raise SidecarError(f"there is no outbox at {path} (outbox.path)")
-    return SqliteOutbox(
-        path,
-        synchronous=settings.outbox.synchronous,
-        dedupe_window_s=settings.outbox.dedupe_window_s,
-    )
+    if not settings.outbox.url and not Path(settings.outbox.path).exists():
+        raise SidecarError(f"there is no outbox at {settings.outbox.path} (outbox.path)")
+    return open_outbox(settings.outbox, exclusive=False)
 
 
 def _outbox_stats(args: argparse.Namespace) -> int:
@@ -186,7 +182,7 @@ def _outbox_stats(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "path": str(outbox.path),
+                    "path": str(getattr(outbox, "path", "postgresql")),
                     "events": stats.events,
                     "bytes": stats.bytes,
                     "oldest_received_at": stats.oldest_received_at,

@@ -57,13 +57,18 @@ class ReceiverSettings:
 
 @dataclass(frozen=True)
 class OutboxSettings:
-    """The durable SQLite queue between the receiver and the dispatcher."""
+    """The durable queue between the receiver and the dispatcher: one SQLite file (`path`, the
+    embedded default), or a PostgreSQL database shared by replicas (`url`)."""
 
     path: str = "data/outbox.db"
+    url: str = ""
     synchronous: str = "full"
     max_events: int = 1_000_000
     max_bytes: int = 1_073_741_824
     dedupe_window_s: float = 86_400
+
+    def __post_init__(self) -> None:
+        _mask(self, "url")  # it may hold the database's password
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,7 @@ SECRETS: Final = frozenset(
         ("upstream", "bearer_token"),
         ("oauth", "client_secret"),
         ("admin", "token"),
+        ("outbox", "url"),
     }
 )
 

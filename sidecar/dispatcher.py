@@ -16,7 +16,7 @@ from .backoff import Circuit, CircuitState
 from .config import Settings
 from .exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from .metrics import Metrics
-from .outbox import Outbox, StoredEvent
+from .outbox import Batch, Claim, Outbox, StoredEvent
 from .upstream import Sent, UpstreamClient
 
 log = structlog.get_logger("sidecar.dispatcher")
@@ -58,12 +58,12 @@ class Dispatcher:
         self._bookkeeping: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._batch_ids = itertools.count(1)
-        #: the event at the head of the queue, and when (monotonic) it was first seen there
-        self._head: tuple[int, float] = (-1, 0.0)
         self.state = UpstreamState.OK
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.in_flight = 0
+        #: sends cut short by the last stop (they go out again after a restart)
+        self.sends_cut = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -85,6 +85,7 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self.sends_cut = cut
         # Outcomes already decided (a 2xx received) are written before the outbox closes.
         await asyncio.gather(*self._bookkeeping, return_exceptions=True)
         return cut
@@ -106,7 +107,7 @@ class Dispatcher:
             probe = False
             try:
                 probe = await self._circuit.admit()
-                events = await self._next_batch()
+                batch = await self._next_batch()
             except Exception:
                 # A storage error while reading the next batch must not end delivery for the
                 # life of the process: say so, wait, and try again.
@@ -121,10 +122,10 @@ class Dispatcher:
                 raise
             if not probe and self._circuit.state != CircuitState.CLOSED:
                 # The circuit opened while this batch was being gathered: it waits its turn.
-                await self._outbox.release([e.seq for e in events])
+                await self._outbox.release(batch.claim, batch.seqs)
                 self._slots.release()
                 continue
-            task = asyncio.create_task(self._deliver(events, probe))
+            task = asyncio.create_task(self._deliver(batch, probe))
             self._sends.add(task)
             task.add_done_callback(self._send_done)
 
@@ -136,35 +137,24 @@ class Dispatcher:
             # claims, so the events go out again; at least once, never lost.
             log.error("outcome_not_recorded", error=repr(task.exception()))
 
-    async def _next_batch(self) -> list[StoredEvent]:
-        """The next batch worth sending: full, or its oldest event has lingered long enough.
-
-        How long an event has lingered is measured on the monotonic clock from when this
-        process first saw it at the head of the queue: the stored receive time is wall-clock,
-        and a wall clock stepped back an hour would otherwise hold every batch for an hour.
-        An event stored long ago by wall time (before a restart) goes at once.
-        """
+    async def _next_batch(self) -> Batch:
+        """The next batch worth sending: the outbox claims only what is ready (a full batch,
+        or an oldest event that has lingered), and says when to ask again."""
         linger_s = self._batch.linger_ms / 1000
         budget = self._batch.batch_max_bytes - self._upstream.overhead
         while True:
-            batch = await self._outbox.claim_batch(self._batch.batch_max_events, budget)
+            batch = await self._outbox.claim_batch(self._batch.batch_max_events, budget, linger_s)
             if batch.events:
-                head = batch.events[0]
-                if self._head[0] != head.seq:
-                    self._head = (head.seq, time.monotonic())
-                lingered = time.monotonic() - self._head[1]
-                wait = min(linger_s - lingered, head.received_at + linger_s - time.time())
-                if batch.full or wait <= 0:
-                    return batch.events
-                await self._outbox.release(batch.seqs)
-            else:
-                wait = IDLE_POLL_S
-            await self._outbox.wait_appended(wait)
+                return batch
+            await self._outbox.wait_appended(
+                IDLE_POLL_S if batch.ready_in is None else batch.ready_in
+            )
 
     # -- delivering ------------------------------------------------------------------------
 
-    async def _deliver(self, events: list[StoredEvent], probe: bool) -> None:
+    async def _deliver(self, batch: Batch, probe: bool) -> None:
         batch_id = next(self._batch_ids)
+        claim, events = batch.claim, batch.events
         self.in_flight += len(events)
         self._metrics.in_flight.inc(len(events))
         parts = [events]
@@ -172,6 +162,8 @@ class Dispatcher:
         try:
             while parts:
                 part = sending = parts.pop(0)
+                if part is not events:
+                    await self._outbox.extend(claim)  # a split batch takes several sends
                 started = time.monotonic()
                 try:
                     sent = await self._send(batch_id, part)
@@ -186,7 +178,7 @@ class Dispatcher:
                         log.info("batch_split", batch=batch_id, status=e.status, events=len(part))
                         continue
                     await self._bookkeep(
-                        self._outbox.dead_letter([part[0].seq], "refused", e.status, e.body),
+                        self._outbox.dead_letter(claim, [part[0].seq], "refused", e.status, e.body),
                         probe,
                     )
                     sending = []
@@ -203,10 +195,10 @@ class Dispatcher:
                 except (RetryLater, AuthFailed) as e:
                     waiting = part + [ev for rest in parts for ev in rest]
                     parts, sending = [], []
-                    await self._failed(batch_id, waiting, e, probe)
+                    await self._failed(batch_id, claim, waiting, e, probe)
                     return
                 await self._bookkeep(
-                    self._outbox.acknowledge([e.seq for e in part], sent.job_id), probe
+                    self._outbox.acknowledge(claim, [e.seq for e in part], sent.job_id), probe
                 )
                 sending = []
                 if sent.job_id is not None and self._on_platform_job is not None:
@@ -226,7 +218,7 @@ class Dispatcher:
             self._metrics.in_flight.dec(len(events))
             left = sending + [e for rest in parts for e in rest]
             if left:  # cut short by shutdown: the events stay queued, untouched
-                await self._outbox.release([e.seq for e in left])
+                await self._outbox.release(claim, [e.seq for e in left])
                 if probe:
                     self._circuit.probe_abandoned()
 
@@ -242,7 +234,12 @@ class Dispatcher:
             raise RetryLater(f"unexpected error while sending: {e!r}") from e
 
     async def _failed(
-        self, batch_id: int, events: list[StoredEvent], error: RetryLater | AuthFailed, probe: bool
+        self,
+        batch_id: int,
+        claim: Claim,
+        events: list[StoredEvent],
+        error: RetryLater | AuthFailed,
+        probe: bool,
     ) -> None:
         reason = str(error)
         retry_after = error.retry_after_s if isinstance(error, RetryLater) else None
@@ -273,12 +270,14 @@ class Dispatcher:
             # probe=False: this failure already opened the circuit (above); a write failure
             # here must not count the probe twice.
             await self._bookkeep(
-                self._outbox.dead_letter([e.seq for e in dead], why, None, reason), False
+                self._outbox.dead_letter(claim, [e.seq for e in dead], why, None, reason), False
             )
             self._metrics.events_dead_lettered.labels(reason=why).inc(len(dead))
             log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
         if keep:
-            await self._bookkeep(self._outbox.record_failure([e.seq for e in keep], reason), False)
+            await self._bookkeep(
+                self._outbox.record_failure(claim, [e.seq for e in keep], reason), False
+            )
 
     def _expiry(self, event: StoredEvent) -> str | None:
         if self._retry.max_attempts and event.attempts + 1 >= self._retry.max_attempts:

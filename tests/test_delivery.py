@@ -344,12 +344,12 @@ class TestUnexpectedErrors:
         real_claim = outbox.claim_batch
         failures = 0
 
-        async def flaky_claim(max_events: int, max_bytes: int) -> Any:
+        async def flaky_claim(max_events: int, max_bytes: int, linger_s: float = 0) -> Any:
             nonlocal failures
             if failures < 2:
                 failures += 1
                 raise sqlite3.OperationalError("disk I/O error")
-            return await real_claim(max_events, max_bytes)
+            return await real_claim(max_events, max_bytes, linger_s)
 
         outbox.claim_batch = flaky_claim
         with capture_logs() as logs:

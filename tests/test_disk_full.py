@@ -147,6 +147,7 @@ async def test_reserve_keeps_room_for_deliveries(tmp_path: Path) -> None:
 async def test_capped_database(sidecar: Sidecar, platform: RunningFake) -> None:
     """SQLITE_FULL from a capped database behaves the same, in every environment."""
     platform.fake.outage(3600)
+    assert isinstance(sidecar.outbox, SqliteOutbox)
     ingest = sidecar.outbox._ingest
     assert ingest is not None
     cur = await ingest.execute("PRAGMA page_count")

@@ -107,8 +107,9 @@ class TestNeverA5xx:
             assert resp.status in ANSWERS, await resp.text()
             body = await resp.json()
         if resp.status == 202 and body["accepted"]:
-            stored = (await sidecar.outbox.claim_batch(1000, 10**9)).events
-            await sidecar.outbox.release([e.seq for e in stored])
+            batch = await sidecar.outbox.claim_batch(1000, 10**9)
+            stored = batch.events
+            await sidecar.outbox.release(batch.claim, batch.seqs)
             mine = [e for e in stored if json.loads(e.body).get("id") == event["id"]]
             assert mine, "accepted but not stored"
             assert json.loads(mine[0].body) == event  # stored as received

@@ -1,8 +1,8 @@
 """The outbox: where an event lives from its acknowledgement until the platform confirms it.
 
-`Outbox` is the storage interface the receiver and the dispatcher use; `SqliteOutbox` is the
-implementation for one process per file. A backend for several replicas (PostgreSQL) would
-implement the same protocol.
+`Outbox` is the storage interface the receiver and the dispatcher use; `open_outbox` opens the
+one the settings name: `SqliteOutbox` (one process per file, the embedded default) or
+`PostgresOutbox` (one database shared by several `run` replicas).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from .base import (
     AppendResult,
     Batch,
+    Claim,
     DeadLetter,
     Journey,
     NewEvent,
@@ -19,11 +20,13 @@ from .base import (
     StoredEvent,
 )
 from .lock import OutboxLock
+from .opening import open_outbox
 from .sqlite import SqliteOutbox
 
 __all__ = [
     "AppendResult",
     "Batch",
+    "Claim",
     "DeadLetter",
     "Journey",
     "NewEvent",
@@ -33,4 +36,5 @@ __all__ = [
     "PlatformJobOutcome",
     "SqliteOutbox",
     "StoredEvent",
+    "open_outbox",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,15 +36,48 @@ class StoredEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """A lease on claimed events: who holds them (`id`) and until when (`expires_at`, on the
+    backend's clock). Every outcome names its claim; one for a claim that expired and was
+    taken over by another sender is refused, not applied."""
+
+    id: str
+    expires_at: float
+
+
+#: the claim of an empty batch: it holds nothing
+NO_CLAIM: Final = Claim("", 0.0)
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
-    """Events claimed together; `full` when a limit, not the backlog, ended the batch."""
+    """Events claimed together under one claim; `full` when a limit, not the backlog, ended the
+    batch. An empty batch says when (`ready_in` seconds) one may be worth claiming: the
+    oldest event waits `linger` for company, unless a full batch is there."""
 
     events: list[StoredEvent]
     full: bool
+    claim: Claim = NO_CLAIM
+    ready_in: float | None = None
 
     @property
     def seqs(self) -> list[int]:
         return [e.seq for e in self.events]
+
+
+def fill_batch(
+    rows: Sequence[StoredEvent], max_events: int, max_bytes: int
+) -> tuple[list[StoredEvent], bool]:
+    """The oldest rows that fit both limits (at least one), and whether a limit ended them."""
+    events: list[StoredEvent] = []
+    used = 0
+    for row in rows:
+        cost = len(row.body) + (1 if events else 0)  # the comma between events
+        if events and used + cost > max_bytes:
+            return events, True
+        used += cost
+        events.append(row)
+    return events, len(rows) >= max_events
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +134,19 @@ class Journey:
     dead_letter: DeadLetter | None = None
 
 
+def journey_state(
+    delivered_at: float | None, job: str | None, confirmed_at: float | None, job_state: str | None
+) -> str:
+    """Where an event still in the queue table is (see `Journey`)."""
+    if delivered_at is None:
+        return "waiting"
+    if job is None:
+        return "delivered"
+    if confirmed_at is not None:
+        return "confirmed"
+    return "unconfirmed" if job_state in (None, "unconfirmed") else "awaiting_confirmation"
+
+
 @dataclass(frozen=True, slots=True)
 class PlatformJobOutcome:
     """What a finished platform job said: the events it processed (id -> the platform's own id),
@@ -115,6 +161,9 @@ class PlatformJobOutcome:
 class Outbox(Protocol):
     """The storage operations an event goes through, in the order it meets them."""
 
+    #: group commits of appends done by this process (a metric; how tests see grouping)
+    commits: int
+
     async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
         """Commit the events durably, skipping known ids; raises OutboxUnavailable. With `job`,
         the ids of all these events are recorded under that job id in the same commit."""
@@ -122,23 +171,33 @@ class Outbox(Protocol):
     async def wait_appended(self, timeout: float | None) -> None:
         """Return when events were appended since the last claim, or after the timeout."""
 
-    async def claim_batch(self, max_events: int, max_bytes: int) -> Batch:
-        """Claim the oldest unclaimed events, within both limits (at least one event)."""
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
+        """Claim the oldest unclaimed events within both limits (at least one event), when
+        they are worth sending: a full batch, or an oldest event that has waited `linger_s`.
+        Otherwise claim nothing and say when to ask again."""
 
-    async def release(self, seqs: Sequence[int]) -> None:
-        """Return claimed events untouched (shutdown, or a batch not worth sending yet)."""
+    async def extend(self, claim: Claim) -> None:
+        """Renew a claim's lease (a batch being split can take several sends)."""
 
-    async def acknowledge(self, seqs: Sequence[int], platform_job: str | None = None) -> None:
+    async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
+        """Return claimed events untouched (shutdown, or a circuit that opened)."""
+
+    async def acknowledge(
+        self, claim: Claim, seqs: Sequence[int], platform_job: str | None = None
+    ) -> None:
         """The platform accepted these: mark them delivered, their ids kept for deduplication.
         With `platform_job`, they wait for that job to be confirmed, bodies kept."""
 
-    async def record_failure(self, seqs: Sequence[int], error: str) -> None:
+    async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         """A send failed transiently: count the attempt and release the claim."""
 
     async def dead_letter(
-        self, seqs: Sequence[int], reason: str, status: int | None, response: str
+        self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
     ) -> None:
         """Move claimed events to the dead-letter table with the reason."""
+
+    async def close(self) -> None:
+        """Commit what is queued, then let go of every resource."""
 
     async def stats(self) -> OutboxStats:
         """Current counts."""
@@ -146,7 +205,7 @@ class Outbox(Protocol):
     def unwritable_reason(self) -> str | None:
         """Why appends are failing now (e.g. "disk_full"), or None when they are not."""
 
-    async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
+    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
         """Dead letters in the order they died, after the given id."""
 
     async def replay_dead_letters(

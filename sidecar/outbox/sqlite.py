@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -23,12 +25,15 @@ from ..validation.structural import canonical_id
 from .base import (
     AppendResult,
     Batch,
+    Claim,
     DeadLetter,
     Journey,
     NewEvent,
     OutboxStats,
     PlatformJobOutcome,
     StoredEvent,
+    fill_batch,
+    journey_state,
 )
 from .grouping import GroupCommit
 from .schema import migrate
@@ -115,7 +120,10 @@ class SqliteOutbox:
         )
         self._acks: GroupCommit[_Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
         self._appended = asyncio.Event()
-        self._claimed: set[int] = set()
+        #: seq -> the claim holding it; in memory: after a crash nothing is claimed
+        self._claimed: dict[int, str] = {}
+        #: the event at the head of the queue, and when (monotonic) it was first seen there
+        self._head: tuple[int, float] = (-1, 0.0)
         # Four connections, each with its own thread: ingest commits, reads (claims and
         # stats, which never wait behind a write), the dispatcher's writes, and checkpoints.
         self._ingest: aiosqlite.Connection | None = None
@@ -346,7 +354,7 @@ class SqliteOutbox:
             await asyncio.wait_for(self._appended.wait(), timeout)
 
     @_read_errors_unavailable
-    async def claim_batch(self, max_events: int, max_bytes: int) -> Batch:
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
         self._appended.clear()
         cur = await self._require(self._reader).execute(
             """
@@ -356,25 +364,48 @@ class SqliteOutbox:
             """,
             (json.dumps(sorted(self._claimed)), max_events),
         )
-        rows = list(await cur.fetchall())
-        events: list[StoredEvent] = []
-        used = 0
-        full = len(rows) == max_events
-        for seq, id_, body, received_at, attempts, first_attempt_at in rows:
-            cost = len(body) + (1 if events else 0)  # the comma between events
-            if events and used + cost > max_bytes:
-                full = True
-                break
-            used += cost
-            events.append(StoredEvent(seq, id_, body, received_at, attempts, first_attempt_at))
-        self._claimed.update(e.seq for e in events)
-        return Batch(events, full)
+        rows = [StoredEvent(*row) for row in await cur.fetchall()]
+        events, full = fill_batch(rows, max_events, max_bytes)
+        if not events:
+            return Batch([], False)
+        wait = self._lingering(events[0], linger_s)
+        if not full and wait > 0:
+            return Batch([], False, ready_in=wait)
+        claim = Claim(uuid.uuid4().hex, math.inf)  # one process: a claim never expires
+        self._claimed.update((e.seq, claim.id) for e in events)
+        return Batch(events, full, claim)
 
-    async def release(self, seqs: Sequence[int]) -> None:
-        self._claimed.difference_update(seqs)
+    def _lingering(self, head: StoredEvent, linger_s: float) -> float:
+        """How much longer the oldest waiting event should wait for company.
 
-    async def acknowledge(self, seqs: Sequence[int], platform_job: str | None = None) -> None:
-        await self._acks.submit((seqs, platform_job))
+        Measured on the monotonic clock from when this process first saw it at the head of the
+        queue: the stored receive time is wall-clock, and a wall clock stepped back an hour
+        would otherwise hold every batch for an hour. An event stored long ago by wall time
+        (before a restart) goes at once.
+        """
+        if self._head[0] != head.seq:
+            self._head = (head.seq, time.monotonic())
+        lingered = time.monotonic() - self._head[1]
+        return min(linger_s - lingered, head.received_at + linger_s - time.time())
+
+    async def extend(self, claim: Claim) -> None:
+        """Nothing to renew: claims of one process live as long as it does."""
+
+    def _owned(self, claim: Claim, seqs: Sequence[int]) -> list[int]:
+        """The seqs this claim still holds; an outcome for the others is not applied."""
+        owned = [seq for seq in seqs if self._claimed.get(seq) == claim.id]
+        if len(owned) < len(seqs):
+            log.warning("claim_lost", claim=claim.id, events=len(seqs) - len(owned))
+        return owned
+
+    async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
+        for seq in self._owned(claim, seqs):
+            del self._claimed[seq]
+
+    async def acknowledge(
+        self, claim: Claim, seqs: Sequence[int], platform_job: str | None = None
+    ) -> None:
+        await self._acks.submit((self._owned(claim, seqs), platform_job))
 
     async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
         """Acknowledgements of concurrent deliveries, in one transaction."""
@@ -426,7 +457,8 @@ class SqliteOutbox:
         if cur.rowcount < _PRUNE_CHUNK:
             self._last_prune = time.monotonic()
 
-    async def record_failure(self, seqs: Sequence[int], error: str) -> None:
+    async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
+        seqs = self._owned(claim, seqs)
         now = time.time()
         async with self._dispatch_transaction(releasing=seqs) as conn:
             await conn.execute(
@@ -440,9 +472,10 @@ class SqliteOutbox:
             )
 
     async def dead_letter(
-        self, seqs: Sequence[int], reason: str, status: int | None, response: str
+        self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
     ) -> None:
         # Called right after the attempt that decided it, so that attempt is counted here.
+        seqs = self._owned(claim, seqs)
         async with self._dispatch_transaction(releasing=seqs) as conn:
             await self._move_to_dead_letters(conn, seqs, reason, status, response, time.time())
 
@@ -644,7 +677,7 @@ class SqliteOutbox:
             id_, received, attempts, first, last, error, delivered, job, pid, confirmed = row[:10]
             found[id_] = Journey(
                 id=id_,
-                state=_journey_state(delivered, job, confirmed, row[10]),
+                state=journey_state(delivered, job, confirmed, row[10]),
                 received_at=received,
                 attempts=attempts,
                 first_attempt_at=first,
@@ -702,7 +735,8 @@ class SqliteOutbox:
                 async with self._transaction(conn):
                     yield conn
         finally:
-            self._claimed.difference_update(releasing)
+            for seq in releasing:
+                self._claimed.pop(seq, None)
 
     @contextlib.asynccontextmanager
     async def _transaction(self, conn: aiosqlite.Connection) -> AsyncIterator[None]:
@@ -785,18 +819,6 @@ _DEAD_LETTER_COLUMNS: Final = (
     "id, body, reason, status, response, attempts, received_at, "
     "first_attempt_at, last_attempt_at, dead_lettered_at"
 )
-
-
-def _journey_state(
-    delivered_at: float | None, job: str | None, confirmed_at: float | None, job_state: str | None
-) -> str:
-    if delivered_at is None:
-        return "waiting"
-    if job is None:
-        return "delivered"
-    if confirmed_at is not None:
-        return "confirmed"
-    return "unconfirmed" if job_state in (None, "unconfirmed") else "awaiting_confirmation"
 
 
 def _selection(ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:

@@ -1,0 +1,678 @@
+"""The PostgreSQL outbox: one database shared by any number of `run` replicas.
+
+- Ingest uses the same group commit as SQLite: one transaction per group, the ids of known
+  events (waiting, dead-lettered, or delivered within the dedupe window) skipped, a new id
+  inserted with `ON CONFLICT DO NOTHING`-like semantics so that two replicas receiving the same
+  event store it once.
+- Claims are leases: a short transaction marks the oldest unclaimed rows (`FOR UPDATE SKIP
+  LOCKED`, so replicas never wait for each other) with the claim's id and an expiry, and
+  commits; nothing is held open while sending. Every outcome is fenced by the claim id: an
+  outcome for rows another replica took over after the lease expired changes nothing.
+- Times that order events (receive time, leases) are the database server's clock, one clock
+  for every replica.
+- Appends and replays NOTIFY; every replica LISTENs, and polls once a second besides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Final
+
+import asyncpg
+import structlog
+
+from ..config import OutboxSettings
+from ..exceptions import OutboxUnavailable, OutboxUnusable
+from ..validation.structural import canonical_id
+from .base import (
+    AppendResult,
+    Batch,
+    Claim,
+    DeadLetter,
+    Journey,
+    NewEvent,
+    OutboxStats,
+    PlatformJobOutcome,
+    StoredEvent,
+    fill_batch,
+    journey_state,
+)
+from .grouping import GroupCommit
+from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA, VERSION
+from .schema import SchemaTooNew
+
+log = structlog.get_logger("sidecar.outbox")
+
+CHANNEL: Final = "caliper_sidecar_appended"
+NOW: Final = "extract(epoch from clock_timestamp())::double precision"
+POOL_SIZE: Final = 8
+DEAD_CHUNK: Final = 1000
+_PRUNE_EVERY_S: Final = 60.0
+_PRUNE_CHUNK: Final = 5000
+_DEAD_LETTER_COLUMNS: Final = (
+    "id, body, reason, status, response, attempts, received_at, "
+    "first_attempt_at, last_attempt_at, dead_lettered_at"
+)
+_DISK_FULL: Final = "53100"
+
+#: an append: the events of one request, and the job id an app is answered with
+_Append = tuple[Sequence[NewEvent], str | None]
+
+
+class PostgresOutbox:
+    """The outbox in a PostgreSQL database, shared by replicas (see the module)."""
+
+    def __init__(self, settings: OutboxSettings, lease_s: float = 65.0) -> None:
+        self._dsn = str(settings.url)
+        self.max_events = settings.max_events
+        self.max_bytes = settings.max_bytes
+        self.dedupe_window_s = settings.dedupe_window_s
+        self.lease_s = lease_s
+        #: "full" waits for the WAL flush of every commit; "normal" lets PostgreSQL flush a
+        #: moment later (synchronous_commit off: a database crash may lose the last commits)
+        self._synchronous_commit = "on" if settings.synchronous == "full" else "off"
+        self.commits = 0
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._appended = asyncio.Event()
+        self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
+            self._commit_appends, "outbox-appends"
+        )
+        self._last_prune = float("-inf")
+        self.write_error: str | None = None
+        self._write_error_until = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> PostgresOutbox:
+        """Connect, create or migrate the schema, listen; raises OutboxUnusable or
+        SchemaTooNew with nothing left open."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=POOL_SIZE,
+                server_settings={
+                    "search_path": SCHEMA,
+                    "synchronous_commit": self._synchronous_commit,
+                    "application_name": "caliper-sidecar",
+                },
+            )
+            await self._migrate()
+            self._listener = await asyncpg.connect(
+                self._dsn, server_settings={"search_path": SCHEMA}
+            )
+            await self._listener.add_listener(CHANNEL, self._notified)
+        except SchemaTooNew:
+            await self.close()
+            raise
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            await self.close()
+            raise OutboxUnusable(f"outbox.url (PostgreSQL) cannot be used: {e}") from None
+        self._appends.start()
+        return self
+
+    async def close(self) -> None:
+        await self._appends.close()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _migrate(self) -> None:
+        async with self._connection() as conn, conn.transaction():
+            # Replicas starting at once: one migrates, the others wait, then find it done.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (version integer NOT NULL)"
+            )
+            found = await conn.fetchval(f"SELECT max(version) FROM {SCHEMA}.schema_version") or 0
+            if found > VERSION:
+                raise SchemaTooNew(
+                    f"the PostgreSQL outbox has schema version {found}, but this caliper-sidecar "
+                    f"knows only up to {VERSION}: run the newer release on every replica"
+                )
+            for version in range(found + 1, VERSION + 1):
+                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute(
+                    f"INSERT INTO {SCHEMA}.schema_version (version) VALUES ($1)", version
+                )
+
+    def _notified(self, *_: Any) -> None:
+        self._appended.set()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is None:
+            raise OutboxUnavailable("closed", "the outbox is not open")
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            raise _unavailable(e) from e
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
+        return await self._appends.submit((events, job))
+
+    async def _commit_appends(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
+        try:
+            results = await self._insert_new(group)
+        except OutboxUnavailable as e:
+            if self.write_error != e.reason:
+                log.error("outbox_write_failing", reason=e.reason, error=str(e))
+            self.write_error = e.reason
+            self._write_error_until = time.monotonic() + e.retry_after_s
+            raise
+        if self.write_error is not None:
+            log.info("outbox_writable_again", previous=self.write_error)
+            self.write_error = None
+        if any(isinstance(r, AppendResult) and r.accepted for r in results):
+            self._appended.set()
+        return results
+
+    async def _insert_new(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
+        all_ids = [e.id for events, _ in group for e in events]
+        async with self._transaction() as conn:
+            now = await conn.fetchval(f"SELECT {NOW}")
+            known = {
+                r["id"]
+                for r in await conn.fetch(
+                    "SELECT id FROM events WHERE id = ANY($1::text[]) AND "
+                    "(delivered_at IS NULL OR delivered_at >= $2) "
+                    "UNION ALL SELECT id FROM dead_letters WHERE id = ANY($1::text[])",
+                    all_ids,
+                    now - self.dedupe_window_s,
+                )
+            }
+            depth, size = await conn.fetchrow("SELECT sum(events), sum(bytes) FROM totals")
+            depth, size = int(depth or 0), int(size or 0)
+            fresh_by_append: list[list[NewEvent] | OutboxUnavailable] = []
+            for events, _ in group:
+                fresh = []
+                for event in events:
+                    if event.id not in known:
+                        known.add(event.id)
+                        fresh.append(event)
+                added = sum(len(e.body) for e in fresh)
+                if depth + len(fresh) > self.max_events or size + added > self.max_bytes:
+                    for event in fresh:
+                        known.discard(event.id)
+                    fresh_by_append.append(
+                        OutboxUnavailable(
+                            "outbox_full", f"the outbox is full ({depth} events, {size} bytes)"
+                        )
+                    )
+                    continue
+                depth, size = depth + len(fresh), size + added
+                fresh_by_append.append(fresh)
+            rows = [e for f in fresh_by_append if isinstance(f, list) for e in f]
+            stored: set[str] = set()
+            if rows:
+                # A delivered event older than the dedupe window, not yet pruned, is stored
+                # anew; a row another replica committed meanwhile stays as it is (not RETURNING).
+                stored = {
+                    r["id"]
+                    for r in await conn.fetch(
+                        f"""
+                        INSERT INTO events (id, body, size, received_at)
+                        SELECT id, body, length(body), {NOW}
+                        FROM unnest($1::text[], $2::bytea[]) AS t(id, body)
+                        ON CONFLICT (id) DO UPDATE SET body = excluded.body,
+                            size = excluded.size, received_at = excluded.received_at,
+                            attempts = 0, first_attempt_at = NULL, last_attempt_at = NULL,
+                            last_error = NULL, delivered_at = NULL, claimed_by = NULL,
+                            claim_until = NULL, platform_job = NULL, platform_id = NULL,
+                            confirmed_at = NULL
+                        WHERE events.delivered_at IS NOT NULL AND events.delivered_at < $3
+                        RETURNING id
+                        """,
+                        [e.id for e in rows],
+                        [e.body for e in rows],
+                        now - self.dedupe_window_s,
+                    )
+                }
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            jobs = [
+                (job, now, json.dumps([e.id for e in events]))
+                for (events, job), fresh in zip(group, fresh_by_append, strict=True)
+                if job is not None and isinstance(fresh, list)
+            ]
+            if jobs:
+                await conn.executemany(
+                    "INSERT INTO jobs (id, created_at, event_ids) VALUES ($1, $2, $3) "
+                    "ON CONFLICT DO NOTHING",
+                    jobs,
+                )
+        self.commits += 1
+        results: list[AppendResult | OutboxUnavailable] = []
+        for (events, _), outcome in zip(group, fresh_by_append, strict=True):
+            if isinstance(outcome, OutboxUnavailable):
+                results.append(outcome)
+            else:
+                accepted = sum(1 for e in outcome if e.id in stored)
+                results.append(AppendResult(accepted, len(events) - accepted))
+        return results
+
+    def unwritable_reason(self) -> str | None:
+        if self.write_error and time.monotonic() < self._write_error_until:
+            return self.write_error
+        return None
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    async def wait_appended(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._appended.wait(), timeout)
+
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
+        self._appended.clear()
+        async with self._connection() as conn:
+            # A look first, without locks: is a batch worth claiming yet? Claiming and giving
+            # back what is not would write (and bloat) the same rows again and again.
+            head = await conn.fetch(
+                f"""
+                SELECT length(body) AS size, received_at, {NOW} AS now FROM events
+                WHERE delivered_at IS NULL AND (claim_until IS NULL OR claim_until < {NOW})
+                ORDER BY seq LIMIT $1
+                """,
+                max_events,
+            )
+            if not head:
+                return Batch([], False)
+            full = len(head) >= max_events or sum(r["size"] + 1 for r in head) - 1 > max_bytes
+            wait = linger_s - (head[0]["now"] - head[0]["received_at"])
+            if not full and wait > 0:
+                return Batch([], False, ready_in=wait)
+            claim_id = uuid.uuid4().hex
+            rows = await conn.fetch(
+                f"""
+                WITH picked AS (
+                    SELECT seq FROM events
+                    WHERE delivered_at IS NULL AND (claim_until IS NULL OR claim_until < {NOW})
+                    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED
+                )
+                UPDATE events e SET claimed_by = $2, claim_until = {NOW} + $3
+                FROM picked WHERE e.seq = picked.seq
+                RETURNING e.seq, e.id, e.body, e.received_at, e.attempts, e.first_attempt_at,
+                    e.claim_until
+                """,
+                max_events,
+                claim_id,
+                self.lease_s,
+            )
+        if not rows:
+            return Batch([], False)
+        rows = sorted(rows, key=lambda r: r["seq"])
+        claim = Claim(claim_id, float(rows[0]["claim_until"]))
+        stored = [StoredEvent(*tuple(r)[:6]) for r in rows]
+        events, full = fill_batch(stored, max_events, max_bytes)
+        if len(events) < len(stored):
+            await self.release(claim, [e.seq for e in stored[len(events) :]])
+        return Batch(events, full, claim)
+
+    async def extend(self, claim: Claim) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                f"UPDATE events SET claim_until = {NOW} + $2 WHERE claimed_by = $1",
+                claim.id,
+                self.lease_s,
+            )
+
+    async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE events SET claimed_by = NULL, claim_until = NULL "
+                "WHERE seq = ANY($1::bigint[]) AND claimed_by = $2",
+                list(seqs),
+                claim.id,
+            )
+
+    async def acknowledge(
+        self, claim: Claim, seqs: Sequence[int], platform_job: str | None = None
+    ) -> None:
+        async with self._transaction() as conn:
+            done = await conn.fetch(
+                f"""
+                UPDATE events SET delivered_at = {NOW}, platform_job = $3,
+                    body = CASE WHEN $3::text IS NULL THEN ''::bytea ELSE body END,
+                    claimed_by = NULL, claim_until = NULL
+                WHERE seq = ANY($1::bigint[]) AND claimed_by = $2 AND delivered_at IS NULL
+                RETURNING seq
+                """,
+                list(seqs),
+                claim.id,
+                platform_job,
+            )
+            _fenced(claim, seqs, len(done))
+            if platform_job is not None and done:
+                await conn.execute(
+                    f"INSERT INTO platform_jobs (id, sent_at, state) VALUES ($1, {NOW}, "
+                    "'waiting') ON CONFLICT DO NOTHING",
+                    platform_job,
+                )
+            if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
+                await self._prune(conn)
+
+    async def _prune(self, conn: asyncpg.Connection) -> None:
+        """Forget delivered events older than the dedupe window, a chunk at a time."""
+        cutoff = await conn.fetchval(f"SELECT {NOW} - $1::double precision", self.dedupe_window_s)
+        deleted = await conn.fetchval(
+            """
+            WITH old AS (
+                SELECT seq FROM events WHERE delivered_at < $1 AND NOT EXISTS (
+                    SELECT 1 FROM platform_jobs p
+                    WHERE p.id = events.platform_job AND p.state != 'unconfirmed')
+                ORDER BY delivered_at LIMIT $2)
+            , gone AS (DELETE FROM events WHERE seq IN (SELECT seq FROM old) RETURNING 1)
+            SELECT count(*) FROM gone
+            """,
+            cutoff,
+            _PRUNE_CHUNK,
+        )
+        await conn.execute("DELETE FROM jobs WHERE created_at < $1", cutoff)
+        await conn.execute(
+            "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < $1", cutoff
+        )
+        if deleted < _PRUNE_CHUNK:
+            self._last_prune = time.monotonic()
+
+    async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
+        async with self._connection() as conn:
+            status = await conn.execute(
+                f"""
+                UPDATE events SET attempts = attempts + 1,
+                    first_attempt_at = coalesce(first_attempt_at, {NOW}),
+                    last_attempt_at = {NOW}, last_error = $3,
+                    claimed_by = NULL, claim_until = NULL
+                WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
+                """,
+                list(seqs),
+                claim.id,
+                error[:1024],
+            )
+        _fenced(claim, seqs, _count(status))
+
+    async def dead_letter(
+        self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
+    ) -> None:
+        async with self._transaction() as conn:
+            moved = await self._move_to_dead_letters(conn, seqs, reason, status, response, claim.id)
+        _fenced(claim, seqs, moved)
+
+    @staticmethod
+    async def _move_to_dead_letters(
+        conn: asyncpg.Connection,
+        seqs: Sequence[int],
+        reason: str,
+        status: int | None,
+        response: str,
+        claim: str | None,
+    ) -> int:
+        """Move these events (held by `claim`, when given) to the dead letters; the count."""
+        fence = "AND claimed_by = $6" if claim is not None else "AND $6::text IS NULL"
+        moved = await conn.fetchval(
+            f"""
+            WITH gone AS (
+                DELETE FROM events WHERE seq = ANY($1::bigint[]) {fence}
+                RETURNING seq, id, body, received_at, attempts, first_attempt_at
+            ), dead AS (
+                INSERT INTO dead_letters (id, body, received_at, reason, status, response,
+                    attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
+                SELECT id, body, received_at, $2, $3, $4, attempts + 1,
+                    coalesce(first_attempt_at, $5), $5, $5
+                FROM gone ORDER BY seq
+                ON CONFLICT (id) DO UPDATE SET body = excluded.body, reason = excluded.reason,
+                    status = excluded.status, response = excluded.response,
+                    attempts = excluded.attempts, last_attempt_at = excluded.last_attempt_at,
+                    dead_lettered_at = excluded.dead_lettered_at
+                RETURNING 1
+            )
+            SELECT count(*) FROM dead
+            """,
+            list(seqs),
+            reason,
+            status,
+            response[:1024],
+            time.time(),
+            claim,
+        )
+        return int(moved)
+
+    # -- inspection and operations ---------------------------------------------------------
+
+    async def stats(self) -> OutboxStats:
+        async with self._connection() as conn:
+            totals = await conn.fetchrow(
+                "SELECT sum(events), sum(bytes), sum(dead_letters), sum(delivered_total), "
+                "sum(dead_lettered_total) FROM totals"
+            )
+            oldest = await conn.fetchval(
+                "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
+            )
+            jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
+        values = [int(v or 0) for v in totals]
+        return OutboxStats(
+            events=values[0],
+            bytes=values[1],
+            oldest_received_at=oldest,
+            dead_letters=values[2],
+            delivered_total=values[3],
+            dead_lettered_total=values[4],
+            platform_jobs={str(r[0]): int(r[1]) for r in jobs},
+        )
+
+    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+                "WHERE $1::text IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = $1) "
+                "ORDER BY seq LIMIT $2",
+                after,
+                limit,
+            )
+        return [DeadLetter(*tuple(r)) for r in rows]
+
+    async def replay_dead_letters(
+        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
+    ) -> int:
+        return await self._dead_letters_in_chunks(ids, progress, replay=True)
+
+    async def purge_dead_letters(
+        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
+    ) -> int:
+        return await self._dead_letters_in_chunks(ids, progress, replay=False)
+
+    async def _dead_letters_in_chunks(
+        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None, replay: bool
+    ) -> int:
+        """DEAD_CHUNK dead letters per transaction (see the SQLite outbox for why)."""
+        wanted = None if ids is None else [canonical_id(i) for i in ids]
+        done = 0
+        while True:
+            async with self._transaction() as conn:
+                chunk = [
+                    r["seq"]
+                    for r in await conn.fetch(
+                        "SELECT seq FROM dead_letters WHERE $1::text[] IS NULL OR id = ANY($1) "
+                        "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED",
+                        wanted,
+                        DEAD_CHUNK,
+                    )
+                ]
+                if not chunk:
+                    return done
+                if replay:
+                    await conn.execute(
+                        f"""
+                        INSERT INTO events (id, body, size, received_at)
+                        SELECT id, body, length(body), received_at FROM dead_letters
+                        WHERE seq = ANY($1::bigint[]) ORDER BY seq
+                        ON CONFLICT (id) DO UPDATE SET body = excluded.body,
+                            size = excluded.size, received_at = {NOW}, attempts = 0,
+                            first_attempt_at = NULL, last_attempt_at = NULL, last_error = NULL,
+                            delivered_at = NULL, claimed_by = NULL, claim_until = NULL,
+                            platform_job = NULL, platform_id = NULL, confirmed_at = NULL
+                        """,
+                        chunk,
+                    )
+                    await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+                await conn.execute("DELETE FROM dead_letters WHERE seq = ANY($1::bigint[])", chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+
+    # -- processing confirmation -----------------------------------------------------------
+
+    async def job_ids_sent_in(self, platform_job: str) -> list[str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM events WHERE platform_job = $1 AND confirmed_at IS NULL "
+                "ORDER BY seq",
+                platform_job,
+            )
+        return [str(r["id"]) for r in rows]
+
+    async def pending_platform_jobs(self) -> list[str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM platform_jobs WHERE state != 'unconfirmed' ORDER BY sent_at"
+            )
+        return [str(r["id"]) for r in rows]
+
+    async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE platform_jobs SET state = $2, polls = polls + 1, last_error = $3 "
+                "WHERE id = $1 AND state != 'unconfirmed'",
+                job,
+                state,
+                error and error[:1024],
+            )
+
+    async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
+        now = time.time()
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "SELECT seq, id FROM events WHERE platform_job = $1 AND confirmed_at IS NULL "
+                "FOR UPDATE",
+                job,
+            )
+            confirmed: list[tuple[str | None, float, int]] = []
+            failing: list[int] = []
+            again: list[int] = []
+            for seq, id_ in rows:
+                if not outcome.failed or id_ in outcome.processed:
+                    confirmed.append((outcome.processed.get(id_), now, seq))
+                elif outcome.failing is None or id_ in outcome.failing:
+                    failing.append(seq)
+                else:
+                    again.append(seq)
+            if confirmed:
+                await conn.executemany(
+                    "UPDATE events SET platform_id = $1, confirmed_at = $2, body = ''::bytea "
+                    "WHERE seq = $3",
+                    confirmed,
+                )
+            if failing:
+                await self._move_to_dead_letters(
+                    conn, failing, "platform_failed", None, outcome.reason, None
+                )
+            if again:
+                await conn.execute(
+                    "UPDATE events SET delivered_at = NULL, platform_job = NULL "
+                    "WHERE seq = ANY($1::bigint[])",
+                    again,
+                )
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            await conn.execute("DELETE FROM platform_jobs WHERE id = $1", job)
+        return len(failing)
+
+    async def give_up_platform_job(self, job: str, reason: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE platform_jobs SET state = 'unconfirmed', last_error = $2 WHERE id = $1",
+                job,
+                reason[:1024],
+            )
+
+    async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
+        wanted = [canonical_id(i) for i in ids]
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT e.id, e.received_at, e.attempts, e.first_attempt_at, e.last_attempt_at,
+                    e.last_error, e.delivered_at, e.platform_job, e.platform_id,
+                    e.confirmed_at, p.state
+                FROM events e LEFT JOIN platform_jobs p ON p.id = e.platform_job
+                WHERE e.id = ANY($1::text[])
+                """,
+                wanted,
+            )
+            dead = await conn.fetch(
+                f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ANY($1::text[])",
+                wanted,
+            )
+        found: dict[str, Journey] = {}
+        for r in rows:
+            found[r["id"]] = Journey(
+                id=r["id"],
+                state=journey_state(r["delivered_at"], r["platform_job"], r["confirmed_at"], r[10]),
+                received_at=r["received_at"],
+                attempts=r["attempts"],
+                first_attempt_at=r["first_attempt_at"],
+                last_attempt_at=r["last_attempt_at"],
+                last_error=r["last_error"],
+                delivered_at=r["delivered_at"],
+                platform_job=r["platform_job"],
+                platform_id=r["platform_id"],
+                confirmed_at=r["confirmed_at"],
+            )
+        for r in dead:
+            letter = DeadLetter(*tuple(r))
+            found[letter.id] = Journey(
+                id=letter.id,
+                state="dead_lettered",
+                received_at=letter.received_at,
+                attempts=letter.attempts,
+                first_attempt_at=letter.first_attempt_at,
+                last_attempt_at=letter.last_attempt_at,
+                dead_letter=letter,
+            )
+        return found
+
+    async def job_event_ids(self, job: str) -> list[str] | None:
+        async with self._connection() as conn:
+            found = await conn.fetchval("SELECT event_ids FROM jobs WHERE id = $1", job)
+        return None if found is None else [str(i) for i in json.loads(found)]
+
+
+def _fenced(claim: Claim, seqs: Sequence[int], applied: int) -> None:
+    if applied < len(seqs):
+        log.warning("claim_lost", claim=claim.id, events=len(seqs) - applied)
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as 'UPDATE 3'."""
+    return int(status.rsplit(" ", 1)[-1]) if status and status[-1].isdigit() else 0
+
+
+def _unavailable(e: BaseException) -> OutboxUnavailable:
+    if getattr(e, "sqlstate", None) == _DISK_FULL:
+        return OutboxUnavailable("disk_full", "the database holding the outbox is out of disk", 30)
+    return OutboxUnavailable("storage_error", f"outbox database error: {e}", 5)

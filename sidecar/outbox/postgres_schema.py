@@ -1,0 +1,132 @@
+"""The PostgreSQL outbox schema and its migrations, tracked in a version table.
+
+Everything lives in the `caliper_sidecar` schema of the configured database. Migrations run
+under an advisory lock, so that replicas starting at once migrate once; each entry moves the
+schema one version up and is never edited once released.
+
+Running totals (what `/v1/status` and the capacity check read) are kept by statement-level
+triggers, as SQLite's are, but spread over `TOTAL_SHARDS` rows picked at random: one counter row
+shared by every replica would serialize all of their ingest on its row lock.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SCHEMA: Final = "caliper_sidecar"
+TOTAL_SHARDS: Final = 16
+#: pg_advisory_xact_lock key for migrations ("calipers" in ASCII)
+MIGRATION_LOCK: Final = 0x63616C6970657273
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: the queue, dead letters, app jobs, platform jobs, sharded totals and their triggers.
+    f"""
+    CREATE TABLE events (
+        seq bigserial PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        body bytea NOT NULL,
+        size integer NOT NULL,
+        received_at double precision NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        first_attempt_at double precision,
+        last_attempt_at double precision,
+        last_error text,
+        delivered_at double precision,
+        claimed_by text,
+        claim_until double precision,
+        platform_job text,
+        platform_id text,
+        confirmed_at double precision
+    );
+    CREATE INDEX events_waiting ON events (seq) WHERE delivered_at IS NULL;
+    CREATE INDEX events_delivered ON events (delivered_at) WHERE delivered_at IS NOT NULL;
+    CREATE INDEX events_by_platform_job ON events (platform_job) WHERE platform_job IS NOT NULL;
+    CREATE TABLE dead_letters (
+        seq bigserial PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        body bytea NOT NULL,
+        received_at double precision NOT NULL,
+        reason text NOT NULL,
+        status integer,
+        response text NOT NULL DEFAULT '',
+        attempts integer NOT NULL,
+        first_attempt_at double precision,
+        last_attempt_at double precision,
+        dead_lettered_at double precision NOT NULL
+    );
+    CREATE TABLE platform_jobs (
+        id text PRIMARY KEY,
+        sent_at double precision NOT NULL,
+        state text NOT NULL,
+        polls integer NOT NULL DEFAULT 0,
+        last_error text
+    );
+    CREATE TABLE jobs (
+        id text PRIMARY KEY,
+        created_at double precision NOT NULL,
+        event_ids text NOT NULL
+    );
+    CREATE INDEX jobs_by_time ON jobs (created_at);
+    CREATE TABLE totals (
+        shard integer PRIMARY KEY,
+        events bigint NOT NULL DEFAULT 0,
+        bytes bigint NOT NULL DEFAULT 0,
+        dead_letters bigint NOT NULL DEFAULT 0,
+        delivered_total bigint NOT NULL DEFAULT 0,
+        dead_lettered_total bigint NOT NULL DEFAULT 0
+    );
+    INSERT INTO totals (shard) SELECT generate_series(0, {TOTAL_SHARDS - 1});
+
+    CREATE FUNCTION count_change(
+        d_events bigint, d_bytes bigint, d_dead bigint, d_delivered bigint, d_dead_total bigint
+    ) RETURNS void LANGUAGE sql AS $$
+        -- One shard, drawn once (random() in the WHERE would be drawn again for every row).
+        WITH pick AS (SELECT floor(random() * {TOTAL_SHARDS})::integer AS shard)
+        UPDATE totals SET events = events + d_events, bytes = bytes + d_bytes,
+            dead_letters = dead_letters + d_dead, delivered_total = delivered_total + d_delivered,
+            dead_lettered_total = dead_lettered_total + d_dead_total
+        FROM pick WHERE totals.shard = pick.shard
+    $$;
+    CREATE FUNCTION events_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+        PERFORM count_change(count(*), coalesce(sum(size), 0), 0, 0, 0)
+            FROM new_rows WHERE delivered_at IS NULL HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION events_updated() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+        -- waiting -> delivered leaves the queue; delivered -> waiting (sent again) rejoins it
+        PERFORM count_change(
+                sum(CASE WHEN o.delivered_at IS NULL THEN -1 ELSE 1 END),
+                sum(CASE WHEN o.delivered_at IS NULL THEN -o.size ELSE n.size END),
+                0, sum(CASE WHEN o.delivered_at IS NULL THEN 1 ELSE -1 END), 0)
+            FROM old_rows o JOIN new_rows n USING (seq)
+            WHERE (o.delivered_at IS NULL) <> (n.delivered_at IS NULL) HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION events_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+        PERFORM count_change(-count(*), -coalesce(sum(size), 0), 0, 0, 0)
+            FROM old_rows WHERE delivered_at IS NULL HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION dead_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+        PERFORM count_change(0, 0, count(*), 0, count(*)) FROM new_rows HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION dead_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+        PERFORM count_change(0, 0, -count(*), 0, 0) FROM old_rows HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER events_in AFTER INSERT ON events REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION events_inserted();
+    CREATE TRIGGER events_changed AFTER UPDATE ON events
+        REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION events_updated();
+    CREATE TRIGGER events_out AFTER DELETE ON events REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION events_deleted();
+    CREATE TRIGGER dead_in AFTER INSERT ON dead_letters REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION dead_inserted();
+    CREATE TRIGGER dead_out AFTER DELETE ON dead_letters REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION dead_deleted();
+    """,
+)
+
+VERSION: Final = len(MIGRATIONS)

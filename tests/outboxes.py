@@ -1,0 +1,84 @@
+"""The outbox backends the tests run against, each opened fresh: SQLite in a temporary folder,
+PostgreSQL in a database of its own per test module on the local server (skipped, saying why,
+where no server answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from sidecar.config import OutboxSettings
+from sidecar.outbox import Outbox, open_outbox
+from sidecar.outbox.postgres_schema import SCHEMA
+
+BACKENDS = ["sqlite", "postgres"]
+#: the server the tests use; CI and the project's machines run one here (trust auth)
+SERVER = os.environ.get("SIDECAR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+def _admin(statement: str) -> None:
+    """Run one statement on the server's `postgres` database (in a thread of its own: the
+    callers are synchronous fixtures, with or without an event loop around them)."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(f"{SERVER}/postgres", timeout=5)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty database on the test server, dropped afterwards; its URL. Skips, saying
+    why, when no server answers."""
+    name = f"sidecar_test_{uuid.uuid4().hex[:12]}"
+    try:
+        _admin(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError) as e:
+        pytest.skip(f"no PostgreSQL server answers at {SERVER}: {e}")
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def empty(url: str) -> None:
+    """Empty every table of the outbox in this database (between tests of one module)."""
+    conn = await asyncpg.connect(url)
+    try:
+        if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.events"):
+            await conn.execute(
+                f"TRUNCATE {SCHEMA}.events, {SCHEMA}.dead_letters, {SCHEMA}.jobs, "
+                f"{SCHEMA}.platform_jobs RESTART IDENTITY; "
+                f"UPDATE {SCHEMA}.totals SET events = 0, bytes = 0, dead_letters = 0, "
+                "delivered_total = 0, dead_lettered_total = 0"
+            )
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def open_test_outbox(
+    backend: str, tmp_path: Path, database: str | None = None, **settings: Any
+) -> AsyncIterator[Outbox]:
+    """A new, empty outbox of this backend (PostgreSQL: in `database`, emptied first)."""
+    if backend == "postgres":
+        assert database is not None
+        await empty(database)
+        settings["url"] = database
+    config = OutboxSettings(path=str(tmp_path / "outbox.db"), synchronous="normal", **settings)
+    async with open_outbox(config, exclusive=False, lease_s=settings.pop("lease_s", 65.0)) as box:
+        yield box

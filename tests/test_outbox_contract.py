@@ -1,0 +1,233 @@
+"""The outbox contract: what every backend (SQLite, PostgreSQL) promises the receiver and the
+dispatcher. Each test runs against each backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from sidecar.exceptions import OutboxUnavailable
+from sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome
+
+from .conftest import new_id
+from .outboxes import BACKENDS, fresh_database, open_test_outbox
+
+
+def events(n: int, size: int = 10) -> list[NewEvent]:
+    return [NewEvent(new_id(), b"{" + b"x" * (size - 2) + b"}") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    """One PostgreSQL database for this module's tests (emptied before each)."""
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+async def outbox(
+    request: pytest.FixtureRequest, tmp_path: Any, database_if_needed: str | None
+) -> AsyncIterator[Outbox]:
+    async with open_test_outbox(request.param, tmp_path, database_if_needed) as box:
+        yield box
+
+
+@pytest.fixture
+async def database_if_needed(request: pytest.FixtureRequest) -> str | None:
+    """The module's database for PostgreSQL tests; SQLite ones need none (and run without a
+    server)."""
+    params = request.node.callspec.params
+    backend = params.get("outbox") or params.get("outbox_limited") or params.get("open_box")
+    if backend != "postgres":
+        return None
+    url: str = request.getfixturevalue("database")
+    return url
+
+
+class TestAppend:
+    async def test_append_then_claim_in_order(self, outbox: Outbox) -> None:
+        """Appended events are claimed oldest first, bodies as appended."""
+        new = events(5)
+        assert (await outbox.append(new)).accepted == 5
+        batch = await outbox.claim_batch(10, 10_000)
+        assert [e.id for e in batch.events] == [e.id for e in new]
+        assert [e.body for e in batch.events] == [e.body for e in new]
+
+    async def test_duplicates_are_counted_not_stored(self, outbox: Outbox) -> None:
+        """An id already waiting, or in the same request twice, is a duplicate."""
+        first = events(3)
+        await outbox.append(first)
+        again = [first[0], *events(1), first[1]]
+        result = await outbox.append(again)
+        assert (result.accepted, result.duplicates) == (1, 2)
+        assert (await outbox.stats()).events == 4
+
+    async def test_delivered_ids_stay_duplicates(self, outbox: Outbox) -> None:
+        new = events(2)
+        await outbox.append(new)
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.acknowledge(batch.claim, batch.seqs)
+        assert (await outbox.append(new)).duplicates == 2
+
+    async def test_dead_lettered_ids_stay_duplicates(self, outbox: Outbox) -> None:
+        new = events(1)
+        await outbox.append(new)
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")
+        assert (await outbox.append(new)).duplicates == 1
+
+    async def test_concurrent_appends_all_commit(self, outbox: Outbox) -> None:
+        """Many appends at once (a group commit) each get their own answer."""
+        results = await asyncio.gather(*(outbox.append(events(3)) for _ in range(20)))
+        assert sum(r.accepted for r in results) == 60
+        assert (await outbox.stats()).events == 60
+
+    async def test_full_outbox_refuses_whole_appends(self, outbox_limited: Outbox) -> None:
+        await outbox_limited.append(events(4))
+        with pytest.raises(OutboxUnavailable) as refused:
+            await outbox_limited.append(events(2))
+        assert refused.value.reason == "outbox_full"
+        assert (await outbox_limited.stats()).events == 4
+
+
+@pytest.fixture(params=BACKENDS)
+async def outbox_limited(
+    request: pytest.FixtureRequest, tmp_path: Any, database_if_needed: str | None
+) -> AsyncIterator[Outbox]:
+    async with open_test_outbox(request.param, tmp_path, database_if_needed, max_events=5) as box:
+        yield box
+
+
+class TestClaims:
+    async def test_claimed_events_are_not_claimed_twice(self, outbox: Outbox) -> None:
+        await outbox.append(events(4))
+        a = await outbox.claim_batch(2, 10_000)
+        b = await outbox.claim_batch(2, 10_000)
+        assert set(a.seqs).isdisjoint(b.seqs)
+        assert not (await outbox.claim_batch(2, 10_000)).events
+        await outbox.release(a.claim, a.seqs)
+        assert (await outbox.claim_batch(2, 10_000)).seqs == a.seqs
+
+    async def test_byte_limit_and_at_least_one(self, outbox: Outbox) -> None:
+        """A batch stays within the byte limit (commas counted), but holds at least one."""
+        await outbox.append(events(3, size=10))
+        batch = await outbox.claim_batch(100, 21)  # 10 + 1 + 10
+        assert len(batch.events) == 2
+        assert batch.full
+        await outbox.release(batch.claim, batch.seqs)
+        alone = await outbox.claim_batch(100, 5)
+        assert len(alone.events) == 1
+
+    async def test_linger_is_decided_in_the_claim(self, outbox: Outbox) -> None:
+        """A partial batch younger than the linger is not claimed; the answer says when."""
+        await outbox.append(events(2))
+        early = await outbox.claim_batch(10, 10_000, linger_s=30)
+        assert early.events == []
+        assert early.ready_in is not None
+        assert 0 < early.ready_in <= 30
+        full = await outbox.claim_batch(2, 10_000, linger_s=30)
+        assert len(full.events) == 2  # a full batch goes at once
+
+    async def test_outcome_of_a_lost_claim_is_not_applied(self, outbox: Outbox) -> None:
+        """Fencing: once a claim is released and the events claimed again, an outcome under
+        the old claim is refused; the new holder's stands."""
+        await outbox.append(events(2))
+        old = await outbox.claim_batch(10, 10_000)
+        await outbox.release(old.claim, old.seqs)
+        new = await outbox.claim_batch(10, 10_000)
+        assert new.seqs == old.seqs
+        await outbox.acknowledge(old.claim, old.seqs)
+        await outbox.dead_letter(old.claim, old.seqs, "refused", 422, "stale")
+        stats = await outbox.stats()
+        assert (stats.events, stats.dead_letters, stats.delivered_total) == (2, 0, 0)
+        await outbox.acknowledge(new.claim, new.seqs)
+        assert (await outbox.stats()).delivered_total == 2
+
+    async def test_failure_counts_an_attempt_and_requeues(self, outbox: Outbox) -> None:
+        await outbox.append(events(1))
+        batch = await outbox.claim_batch(1, 10_000)
+        await outbox.record_failure(batch.claim, batch.seqs, "HTTP 503")
+        again = await outbox.claim_batch(1, 10_000)
+        assert again.events[0].attempts == 1
+        assert again.events[0].first_attempt_at is not None
+
+    async def test_wait_appended_wakes_on_append(self, outbox: Outbox) -> None:
+        await outbox.claim_batch(1, 10_000)
+        waiting = asyncio.ensure_future(outbox.wait_appended(10))
+        await asyncio.sleep(0.05)
+        await outbox.append(events(1))
+        await asyncio.wait_for(waiting, 5)
+
+
+class TestDeadLetters:
+    async def test_dead_letter_replay_purge(self, outbox: Outbox) -> None:
+        new = events(3)
+        await outbox.append(new)
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.dead_letter(batch.claim, batch.seqs, "refused", 422, '{"error": "bad"}')
+        listed = await outbox.dead_letters(10, None)
+        assert [d.id for d in listed] == [e.id for e in new]
+        assert (listed[0].reason, listed[0].status, listed[0].attempts) == ("refused", 422, 1)
+        assert [d.id for d in await outbox.dead_letters(10, listed[0].id)] == [
+            e.id for e in new[1:]
+        ]
+        seen: list[int] = []
+        assert await outbox.replay_dead_letters([new[0].id], progress=seen.append) == 1
+        assert seen == [1]
+        assert (await outbox.claim_batch(10, 10_000)).events[0].id == new[0].id
+        assert await outbox.purge_dead_letters(None) == 2
+        stats = await outbox.stats()
+        assert (stats.dead_letters, stats.dead_lettered_total) == (0, 3)
+
+
+class TestStats:
+    async def test_counts_follow_the_events(self, outbox: Outbox) -> None:
+        await outbox.append(events(5, size=10))
+        stats = await outbox.stats()
+        assert (stats.events, stats.bytes) == (5, 50)
+        assert stats.oldest_received_at is not None
+        batch = await outbox.claim_batch(2, 10_000)
+        await outbox.acknowledge(batch.claim, batch.seqs)
+        stats = await outbox.stats()
+        assert (stats.events, stats.bytes, stats.delivered_total) == (3, 30, 2)
+
+
+class TestPlatformJobs:
+    async def test_job_lifecycle(self, outbox: Outbox) -> None:
+        """Acknowledged into a platform job, the events wait with their bodies; a failed job
+        confirms what it processed, dead-letters what it names, and queues the rest again."""
+        await outbox.append(events(3))
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.acknowledge(batch.claim, batch.seqs, "job-1")
+        assert await outbox.pending_platform_jobs() == ["job-1"]
+        done, bad, again = (e.id for e in batch.events)
+        assert await outbox.job_ids_sent_in("job-1") == [done, bad, again]
+        outcome = PlatformJobOutcome(True, f"{bad} broke", {done: "41"}, frozenset({bad}))
+        assert await outbox.finish_platform_job("job-1", outcome) == 1
+        journeys = await outbox.journeys([done, bad, again])
+        assert {i: j.state for i, j in journeys.items()} == {
+            done: "confirmed",
+            bad: "dead_lettered",
+            again: "waiting",
+        }
+        assert journeys[done].platform_id == "41"
+        stats = await outbox.stats()
+        assert (stats.events, stats.dead_letters) == (1, 1)
+
+    async def test_app_jobs(self, outbox: Outbox) -> None:
+        new = events(2)
+        await outbox.append(new, job="app-job")
+        assert await outbox.job_event_ids("app-job") == [e.id for e in new]
+        assert await outbox.job_event_ids("nope") is None
+
+    async def test_given_up_jobs(self, outbox: Outbox) -> None:
+        await outbox.append(events(1))
+        batch = await outbox.claim_batch(10, 10_000)
+        await outbox.acknowledge(batch.claim, batch.seqs, "job-2")
+        await outbox.platform_job_polled("job-2", "active", None)
+        await outbox.give_up_platform_job("job-2", "never finished")
+        assert await outbox.pending_platform_jobs() == []
+        assert (await outbox.stats()).platform_jobs == {"unconfirmed": 1}

@@ -1,0 +1,191 @@
+"""Several `run` replicas on one PostgreSQL outbox, as real processes (SPEC §7): every promise
+holds across them. Skipped, saying why, where no PostgreSQL server answers."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from sidecar.mock_upstream import RunningFake
+from sidecar.outbox.postgres_schema import SCHEMA, VERSION
+
+from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
+from .outboxes import empty, fresh_database
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+async def shared(database: str) -> str:
+    """The module's database, emptied for this test."""
+    await empty(database)
+    return database
+
+
+def replica(
+    tmp_path: Path,
+    platform: RunningFake,
+    processes: list[SidecarProcess],
+    url: str,
+    name: str,
+    **extra: Any,
+) -> SidecarProcess:
+    port = free_port()
+    settings: dict[str, Any] = {
+        "outbox__url": url,
+        "upstream__timeout_s": 2,
+        "upstream__batch_max_events": 20,
+        **extra,
+    }
+    config = write_config(
+        tmp_path / f"{name}.toml", platform, tmp_path / "unused.db", port, **settings
+    )
+    process = SidecarProcess(config, port, tmp_path / f"{name}.log")
+    processes.append(process)
+    return process
+
+
+async def post(url: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/events", json=events) as r:
+        assert r.status == 202, await r.text()
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+class TestReplicas:
+    @pytest.mark.parametrize("count", [2, 3])
+    async def test_replicas_share_the_work(
+        self,
+        tmp_path: Path,
+        platform: RunningFake,
+        processes: list[SidecarProcess],
+        shared: str,
+        count: int,
+    ) -> None:
+        """Events posted to any replica are delivered once each, by whichever replica claims
+        them; every replica takes part."""
+        replicas = [replica(tmp_path, platform, processes, shared, f"r{i}") for i in range(count)]
+        for r in replicas:
+            await r.wait_ready()
+        sent: set[str] = set()
+        for round_ in range(10):
+            events = make_events(30)
+            await post(replicas[round_ % count].url, events)
+            sent.update(e["id"] for e in events)
+        await platform.fake.wait_for(sent, timeout=30)
+        await asyncio.sleep(0.5)
+        assert platform.fake.duplicates == 0
+        for r in replicas:
+            assert await r.terminate() == 0
+        senders = [r for r in replicas if "batch_delivered" in r.events()]
+        assert len(senders) >= 2
+
+    async def test_ingest_deduplicates_across_replicas(
+        self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str
+    ) -> None:
+        """The same events sent to two replicas (an app retrying through a load balancer) are
+        stored and sent once."""
+        a = replica(tmp_path, platform, processes, shared, "a")
+        b = replica(tmp_path, platform, processes, shared, "b")
+        await a.wait_ready()
+        await b.wait_ready()
+        events = make_events(10)
+        first, second = await asyncio.gather(post(a.url, events), post(b.url, events))
+        assert first["accepted"] + second["accepted"] == 10
+        assert first["duplicates"] + second["duplicates"] == 10
+        await platform.fake.wait_for({e["id"] for e in events}, timeout=20)
+        await asyncio.sleep(0.5)
+        assert platform.fake.duplicates == 0
+
+    async def test_killed_replica_s_events_are_sent_by_the_others(
+        self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str
+    ) -> None:
+        """A replica SIGKILLed with envelopes in flight: once its leases expire the other
+        delivers everything; duplicates at most what the dead one had in flight."""
+        platform.fake.faults.latency_s = 1.5  # envelopes stay in flight
+        a = replica(tmp_path, platform, processes, shared, "a")
+        await a.wait_ready()
+        events = make_events(200)
+        for start in range(0, 200, 50):
+            await post(a.url, events[start : start + 50])
+        await asyncio.sleep(0.5)  # a has claimed and is sending (the fake is slow)
+        a.kill()
+        platform.fake.faults.latency_s = 0
+        b = replica(tmp_path, platform, processes, shared, "b")
+        await b.wait_ready()
+        await platform.fake.wait_for({e["id"] for e in events}, timeout=60)
+        in_flight_max = 4 * 20  # concurrency x batch_max_events of the killed replica
+        assert platform.fake.duplicates <= in_flight_max
+        assert await b.terminate() == 0
+
+    async def test_replay_from_the_cli_while_replicas_run(
+        self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str
+    ) -> None:
+        """Dead letters replayed from the CLI are picked up by the running replicas."""
+        a = replica(tmp_path, platform, processes, shared, "a")
+        b = replica(tmp_path, platform, processes, shared, "b")
+        await a.wait_ready()
+        await b.wait_ready()
+        events = make_events(5)
+        platform.fake.faults.refuse_ids = {e["id"] for e in events}
+        await post(a.url, events)
+
+        async def all_dead() -> bool:
+            conn = await asyncpg.connect(shared)
+            try:
+                return int(await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.dead_letters")) == 5
+            finally:
+                await conn.close()
+
+        await eventually(all_dead, timeout=20)
+        platform.fake.faults.refuse_ids = set()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sidecar",
+            "dead-letters",
+            "replay",
+            "--all",
+            "-c",
+            str(tmp_path / "a.toml"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert "replayed 5" in out.decode()
+        await platform.fake.wait_for({e["id"] for e in events}, timeout=20)
+
+    async def test_replica_refuses_a_newer_schema(
+        self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str
+    ) -> None:
+        """A replica of an older release, on a database a newer one migrated, refuses to start
+        and says why."""
+        a = replica(tmp_path, platform, processes, shared, "a")
+        await a.wait_ready()
+        assert await a.terminate() == 0
+        conn = await asyncpg.connect(shared)
+        try:
+            await conn.execute(
+                f"INSERT INTO {SCHEMA}.schema_version (version) VALUES ($1)", VERSION + 1
+            )
+            old = replica(tmp_path, platform, processes, shared, "old")
+            code = await old.wait_exit(timeout=30)
+            assert code == 1
+            assert f"schema version {VERSION + 1}" in old.logs()
+        finally:
+            await conn.execute(
+                f"DELETE FROM {SCHEMA}.schema_version WHERE version = $1", VERSION + 1
+            )
+            await conn.close()

@@ -4,13 +4,17 @@ dispatcher. Each test runs against each backend."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from sidecar.exceptions import OutboxUnavailable
 from sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome
+from sidecar.outbox.postgres_schema import SCHEMA
 
 from .conftest import new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
@@ -231,3 +235,87 @@ class TestPlatformJobs:
         await outbox.give_up_platform_job("job-2", "never finished")
         assert await outbox.pending_platform_jobs() == []
         assert (await outbox.stats()).platform_jobs == {"unconfirmed": 1}
+
+
+class TestPostgresTotals:
+    async def test_totals_hold_for_statements_from_any_session(self, database: str) -> None:
+        """Rows written by a session without the sidecar's search_path (an operator's psql, a
+        bulk COPY) still keep the totals right."""
+        async with open_test_outbox("postgres", Path("/nonexistent"), database) as box:
+            conn = await asyncpg.connect(database)
+            try:
+                await conn.copy_records_to_table(
+                    "events",
+                    schema_name=SCHEMA,
+                    records=[(new_id(), b"{}", 2, 0.0) for _ in range(3)],
+                    columns=["id", "body", "size", "received_at"],
+                )
+            finally:
+                await conn.close()
+            assert (await box.stats()).events == 3
+
+
+OpenBox = Callable[..., contextlib.AbstractAsyncContextManager[Outbox]]
+
+
+@pytest.fixture(params=BACKENDS)
+def open_box(
+    request: pytest.FixtureRequest, tmp_path: Path, database_if_needed: str | None
+) -> OpenBox:
+    """Open an outbox of this backend with some settings changed."""
+
+    def opening(**settings: Any) -> contextlib.AbstractAsyncContextManager[Outbox]:
+        return open_test_outbox(request.param, tmp_path, database_if_needed, **settings)
+
+    return opening
+
+
+class TestLimitsAndWindows:
+    async def test_delivered_ids_are_new_after_the_window(self, open_box: OpenBox) -> None:
+        """An id delivered within dedupe_window_s is a duplicate; after it, it is new."""
+        async with open_box(dedupe_window_s=0.3) as box:
+            batch = events(1)
+            await box.append(batch)
+            claimed = await box.claim_batch(10, 10_000)
+            await box.acknowledge(claimed.claim, claimed.seqs)
+            assert (await box.append(batch)).duplicates == 1
+            await asyncio.sleep(0.4)
+            assert (await box.append(batch)).accepted == 1
+            assert (await box.stats()).events == 1
+
+    async def test_full_by_bytes_then_room_again(self, open_box: OpenBox) -> None:
+        """Past max_bytes appends are refused until deliveries make room."""
+        async with open_box(max_bytes=100) as box:
+            await box.append(events(2, size=40))
+            with pytest.raises(OutboxUnavailable, match="full"):
+                await box.append(events(1, size=40))
+            claimed = await box.claim_batch(1, 10_000)
+            await box.acknowledge(claimed.claim, claimed.seqs)
+            assert (await box.append(events(1, size=40))).accepted == 1
+
+    async def test_group_commit(self, open_box: OpenBox) -> None:
+        """Concurrent appends share transactions: far fewer commits than requests."""
+        async with open_box() as box:
+            before = box.commits
+            results = await asyncio.gather(*(box.append(events(1)) for _ in range(200)))
+            assert all(r.accepted == 1 for r in results)
+            assert 1 <= box.commits - before <= 20
+
+    async def test_close_commits_what_is_queued(self, open_box: OpenBox) -> None:
+        """Appends queued when the outbox closes are committed first; later ones are refused."""
+        async with open_box() as box:
+            pending = [asyncio.ensure_future(box.append(events(1))) for _ in range(20)]
+            await asyncio.sleep(0)
+        assert all(p.result().accepted == 1 for p in pending)
+        with pytest.raises(OutboxUnavailable):
+            await box.append(events(1))
+
+    async def test_failed_job_naming_none_dead_letters_all_unprocessed(
+        self, open_box: OpenBox
+    ) -> None:
+        async with open_box() as box:
+            await box.append(events(2))
+            batch = await box.claim_batch(10, 10_000)
+            await box.acknowledge(batch.claim, batch.seqs, "job-3")
+            outcome = PlatformJobOutcome(True, "the job crashed")
+            assert await box.finish_platform_job("job-3", outcome) == 2

@@ -5,8 +5,10 @@ under an advisory lock, so that replicas starting at once migrate once; each ent
 schema one version up and is never edited once released.
 
 Running totals (what `/v1/status` and the capacity check read) are kept by statement-level
-triggers, as SQLite's are, but spread over `TOTAL_SHARDS` rows picked at random: one counter row
-shared by every replica would serialize all of their ingest on its row lock.
+triggers, as SQLite's are, but spread over `TOTAL_SHARDS` rows picked at random: one counter
+row shared by every replica would serialize all of their ingest on its row lock. The trigger
+functions carry their own search_path, so a statement from any session (an operator's psql, a
+bulk COPY) keeps the totals right.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 
     CREATE FUNCTION count_change(
         d_events bigint, d_bytes bigint, d_dead bigint, d_delivered bigint, d_dead_total bigint
-    ) RETURNS void LANGUAGE sql AS $$
+    ) RETURNS void LANGUAGE sql SET search_path = {SCHEMA} AS $$
         -- One shard, drawn once (random() in the WHERE would be drawn again for every row).
         WITH pick AS (SELECT floor(random() * {TOTAL_SHARDS})::integer AS shard)
         UPDATE totals SET events = events + d_events, bytes = bytes + d_bytes,
@@ -87,12 +89,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
             dead_lettered_total = dead_lettered_total + d_dead_total
         FROM pick WHERE totals.shard = pick.shard
     $$;
-    CREATE FUNCTION events_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    CREATE FUNCTION events_inserted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
         PERFORM count_change(count(*), coalesce(sum(size), 0), 0, 0, 0)
             FROM new_rows WHERE delivered_at IS NULL HAVING count(*) > 0;
         RETURN NULL;
     END $$;
-    CREATE FUNCTION events_updated() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    CREATE FUNCTION events_updated() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
         -- waiting -> delivered leaves the queue; delivered -> waiting (sent again) rejoins it
         PERFORM count_change(
                 sum(CASE WHEN o.delivered_at IS NULL THEN -1 ELSE 1 END),
@@ -102,16 +106,19 @@ MIGRATIONS: Final[tuple[str, ...]] = (
             WHERE (o.delivered_at IS NULL) <> (n.delivered_at IS NULL) HAVING count(*) > 0;
         RETURN NULL;
     END $$;
-    CREATE FUNCTION events_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    CREATE FUNCTION events_deleted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
         PERFORM count_change(-count(*), -coalesce(sum(size), 0), 0, 0, 0)
             FROM old_rows WHERE delivered_at IS NULL HAVING count(*) > 0;
         RETURN NULL;
     END $$;
-    CREATE FUNCTION dead_inserted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    CREATE FUNCTION dead_inserted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
         PERFORM count_change(0, 0, count(*), 0, count(*)) FROM new_rows HAVING count(*) > 0;
         RETURN NULL;
     END $$;
-    CREATE FUNCTION dead_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+    CREATE FUNCTION dead_deleted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
         PERFORM count_change(0, 0, -count(*), 0, 0) FROM old_rows HAVING count(*) > 0;
         RETURN NULL;
     END $$;

@@ -51,12 +51,14 @@ async def drop_database(url: str) -> None:
 
 
 def rows(count: int) -> list[tuple[str, bytes, int, float]]:
-    samples = [json.dumps(e).encode() for e in sample_events()]
+    """Stored events as the receiver stores them: each body carrying its own id."""
+    samples = sample_events()
     now = time.time() - 3600
     out = []
     for i in range(count):
-        body = samples[i % len(samples)]
-        out.append((f"urn:uuid:{uuid.uuid4()}", body, len(body), now))
+        event_id = f"urn:uuid:{uuid.uuid4()}"
+        body = json.dumps({**samples[i % len(samples)], "id": event_id}).encode()
+        out.append((event_id, body, len(body), now))
     return out
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -26,6 +28,7 @@ from .receiver import Rejected, authenticate, read_body
 from .runtime import RUNTIME
 from .validation.structural import canonical_id
 
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 #: states in which an event has reached the platform for good
 _ARRIVED = frozenset({"delivered", "confirmed"})
 #: … or has been sent and is on its way there
@@ -105,13 +108,25 @@ def _basic(header: str) -> tuple[str | None, str | None]:
     return client_id, secret
 
 
+def for_senders(handler: Handler) -> Handler:
+    """The route answers only requests that may send events (a sender token, or one this
+    sidecar issued); others get the ingest routes' 401."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.Response:
+        try:
+            authenticate(request.app[RUNTIME], request)
+        except Rejected as e:
+            return _json(e.body, e.status, e.headers)
+        return await handler(request)
+
+    return guarded
+
+
+@for_senders
 async def job_status(request: web.Request) -> web.Response:
     """TimeBack's `GET /jobs/{id}/status`, about a job this sidecar answered an app with."""
     rt = request.app[RUNTIME]
-    try:
-        authenticate(rt, request)
-    except Rejected as e:
-        return _json(e.body, e.status, e.headers)
     job = request.match_info["job"]
     ids = await rt.outbox.job_event_ids(job)
     if ids is None:
@@ -154,14 +169,11 @@ def job_document(job: str, ids: list[str], journeys: dict[str, Journey]) -> dict
     return document
 
 
+@for_senders
 async def journey(request: web.Request) -> web.Response:
     """`GET /v1/events/{id}`: received, attempts, sent, platform job, confirmed or
     dead-lettered and why."""
     rt = request.app[RUNTIME]
-    try:
-        authenticate(rt, request)
-    except Rejected as e:
-        return _json(e.body, e.status, e.headers)
     event_id = request.match_info["id"]
     found = (await rt.outbox.journeys([event_id])).get(canonical_id(event_id))
     if found is None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,26 @@ async def sidecar(platform: RunningFake, tmp_path: Path) -> AsyncIterator[Sideca
 async def client(sidecar: Sidecar) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(base_url=sidecar.url) as session:
         yield session
+
+
+StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
+
+
+@pytest.fixture
+async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSidecar]:
+    """Start a sidecar with some settings changed; returns it and a client for it."""
+    started: list[tuple[Sidecar, aiohttp.ClientSession]] = []
+
+    async def make(**sections: dict[str, Any]) -> tuple[Sidecar, aiohttp.ClientSession]:
+        sidecar = await start(settings_for(platform, tmp_path, **sections))
+        pair = (sidecar, aiohttp.ClientSession(base_url=sidecar.url))
+        started.append(pair)
+        return pair
+
+    yield make
+    for sidecar, session in started:
+        await session.close()
+        await sidecar.stop()
 
 
 # -- the real CLI in a subprocess ---------------------------------------------------------

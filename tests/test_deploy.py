@@ -123,3 +123,41 @@ class TestSystemd:
         ]
         assert result.returncode == 0, result.stderr
         assert problems == [], result.stdout + result.stderr
+
+
+class TestGateway:
+    """The PostgreSQL gateway: replicas sharing one outbox database."""
+
+    def test_compose_replicas_share_a_postgres_outbox(self, tmp_path: Path) -> None:
+        compose = yaml.safe_load((DEPLOY / "compose" / "gateway.yaml").read_text())
+        services: dict[str, Any] = compose["services"]
+        assert {"postgres", "sidecar-a", "sidecar-b", "timeback"} <= set(services)
+        for name in ("sidecar-a", "sidecar-b"):
+            replica = services[name]
+            assert replica["depends_on"]["postgres"] == {"condition": "service_healthy"}
+            for secret in replica["secrets"]:
+                assert (DEPLOY / "compose" / compose["secrets"][secret]["file"]).is_file()
+            env = sidecar_environment(replica["environment"], tmp_path)
+            settings = load_settings(None, environ=env)
+            assert settings.outbox.url  # from the secret file
+            assert settings.upstream.jobs_url.endswith("/jobs/{id}/status")
+        url = (DEPLOY / "compose" / compose["secrets"]["outbox_url"]["file"]).read_text()
+        assert url.startswith("postgresql://sidecar:")
+        assert "@postgres:5432/sidecar" in url
+
+    def test_kubernetes_replicas_with_a_disruption_budget(self, tmp_path: Path) -> None:
+        documents = {
+            d["kind"]: d
+            for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "gateway.yaml").read_text())
+        }
+        deployment = documents["Deployment"]
+        assert deployment["spec"]["replicas"] >= 2
+        assert documents["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
+        pod = deployment["spec"]["template"]["spec"]
+        assert "volumes" not in pod or all("persistentVolumeClaim" not in v for v in pod["volumes"])
+        (container,) = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        settings = load_settings(None, environ=sidecar_environment(env, tmp_path))
+        assert settings.outbox.url
+        assert settings.upstream.endpoint == "https://caliper.alpha-1edtech.ai/caliper/event"
+        assert pod["terminationGracePeriodSeconds"] > 2 * settings.upstream.timeout_s

@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from sidecar.validation import MAX_FINDINGS
 
 from .conftest import (
     SidecarProcess,
+    StartSidecar,
     eventually,
     free_port,
     make_event,
@@ -39,25 +39,6 @@ from .conftest import (
     settings_for,
     write_config,
 )
-
-StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
-
-
-@pytest.fixture
-async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSidecar]:
-    """Start a sidecar with some settings changed; returns it and a client for it."""
-    started: list[tuple[Sidecar, aiohttp.ClientSession]] = []
-
-    async def make(**sections: dict[str, Any]) -> tuple[Sidecar, aiohttp.ClientSession]:
-        sidecar = await start(settings_for(platform, tmp_path, **sections))
-        pair = (sidecar, aiohttp.ClientSession(base_url=sidecar.url))
-        started.append(pair)
-        return pair
-
-    yield make
-    for sidecar, session in started:
-        await session.close()
-        await sidecar.stop()
 
 
 async def raw_request(url: str, request: bytes) -> bytes:

@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from sidecar.app import Sidecar, start
+from sidecar.app import Sidecar
 from sidecar.envelope import DATA_VERSION
-from sidecar.mock_upstream import RunningFake
 
-from .conftest import make_event, make_events, settings_for
-
-StartSidecar = Callable[..., Awaitable[tuple[Sidecar, aiohttp.ClientSession]]]
-
-
-@pytest.fixture
-async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSidecar]:
-    """Start a sidecar with some settings changed; returns it and a client for it."""
-    started: list[tuple[Sidecar, aiohttp.ClientSession]] = []
-
-    async def make(**sections: dict[str, Any]) -> tuple[Sidecar, aiohttp.ClientSession]:
-        sidecar = await start(settings_for(platform, tmp_path, **sections))
-        pair = (sidecar, aiohttp.ClientSession(base_url=sidecar.url))
-        started.append(pair)
-        return pair
-
-    yield make
-    for sidecar, session in started:
-        await session.close()
-        await sidecar.stop()
+from .conftest import StartSidecar, make_event, make_events
 
 
 async def stored(sidecar: Sidecar) -> int:

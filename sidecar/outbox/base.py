@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from ..exceptions import OutboxUnavailable
+
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
@@ -63,6 +65,46 @@ class Batch:
     @property
     def seqs(self) -> list[int]:
         return [e.seq for e in self.events]
+
+
+def new_per_append(
+    appends: Sequence[Sequence[NewEvent]],
+    known: set[str],
+    depth: int,
+    size: int,
+    max_events: int,
+    max_bytes: int,
+) -> list[list[NewEvent] | OutboxUnavailable]:
+    """For each append of a group commit, in order: its events to store (ids neither `known`
+    nor earlier in the group), or, when they would take the outbox past its limits
+    (`depth` events and `size` bytes stored now), the refusal of the whole append."""
+    out: list[list[NewEvent] | OutboxUnavailable] = []
+    for events in appends:
+        fresh = []
+        for event in events:
+            if event.id not in known:
+                known.add(event.id)
+                fresh.append(event)
+        added = sum(len(e.body) for e in fresh)
+        if depth + len(fresh) > max_events or size + added > max_bytes:
+            for event in fresh:  # not stored: a retry must not count them as duplicates
+                known.discard(event.id)
+            out.append(
+                OutboxUnavailable(
+                    "outbox_full", f"the outbox is full ({depth} events, {size} bytes)"
+                )
+            )
+            continue
+        depth, size = depth + len(fresh), size + added
+        out.append(fresh)
+    return out
+
+
+#: the columns of a dead letter, in the order of DeadLetter's fields
+DEAD_LETTER_COLUMNS: Final = (
+    "id, body, reason, status, response, attempts, received_at, "
+    "first_attempt_at, last_attempt_at, dead_lettered_at"
+)
 
 
 def fill_batch(

@@ -30,6 +30,7 @@ from ..config import OutboxSettings
 from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
 from .base import (
+    DEAD_LETTER_COLUMNS,
     AppendResult,
     Batch,
     Claim,
@@ -41,6 +42,7 @@ from .base import (
     StoredEvent,
     fill_batch,
     journey_state,
+    new_per_append,
 )
 from .grouping import GroupCommit
 from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA, VERSION
@@ -54,10 +56,6 @@ POOL_SIZE: Final = 8
 DEAD_CHUNK: Final = 1000
 _PRUNE_EVERY_S: Final = 60.0
 _PRUNE_CHUNK: Final = 5000
-_DEAD_LETTER_COLUMNS: Final = (
-    "id, body, reason, status, response, attempts, received_at, "
-    "first_attempt_at, last_attempt_at, dead_lettered_at"
-)
 _DISK_FULL: Final = "53100"
 
 #: an append: the events of one request, and the job id an app is answered with
@@ -202,25 +200,14 @@ class PostgresOutbox:
             }
             depth, size = await conn.fetchrow("SELECT sum(events), sum(bytes) FROM totals")
             depth, size = int(depth or 0), int(size or 0)
-            fresh_by_append: list[list[NewEvent] | OutboxUnavailable] = []
-            for events, _ in group:
-                fresh = []
-                for event in events:
-                    if event.id not in known:
-                        known.add(event.id)
-                        fresh.append(event)
-                added = sum(len(e.body) for e in fresh)
-                if depth + len(fresh) > self.max_events or size + added > self.max_bytes:
-                    for event in fresh:
-                        known.discard(event.id)
-                    fresh_by_append.append(
-                        OutboxUnavailable(
-                            "outbox_full", f"the outbox is full ({depth} events, {size} bytes)"
-                        )
-                    )
-                    continue
-                depth, size = depth + len(fresh), size + added
-                fresh_by_append.append(fresh)
+            fresh_by_append = new_per_append(
+                [events for events, _ in group],
+                known,
+                depth,
+                size,
+                self.max_events,
+                self.max_bytes,
+            )
             rows = [e for f in fresh_by_append if isinstance(f, list) for e in f]
             stored: set[str] = set()
             if rows:
@@ -480,7 +467,7 @@ class PostgresOutbox:
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
                 "WHERE $1::text IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = $1) "
                 "ORDER BY seq LIMIT $2",
                 after,
@@ -625,7 +612,7 @@ class PostgresOutbox:
                 wanted,
             )
             dead = await conn.fetch(
-                f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ANY($1::text[])",
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ANY($1::text[])",
                 wanted,
             )
         found: dict[str, Journey] = {}

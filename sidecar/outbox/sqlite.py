@@ -23,6 +23,7 @@ import structlog
 from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
 from .base import (
+    DEAD_LETTER_COLUMNS,
     AppendResult,
     Batch,
     Claim,
@@ -34,6 +35,7 @@ from .base import (
     StoredEvent,
     fill_batch,
     journey_state,
+    new_per_append,
 )
 from .grouping import GroupCommit
 from .schema import migrate
@@ -266,28 +268,21 @@ class SqliteOutbox:
             cur = await conn.execute("SELECT events, bytes FROM totals")
             row = await cur.fetchone()
             depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
+            plan = new_per_append(
+                [events for events, _ in group],
+                known,
+                depth,
+                size,
+                self.max_events,
+                self.max_bytes,
+            )
             rows: list[tuple[str, bytes, int, float]] = []
             jobs: list[tuple[str, float, str]] = []
             results: list[AppendResult | OutboxUnavailable] = []
-            for events, job in group:
-                fresh = []
-                for event in events:
-                    if event.id not in known:
-                        known.add(event.id)
-                        fresh.append(event)
-                added = sum(len(e.body) for e in fresh)
-                if depth + len(fresh) > self.max_events or size + added > self.max_bytes:
-                    for event in fresh:  # not stored: a retry must not count them as duplicates
-                        known.discard(event.id)
-                    results.append(
-                        OutboxUnavailable(
-                            "outbox_full",
-                            f"the outbox is full ({depth} events, {size} bytes)",
-                        )
-                    )
+            for (events, job), fresh in zip(group, plan, strict=True):
+                if isinstance(fresh, OutboxUnavailable):
+                    results.append(fresh)
                     continue
-                depth += len(fresh)
-                size += added
                 rows.extend((e.id, e.body, len(e.body), now) for e in fresh)
                 if job is not None:
                     jobs.append((job, now, json.dumps([e.id for e in events])))
@@ -532,7 +527,7 @@ class SqliteOutbox:
     @_read_errors_unavailable
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
         cur = await self._require(self._reader).execute(
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
             "WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1) "
             "ORDER BY seq LIMIT ?2",
             (after, limit),
@@ -689,7 +684,7 @@ class SqliteOutbox:
                 confirmed_at=confirmed,
             )
         cur = await conn.execute(
-            f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters "
+            f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
             "WHERE id IN (SELECT value FROM json_each(?))",
             (wanted,),
         )
@@ -814,11 +809,6 @@ Progress = Callable[[int], None]
 _Append = tuple[Sequence[NewEvent], str | None]
 #: an acknowledgement: the events of one envelope, and the platform's job for them
 _Ack = tuple[Sequence[int], str | None]
-#: the columns of dead_letters in the order of DeadLetter's fields
-_DEAD_LETTER_COLUMNS: Final = (
-    "id, body, reason, status, response, attempts, received_at, "
-    "first_attempt_at, last_attempt_at, dead_lettered_at"
-)
 
 
 def _selection(ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:

@@ -1,8 +1,16 @@
-"""Prometheus metrics, one registry per sidecar (so several can live in one test process)."""
+"""Prometheus metrics, one registry per sidecar (so several can live in one test process).
+
+Counters are counted where things happen. What describes the state (the outbox's depth and
+age, its capacity, the upstream's state, the token's expiry) is not stored in gauges that a
+handler sets: a collector reads it from the parts when Prometheus scrapes, from a snapshot of
+the outbox taken for that scrape. `_created` series are off: they doubled the output and no
+alert uses them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -11,10 +19,89 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
+
+from . import __version__
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+UPSTREAM_STATES = ("ok", "backing_off", "auth_failed")
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The state the scrape-time collector reports: taken once per scrape."""
+
+    events: int = 0
+    bytes: int = 0
+    oldest_age_s: float = 0.0
+    dead_letters: int = 0
+    platform_jobs: tuple[tuple[str, int], ...] = ()
+    upstream_state: str = "ok"
+    token_expires_at: float | None = None
+    capacity_events: int = 0
+    capacity_bytes: int = 0
+
+
+class _StateCollector(Collector):
+    """The sidecar's state at scrape time, from the last snapshot."""
+
+    def __init__(self) -> None:
+        self.snapshot = Snapshot()
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot
+        for name, doc, value in (
+            ("sidecar_outbox_events", "Events waiting", s.events),
+            ("sidecar_outbox_bytes", "Bytes of events waiting", s.bytes),
+            (
+                "sidecar_outbox_oldest_age_seconds",
+                "Age of the oldest waiting event",
+                s.oldest_age_s,
+            ),
+            ("sidecar_outbox_dead_letters", "Events in the dead-letter table", s.dead_letters),
+            (
+                "sidecar_outbox_capacity_events",
+                "Events the outbox holds at most (outbox.max_events)",
+                s.capacity_events,
+            ),
+            (
+                "sidecar_outbox_capacity_bytes",
+                "Bytes of events the outbox holds at most (outbox.max_bytes)",
+                s.capacity_bytes,
+            ),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        up = GaugeMetricFamily(
+            "sidecar_upstream_up",
+            "1 for the upstream's current state (ok, backing_off, auth_failed), 0 for the others",
+            labels=["state"],
+        )
+        for state in UPSTREAM_STATES:
+            up.add_metric([state], 1.0 if s.upstream_state == state else 0.0)
+        yield up
+        jobs = GaugeMetricFamily(
+            "sidecar_platform_jobs_open",
+            "Platform jobs by state: waiting/active (followed), unconfirmed (given up on)",
+            labels=["state"],
+        )
+        counts = dict(s.platform_jobs)
+        for state in ("waiting", "active", "unconfirmed"):
+            jobs.add_metric([state], counts.get(state, 0))
+        yield jobs
+        if s.token_expires_at is not None:
+            yield GaugeMetricFamily(
+                "sidecar_token_expiry_timestamp_seconds",
+                "When the upstream access token expires (Unix time)",
+                value=s.token_expires_at,
+            )
 
 
 class _ObservedCounter(Collector):
@@ -63,14 +150,12 @@ class Metrics:
         # dead letter.
         for reason in DEAD_LETTER_REASONS:
             self.events_dead_lettered.labels(reason=reason)
-        self.outbox_events = Gauge("sidecar_outbox_events", "Events waiting", registry=r)
-        self.outbox_bytes = Gauge("sidecar_outbox_bytes", "Bytes of events waiting", registry=r)
-        self.outbox_oldest_age = Gauge(
-            "sidecar_outbox_oldest_age_seconds", "Age of the oldest waiting event", registry=r
+        self.state = _StateCollector()
+        r.register(self.state)
+        self.build_info = Gauge(
+            "sidecar_build_info", "The running version (always 1)", ["version"], registry=r
         )
-        self.outbox_dead_letters = Gauge(
-            "sidecar_outbox_dead_letters", "Events in the dead-letter table", registry=r
-        )
+        self.build_info.labels(version=__version__).set(1)
         self.in_flight = Gauge(
             "sidecar_events_in_flight", "Events in requests to the platform", registry=r
         )
@@ -95,12 +180,6 @@ class Metrics:
         )
         for outcome in PLATFORM_JOB_OUTCOMES:
             self.platform_jobs.labels(outcome=outcome)
-        self.platform_jobs_open = Gauge(
-            "sidecar_platform_jobs_open",
-            "Platform jobs by state: waiting/active (followed), unconfirmed (given up on)",
-            ["state"],
-            registry=r,
-        )
         self.token_refreshes = Counter(
             "sidecar_token_refreshes", "Tokens fetched from the OAuth token endpoint", registry=r
         )
@@ -112,5 +191,9 @@ class Metrics:
             _ObservedCounter("sidecar_outbox_commits", "Group commits of ingested events", read)
         )
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition and its content type: OpenMetrics when the scraper asks for it
+        (Prometheus does, by its Accept header), the classic text format otherwise."""
+        if "application/openmetrics-text" in accept:
+            return generate_openmetrics(self.registry), OPENMETRICS  # type: ignore[no-untyped-call]
+        return generate_latest(self.registry), PROMETHEUS_TEXT

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from . import __version__
 from .exceptions import OutboxUnavailable
+from .metrics import Snapshot
 from .runtime import RUNTIME, Runtime
 
 
@@ -54,14 +55,20 @@ async def not_ready_reason(rt: Runtime) -> str | None:
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     stats = await rt.outbox.stats()
-    m = rt.metrics
-    m.outbox_events.set(stats.events)
-    m.outbox_bytes.set(stats.bytes)
-    m.outbox_dead_letters.set(stats.dead_letters)
-    m.outbox_oldest_age.set(_age(stats.oldest_received_at) or 0)
-    for state in ("waiting", "active", "unconfirmed"):
-        m.platform_jobs_open.labels(state=state).set(stats.platform_jobs.get(state, 0))
-    return web.Response(body=m.render(), content_type="text/plain", charset="utf-8")
+    limits = rt.settings.outbox
+    rt.metrics.state.snapshot = Snapshot(
+        events=stats.events,
+        bytes=stats.bytes,
+        oldest_age_s=_age(stats.oldest_received_at) or 0.0,
+        dead_letters=stats.dead_letters,
+        platform_jobs=tuple(stats.platform_jobs.items()),
+        upstream_state=rt.dispatcher.state.value if rt.dispatcher is not None else "ok",
+        token_expires_at=rt.tokens.expires_at if rt.tokens is not None else None,
+        capacity_events=limits.max_events,
+        capacity_bytes=limits.max_bytes,
+    )
+    body, content_type = rt.metrics.render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def status(request: web.Request) -> web.Response:

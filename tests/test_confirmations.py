@@ -68,7 +68,7 @@ class TestProcessingConfirmation:
         journeys = await sidecar.outbox.journeys([events[0]["id"]])
         assert journeys[events[0]["id"]].platform_id
         assert journeys[events[0]["id"]].platform_job in fake.jobs
-        metrics = sidecar.runtime.metrics.render().decode()
+        metrics = sidecar.runtime.metrics.render()[0].decode()
         assert 'sidecar_platform_jobs_total{outcome="completed"}' in metrics
 
     async def test_failed_job_dead_letters_the_event_it_names(
@@ -93,7 +93,7 @@ class TestProcessingConfirmation:
         assert dead.reason == "platform_failed"
         assert "extension not allowed" in dead.response
         assert dead.body  # kept, so that it can be replayed
-        metrics = sidecar.runtime.metrics.render().decode()
+        metrics = sidecar.runtime.metrics.render()[0].decode()
         assert 'sidecar_events_dead_lettered_total{reason="platform_failed"} 1.0' in metrics
         assert 'sidecar_platform_jobs_total{outcome="failed"} 1.0' in metrics
 

@@ -59,6 +59,34 @@ class TestMetrics:
         assert "sidecar_outbox_events 0.0" in text
         assert "process_resident_memory_bytes" in text
 
+    async def test_metrics_that_make_alerts_possible(
+        self, client: aiohttp.ClientSession, fake: FakeTimeBack
+    ) -> None:
+        """Capacity, upstream state, build info and token expiry are exported; no `_created`
+        series doubles the output."""
+        async with client.post("/v1/events", json=make_events(1)) as resp:
+            assert resp.status == 202
+        await fake.wait_for(1)
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        assert "sidecar_outbox_capacity_events 1e+06" in text
+        assert "sidecar_outbox_capacity_bytes" in text
+        assert 'sidecar_upstream_up{state="ok"} 1.0' in text
+        assert 'sidecar_upstream_up{state="auth_failed"} 0.0' in text
+        assert 'sidecar_build_info{version="' in text
+        assert "sidecar_token_expiry_timestamp_seconds 1." in text
+        assert "_created" not in text
+
+    async def test_openmetrics_when_asked(self, client: aiohttp.ClientSession) -> None:
+        """A scraper that asks for OpenMetrics gets it (with its closing # EOF)."""
+        async with client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        ) as resp:
+            assert resp.content_type == "application/openmetrics-text"
+            text = await resp.text()
+        assert text.rstrip().endswith("# EOF")
+        assert "sidecar_events_received_total" in text
+
 
 class TestStatus:
     async def test_status_during_an_outage(self, platform: RunningFake, tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from typing import Any, BinaryIO
 import orjson
 import structlog
 
+from . import __version__
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -77,37 +79,68 @@ def flush_logs() -> None:
         _json_logger.flush()
 
 
+class _Named:
+    """A logger for one name: structlog's `add_logger_name` reads `.name`; the writing is
+    the shared logger's (its methods, bound once, so a log call costs no extra lookup)."""
+
+    def __init__(self, name: str, target: Any) -> None:
+        self.name = name
+        for method in ("debug", "info", "warning", "error", "critical", "exception", "msg"):
+            setattr(self, method, getattr(target, method))
+
+
+def _add_version(_: Any, __: str, event_dict: Any) -> Any:
+    event_dict["version"] = __version__
+    return event_dict
+
+
 def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
-    """Route structlog (and the standard library's loggers) to one stream in one format."""
+    """Route structlog and the standard library's loggers (aiohttp's, asyncio's) to one
+    stream in one format: with JSON, every line is one object with the logger's name, the
+    version, and a traceback as data (never plain multi-line text)."""
     global _json_logger
     stream = stream or sys.stderr
-    processors: list[Any] = [
+    shared: list[Any] = [
         structlog.processors.add_log_level,
+        structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
+        _add_version,
     ]
     if fmt == "json":
-        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
+        tracebacks: Any = structlog.processors.dict_tracebacks
+        renderer: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         flush_logs()
         _json_logger = BufferedLineLogger(stream.buffer)
-        logger = _json_logger
-
-        def factory(*args: Any) -> BufferedLineLogger:
-            return logger
-
+        target: Any = _json_logger
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
-        factory = structlog.PrintLoggerFactory(stream)  # type: ignore[assignment]
+        tracebacks = structlog.processors.format_exc_info
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        target = structlog.PrintLogger(stream)
+
+    def factory(name: str = "sidecar", *_: Any) -> _Named:
+        return _Named(name, target)
+
     structlog.configure(
-        processors=processors,
+        processors=[*shared, tracebacks, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
-    # Libraries that use the standard library (aiohttp's server errors) land in the same
-    # stream; aiohttp's access log is off: the receiver logs one line per ingest request.
+    # Libraries that use the standard library (aiohttp's server errors, asyncio's) are
+    # rendered by the same processors, into the same stream; aiohttp's access log is off: the
+    # receiver logs one line per ingest request.
+    text_renderer = (lambda *args: renderer(*args).decode()) if fmt == "json" else renderer
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                tracebacks,
+                text_renderer,
+            ],
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(_LEVELS[level], logging.WARNING))

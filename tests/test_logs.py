@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 
-from sidecar.logs import MAX_PENDING_LINES, BufferedLineLogger
+import structlog
+
+from sidecar import __version__
+from sidecar.logs import MAX_PENDING_LINES, BufferedLineLogger, configure_logging, flush_logs
 
 
 class Broken(io.BytesIO):
@@ -34,3 +39,43 @@ class TestBufferedLineLogger:
             logger.info(b"x")
         logger.warning(b"y")
         assert len(logger._pending) < MAX_PENDING_LINES
+
+
+class TestOneJsonStream:
+    def lines(self, buffer: io.BytesIO) -> list[dict[str, object]]:
+        flush_logs()
+        return [json.loads(line) for line in buffer.getvalue().decode().splitlines() if line]
+
+    def test_library_records_and_tracebacks_are_json_lines(self) -> None:
+        """A library's log record (aiohttp's, with a traceback) is one JSON line like ours:
+        the logger's name, the version, and the traceback as data, never plain text."""
+        buffer = io.BytesIO()
+        stream = io.TextIOWrapper(buffer, write_through=True)
+        configure_logging("info", "json", stream)
+        try:
+            raise ValueError("a handler broke")
+        except ValueError:
+            logging.getLogger("aiohttp.server").exception("Error handling request")
+        structlog.get_logger("sidecar.receiver").warning("ingest", status=400)
+        stream.flush()
+        lines = self.lines(buffer)
+        assert len(lines) == 2, buffer.getvalue()
+        library, ours = sorted(lines, key=lambda line: str(line["logger"]))
+        assert library["logger"] == "aiohttp.server"
+        assert library["level"] == "error"
+        assert library["event"] == "Error handling request"
+        assert "ValueError" in json.dumps(library["exception"])
+        assert ours["logger"] == "sidecar.receiver"
+        for line in lines:
+            assert line["version"] == __version__
+            assert "timestamp" in line
+
+    def test_every_module_logger_names_itself(self) -> None:
+        """Each module's logger carries its name into every line."""
+        buffer = io.BytesIO()
+        configure_logging("info", "json", io.TextIOWrapper(buffer, write_through=True))
+        from sidecar import dispatcher
+
+        dispatcher.log.warning("batch_failed", events=1)
+        (line,) = self.lines(buffer)
+        assert line["logger"] == "sidecar.dispatcher"

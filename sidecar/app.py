@@ -46,6 +46,8 @@ class Sidecar:
     runner: web.AppRunner
     outbox: Outbox
     url: str
+    #: where the operators' routes answer (the receiver's URL unless ops.port is set)
+    ops_url: str
     _lifecycle: contextlib.AbstractAsyncContextManager[Sidecar] | None = None
 
     async def stop(self) -> None:
@@ -126,50 +128,80 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
         closing.push("stopped log line", lambda: _log_stopped(runtime))
-        app = web.Application(
-            client_max_size=settings.receiver.max_body_bytes, middlewares=[_unavailable_as_503]
+        r, o = settings.receiver, settings.ops
+        routes = receiver.routes() + drop_in.routes()
+        operator_routes = ops.routes() + admin.routes()
+        if o.port:
+            # A listener of their own: /healthz stays on the receiver too, for the app.
+            routes.append(web.get("/healthz", ops.healthz))
+        else:
+            routes += operator_routes
+        runner = await _serve(closing, runtime, routes, r.host, r.port, ssl_context, "receiver")
+        ops_runner = (
+            await _serve(closing, runtime, operator_routes, o.host, o.port, None, "ops")
+            if o.port
+            else runner
         )
-        app[RUNTIME] = runtime
-        app.add_routes(receiver.routes() + drop_in.routes() + ops.routes() + admin.routes())
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=HANDLERS_GRACE_S,
-            keepalive_timeout=connections.HEADERS_DEADLINE_S,
-            lingering_time=connections.LINGER_S,
-        )
-        await runner.setup()
-        closing.push("http server", runner.cleanup)
-        r = settings.receiver
-        try:
-            connections.raise_fd_limit()
-            await connections.BoundedTCPSite(
-                runner, r.host, r.port, ssl_context=ssl_context
-            ).start()
-        except OSError as e:
-            raise CannotListen(
-                f"cannot listen on {r.host}:{r.port}: {e.strerror or e} "
-                "(receiver.host, receiver.port)"
-            ) from None
         if follower is not None:
             await follower.start()
             closing.push("job follower", follower.stop)
         dispatcher.start()
         closing.push("dispatcher", lambda: dispatcher.stop(grace_s=settings.upstream.timeout_s))
         closing.push("ingest", lambda: _drain_ingest(runtime))
-        host, port = runner.addresses[0][:2]
-        scheme = "https" if r.tls_cert else "http"
-        url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+        url = _url(runner, "https" if r.tls_cert else "http")
+        ops_url = _url(ops_runner, "http") if o.port else url
         log.info(
             "started",
             url=url,
+            ops_url=ops_url,
             outbox="postgresql" if settings.outbox.url else settings.outbox.path,
             upstream=settings.upstream.endpoint,
             loopback_only=is_loopback(r.host),
         )
-        yield Sidecar(runtime, dispatcher, runner, outbox, url)
+        yield Sidecar(runtime, dispatcher, runner, outbox, url, ops_url)
     flush_logs()
+
+
+async def _serve(
+    closing: _Closing,
+    runtime: Runtime,
+    routes: list[web.RouteDef],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    name: str,
+) -> web.AppRunner:
+    """An HTTP listener for these routes, closed with the rest; raises CannotListen."""
+    app = web.Application(
+        client_max_size=runtime.settings.receiver.max_body_bytes,
+        middlewares=[_unavailable_as_503],
+    )
+    app[RUNTIME] = runtime
+    app.add_routes(routes)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=HANDLERS_GRACE_S,
+        keepalive_timeout=connections.HEADERS_DEADLINE_S,
+        lingering_time=connections.LINGER_S,
+    )
+    await runner.setup()
+    closing.push(f"{name} http server", runner.cleanup)
+    key = "ops" if name == "ops" else "receiver"
+    try:
+        connections.raise_fd_limit()
+        await connections.BoundedTCPSite(runner, host, port, ssl_context=ssl_context).start()
+    except OSError as e:
+        raise CannotListen(
+            f"cannot listen on {host}:{port}: {e.strerror or e} ({key}.host, {key}.port)"
+        ) from None
+    return runner
+
+
+def _url(runner: web.AppRunner, scheme: str) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 async def _drain_ingest(rt: Runtime) -> None:

@@ -125,6 +125,18 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True)
+class OpsSettings:
+    """Where operators' routes (health, readiness, metrics, status, dead letters) listen.
+
+    `port = 0`: on the receiver's own listener. Otherwise a listener of their own, plain HTTP
+    on `host` (loopback by default), whatever TLS and tokens the receiver has.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class AdminSettings:
     """Access to the dead-letter endpoints."""
 
@@ -152,6 +164,7 @@ class Settings:
     oauth: OAuthSettings = field(default_factory=OAuthSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -357,8 +370,9 @@ def _check(s: Settings) -> None:
     for name, value in not_negative.items():
         if value < 0:
             raise ConfigError(f"{name} must not be negative; got {value}")
-    if not 0 <= s.receiver.port <= 65535:
-        raise ConfigError(f"receiver.port must be between 0 and 65535; got {s.receiver.port}")
+    for name, port in (("receiver.port", s.receiver.port), ("ops.port", s.ops.port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{name} must be between 0 and 65535; got {port}")
     if s.retry.max_backoff_s < s.retry.initial_backoff_s:
         raise ConfigError("retry.max_backoff_s must not be smaller than retry.initial_backoff_s")
     if bool(s.receiver.tls_cert) != bool(s.receiver.tls_key):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .auth import bearer_matches
+from .config import is_loopback
 from .exceptions import OutboxUnavailable
 from .metrics import Snapshot
 from .runtime import RUNTIME, Runtime
@@ -52,8 +55,31 @@ async def not_ready_reason(rt: Runtime) -> str | None:
     return None
 
 
+def operators_only(rt: Runtime, request: web.Request) -> None:
+    """What the state of the sidecar is (metrics, status) is for this machine, or for whoever
+    presents the admin token: on a relay's LAN-facing listener it is not for every sender.
+    Health and readiness stay open, for probes."""
+    if is_loopback(request.remote or ""):
+        return
+    token = rt.settings.admin.token
+    if token and bearer_matches(request, (token,)):
+        return
+    raise web.HTTPUnauthorized(
+        text=json.dumps(
+            {
+                "error": "unauthorized",
+                "message": "from another machine this route needs the admin token "
+                "(admin.token), or the ops listener (ops.port) on loopback",
+            }
+        ),
+        content_type="application/json",
+        headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar operators"'},
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    operators_only(rt, request)
     stats = await rt.outbox.stats()
     limits = rt.settings.outbox
     rt.metrics.state.snapshot = Snapshot(
@@ -73,6 +99,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    operators_only(rt, request)
     return web.json_response(await status_document(rt))
 
 

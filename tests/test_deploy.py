@@ -81,6 +81,11 @@ class TestKubernetes:
         env = {e["name"]: e["value"] for e in sidecar["env"]}
         settings = load_settings(None, environ=sidecar_environment(env, tmp_path))
         assert settings.upstream.endpoint == "https://platform.timeback.com/caliper/v1p2"
+        # Probes use the ops listener, by the port's name; the receiver stays on loopback.
+        ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+        assert ports["ops"] == settings.ops.port
+        assert sidecar["livenessProbe"]["httpGet"]["port"] == "ops"
+        assert settings.receiver.host == "127.0.0.1"
         mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
         assert Path(env["SIDECAR_OUTBOX_PATH"]).parent == Path(mounts["outbox"])
         assert env["SIDECAR_OAUTH_CLIENT_SECRET_FILE"].startswith(mounts["timeback-client"])

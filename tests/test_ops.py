@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from sidecar.app import start
+from sidecar.config import AdminSettings, Settings
 from sidecar.mock_upstream import FakeTimeBack, RunningFake
+from sidecar.ops import operators_only
+from sidecar.runtime import Runtime
 
-from .conftest import eventually, make_events, settings_for
+from .conftest import StartSidecar, eventually, free_port, make_events, settings_for
 
 SPEC_METRICS = (
     "sidecar_events_received_total",
@@ -142,3 +149,49 @@ class TestBackpressure:
                     assert resp.status == 202
         finally:
             await sidecar.stop()
+
+
+class TestOpsListener:
+    async def test_ops_routes_on_their_own_listener(self, custom: StartSidecar) -> None:
+        """With ops.port set, health, readiness, metrics, status and the dead-letter routes
+        answer there (plain HTTP, loopback); the receiver keeps ingest and /healthz only."""
+        sidecar, client = await custom(ops={"port": free_port()})
+        assert sidecar.ops_url != sidecar.url
+        async with aiohttp.ClientSession(base_url=sidecar.ops_url) as ops_client:
+            for path in ("/healthz", "/readyz", "/metrics", "/v1/status", "/v1/dead-letters"):
+                async with ops_client.get(path) as resp:
+                    assert resp.status == 200, path
+            async with ops_client.post("/v1/events", json=make_events(1)) as resp:
+                assert resp.status == 404
+        async with client.get("/healthz") as resp:
+            assert resp.status == 200
+        for path in ("/metrics", "/v1/status", "/v1/dead-letters"):
+            async with client.get(path) as resp:
+                assert resp.status == 404, path
+        async with client.post("/v1/events", json=make_events(1)) as resp:
+            assert resp.status == 202
+
+    def request_from(self, remote: str, path: str, token: str = "") -> web.Request:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda key, default=None: (
+            (remote, 40000) if key == "peername" else default
+        )
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return make_mocked_request("GET", path, headers=headers, transport=transport)
+
+    @pytest.mark.parametrize("admin_token", ["", "op-token"])
+    def test_state_is_for_this_machine_or_the_admin_token(self, admin_token: str) -> None:
+        """On a listener another machine can reach (a relay's receiver), metrics and status
+        need the admin token; from this machine they do not."""
+        rt = Runtime(
+            settings=Settings(admin=AdminSettings(token=admin_token)),
+            outbox=mock.Mock(),
+            metrics=mock.Mock(),
+        )
+        operators_only(rt, self.request_from("127.0.0.1", "/metrics"))
+        with pytest.raises(web.HTTPUnauthorized):
+            operators_only(rt, self.request_from("192.0.2.7", "/metrics"))
+        with pytest.raises(web.HTTPUnauthorized):
+            operators_only(rt, self.request_from("192.0.2.7", "/metrics", "wrong"))
+        if admin_token:
+            operators_only(rt, self.request_from("192.0.2.7", "/metrics", admin_token))

@@ -12,6 +12,7 @@ from aiohttp import web
 from . import codec
 from .auth import bearer_matches
 from .config import is_loopback
+from .ops import utc_from_timestamp
 from .receiver import Rejected, read_body
 from .runtime import RUNTIME, Runtime
 
@@ -63,17 +64,17 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 
 
 def dead_letter_document(d: Any) -> dict[str, Any]:
-    """A dead letter as JSON: the event itself, and why it died."""
+    """A dead letter as JSON: the event itself, and why it died (times in ISO 8601, UTC)."""
     return {
         "id": d.id,
         "reason": d.reason,
         "status": d.status,
         "response": d.response,
         "attempts": d.attempts,
-        "received_at": d.received_at,
-        "first_attempt_at": d.first_attempt_at,
-        "last_attempt_at": d.last_attempt_at,
-        "dead_lettered_at": d.dead_lettered_at,
+        "received_at": utc_from_timestamp(d.received_at),
+        "first_attempt_at": utc_from_timestamp(d.first_attempt_at),
+        "last_attempt_at": utc_from_timestamp(d.last_attempt_at),
+        "dead_lettered_at": utc_from_timestamp(d.dead_lettered_at),
         "event": json.loads(d.body),
     }
 

@@ -15,6 +15,7 @@ from .config import Origins, Settings, load_settings, redacted, render_toml, req
 from .exceptions import ConfigError, SidecarError
 from .logs import configure_logging
 from .validation import PROFILES
+from .validation.structural import canonical_id
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,45 +33,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+CONFIG_HELP = (
+    "the TOML configuration (default: the file named by $SIDECAR_CONFIG, else built-in "
+    "defaults); any key can also be set as SIDECAR_<SECTION>_<KEY>"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="caliper-sidecar",
         description="A durable local outbox that forwards IMS Caliper 1.2 events to TimeBack.",
+        epilog="Run `caliper-sidecar COMMAND --help` for a command's options.",
     )
     p.add_argument("--version", action="version", version=f"caliper-sidecar {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, help: str, handler: Any, config: bool = True) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help, description=help)
+    def command(
+        parent: Any, name: str, help: str, handler: Any, config: bool = True
+    ) -> argparse.ArgumentParser:
+        c: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
         if config:
-            c.add_argument(
-                "-c",
-                "--config",
-                metavar="FILE",
-                help="TOML configuration (default: $SIDECAR_CONFIG, else built-in)",
-            )
+            c.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
         c.set_defaults(handler=handler)
         return c
 
-    command("run", "receive events and forward them until SIGTERM/SIGINT", _run)
+    def group(name: str, help: str) -> Any:
+        """A command made of actions; without one it prints its own help."""
+        g = sub.add_parser(name, help=help, description=help)
+        g.set_defaults(handler=lambda _: _help_of(g))
+        return g.add_subparsers(metavar="ACTION")
+
+    command(sub, "run", "receive events and forward them until SIGTERM/SIGINT", _run)
     command(
+        sub,
         "demo",
         "run a sidecar against a built-in fake TimeBack, no config needed",
         _demo,
         config=False,
     )
     m = command(
+        sub,
         "mock-upstream",
-        "serve a fake TimeBack (token + Caliper endpoints)",
+        "serve a fake TimeBack (both platforms' Caliper endpoints, jobs, tokens) for "
+        "developing an app offline",
         _mock_upstream,
         config=False,
     )
-    m.add_argument("--host", default="127.0.0.1")
-    m.add_argument("--port", type=int, default=8788)
-    m.add_argument("--client-id", default="sidecar")
-    m.add_argument("--client-secret", default="sidecar-secret")
-    m.add_argument("--token-ttl", type=float, default=3600.0, metavar="SECONDS")
-    m.add_argument("--latency-ms", type=float, default=0.0)
+    m.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    m.add_argument("--port", type=int, default=8788, help="port (default: %(default)s)")
+    m.add_argument(
+        "--client-id", default="sidecar", help="the OAuth client it accepts (%(default)s)"
+    )
+    m.add_argument(
+        "--client-secret", default="sidecar-secret", help="that client's secret (%(default)s)"
+    )
+    m.add_argument(
+        "--token-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="lifetime of the tokens it issues (default: %(default)s)",
+    )
+    m.add_argument("--latency-ms", type=float, default=0.0, help="delay before each Caliper answer")
     m.add_argument(
         "--ids-only",
         action="store_true",
@@ -82,8 +108,13 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         help="probability of a random fault per request (0..1)",
     )
-    v = command("validate", "validate events or envelopes offline", _validate, config=False)
-    v.add_argument("files", nargs="*", metavar="FILE", help="JSON files (default: stdin)")
+    v = command(sub, "validate", "validate events or envelopes offline", _validate, config=False)
+    v.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="JSON files: an event, an array, an envelope, or JSON Lines (default: stdin)",
+    )
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.add_argument(
         "--profile",
@@ -92,29 +123,45 @@ def _parser() -> argparse.ArgumentParser:
         help="timeback: what TimeBack's platforms accept, the SDK's profile included "
         "(default); timeback-learnwith: plus LearnWith.AI's identity rules; caliper: 1.2 only",
     )
-    command("check-config", "print the effective configuration, secrets redacted", _check_config)
+    command(
+        sub,
+        "check-config",
+        "print the effective configuration, secrets redacted, each value's origin; exit 2 "
+        "when it is wrong",
+        _check_config,
+    )
 
-    outbox = sub.add_parser("outbox", help="inspect the outbox").add_subparsers(metavar="ACTION")
-    stats = outbox.add_parser("stats", help="counts of waiting, delivered and dead events")
-    stats.add_argument("-c", "--config", metavar="FILE")
+    outbox = group("outbox", "inspect the outbox (safe while `run` is running)")
+    stats = command(outbox, "stats", "counts of waiting, delivered and dead events", None)
+    stats.add_argument("--json", action="store_true", help="JSON instead of lines for people")
     stats.set_defaults(handler=_outbox_stats)
 
-    dead = sub.add_parser("dead-letters", help="list, replay or purge dead letters")
-    dead_sub = dead.add_subparsers(metavar="ACTION")
-    listing = dead_sub.add_parser("list", help="show dead letters with their reasons")
-    listing.add_argument("-c", "--config", metavar="FILE")
-    listing.add_argument("--limit", type=int, default=100)
+    dead = group("dead-letters", "list, replay or purge dead letters (safe while `run` runs)")
+    listing = command(dead, "list", "show dead letters with their reasons", _dead_list)
+    listing.add_argument(
+        "--limit", type=int, default=100, help="show at most this many (default: %(default)s)"
+    )
     listing.add_argument("--after", metavar="ID", help="continue after this event id")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    listing.set_defaults(handler=_dead_list)
-    for name, handler in (("replay", _dead_replay), ("purge", _dead_purge)):
-        a = dead_sub.add_parser(name, help=f"{name} dead letters by id, or all of them")
-        a.add_argument("-c", "--config", metavar="FILE")
+    for name, handler, what in (
+        ("replay", _dead_replay, "put dead letters back in the queue, to be sent again"),
+        ("purge", _dead_purge, "delete dead letters for good"),
+    ):
+        a = command(dead, name, f"{what}: by id, or all of them", handler)
         which = a.add_mutually_exclusive_group(required=True)
-        which.add_argument("ids", nargs="*", default=[], metavar="ID")
-        which.add_argument("--all", action="store_true")
-        a.set_defaults(handler=handler)
+        which.add_argument("ids", nargs="*", default=[], metavar="ID", help="event ids")
+        which.add_argument(
+            "--all",
+            action="store_true",
+            help="every dead letter"
+            + (" (WARNING: they are gone for good; list them first)" if name == "purge" else ""),
+        )
     return p
+
+
+def _help_of(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -176,23 +223,28 @@ def _open_outbox(args: argparse.Namespace) -> Any:
 
 
 def _outbox_stats(args: argparse.Namespace) -> int:
+    from .ops import utc_from_timestamp
+
     async def go() -> int:
         async with _open_outbox(args) as outbox:
             stats = await outbox.stats()
-        print(
-            json.dumps(
-                {
-                    "path": str(getattr(outbox, "path", "postgresql")),
-                    "events": stats.events,
-                    "bytes": stats.bytes,
-                    "oldest_received_at": stats.oldest_received_at,
-                    "dead_letters": stats.dead_letters,
-                    "delivered_total": stats.delivered_total,
-                    "dead_lettered_total": stats.dead_lettered_total,
-                },
-                indent=2,
-            )
-        )
+        report = {
+            "path": str(getattr(outbox, "path", "postgresql")),
+            "events": stats.events,
+            "bytes": stats.bytes,
+            "oldest_received_at": utc_from_timestamp(stats.oldest_received_at),
+            "dead_letters": stats.dead_letters,
+            "delivered_total": stats.delivered_total,
+            "dead_lettered_total": stats.dead_lettered_total,
+            "platform_jobs": stats.platform_jobs,
+        }
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            width = max(len(k) for k in report)
+            for key, value in report.items():
+                shown = "-" if value is None or value == {} else value
+                print(f"{key.replace('_', ' '):<{width}}  {shown}")
         return 0
 
     return asyncio.run(go())
@@ -200,6 +252,7 @@ def _outbox_stats(args: argparse.Namespace) -> int:
 
 def _dead_list(args: argparse.Namespace) -> int:
     from .admin import dead_letter_document
+    from .ops import utc_from_timestamp
     from .outbox.sqlite import DEAD_CHUNK
 
     async def go() -> int:
@@ -214,7 +267,8 @@ def _dead_list(args: argparse.Namespace) -> int:
                     else:
                         status = f"HTTP {d.status}" if d.status else "-"
                         print(
-                            f"{d.id}  {d.reason}  {status}  attempts={d.attempts}  "
+                            f"{d.id}  {utc_from_timestamp(d.dead_lettered_at)}  {d.reason}  "
+                            f"{status}  attempts={d.attempts}  "
                             f"{d.response[:120]}"
                         )
                 shown += len(items)
@@ -229,28 +283,41 @@ def _dead_list(args: argparse.Namespace) -> int:
 
 
 def _dead_replay(args: argparse.Namespace) -> int:
-    n = _on_dead_letters(args, "replay_dead_letters")
-    print(f"replayed {n} dead letter(s); the running sidecar sends them within a second")
-    return 0
+    count, unknown = _on_dead_letters(args, "replay_dead_letters")
+    print(f"replayed {count} dead letter(s); the running sidecar sends them within a second")
+    return 1 if unknown else 0
 
 
 def _dead_purge(args: argparse.Namespace) -> int:
-    print(f"purged {_on_dead_letters(args, 'purge_dead_letters')} dead letter(s)")
-    return 0
+    count, unknown = _on_dead_letters(args, "purge_dead_letters")
+    print(f"purged {count} dead letter(s)")
+    return 1 if unknown else 0
 
 
-def _on_dead_letters(args: argparse.Namespace, operation: str) -> int:
+def _on_dead_letters(args: argparse.Namespace, operation: str) -> tuple[int, list[str]]:
     """Apply an outbox operation to the dead letters named on the command line (or all),
-    with a running count on stderr (it goes a chunk at a time)."""
+    with a running count on stderr (it goes a chunk at a time); ids that are not dead
+    letters are named, and make the exit code 1."""
     verb = operation.split("_")[0]
+    unknown: list[str] = []
 
     def progress(done: int) -> None:
         print(f"{verb}: {done} dead letter(s) so far", file=sys.stderr, flush=True)
 
     async def go() -> int:
         async with _open_outbox(args) as outbox:
+            if not args.all:
+                found = await outbox.journeys(args.ids)
+                unknown.extend(
+                    i
+                    for i in args.ids
+                    if (j := found.get(canonical_id(i))) is None or j.dead_letter is None
+                )
             selection = None if args.all else args.ids
             count: int = await getattr(outbox, operation)(selection, progress=progress)
             return count
 
-    return asyncio.run(go())
+    count = asyncio.run(go())
+    if unknown:
+        print(f"not dead letters (nothing done): {', '.join(unknown)}", file=sys.stderr)
+    return count, unknown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 import threading
 from typing import Any, BinaryIO
@@ -114,7 +115,9 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
         target: Any = _json_logger
     else:
         tracebacks = structlog.processors.format_exc_info
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty() and not os.environ.get("NO_COLOR")
+        )
         target = structlog.PrintLogger(stream)
 
     def factory(name: str = "sidecar", *_: Any) -> _Named:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,10 +31,15 @@ def validate_command(
         json.dump({"valid": not invalid, "profile": profile, "files": results}, out, indent=2)
         out.write("\n")
     else:
-        colour = out.isatty()
+        colour = wants_colour(out)
         for r in results:
             _render(r, out, colour)
     return 1 if invalid else 0
+
+
+def wants_colour(stream: Any) -> bool:
+    """Colour on a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    return bool(stream.isatty()) and not os.environ.get("NO_COLOR")
 
 
 def _check(name: str, profile: str) -> dict[str, Any]:

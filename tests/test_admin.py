@@ -137,7 +137,7 @@ class TestCommandsBesideRun:
         await platform.fake.wait_for({ids[3]})
 
         async def three_dead() -> bool:
-            code, out, _ = await cli("outbox", "stats", "-c", str(config))
+            code, out, _ = await cli("outbox", "stats", "--json", "-c", str(config))
             return code == 0 and json.loads(out)["dead_letters"] == 3
 
         await eventually(three_dead)
@@ -153,7 +153,7 @@ class TestCommandsBesideRun:
         await platform.fake.wait_for(set(ids[:2]) | {ids[3]})
         code, out, _ = await cli("dead-letters", "purge", "-c", str(config), "--all")
         assert "purged 1" in out
-        code, out, _ = await cli("outbox", "stats", "-c", str(config))
+        code, out, _ = await cli("outbox", "stats", "--json", "-c", str(config))
         stats = json.loads(out)
         assert (stats["events"], stats["dead_letters"], stats["dead_lettered_total"]) == (0, 0, 3)
         assert await p.terminate() == 0

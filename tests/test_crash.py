@@ -49,6 +49,7 @@ async def outbox_stats(config: Path) -> dict[str, int]:
         "sidecar",
         "outbox",
         "stats",
+        "--json",
         "-c",
         str(config),
         stdout=asyncio.subprocess.PIPE,

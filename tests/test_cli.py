@@ -1,0 +1,119 @@
+"""The command line as people use it: help everywhere, readable output, clear refusals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import _parser
+from sidecar.outbox import NewEvent, SqliteOutbox
+from sidecar.validate_command import wants_colour
+
+from .conftest import new_id
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+def parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += parsers(child)
+    return found
+
+
+class TestHelp:
+    def test_every_command_and_option_explains_itself(self) -> None:
+        """No option without help text; the configuration option names the environment."""
+        for parser in parsers(_parser()):
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                    continue
+                assert action.help, f"{parser.prog} {action.option_strings or action.dest}"
+                if "--config" in action.option_strings:
+                    assert "SIDECAR_" in action.help
+
+    def test_purge_all_warns(self) -> None:
+        (purge,) = [p for p in parsers(_parser()) if p.prog.endswith("dead-letters purge")]
+        (every,) = [a for a in purge._actions if "--all" in a.option_strings]
+        assert every.help is not None
+        assert "WARNING" in every.help
+
+    @pytest.mark.parametrize("group", ["outbox", "dead-letters"])
+    async def test_a_group_without_an_action_prints_its_help(self, group: str) -> None:
+        code, out, _ = await cli(group)
+        assert code == 2
+        assert f"usage: caliper-sidecar {group}" in out
+        assert "ACTION" in out
+
+
+@pytest.fixture
+async def config(tmp_path: Path) -> Path:
+    """A configuration naming an outbox with two waiting events and one dead letter."""
+    path = tmp_path / "outbox.db"
+    async with SqliteOutbox(path) as box:
+        await box.append([NewEvent(new_id(), b"{}") for _ in range(3)])
+        batch = await box.claim_batch(1, 10_000)
+        await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")
+    file = tmp_path / "c.toml"
+    file.write_text(f'[outbox]\npath = "{path}"\n')
+    return file
+
+
+class TestOutput:
+    async def test_stats_for_people_and_for_machines(self, config: Path) -> None:
+        """Lines for people, JSON with --json; times as ISO 8601 in both."""
+        code, out, _ = await cli("outbox", "stats", "-c", str(config))
+        assert code == 0
+        lines = {line.split("  ")[0]: line.split()[-1] for line in out.splitlines()}
+        assert lines["events"] == "2"
+        assert lines["oldest received at"].endswith("Z")
+        code, out, _ = await cli("outbox", "stats", "--json", "-c", str(config))
+        stats = json.loads(out)
+        assert stats["events"] == 2
+        assert stats["oldest_received_at"].endswith("Z")
+
+    async def test_dead_letter_times_are_iso(self, config: Path) -> None:
+        _, out, _ = await cli("dead-letters", "list", "--json", "-c", str(config))
+        (letter,) = [json.loads(line) for line in out.splitlines()]
+        assert letter["dead_lettered_at"].endswith("Z")
+        assert letter["received_at"].endswith("Z")
+
+    async def test_unknown_ids_are_named(self, config: Path) -> None:
+        """Replaying or purging ids that are not dead letters says which, and exits 1."""
+        ghost = new_id()
+        code, out, err = await cli("dead-letters", "purge", ghost, "-c", str(config))
+        assert code == 1
+        assert ghost in err
+        assert "purged 0" in out
+
+
+class TestColour:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    def test_no_color_is_honoured(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+        assert wants_colour(self.Terminal())
+        assert not wants_colour(io.StringIO())
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert not wants_colour(self.Terminal())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
-from typing import Any
+from importlib import resources
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -16,14 +17,29 @@ from .exceptions import OutboxUnavailable
 from .metrics import Snapshot
 from .runtime import RUNTIME, Runtime
 
+#: the status page: plain HTML and a little JavaScript, no build step, nothing fetched from
+#: elsewhere (a classroom box may be offline); it holds no data, and asks /v1/status and
+#: /v1/dead-letters with the admin token a person types in (from another machine)
+STATUS_PAGE: Final = (resources.files(__package__) / "status_page.html").read_bytes()
+_PAGE_HEADERS: Final = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'",
+}
+
 
 def routes() -> list[web.RouteDef]:
     return [
+        web.get("/", status_page),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
         web.get("/v1/status", status),
     ]
+
+
+async def status_page(request: web.Request) -> web.Response:
+    return web.Response(body=STATUS_PAGE, content_type="text/html", headers=_PAGE_HEADERS)
 
 
 async def healthz(request: web.Request) -> web.Response:

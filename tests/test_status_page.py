@@ -1,0 +1,95 @@
+"""The status page, in a real headless browser (Debian's Chromium, driven by Playwright): the
+live numbers, the platform's state in plain words, dead letters with replay."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import StartSidecar, free_port, make_events
+
+CHROMIUM = "/usr/bin/chromium"
+#: flags this machine needs: no sandbox as root, and no background calls to hosts it cannot reach
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when it is missing and this is root."""
+    if not shutil.which("chromium") and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
+            shell=True,
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no browser: Debian's chromium is not installed and could not be")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Any]:
+    playwright = pytest.importorskip(
+        "playwright.async_api", reason="playwright (the test extra) is not installed"
+    )
+    async with playwright.async_playwright() as p:
+        launched = await p.chromium.launch(executable_path=chromium, args=FLAGS, headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def test_status_page_shows_the_live_numbers(
+    browser: Any, custom: StartSidecar, fake: Any, tmp_path: Path
+) -> None:
+    """A person opens the ops listener: the backlog, the platform's state in plain words and
+    the dead letters are there and follow the sidecar; 'Send all again' replays them. The
+    screenshot is kept in the test's folder (docs/status-page.png is one of them)."""
+    sidecar, client = await custom(ops={"port": free_port()}, upstream={"linger_ms": 20})
+    events = make_events(12)
+    fake.faults.refuse_ids = {events[0]["id"]}
+    async with client.post("/v1/events", json=events) as resp:
+        assert resp.status == 202
+    await fake.wait_for({e["id"] for e in events[1:]})
+    fake.outage(3600)
+    async with client.post("/v1/events", json=make_events(5)) as resp:
+        assert resp.status == 202
+
+    # Assertions by locator: they poll without eval, which the page's CSP forbids.
+    expect = pytest.importorskip("playwright.async_api").expect
+    page = await browser.new_page(viewport={"width": 420, "height": 900})  # a phone's width
+    await page.goto(sidecar.ops_url + "/")
+    await expect(page.locator("#state")).to_contain_text("not answering", timeout=20_000)
+    await expect(page.locator("#waiting")).to_have_text("5", timeout=20_000)
+    await expect(page.locator("#delivered")).to_have_text("11")
+    await expect(page.locator("#dead")).to_contain_text(events[0]["id"], timeout=20_000)
+    await expect(page.locator("#dead")).to_contain_text("refused (HTTP 422)")
+    await page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
+
+    fake.faults.refuse_ids = set()
+    fake.faults.outage_until = 0
+    await page.click("#replay")
+    await expect(page.locator("#dead tr")).to_have_count(0, timeout=20_000)
+    await expect(page.locator("#state")).to_contain_text("Delivering normally", timeout=20_000)
+    await fake.wait_for({events[0]["id"]})
+    async with aiohttp.ClientSession() as http, http.get(sidecar.ops_url + "/") as resp:
+        assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+        assert "<script" in await resp.text()

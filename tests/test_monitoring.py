@@ -1,0 +1,81 @@
+"""The shipped alert rules and dashboard: valid, and about metrics the sidecar really exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from sidecar.app import Sidecar
+
+from .conftest import make_events
+
+ROOT = Path(__file__).resolve().parents[1]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "caliper-sidecar.json"
+METRIC = re.compile(r"\bsidecar_[a-z_]+")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Debian's promtool (package prometheus), installed with apt when missing and root."""
+    if not shutil.which("promtool") and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+            "apt-get install -y -qq --no-install-recommends prometheus",
+            shell=True,
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed and could not be")
+    return found
+
+
+def queried_metrics() -> set[str]:
+    expressions = [
+        rule["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for rule in g["rules"]
+    ]
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions += [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return {name for e in expressions for name in METRIC.findall(e)}
+
+
+def test_alert_rules_pass_promtool(promtool: str) -> None:
+    result = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_dashboard_parses() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["panels"]
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+
+
+async def test_every_queried_metric_is_exported(sidecar: Sidecar, fake: object) -> None:
+    """Each metric an alert or a panel asks for is in a live sidecar's /metrics (a histogram
+    through its _bucket series)."""
+    async with aiohttp.ClientSession(base_url=sidecar.url) as client:
+        async with client.post("/v1/events", json=make_events(2)) as resp:
+            assert resp.status == 202
+        await fake.wait_for(2)  # type: ignore[attr-defined]
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+    exported = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")
+    }
+    missing = sorted(name for name in queried_metrics() if name not in exported)
+    assert not missing, missing

@@ -51,10 +51,10 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     _authorize(rt, request)
     try:
-        limit = min(int(request.query.get("limit", "100")), MAX_LIST)
+        limit = max(1, min(int(request.query.get("limit", "100")), MAX_LIST))
     except ValueError:
         raise _error(web.HTTPBadRequest, "bad_request", "limit must be an integer") from None
-    items = await rt.outbox.dead_letters(max(limit, 1), request.query.get("after") or None)
+    items = await rt.outbox.dead_letters(limit, request.query.get("after") or None)
     return web.json_response(
         {
             "dead_letters": [dead_letter_document(d) for d in items],

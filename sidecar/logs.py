@@ -108,7 +108,10 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
         _add_version,
     ]
     if fmt == "json":
-        tracebacks: Any = structlog.processors.dict_tracebacks
+        # Frames without their local variables: a local can hold a token or an event.
+        tracebacks: Any = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
         renderer: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         flush_logs()
         _json_logger = BufferedLineLogger(stream.buffer)

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, openapi
 from .auth import bearer_matches
 from .config import is_loopback
 from .exceptions import OutboxUnavailable
@@ -21,6 +21,7 @@ from .runtime import RUNTIME, Runtime
 #: elsewhere (a classroom box may be offline); it holds no data, and asks /v1/status and
 #: /v1/dead-letters with the admin token a person types in (from another machine)
 STATUS_PAGE: Final = (resources.files(__package__) / "status_page.html").read_bytes()
+OPENAPI: Final = openapi.rendered()
 _PAGE_HEADERS: Final = {
     "Cache-Control": "no-store",
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
@@ -31,11 +32,16 @@ _PAGE_HEADERS: Final = {
 def routes() -> list[web.RouteDef]:
     return [
         web.get("/", status_page),
+        web.get("/openapi.json", openapi_document),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics),
         web.get("/v1/status", status),
     ]
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
 
 
 async def status_page(request: web.Request) -> web.Response:

@@ -53,7 +53,8 @@ class TestOneJsonStream:
         stream = io.TextIOWrapper(buffer, write_through=True)
         configure_logging("info", "json", stream)
         try:
-            raise ValueError("a handler broke")
+            secret = "local-token-value"
+            raise ValueError(f"a handler broke ({len(secret)})")
         except ValueError:
             logging.getLogger("aiohttp.server").exception("Error handling request")
         structlog.get_logger("sidecar.receiver").warning("ingest", status=400)
@@ -65,6 +66,7 @@ class TestOneJsonStream:
         assert library["level"] == "error"
         assert library["event"] == "Error handling request"
         assert "ValueError" in json.dumps(library["exception"])
+        assert "local-token-value" not in buffer.getvalue().decode()  # no frame locals
         assert ours["logger"] == "sidecar.receiver"
         for line in lines:
             assert line["version"] == __version__

@@ -1,0 +1,499 @@
+"""The HTTP API as an OpenAPI 3.1 document: what `GET /openapi.json` serves, and what
+`docs/openapi.json` holds (the same bytes; `python -m sidecar.openapi > docs/openapi.json`
+writes it, and a test compares them)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from . import __version__
+
+JSON: Final = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _answer(description: str, schema: dict[str, Any] | None = None, **headers: str) -> Any:
+    out: dict[str, Any] = {"description": description}
+    if schema is not None:
+        out["content"] = {JSON: {"schema": schema}}
+    if headers:
+        out["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return out
+
+
+_ERROR = _ref("Error")
+_ERRORS: Final = {
+    "400": _answer("malformed JSON, or not an event, an array of events or an envelope", _ERROR),
+    "401": _answer("a missing or wrong bearer token", _ERROR),
+    "408": _answer("the body did not arrive in time", _ERROR),
+    "413": _answer("the body, the event count or one event is too large", _ERROR),
+    "415": _answer("another content type or content encoding", _ERROR),
+    "422": _answer("an event breaks a rule; nothing of the request was stored", _ref("Invalid")),
+    "503": _answer(
+        "the outbox is full, the disk is full, or the sidecar is shutting down",
+        _ERROR,
+        **{"Retry-After": "seconds to wait before retrying"},
+    ),
+}
+_BODY: Final = {
+    "required": True,
+    "description": "one Caliper event, a JSON array of events, or a Caliper envelope "
+    "(Content-Encoding gzip or deflate accepted)",
+    "content": {
+        JSON: {"schema": _ref("Events")},
+        "application/ld+json": {"schema": _ref("Events")},
+    },
+}
+_SENDER: Final[list[dict[str, list[str]]]] = [{}, {"sender": []}]  # open on loopback without receiver.tokens
+_OPERATOR: Final[list[dict[str, list[str]]]] = [{}, {"admin": []}]  # this machine, or the admin token
+
+
+def _ingest(summary: str, ok: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "security": _SENDER,
+        "requestBody": _BODY,
+        "responses": {ok: _answer("every event is committed to the outbox", schema), **_ERRORS},
+    }
+
+
+def _selection_body() -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["ids"],
+                            "properties": {
+                                "ids": {"type": "array", "minItems": 1, "items": {"type": "string"}}
+                            },
+                        },
+                        {
+                            "type": "object",
+                            "required": ["all"],
+                            "properties": {"all": {"const": True}},
+                        },
+                    ]
+                }
+            }
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every route of the sidecar."""
+    caliper = _ingest(
+        "Ingest, answered as TimeBack's Caliper API answers",
+        "200",
+        _ref("CaliperAccepted"),
+    )
+    not_found = _answer("unknown", _ERROR)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "caliper-sidecar",
+            "version": __version__,
+            "description": "A durable local outbox that forwards IMS Caliper 1.2 events to "
+            "TimeBack. Ingest and TimeBack's API on the receiver's listener; the operators' "
+            "routes on the ops listener (the same one unless ops.port is set).",
+        },
+        "paths": {
+            "/v1/events": {"post": _ingest("Ingest events", "202", _ref("Accepted"))},
+            "/caliper/event": {"post": caliper},
+            "/caliper/v1p2": {"post": caliper},
+            "/caliper/event/validate": {
+                "post": {
+                    "summary": "Validate only; nothing is stored",
+                    "security": _SENDER,
+                    "requestBody": _BODY,
+                    "responses": {
+                        "200": _answer("the verdict", _ref("Validation")),
+                        **{k: v for k, v in _ERRORS.items() if k not in ("422", "503")},
+                    },
+                }
+            },
+            "/auth/1.0/token": {
+                "post": {
+                    "summary": "OAuth2 client credentials, for apps using TimeBack's SDK",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/x-www-form-urlencoded": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["grant_type"],
+                                    "properties": {
+                                        "grant_type": {"const": "client_credentials"},
+                                        "client_id": {"type": "string"},
+                                        "client_secret": {"type": "string"},
+                                        "scope": {"type": "string"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _answer("a token", _ref("Token")),
+                        "400": _answer("not client credentials", _ref("OAuthError")),
+                        "401": _answer("the client secret is no sender token", _ref("OAuthError")),
+                        "408": _answer("the body did not arrive in time", _ERROR),
+                        "413": _answer("the body is too large", _ERROR),
+                    },
+                }
+            },
+            "/jobs/{job}/status": {
+                "get": {
+                    "summary": "A job this sidecar answered an app with, as TimeBack's JobStatus",
+                    "security": _SENDER,
+                    "parameters": [_path("job")],
+                    "responses": {
+                        "200": _answer("the job", _ref("JobStatus")),
+                        "401": _ERRORS["401"],
+                        "404": not_found,
+                        "503": _ERRORS["503"],
+                    },
+                }
+            },
+            "/v1/events/{id}": {
+                "get": {
+                    "summary": "One event's journey",
+                    "security": _SENDER,
+                    "parameters": [_path("id")],
+                    "responses": {
+                        "200": _answer("where the event is", _ref("Journey")),
+                        "401": _ERRORS["401"],
+                        "404": not_found,
+                        "503": _ERRORS["503"],
+                    },
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The status page, for people",
+                    "responses": {
+                        "200": {
+                            "description": "HTML",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Alive",
+                    "responses": {"200": _answer("alive", _ref("Health"))},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Ready to take events",
+                    "responses": {
+                        "200": _answer("ready", _ref("Health")),
+                        "503": _answer("not ready, and why", _ref("Health")),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (OpenMetrics when asked)",
+                    "security": _OPERATOR,
+                    "responses": {
+                        "200": {
+                            "description": "the exposition",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "401": _ERRORS["401"],
+                        "503": _ERRORS["503"],
+                    },
+                }
+            },
+            "/v1/status": {
+                "get": {
+                    "summary": "The outbox and the upstream, as JSON",
+                    "security": _OPERATOR,
+                    "responses": {
+                        "200": _answer("the state", _ref("Status")),
+                        "401": _ERRORS["401"],
+                        "503": _ERRORS["503"],
+                    },
+                }
+            },
+            "/v1/dead-letters": {
+                "get": {
+                    "summary": "Dead letters, oldest first",
+                    "security": _OPERATOR,
+                    "parameters": [
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": _answer("a page of dead letters", _ref("DeadLetters")),
+                        "400": _answer("limit is not an integer", _ERROR),
+                        "401": _ERRORS["401"],
+                        "403": _answer("from another machine without an admin token", _ERROR),
+                        "503": _ERRORS["503"],
+                    },
+                }
+            },
+            "/v1/dead-letters/replay": _admin("Put dead letters back in the queue", "replayed"),
+            "/v1/dead-letters/purge": _admin("Delete dead letters for good", "purged"),
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _answer("OpenAPI 3.1", {"type": "object"})},
+                }
+            },
+        },
+        "components": {"securitySchemes": _SECURITY, "schemas": _SCHEMAS},
+    }
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _admin(summary: str, counted: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "security": _OPERATOR,
+            "requestBody": _selection_body(),
+            "responses": {
+                "200": _answer(
+                    "done",
+                    {
+                        "type": "object",
+                        "required": [counted],
+                        "properties": {counted: {"type": "integer", "minimum": 0}},
+                    },
+                ),
+                "400": _answer("not {ids} or {all: true}", _ERROR),
+                "401": _ERRORS["401"],
+                "403": _answer("from another machine without an admin token", _ERROR),
+                "408": _ERRORS["408"],
+                "503": _ERRORS["503"],
+            },
+        }
+    }
+
+
+_SECURITY: Final = {
+    "sender": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "one of receiver.tokens, or a token from /auth/1.0/token",
+    },
+    "admin": {"type": "http", "scheme": "bearer", "description": "admin.token"},
+}
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+_FINDING = {
+    "type": "object",
+    "required": ["index", "path", "message", "rule"],
+    "properties": {
+        "index": {"type": ["integer", "null"]},
+        "path": {"type": "string"},
+        "message": {"type": "string"},
+        "rule": {"type": "string"},
+    },
+}
+_SCHEMAS: Final[dict[str, Any]] = {
+    "Events": {
+        "description": "an event (an object with an action), an array of them, or an envelope",
+        "oneOf": [{"type": "object"}, {"type": "array", "items": {}}],
+    },
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+    },
+    "Invalid": {
+        "type": "object",
+        "required": ["error", "errors"],
+        "properties": {
+            "error": {"const": "invalid_events"},
+            "message": {"type": "string"},
+            "errors": {"type": "array", "items": _FINDING},
+            "errors_total": {"type": "integer"},
+        },
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["accepted", "duplicates", "ids"],
+        "properties": {
+            "accepted": {"type": "integer", "minimum": 0},
+            "duplicates": {"type": "integer", "minimum": 0},
+            "ids": {"type": "array", "items": {"type": "string"}},
+            "warnings": {"type": "array", "items": _FINDING},
+            "warnings_total": {"type": "integer"},
+        },
+    },
+    "CaliperAccepted": {
+        "type": "object",
+        "required": ["status", "jobId", "eventsAccepted"],
+        "properties": {
+            "status": {"const": "success"},
+            "jobId": {"type": "string"},
+            "eventsAccepted": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Validation": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"enum": ["success", "error"]},
+            "errors": {"type": "array", "items": _FINDING},
+            "errors_total": {"type": "integer"},
+            "warnings": {"type": "array", "items": _FINDING},
+            "warnings_total": {"type": "integer"},
+        },
+    },
+    "Token": {
+        "type": "object",
+        "required": ["access_token", "token_type", "expires_in"],
+        "properties": {
+            "access_token": {"type": "string"},
+            "token_type": {"const": "Bearer"},
+            "expires_in": {"type": "integer"},
+            "scope": {"type": "string"},
+        },
+    },
+    "OAuthError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+    },
+    "JobStatus": {
+        "type": "object",
+        "required": ["job"],
+        "properties": {
+            "job": {
+                "type": "object",
+                "required": ["id", "state"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "state": {"enum": ["waiting", "active", "completed", "failed"]},
+                    "returnValue": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "status": {"enum": ["success", "error"]},
+                            "results": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["allocatedId", "externalId"],
+                                    "properties": {
+                                        "allocatedId": {"type": "string"},
+                                        "externalId": {"type": "string"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                    "processedOn": _TIME,
+                    "failedReason": {"type": "string"},
+                },
+            }
+        },
+    },
+    "Journey": {
+        "type": "object",
+        "required": ["id", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {
+                "enum": [
+                    "waiting",
+                    "delivered",
+                    "awaiting_confirmation",
+                    "confirmed",
+                    "unconfirmed",
+                    "dead_lettered",
+                ]
+            },
+            "received_at": _TIME,
+            "attempts": {"type": "integer"},
+            "delivered_at": _TIME,
+            "confirmed_at": _TIME,
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+    },
+    "Status": {
+        "type": "object",
+        "required": ["version", "accepting", "outbox", "upstream"],
+        "properties": {
+            "version": {"type": "string"},
+            "accepting": {"type": "boolean"},
+            "outbox": {
+                "type": "object",
+                "required": ["events", "bytes", "dead_letters"],
+                "properties": {
+                    "events": {"type": "integer"},
+                    "bytes": {"type": "integer"},
+                    "oldest_age_s": {"type": ["number", "null"]},
+                    "dead_letters": {"type": "integer"},
+                    "delivered_total": {"type": "integer"},
+                    "dead_lettered_total": {"type": "integer"},
+                },
+            },
+            "upstream": {
+                "type": "object",
+                "required": ["state"],
+                "properties": {"state": {"enum": ["ok", "backing_off", "auth_failed"]}},
+            },
+        },
+    },
+    "DeadLetters": {
+        "type": "object",
+        "required": ["dead_letters", "next_after"],
+        "properties": {
+            "dead_letters": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "reason", "attempts", "event"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "status": {"type": ["integer", "null"]},
+                        "attempts": {"type": "integer"},
+                        "dead_lettered_at": _TIME,
+                        "event": {},
+                    },
+                },
+            },
+            "next_after": {"type": ["string", "null"]},
+        },
+    },
+}
+
+
+def rendered() -> bytes:
+    """The document as served and as committed: stable bytes."""
+    return (json.dumps(document(), indent=2, ensure_ascii=False) + "\n").encode()
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.buffer.write(rendered())

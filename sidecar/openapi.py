@@ -51,8 +51,11 @@ _BODY: Final = {
         "application/ld+json": {"schema": _ref("Events")},
     },
 }
-_SENDER: Final[list[dict[str, list[str]]]] = [{}, {"sender": []}]  # open on loopback without receiver.tokens
-_OPERATOR: Final[list[dict[str, list[str]]]] = [{}, {"admin": []}]  # this machine, or the admin token
+Security = list[dict[str, list[str]]]
+#: open without receiver.tokens, else a sender token
+_SENDER: Final[Security] = [{}, {"sender": []}]
+#: this machine, or the admin token
+_OPERATOR: Final[Security] = [{}, {"admin": []}]
 
 
 def _ingest(summary: str, ok: str, schema: dict[str, Any]) -> dict[str, Any]:

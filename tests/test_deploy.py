@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,12 @@ class TestCompose:
                 assert (DEPLOY / "compose" / compose["secrets"][secret]["file"]).is_file()
         env = sidecar_environment(services["sidecar"]["environment"], tmp_path)
         settings = load_settings(None, environ=env)
-        assert settings.receiver.tokens == ("a-secret",)
+        # In the app's network namespace: loopback only, as in a pod; no tokens needed.
+        assert services["sidecar"]["network_mode"] == "service:app"
+        assert settings.receiver.host == "127.0.0.1"
+        assert settings.receiver.tokens == ()
         assert settings.upstream.endpoint.startswith("http://timeback:8788/")
+        assert services["app"]["environment"]["SIDECAR_URL"] == "http://127.0.0.1:8787"
         assert (DEPLOY / "compose" / "sample_app.py").is_file()
 
 
@@ -70,21 +75,27 @@ class TestKubernetes:
         return {doc["kind"]: doc for doc in yaml.safe_load_all(text)}
 
     def test_sidecar_container(self, documents: dict[str, Any], tmp_path: Path) -> None:
+        """A native sidecar: an init container that keeps running (restartPolicy Always),
+        started before the app, stopped after it; a startup probe, and no readiness probe
+        that could take the app's pod out of its Service."""
         deployment = documents["Deployment"]
         spec = deployment["spec"]["template"]["spec"]
         assert deployment["spec"]["strategy"]["type"] == "Recreate"
-        containers = {c["name"]: c for c in spec["containers"]}
-        assert set(containers) == {"app", "caliper-sidecar"}
-        sidecar = containers["caliper-sidecar"]
+        assert [c["name"] for c in spec["containers"]] == ["app"]
+        (sidecar,) = spec["initContainers"]
+        assert sidecar["name"] == "caliper-sidecar"
+        assert sidecar["restartPolicy"] == "Always"
+        assert sidecar["startupProbe"]["httpGet"]["path"] == "/healthz"
         assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert "readinessProbe" not in sidecar
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         env = {e["name"]: e["value"] for e in sidecar["env"]}
         settings = load_settings(None, environ=sidecar_environment(env, tmp_path))
         assert settings.upstream.endpoint == "https://platform.timeback.com/caliper/v1p2"
         # Probes use the ops listener, by the port's name; the receiver stays on loopback.
         ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
         assert ports["ops"] == settings.ops.port
-        assert sidecar["livenessProbe"]["httpGet"]["port"] == "ops"
+        assert sidecar["startupProbe"]["httpGet"]["port"] == "ops"
         assert settings.receiver.host == "127.0.0.1"
         mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
         assert Path(env["SIDECAR_OUTBOX_PATH"]).parent == Path(mounts["outbox"])
@@ -110,6 +121,25 @@ class TestSystemd:
         assert "StateDirectory=caliper-sidecar" in text
         assert "SIDECAR_OUTBOX_PATH=/var/lib/caliper-sidecar/" in text
 
+    def test_configuration_checked_before_start(self) -> None:
+        text = self.UNIT.read_text()
+        assert re.search(r"^ExecStartPre=\S+caliper-sidecar check-config -c ", text, re.MULTILINE)
+        assert "ExecReload" not in text  # a configuration change is a restart
+
+    @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+    def test_hardened_to_an_exposure_of_2_5_at_most(self) -> None:
+        """`systemd-analyze security` rates the unit's exposure 2.5 or less (0 is locked
+        down, 10 is exposed)."""
+        result = subprocess.run(
+            ["systemd-analyze", "security", "--offline=true", str(self.UNIT)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+        assert found is not None, result.stdout + result.stderr
+        assert float(found.group(1)) <= 2.5, result.stdout
+
     @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
     def test_systemd_analyze_verify(self, tmp_path: Path) -> None:
         """The unit verifies, with ExecStart pointed at this checkout's command."""
@@ -128,6 +158,29 @@ class TestSystemd:
         ]
         assert result.returncode == 0, result.stderr
         assert problems == [], result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("manifest", ["caliper-sidecar.yaml", "gateway.yaml"])
+def test_kubernetes_validate_strict(manifest: str) -> None:
+    """Every document of the manifests validates strictly (no unknown property) against the
+    Kubernetes API schemas of a version with native sidecars."""
+    validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    if validate is None:
+        pytest.skip("kubernetes-validate (the test extra) is not installed")
+    result = subprocess.run(
+        [
+            validate,
+            "--strict",
+            "--kubernetes-version",
+            "1.30.0",
+            str(DEPLOY / "kubernetes" / manifest),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed for resource deployment/" in result.stdout + result.stderr
 
 
 class TestGateway:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -233,3 +234,18 @@ class TestTimebackSdkApp:
         arrived = platform.fake.received[ids[0]]
         assert arrived["profile"] == ("TimebackProfile" if beyond else "AggregationProfile")
         assert await p.terminate() == 0
+
+
+async def test_sighup_is_ignored_not_fatal(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """SIGHUP (a closed terminal, a reload habit) leaves the sidecar running, with a log line;
+    it would kill it by default."""
+    p = launch(tmp_path, platform, processes)
+    await p.wait_ready()
+    p.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    assert p.proc.poll() is None
+    assert await post(p.url, make_events(1)) == 202
+    assert await p.terminate() == 0
+    assert "sighup_ignored" in p.events()

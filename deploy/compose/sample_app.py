@@ -1,5 +1,6 @@
-"""A stand-in learning app for the compose example: posts the TimeBack sample events for a new
-student every few seconds to the sidecar, with the app's bearer token."""
+"""A stand-in learning app for the compose examples: posts the TimeBack sample events for a new
+student every few seconds to the sidecar (on the loopback it shares with the sidecar, or over
+the network with the bearer token in APP_TOKEN_FILE)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,20 @@ import urllib.request
 
 from sidecar.samples import sample_events
 
-URL = os.environ.get("SIDECAR_URL", "http://sidecar:8787") + "/v1/events"
-with open(os.environ["APP_TOKEN_FILE"]) as token_file:
-    TOKEN = token_file.read().strip()
+URL = os.environ.get("SIDECAR_URL", "http://127.0.0.1:8787") + "/v1/events"
+TOKEN = ""
+if os.environ.get("APP_TOKEN_FILE"):
+    with open(os.environ["APP_TOKEN_FILE"]) as token_file:
+        TOKEN = token_file.read().strip()
+HEADERS = {"Content-Type": "application/json"}
+if TOKEN:
+    HEADERS["Authorization"] = f"Bearer {TOKEN}"
 
 while True:
     request = urllib.request.Request(
         URL,
         data=json.dumps(sample_events()).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
+        headers=HEADERS,
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:

@@ -153,6 +153,20 @@ async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSi
 # -- the real CLI in a subprocess ---------------------------------------------------------
 
 
+async def cli(*args: str) -> tuple[int, str, str]:
+    """`python -m sidecar ARGS...` to its end: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,15 @@ from sidecar.admin import _authorize
 from sidecar.app import Sidecar, start
 from sidecar.mock_upstream import RunningFake
 
-from .conftest import SidecarProcess, eventually, free_port, make_events, settings_for, write_config
+from .conftest import (
+    SidecarProcess,
+    cli,
+    eventually,
+    free_port,
+    make_events,
+    settings_for,
+    write_config,
+)
 
 
 async def poisoned(sidecar: Sidecar, platform: RunningFake, n: int = 3) -> list[str]:
@@ -100,20 +106,6 @@ class TestRoutes:
             else:
                 with pytest.raises(web.HTTPForbidden):
                     _authorize(sidecar.runtime, request)
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 class TestCommandsBesideRun:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,20 +13,7 @@ from sidecar.cli import _parser
 from sidecar.outbox import NewEvent, SqliteOutbox
 from sidecar.validate_command import wants_colour
 
-from .conftest import new_id
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
+from .conftest import cli, new_id
 
 
 def parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

@@ -32,6 +32,7 @@ from sidecar.validation import MAX_FINDINGS
 from .conftest import (
     SidecarProcess,
     StartSidecar,
+    cli,
     eventually,
     free_port,
     make_event,
@@ -409,20 +410,6 @@ class TestBoundedAnswers:
         assert fake.huge_bytes_sent < 32 * 1_048_576
 
 
-async def run_cli(*args: str) -> tuple[int, str]:
-    """The real CLI in a subprocess: exit code and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        *args,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, err.decode()
-
-
 class TestUnusableOutboxAtStart:
     """#14: an outbox that cannot be used is one line naming outbox.path, and exit 1."""
 
@@ -439,7 +426,7 @@ class TestUnusableOutboxAtStart:
         else:
             outbox = Path("/proc/caliper-sidecar-test/outbox.db")
         config = write_config(tmp_path / "c.toml", platform, outbox, free_port())
-        code, err = await run_cli(*command, "-c", str(config))
+        code, _, err = await cli(*command, "-c", str(config))
         assert code == 1, err
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1, err
@@ -515,7 +502,7 @@ class TestLargeDeadLetterOperations:
             pass
         many_dead_letters(path, 2500)
         config = write_config(tmp_path / "c.toml", platform, path, free_port())
-        code, err = await run_cli("dead-letters", "purge", "--all", "-c", str(config))
+        code, _, err = await cli("dead-letters", "purge", "--all", "-c", str(config))
         assert code == 0, err
         assert "1000" in err
         assert "2000" in err

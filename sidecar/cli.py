@@ -253,7 +253,7 @@ def _outbox_stats(args: argparse.Namespace) -> int:
 def _dead_list(args: argparse.Namespace) -> int:
     from .admin import dead_letter_document
     from .ops import utc_from_timestamp
-    from .outbox.sqlite import DEAD_CHUNK
+    from .outbox.base import DEAD_CHUNK
 
     async def go() -> int:
         shown, after = 0, args.after

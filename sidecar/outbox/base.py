@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+import structlog
+
 from ..exceptions import OutboxUnavailable
+
+log = structlog.get_logger("sidecar.outbox")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,38 @@ def new_per_append(
         depth, size = depth + len(fresh), size + added
         out.append(fresh)
     return out
+
+
+#: dead letters replayed or purged per transaction (one over 100,000 stalled ingest for seconds)
+DEAD_CHUNK: Final = 1000
+#: how often delivered events older than the dedupe window are pruned, and how many at a time
+PRUNE_EVERY_S: Final = 60.0
+PRUNE_CHUNK: Final = 5000
+
+
+class WriteHealth:
+    """Whether appends are failing now, and why: logged once per episode (a full disk can last
+    hours), and reported for a Retry-After after the last failure only: with no traffic there
+    is no write to prove the disk has room again, so readiness must not stay down forever."""
+
+    def __init__(self, **where: str) -> None:
+        self._where = where
+        self.reason: str | None = None
+        self._until = 0.0
+
+    def failed(self, error: OutboxUnavailable) -> None:
+        if self.reason != error.reason:
+            log.error("outbox_write_failing", reason=error.reason, error=str(error), **self._where)
+        self.reason = error.reason
+        self._until = time.monotonic() + error.retry_after_s
+
+    def succeeded(self) -> None:
+        if self.reason is not None:
+            log.info("outbox_writable_again", previous=self.reason)
+            self.reason = None
+
+    def current(self) -> str | None:
+        return self.reason if self.reason and time.monotonic() < self._until else None
 
 
 #: the columns of a dead letter, in the order of DeadLetter's fields

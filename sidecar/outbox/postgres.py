@@ -30,7 +30,10 @@ from ..config import OutboxSettings
 from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
 from .base import (
+    DEAD_CHUNK,
     DEAD_LETTER_COLUMNS,
+    PRUNE_CHUNK,
+    PRUNE_EVERY_S,
     AppendResult,
     Batch,
     Claim,
@@ -40,6 +43,7 @@ from .base import (
     OutboxStats,
     PlatformJobOutcome,
     StoredEvent,
+    WriteHealth,
     fill_batch,
     journey_state,
     new_per_append,
@@ -53,9 +57,6 @@ log = structlog.get_logger("sidecar.outbox")
 CHANNEL: Final = "caliper_sidecar_appended"
 NOW: Final = "extract(epoch from clock_timestamp())::double precision"
 POOL_SIZE: Final = 8
-DEAD_CHUNK: Final = 1000
-_PRUNE_EVERY_S: Final = 60.0
-_PRUNE_CHUNK: Final = 5000
 _DISK_FULL: Final = "53100"
 
 #: an append: the events of one request, and the job id an app is answered with
@@ -82,8 +83,7 @@ class PostgresOutbox:
             self._commit_appends, "outbox-appends"
         )
         self._last_prune = float("-inf")
-        self.write_error: str | None = None
-        self._write_error_until = 0.0
+        self.writes = WriteHealth(outbox="postgresql")
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -172,14 +172,9 @@ class PostgresOutbox:
         try:
             results = await self._insert_new(group)
         except OutboxUnavailable as e:
-            if self.write_error != e.reason:
-                log.error("outbox_write_failing", reason=e.reason, error=str(e))
-            self.write_error = e.reason
-            self._write_error_until = time.monotonic() + e.retry_after_s
+            self.writes.failed(e)
             raise
-        if self.write_error is not None:
-            log.info("outbox_writable_again", previous=self.write_error)
-            self.write_error = None
+        self.writes.succeeded()
         if any(isinstance(r, AppendResult) and r.accepted for r in results):
             self._appended.set()
         return results
@@ -257,9 +252,7 @@ class PostgresOutbox:
         return results
 
     def unwritable_reason(self) -> str | None:
-        if self.write_error and time.monotonic() < self._write_error_until:
-            return self.write_error
-        return None
+        return self.writes.current()
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -353,7 +346,7 @@ class PostgresOutbox:
                     "'waiting') ON CONFLICT DO NOTHING",
                     platform_job,
                 )
-            if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
+            if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                 await self._prune(conn)
 
     async def _prune(self, conn: asyncpg.Connection) -> None:
@@ -370,13 +363,13 @@ class PostgresOutbox:
             SELECT count(*) FROM gone
             """,
             cutoff,
-            _PRUNE_CHUNK,
+            PRUNE_CHUNK,
         )
         await conn.execute("DELETE FROM jobs WHERE created_at < $1", cutoff)
         await conn.execute(
             "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < $1", cutoff
         )
-        if deleted < _PRUNE_CHUNK:
+        if deleted < PRUNE_CHUNK:
             self._last_prune = time.monotonic()
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:

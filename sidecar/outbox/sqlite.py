@@ -23,7 +23,10 @@ import structlog
 from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
 from .base import (
+    DEAD_CHUNK,
     DEAD_LETTER_COLUMNS,
+    PRUNE_CHUNK,
+    PRUNE_EVERY_S,
     AppendResult,
     Batch,
     Claim,
@@ -33,6 +36,7 @@ from .base import (
     OutboxStats,
     PlatformJobOutcome,
     StoredEvent,
+    WriteHealth,
     fill_batch,
     journey_state,
     new_per_append,
@@ -44,11 +48,7 @@ log = structlog.get_logger("sidecar.outbox")
 
 _SQLITE_FULL: Final = 13
 _SQLITE_HEADER: Final = 100
-#: dead letters replayed or purged per transaction
-DEAD_CHUNK: Final = 1000
 _SQLITE_BUSY: Final = 5
-_PRUNE_EVERY_S: Final = 60.0
-_PRUNE_CHUNK: Final = 5000
 CHECKPOINT_EVERY_S: Final = 1.0
 #: free space kept on the outbox's disk for delivery bookkeeping and checkpoints
 RESERVE_BYTES: Final = 32 * 1_048_576
@@ -138,12 +138,10 @@ class SqliteOutbox:
         self._dispatch_lock = asyncio.Lock()
         self._last_prune = float("-inf")  # monotonic; the first acknowledgement prunes
         self._last_reclaim = 0.0
-        #: why the last write failed (e.g. "disk_full"), and until when to report it
-        self.write_error: str | None = None
+        self.writes = WriteHealth(path=str(self.path))
         #: set for good when the file was deleted or replaced under a running process
         self.lost: str | None = None
         self._identity: tuple[int, int] | None = None
-        self._write_error_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -241,9 +239,9 @@ class SqliteOutbox:
         try:
             results = await self._insert_new(group)
         except OutboxUnavailable as e:
-            self._write_failed(e)
+            self.writes.failed(e)
             raise
-        self._write_succeeded()
+        self.writes.succeeded()
         if any(isinstance(r, AppendResult) and r.accepted for r in results):
             self._appended.set()
         return results
@@ -316,31 +314,9 @@ class SqliteOutbox:
         )
         return {r[0] for r in await cur.fetchall()}
 
-    def _write_failed(self, error: OutboxUnavailable) -> None:
-        if self.write_error != error.reason:
-            # Once per episode, not per request: a full disk can last hours.
-            log.error(
-                "outbox_write_failing", reason=error.reason, error=str(error), path=str(self.path)
-            )
-        self.write_error = error.reason
-        self._write_error_until = time.monotonic() + error.retry_after_s
-
-    def _write_succeeded(self) -> None:
-        if self.write_error is not None:
-            log.info("outbox_writable_again", previous=self.write_error)
-            self.write_error = None
-
     def unwritable_reason(self) -> str | None:
-        """Why appends are failing now (for readiness), or None.
-
-        Reported for a Retry-After after the last failure only: with no traffic there is no
-        write to prove the disk has room again, so readiness must not stay down forever.
-        """
-        if self.lost is not None:
-            return self.lost
-        if self.write_error and time.monotonic() < self._write_error_until:
-            return self.write_error
-        return None
+        """Why appends are failing now (for readiness), or None."""
+        return self.lost or self.writes.current()
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -429,7 +405,7 @@ class SqliteOutbox:
                     (job, now),
                 )
             # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
-            if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
+            if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                 await self._prune_delivered(conn, now - self.dedupe_window_s)
         return [None] * len(group)
 
@@ -442,14 +418,14 @@ class SqliteOutbox:
             "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
             "WHERE p.id = events.platform_job AND p.state != 'unconfirmed') "
             "ORDER BY delivered_at LIMIT ?2)",
-            (cutoff, _PRUNE_CHUNK),
+            (cutoff, PRUNE_CHUNK),
         )
         await conn.execute("DELETE FROM delivered WHERE delivered_at < ?", (cutoff,))
         await conn.execute("DELETE FROM jobs WHERE created_at < ?", (cutoff,))
         await conn.execute(
             "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < ?", (cutoff,)
         )
-        if cur.rowcount < _PRUNE_CHUNK:
+        if cur.rowcount < PRUNE_CHUNK:
             self._last_prune = time.monotonic()
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:

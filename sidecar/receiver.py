@@ -182,7 +182,7 @@ async def _ingest_body(
     rt.metrics.events_received.inc(result.accepted)
     rt.metrics.events_duplicate.inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
-    return Accepted([e.id for e in batch], result, report, job)
+    return Accepted([event["id"] for event in events], result, report, job)
 
 
 def _validate(rt: Runtime, events: list[Any]) -> Report:

@@ -212,7 +212,9 @@ class TestUuidCase:
         event = make_event()
         upper = dict(event, id="URN:UUID:" + event["id"].removeprefix("urn:uuid:").upper())
         async with client.post("/v1/events", json=upper) as resp:
-            assert (await resp.json())["accepted"] == 1
+            answer = await resp.json()
+        assert answer["accepted"] == 1
+        assert answer["ids"] == [upper["id"]]  # the ids as the app sent them
         async with client.post("/v1/events", json=event) as resp:
             assert (await resp.json())["duplicates"] == 1
         await fake.wait_for(1)

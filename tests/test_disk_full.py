@@ -155,19 +155,16 @@ async def test_capped_database(sidecar: Sidecar, platform: RunningFake) -> None:
     """SQLITE_FULL from a capped database behaves the same, in every environment."""
     platform.fake.outage(3600)
     assert isinstance(sidecar.outbox, SqliteOutbox)
-    ingest = sidecar.outbox._ingest
-    assert ingest is not None
-    cur = await ingest.execute("PRAGMA page_count")
-    row = await cur.fetchone()
-    assert row is not None
-    await ingest.execute(f"PRAGMA max_page_count = {row[0] + 20}")
+    writer = sidecar.outbox._writer
+    pages = await writer.run(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+    await writer.run(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 20}"))
     acknowledged: set[str] = set()
     with capture_logs() as logs:
         status, headers, body = await fill_until_refused(sidecar.url, acknowledged)
         assert (status, '"disk_full"' in body) == (503, True)
         assert headers["Retry-After"]
         await post(sidecar.url, padded_events(20))
-        await ingest.execute("PRAGMA max_page_count = 1000000")
+        await writer.run(lambda c: c.execute("PRAGMA max_page_count = 1000000"))
         status, _, answer = await post(sidecar.url, padded_events(1))
         assert status == 202, answer
     events = [entry["event"] for entry in logs if entry["event"].startswith("outbox_")]

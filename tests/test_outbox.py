@@ -53,8 +53,9 @@ class TestFile:
         """outbox.synchronous governs every commit: ingest, and delivery outcomes (so that a
         power cut re-sends only what was in flight); reads and checkpoints run at NORMAL."""
         async with SqliteOutbox(tmp_path / "o.db", synchronous=mode) as box:
+            writer = await box._writer.run(lambda c: c.execute("PRAGMA synchronous").fetchone())
+            assert writer == (level,)
             connections = (
-                (box._ingest, level),
                 (box._dispatch, level),
                 (box._reader, 1),
                 (box._checkpointer, 1),

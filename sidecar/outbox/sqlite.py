@@ -43,6 +43,7 @@ from .base import (
 )
 from .grouping import GroupCommit
 from .schema import migrate
+from .writer import PRAGMAS, Writer
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -126,9 +127,10 @@ class SqliteOutbox:
         self._claimed: dict[int, str] = {}
         #: the event at the head of the queue, and when (monotonic) it was first seen there
         self._head: tuple[int, float] = (-1, 0.0)
-        # Four connections, each with its own thread: ingest commits, reads (claims and
-        # stats, which never wait behind a write), the dispatcher's writes, and checkpoints.
-        self._ingest: aiosqlite.Connection | None = None
+        # Four connections, each with its own thread: ingest commits (the writer), reads
+        # (claims and stats, which never wait behind a write), the dispatcher's writes, and
+        # checkpoints.
+        self._writer = Writer(self.path, synchronous)
         self._reader: aiosqlite.Connection | None = None
         self._dispatch: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
@@ -150,7 +152,7 @@ class SqliteOutbox:
         the cause when it cannot be an outbox, with nothing left open."""
         try:
             await asyncio.to_thread(self._prepare_file)
-            self._ingest = await self._connect(self.synchronous)
+            await self._writer.open()
             self._reader = await self._connect("normal")
             self._dispatch = await self._connect(self.synchronous)
             self._checkpointer = await self._connect("normal")
@@ -170,10 +172,11 @@ class SqliteOutbox:
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
-        for conn in (self._ingest, self._reader, self._dispatch, self._checkpointer):
+        await self._writer.close()
+        for conn in (self._reader, self._dispatch, self._checkpointer):
             if conn is not None:
                 await conn.close()
-        self._ingest = self._reader = self._dispatch = self._checkpointer = None
+        self._reader = self._dispatch = self._checkpointer = None
 
     async def __aenter__(self) -> SqliteOutbox:
         return await self.open()
@@ -222,10 +225,8 @@ class SqliteOutbox:
     async def _connect(self, synchronous: str) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        await conn.execute("PRAGMA busy_timeout = 5000")
-        # Checkpoints run in the background (_checkpoint_often), not in the thread of the
-        # commit that crosses the threshold; this one is only the backstop.
-        await conn.execute("PRAGMA wal_autocheckpoint = 10000")
+        for pragma in PRAGMAS:
+            await conn.execute(pragma)
         return conn
 
     # -- ingest ----------------------------------------------------------------------------
@@ -248,8 +249,7 @@ class SqliteOutbox:
 
     async def _insert_new(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
         self._check_identity()
-        conn = self._require(self._ingest)
-        free = await self._room(conn)
+        free = await self._room()
         if free < self.reserve_bytes:
             # The last of the disk is kept for what empties the outbox: recording deliveries
             # and checkpointing the WAL. Filled to the last byte, neither could happen.
@@ -259,60 +259,67 @@ class SqliteOutbox:
                 f"until {self.reserve_bytes // 1_048_576} MiB are",
                 30,
             )
-        now = time.time()
-        all_ids = [e.id for events, _ in group for e in events]
-        async with self._transaction(conn):
-            known = await self._known_ids(conn, all_ids, now)
-            cur = await conn.execute("SELECT events, bytes FROM totals")
-            row = await cur.fetchone()
-            depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
-            plan = new_per_append(
-                [events for events, _ in group],
-                known,
-                depth,
-                size,
-                self.max_events,
-                self.max_bytes,
-            )
-            rows: list[tuple[str, bytes, int, float]] = []
-            jobs: list[tuple[str, float, str]] = []
-            results: list[AppendResult | OutboxUnavailable] = []
-            for (events, job), fresh in zip(group, plan, strict=True):
-                if isinstance(fresh, OutboxUnavailable):
-                    results.append(fresh)
-                    continue
-                rows.extend((e.id, e.body, len(e.body), now) for e in fresh)
-                if job is not None:
-                    jobs.append((job, now, json.dumps([e.id for e in events])))
-                results.append(AppendResult(len(fresh), len(events) - len(fresh)))
-            if rows:
-                await conn.executemany(
-                    # REPLACE only ever meets a delivered row older than the dedupe window
-                    # (not yet pruned): every other known id was filtered out above.
-                    "INSERT OR REPLACE INTO events (id, body, size, received_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    rows,
-                )
-            if jobs:
-                await conn.executemany(
-                    "INSERT OR IGNORE INTO jobs (id, created_at, event_ids) VALUES (?, ?, ?)", jobs
-                )
+        commit = functools.partial(self._commit_group, group=group, now=time.time())
+        try:
+            results = await self._writer.run(commit)
+        except sqlite3.Error as e:
+            raise await self._storage_failure(e) from e
         self.commits += 1
         return results
 
-    async def _known_ids(self, conn: aiosqlite.Connection, ids: list[str], now: float) -> set[str]:
-        """Which of these ids are queued, dead-lettered, or delivered within the window."""
-        cur = await conn.execute(
-            """
-            WITH wanted(id) AS (SELECT value FROM json_each(?1))
-            SELECT id FROM events
-                WHERE id IN wanted AND (delivered_at IS NULL OR delivered_at >= ?2)
-            UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
-            UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
-            """,
-            (json.dumps(ids), now - self.dedupe_window_s),
+    def _commit_group(
+        self, conn: sqlite3.Connection, group: list[_Append], now: float
+    ) -> list[AppendResult | OutboxUnavailable]:
+        """In the writer's thread: known ids skipped, capacity checked per append (all of it
+        or none), one packed insert, one commit."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = self._insert_group(conn, group, now)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return results
+
+    def _insert_group(
+        self, conn: sqlite3.Connection, group: list[_Append], now: float
+    ) -> list[AppendResult | OutboxUnavailable]:
+        all_ids = [e.id for events, _ in group for e in events]
+        known = {
+            row[0]
+            for row in conn.execute(_KNOWN_IDS, (json.dumps(all_ids), now - self.dedupe_window_s))
+        }
+        row = conn.execute("SELECT events, bytes FROM totals").fetchone()
+        depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
+        plan = new_per_append(
+            [events for events, _ in group], known, depth, size, self.max_events, self.max_bytes
         )
-        return {r[0] for r in await cur.fetchall()}
+        # Packed: the group's bodies as one blob and [id, offset, length] per event, so that
+        # SQLite inserts every row in one statement (no per-row binding in Python).
+        entries: list[tuple[str, int, int]] = []
+        bodies: list[bytes] = []
+        offset = 1  # substr counts from 1
+        jobs: list[tuple[str, float, str]] = []
+        results: list[AppendResult | OutboxUnavailable] = []
+        for (events, job), fresh in zip(group, plan, strict=True):
+            if isinstance(fresh, OutboxUnavailable):
+                results.append(fresh)
+                continue
+            for e in fresh:
+                entries.append((e.id, offset, len(e.body)))
+                bodies.append(e.body)
+                offset += len(e.body)
+            if job is not None:
+                jobs.append((job, now, json.dumps([e.id for e in events])))
+            results.append(AppendResult(len(fresh), len(events) - len(fresh)))
+        if entries:
+            conn.execute(_PACKED_INSERT, (json.dumps(entries), b"".join(bodies), now))
+        if jobs:
+            conn.executemany(
+                "INSERT OR IGNORE INTO jobs (id, created_at, event_ids) VALUES (?, ?, ?)", jobs
+            )
+        return results
 
     def unwritable_reason(self) -> str | None:
         """Why appends are failing now (for readiness), or None."""
@@ -758,7 +765,7 @@ class SqliteOutbox:
             with contextlib.suppress(sqlite3.Error):
                 await self._require(self._checkpointer).execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    async def _room(self, conn: aiosqlite.Connection) -> int:
+    async def _room(self) -> int:
         """Bytes new events can use: free space on the disk, after giving the WAL's space back
         when that is short, plus the free pages inside the database, which new rows reuse
         without growing the file.
@@ -772,11 +779,29 @@ class SqliteOutbox:
             return free
         await self._truncate_wal()
         free = shutil.disk_usage(self.path.parent).free
-        cur = await conn.execute("PRAGMA freelist_count")
-        pages = await cur.fetchone()
-        cur = await conn.execute("PRAGMA page_size")
-        size = await cur.fetchone()
-        return free + (int(pages[0]) * int(size[0]) if pages and size else 0)
+        reuse = await self._writer.run(_free_page_bytes)
+        return free + reuse
+
+
+_KNOWN_IDS: Final = """
+    WITH wanted(id) AS (SELECT value FROM json_each(?1))
+    SELECT id FROM events WHERE id IN wanted AND (delivered_at IS NULL OR delivered_at >= ?2)
+    UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
+    UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
+"""
+# REPLACE only ever meets a delivered row older than the dedupe window (not yet pruned): every
+# other known id was filtered out before. json_each keeps the array's order, so seq does too.
+_PACKED_INSERT: Final = """
+    INSERT OR REPLACE INTO events (id, body, size, received_at)
+    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3 FROM json_each(?1)
+"""
+
+
+def _free_page_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database's free pages, which new rows reuse without growing the file."""
+    pages = conn.execute("PRAGMA freelist_count").fetchone()
+    size = conn.execute("PRAGMA page_size").fetchone()
+    return int(pages[0]) * int(size[0]) if pages and size else 0
 
 
 #: told the running count of a long operation

@@ -1,45 +1,51 @@
 """JSON in and out of the sidecar.
 
-Parsing uses the standard library: it keeps integers beyond 64 bits exact (orjson reads them as
-floats, which would change an event's content), and measured faster here than orjson plus a
-scan for long digit runs. NaN and Infinity are refused: they are not JSON, and the platform
-would refuse the envelope. Serializing uses orjson, several times faster on every stored event;
-an integer beyond 64 bits, which it will not write, is written exactly by the standard library.
+Parsing uses msgspec: several times faster than the standard library on every request, and as
+strict where it matters: integers beyond 64 bits stay exact, and NaN, Infinity, numbers beyond
+a float (`1e400`) and lone UTF-16 surrogates are refused (none is JSON a platform would take,
+and each would change the event on the way). Serializing uses orjson; an integer beyond 64
+bits, which it will not write, is written exactly by the standard library.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Final
 
+import msgspec
 import orjson
 
 BOM: Final = b"\xef\xbb\xbf"
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        # orjson would write it as null: the event's content would change on the way.
-        raise ValueError(f"{text[:40]} is not a finite number (beyond what a float holds)")
-    return value
+def without_bom(data: bytes) -> bytes:
+    """A leading UTF-8 byte order mark dropped (RFC 8259 §8.1 allows parsers to ignore it)."""
+    return data[len(BOM) :] if data.startswith(BOM) else data
 
 
 def loads(data: bytes) -> Any:
     """Parse JSON, the one parser for every door (ingest, `validate`, the fake platform).
 
-    A leading UTF-8 byte order mark is ignored (RFC 8259 §8.1 allows it). Raises ValueError for
-    what is not JSON, NaN and Infinity, and numbers beyond a float; RecursionError for absurd
+    A leading byte order mark is ignored. Raises ValueError for what is not JSON (NaN and
+    Infinity included), numbers beyond a float and lone surrogates; RecursionError for absurd
     nesting.
     """
-    if data.startswith(BOM):
-        data = data[len(BOM) :]
-    return json.loads(data, parse_constant=_refuse_constant, parse_float=_finite)
+    data = without_bom(data)
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.ValidationError as e:  # its one case: "Number out of range"
+        raise ValueError(
+            f"a number is not a finite number, beyond what a float holds: {e}"
+        ) from None
+    except msgspec.DecodeError:
+        pass
+    # Refused: the standard library says where, or, when it would take the text, why not.
+    json.loads(data, parse_constant=_refuse_constant)
+    raise ValueError("it holds text that is not valid Unicode (a lone UTF-16 surrogate)")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def dumps(value: Any) -> bytes:

@@ -155,6 +155,8 @@ class FakeTimeBack:
         self.order: list[str] = []  # event ids in the order first received
         self.duplicates = 0
         self.envelopes = 0
+        #: the bytes of the last envelope accepted (what a test compares byte for byte)
+        self.last_raw_envelope = b""
         self.statuses: Counter[int] = Counter()
         self.token_requests = 0
         #: (started, ended, status) of every Caliper request, when a test sets it to a list
@@ -355,6 +357,7 @@ class FakeTimeBack:
                 )
         self.max_envelope_bytes_seen = max(self.max_envelope_bytes_seen, len(raw))
         self.last_envelope = {k: v for k, v in envelope.items() if k != "data"}
+        self.last_raw_envelope = raw
         self._record(data, request.path)
         if request.path == BEYOND_PATH:
             job = FakeJob(

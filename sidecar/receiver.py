@@ -23,7 +23,7 @@ from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
 from .validation import Report, validate_events
-from .validation.shape import ShapeError, events_of
+from .validation.shape import ShapeError, event_bodies, events_of
 from .validation.structural import canonical_id
 
 log = structlog.get_logger("sidecar.receiver")
@@ -141,7 +141,7 @@ async def _ingest(
 async def _ingest_body(
     rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None
 ) -> Accepted:
-    events = await _read_events(rt, request)
+    events, bodies = await _read_events(rt, request)
     fields["events"] = len(events)
     report = _validate(rt, events)
     if report.warnings:
@@ -155,20 +155,12 @@ async def _ingest_body(
             errors_total=report.error_count,
         )
     batch = []
-    for index, event in enumerate(events):
-        try:
-            body = codec.dumps(event)
-        except ValueError:
-            raise Rejected(
-                400,
-                "malformed_json",
-                f"event {index} holds text that is not valid Unicode (a lone UTF-16 surrogate)",
-            ) from None
+    for index, (event, body) in enumerate(zip(events, bodies, strict=True)):
         if len(body) > rt.max_event_bytes:
             raise Rejected(
                 413,
                 "event_too_large",
-                f"event {index} is {len(body)} bytes serialized; an envelope holds at most "
+                f"event {index} is {len(body)} bytes; an envelope holds at most "
                 f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
             )
         batch.append(NewEvent(canonical_id(event["id"]), body))
@@ -195,7 +187,7 @@ async def validate_only(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
         authenticate(rt, request)
-        events = await _read_events(rt, request)
+        events, _ = await _read_events(rt, request)
     except Rejected as e:
         return _json(e.body, e.status, e.headers)
     report = _validate(rt, events)
@@ -221,7 +213,8 @@ def authenticate(rt: Runtime, request: web.Request) -> None:
         )
 
 
-async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
+async def _read_events(rt: Runtime, request: web.Request) -> tuple[list[Any], list[bytes]]:
+    """The events of the request's body, and the bytes of each as it arrived."""
     if request.content_type not in JSON_TYPES:
         raise Rejected(
             415,
@@ -239,7 +232,7 @@ async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
     limit = rt.settings.receiver.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    raw = await read_body(request)
+    raw = codec.without_bom(await read_body(request))
     try:
         document = codec.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -255,7 +248,7 @@ async def _read_events(rt: Runtime, request: web.Request) -> list[Any]:
             f"{len(events)} events in one request; at most "
             f"{rt.settings.receiver.max_events_per_request} (receiver.max_events_per_request)",
         )
-    return events
+    return events, event_bodies(raw, document)
 
 
 async def read_body(request: web.Request) -> bytes:

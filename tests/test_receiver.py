@@ -374,6 +374,25 @@ class TestJsonEdges:
         await fake.wait_for({event["id"]})
         assert fake.received[event["id"]]["extensions"] == event["extensions"]
 
+    async def test_events_are_forwarded_byte_for_byte(
+        self, client: aiohttp.ClientSession, fake: Any
+    ) -> None:
+        """An event is stored and forwarded as the app wrote it: its spacing, escapes and
+        number forms included (SPEC §5: content unchanged), in an envelope of several."""
+        events = [make_event(extensions={"n": i}) for i in range(2)]
+        written = [
+            json.dumps(e, indent=2).replace('"n": 0', '"n": 1.0E0').replace("urn", "\\u0075rn")
+            for e in events
+        ]
+        body = "[ " + " ,\n".join(written) + " ]"
+        async with client.post(
+            "/v1/events", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+        await fake.wait_for({e["id"] for e in events})
+        for text in written:
+            assert text.encode() in fake.last_raw_envelope
+
     async def test_nan_is_refused(self, client: aiohttp.ClientSession) -> None:
         body = json.dumps(make_event(extensions={"x": 1})).replace('"x": 1', '"x": NaN')
         async with client.post(

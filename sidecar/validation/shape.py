@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from ..envelope import DATA_VERSION, ENVELOPE_KEYS
 from ..exceptions import SidecarError
 
@@ -51,3 +53,17 @@ def _envelope_data(envelope: dict[str, Any]) -> list[Any]:
     if not isinstance(data, list) or not data:
         raise ShapeError("malformed_envelope", "the envelope's `data` must be a non-empty array")
     return data
+
+
+def event_bodies(data: bytes, document: Any) -> list[bytes]:
+    """The bytes of each event of `events_of(document)`, as the body `data` holds them: what is
+    stored and forwarded, so that an event reaches the platform exactly as the app wrote it."""
+    if isinstance(document, list):
+        return _slices(data)
+    if "data" not in document or "action" in document:
+        return [data.strip(b" \t\r\n")]
+    return _slices(bytes(msgspec.json.decode(data, type=dict[str, msgspec.Raw])["data"]))
+
+
+def _slices(array: bytes) -> list[bytes]:
+    return [bytes(item) for item in msgspec.json.decode(array, type=list[msgspec.Raw])]

@@ -125,6 +125,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="only the runs the targets compare (skip synchronous=normal and the naive design)",
+    )
     args = parser.parse_args()
     single = {
         "bare aiohttp, no storage (HTTP ceiling)": bare,
@@ -132,6 +137,11 @@ def main() -> None:
         "sidecar, synchronous=normal": sidecar_factory("normal"),
         "naive: one transaction per request (full)": naive,
     }
+    if args.targets_only:
+        del (
+            single["sidecar, synchronous=normal"],
+            single["naive: one transaction per request (full)"],
+        )
     results: dict[str, list[dict[str, float]]] = {name: [] for name in single}
     batch_results: list[dict[str, float]] = []
     raw: list[float] = []
@@ -165,7 +175,7 @@ def main() -> None:
         if any(r["errors"] for r in runs):
             print(f"    errors: {[r['errors'] for r in runs]}")
     full = median([r["rps"] for r in results["sidecar, synchronous=full"]])
-    print(f"  sidecar full / HTTP ceiling: {full / ceiling:.2f} (target 0.8)")
+    print(f"  sidecar full / HTTP ceiling: {full / ceiling:.2f} (target 0.7)")
     events = median([r["rps"] * 100 for r in batch_results])
     print("\nbatch ingest, 100 events per request")
     print(
@@ -173,7 +183,7 @@ def main() -> None:
         f"p99 {median([r['p99_ms'] for r in batch_results]):.1f} ms"
     )
     print(f"  raw executemany + commit (full)  {median(raw):10.0f} events/s")
-    print(f"  sidecar / storage ceiling: {events / median(raw):.2f} (target 0.6)")
+    print(f"  sidecar / storage ceiling: {events / median(raw):.2f} (target 0.9)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
     python bench/servers.py bare  --port P          parse the JSON, answer 202, store nothing
     python bench/servers.py naive --port P --db F   one SQLite transaction per request
+    python bench/servers.py sink  --port P          count the events of posted envelopes
 
-`bare` is the HTTP ceiling on this machine; `naive` is the design the group commit replaces.
+`bare` is the HTTP ceiling on this machine; `naive` is the design the group commit replaces;
+`sink` is the platform both forwarders send to in bench/forward.py (GET /count: how many).
 """
 
 from __future__ import annotations
@@ -61,9 +63,25 @@ def naive_app(db_path: str, synchronous: str) -> web.Application:
     return app
 
 
+def sink_app() -> web.Application:
+    app = web.Application()
+    received = [0]
+
+    async def envelope(request: web.Request) -> web.Response:
+        received[0] += len(json.loads(await request.read())["data"])
+        return web.json_response({"status": "success"})
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"events": received[0]})
+
+    app.router.add_post("/{path:.*}", envelope)
+    app.router.add_get("/count", count)
+    return app
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("bare", "naive"))
+    parser.add_argument("kind", choices=("bare", "naive", "sink"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", default="naive.db")
     parser.add_argument("--synchronous", default="full")
@@ -71,6 +89,8 @@ def main() -> None:
     if args.kind == "bare":
         app = web.Application()
         app.router.add_post("/v1/events", bare)
+    elif args.kind == "sink":
+        app = sink_app()
     else:
         app = naive_app(args.db, args.synchronous)
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)

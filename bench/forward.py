@@ -1,0 +1,218 @@
+"""End-to-end forwarding against a C peer, side by side in one run (issue 13).
+
+    .venv/bin/python bench/forward.py [--events 100000] [--senders 8] [--rounds 1]
+
+The same events (~1.1 KB TimeBack samples, each with a new id) go through two forwarders to
+the same HTTP sink (`bench/servers.py sink`, which counts the events of each envelope):
+
+  - syslog-ng with a reliable disk buffer: events as JSON lines over `--senders` TCP
+    connections, forwarded by its http() destination in 100-event bodies (`{"data": [...]}`);
+  - caliper-sidecar (`synchronous = "full"`, strict validation): 100-event POSTs to
+    /v1/events from `--senders` concurrent senders, each waiting for its 202 (the sidecar
+    answers only after the commit), forwarded in 100-event envelopes.
+
+Time runs from the first byte sent to the sink counting the last event. Each forwarder runs
+under `strace -f -c` (seccomp-filtered to fsync and fdatasync, so it stops only on those),
+which counts its fsyncs per 1,000 events. Needs syslog-ng and strace:
+
+    apt-get install syslog-ng-core syslog-ng-mod-http strace
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+from common import PYTHON, Process, free_port, get_json, machine, median
+
+from sidecar.samples import sample_events
+
+SYNC_CALLS = "fsync,fdatasync"
+EVENT_BYTES = 1100
+
+
+def require_tools() -> None:
+    missing = [tool for tool in ("syslog-ng", "strace") if shutil.which(tool) is None]
+    if missing:
+        sys.exit(
+            f"this benchmark needs {' and '.join(missing)}: "
+            "apt-get install syslog-ng-core syslog-ng-mod-http strace"
+        )
+
+
+def events(count: int) -> list[bytes]:
+    """`count` sample events of about EVENT_BYTES each, serialized, each with a new id."""
+    samples = sample_events()
+    out = []
+    for i in range(count):
+        event = dict(samples[i % len(samples)])
+        event["id"] = f"urn:uuid:{uuid.uuid4()}"
+        body = json.dumps(event, separators=(",", ":"))
+        pad = max(0, EVENT_BYTES - len(body) - len(',"extensions":{"pad":""}'))
+        event["extensions"] = {**event.get("extensions", {}), "pad": "x" * pad}
+        out.append(json.dumps(event, separators=(",", ":")).encode())
+    return out
+
+
+def traced(args: list[str], tmp: Path, name: str) -> list[str]:
+    return ["strace", "-f", "--seccomp-bpf", "-c", "-e", f"trace={SYNC_CALLS}", "-o",
+            str(tmp / f"strace-{name}.txt"), *args]  # fmt: skip
+
+
+def sync_calls(tmp: Path, name: str) -> int:
+    """fsync + fdatasync calls from strace's summary."""
+    total = 0
+    for line in (tmp / f"strace-{name}.txt").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[-1] in SYNC_CALLS.split(","):
+            total += int(fields[3])  # % time, seconds, usecs/call, calls, [errors,] syscall
+    return total
+
+
+def start_sink() -> Process:
+    port = free_port()
+    return Process([PYTHON, "bench/servers.py", "sink", "--port", str(port)], port)
+
+
+def wait_for_sink(sink: Process, count: int, timeout: float = 600) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if get_json(f"{sink.url}/count")["events"] >= count:
+            return time.perf_counter()
+        time.sleep(0.01)
+    raise RuntimeError(f"the sink did not get {count} events in {timeout} s")
+
+
+SYSLOG_NG_CONF = """@version: 3.38
+options {{ threaded(yes); log-msg-size(65536); stats(freq(0)); }};
+source s_events {{
+    network(ip("127.0.0.1") port({port}) transport("tcp") flags(no-parse)
+            max-connections(64) log-iw-size(100000));
+}};
+destination d_sink {{
+    http(url("{sink}/events") method("POST") headers("Content-Type: application/json")
+         body-prefix('{{"data":[') delimiter(",") body-suffix("]}}") body("${{MESSAGE}}")
+         batch-lines(100) batch-timeout(200) workers(4)
+         disk-buffer(reliable(yes) disk-buf-size(2147483648) mem-buf-size(209715200)
+                     dir("{dir}")));
+}};
+log {{ source(s_events); destination(d_sink); flags(flow-control); }};
+"""
+
+
+async def send_lines(port: int, lines: list[bytes], senders: int) -> None:
+    async def one(part: list[bytes]) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\n".join(part) + b"\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    await asyncio.gather(*(one(lines[i::senders]) for i in range(senders)))
+
+
+def run_syslog_ng(tmp: Path, lines: list[bytes], senders: int) -> dict[str, float]:
+    sink = start_sink()
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    port = free_port()
+    conf = work / "syslog-ng.conf"
+    conf.write_text(SYSLOG_NG_CONF.format(port=port, sink=sink.url, dir=work))
+    args = ["syslog-ng", "-F", "--no-caps", "-f", str(conf), "-R", str(work / "persist"),
+            "-p", str(work / "pid"), "-c", str(work / "ctl")]  # fmt: skip
+    forwarder = Process(traced(args, work, "syslog-ng"), port, log=work / "syslog-ng.log")
+    try:
+        started = time.perf_counter()
+        asyncio.run(send_lines(port, lines, senders))
+        finished = wait_for_sink(sink, len(lines))
+    finally:
+        forwarder.stop()
+        sink.stop()
+    return {"seconds": finished - started, "syncs": sync_calls(work, "syslog-ng")}
+
+
+async def post_batches(url: str, lines: list[bytes], senders: int, batch: int) -> None:
+    bodies = [b"[" + b",".join(lines[i : i + batch]) + b"]" for i in range(0, len(lines), batch)]
+    queue = iter(bodies)
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        for body in queue:
+            while True:
+                async with session.post(
+                    f"{url}/v1/events", data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
+                    if resp.status == 202:
+                        break
+                    if resp.status != 503:
+                        raise RuntimeError(f"{resp.status}: {await resp.text()}")
+                await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session) for _ in range(senders)))
+
+
+def run_sidecar(tmp: Path, lines: list[bytes], senders: int) -> dict[str, float]:
+    sink = start_sink()
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    port = free_port()
+    config = work / "sidecar.toml"
+    config.write_text(
+        f"[receiver]\nport = {port}\n"
+        f'[outbox]\npath = "{work / "outbox.db"}"\nsynchronous = "full"\n'
+        f'[upstream]\nendpoint = "{sink.url}/events"\nbearer_token = "bench"\n'
+        "batch_max_events = 100\n"
+        '[log]\nlevel = "warning"\n'
+    )
+    args = [PYTHON, "-m", "sidecar", "run", "-c", str(config)]
+    forwarder = Process(traced(args, work, "sidecar"), port, log=work / "sidecar.log")
+    try:
+        started = time.perf_counter()
+        asyncio.run(post_batches(forwarder.url, lines, senders, 100))
+        finished = wait_for_sink(sink, len(lines))
+    finally:
+        forwarder.stop()
+        sink.stop()
+    return {"seconds": finished - started, "syncs": sync_calls(work, "sidecar")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--senders", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    require_tools()
+    lines = events(args.events)
+    results: dict[str, list[dict[str, float]]] = {"syslog-ng": [], "caliper-sidecar": []}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for _ in range(args.rounds):
+            results["syslog-ng"].append(run_syslog_ng(tmp, lines, args.senders))
+            results["caliper-sidecar"].append(run_sidecar(tmp, lines, args.senders))
+    size = sum(map(len, lines)) / len(lines)
+    print(
+        f"machine: {machine()}; {args.events} events of {size:.0f} bytes, "
+        f"{args.senders} senders, 100-event envelopes, {args.rounds} round(s), medians"
+    )
+    print(f"  {'forwarder':18s} {'events/s':>10s} {'seconds':>8s} {'fsyncs/1000 events':>19s}")
+    rate: dict[str, float] = {}
+    for name, runs in results.items():
+        seconds = median([r["seconds"] for r in runs])
+        rate[name] = args.events / seconds
+        syncs = median([r["syncs"] for r in runs]) * 1000 / args.events
+        print(f"  {name:18s} {rate[name]:10.0f} {seconds:8.2f} {syncs:19.1f}")
+    print(
+        f"  caliper-sidecar / syslog-ng: {rate['caliper-sidecar'] / rate['syslog-ng']:.2f} "
+        "(target 0.3, at most 20 fsyncs per 1,000 events)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 
 from sidecar.samples import sample_events
+from sidecar.validation import caliper as caliper_rules
 from sidecar.validation import validate_events
+from sidecar.validation.caliper import IRI, is_iri
 from sidecar.validation.shape import events_of
 
 from .conftest import SHARED, sdk_events
@@ -885,3 +887,20 @@ class TestTimebackSdk:
         assert [(e.path, e.rule) for e in errors] == [
             ("/generated/items/0/metricType", "timeback.metric")
         ]
+
+
+class TestIriMemo:
+    """Checked IRIs are remembered (events repeat their actor, app and activity ids), and the
+    memory stays bounded whatever a body holds."""
+
+    def test_remembered_answers_are_the_same_answers(self) -> None:
+        for value in ("https://example.edu/users/1", "not an iri", "urn:uuid:x", "a b:c"):
+            first = is_iri(value)
+            assert is_iri(value) == first == bool(IRI.fullmatch(value))
+
+    def test_bounded_in_entries_and_length(self) -> None:
+        for i in range(3 * caliper_rules._MEMO_ENTRIES):
+            is_iri(f"https://example.edu/things/{i}")
+        is_iri("https://example.edu/" + "x" * 10_000)
+        assert len(caliper_rules._CHECKED_IRIS) <= caliper_rules._MEMO_ENTRIES
+        assert all(len(k) <= caliper_rules._MEMO_LENGTH for k in caliper_rules._CHECKED_IRIS)

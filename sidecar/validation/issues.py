@@ -38,10 +38,14 @@ class Report:
         return self.error_count == 0
 
     def add_errors(self, findings: list[Finding]) -> None:
+        if not findings:  # the common case, once per event
+            return
         self.error_count += len(findings)
         self.errors.extend(findings[: self._room(self.errors)])
 
     def add_warnings(self, findings: list[Finding]) -> None:
+        if not findings:
+            return
         self.warning_count += len(findings)
         self.warnings.extend(findings[: self._room(self.warnings)])
 

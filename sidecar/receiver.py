@@ -23,7 +23,7 @@ from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
 from .validation import Report, validate_events
-from .validation.shape import ShapeError, event_bodies, events_of
+from .validation.shape import ShapeError, event_bodies, events_of, shape_of
 from .validation.structural import canonical_id
 
 log = structlog.get_logger("sidecar.receiver")
@@ -141,9 +141,9 @@ async def _ingest(
 async def _ingest_body(
     rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None
 ) -> Accepted:
-    events, bodies = await _read_events(rt, request)
-    fields["events"] = len(events)
-    report = _validate(rt, events)
+    received = await _read_events(rt, request)
+    report = received.report
+    fields["events"] = len(received.ids)
     if report.warnings:
         fields["warnings"] = [f"{f.index}{f.path}: {f.rule}" for f in report.warnings[:20]]
     if not report.ok:
@@ -155,7 +155,7 @@ async def _ingest_body(
             errors_total=report.error_count,
         )
     batch = []
-    for index, (event, body) in enumerate(zip(events, bodies, strict=True)):
+    for index, (event_id, body) in enumerate(zip(received.ids, received.bodies, strict=True)):
         if len(body) > rt.max_event_bytes:
             raise Rejected(
                 413,
@@ -163,7 +163,7 @@ async def _ingest_body(
                 f"event {index} is {len(body)} bytes; an envelope holds at most "
                 f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
             )
-        batch.append(NewEvent(canonical_id(event["id"]), body))
+        batch.append(NewEvent(canonical_id(event_id), body))
     rt.commits_in_progress += 1
     try:
         result = await rt.outbox.append(batch, job)
@@ -174,12 +174,17 @@ async def _ingest_body(
     rt.metrics.events_received.inc(result.accepted)
     rt.metrics.events_duplicate.inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
-    return Accepted([event["id"] for event in events], result, report, job)
+    return Accepted(received.ids, result, report, job)
 
 
-def _validate(rt: Runtime, events: list[Any]) -> Report:
-    validation = rt.settings.validation
-    return validate_events(events, validation.mode, validation.profile)
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A request's events: their ids and bytes as the app sent them, and what validation
+    found in them."""
+
+    ids: list[str]
+    bodies: list[bytes]
+    report: Report
 
 
 async def validate_only(request: web.Request) -> web.Response:
@@ -187,10 +192,9 @@ async def validate_only(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     try:
         authenticate(rt, request)
-        events, _ = await _read_events(rt, request)
+        report = (await _read_events(rt, request)).report
     except Rejected as e:
         return _json(e.body, e.status, e.headers)
-    report = _validate(rt, events)
     body: dict[str, Any] = {"status": "success" if report.ok else "error"}
     if not report.ok:
         body["errors"] = [f.as_dict() for f in report.errors]
@@ -213,8 +217,9 @@ def authenticate(rt: Runtime, request: web.Request) -> None:
         )
 
 
-async def _read_events(rt: Runtime, request: web.Request) -> tuple[list[Any], list[bytes]]:
-    """The events of the request's body, and the bytes of each as it arrived."""
+async def _read_events(rt: Runtime, request: web.Request) -> Received:
+    """The events of the request's body, validated; Rejected when the body is not JSON, not
+    a shape events come in, or holds too many events."""
     if request.content_type not in JSON_TYPES:
         raise Rejected(
             415,
@@ -233,6 +238,11 @@ async def _read_events(rt: Runtime, request: web.Request) -> tuple[list[Any], li
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     raw = codec.without_bom(await read_body(request))
+    decoded = rt.decoder.decode(raw) if rt.decoder is not None else None
+    if decoded is not None:  # valid, no warnings: validated while parsing
+        _check_count(rt, len(decoded.events))
+        ids = [event.id for event in decoded.events]
+        return Received(ids, event_bodies(raw, decoded.shape), Report())
     try:
         document = codec.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -241,14 +251,22 @@ async def _read_events(rt: Runtime, request: web.Request) -> tuple[list[Any], li
         events = events_of(document)
     except ShapeError as e:
         raise Rejected(400, e.code, str(e)) from None
-    if len(events) > rt.settings.receiver.max_events_per_request:
+    _check_count(rt, len(events))
+    validation = rt.settings.validation
+    report = validate_events(events, validation.mode, validation.profile)
+    # An invalid event may have no id; nothing of such a request is stored, its ids go unused.
+    ids = [str(event.get("id")) if isinstance(event, dict) else "" for event in events]
+    return Received(ids, event_bodies(raw, shape_of(document)), report)
+
+
+def _check_count(rt: Runtime, count: int) -> None:
+    limit = rt.settings.receiver.max_events_per_request
+    if count > limit:
         raise Rejected(
             413,
             "too_many_events",
-            f"{len(events)} events in one request; at most "
-            f"{rt.settings.receiver.max_events_per_request} (receiver.max_events_per_request)",
+            f"{count} events in one request; at most {limit} (receiver.max_events_per_request)",
         )
-    return events, event_bodies(raw, document)
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -14,6 +14,7 @@ from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .outbox import Outbox
 from .tokens import TokenSource
+from .validation.decoder import Decoder, decoder_for
 
 
 @dataclass
@@ -32,9 +33,13 @@ class Runtime:
     #: ingest requests whose events are being committed now (what shutdown waits for)
     commits_in_progress: int = 0
     body_budget: ByteBudget = field(init=False)
+    #: validation while parsing, for the configured profile; None with validation off
+    decoder: Decoder | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.body_budget = ByteBudget(BODIES_IN_FLIGHT * self.settings.receiver.max_body_bytes)
+        validation = self.settings.validation
+        self.decoder = None if validation.mode == "off" else decoder_for(validation.profile)
 
 
 RUNTIME: Final = web.AppKey("runtime", Runtime)

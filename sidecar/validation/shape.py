@@ -55,12 +55,19 @@ def _envelope_data(envelope: dict[str, Any]) -> list[Any]:
     return data
 
 
-def event_bodies(data: bytes, document: Any) -> list[bytes]:
-    """The bytes of each event of `events_of(document)`, as the body `data` holds them: what is
-    stored and forwarded, so that an event reaches the platform exactly as the app wrote it."""
+def shape_of(document: Any) -> str:
+    """Which shape a document `events_of` accepted has: "array", "event" or "envelope"."""
     if isinstance(document, list):
+        return "array"
+    return "event" if "data" not in document or "action" in document else "envelope"
+
+
+def event_bodies(data: bytes, shape: str) -> list[bytes]:
+    """The bytes of each event of a body `data` of that shape, as the body holds them: what is
+    stored and forwarded, so that an event reaches the platform exactly as the app wrote it."""
+    if shape == "array":
         return _slices(data)
-    if "data" not in document or "action" in document:
+    if shape == "event":
         return [data.strip(b" \t\r\n")]
     return _slices(bytes(msgspec.json.decode(data, type=dict[str, msgspec.Raw])["data"]))
 

@@ -25,11 +25,12 @@ AUTO_ATTACH: Final = "urn:tag:auto-attach"
 
 def _id(value: Any) -> Any:
     """The IRI of an entity given as an object or as an IRI string."""
-    return value.get("id") if isinstance(value, dict) else value
+    return value.get("id") if isinstance(value, Mapping) else value
 
 
-def _attempt(value: Any) -> dict[str, Any] | None:
-    return value if isinstance(value, dict) and value.get("type") == "Attempt" else None
+def _attempt(value: Any) -> Mapping[str, Any] | None:
+    # Mappings: the rules run on parsed JSON and on decoder.Node alike.
+    return value if isinstance(value, Mapping) and value.get("type") == "Attempt" else None
 
 
 class TimeBackChecker(Checker):
@@ -137,7 +138,7 @@ class TimeBackChecker(Checker):
             )
 
     def _response(self, generated: Any) -> None:
-        if not (isinstance(generated, dict) and generated.get("type") == "Response"):
+        if not (isinstance(generated, Mapping) and generated.get("type") == "Response"):
             self.warn(
                 "/generated",
                 "an AssessmentItemEvent Completed should generate a Response embedding its Attempt",
@@ -159,7 +160,7 @@ class TimeBackChecker(Checker):
             )
 
     def _score(self, generated: Any) -> None:
-        if not (isinstance(generated, dict) and generated.get("type") == "Score"):
+        if not (isinstance(generated, Mapping) and generated.get("type") == "Score"):
             self.error("/generated", "a GradeEvent must generate a Score object", "score-required")
             return
         score_type = generated.get("scoreType")

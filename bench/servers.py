@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 
 import aiosqlite
@@ -68,7 +69,13 @@ def sink_app() -> web.Application:
     received = [0]
 
     async def envelope(request: web.Request) -> web.Response:
-        received[0] += len(json.loads(await request.read())["data"])
+        body = await request.read()
+        try:
+            received[0] += len(json.loads(body)["data"])
+        except (ValueError, KeyError, TypeError) as e:
+            # Said on stderr (the bench keeps it in the forwarder's folder), answered 400.
+            print(f"sink: unreadable body ({e}): {body[:300]!r}", file=sys.stderr, flush=True)
+            return web.json_response({"error": str(e)}, status=400)
         return web.json_response({"status": "success"})
 
     async def count(request: web.Request) -> web.Response:

@@ -42,10 +42,11 @@ def assert_agrees(body: bytes, profile: str) -> bool:
 
 
 def left_to_the_rules(event: dict[str, Any]) -> bool:
-    """What the decoder leaves to the hand-written rules by design: TimeBack's own profile,
-    and IRIs in Caliper's anonymous namespace (whose implied types only the rules check)."""
+    """What the decoder leaves to the hand-written rules by design: the LearnWith.AI form of
+    TimeBack's profile, and IRIs in Caliper's anonymous namespace (whose implied types only
+    the rules check)."""
     text = json.dumps(event)
-    return '"TimebackProfile"' in text or ANONYMOUS_PREFIX in text
+    return '"AggregationProfile"' in text or ANONYMOUS_PREFIX in text
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -58,6 +59,15 @@ def test_every_seed_agrees_and_every_clean_seed_is_decoded(profile: str) -> None
         elif clean([event], profile):
             assert left_to_the_rules(event), event
     assert taken >= 10  # the reference's samples at least: the decoder is in use
+
+
+@pytest.mark.parametrize("profile", ["timeback", "timeback-learnwith"])
+def test_the_sdks_own_profile_is_decoded(profile: str) -> None:
+    """What real TimeBack apps send most: the SDK's ActivityEvent and TimeSpentEvent."""
+    own = [e for e in SEEDS if e.get("profile") == "TimebackProfile"]
+    assert {e["type"] for e in own} == {"ActivityEvent", "TimeSpentEvent"}
+    for event in own:
+        assert assert_agrees(json.dumps(event).encode(), profile)
 
 
 @pytest.mark.parametrize("profile", PROFILES)

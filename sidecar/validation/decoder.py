@@ -9,10 +9,10 @@ run after each Struct is built, and TimeBack's rules (`timeback.TimeBackChecker`
 decoded events, which read as mappings.
 
 The contract is one-sided: a body that decodes here is one the hand-written rules find no
-error and no warning in. Anything else (an invalid event, a warning, TimeBack's own profile,
-entities nested deeper than LEVELS, an IRI in Caliper's anonymous namespace) is left to the
-hand-written rules, which build the answer, so error bodies and warnings are theirs alone. A
-test runs both over every fixture and a stream of mutated events.
+error and no warning in. Anything else (an invalid event, a warning, the LearnWith.AI form of
+TimeBack's profile, entities nested deeper than LEVELS, an IRI in Caliper's anonymous
+namespace) is left to the hand-written rules, which build the answer, so error bodies and
+warnings are theirs alone. A test runs both over every fixture and a stream of mutated events.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import msgspec
 from ..envelope import DATA_VERSION
 from .caliper import DURATION, is_iri, property_table
 from .moments import UTC_INSTANT
+from .profile_types import profile_events
 from .structural import UUID_URN
 from .timeback import EXTRA_PROPERTIES, TimeBackChecker
 from .vocabulary import (
@@ -47,8 +48,8 @@ from .vocabulary import (
 #: how deep entities are decoded here (the hand-written rules allow MAX_DEPTH); deeper
 #: entities fail to decode and go to the hand-written rules
 LEVELS: Final = 6
-#: bodies holding these go to the hand-written rules at once: TimeBack's own profile is
-#: judged by `timeback_profile`, which has no generated form
+#: bodies holding these go to the hand-written rules at once: the LearnWith.AI form of
+#: TimeBack's profile has no generated form, and the `caliper` profile decodes none of it
 PROFILE_MARKERS: Final = (b'"TimebackProfile"', b'"AggregationProfile"')
 
 
@@ -312,6 +313,15 @@ def _after_decoding(kind: str, checks: _Checks) -> Any:
     return check
 
 
+class ProfileNode(Node, forbid_unknown_fields=False):
+    """An event of TimeBack's own profile (`profile_types`): what its checks say is in its
+    types, but that its time exists; like the SDK's models, it takes properties it does not
+    name."""
+
+    def __post_init__(self) -> None:
+        _real_moment(getattr(self, "eventTime"))  # noqa: B009 - a generated field
+
+
 @dataclass(frozen=True)
 class Decoded:
     """A body that decoded here: its events, and the shape they came in."""
@@ -329,7 +339,12 @@ class Decoder:
         family = _Family(
             profile.replace("-", "_"), property_table(EXTRA_PROPERTIES if self.timeback else {})
         )
-        event: Any = Union[tuple(family.event(kind) for kind in sorted(EVENTS))]  # noqa: UP007
+        kinds: list[Any] = [family.event(kind) for kind in sorted(EVENTS)]
+        if self.timeback:
+            kinds += profile_events(ProfileNode, Moment, UuidUrn)
+        # With the `timeback` profiles, only the LearnWith.AI form goes to the rules at once.
+        self._markers = PROFILE_MARKERS[1:] if self.timeback else PROFILE_MARKERS
+        event: Any = Union[tuple(kinds)]  # noqa: UP007
         self._event = msgspec.json.Decoder(event)
         events: Any = Annotated[list[event], msgspec.Meta(min_length=1)]
         self._array = msgspec.json.Decoder(events)
@@ -348,7 +363,7 @@ class Decoder:
     def decode(self, body: bytes) -> Decoded | None:
         """The events of a body in which the hand-written rules would find nothing to say;
         None when they must judge it."""
-        if any(marker in body for marker in PROFILE_MARKERS):
+        if any(marker in body for marker in self._markers):
             return None
         decoded = self._decode(body)
         if decoded is not None and self.timeback and not self._timeback_clean(decoded.events):
@@ -370,6 +385,8 @@ class Decoder:
 
     def _timeback_clean(self, events: list[Node]) -> bool:
         for index, event in enumerate(events):
+            if isinstance(event, ProfileNode):  # its own rules, all in its types
+                continue
             rules = TimeBackChecker(index, self.learnwith)
             rules.event(event)  # type: ignore[arg-type]
             if rules.errors or rules.warnings:

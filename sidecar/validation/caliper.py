@@ -4,7 +4,7 @@ the value formats, applied recursively to every entity an event carries."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from .issues import Checker, kind_of, pointer
@@ -46,16 +46,25 @@ def looks_like_event(item: Mapping[str, Any]) -> bool:
     return (isinstance(kind, str) and kind in EVENTS) or "action" in item
 
 
-def is_iri(value: str) -> bool:
-    """An absolute IRI (or a blank node id)."""
-    known = _CHECKED_IRIS.get(value)
-    if known is None:
-        known = IRI.fullmatch(value) is not None
-        if len(value) <= _MEMO_LENGTH:
-            if len(_CHECKED_IRIS) >= _MEMO_ENTRIES:
-                _CHECKED_IRIS.clear()
-            _CHECKED_IRIS[value] = known
-    return known
+def remembered(check: Callable[[str], bool], answers: dict[str, bool]) -> Callable[[str], bool]:
+    """`check`, with its answers for short strings kept in `answers`, bounded in entries and in
+    the length of what is kept, so that a hostile body cannot grow it."""
+
+    def answer(value: str) -> bool:
+        known = answers.get(value)
+        if known is None:
+            known = check(value)
+            if len(value) <= _MEMO_LENGTH:
+                if len(answers) >= _MEMO_ENTRIES:
+                    answers.clear()
+                answers[value] = known
+        return known
+
+    return answer
+
+
+#: an absolute IRI (or a blank node id)
+is_iri = remembered(lambda value: IRI.fullmatch(value) is not None, _CHECKED_IRIS)
 
 
 def property_table(extra: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:

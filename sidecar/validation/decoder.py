@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, Unio
 import msgspec
 
 from ..envelope import DATA_VERSION
-from .caliper import DURATION, is_iri, property_table
+from .caliper import DURATION, is_iri, property_table, remembered
 from .moments import UTC_INSTANT
 from .profile_types import profile_events
 from .structural import UUID_URN
@@ -99,21 +99,26 @@ class TextPositionSelector(msgspec.Struct):
     end: NonNegative
 
 
+_UNSET: Final = msgspec.UNSET
+
+
 class Node(msgspec.Struct, forbid_unknown_fields=True):
     """A decoded event or entity; reads as a mapping of its JSON keys (for TimeBack's rules)."""
 
     #: JSON key -> attribute, per generated class
     keys_to_attributes: ClassVar[dict[str, str]] = {}
+    #: the `type` (the tag), per generated class
+    kind: ClassVar[str] = ""
     if TYPE_CHECKING:
         #: every generated class has it: an entity's IRI, an event's urn:uuid
         id: str
 
     def get(self, key: str, default: Any = None) -> Any:
         if key == "type":
-            return self.__struct_config__.tag
+            return self.kind
         attribute = self.keys_to_attributes.get(key)
-        value = msgspec.UNSET if attribute is None else getattr(self, attribute)
-        return default if value is msgspec.UNSET else value
+        value = _UNSET if attribute is None else getattr(self, attribute)
+        return default if value is _UNSET else value
 
     def __getitem__(self, key: str) -> Any:
         value = self.get(key, msgspec.UNSET)
@@ -142,10 +147,12 @@ _Untyped = msgspec.defstruct(
 )
 
 
-def _iri(value: str) -> bool:
-    """An absolute IRI outside Caliper's anonymous namespace (whose implied types the
-    hand-written rules check)."""
-    return is_iri(value) and not value.startswith(ANONYMOUS_PREFIX)
+#: an absolute IRI outside Caliper's anonymous namespace (whose implied types the hand-written
+#: rules check); the answers are looked up inline by the checks below, called only on a miss
+_IRI_ANSWERS: dict[str, bool] = {}
+_iri = remembered(
+    lambda value: is_iri(value) and not value.startswith(ANONYMOUS_PREFIX), _IRI_ANSWERS
+)
 
 
 def _real_moment(value: Any) -> None:
@@ -251,7 +258,7 @@ def _generate(
 ) -> type[Node]:
     # Required fields first: msgspec, like dataclasses, wants them before those with defaults.
     ordered = sorted(fields, key=lambda f: _has_default(f[2]))
-    namespace: dict[str, Any] = {"keys_to_attributes": attributes}
+    namespace: dict[str, Any] = {"keys_to_attributes": attributes, "kind": tag}
     namespace["__post_init__"] = _after_decoding(tag, checks)
     spec = [(n, k) if d is msgspec.NODEFAULT else (n, k, d) for n, k, d in ordered]
     return msgspec.defstruct(  # type: ignore[return-value]  # a subclass of its base, Node
@@ -286,17 +293,20 @@ def _after_decoding(kind: str, checks: _Checks) -> Any:
     """The checks no type says: real dates, IRIs, and for events the slots an action narrows
     and the slots an action requires. A ValueError is msgspec's cue that the body is invalid."""
     moments, iris, iri_lists, rule = checks.moments, checks.iris, checks.iri_lists, checks.rule
+    unset, answers = msgspec.UNSET, _IRI_ANSWERS  # this runs for every entity: no lookups
 
     def check(self: Node) -> None:
         for name in moments:
-            _real_moment(getattr(self, name))
+            value = getattr(self, name)
+            if value is not unset:
+                datetime.fromisoformat(value[:19])  # ValueError: the date does not exist
         for name in iris:
             value = getattr(self, name)
-            if value.__class__ is str and not _iri(value):
+            if value.__class__ is str and not (answers.get(value) or _iri(value)):
                 raise ValueError(f"{name} is not an IRI")
         for name in iri_lists:
             for item in getattr(self, name) or ():
-                if item.__class__ is str and not _iri(item):
+                if item.__class__ is str and not (answers.get(item) or _iri(item)):
                     raise ValueError(f"{name} holds what is not an IRI")
         if rule is None:
             return

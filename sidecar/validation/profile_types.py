@@ -107,6 +107,7 @@ def profile_events(base: type[msgspec.Struct], moment: Any, uuid_urn: Any) -> li
                 tag_field="type",
                 tag=kind,
                 forbid_unknown_fields=False,
+                namespace={"kind": kind},
             )
         )
     return types

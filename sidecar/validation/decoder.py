@@ -4,9 +4,9 @@ For every event type of `vocabulary.EVENTS` and every entity type of `vocabulary
 msgspec Struct is generated from the same tables the hand-written rules read (the properties
 and their kinds, the actions, the entity types each slot allows through the hierarchy, the
 controlled vocabularies). Decoding a body into them parses and checks it in one pass, in C;
-the few rules a type cannot say (a date that does not exist, the slots an action narrows)
-run after each Struct is built, and TimeBack's rules (`timeback.TimeBackChecker`) run on the
-decoded events, which read as mappings.
+the few rules a type cannot say (a date that does not exist, IRIs, the slots an action
+narrows or requires) run after each Struct is built, and TimeBack's rules
+(`timeback.TimeBackChecker`) run on the decoded events, which read as mappings.
 
 The contract is one-sided: a body that decodes here is one the hand-written rules find no
 error and no warning in. Anything else (an invalid event, a warning, the LearnWith.AI form of

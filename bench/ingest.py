@@ -31,9 +31,18 @@ from common import PYTHON, Process, free_port, machine, median, metric, sidecar,
 from sidecar.outbox.schema import migrate
 from sidecar.samples import sample_events
 
+#: what TimeBack's official SDK (timeback-caliper 0.4.0) posts, recorded by tests/data's script
+SDK_DATA = Path(__file__).resolve().parent.parent / "tests/data/timeback-sdk-0.4.0/beyond-ai.json"
 
-def template(tmp: Path) -> Path:
-    event = sample_events()[6]
+
+def template(tmp: Path, events: str = "reference") -> Path:
+    """The event wrk sends (its id replaced per request): the reference's ViewEvent, or the
+    SDK's ActivityEvent (TimeBack's own profile, what apps using the SDK send most)."""
+    if events == "sdk":
+        envelopes = json.loads(SDK_DATA.read_text())
+        event = next(e for env in envelopes for e in env["data"] if e["type"] == "ActivityEvent")
+    else:
+        event = sample_events()[6]
     event["id"] = "__ID__"
     path = tmp / "event.json"
     path.write_text(json.dumps(event, separators=(",", ":")))
@@ -96,14 +105,13 @@ def measure(
         server.stop()
 
 
-async def raw_executemany(tmp: Path, batches: int = 300) -> float:
-    """Events/s of the bare storage path: executemany 100 rows, commit, repeat."""
+async def raw_executemany(tmp: Path, body: bytes, batches: int = 300) -> float:
+    """Events/s of the bare storage path: executemany 100 rows of this event, commit, repeat."""
     path = tmp / "raw.db"
     setup = sqlite3.connect(path, isolation_level=None)
     setup.execute("PRAGMA journal_mode = WAL")
     migrate(setup)
     setup.close()
-    body = json.dumps(sample_events()[6], separators=(",", ":")).encode()
     rows = [
         [(f"urn:uuid:{uuid.uuid4()}", body, len(body), 0.0) for _ in range(100)]
         for _ in range(batches)
@@ -126,6 +134,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument(
+        "--events",
+        choices=("reference", "sdk"),
+        default="reference",
+        help="the event sent: the reference's ViewEvent, or the SDK's ActivityEvent",
+    )
+    parser.add_argument(
         "--targets-only",
         action="store_true",
         help="only the runs the targets compare (skip synchronous=normal and the naive design)",
@@ -147,7 +161,7 @@ def main() -> None:
     raw: list[float] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        event = template(tmp)
+        event = template(tmp, args.events)
         for round_ in range(args.rounds):
             for name, start in single.items():
                 results[name].append(measure(start, tmp, event, 1, args.seconds, args.connections))
@@ -156,7 +170,7 @@ def main() -> None:
             )
             raw_dir = tmp / f"raw-{round_}"
             raw_dir.mkdir()
-            raw.append(asyncio.run(raw_executemany(raw_dir)))
+            raw.append(asyncio.run(raw_executemany(raw_dir, event.read_bytes())))
     print(
         f"machine: {machine()}; {args.rounds} rounds of {args.seconds} s, "
         f"{args.connections} connections, medians"

@@ -155,7 +155,7 @@ async def _ingest_body(
             errors_total=report.error_count,
         )
     batch = []
-    for index, (event_id, body) in enumerate(zip(received.ids, received.bodies, strict=True)):
+    for index, (event_id, body) in enumerate(zip(received.ids, received.bodies(), strict=True)):
         if len(body) > rt.max_event_bytes:
             raise Rejected(
                 413,
@@ -179,12 +179,17 @@ async def _ingest_body(
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """A request's events: their ids and bytes as the app sent them, and what validation
-    found in them."""
+    """A request's events: their ids as the app sent them, what validation found in them,
+    and the body they came in (as `shape`)."""
 
     ids: list[str]
-    bodies: list[bytes]
     report: Report
+    raw: bytes
+    shape: str
+
+    def bodies(self) -> list[bytes]:
+        """Each event's bytes as the app sent them (found only for what is stored)."""
+        return event_bodies(self.raw, self.shape)
 
 
 async def validate_only(request: web.Request) -> web.Response:
@@ -242,7 +247,7 @@ async def _read_events(rt: Runtime, request: web.Request) -> Received:
     if decoded is not None:  # valid, no warnings: validated while parsing
         _check_count(rt, len(decoded.events))
         ids = [event.id for event in decoded.events]
-        return Received(ids, event_bodies(raw, decoded.shape), Report())
+        return Received(ids, Report(), raw, decoded.shape)
     try:
         document = codec.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -256,7 +261,7 @@ async def _read_events(rt: Runtime, request: web.Request) -> Received:
     report = validate_events(events, validation.mode, validation.profile)
     # An invalid event may have no id; nothing of such a request is stored, its ids go unused.
     ids = [str(event.get("id")) if isinstance(event, dict) else "" for event in events]
-    return Received(ids, event_bodies(raw, shape_of(document)), report)
+    return Received(ids, report, raw, shape_of(document))
 
 
 def _check_count(rt: Runtime, count: int) -> None:

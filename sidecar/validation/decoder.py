@@ -107,15 +107,13 @@ class Node(msgspec.Struct, forbid_unknown_fields=True):
 
     #: JSON key -> attribute, per generated class
     keys_to_attributes: ClassVar[dict[str, str]] = {}
-    #: the `type` (the tag), per generated class
-    kind: ClassVar[str] = ""
     if TYPE_CHECKING:
         #: every generated class has it: an entity's IRI, an event's urn:uuid
         id: str
 
     def get(self, key: str, default: Any = None) -> Any:
         if key == "type":
-            return self.kind
+            return self.__struct_config__.tag
         attribute = self.keys_to_attributes.get(key)
         value = _UNSET if attribute is None else getattr(self, attribute)
         return default if value is _UNSET else value
@@ -153,12 +151,6 @@ _IRI_ANSWERS: dict[str, bool] = {}
 _iri = remembered(
     lambda value: is_iri(value) and not value.startswith(ANONYMOUS_PREFIX), _IRI_ANSWERS
 )
-
-
-def _real_moment(value: Any) -> None:
-    """The date and time of a Moment exist (the pattern said only its form)."""
-    if value is not msgspec.UNSET:
-        datetime.fromisoformat(value[:19])  # ValueError: msgspec reports it as invalid
 
 
 def _attribute(key: str) -> str:
@@ -202,34 +194,34 @@ class _Family:
     def entity(self, kind: str, level: int) -> type[Node]:
         required = REQUIRED_PROPERTIES.get(kind, ())
         fields: list[tuple[str, Any, Any]] = [("id", Iri, msgspec.NODEFAULT)]
-        attributes = {"id": "id"}
+        renamed = {"x_context": "@context"}
         moments = []
         iris = ["id"]
         iri_lists = []
         for key, spec in self.table[kind].items():
             name = _attribute(key)
-            attributes[key] = name
+            if name != key:
+                renamed[name] = key
             kind_of_value = self.property_type(spec, level + 1)
             if key in required:
-                fields.append((name, kind_of_value, msgspec.field(name=key)))
+                fields.append((name, kind_of_value, msgspec.NODEFAULT))
             else:
-                optional = _optional(kind_of_value)
-                fields.append((name, optional, msgspec.field(default=msgspec.UNSET, name=key)))
+                fields.append((name, _optional(kind_of_value), msgspec.UNSET))
             if spec == "datetime":
                 moments.append(name)
             elif spec.startswith("["):
                 iri_lists.append(name)
             elif spec[0].isupper():
                 iris.append(name)
-        fields.append(("x_context", Any, msgspec.field(default=msgspec.UNSET, name="@context")))
+        fields.append(("x_context", Any, msgspec.UNSET))
         checks = _Checks(tuple(moments), tuple(iris), tuple(iri_lists))
-        return _generate(f"{kind}{level}_{self.name}", kind, fields, attributes, checks)
+        return _generate(f"{kind}{level}_{self.name}", kind, fields, renamed, checks)
 
     @cache  # noqa: B019
     def event(self, kind: str) -> type[Node]:
         rule = EVENTS[kind]
         fields: list[tuple[str, Any, Any]] = [
-            ("x_context", Literal[CONTEXT], msgspec.field(name="@context")),
+            ("x_context", Literal[CONTEXT], msgspec.NODEFAULT),
             ("id", UuidUrn, msgspec.NODEFAULT),
             ("action", Literal[tuple(sorted(rule.actions))], msgspec.NODEFAULT),
             ("actor", self.slot(rule.actor, 1), msgspec.NODEFAULT),
@@ -242,40 +234,33 @@ class _Family:
             fields.append((slot, _optional(self.slot(getattr(rule, slot), 1)), msgspec.UNSET))
         for slot, allowed in COMMON_SLOTS.items():
             fields.append((slot, _optional(self.slot(allowed, 1)), msgspec.UNSET))
-        attributes = {("@context" if name == "x_context" else name): name for name, *_ in fields}
-        attributes["@context"] = "x_context"
         slots = ("actor", "object", "generated", "target", "referrer", *COMMON_SLOTS)
         checks = _Checks(("eventTime",), slots, (), rule)
-        return _generate(f"{kind}_{self.name}", kind, fields, attributes, checks)
+        return _generate(f"{kind}_{self.name}", kind, fields, {"x_context": "@context"}, checks)
 
 
 def _generate(
     class_name: str,
     tag: str,
     fields: list[tuple[str, Any, Any]],
-    attributes: dict[str, str],
+    renamed: dict[str, str],
     checks: _Checks,
 ) -> type[Node]:
+    """A Struct of these (attribute, type, default) fields; `renamed`: attribute -> JSON key,
+    where the key is no Python name (`@context`)."""
     # Required fields first: msgspec, like dataclasses, wants them before those with defaults.
-    ordered = sorted(fields, key=lambda f: _has_default(f[2]))
-    namespace: dict[str, Any] = {"keys_to_attributes": attributes, "kind": tag}
-    namespace["__post_init__"] = _after_decoding(tag, checks)
-    spec = [(n, k) if d is msgspec.NODEFAULT else (n, k, d) for n, k, d in ordered]
+    ordered = sorted(fields, key=lambda f: f[2] is not msgspec.NODEFAULT)
+    keys = {renamed.get(name, name): name for name, _, _ in fields}
     return msgspec.defstruct(  # type: ignore[return-value]  # a subclass of its base, Node
         class_name,
-        spec,
+        [(n, k) if d is msgspec.NODEFAULT else (n, k, d) for n, k, d in ordered],
         bases=(Node,),
         tag_field="type",
         tag=tag,
         forbid_unknown_fields=True,
-        namespace=namespace,
+        rename=renamed,
+        namespace={"keys_to_attributes": keys, "__post_init__": _after_decoding(tag, checks)},
     )
-
-
-def _has_default(default: Any) -> bool:
-    if isinstance(default, msgspec._core.Field):
-        return default.default is not msgspec.NODEFAULT
-    return default is not msgspec.NODEFAULT
 
 
 @dataclass(frozen=True)
@@ -329,7 +314,7 @@ class ProfileNode(Node, forbid_unknown_fields=False):
     name."""
 
     def __post_init__(self) -> None:
-        _real_moment(getattr(self, "eventTime"))  # noqa: B009 - a generated field
+        datetime.fromisoformat(getattr(self, "eventTime")[:19])  # noqa: B009 - generated
 
 
 @dataclass(frozen=True)

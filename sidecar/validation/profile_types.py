@@ -88,7 +88,7 @@ def profile_events(base: type[msgspec.Struct], moment: Any, uuid_urn: Any) -> li
     types = []
     for kind, rule in EVENTS.items():
         fields: list[Any] = [
-            ("x_context", Literal[CONTEXT], msgspec.field(name="@context")),
+            ("x_context", Literal[CONTEXT]),
             ("id", uuid_urn),
             ("action", Literal[rule.action]),
             ("profile", Literal[TIMEBACK_PROFILE]),
@@ -107,7 +107,7 @@ def profile_events(base: type[msgspec.Struct], moment: Any, uuid_urn: Any) -> li
                 tag_field="type",
                 tag=kind,
                 forbid_unknown_fields=False,
-                namespace={"kind": kind},
+                rename={"x_context": "@context"},
             )
         )
     return types

@@ -29,7 +29,7 @@ def events_of(document: Any) -> list[Any]:
             "malformed_request",
             "the body must be a Caliper event, an array of events, or a Caliper envelope",
         )
-    if "data" not in document or "action" in document:
+    if shape_of(document) == "event":
         return [document]
     return _envelope_data(document)
 
@@ -56,7 +56,8 @@ def _envelope_data(envelope: dict[str, Any]) -> list[Any]:
 
 
 def shape_of(document: Any) -> str:
-    """Which shape a document `events_of` accepted has: "array", "event" or "envelope"."""
+    """Which shape a list or an object is: "array", "event" (an object with no `data`, or
+    with an `action`) or "envelope"."""
     if isinstance(document, list):
         return "array"
     return "event" if "data" not in document or "action" in document else "envelope"

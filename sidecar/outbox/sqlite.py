@@ -386,13 +386,50 @@ class SqliteOutbox:
         await self._acks.submit((self._owned(claim, seqs), platform_job))
 
     async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
-        """Acknowledgements of concurrent deliveries, in one transaction."""
+        """Acknowledgements of concurrent deliveries, in one transaction, on the writer's
+        connection and thread, in one hand-off.
+
+        On a connection of their own, through aiosqlite, each statement was a round trip
+        through a busy event loop while the transaction held SQLite's one write lock; ingest
+        commits meanwhile slept in SQLite's busy handler (forwarding 100,000 events: 0.75 s
+        of 6.7, up to 129 ms at once). In the writer's thread the two take turns without
+        waiting on each other.
+        """
         now = time.time()
-        seqs = [seq for acked, _ in group for seq in acked]
-        async with self._dispatch_transaction(releasing=seqs) as conn:
+        # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
+        prune = time.monotonic() - self._last_prune > PRUNE_EVERY_S
+        record = functools.partial(
+            self._record_acks,
+            group=group,
+            now=now,
+            prune_before=now - self.dedupe_window_s if prune else None,
+        )
+        try:
+            pruned_all = await self._writer.run(record)
+        except sqlite3.Error as e:
+            raise await self._storage_failure(e) from e
+        finally:
+            # Released whatever happened: if the outcome could not be written (a full disk),
+            # the events stay queued and are sent again rather than stuck claimed until a
+            # restart.
+            for acked, _ in group:
+                for seq in acked:
+                    self._claimed.pop(seq, None)
+        if pruned_all:
+            self._last_prune = time.monotonic()
+        return [None] * len(group)
+
+    @staticmethod
+    def _record_acks(
+        conn: sqlite3.Connection, group: list[_Ack], now: float, prune_before: float | None
+    ) -> bool:
+        """In the writer's thread: the acknowledgements, and a chunk of pruning when
+        `prune_before` is given; True when pruning is done for now."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             done = [seq for acked, job in group if job is None for seq in acked]
             if done:
-                await conn.execute(
+                conn.execute(
                     "UPDATE events SET delivered_at = ?, body = x'' "
                     "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
                     (now, json.dumps(done)),
@@ -401,39 +438,23 @@ class SqliteOutbox:
                 if job is None:
                     continue
                 # The body stays until the platform's job says the event was processed.
-                await conn.execute(
+                conn.execute(
                     "UPDATE events SET delivered_at = ?, platform_job = ? "
                     "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
                     (now, job, json.dumps(list(acked))),
                 )
-                await conn.execute(
+                conn.execute(
                     "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) "
                     "VALUES (?, ?, 'waiting')",
                     (job, now),
                 )
-            # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
-            if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
-                await self._prune_delivered(conn, now - self.dedupe_window_s)
-        return [None] * len(group)
-
-    async def _prune_delivered(self, conn: aiosqlite.Connection, cutoff: float) -> None:
-        """Forget delivered events older than the dedupe window, a chunk per acknowledgement
-        so that no single commit grows large; done for now when a chunk comes back short."""
-        # Events whose platform job is still followed stay, however old.
-        cur = await conn.execute(
-            "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
-            "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
-            "WHERE p.id = events.platform_job AND p.state != 'unconfirmed') "
-            "ORDER BY delivered_at LIMIT ?2)",
-            (cutoff, PRUNE_CHUNK),
-        )
-        await conn.execute("DELETE FROM delivered WHERE delivered_at < ?", (cutoff,))
-        await conn.execute("DELETE FROM jobs WHERE created_at < ?", (cutoff,))
-        await conn.execute(
-            "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < ?", (cutoff,)
-        )
-        if cur.rowcount < PRUNE_CHUNK:
-            self._last_prune = time.monotonic()
+            pruned_all = prune_before is not None and _prune_delivered(conn, prune_before)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+        return pruned_all
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         seqs = self._owned(claim, seqs)
@@ -795,6 +816,23 @@ _PACKED_INSERT: Final = """
     INSERT OR REPLACE INTO events (id, body, size, received_at)
     SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3 FROM json_each(?1)
 """
+
+
+def _prune_delivered(conn: sqlite3.Connection, cutoff: float) -> bool:
+    """Forget delivered events older than the dedupe window, a chunk per acknowledgement so
+    that no single commit grows large; True (done for now) when a chunk comes back short."""
+    # Events whose platform job is still followed stay, however old.
+    cur = conn.execute(
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
+        "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
+        "WHERE p.id = events.platform_job AND p.state != 'unconfirmed') "
+        "ORDER BY delivered_at LIMIT ?2)",
+        (cutoff, PRUNE_CHUNK),
+    )
+    conn.execute("DELETE FROM delivered WHERE delivered_at < ?", (cutoff,))
+    conn.execute("DELETE FROM jobs WHERE created_at < ?", (cutoff,))
+    conn.execute("DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < ?", (cutoff,))
+    return cur.rowcount < PRUNE_CHUNK
 
 
 def _free_page_bytes(conn: sqlite3.Connection) -> int:

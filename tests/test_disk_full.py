@@ -144,13 +144,6 @@ async def test_reserve_keeps_room_for_deliveries(tmp_path: Path) -> None:
         assert box.unwritable_reason() == "disk_full"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open (found 2026-11-28, present since before that session): after "
-    "SQLITE_FULL from a per-connection max_page_count, ingest sometimes answers 503 busy for "
-    "good (BEGIN IMMEDIATE -> SQLITE_BUSY, no connection in a transaction); the real full "
-    "disk tests above pass. See the closing note of that session.",
-)
 async def test_capped_database(sidecar: Sidecar, platform: RunningFake) -> None:
     """SQLITE_FULL from a capped database behaves the same, in every environment."""
     platform.fake.outage(3600)

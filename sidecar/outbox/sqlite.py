@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
@@ -272,15 +272,8 @@ class SqliteOutbox:
     ) -> list[AppendResult | OutboxUnavailable]:
         """In the writer's thread: known ids skipped, capacity checked per append (all of it
         or none), one packed insert, one commit."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            results = self._insert_group(conn, group, now)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        return results
+        with _immediate(conn):
+            return self._insert_group(conn, group, now)
 
     def _insert_group(
         self, conn: sqlite3.Connection, group: list[_Append], now: float
@@ -425,8 +418,7 @@ class SqliteOutbox:
     ) -> bool:
         """In the writer's thread: the acknowledgements, and a chunk of pruning when
         `prune_before` is given; True when pruning is done for now."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             done = [seq for acked, job in group if job is None for seq in acked]
             if done:
                 conn.execute(
@@ -448,13 +440,7 @@ class SqliteOutbox:
                     "VALUES (?, ?, 'waiting')",
                     (job, now),
                 )
-            pruned_all = prune_before is not None and _prune_delivered(conn, prune_before)
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        return pruned_all
+            return prune_before is not None and _prune_delivered(conn, prune_before)
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         seqs = self._owned(claim, seqs)
@@ -816,6 +802,20 @@ _PACKED_INSERT: Final = """
     INSERT OR REPLACE INTO events (id, body, size, received_at)
     SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3 FROM json_each(?1)
 """
+
+
+@contextlib.contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on the writer's connection: committed, or rolled back whatever
+    broke it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _prune_delivered(conn: sqlite3.Connection, cutoff: float) -> bool:

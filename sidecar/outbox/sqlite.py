@@ -127,9 +127,9 @@ class SqliteOutbox:
         self._claimed: dict[int, str] = {}
         #: the event at the head of the queue, and when (monotonic) it was first seen there
         self._head: tuple[int, float] = (-1, 0.0)
-        # Four connections, each with its own thread: ingest commits (the writer), reads
-        # (claims and stats, which never wait behind a write), the dispatcher's writes, and
-        # checkpoints.
+        # Four connections, each with its own thread: ingest commits and acknowledgements (the
+        # writer), reads (claims and stats, which never wait behind a write), the dispatcher's
+        # other writes (failures, dead letters, platform jobs), and checkpoints.
         self._writer = Writer(self.path, synchronous)
         self._reader: aiosqlite.Connection | None = None
         self._dispatch: aiosqlite.Connection | None = None

@@ -1,9 +1,10 @@
-"""The ingest writer: one SQLite connection and the one thread that uses it.
+"""The outbox writer: one SQLite connection and the one thread that uses it.
 
-A group commit runs all its statements (the dedupe lookup, the capacity check, the insert, the
-commit) in this thread in one hand-off from the event loop. Through aiosqlite each statement
-was a round trip of its own: seven loop passes and thread wake-ups per group, on the loop that
-also parses and validates every request.
+Ingest's group commits and the delivery acknowledgements run here, each transaction with all
+its statements (for ingest: the dedupe lookup, the capacity check, the insert, the commit) in
+one hand-off from the event loop. Through aiosqlite each statement was a round trip of its
+own: seven loop passes and thread wake-ups per ingest group, on the loop that also parses and
+validates every request, while the transaction held SQLite's one write lock.
 """
 
 from __future__ import annotations

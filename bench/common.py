@@ -157,15 +157,25 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}"
 
 
-def fake_and_sidecar(tmp: Path, **sections: dict[str, Any]) -> tuple[Process, Process]:
-    """The fake TimeBack (ids only) and a sidecar forwarding to it with OAuth; `sections`
-    add to the sidecar's configuration (an `upstream` section is merged)."""
+def fake_and_sidecar(
+    tmp: Path, platform: str = "learnwith", **sections: dict[str, Any]
+) -> tuple[Process, Process]:
+    """The fake TimeBack (ids only) and a sidecar forwarding to it with OAuth: to its
+    LearnWith.AI endpoint, or to its Beyond AI one with processing confirmation (`jobs_url`);
+    `sections` add to the sidecar's configuration (an `upstream` section is merged)."""
     fake_port = free_port()
     fake = Process(
         [PYTHON, "-m", "sidecar", "mock-upstream", "--port", str(fake_port), "--ids-only"],
         fake_port,
     )
-    upstream = {"endpoint": f"{fake.url}/events/1.0/", **sections.pop("upstream", {})}
+    if platform == "beyond-ai":
+        target = {
+            "endpoint": f"{fake.url}/caliper/event",
+            "jobs_url": f"{fake.url}/jobs/{{id}}/status",
+        }
+    else:
+        target = {"endpoint": f"{fake.url}/events/1.0/"}
+    upstream = {**target, **sections.pop("upstream", {})}
     server = sidecar(
         tmp,
         free_port(),

@@ -1,11 +1,14 @@
 """Draining a backlog to the fake TimeBack on loopback: events/s and peak memory (issue 6).
 
     .venv/bin/python bench/delivery.py [--events 1000000] [--batch 100] [--concurrency 4]
+                                       [--platform learnwith|beyond-ai]
 
 Writes the backlog straight into a new outbox file (the sidecar's own schema), starts the fake
 TimeBack (`mock-upstream --ids-only`) and `caliper-sidecar run` on that outbox, and times the
-drain until the fake has every event. Reports events/s, envelopes/s, and the sidecar's peak
-resident memory (VmHWM), which shows whether the backlog stayed on disk.
+drain until the fake has every event; with `--platform beyond-ai`, to the fake's Beyond AI
+endpoint with `jobs_url`, also until every platform job is confirmed. Reports events/s,
+envelopes/s, and the sidecar's peak resident memory (VmHWM), which shows whether the backlog
+stayed on disk.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import fake_and_sidecar, get_json, machine
+from common import fake_and_sidecar, get_json, machine, metric
 
 from sidecar.outbox.schema import migrate
 from sidecar.samples import sample_events
@@ -54,6 +57,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--platform",
+        choices=("learnwith", "beyond-ai"),
+        default="learnwith",
+        help="the fake's LearnWith.AI endpoint, or Beyond AI's with its jobs followed until "
+        "every event is confirmed",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -67,6 +77,7 @@ def main() -> None:
         )
         fake, server = fake_and_sidecar(
             tmp,
+            args.platform,
             outbox={"path": str(outbox), "max_events": args.events + 1},
             upstream={
                 "batch_max_events": args.batch,
@@ -85,6 +96,10 @@ def main() -> None:
                     break
                 time.sleep(0.5)
             seconds = time.perf_counter() - started
+            if args.platform == "beyond-ai":
+                while confirmed(server.url) < summary["envelopes"]:
+                    time.sleep(0.2)
+                confirmed_s = time.perf_counter() - started
             peak = server.peak_rss_mb()
         finally:
             server.stop()
@@ -96,7 +111,20 @@ def main() -> None:
         f"(batch {args.batch}, concurrency {args.concurrency})"
     )
     print(f"duplicates at the platform: {summary['duplicates']}; statuses: {summary['statuses']}")
+    if args.platform == "beyond-ai":
+        print(
+            f"every platform job confirmed after {confirmed_s:.1f} s: "
+            f"{args.events / confirmed_s:,.0f} events/s confirmed"
+        )
     print(f"sidecar peak RSS: {peak:.0f} MB (target: at most 150 MB)")
+
+
+def confirmed(url: str) -> float:
+    """Platform jobs the sidecar has seen completed (its metric)."""
+    try:
+        return metric(url, 'sidecar_platform_jobs_total{outcome="completed"}')
+    except KeyError:
+        return 0.0
 
 
 if __name__ == "__main__":

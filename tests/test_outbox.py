@@ -56,7 +56,6 @@ class TestFile:
             writer = await box._writer.run(lambda c: c.execute("PRAGMA synchronous").fetchone())
             assert writer == (level,)
             connections = (
-                (box._dispatch, level),
                 (box._reader, 1),
                 (box._checkpointer, 1),
             )

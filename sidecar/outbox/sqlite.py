@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
@@ -127,17 +127,13 @@ class SqliteOutbox:
         self._claimed: dict[int, str] = {}
         #: the event at the head of the queue, and when (monotonic) it was first seen there
         self._head: tuple[int, float] = (-1, 0.0)
-        # Four connections, each with its own thread: ingest commits and acknowledgements (the
-        # writer), reads (claims and stats, which never wait behind a write), the dispatcher's
-        # other writes (failures, dead letters, platform jobs), and checkpoints.
+        # Three connections, each with its own thread: every write (the writer: ingest,
+        # delivery outcomes, dead letters, platform jobs; see `_write`), reads (claims and
+        # stats, which never wait behind a write), and checkpoints.
         self._writer = Writer(self.path, synchronous)
         self._reader: aiosqlite.Connection | None = None
-        self._dispatch: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        # The dispatch connection is shared by concurrent senders and admin calls; a
-        # transaction must not interleave with another one's statements.
-        self._dispatch_lock = asyncio.Lock()
         self._last_prune = float("-inf")  # monotonic; the first acknowledgement prunes
         self._last_reclaim = 0.0
         self.writes = WriteHealth(path=str(self.path))
@@ -154,7 +150,6 @@ class SqliteOutbox:
             await asyncio.to_thread(self._prepare_file)
             await self._writer.open()
             self._reader = await self._connect("normal")
-            self._dispatch = await self._connect(self.synchronous)
             self._checkpointer = await self._connect("normal")
         except (sqlite3.Error, OSError) as e:
             await self.close()
@@ -173,10 +168,10 @@ class SqliteOutbox:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
         await self._writer.close()
-        for conn in (self._reader, self._dispatch, self._checkpointer):
+        for conn in (self._reader, self._checkpointer):
             if conn is not None:
                 await conn.close()
-        self._reader = self._dispatch = self._checkpointer = None
+        self._reader = self._checkpointer = None
 
     async def __aenter__(self) -> SqliteOutbox:
         return await self.open()
@@ -259,25 +254,17 @@ class SqliteOutbox:
                 f"until {self.reserve_bytes // 1_048_576} MiB are",
                 30,
             )
-        commit = functools.partial(self._commit_group, group=group, now=time.time())
-        try:
-            results = await self._writer.run(commit)
-        except sqlite3.Error as e:
-            raise await self._storage_failure(e) from e
+        results = await self._write(
+            functools.partial(self._insert_group, group=group, now=time.time())
+        )
         self.commits += 1
         return results
-
-    def _commit_group(
-        self, conn: sqlite3.Connection, group: list[_Append], now: float
-    ) -> list[AppendResult | OutboxUnavailable]:
-        """In the writer's thread: known ids skipped, capacity checked per append (all of it
-        or none), one packed insert, one commit."""
-        with _immediate(conn):
-            return self._insert_group(conn, group, now)
 
     def _insert_group(
         self, conn: sqlite3.Connection, group: list[_Append], now: float
     ) -> list[AppendResult | OutboxUnavailable]:
+        """In the writer's transaction: known ids skipped, capacity checked per append (all
+        of it or none), one packed insert."""
         all_ids = [e.id for events, _ in group for e in events]
         known = {
             row[0]
@@ -379,15 +366,7 @@ class SqliteOutbox:
         await self._acks.submit((self._owned(claim, seqs), platform_job))
 
     async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
-        """Acknowledgements of concurrent deliveries, in one transaction, on the writer's
-        connection and thread, in one hand-off.
-
-        On a connection of their own, through aiosqlite, each statement was a round trip
-        through a busy event loop while the transaction held SQLite's one write lock; ingest
-        commits meanwhile slept in SQLite's busy handler (forwarding 100,000 events: 0.75 s
-        of 6.7, up to 129 ms at once). In the writer's thread the two take turns without
-        waiting on each other.
-        """
+        """Acknowledgements of concurrent deliveries, in one transaction."""
         now = time.time()
         # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
         prune = time.monotonic() - self._last_prune > PRUNE_EVERY_S
@@ -397,18 +376,7 @@ class SqliteOutbox:
             now=now,
             prune_before=now - self.dedupe_window_s if prune else None,
         )
-        try:
-            pruned_all = await self._writer.run(record)
-        except sqlite3.Error as e:
-            raise await self._storage_failure(e) from e
-        finally:
-            # Released whatever happened: if the outcome could not be written (a full disk),
-            # the events stay queued and are sent again rather than stuck claimed until a
-            # restart.
-            for acked, _ in group:
-                for seq in acked:
-                    self._claimed.pop(seq, None)
-        if pruned_all:
+        if await self._write(record, releasing=[seq for acked, _ in group for seq in acked]):
             self._last_prune = time.monotonic()
         return [None] * len(group)
 
@@ -416,77 +384,61 @@ class SqliteOutbox:
     def _record_acks(
         conn: sqlite3.Connection, group: list[_Ack], now: float, prune_before: float | None
     ) -> bool:
-        """In the writer's thread: the acknowledgements, and a chunk of pruning when
-        `prune_before` is given; True when pruning is done for now."""
-        with _immediate(conn):
-            done = [seq for acked, job in group if job is None for seq in acked]
-            if done:
-                conn.execute(
-                    "UPDATE events SET delivered_at = ?, body = x'' "
-                    "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
-                    (now, json.dumps(done)),
-                )
-            for acked, job in group:
-                if job is None:
-                    continue
-                # The body stays until the platform's job says the event was processed.
-                conn.execute(
-                    "UPDATE events SET delivered_at = ?, platform_job = ? "
-                    "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
-                    (now, job, json.dumps(list(acked))),
-                )
-                conn.execute(
-                    "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) "
-                    "VALUES (?, ?, 'waiting')",
-                    (job, now),
-                )
-            return prune_before is not None and _prune_delivered(conn, prune_before)
+        """The acknowledgements, and a chunk of pruning when `prune_before` is given; True
+        when pruning is done for now."""
+        done = [seq for acked, job in group if job is None for seq in acked]
+        if done:
+            conn.execute(
+                "UPDATE events SET delivered_at = ?, body = x'' "
+                "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
+                (now, json.dumps(done)),
+            )
+        for acked, job in group:
+            if job is None:
+                continue
+            # The body stays until the platform's job says the event was processed.
+            conn.execute(
+                "UPDATE events SET delivered_at = ?, platform_job = ? "
+                "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
+                (now, job, json.dumps(list(acked))),
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) VALUES (?, ?, 'waiting')",
+                (job, now),
+            )
+        return prune_before is not None and _prune_delivered(conn, prune_before)
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         seqs = self._owned(claim, seqs)
-        now = time.time()
-        async with self._dispatch_transaction(releasing=seqs) as conn:
-            await conn.execute(
+        params = (time.time(), error[:1024], json.dumps(list(seqs)))
+
+        def record(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 """
                 UPDATE events SET attempts = attempts + 1,
                     first_attempt_at = coalesce(first_attempt_at, ?1),
                     last_attempt_at = ?1, last_error = ?2
                 WHERE seq IN (SELECT value FROM json_each(?3))
                 """,
-                (now, error[:1024], json.dumps(list(seqs))),
+                params,
             )
+
+        await self._write(record, releasing=seqs)
 
     async def dead_letter(
         self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
     ) -> None:
         # Called right after the attempt that decided it, so that attempt is counted here.
         seqs = self._owned(claim, seqs)
-        async with self._dispatch_transaction(releasing=seqs) as conn:
-            await self._move_to_dead_letters(conn, seqs, reason, status, response, time.time())
-
-    @staticmethod
-    async def _move_to_dead_letters(
-        conn: aiosqlite.Connection,
-        seqs: Sequence[int],
-        reason: str,
-        status: int | None,
-        response: str,
-        now: float,
-    ) -> None:
-        wanted = json.dumps(list(seqs))
-        await conn.execute(
-            """
-            INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
-                response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
-            SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
-                coalesce(first_attempt_at, ?4), ?4, ?4
-            FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
-            """,
-            (reason, status, response[:1024], now, wanted),
+        move = functools.partial(
+            _move_to_dead_letters,
+            seqs=seqs,
+            reason=reason,
+            status=status,
+            response=response,
+            now=time.time(),
         )
-        await conn.execute(
-            "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,)
-        )
+        await self._write(move, releasing=seqs)
 
     # -- inspection and operations ---------------------------------------------------------
 
@@ -548,21 +500,23 @@ class SqliteOutbox:
         transaction: one transaction over 100,000 rows held the write lock for seconds, and a
         running sidecar's ingest waited behind it until it answered 503."""
         where, params = _selection(ids)
+
+        def chunk(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                f"SELECT seq FROM dead_letters WHERE {where} ORDER BY seq LIMIT {DEAD_CHUNK}",
+                params,
+            ).fetchall()
+            seqs = json.dumps([r[0] for r in rows])
+            if copy is not None:
+                conn.execute(copy, (seqs,))
+            cur = conn.execute(
+                "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))", (seqs,)
+            )
+            return cur.rowcount
+
         done = 0
         while True:
-            async with self._dispatch_transaction() as conn:
-                cur = await conn.execute(
-                    f"SELECT seq FROM dead_letters WHERE {where} ORDER BY seq LIMIT {DEAD_CHUNK}",
-                    params,
-                )
-                chunk = json.dumps([r[0] for r in await cur.fetchall()])
-                if copy is not None:
-                    await conn.execute(copy, (chunk,))
-                cur = await conn.execute(
-                    "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))",
-                    (chunk,),
-                )
-                count = cur.rowcount
+            count = await self._write(chunk)
             if count <= 0:
                 return done
             done += count
@@ -589,59 +543,31 @@ class SqliteOutbox:
         return [str(r[0]) for r in await cur.fetchall()]
 
     async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
-        async with self._dispatch_transaction() as conn:
-            await conn.execute(
-                "UPDATE platform_jobs SET state = ?, polls = polls + 1, last_error = ? "
+        await self._write(
+            functools.partial(
+                _execute,
+                sql="UPDATE platform_jobs SET state = ?, polls = polls + 1, last_error = ? "
                 "WHERE id = ? AND state != 'unconfirmed'",
-                (state, error and error[:1024], job),
+                params=(state, error and error[:1024], job),
             )
+        )
 
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
-        now = time.time()
-        async with self._dispatch_transaction() as conn:
-            cur = await conn.execute(
-                "SELECT seq, id FROM events WHERE platform_job = ? AND confirmed_at IS NULL",
-                (job,),
-            )
-            events = [(int(seq), str(id_)) for seq, id_ in await cur.fetchall()]
-            confirmed = [(outcome.processed.get(i), now, seq) for seq, i in events]
-            if outcome.failed:
-                confirmed = [
-                    c for c, (_, i) in zip(confirmed, events, strict=True) if i in outcome.processed
-                ]
-                unprocessed = [(seq, i) for seq, i in events if i not in outcome.processed]
-                failing = [
-                    seq for seq, i in unprocessed if outcome.failing is None or i in outcome.failing
-                ]
-                again = [seq for seq, i in unprocessed if seq not in set(failing)]
-            else:
-                failing, again = [], []
-            await conn.executemany(
-                "UPDATE events SET confirmed_at = ?2, platform_id = ?1, body = x'' WHERE seq = ?3",
-                confirmed,
-            )
-            if failing:
-                await self._move_to_dead_letters(
-                    conn, failing, "platform_failed", None, outcome.reason, now
-                )
-            if again:
-                # Not the failing event, not processed either: sent again in a new envelope.
-                await conn.execute(
-                    "UPDATE events SET delivered_at = NULL, platform_job = NULL "
-                    "WHERE seq IN (SELECT value FROM json_each(?))",
-                    (json.dumps(again),),
-                )
-            await conn.execute("DELETE FROM platform_jobs WHERE id = ?", (job,))
+        failing, again = await self._write(
+            functools.partial(_finish_platform_job, job=job, outcome=outcome, now=time.time())
+        )
         if again:
             self._appended.set()
-        return len(failing)
+        return failing
 
     async def give_up_platform_job(self, job: str, reason: str) -> None:
-        async with self._dispatch_transaction() as conn:
-            await conn.execute(
-                "UPDATE platform_jobs SET state = 'unconfirmed', last_error = ? WHERE id = ?",
-                (reason[:1024], job),
+        await self._write(
+            functools.partial(
+                _execute,
+                sql="UPDATE platform_jobs SET state = 'unconfirmed', last_error = ? WHERE id = ?",
+                params=(reason[:1024], job),
             )
+        )
 
     @_read_errors_unavailable
     async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
@@ -707,37 +633,34 @@ class SqliteOutbox:
             raise OutboxUnavailable("closed", "the outbox is not open")
         return conn
 
-    @contextlib.asynccontextmanager
-    async def _dispatch_transaction(
-        self, releasing: Sequence[int] = ()
-    ) -> AsyncIterator[aiosqlite.Connection]:
-        """A transaction on the dispatch connection that releases these claims whatever
-        happens: if the outcome cannot be written (a full disk), the events stay queued and
-        are sent again rather than stuck claimed until a restart."""
+    async def _write(
+        self, work: Callable[[sqlite3.Connection], _R], releasing: Sequence[int] = ()
+    ) -> _R:
+        """`work` in one transaction on the writer's connection, in its thread, in one
+        hand-off; a write that fails raises OutboxUnavailable. Claims in `releasing` are
+        released whatever happens: if the outcome cannot be written (a full disk), the events
+        stay queued and are sent again rather than stuck claimed until a restart.
+
+        Every write of the outbox goes this way. Through aiosqlite, each statement was a
+        round trip through the busy event loop while the transaction held SQLite's one write
+        lock, and other writers slept in SQLite's busy handler meanwhile (forwarding 100,000
+        events, ingest waited 0.75 s of 6.7, up to 129 ms at once); in one thread they take
+        turns.
+        """
+
+        def transaction(conn: sqlite3.Connection) -> _R:
+            with _immediate(conn):
+                return work(conn)
+
         try:
-            async with self._dispatch_lock:
-                conn = self._require(self._dispatch)
-                async with self._transaction(conn):
-                    yield conn
+            if self._writer.closed:
+                raise OutboxUnavailable("closed", "the outbox is not open")
+            return await self._writer.run(transaction)
+        except sqlite3.Error as e:
+            raise await self._storage_failure(e) from e
         finally:
             for seq in releasing:
                 self._claimed.pop(seq, None)
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self, conn: aiosqlite.Connection) -> AsyncIterator[None]:
-        try:
-            await conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise await self._storage_failure(e) from e
-        try:
-            yield
-            await conn.execute("COMMIT")
-        except BaseException as e:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.execute("ROLLBACK")
-            if isinstance(e, sqlite3.Error):
-                raise await self._storage_failure(e) from e
-            raise
 
     async def _checkpoint_often(self) -> None:
         """Copy the WAL into the database every CHECKPOINT_EVERY_S, off the write paths.
@@ -802,6 +725,68 @@ _PACKED_INSERT: Final = """
     INSERT OR REPLACE INTO events (id, body, size, received_at)
     SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3 FROM json_each(?1)
 """
+
+
+def _move_to_dead_letters(
+    conn: sqlite3.Connection,
+    seqs: Sequence[int],
+    reason: str,
+    status: int | None,
+    response: str,
+    now: float,
+) -> None:
+    wanted = json.dumps(list(seqs))
+    conn.execute(
+        """
+        INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
+            response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
+        SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
+            coalesce(first_attempt_at, ?4), ?4, ?4
+        FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
+        """,
+        (reason, status, response[:1024], now, wanted),
+    )
+    conn.execute("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,))
+
+
+def _finish_platform_job(
+    conn: sqlite3.Connection, job: str, outcome: PlatformJobOutcome, now: float
+) -> tuple[int, bool]:
+    """The platform's verdict on a job: processed events confirmed, the failing ones
+    dead-lettered, the others queued again; (how many failed, whether any were queued)."""
+    rows = conn.execute(
+        "SELECT seq, id FROM events WHERE platform_job = ? AND confirmed_at IS NULL", (job,)
+    ).fetchall()
+    events = [(int(seq), str(id_)) for seq, id_ in rows]
+    confirmed = [(outcome.processed.get(i), now, seq) for seq, i in events]
+    if outcome.failed:
+        confirmed = [
+            c for c, (_, i) in zip(confirmed, events, strict=True) if i in outcome.processed
+        ]
+        unprocessed = [(seq, i) for seq, i in events if i not in outcome.processed]
+        failing = [seq for seq, i in unprocessed if outcome.failing is None or i in outcome.failing]
+        again = [seq for seq, i in unprocessed if seq not in set(failing)]
+    else:
+        failing, again = [], []
+    conn.executemany(
+        "UPDATE events SET confirmed_at = ?2, platform_id = ?1, body = x'' WHERE seq = ?3",
+        confirmed,
+    )
+    if failing:
+        _move_to_dead_letters(conn, failing, "platform_failed", None, outcome.reason, now)
+    if again:
+        # Not the failing event, not processed either: sent again in a new envelope.
+        conn.execute(
+            "UPDATE events SET delivered_at = NULL, platform_job = NULL "
+            "WHERE seq IN (SELECT value FROM json_each(?))",
+            (json.dumps(again),),
+        )
+    conn.execute("DELETE FROM platform_jobs WHERE id = ?", (job,))
+    return len(failing), bool(again)
+
+
+def _execute(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
+    conn.execute(sql, params)
 
 
 @contextlib.contextmanager

@@ -1,10 +1,11 @@
 """The outbox writer: one SQLite connection and the one thread that uses it.
 
-Ingest's group commits and the delivery acknowledgements run here, each transaction with all
-its statements (for ingest: the dedupe lookup, the capacity check, the insert, the commit) in
-one hand-off from the event loop. Through aiosqlite each statement was a round trip of its
-own: seven loop passes and thread wake-ups per ingest group, on the loop that also parses and
-validates every request, while the transaction held SQLite's one write lock.
+Every write of the SQLite outbox runs here (ingest's group commits, delivery outcomes, dead
+letters, platform jobs), each transaction with all its statements (for ingest: the dedupe
+lookup, the capacity check, the insert, the commit) in one hand-off from the event loop.
+Through aiosqlite each statement was a round trip of its own: seven loop passes and thread
+wake-ups per ingest group, on the loop that also parses and validates every request, while
+the transaction held SQLite's one write lock.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class Writer:
         for pragma in PRAGMAS:
             conn.execute(pragma)
         return conn
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
 
     async def run(self, work: Callable[[sqlite3.Connection], R]) -> R:
         """Run `work` with the connection in the writer's thread; raises what it raises."""

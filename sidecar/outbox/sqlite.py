@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
@@ -22,10 +22,10 @@ import structlog
 
 from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
+from . import sqlite_writes as writes
 from .base import (
     DEAD_CHUNK,
     DEAD_LETTER_COLUMNS,
-    PRUNE_CHUNK,
     PRUNE_EVERY_S,
     AppendResult,
     Batch,
@@ -39,7 +39,6 @@ from .base import (
     WriteHealth,
     fill_batch,
     journey_state,
-    new_per_append,
 )
 from .grouping import GroupCommit
 from .schema import migrate
@@ -118,10 +117,10 @@ class SqliteOutbox:
         self.dedupe_window_s = dedupe_window_s
         #: group commits of appends done by this process (a metric; how tests see grouping)
         self.commits = 0
-        self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
+        self._appends: GroupCommit[writes.Append, AppendResult] = GroupCommit(
             self._commit_appends, "outbox-appends"
         )
-        self._acks: GroupCommit[_Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
+        self._acks: GroupCommit[writes.Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
         self._appended = asyncio.Event()
         #: seq -> the claim holding it; in memory: after a crash nothing is claimed
         self._claimed: dict[int, str] = {}
@@ -229,9 +228,11 @@ class SqliteOutbox:
     async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
         return await self._appends.submit((events, job))
 
-    async def _commit_appends(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
+    async def _commit_appends(
+        self, group: list[writes.Append]
+    ) -> list[AppendResult | OutboxUnavailable]:
         """One transaction for every append queued: known ids skipped, capacity checked per
-        append (all of it or none), one executemany, one commit."""
+        append (all of it or none), one insert, one commit."""
         try:
             results = await self._insert_new(group)
         except OutboxUnavailable as e:
@@ -242,7 +243,9 @@ class SqliteOutbox:
             self._appended.set()
         return results
 
-    async def _insert_new(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
+    async def _insert_new(
+        self, group: list[writes.Append]
+    ) -> list[AppendResult | OutboxUnavailable]:
         self._check_identity()
         free = await self._room()
         if free < self.reserve_bytes:
@@ -255,50 +258,16 @@ class SqliteOutbox:
                 30,
             )
         results = await self._write(
-            functools.partial(self._insert_group, group=group, now=time.time())
+            functools.partial(
+                writes.insert_appends,
+                group=group,
+                now=time.time(),
+                dedupe_window_s=self.dedupe_window_s,
+                max_events=self.max_events,
+                max_bytes=self.max_bytes,
+            )
         )
         self.commits += 1
-        return results
-
-    def _insert_group(
-        self, conn: sqlite3.Connection, group: list[_Append], now: float
-    ) -> list[AppendResult | OutboxUnavailable]:
-        """In the writer's transaction: known ids skipped, capacity checked per append (all
-        of it or none), one packed insert."""
-        all_ids = [e.id for events, _ in group for e in events]
-        known = {
-            row[0]
-            for row in conn.execute(_KNOWN_IDS, (json.dumps(all_ids), now - self.dedupe_window_s))
-        }
-        row = conn.execute("SELECT events, bytes FROM totals").fetchone()
-        depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
-        plan = new_per_append(
-            [events for events, _ in group], known, depth, size, self.max_events, self.max_bytes
-        )
-        # Packed: the group's bodies as one blob and [id, offset, length] per event, so that
-        # SQLite inserts every row in one statement (no per-row binding in Python).
-        entries: list[tuple[str, int, int]] = []
-        bodies: list[bytes] = []
-        offset = 1  # substr counts from 1
-        jobs: list[tuple[str, float, str]] = []
-        results: list[AppendResult | OutboxUnavailable] = []
-        for (events, job), fresh in zip(group, plan, strict=True):
-            if isinstance(fresh, OutboxUnavailable):
-                results.append(fresh)
-                continue
-            for e in fresh:
-                entries.append((e.id, offset, len(e.body)))
-                bodies.append(e.body)
-                offset += len(e.body)
-            if job is not None:
-                jobs.append((job, now, json.dumps([e.id for e in events])))
-            results.append(AppendResult(len(fresh), len(events) - len(fresh)))
-        if entries:
-            conn.execute(_PACKED_INSERT, (json.dumps(entries), b"".join(bodies), now))
-        if jobs:
-            conn.executemany(
-                "INSERT OR IGNORE INTO jobs (id, created_at, event_ids) VALUES (?, ?, ?)", jobs
-            )
         return results
 
     def unwritable_reason(self) -> str | None:
@@ -365,13 +334,13 @@ class SqliteOutbox:
     ) -> None:
         await self._acks.submit((self._owned(claim, seqs), platform_job))
 
-    async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
+    async def _commit_acks(self, group: list[writes.Ack]) -> list[OutboxUnavailable | None]:
         """Acknowledgements of concurrent deliveries, in one transaction."""
         now = time.time()
         # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
         prune = time.monotonic() - self._last_prune > PRUNE_EVERY_S
         record = functools.partial(
-            self._record_acks,
+            writes.record_acks,
             group=group,
             now=now,
             prune_before=now - self.dedupe_window_s if prune else None,
@@ -380,49 +349,9 @@ class SqliteOutbox:
             self._last_prune = time.monotonic()
         return [None] * len(group)
 
-    @staticmethod
-    def _record_acks(
-        conn: sqlite3.Connection, group: list[_Ack], now: float, prune_before: float | None
-    ) -> bool:
-        """The acknowledgements, and a chunk of pruning when `prune_before` is given; True
-        when pruning is done for now."""
-        done = [seq for acked, job in group if job is None for seq in acked]
-        if done:
-            conn.execute(
-                "UPDATE events SET delivered_at = ?, body = x'' "
-                "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
-                (now, json.dumps(done)),
-            )
-        for acked, job in group:
-            if job is None:
-                continue
-            # The body stays until the platform's job says the event was processed.
-            conn.execute(
-                "UPDATE events SET delivered_at = ?, platform_job = ? "
-                "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
-                (now, job, json.dumps(list(acked))),
-            )
-            conn.execute(
-                "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) VALUES (?, ?, 'waiting')",
-                (job, now),
-            )
-        return prune_before is not None and _prune_delivered(conn, prune_before)
-
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         seqs = self._owned(claim, seqs)
-        params = (time.time(), error[:1024], json.dumps(list(seqs)))
-
-        def record(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                """
-                UPDATE events SET attempts = attempts + 1,
-                    first_attempt_at = coalesce(first_attempt_at, ?1),
-                    last_attempt_at = ?1, last_error = ?2
-                WHERE seq IN (SELECT value FROM json_each(?3))
-                """,
-                params,
-            )
-
+        record = functools.partial(writes.record_failure, seqs=seqs, error=error, now=time.time())
         await self._write(record, releasing=seqs)
 
     async def dead_letter(
@@ -431,7 +360,7 @@ class SqliteOutbox:
         # Called right after the attempt that decided it, so that attempt is counted here.
         seqs = self._owned(claim, seqs)
         move = functools.partial(
-            _move_to_dead_letters,
+            writes.move_to_dead_letters,
             seqs=seqs,
             reason=reason,
             status=status,
@@ -500,20 +429,9 @@ class SqliteOutbox:
         transaction: one transaction over 100,000 rows held the write lock for seconds, and a
         running sidecar's ingest waited behind it until it answered 503."""
         where, params = _selection(ids)
-
-        def chunk(conn: sqlite3.Connection) -> int:
-            rows = conn.execute(
-                f"SELECT seq FROM dead_letters WHERE {where} ORDER BY seq LIMIT {DEAD_CHUNK}",
-                params,
-            ).fetchall()
-            seqs = json.dumps([r[0] for r in rows])
-            if copy is not None:
-                conn.execute(copy, (seqs,))
-            cur = conn.execute(
-                "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))", (seqs,)
-            )
-            return cur.rowcount
-
+        chunk = functools.partial(
+            writes.take_dead_letters, where=where, params=params, limit=DEAD_CHUNK, copy=copy
+        )
         done = 0
         while True:
             count = await self._write(chunk)
@@ -545,7 +463,7 @@ class SqliteOutbox:
     async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
         await self._write(
             functools.partial(
-                _execute,
+                writes.execute,
                 sql="UPDATE platform_jobs SET state = ?, polls = polls + 1, last_error = ? "
                 "WHERE id = ? AND state != 'unconfirmed'",
                 params=(state, error and error[:1024], job),
@@ -554,7 +472,7 @@ class SqliteOutbox:
 
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
         failing, again = await self._write(
-            functools.partial(_finish_platform_job, job=job, outcome=outcome, now=time.time())
+            functools.partial(writes.finish_platform_job, job=job, outcome=outcome, now=time.time())
         )
         if again:
             self._appended.set()
@@ -563,7 +481,7 @@ class SqliteOutbox:
     async def give_up_platform_job(self, job: str, reason: str) -> None:
         await self._write(
             functools.partial(
-                _execute,
+                writes.execute,
                 sql="UPDATE platform_jobs SET state = 'unconfirmed', last_error = ? WHERE id = ?",
                 params=(reason[:1024], job),
             )
@@ -649,7 +567,7 @@ class SqliteOutbox:
         """
 
         def transaction(conn: sqlite3.Connection) -> _R:
-            with _immediate(conn):
+            with writes.immediate(conn):
                 return work(conn)
 
         try:
@@ -709,130 +627,12 @@ class SqliteOutbox:
             return free
         await self._truncate_wal()
         free = shutil.disk_usage(self.path.parent).free
-        reuse = await self._writer.run(_free_page_bytes)
+        reuse = await self._writer.run(writes.free_page_bytes)
         return free + reuse
-
-
-_KNOWN_IDS: Final = """
-    WITH wanted(id) AS (SELECT value FROM json_each(?1))
-    SELECT id FROM events WHERE id IN wanted AND (delivered_at IS NULL OR delivered_at >= ?2)
-    UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
-    UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
-"""
-# REPLACE only ever meets a delivered row older than the dedupe window (not yet pruned): every
-# other known id was filtered out before. json_each keeps the array's order, so seq does too.
-_PACKED_INSERT: Final = """
-    INSERT OR REPLACE INTO events (id, body, size, received_at)
-    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3 FROM json_each(?1)
-"""
-
-
-def _move_to_dead_letters(
-    conn: sqlite3.Connection,
-    seqs: Sequence[int],
-    reason: str,
-    status: int | None,
-    response: str,
-    now: float,
-) -> None:
-    wanted = json.dumps(list(seqs))
-    conn.execute(
-        """
-        INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
-            response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
-        SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
-            coalesce(first_attempt_at, ?4), ?4, ?4
-        FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
-        """,
-        (reason, status, response[:1024], now, wanted),
-    )
-    conn.execute("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,))
-
-
-def _finish_platform_job(
-    conn: sqlite3.Connection, job: str, outcome: PlatformJobOutcome, now: float
-) -> tuple[int, bool]:
-    """The platform's verdict on a job: processed events confirmed, the failing ones
-    dead-lettered, the others queued again; (how many failed, whether any were queued)."""
-    rows = conn.execute(
-        "SELECT seq, id FROM events WHERE platform_job = ? AND confirmed_at IS NULL", (job,)
-    ).fetchall()
-    events = [(int(seq), str(id_)) for seq, id_ in rows]
-    confirmed = [(outcome.processed.get(i), now, seq) for seq, i in events]
-    if outcome.failed:
-        confirmed = [
-            c for c, (_, i) in zip(confirmed, events, strict=True) if i in outcome.processed
-        ]
-        unprocessed = [(seq, i) for seq, i in events if i not in outcome.processed]
-        failing = [seq for seq, i in unprocessed if outcome.failing is None or i in outcome.failing]
-        again = [seq for seq, i in unprocessed if seq not in set(failing)]
-    else:
-        failing, again = [], []
-    conn.executemany(
-        "UPDATE events SET confirmed_at = ?2, platform_id = ?1, body = x'' WHERE seq = ?3",
-        confirmed,
-    )
-    if failing:
-        _move_to_dead_letters(conn, failing, "platform_failed", None, outcome.reason, now)
-    if again:
-        # Not the failing event, not processed either: sent again in a new envelope.
-        conn.execute(
-            "UPDATE events SET delivered_at = NULL, platform_job = NULL "
-            "WHERE seq IN (SELECT value FROM json_each(?))",
-            (json.dumps(again),),
-        )
-    conn.execute("DELETE FROM platform_jobs WHERE id = ?", (job,))
-    return len(failing), bool(again)
-
-
-def _execute(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
-    conn.execute(sql, params)
-
-
-@contextlib.contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction on the writer's connection: committed, or rolled back whatever
-    broke it."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _prune_delivered(conn: sqlite3.Connection, cutoff: float) -> bool:
-    """Forget delivered events older than the dedupe window, a chunk per acknowledgement so
-    that no single commit grows large; True (done for now) when a chunk comes back short."""
-    # Events whose platform job is still followed stay, however old.
-    cur = conn.execute(
-        "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
-        "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
-        "WHERE p.id = events.platform_job AND p.state != 'unconfirmed') "
-        "ORDER BY delivered_at LIMIT ?2)",
-        (cutoff, PRUNE_CHUNK),
-    )
-    conn.execute("DELETE FROM delivered WHERE delivered_at < ?", (cutoff,))
-    conn.execute("DELETE FROM jobs WHERE created_at < ?", (cutoff,))
-    conn.execute("DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < ?", (cutoff,))
-    return cur.rowcount < PRUNE_CHUNK
-
-
-def _free_page_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes of the database's free pages, which new rows reuse without growing the file."""
-    pages = conn.execute("PRAGMA freelist_count").fetchone()
-    size = conn.execute("PRAGMA page_size").fetchone()
-    return int(pages[0]) * int(size[0]) if pages and size else 0
 
 
 #: told the running count of a long operation
 Progress = Callable[[int], None]
-#: an append: the events of one request, and the job id an app is answered with
-_Append = tuple[Sequence[NewEvent], str | None]
-#: an acknowledgement: the events of one envelope, and the platform's job for them
-_Ack = tuple[Sequence[int], str | None]
 
 
 def _selection(ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:

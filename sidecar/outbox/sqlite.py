@@ -93,10 +93,11 @@ def _read_errors_unavailable(
 class SqliteOutbox:
     """The outbox in one SQLite file, owned by one process at a time.
 
-    Appends from concurrent requests are committed together: one writer task takes everything
-    queued, inserts it with one `executemany` and commits once, so ingest is bounded by the
-    disk's fsync rate divided by the group, not per request. Claims are kept in memory: after a
-    crash nothing is claimed, so whatever was in flight is sent again.
+    Appends from concurrent requests are committed together: one task takes everything queued
+    and the writer (writer.py) inserts it with one statement and commits once, so ingest is
+    bounded by the disk's fsync rate divided by the group, not per request. Every write runs
+    in the writer's thread (`_write`; what each changes is in sqlite_writes.py). Claims are
+    kept in memory: after a crash nothing is claimed, so whatever was in flight is sent again.
     """
 
     def __init__(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.exceptions import OutboxLocked
+from sidecar.exceptions import OutboxLocked, OutboxUnavailable
 from sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
 from sidecar.outbox.schema import VERSION, SchemaTooNew
 
@@ -63,6 +63,25 @@ class TestFile:
                 assert conn is not None
                 cur = await conn.execute("PRAGMA synchronous")
                 assert (await cur.fetchone()) == (expected,)
+
+    async def test_writes_after_close_say_closed(self, tmp_path: Path) -> None:
+        """Every write goes through the writer; once the outbox is closed, each one (a
+        delivery outcome, a dead letter, an operator's replay) is refused as `closed`, not as
+        a storage error."""
+        box = await SqliteOutbox(tmp_path / "o.db").open()
+        await box.append([NewEvent(new_id(), b"{}")])
+        batch = await box.claim_batch(10, 1 << 20)
+        await box.close()
+        writes = [
+            box.record_failure(batch.claim, batch.seqs, "timeout"),
+            box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no"),
+            box.replay_dead_letters(None),
+            box.give_up_platform_job("job", "gone"),
+        ]
+        for write in writes:
+            with pytest.raises(OutboxUnavailable) as refused:
+                await write
+            assert refused.value.reason == "closed"
 
     async def test_refuses_a_newer_schema(self, tmp_path: Path) -> None:
         """A file written by a newer release is not touched."""

@@ -572,8 +572,6 @@ class SqliteOutbox:
                 return work(conn)
 
         try:
-            if self._writer.closed:
-                raise OutboxUnavailable("closed", "the outbox is not open")
             return await self._writer.run(transaction)
         except sqlite3.Error as e:
             raise await self._storage_failure(e) from e

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
 
+from ..exceptions import OutboxUnavailable
+
 R = TypeVar("R")
 
 #: the settings every connection of the outbox takes, with its `synchronous` level
@@ -29,7 +31,7 @@ PRAGMAS: Final = (
 
 
 class Writer:
-    """Owns the ingest connection and its thread, from `open` to `close`."""
+    """Owns the writing connection and its thread, from `open` to `close`."""
 
     def __init__(self, path: Path, synchronous: str) -> None:
         self.path = path
@@ -47,22 +49,20 @@ class Writer:
             raise
 
     def _connect(self) -> sqlite3.Connection:
-        # Autocommit (isolation_level None): the group commit says BEGIN and COMMIT itself.
+        # Autocommit (isolation_level None): each write says BEGIN and COMMIT itself
+        # (sqlite_writes.immediate).
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         for pragma in PRAGMAS:
             conn.execute(pragma)
         return conn
 
-    @property
-    def closed(self) -> bool:
-        return self._conn is None
-
     async def run(self, work: Callable[[sqlite3.Connection], R]) -> R:
-        """Run `work` with the connection in the writer's thread; raises what it raises."""
+        """Run `work` with the connection in the writer's thread; raises what it raises, and
+        OutboxUnavailable once the writer is closed."""
         conn = self._conn
         if conn is None:
-            raise sqlite3.ProgrammingError("the outbox writer is closed")
+            raise OutboxUnavailable("closed", "the outbox is not open")
         return await self._in_thread(lambda: work(conn))
 
     async def _in_thread(self, work: Callable[[], R]) -> R:

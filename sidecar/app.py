@@ -23,6 +23,7 @@ from .exceptions import CannotListen, ConfigError, OutboxUnavailable
 from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import Outbox, open_outbox
+from .presets import platform_mismatch
 from .runtime import RUNTIME, Runtime
 from .signals import until_stop_signal
 from .tokens import OAuthTokens, StaticToken, TokenSource
@@ -94,6 +95,9 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
     outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
     """
     require_upstream(settings)
+    mismatch = platform_mismatch(settings.upstream.platform, settings.upstream.endpoint)
+    if mismatch is not None:
+        log.warning("platform_mismatch", warning=mismatch)
     ssl_context = _tls(settings)
     async with contextlib.AsyncExitStack() as stack:
         closing = _Closing(stack)
@@ -156,6 +160,7 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
             ops_url=ops_url,
             outbox="postgresql" if settings.outbox.url else settings.outbox.path,
             upstream=settings.upstream.endpoint,
+            platform=settings.upstream.platform,
             loopback_only=is_loopback(r.host),
         )
         yield Sidecar(runtime, dispatcher, runner, outbox, url, ops_url)

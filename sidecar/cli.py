@@ -14,6 +14,7 @@ from . import __version__
 from .config import Origins, Settings, load_settings, redacted, render_toml, require_upstream
 from .exceptions import ConfigError, SidecarError
 from .logs import configure_logging
+from .presets import platform_mismatch
 from .validation import PROFILES
 from .validation.structural import canonical_id
 
@@ -218,6 +219,9 @@ def _check_config(args: argparse.Namespace) -> int:
     print(render_toml(redacted(settings), origins), end="")
     # What `run` would refuse is wrong: say so, and fail, as a wrong key does.
     require_upstream(settings)
+    mismatch = platform_mismatch(settings.upstream.platform, settings.upstream.endpoint)
+    if mismatch is not None:
+        print(f"caliper-sidecar: warning: {mismatch}", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Final, get_type_hints
 
 from .exceptions import ConfigError
-from .presets import PRESETS
+from .presets import PLATFORMS, PRESETS
 from .validation import PROFILES
 
 ENV_PREFIX: Final = "SIDECAR_"
@@ -76,6 +76,7 @@ class UpstreamSettings:
     """The Caliper endpoint events are forwarded to, and how envelopes are batched."""
 
     preset: str = ""
+    platform: str = "caliper"
     endpoint: str = ""
     sensor: str = ""
     batch_max_events: int = 100
@@ -114,6 +115,7 @@ class RetrySettings:
     max_backoff_s: float = 300.0
     max_attempts: int = 0
     max_age_s: float = 0
+    refusing_grace_s: float = 3600
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ SECRETS: Final = frozenset(
 
 _CHOICES: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("outbox", "synchronous"): ("full", "normal"),
+    ("upstream", "platform"): tuple(PLATFORMS),
     ("oauth", "auth_method"): ("client_secret_basic", "client_secret_post", "private_key_jwt"),
     ("validation", "mode"): ("strict", "warn", "off"),
     ("validation", "profile"): PROFILES,
@@ -366,6 +369,7 @@ def _check(s: Settings) -> None:
         "oauth.refresh_leeway_s": s.oauth.refresh_leeway_s,
         "retry.max_attempts": s.retry.max_attempts,
         "retry.max_age_s": s.retry.max_age_s,
+        "retry.refusing_grace_s": s.retry.refusing_grace_s,
     }
     for name, value in not_negative.items():
         if value < 0:

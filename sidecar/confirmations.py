@@ -3,7 +3,8 @@
 Beyond AI answers an envelope with a `jobId` and processes it later; `GET /jobs/{id}/status` then
 says `completed` or `failed`. With `upstream.jobs_url` set, every job the platform opened is
 followed here: polled a second after the send, then less and less often, until it finishes or
-`GIVE_UP_AFTER_S` have passed. A completed job confirms its events; a failed one dead-letters the
+`GIVE_UP_AFTER_S` have passed (a job the jobs route does not know yet is asked about again for
+`NOT_FOUND_FOR_S`). A completed job confirms its events; a failed one dead-letters the
 events it names (all of those it did not process, when it names none) with the platform's reason,
 and queues the others again. A job that never finishes is given up on, its events marked
 `unconfirmed`: visible in the status and the metrics, never silently dropped.
@@ -31,6 +32,9 @@ log = structlog.get_logger("sidecar.confirmations")
 FIRST_POLL_S: Final = 1.0  # TimeBack's SDK polls its jobs every second
 MAX_POLL_INTERVAL_S: Final = 30.0
 GIVE_UP_AFTER_S: Final = 3600.0
+#: how long a job the platform says it does not know is asked about again: a job store may lag
+#: behind the endpoint that answered with the job
+NOT_FOUND_FOR_S: Final = 600.0
 CONCURRENT_POLLS: Final = 4
 
 
@@ -97,6 +101,10 @@ class JobFollower:
         try:
             answer = await self._upstream.job_status(job)
         except Refused as e:
+            _, _, first_seen = self._due[job]
+            if e.status == 404 and time.monotonic() - first_seen < NOT_FOUND_FOR_S:
+                await self._not_yet(job, "waiting", f"jobs route answered HTTP 404: {e.body[:200]}")
+                return
             # The platform does not know this job (expired, or never had it).
             await self._give_up(job, f"the platform does not know the job: HTTP {e.status}")
             return

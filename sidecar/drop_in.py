@@ -201,6 +201,8 @@ def journey_document(j: Journey) -> dict[str, Any]:
         "platform_job": j.platform_job,
         "platform_id": j.platform_id,
         "confirmed_at": utc_from_timestamp(j.confirmed_at),
+        "unconfirmed_reason": j.unconfirmed_reason,
+        "sensor": j.sensor,
     }
     if j.dead_letter is not None:
         d = j.dead_letter

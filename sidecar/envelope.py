@@ -13,6 +13,13 @@ from typing import Final
 
 DATA_VERSION: Final = "http://purl.imsglobal.org/ctx/caliper/v1p2"
 ENVELOPE_KEYS: Final = frozenset({"sensor", "sendTime", "dataVersion", "data"})
+#: the longest app sensor kept, serialized: envelopes are sized for it (an IRI is far shorter)
+MAX_SENSOR_BYTES: Final = 1024
+
+
+def sensor_bytes(sensor: str) -> int:
+    """The size of a sensor as the envelope writes it."""
+    return len(json.dumps(sensor))
 
 
 def caliper_datetime(moment: datetime | None = None) -> str:
@@ -27,8 +34,10 @@ def _head(sensor: str, send_time: str) -> bytes:
 
 
 def envelope_overhead(sensor: str) -> int:
-    """Bytes an envelope adds around its events (the send time has a fixed width)."""
-    return len(_head(sensor, caliper_datetime())) + len(b"]}")
+    """Bytes an envelope adds around its events (the send time has a fixed width), for this
+    sensor or any app's sensor of up to MAX_SENSOR_BYTES."""
+    longest = max(sensor_bytes(sensor), MAX_SENSOR_BYTES)
+    return len(_head("", caliper_datetime())) - len('""') + longest + len(b"]}")
 
 
 def build_envelope(sensor: str, bodies: Sequence[bytes], send_time: str | None = None) -> bytes:

@@ -57,6 +57,11 @@ class RetryLater(DeliveryOutcome):
         self.retry_after_s = retry_after_s
 
 
+class EndpointFailed(RetryLater):
+    """The endpoint itself fails (404, 405, 410: a mistyped URL, a maintenance page, a proxy's
+    route): no event's fault, so the events stay queued and are retried with backoff."""
+
+
 class Refused(DeliveryOutcome):
     """The platform refused the batch for good (a 4xx other than auth or rate limits)."""
 

@@ -5,9 +5,10 @@ TimeBack's official SDK rewrites every envelope it sends to LearnWith.AI
 (`timeback_caliper/resources/event_transformers/lwai.py`, timeback-caliper 0.4.0): the profile
 becomes `AggregationProfile`, the `TimebackUser` a `Person`, the activity context an
 `AssignableDigitalResource`, the metrics collections standard ones, the time milliseconds, and a
-missing `session` becomes auto-attach. The sidecar applies the same rewrite on the way out, to
-`TimebackProfile` events only: everything else is forwarded as received, and the outbox keeps
-every event as it arrived.
+missing `session` becomes auto-attach. Like the SDK, the sidecar applies it to every event it
+sends to LearnWith.AI (`upstream.platform = "learnwith-ai"`), question and plain Caliper events
+included: their `eventTime` is normalised to milliseconds and a missing `session` set to
+auto-attach. The outbox keeps every event as it arrived.
 
 One difference, on purpose: the SDK draws a random id for each metric (and for a collection
 without one); here the ids are derived from the event's id, so a resend after a crash carries
@@ -22,10 +23,7 @@ from typing import Any, Final
 
 from . import codec
 
-#: the path of LearnWith.AI's Caliper API, by which its endpoints are recognised
-CALIPER_PATH: Final = "/caliper/v1p2"
 AUTO_ATTACH: Final = "urn:tag:auto-attach"
-_MARK: Final = b'"TimebackProfile"'
 _RESOURCE_EVENTS: Final = frozenset(
     {"ActivityEvent", "TimeSpentEvent", "AssignableEvent", "ViewEvent"}
 )
@@ -37,27 +35,22 @@ _COLLECTIONS: Final = {
 _IDS: Final = uuid.UUID("6f1c2a9e-3b47-4d0a-9c55-2a8e7d1b4f60")
 
 
-def wants_learnwith_form(endpoint: str) -> bool:
-    """True when the endpoint is LearnWith.AI's Caliper API (a path ending in /caliper/v1p2)."""
-    return endpoint.split("?", 1)[0].rstrip("/").endswith(CALIPER_PATH)
-
-
 def rewrite_body(body: bytes) -> bytes:
-    """A stored event in the form LearnWith.AI takes; any event that is not a TimebackProfile
-    event comes back as the same bytes."""
-    if _MARK not in body:  # most events: no parsing at all
-        return body
+    """A stored event in the form LearnWith.AI takes; an event the rewrite leaves as it is
+    comes back as the same bytes."""
     event = codec.loads(body)
-    if not isinstance(event, dict) or event.get("profile") != "TimebackProfile":
+    if not isinstance(event, dict):
         return body
-    return codec.dumps(rewrite_event(event))
+    rewritten = rewrite_event(event)
+    return body if rewritten == event else codec.dumps(rewritten)
 
 
 def rewrite_event(event: dict[str, Any]) -> dict[str, Any]:
-    """The LearnWith.AI form of one TimebackProfile event (a new dict)."""
+    """The LearnWith.AI form of one event (a new dict), as the SDK's `transform_for_lwai`."""
     out = dict(event)
     out.setdefault("@context", "http://purl.imsglobal.org/ctx/caliper/v1p2")
-    out["profile"] = "AggregationProfile"
+    if out.get("profile") == "TimebackProfile":
+        out["profile"] = "AggregationProfile"
     kind = out.get("type")
     actor = out.get("actor")
     if isinstance(actor, dict) and actor.get("type") == "TimebackUser":

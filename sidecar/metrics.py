@@ -31,7 +31,7 @@ from . import __version__
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-UPSTREAM_STATES = ("ok", "backing_off", "auth_failed")
+UPSTREAM_STATES = ("ok", "backing_off", "auth_failed", "endpoint_failed", "refusing")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -81,7 +81,8 @@ class _StateCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=value)
         up = GaugeMetricFamily(
             "sidecar_upstream_up",
-            "1 for the upstream's current state (ok, backing_off, auth_failed), 0 for the others",
+            "1 for the upstream's current state (ok, backing_off, auth_failed, endpoint_failed, "
+            "refusing), 0 for the others",
             labels=["state"],
         )
         for state in UPSTREAM_STATES:
@@ -139,6 +140,11 @@ class Metrics:
         )
         self.events_delivered = Counter(
             "sidecar_events_delivered", "Events the platform accepted", registry=r
+        )
+        self.events_unconfirmed = Counter(
+            "sidecar_events_unconfirmed",
+            "Events the platform accepted without a job to confirm them (jobs_url is set)",
+            registry=r,
         )
         self.events_dead_lettered = Counter(
             "sidecar_events_dead_lettered",

@@ -52,11 +52,13 @@ SEND_TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 @dataclass
 class ScriptedFault:
-    """Answer the next `times` requests with this status (and Retry-After, when given)."""
+    """Answer the next `times` requests with this status (and Retry-After, when given), and
+    this JSON body (an `injected fault` error by default)."""
 
     status: int
     times: int = 1
     retry_after: str | None = None
+    body: Any = None
 
 
 @dataclass
@@ -88,6 +90,13 @@ class Faults:
     job_delay_s: float = 0.2
     #: Beyond AI: jobs never finish (stay `active`)
     stuck_jobs: bool = False
+    #: Beyond AI: the jobs route answers 404 to the first this many polls of each job (a job
+    #: store that lags behind the endpoint)
+    job_lag_polls: int = 0
+    #: Beyond AI: envelopes are answered 200 without a `jobId`
+    omit_job_id: bool = False
+    #: every envelope is refused with this (status, JSON body), whatever it holds
+    refuse_all: tuple[int, Any] | None = None
     #: the next this many Caliper (or token) requests get a 503 whose body never ends
     huge_answers: int = 0
     huge_token_answers: int = 0
@@ -151,6 +160,7 @@ class FakeTimeBack:
         self.tokens: dict[str, float] = {}  # access token -> expiry (time.time())
         self.received: dict[str, dict[str, Any]] = {}  # event id -> first copy received
         self.arrived_via: dict[str, str] = {}  # event id -> the path it first arrived on
+        self.sensors: dict[str, str] = {}  # event id -> the sensor of its first envelope
         self.jobs: dict[str, FakeJob] = {}
         self.order: list[str] = []  # event ids in the order first received
         self.duplicates = 0
@@ -192,8 +202,10 @@ class FakeTimeBack:
         """Every token issued so far stops working (the platform rotated its keys)."""
         self.tokens.clear()
 
-    def fail_next(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
-        self.faults.script.append(ScriptedFault(status, times, retry_after))
+    def fail_next(
+        self, status: int, times: int = 1, retry_after: str | None = None, body: Any = None
+    ) -> None:
+        self.faults.script.append(ScriptedFault(status, times, retry_after, body))
 
     def outage(self, seconds: float) -> None:
         """Drop every connection for this long (the platform is down)."""
@@ -324,7 +336,10 @@ class FakeTimeBack:
         scripted = _take(f.script)
         if scripted is not None:
             headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else {}
-            return scripted.status, {"error": "injected fault"}, headers
+            body = {"error": "injected fault"} if scripted.body is None else scripted.body
+            return scripted.status, body, headers
+        if f.refuse_all is not None:
+            return f.refuse_all[0], f.refuse_all[1], {}
         try:
             raw = await request.read()
         except ConnectionError:  # the sender died mid-request
@@ -358,7 +373,7 @@ class FakeTimeBack:
         self.max_envelope_bytes_seen = max(self.max_envelope_bytes_seen, len(raw))
         self.last_envelope = {k: v for k, v in envelope.items() if k != "data"}
         self.last_raw_envelope = raw
-        self._record(data, request.path)
+        self._record(data, request.path, envelope["sensor"])
         if request.path == BEYOND_PATH:
             job = FakeJob(
                 secrets.token_hex(8),
@@ -368,6 +383,8 @@ class FakeTimeBack:
                 f.stuck_jobs,
             )
             self.jobs[job.id] = job
+            if f.omit_job_id:
+                return 200, {"eventsAccepted": len(data)}, {}
             return 200, {"jobId": job.id, "eventsAccepted": len(data)}, {}
         return 200, {"status": "success", "events": len(data)}, {}
 
@@ -378,6 +395,8 @@ class FakeTimeBack:
         if job is None:
             return web.json_response({"error": "job not found"}, status=404)
         job.polls += 1
+        if job.polls <= self.faults.job_lag_polls:
+            return web.json_response({"error": "job not found"}, status=404)
         return web.json_response({"job": job.document(self.faults.job_delay_s)})
 
     async def _chaos(self) -> tuple[int, Any, dict[str, str]]:
@@ -391,7 +410,7 @@ class FakeTimeBack:
         headers = {"Retry-After": "1"} if kind == "429" else {}
         return int(kind), {"error": f"chaos {kind}"}, headers
 
-    def _record(self, events: list[dict[str, Any]], path: str) -> None:
+    def _record(self, events: list[dict[str, Any]], path: str, sensor: str) -> None:
         self.envelopes += 1
         self.max_events_seen = max(self.max_events_seen, len(events))
         for event in events:
@@ -401,6 +420,7 @@ class FakeTimeBack:
                 self.received[event["id"]] = event if self.keep_events else _NOT_KEPT
                 if self.keep_events:
                     self.arrived_via[event["id"]] = path
+                    self.sensors[event["id"]] = sensor
                 self.order.append(event["id"])
         self.arrived.set()
 
@@ -419,9 +439,10 @@ class FakeTimeBack:
         return web.json_response(summary)
 
     async def _set_faults(self, request: web.Request) -> web.Response:
-        """Set faults over HTTP: fail_next {status, times, retry_after}, latency_ms,
-        refuse_ids, outage_s, chaos_rate, revoke_tokens, and for Beyond AI's jobs
-        fail_job_ids, job_delay_ms, stuck_jobs."""
+        """Set faults over HTTP: fail_next {status, times, retry_after, body}, latency_ms,
+        refuse_ids, refuse_all [status, body] (or null), outage_s, chaos_rate, revoke_tokens,
+        and for Beyond AI omit_job_id and its jobs' fail_job_ids, job_delay_ms, stuck_jobs,
+        job_lag_polls."""
         body = await request.json()
         f = self.faults
         if "fail_next" in body:
@@ -442,6 +463,13 @@ class FakeTimeBack:
             f.job_delay_s = float(body["job_delay_ms"]) / 1000
         if "stuck_jobs" in body:
             f.stuck_jobs = bool(body["stuck_jobs"])
+        if "job_lag_polls" in body:
+            f.job_lag_polls = int(body["job_lag_polls"])
+        if "omit_job_id" in body:
+            f.omit_job_id = bool(body["omit_job_id"])
+        if "refuse_all" in body:
+            refusal = body["refuse_all"]
+            f.refuse_all = None if refusal is None else (int(refusal[0]), refusal[1])
         return web.json_response({"ok": True})
 
     async def _alive(self, request: web.Request) -> web.Response:
@@ -490,7 +518,8 @@ def _take(script: deque[ScriptedFault]) -> ScriptedFault | None:
 
 def _scripted(fault: ScriptedFault) -> web.Response:
     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-    return web.json_response({"error": "injected fault"}, status=fault.status, headers=headers)
+    body = {"error": "injected fault"} if fault.body is None else fault.body
+    return web.json_response(body, status=fault.status, headers=headers)
 
 
 def _drop(request: web.Request) -> web.StreamResponse:

@@ -127,7 +127,10 @@ async def status(request: web.Request) -> web.Response:
 
 async def status_document(rt: Runtime) -> dict[str, Any]:
     stats = await rt.outbox.stats()
-    upstream: dict[str, Any] = {"endpoint": rt.settings.upstream.endpoint}
+    upstream: dict[str, Any] = {
+        "platform": rt.settings.upstream.platform,
+        "endpoint": rt.settings.upstream.endpoint,
+    }
     if rt.dispatcher is not None:
         upstream.update(rt.dispatcher.status())
         upstream["last_error_at"] = utc_from_timestamp(rt.dispatcher.last_error_at)

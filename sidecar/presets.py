@@ -18,10 +18,16 @@ _COGNITO: Final = "https://{}-beyond-timeback-api-2-idp.auth.us-east-1.amazoncog
 
 Preset = MappingProxyType[tuple[str, str], str]
 
+#: the platforms events can be sent to, each with the path of its Caliper endpoint (None: any)
+PLATFORMS: Final[MappingProxyType[str, str | None]] = MappingProxyType(
+    {"learnwith-ai": "/caliper/v1p2", "beyond-ai": "/caliper/event", "caliper": None}
+)
+
 
 def _learnwith(base: str) -> Preset:
     return MappingProxyType(
         {
+            ("upstream", "platform"): "learnwith-ai",
             ("upstream", "endpoint"): f"{base}/caliper/v1p2",
             ("oauth", "token_url"): f"{base}/auth/1.0/token",
             ("oauth", "scope"): _CALIPER_WRITE_SCOPE,
@@ -34,6 +40,7 @@ def _learnwith(base: str) -> Preset:
 def _beyond(base: str, cognito: str) -> Preset:
     return MappingProxyType(
         {
+            ("upstream", "platform"): "beyond-ai",
             ("upstream", "endpoint"): f"{base}/caliper/event",
             ("upstream", "jobs_url"): f"{base}/jobs/{{id}}/status",
             ("oauth", "token_url"): f"{_COGNITO.format(cognito)}/oauth2/token",
@@ -55,3 +62,20 @@ PRESETS: Final[MappingProxyType[str, Preset]] = MappingProxyType(
         "timeback-beyond-staging": _beyond("https://caliper.staging.alpha-1edtech.ai", "staging"),
     }
 )
+
+
+def platform_mismatch(platform: str, endpoint: str) -> str | None:
+    """Why `upstream.platform` looks wrong for this endpoint, or None.
+
+    The path never decides the form events leave in (a gateway or a proxy may serve any path);
+    an endpoint whose path is another platform's Caliper path is only worth a warning.
+    """
+    path = endpoint.split("?", 1)[0].rstrip("/")
+    for other, other_path in PLATFORMS.items():
+        if other != platform and other_path is not None and path.endswith(other_path):
+            return (
+                f"upstream.platform is {platform!r} but upstream.endpoint ends in {other_path}, "
+                f"the path of {other}'s Caliper API: events leave in the form {platform!r} "
+                f"takes; set upstream.platform = {other!r} if that is the platform"
+            )
+    return None

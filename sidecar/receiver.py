@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import codec, connections
 from .auth import sender_allowed
+from .envelope import MAX_SENSOR_BYTES, sensor_bytes
 from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
@@ -155,7 +156,14 @@ async def _ingest_body(
             errors_total=report.error_count,
         )
     batch = []
-    for index, (event_id, body) in enumerate(zip(received.ids, received.bodies(), strict=True)):
+    bodies, sensor = received.bodies()
+    if sensor is not None and sensor_bytes(sensor) > MAX_SENSOR_BYTES:
+        raise Rejected(
+            400,
+            "malformed_envelope",
+            f"the envelope's sensor is longer than {MAX_SENSOR_BYTES} bytes",
+        )
+    for index, (event_id, body) in enumerate(zip(received.ids, bodies, strict=True)):
         if len(body) > rt.max_event_bytes:
             raise Rejected(
                 413,
@@ -163,7 +171,7 @@ async def _ingest_body(
                 f"event {index} is {len(body)} bytes; an envelope holds at most "
                 f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
             )
-        batch.append(NewEvent(canonical_id(event_id), body))
+        batch.append(NewEvent(canonical_id(event_id), body, sensor))
     rt.commits_in_progress += 1
     try:
         result = await rt.outbox.append(batch, job)
@@ -187,8 +195,9 @@ class Received:
     raw: bytes
     shape: str
 
-    def bodies(self) -> list[bytes]:
-        """Each event's bytes as the app sent them (found only for what is stored)."""
+    def bodies(self) -> tuple[list[bytes], str | None]:
+        """Each event's bytes as the app sent them (found only for what is stored), and the
+        sensor of the app's envelope."""
         return event_bodies(self.raw, self.shape)
 
 

@@ -1,7 +1,13 @@
 """The HTTP call to the Caliper endpoint, and what its answer means.
 
-`UpstreamClient.send` returns on any 2xx and otherwise raises the outcome the dispatcher acts
-on: RetryLater (transient), Refused (this batch will never be accepted), AuthFailed.
+`UpstreamClient.send` returns when the platform accepted the envelope and otherwise raises the
+outcome the dispatcher acts on: RetryLater (transient; EndpointFailed when the endpoint itself
+fails), Refused (this batch is refused), AuthFailed.
+
+A 2xx is not always an acceptance: TimeBack's APIs answer `200 {"status": "error", …}` when
+they refuse, and that is read as the refusal it is. A 404, 405 or 410 says nothing about the
+events (a mistyped endpoint, a maintenance page, a proxy without the route): read as such,
+they would dead-letter a whole backlog at full speed.
 """
 
 from __future__ import annotations
@@ -21,21 +27,25 @@ from .answers import read_answer
 from .backoff import parse_retry_after, transient_status
 from .config import UpstreamSettings
 from .envelope import build_envelope, envelope_overhead
-from .exceptions import AuthFailed, Refused, RetryLater
-from .learnwith import rewrite_body, wants_learnwith_form
+from .exceptions import AuthFailed, EndpointFailed, Refused, RetryLater
+from .learnwith import rewrite_body
 from .metrics import Metrics
 from .tokens import TokenSource
 
 RESPONSE_KEPT: Final = 1024  # bytes of a refusal kept with the dead letter
+#: statuses that say the endpoint is wrong or gone, not that these events are
+ENDPOINT_FAILURES: Final = frozenset({404, 405, 410})
 
 
 @dataclass(frozen=True, slots=True)
 class Sent:
     """The platform accepted an envelope: its status, and the processing job it opened (when
-    jobs are followed and the answer named one)."""
+    jobs are followed and the answer named one). `unconfirmed` says why the events cannot be
+    confirmed although jobs are followed (the answer named no job)."""
 
     status: int
     job_id: str | None = None
+    unconfirmed: str | None = None
 
 
 def default_sensor() -> str:
@@ -56,7 +66,7 @@ class UpstreamClient:
         self._session = session
         self._endpoint = settings.endpoint
         self._jobs_url = settings.jobs_url
-        self._learnwith_form = wants_learnwith_form(settings.endpoint)
+        self._learnwith_form = settings.platform == "learnwith-ai"
         self.sensor = settings.sensor or default_sensor()
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._tokens = tokens
@@ -68,16 +78,31 @@ class UpstreamClient:
     def follows_jobs(self) -> bool:
         return bool(self._jobs_url)
 
-    async def send(self, bodies: Sequence[bytes]) -> Sent:
-        """Send one envelope of these serialized events; returns when the platform took it."""
+    async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent:
+        """Send one envelope of these serialized events, under the sensor of the app that sent
+        them (or the configured one); returns when the platform took it."""
         if self._learnwith_form:
             bodies = [rewrite_body(body) for body in bodies]
-        envelope = build_envelope(self.sensor, bodies)
+        envelope = build_envelope(sensor or self.sensor, bodies)
         status, retry_after, text = await self._authorized("POST", self._endpoint, envelope)
         if 200 <= status < 300:
-            return Sent(status, _job_id(text) if self._jobs_url else None)
+            answer = _json_object(text)
+            if "status" in answer and answer["status"] != "success":
+                raise Refused(status, text[:RESPONSE_KEPT])
+            if not self._jobs_url:
+                return Sent(status)
+            job = answer.get("jobId")
+            if isinstance(job, str) and job:
+                return Sent(status, job)
+            return Sent(status, unconfirmed=f"HTTP {status} without a jobId: {text[:200]}")
         if status in (401, 403):
             raise AuthFailed(f"Caliper endpoint answered HTTP {status}: {text[:200]}")
+        if status in ENDPOINT_FAILURES:
+            raise EndpointFailed(
+                f"Caliper endpoint answered HTTP {status} (is upstream.endpoint right?): "
+                f"{text[:200]}",
+                retry_after,
+            )
         if transient_status(status):
             raise RetryLater(f"Caliper endpoint answered HTTP {status}", retry_after)
         if 400 <= status < 500:
@@ -169,11 +194,10 @@ def redact(text: str, secrets: Sequence[str | None]) -> str:
     return _BEARER.sub(r"\1<redacted>", text)
 
 
-def _job_id(text: str) -> str | None:
-    """The `jobId` of a platform's answer (Beyond AI's `{"jobId", "eventsAccepted"}`)."""
+def _json_object(text: str) -> dict[str, Any]:
+    """The answer as a JSON object; empty when it is not one (IMS says a 2xx may be empty)."""
     try:
         answer = codec.loads(text.encode())
-    except ValueError:
-        return None
-    job = answer.get("jobId") if isinstance(answer, dict) else None
-    return job if isinstance(job, str) and job else None
+    except (ValueError, RecursionError):
+        return {}
+    return answer if isinstance(answer, dict) else {}

@@ -116,6 +116,7 @@ class TestPresets:
             },
         )
         assert s.upstream.endpoint == "https://platform.timeback.com/caliper/v1p2"
+        assert s.upstream.platform == "learnwith-ai"
         assert s.upstream.jobs_url == ""
         assert s.oauth.token_url == "https://platform.timeback.com/auth/1.0/token"
         assert s.oauth.scope.endswith("/scope/events.write")
@@ -330,8 +331,39 @@ class TestCheckConfigCommand:
             for line in lines
         )
         assert f'client_secret = "{REDACTED}"  # file {path}, secret file {secret}' in lines
+        assert 'platform = "beyond-ai"  # preset timeback-beyond' in lines
         assert "linger_ms = 200" in lines  # a default says nothing
         assert "from-a-file" not in out.stdout
+
+    def test_a_platform_that_does_not_match_its_endpoint_is_a_warning(self, tmp_path: Path) -> None:
+        """`upstream.platform` decides the form events leave in; an endpoint whose path is
+        another platform's Caliper path passes, with a warning that says so."""
+        path = write(
+            tmp_path,
+            '[upstream]\nplatform = "learnwith-ai"\n'
+            'endpoint = "https://caliper.alpha-1edtech.ai/caliper/event"\n',
+        )
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "warning: upstream.platform is 'learnwith-ai'" in out.stderr
+        assert "/caliper/event" in out.stderr
+
+    def test_an_unknown_platform_is_refused(self, tmp_path: Path) -> None:
+        """The platform is one of three names; another is an error naming the key."""
+        path = write(tmp_path, '[upstream]\nplatform = "timeback"\n')
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 2
+        assert "upstream.platform must be one of learnwith-ai, beyond-ai, caliper" in out.stderr
 
     def test_wrong_config_exits_non_zero_with_the_key(self, tmp_path: Path) -> None:
         path = write(tmp_path, "[upstream]\nbatch_max_events = -1\n")

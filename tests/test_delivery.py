@@ -317,13 +317,12 @@ class TestUnexpectedErrors:
         real_send = upstream.send
         calls = 0
 
-        async def flaky_send(bodies: Any) -> int:
+        async def flaky_send(bodies: Any, sensor: str | None = None) -> Any:
             nonlocal calls
             calls += 1
             if calls <= 3:
                 raise ValueError("something unforeseen")
-            status: int = await real_send(bodies)
-            return status
+            return await real_send(bodies, sensor)
 
         upstream.send = flaky_send
         with capture_logs() as logs:

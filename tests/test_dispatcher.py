@@ -13,7 +13,13 @@ import aiohttp
 import pytest
 
 from sidecar.app import Sidecar, start
-from sidecar.envelope import DATA_VERSION, build_envelope, caliper_datetime, envelope_overhead
+from sidecar.envelope import (
+    DATA_VERSION,
+    MAX_SENSOR_BYTES,
+    build_envelope,
+    caliper_datetime,
+    envelope_overhead,
+)
 from sidecar.mock_upstream import FakeTimeBack, RunningFake
 
 from .conftest import eventually, make_event, make_events, settings_for
@@ -65,9 +71,15 @@ class TestEnvelope:
             "data": [{"id": "a", "x": "é"}, {"id": "b"}],
         }
 
-    def test_overhead_is_exact(self) -> None:
+    def test_overhead_is_exact_for_the_longest_sensor(self) -> None:
+        """Batches are sized for an app's sensor of up to MAX_SENSOR_BYTES: exact for that
+        one, and room to spare for any shorter."""
         bodies = [b"{}", b"{}"]
-        assert len(build_envelope("s", bodies)) == envelope_overhead("s") + 5
+        longest = "s" * (MAX_SENSOR_BYTES - 2)  # serialized with its two quotes
+        assert len(build_envelope(longest, bodies)) == envelope_overhead("s") + 5
+        assert len(build_envelope("s", bodies)) < envelope_overhead("s") + 5
+        configured = "c" * 5000  # a configured sensor longer still is sized for itself
+        assert len(build_envelope(configured, bodies)) == envelope_overhead(configured) + 5
 
     async def test_platform_accepts_what_is_sent(
         self, run: Callable[..., Any], fake: FakeTimeBack

@@ -289,7 +289,7 @@ class TestJourney:
         assert body is not None
         assert body["received_at"].endswith("Z")
         assert body["delivered_at"] >= body["received_at"]
-        assert body["attempts"] == 0
+        assert body["attempts"] == 1  # the send that succeeded counts
 
     async def test_a_dead_letters_journey(self, client: aiohttp.ClientSession, fake: Any) -> None:
         """A dead-lettered event's journey says why, with the platform's status."""

@@ -1,5 +1,5 @@
-"""The LearnWith.AI form: TimebackProfile events rewritten as the official SDK does, and only
-those."""
+"""The LearnWith.AI form: every event rewritten as the official SDK's LearnWith.AI transform
+does, decided by `upstream.platform`, never by the endpoint's path."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 
 from sidecar.app import Sidecar, start
-from sidecar.learnwith import rewrite_body, rewrite_event, wants_learnwith_form
+from sidecar.learnwith import rewrite_body, rewrite_event
 from sidecar.mock_upstream import RunningFake
 from sidecar.outbox import SqliteOutbox
+from sidecar.presets import platform_mismatch
 
 from .conftest import eventually, sdk_envelopes, sdk_events, settings_for
 
@@ -28,6 +29,8 @@ def masked(event: dict[str, Any]) -> dict[str, Any]:
         generated["id"] = "*"
         for item in generated.get("items", []):
             item["id"] = "*"
+    if isinstance(generated, dict) and generated.get("type") == "Score":
+        generated["id"] = "*"  # the SDK's question-graded builder draws it
     return event
 
 
@@ -38,12 +41,12 @@ def sent_pairs() -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 
 class TestRewrite:
-    @pytest.mark.parametrize("index", range(4))
-    def test_timeback_profile_is_rewritten_as_the_sdk_does(self, index: int) -> None:
-        """Each TimebackProfile event comes out as the SDK's own LearnWith.AI transformer wrote
-        it (timeback-caliper 0.4.0), key order included, but for the ids it draws at random."""
+    @pytest.mark.parametrize("index", range(7))
+    def test_every_event_is_rewritten_as_the_sdk_does(self, index: int) -> None:
+        """Each event the SDK builds (activity, time spent, question seen, answered and graded)
+        comes out as the SDK's own LearnWith.AI transform wrote it (timeback-caliper 0.4.0),
+        key order included, but for the ids it draws at random."""
         built, expected = sent_pairs()[index]
-        assert built["profile"] == "TimebackProfile"
         ours = rewrite_event(built)
         assert masked(ours) == masked(expected)
         assert list(ours) == list(expected)
@@ -66,12 +69,32 @@ class TestRewrite:
         assert first != rewrite_event(other)["generated"]["items"][0]["id"]
 
     @pytest.mark.parametrize("index", [4, 5, 6])
-    def test_other_events_are_forwarded_unchanged(self, index: int) -> None:
-        """Events outside TimeBack's profile (the SDK's question events) keep their bytes, even
-        though the SDK itself would add a session and cut their times."""
-        built, _ = sent_pairs()[index]
+    def test_question_events_get_a_session_and_milliseconds(self, index: int) -> None:
+        """Events outside TimeBack's profile (the SDK's question events) get what the SDK gives
+        every event: a session (auto-attach) and a time in milliseconds; nothing else."""
+        built, expected = sent_pairs()[index]
         assert built["profile"] != "TimebackProfile"
-        body = json.dumps(built).encode()
+        assert "session" not in built
+        ours = rewrite_event(built)
+        assert ours["session"] == expected["session"] == "urn:tag:auto-attach"
+        # The SDK drew each build's time itself: compare the form, and the cut of ours.
+        assert len(ours["eventTime"]) == len(expected["eventTime"]) == 24
+        assert ours["eventTime"] == built["eventTime"][:23] + "Z"
+        assert {k: v for k, v in ours.items() if k not in ("session", "eventTime")} == {
+            k: v for k, v in built.items() if k != "eventTime"
+        }
+
+    def test_an_event_already_in_form_keeps_its_bytes(self) -> None:
+        """An event the transform leaves as it is (a session, a time in milliseconds) is
+        forwarded as the same bytes."""
+        event = {
+            "@context": "http://purl.imsglobal.org/ctx/caliper/v1p2",
+            "id": "urn:uuid:8d6f6ad2-6d6f-4bb0-8f7e-222222222222",
+            "type": "ViewEvent",
+            "eventTime": "2024-01-15T10:30:00.123Z",
+            "session": "urn:uuid:8d6f6ad2-6d6f-4bb0-8f7e-333333333333",
+        }
+        body = json.dumps(event, indent=2).encode()
         assert rewrite_body(body) is body
 
     def test_the_stored_event_is_not_touched(self) -> None:
@@ -83,17 +106,24 @@ class TestRewrite:
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "expected"),
+    ("platform", "endpoint", "warned"),
     [
-        ("https://platform.timeback.com/caliper/v1p2", True),
-        ("https://platform.dev.timeback.com/caliper/v1p2/", True),
-        ("https://caliper.alpha-1edtech.ai/caliper/event", False),
-        ("https://platform.timeback.com/events/1.0/", False),
+        ("learnwith-ai", "https://platform.timeback.com/caliper/v1p2", False),
+        ("learnwith-ai", "https://gateway.example/timeback/", False),
+        ("learnwith-ai", "https://caliper.alpha-1edtech.ai/caliper/event", True),
+        ("beyond-ai", "https://platform.timeback.com/caliper/v1p2/", True),
+        ("caliper", "https://platform.timeback.com/caliper/v1p2?x=1", True),
+        ("caliper", "https://lrs.example/xapi/caliper", False),
     ],
 )
-def test_learnwith_is_recognised_by_its_caliper_path(endpoint: str, expected: bool) -> None:
-    """LearnWith.AI's Caliper API is where the rewrite applies, as the SDK's paths name it."""
-    assert wants_learnwith_form(endpoint) is expected
+def test_a_platform_that_does_not_match_its_path_is_warned_about(
+    platform: str, endpoint: str, warned: bool
+) -> None:
+    """The path never decides; a path that is another platform's Caliper path is a warning."""
+    warning = platform_mismatch(platform, endpoint)
+    assert (warning is not None) is warned
+    if warning is not None:
+        assert "upstream.platform" in warning
 
 
 class TestThroughTheSidecar:
@@ -107,7 +137,11 @@ class TestThroughTheSidecar:
         events = sdk_events("beyond-ai")
         refused = events[2]
         fake.faults.refuse_ids.add(refused["id"])
-        settings = settings_for(platform, tmp_path, upstream={"endpoint": platform.learnwith_url})
+        settings = settings_for(
+            platform,
+            tmp_path,
+            upstream={"endpoint": platform.learnwith_url, "platform": "learnwith-ai"},
+        )
         sidecar = await start(settings)
         try:
             async with (
@@ -122,13 +156,36 @@ class TestThroughTheSidecar:
             await sidecar.stop()
         for event in delivered:
             arrived = fake.received[event["id"]]
-            if event["profile"] == "TimebackProfile":
-                assert arrived == rewrite_event(event)
-                assert arrived["profile"] == "AggregationProfile"
-            else:
-                assert arrived == event
+            assert arrived == rewrite_event(event)
+            assert arrived["profile"] != "TimebackProfile"
         (dead,) = await _dead_letters(sidecar, reopen=settings.outbox.path)
         assert json.loads(dead.body) == refused
+
+    async def test_the_platform_decides_not_the_path(
+        self, platform: RunningFake, tmp_path: Path
+    ) -> None:
+        """`upstream.platform = "learnwith-ai"` with the endpoint behind a gateway's path: the
+        events still leave in LearnWith.AI's form."""
+        fake = platform.fake
+        events = sdk_events("beyond-ai")[:2]
+        settings = settings_for(
+            platform,
+            tmp_path,
+            upstream={"endpoint": platform.events_url, "platform": "learnwith-ai"},
+        )
+        sidecar = await start(settings)
+        try:
+            async with (
+                aiohttp.ClientSession(base_url=sidecar.url) as client,
+                client.post("/caliper/event", json=events) as resp,
+            ):
+                assert resp.status == 200
+            await fake.wait_for({e["id"] for e in events})
+        finally:
+            await sidecar.stop()
+        for event in events:
+            assert fake.received[event["id"]] == rewrite_event(event)
+            assert fake.received[event["id"]]["profile"] == "AggregationProfile"
 
 
 async def _dead_letters(sidecar: Sidecar, reopen: str | None = None) -> list[Any]:

@@ -197,7 +197,11 @@ class TestTimebackSdkApp:
         expects: Beyond AI confirms them through its jobs; LearnWith.AI gets its own form."""
         beyond = upstream == "beyond-ai"
         endpoint = platform.beyond_url if beyond else platform.learnwith_url
-        extra: dict[str, Any] = {"upstream__endpoint": endpoint, "receiver__tokens": ["t-1"]}
+        extra: dict[str, Any] = {
+            "upstream__endpoint": endpoint,
+            "upstream__platform": upstream,
+            "receiver__tokens": ["t-1"],
+        }
         if beyond:
             extra["upstream__jobs_url"] = platform.jobs_url
         p = launch(tmp_path, platform, processes, **extra)

@@ -16,10 +16,12 @@ log = structlog.get_logger("sidecar.outbox")
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
-    """An event to append: its Caliper id and its serialized JSON."""
+    """An event to append: its Caliper id, its serialized JSON, and the `sensor` of the
+    envelope the app sent it in (None: sent bare, the configured sensor goes with it)."""
 
     id: str
     body: bytes
+    sensor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,7 @@ class StoredEvent:
     received_at: float
     attempts: int
     first_attempt_at: float | None
+    sensor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,16 +150,23 @@ DEAD_LETTER_COLUMNS: Final = (
 def fill_batch(
     rows: Sequence[StoredEvent], max_events: int, max_bytes: int
 ) -> tuple[list[StoredEvent], bool]:
-    """The oldest rows that fit both limits (at least one), and whether a limit ended them."""
+    """The oldest rows of the oldest one's sensor that fit both limits (at least one), and
+    whether a limit (or events of another sensor waiting behind) ended them. An envelope
+    carries one sensor: batches never mix the apps that sent their events."""
     events: list[StoredEvent] = []
     used = 0
+    sensor = rows[0].sensor if rows else None
+    other_sensor = False
     for row in rows:
+        if row.sensor != sensor:
+            other_sensor = True
+            continue
         cost = len(row.body) + (1 if events else 0)  # the comma between events
         if events and used + cost > max_bytes:
             return events, True
         used += cost
         events.append(row)
-    return events, len(rows) >= max_events
+    return events, other_sensor or len(rows) >= max_events
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +205,9 @@ class Journey:
 
     `state`: "waiting" (stored, not yet accepted by the platform), "awaiting_confirmation" (in a
     platform job not finished yet), "unconfirmed" (its job was followed as long as allowed and
-    never finished), "delivered" (accepted; the platform has no jobs), "confirmed" (its job
-    completed), or "dead_lettered".
+    never finished, or the platform accepted it without naming a job: `unconfirmed_reason`),
+    "delivered" (accepted; the platform has no jobs), "confirmed" (its job completed), or
+    "dead_lettered". `attempts` counts every send, the one that succeeded included.
     """
 
     id: str
@@ -210,20 +221,84 @@ class Journey:
     platform_job: str | None = None
     platform_id: str | None = None
     confirmed_at: float | None = None
+    unconfirmed_reason: str | None = None
+    sensor: str | None = None
     dead_letter: DeadLetter | None = None
 
 
 def journey_state(
-    delivered_at: float | None, job: str | None, confirmed_at: float | None, job_state: str | None
+    delivered_at: float | None,
+    job: str | None,
+    confirmed_at: float | None,
+    job_state: str | None,
+    unconfirmed: str | None = None,
 ) -> str:
     """Where an event still in the queue table is (see `Journey`)."""
     if delivered_at is None:
         return "waiting"
     if job is None:
-        return "delivered"
+        return "unconfirmed" if unconfirmed else "delivered"
     if confirmed_at is not None:
         return "confirmed"
     return "unconfirmed" if job_state in (None, "unconfirmed") else "awaiting_confirmation"
+
+
+#: the columns `journey_of` takes, in its order, from `events e LEFT JOIN platform_jobs p`
+JOURNEY_COLUMNS: Final = (
+    "e.id, e.received_at, e.attempts, e.first_attempt_at, e.last_attempt_at, e.last_error, "
+    "e.delivered_at, e.platform_job, e.platform_id, e.confirmed_at, p.state, p.last_error, "
+    "e.unconfirmed, e.sensor"
+)
+
+
+def journey_of(
+    id: str,
+    received_at: float,
+    attempts: int,
+    first_attempt_at: float | None,
+    last_attempt_at: float | None,
+    last_error: str | None,
+    delivered_at: float | None,
+    platform_job: str | None,
+    platform_id: str | None,
+    confirmed_at: float | None,
+    job_state: str | None,
+    job_error: str | None,
+    unconfirmed: str | None,
+    sensor: str | None,
+) -> Journey:
+    """The journey of an event still in the queue table, from a row of JOURNEY_COLUMNS."""
+    state = journey_state(delivered_at, platform_job, confirmed_at, job_state, unconfirmed)
+    if state == "unconfirmed" and unconfirmed is None:
+        unconfirmed = job_error or "its platform job was never found finished"
+    return Journey(
+        id=id,
+        state=state,
+        received_at=received_at,
+        attempts=attempts,
+        first_attempt_at=first_attempt_at,
+        last_attempt_at=last_attempt_at,
+        last_error=last_error,
+        delivered_at=delivered_at,
+        platform_job=platform_job,
+        platform_id=platform_id,
+        confirmed_at=confirmed_at,
+        unconfirmed_reason=unconfirmed if state == "unconfirmed" else None,
+        sensor=sensor,
+    )
+
+
+def dead_journey(dead: DeadLetter) -> Journey:
+    """The journey of an event that ended in the dead letters."""
+    return Journey(
+        id=dead.id,
+        state="dead_lettered",
+        received_at=dead.received_at,
+        attempts=dead.attempts,
+        first_attempt_at=dead.first_attempt_at,
+        last_attempt_at=dead.last_attempt_at,
+        dead_letter=dead,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,10 +337,15 @@ class Outbox(Protocol):
         """Return claimed events untouched (shutdown, or a circuit that opened)."""
 
     async def acknowledge(
-        self, claim: Claim, seqs: Sequence[int], platform_job: str | None = None
+        self,
+        claim: Claim,
+        seqs: Sequence[int],
+        platform_job: str | None = None,
+        unconfirmed: str | None = None,
     ) -> None:
-        """The platform accepted these: mark them delivered, their ids kept for deduplication.
-        With `platform_job`, they wait for that job to be confirmed, bodies kept."""
+        """The platform accepted these: mark them delivered (the attempt counted), their ids
+        kept for deduplication. With `platform_job`, they wait for that job to be confirmed,
+        bodies kept; with `unconfirmed`, the reason they never can be."""
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         """A send failed transiently: count the attempt and release the claim."""

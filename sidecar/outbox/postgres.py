@@ -32,6 +32,7 @@ from ..validation.structural import canonical_id
 from .base import (
     DEAD_CHUNK,
     DEAD_LETTER_COLUMNS,
+    JOURNEY_COLUMNS,
     PRUNE_CHUNK,
     PRUNE_EVERY_S,
     AppendResult,
@@ -44,8 +45,9 @@ from .base import (
     PlatformJobOutcome,
     StoredEvent,
     WriteHealth,
+    dead_journey,
     fill_batch,
-    journey_state,
+    journey_of,
     new_per_append,
 )
 from .grouping import GroupCommit
@@ -212,21 +214,22 @@ class PostgresOutbox:
                     r["id"]
                     for r in await conn.fetch(
                         f"""
-                        INSERT INTO events (id, body, size, received_at)
-                        SELECT id, body, length(body), {NOW}
-                        FROM unnest($1::text[], $2::bytea[]) AS t(id, body)
+                        INSERT INTO events (id, body, size, received_at, sensor)
+                        SELECT id, body, length(body), {NOW}, sensor
+                        FROM unnest($1::text[], $2::bytea[], $4::text[]) AS t(id, body, sensor)
                         ON CONFLICT (id) DO UPDATE SET body = excluded.body,
                             size = excluded.size, received_at = excluded.received_at,
                             attempts = 0, first_attempt_at = NULL, last_attempt_at = NULL,
                             last_error = NULL, delivered_at = NULL, claimed_by = NULL,
                             claim_until = NULL, platform_job = NULL, platform_id = NULL,
-                            confirmed_at = NULL
+                            confirmed_at = NULL, unconfirmed = NULL, sensor = excluded.sensor
                         WHERE events.delivered_at IS NOT NULL AND events.delivered_at < $3
                         RETURNING id
                         """,
                         [e.id for e in rows],
                         [e.body for e in rows],
                         now - self.dedupe_window_s,
+                        [e.sensor for e in rows],
                     )
                 }
                 await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
@@ -290,7 +293,7 @@ class PostgresOutbox:
                 UPDATE events e SET claimed_by = $2, claim_until = {NOW} + $3
                 FROM picked WHERE e.seq = picked.seq
                 RETURNING e.seq, e.id, e.body, e.received_at, e.attempts, e.first_attempt_at,
-                    e.claim_until
+                    e.sensor, e.claim_until
                 """,
                 max_events,
                 claim_id,
@@ -300,10 +303,11 @@ class PostgresOutbox:
             return Batch([], False)
         rows = sorted(rows, key=lambda r: r["seq"])
         claim = Claim(claim_id, float(rows[0]["claim_until"]))
-        stored = [StoredEvent(*tuple(r)[:6]) for r in rows]
+        stored = [StoredEvent(*tuple(r)[:7]) for r in rows]
         events, full = fill_batch(stored, max_events, max_bytes)
         if len(events) < len(stored):
-            await self.release(claim, [e.seq for e in stored[len(events) :]])
+            kept = {e.seq for e in events}
+            await self.release(claim, [e.seq for e in stored if e.seq not in kept])
         return Batch(events, full, claim)
 
     async def extend(self, claim: Claim) -> None:
@@ -324,20 +328,26 @@ class PostgresOutbox:
             )
 
     async def acknowledge(
-        self, claim: Claim, seqs: Sequence[int], platform_job: str | None = None
+        self,
+        claim: Claim,
+        seqs: Sequence[int],
+        platform_job: str | None = None,
+        unconfirmed: str | None = None,
     ) -> None:
         async with self._transaction() as conn:
             done = await conn.fetch(
                 f"""
-                UPDATE events SET delivered_at = {NOW}, platform_job = $3,
+                UPDATE events SET delivered_at = {NOW}, platform_job = $3, unconfirmed = $4,
                     body = CASE WHEN $3::text IS NULL THEN ''::bytea ELSE body END,
-                    claimed_by = NULL, claim_until = NULL
+                    attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, {NOW}),
+                    last_attempt_at = {NOW}, claimed_by = NULL, claim_until = NULL
                 WHERE seq = ANY($1::bigint[]) AND claimed_by = $2 AND delivered_at IS NULL
                 RETURNING seq
                 """,
                 list(seqs),
                 claim.id,
                 platform_job,
+                unconfirmed,
             )
             _fenced(claim, seqs, len(done))
             if platform_job is not None and done:
@@ -410,14 +420,15 @@ class PostgresOutbox:
             f"""
             WITH gone AS (
                 DELETE FROM events WHERE seq = ANY($1::bigint[]) {fence}
-                RETURNING seq, id, body, received_at, attempts, first_attempt_at
+                RETURNING seq, id, body, received_at, attempts, first_attempt_at, sensor
             ), dead AS (
                 INSERT INTO dead_letters (id, body, received_at, reason, status, response,
-                    attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
+                    attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor)
                 SELECT id, body, received_at, $2, $3, $4, attempts + 1,
-                    coalesce(first_attempt_at, $5), $5, $5
+                    coalesce(first_attempt_at, $5), $5, $5, sensor
                 FROM gone ORDER BY seq
                 ON CONFLICT (id) DO UPDATE SET body = excluded.body, reason = excluded.reason,
+                    sensor = excluded.sensor,
                     status = excluded.status, response = excluded.response,
                     attempts = excluded.attempts, last_attempt_at = excluded.last_attempt_at,
                     dead_lettered_at = excluded.dead_lettered_at
@@ -500,14 +511,15 @@ class PostgresOutbox:
                 if replay:
                     await conn.execute(
                         f"""
-                        INSERT INTO events (id, body, size, received_at)
-                        SELECT id, body, length(body), received_at FROM dead_letters
+                        INSERT INTO events (id, body, size, received_at, sensor)
+                        SELECT id, body, length(body), received_at, sensor FROM dead_letters
                         WHERE seq = ANY($1::bigint[]) ORDER BY seq
                         ON CONFLICT (id) DO UPDATE SET body = excluded.body,
                             size = excluded.size, received_at = {NOW}, attempts = 0,
                             first_attempt_at = NULL, last_attempt_at = NULL, last_error = NULL,
                             delivered_at = NULL, claimed_by = NULL, claim_until = NULL,
-                            platform_job = NULL, platform_id = NULL, confirmed_at = NULL
+                            platform_job = NULL, platform_id = NULL, confirmed_at = NULL,
+                            unconfirmed = NULL, sensor = excluded.sensor
                         """,
                         chunk,
                     )
@@ -595,10 +607,8 @@ class PostgresOutbox:
         wanted = [canonical_id(i) for i in ids]
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """
-                SELECT e.id, e.received_at, e.attempts, e.first_attempt_at, e.last_attempt_at,
-                    e.last_error, e.delivered_at, e.platform_job, e.platform_id,
-                    e.confirmed_at, p.state
+                f"""
+                SELECT {JOURNEY_COLUMNS}
                 FROM events e LEFT JOIN platform_jobs p ON p.id = e.platform_job
                 WHERE e.id = ANY($1::text[])
                 """,
@@ -608,32 +618,10 @@ class PostgresOutbox:
                 f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ANY($1::text[])",
                 wanted,
             )
-        found: dict[str, Journey] = {}
-        for r in rows:
-            found[r["id"]] = Journey(
-                id=r["id"],
-                state=journey_state(r["delivered_at"], r["platform_job"], r["confirmed_at"], r[10]),
-                received_at=r["received_at"],
-                attempts=r["attempts"],
-                first_attempt_at=r["first_attempt_at"],
-                last_attempt_at=r["last_attempt_at"],
-                last_error=r["last_error"],
-                delivered_at=r["delivered_at"],
-                platform_job=r["platform_job"],
-                platform_id=r["platform_id"],
-                confirmed_at=r["confirmed_at"],
-            )
+        found = {r["id"]: journey_of(*tuple(r)) for r in rows}
         for r in dead:
             letter = DeadLetter(*tuple(r))
-            found[letter.id] = Journey(
-                id=letter.id,
-                state="dead_lettered",
-                received_at=letter.received_at,
-                attempts=letter.attempts,
-                first_attempt_at=letter.first_attempt_at,
-                last_attempt_at=letter.last_attempt_at,
-                dead_letter=letter,
-            )
+            found[letter.id] = dead_journey(letter)
         return found
 
     async def job_event_ids(self, job: str) -> list[str] | None:

@@ -134,6 +134,13 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE TRIGGER dead_out AFTER DELETE ON dead_letters REFERENCING OLD TABLE AS old_rows
         FOR EACH STATEMENT EXECUTE FUNCTION dead_deleted();
     """,
+    # 2: what the platform's answers and the apps' envelopes say (as SQLite's version 4):
+    # why an accepted event can never be confirmed, and the sensor of the app's envelope.
+    """
+    ALTER TABLE events ADD COLUMN unconfirmed text;
+    ALTER TABLE events ADD COLUMN sensor text;
+    ALTER TABLE dead_letters ADD COLUMN sensor text;
+    """,
 )
 
 VERSION: Final = len(MIGRATIONS)

@@ -116,6 +116,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
                           delivered_total = delivered_total - 1;
     END;
     """,
+    # 4: what the platform's answers and the apps' envelopes say. `unconfirmed` is why an event
+    # accepted while jobs are followed can never be confirmed (the answer named no job);
+    # `sensor` is the sensor of the envelope the app sent the event in (NULL: sent bare), kept
+    # with a dead letter so that a replayed event leaves under its app's sensor again.
+    """
+    ALTER TABLE events ADD COLUMN unconfirmed TEXT;
+    ALTER TABLE events ADD COLUMN sensor TEXT;
+    ALTER TABLE dead_letters ADD COLUMN sensor TEXT;
+    """,
 )
 
 VERSION: Final = len(MIGRATIONS)

@@ -26,6 +26,7 @@ from . import sqlite_writes as writes
 from .base import (
     DEAD_CHUNK,
     DEAD_LETTER_COLUMNS,
+    JOURNEY_COLUMNS,
     PRUNE_EVERY_S,
     AppendResult,
     Batch,
@@ -37,8 +38,9 @@ from .base import (
     PlatformJobOutcome,
     StoredEvent,
     WriteHealth,
+    dead_journey,
     fill_batch,
-    journey_state,
+    journey_of,
 )
 from .grouping import GroupCommit
 from .schema import migrate
@@ -286,7 +288,7 @@ class SqliteOutbox:
         self._appended.clear()
         cur = await self._require(self._reader).execute(
             """
-            SELECT seq, id, body, received_at, attempts, first_attempt_at FROM events
+            SELECT seq, id, body, received_at, attempts, first_attempt_at, sensor FROM events
             WHERE delivered_at IS NULL AND seq NOT IN (SELECT value FROM json_each(?))
             ORDER BY seq LIMIT ?
             """,
@@ -331,9 +333,13 @@ class SqliteOutbox:
             del self._claimed[seq]
 
     async def acknowledge(
-        self, claim: Claim, seqs: Sequence[int], platform_job: str | None = None
+        self,
+        claim: Claim,
+        seqs: Sequence[int],
+        platform_job: str | None = None,
+        unconfirmed: str | None = None,
     ) -> None:
-        await self._acks.submit((self._owned(claim, seqs), platform_job))
+        await self._acks.submit((self._owned(claim, seqs), platform_job, unconfirmed))
 
     async def _commit_acks(self, group: list[writes.Ack]) -> list[OutboxUnavailable | None]:
         """Acknowledgements of concurrent deliveries, in one transaction."""
@@ -346,7 +352,7 @@ class SqliteOutbox:
             now=now,
             prune_before=now - self.dedupe_window_s if prune else None,
         )
-        if await self._write(record, releasing=[seq for acked, _ in group for seq in acked]):
+        if await self._write(record, releasing=[seq for acked, _, _ in group for seq in acked]):
             self._last_prune = time.monotonic()
         return [None] * len(group)
 
@@ -413,8 +419,8 @@ class SqliteOutbox:
         return await self._dead_letters_in_chunks(
             ids,
             progress,
-            "INSERT OR REPLACE INTO events (id, body, size, received_at) "
-            "SELECT id, body, length(body), received_at FROM dead_letters "
+            "INSERT OR REPLACE INTO events (id, body, size, received_at, sensor) "
+            "SELECT id, body, length(body), received_at, sensor FROM dead_letters "
             "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
         )
 
@@ -493,31 +499,14 @@ class SqliteOutbox:
         conn = self._require(self._reader)
         wanted = _ids_json(ids)
         cur = await conn.execute(
-            """
-            SELECT e.id, e.received_at, e.attempts, e.first_attempt_at,
-                e.last_attempt_at, e.last_error, e.delivered_at, e.platform_job, e.platform_id,
-                e.confirmed_at, p.state
+            f"""
+            SELECT {JOURNEY_COLUMNS}
             FROM events e LEFT JOIN platform_jobs p ON p.id = e.platform_job
             WHERE e.id IN (SELECT value FROM json_each(?))
             """,
             (wanted,),
         )
-        found: dict[str, Journey] = {}
-        for row in await cur.fetchall():
-            id_, received, attempts, first, last, error, delivered, job, pid, confirmed = row[:10]
-            found[id_] = Journey(
-                id=id_,
-                state=journey_state(delivered, job, confirmed, row[10]),
-                received_at=received,
-                attempts=attempts,
-                first_attempt_at=first,
-                last_attempt_at=last,
-                last_error=error,
-                delivered_at=delivered,
-                platform_job=job,
-                platform_id=pid,
-                confirmed_at=confirmed,
-            )
+        found = {row[0]: journey_of(*row) for row in await cur.fetchall()}
         cur = await conn.execute(
             f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
             "WHERE id IN (SELECT value FROM json_each(?))",
@@ -525,15 +514,7 @@ class SqliteOutbox:
         )
         for row in await cur.fetchall():
             dead = DeadLetter(*row)
-            found[dead.id] = Journey(
-                id=dead.id,
-                state="dead_lettered",
-                received_at=dead.received_at,
-                attempts=dead.attempts,
-                first_attempt_at=dead.first_attempt_at,
-                last_attempt_at=dead.last_attempt_at,
-                dead_letter=dead,
-            )
+            found[dead.id] = dead_journey(dead)
         return found
 
     @_read_errors_unavailable

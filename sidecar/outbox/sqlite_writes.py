@@ -17,8 +17,9 @@ from .base import PRUNE_CHUNK, AppendResult, NewEvent, PlatformJobOutcome, new_p
 
 #: an append: the events of one request, and the job id an app is answered with
 Append = tuple[Sequence[NewEvent], str | None]
-#: an acknowledgement: the events of one envelope, and the platform's job for them
-Ack = tuple[Sequence[int], str | None]
+#: an acknowledgement: the events of one envelope, the platform's job for them, and why they
+#: cannot be confirmed (the answer named no job although jobs are followed)
+Ack = tuple[Sequence[int], str | None, str | None]
 
 
 def insert_appends(
@@ -40,9 +41,9 @@ def insert_appends(
     plan = new_per_append(
         [events for events, _ in group], known, depth, size, max_events, max_bytes
     )
-    # Packed: the group's bodies as one blob and [id, offset, length] per event, so that
-    # SQLite inserts every row in one statement (no per-row binding in Python).
-    entries: list[tuple[str, int, int]] = []
+    # Packed: the group's bodies as one blob and [id, offset, length, sensor] per event, so
+    # that SQLite inserts every row in one statement (no per-row binding in Python).
+    entries: list[tuple[str, int, int, str | None]] = []
     bodies: list[bytes] = []
     offset = 1  # substr counts from 1
     jobs: list[tuple[str, float, str]] = []
@@ -52,7 +53,7 @@ def insert_appends(
             results.append(fresh)
             continue
         for e in fresh:
-            entries.append((e.id, offset, len(e.body)))
+            entries.append((e.id, offset, len(e.body), e.sensor))
             bodies.append(e.body)
             offset += len(e.body)
         if job is not None:
@@ -72,22 +73,26 @@ def record_acks(
 ) -> bool:
     """The acknowledgements, and a chunk of pruning when `prune_before` is given; True
     when pruning is done for now."""
-    done = [seq for acked, job in group if job is None for seq in acked]
+    done = [seq for acked, job, why in group if job is None and why is None for seq in acked]
     if done:
         conn.execute(
-            "UPDATE events SET delivered_at = ?, body = x'' "
-            "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
+            f"UPDATE events SET delivered_at = ?1, body = x'', {_ATTEMPT} "
+            "WHERE seq IN (SELECT value FROM json_each(?2)) AND delivered_at IS NULL",
             (now, json.dumps(done)),
         )
-    for acked, job in group:
+    for acked, job, why in group:
+        if job is None and why is None:
+            continue
+        # The body stays until the platform's job says the event was processed; an event
+        # that can never be confirmed keeps only the reason.
+        conn.execute(
+            f"UPDATE events SET delivered_at = ?1, platform_job = ?2, unconfirmed = ?3, "
+            f"{_ATTEMPT}, body = CASE WHEN ?2 IS NULL THEN x'' ELSE body END "
+            "WHERE seq IN (SELECT value FROM json_each(?4)) AND delivered_at IS NULL",
+            (now, job, why, json.dumps(list(acked))),
+        )
         if job is None:
             continue
-        # The body stays until the platform's job says the event was processed.
-        conn.execute(
-            "UPDATE events SET delivered_at = ?, platform_job = ? "
-            "WHERE seq IN (SELECT value FROM json_each(?)) AND delivered_at IS NULL",
-            (now, job, json.dumps(list(acked))),
-        )
         conn.execute(
             "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) VALUES (?, ?, 'waiting')",
             (job, now),
@@ -136,9 +141,9 @@ def move_to_dead_letters(
     conn.execute(
         """
         INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
-            response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at)
+            response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor)
         SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
-            coalesce(first_attempt_at, ?4), ?4, ?4
+            coalesce(first_attempt_at, ?4), ?4, ?4, sensor
         FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
         """,
         (reason, status, response[:1024], now, wanted),
@@ -233,6 +238,12 @@ _KNOWN_IDS: Final = """
 # REPLACE only ever meets a delivered row older than the dedupe window (not yet pruned): every
 # other known id was filtered out before. json_each keeps the array's order, so seq does too.
 _PACKED_INSERT: Final = """
-    INSERT OR REPLACE INTO events (id, body, size, received_at)
-    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3 FROM json_each(?1)
+    INSERT OR REPLACE INTO events (id, body, size, received_at, sensor)
+    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3, value ->> 3
+    FROM json_each(?1)
 """
+#: the send that succeeded counts as an attempt (?1 is the time)
+_ATTEMPT: Final = (
+    "attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?1), "
+    "last_attempt_at = ?1"
+)

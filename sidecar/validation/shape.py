@@ -63,14 +63,17 @@ def shape_of(document: Any) -> str:
     return "event" if "data" not in document or "action" in document else "envelope"
 
 
-def event_bodies(data: bytes, shape: str) -> list[bytes]:
-    """The bytes of each event of a body `data` of that shape, as the body holds them: what is
-    stored and forwarded, so that an event reaches the platform exactly as the app wrote it."""
+def event_bodies(data: bytes, shape: str) -> tuple[list[bytes], str | None]:
+    """The bytes of each event of a body `data` of that shape, as the body holds them (what is
+    stored and forwarded, so that an event reaches the platform exactly as the app wrote it),
+    and the envelope's `sensor` (None for bare events: they go out under the configured one)."""
     if shape == "array":
-        return _slices(data)
+        return _slices(data), None
     if shape == "event":
-        return [data.strip(b" \t\r\n")]
-    return _slices(bytes(msgspec.json.decode(data, type=dict[str, msgspec.Raw])["data"]))
+        return [data.strip(b" \t\r\n")], None
+    envelope = msgspec.json.decode(data, type=dict[str, msgspec.Raw])
+    sensor = msgspec.json.decode(envelope["sensor"]) if "sensor" in envelope else None
+    return _slices(bytes(envelope["data"])), sensor if isinstance(sensor, str) and sensor else None
 
 
 def _slices(array: bytes) -> list[bytes]:

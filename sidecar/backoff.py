@@ -4,12 +4,13 @@ keeps an outage from turning into a retry storm."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
+
+from .waits import wait_set
 
 
 def transient_status(status: int) -> bool:
@@ -84,8 +85,7 @@ class Circuit:
             else:
                 wait = None
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), wait)
+            await wait_set(self._changed, wait)
 
     def succeeded(self) -> None:
         self.state = CircuitState.CLOSED

@@ -16,7 +16,6 @@ jobs themselves are in the outbox, so a restart picks up every job still open.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any, Final
 
@@ -26,6 +25,7 @@ from .exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from .metrics import Metrics
 from .outbox import Outbox, PlatformJobOutcome
 from .upstream import UpstreamClient
+from .waits import wait_set
 
 log = structlog.get_logger("sidecar.confirmations")
 
@@ -82,8 +82,7 @@ class JobFollower:
                 continue
             wait = min((at for at, _, _ in self._due.values()), default=now + 60) - now
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(wait, 0.01))
+            await wait_set(self._changed, max(wait, 0.01))
 
     async def _look(self, job: str) -> None:
         async with self._polls:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,17 @@ class TestProcessingConfirmation:
         assert journeys[events[0]["id"]].platform_job in fake.jobs
         metrics = sidecar.runtime.metrics.render()[0].decode()
         assert 'sidecar_platform_jobs_total{outcome="completed"}' in metrics
+
+    async def test_stop_while_a_job_is_followed_returns(self, beyond: Start, fake: Any) -> None:
+        """Stopping a sidecar right after its events arrived, while their job is followed,
+        returns: on Python 3.11 `asyncio.wait_for` on an Event swallowed the follower's
+        cancellation and the stop hung for good."""
+        sidecar = await beyond()
+        events = sdk_events()
+        await send(sidecar, events)
+        await fake.wait_for({e["id"] for e in events})
+        async with asyncio.timeout(20):
+            await sidecar.stop()
 
     async def test_failed_job_dead_letters_the_event_it_names(
         self, beyond: Start, fake: Any

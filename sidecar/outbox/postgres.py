@@ -29,6 +29,7 @@ import structlog
 from ..config import OutboxSettings
 from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
+from ..waits import wait_set
 from .base import (
     DEAD_CHUNK,
     DEAD_LETTER_COLUMNS,
@@ -260,8 +261,7 @@ class PostgresOutbox:
     # -- dispatch --------------------------------------------------------------------------
 
     async def wait_appended(self, timeout: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._appended.wait(), timeout)
+        await wait_set(self._appended, timeout)
 
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
         self._appended.clear()

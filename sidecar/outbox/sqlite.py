@@ -22,6 +22,7 @@ import structlog
 
 from ..exceptions import OutboxUnavailable, OutboxUnusable
 from ..validation.structural import canonical_id
+from ..waits import wait_set
 from . import sqlite_writes as writes
 from .base import (
     DEAD_CHUNK,
@@ -280,8 +281,7 @@ class SqliteOutbox:
     # -- dispatch --------------------------------------------------------------------------
 
     async def wait_appended(self, timeout: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._appended.wait(), timeout)
+        await wait_set(self._appended, timeout)
 
     @_read_errors_unavailable
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:

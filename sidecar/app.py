@@ -129,6 +129,7 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
             dispatcher=dispatcher,
             tokens=tokens,
             follower=follower,
+            upstream=upstream,
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
         closing.push("stopped log line", lambda: _log_stopped(runtime))
@@ -179,7 +180,7 @@ async def _serve(
     """An HTTP listener for these routes, closed with the rest; raises CannotListen."""
     app = web.Application(
         client_max_size=runtime.settings.receiver.max_body_bytes,
-        middlewares=[_unavailable_as_503],
+        middlewares=[_errors_as_json],
     )
     app[RUNTIME] = runtime
     app.add_routes(routes)
@@ -228,11 +229,13 @@ async def _log_stopped(rt: Runtime) -> None:
 
 
 @web.middleware
-async def _unavailable_as_503(
+async def _errors_as_json(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Any route that meets an unusable outbox (a full disk, shutting down) answers 503 with
-    Retry-After, as ingest does, rather than a 500."""
+    """Every error of every route is JSON in one shape, `{"error", "message"}` (an unknown
+    route's 404 and a wrong method's 405 included), so an SDK reports the real error rather
+    than "invalid JSON". Any route that meets an unusable outbox (a full disk, shutting down)
+    answers 503 with Retry-After, as ingest does, rather than a 500."""
     try:
         return await handler(request)
     except OutboxUnavailable as e:
@@ -241,6 +244,20 @@ async def _unavailable_as_503(
             status=503,
             headers={"Retry-After": str(e.retry_after_s)},
         )
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in e.headers.items() if k.lower() not in _BODY_HEADERS}
+        message = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
+        return web.json_response(
+            {"error": e.reason.lower().replace(" ", "_").replace("-", "_"), "message": message},
+            status=e.status,
+            headers=headers,
+        )
+
+
+#: headers of an error's plain-text body, replaced with the JSON body's own
+_BODY_HEADERS: Final = frozenset({"content-type", "content-length"})
 
 
 def _tls(settings: Settings) -> ssl.SSLContext | None:

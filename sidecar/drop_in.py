@@ -22,6 +22,7 @@ from aiohttp import web
 
 from . import codec
 from .auth import ISSUED_TTL_S, issue_token
+from .exceptions import RetryLater
 from .ops import utc_from_timestamp
 from .outbox import Journey
 from .receiver import Rejected, authenticate, read_body
@@ -38,8 +39,13 @@ _UNDER_WAY = frozenset({"awaiting_confirmation", "unconfirmed"})
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/auth/1.0/token", token),
+        # Beyond AI's token URL (AWS Cognito) keeps this path: an app that changed only the
+        # host of its token URL still gets a token.
+        web.post("/oauth2/token", token),
         web.get("/jobs/{job}/status", job_status),
         web.get("/v1/events/{id}", journey),
+        web.get("/caliper/events", stored_events),
+        web.get("/caliper/events/{id}", stored_events),
     ]
 
 
@@ -53,15 +59,31 @@ def _json(
 
 async def token(request: web.Request) -> web.Response:
     """OAuth2 client credentials (RFC 6749 §4.4), with the client authenticated by HTTP Basic
-    or in the form; with `receiver.tokens` set, the client secret must be one of them."""
+    or in the parameters, which come form-encoded (as RFC 6749 says) or as a JSON object (as
+    some clients send them); with `receiver.tokens` set, the client secret must be one of
+    them. A refusal says which parameter was wrong."""
     rt = request.app[RUNTIME]
     try:
         raw = await read_body(request)
     except Rejected as e:
         return _json(e.body, e.status, e.headers)
-    form = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
-    if form.get("grant_type") != "client_credentials":
-        return _oauth_error(400, "unsupported_grant_type", "grant_type must be client_credentials")
+    form = _token_parameters(request.content_type, raw)
+    if form is None:
+        return _oauth_error(
+            400,
+            "invalid_request",
+            "the parameters must be form-encoded (application/x-www-form-urlencoded) or a JSON "
+            "object of strings",
+        )
+    grant = form.get("grant_type")
+    if grant != "client_credentials":
+        return _oauth_error(
+            400,
+            "invalid_request" if grant is None else "unsupported_grant_type",
+            "grant_type is missing; it must be client_credentials"
+            if grant is None
+            else f"grant_type must be client_credentials, not {grant[:40]!r}",
+        )
     client_id, secret = _basic(request.headers.get("Authorization", ""))
     if client_id is None:
         client_id = str(form.get("client_id", ""))
@@ -77,7 +99,9 @@ async def token(request: web.Request) -> web.Response:
         return _oauth_error(
             401,
             "invalid_client",
-            "the client secret must be one of the sidecar's sender tokens (receiver.tokens)",
+            "the client secret must be one of the sidecar's sender tokens (receiver.tokens)"
+            if secret
+            else "no client secret: send it with HTTP Basic or as client_secret",
             {"WWW-Authenticate": 'Basic realm="caliper-sidecar"'},
         )
     answer: dict[str, Any] = {
@@ -90,10 +114,25 @@ async def token(request: web.Request) -> web.Response:
     return _json(answer, headers={"Cache-Control": "no-store"})
 
 
+def _token_parameters(content_type: str, raw: bytes) -> dict[str, str] | None:
+    """A token request's parameters, or None when they are neither a form nor JSON strings."""
+    if content_type == "application/json":
+        try:
+            document = codec.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
+            return None
+        return document
+    return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+
+
 def _oauth_error(
     status: int, error: str, description: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return _json({"error": error, "error_description": description}, status, headers)
+    # RFC 6749's `error_description`, and the sidecar's own `message` beside it.
+    body = {"error": error, "error_description": description, "message": description}
+    return _json(body, status, headers)
 
 
 def _basic(header: str) -> tuple[str | None, str | None]:
@@ -213,3 +252,53 @@ def journey_document(j: Journey) -> dict[str, Any]:
             "dead_lettered_at": utc_from_timestamp(d.dead_lettered_at),
         }
     return document
+
+
+@for_senders
+async def stored_events(request: web.Request) -> web.Response:
+    """The SDK's `events.list` and `events.get` (`GET /caliper/events[/{id}]`): read through to
+    the platform with the sidecar's own token, answered as the platform answers. The events
+    stored there are the platform's: the sidecar keeps none of them once delivered."""
+    rt = request.app[RUNTIME]
+    base = rt.upstream.events_url if rt.upstream is not None else None
+    if rt.upstream is None or base is None:
+        return _json(
+            {
+                "error": "not_available",
+                "message": f"the platform behind this sidecar (upstream.platform "
+                f"{rt.settings.upstream.platform!r}, upstream.endpoint) lists no stored events; "
+                "Beyond AI's /caliper/event endpoints do",
+            },
+            404,
+        )
+    url = base + request.rel_url.raw_path.removeprefix("/caliper/events")
+    if request.rel_url.raw_query_string:
+        url += "?" + request.rel_url.raw_query_string
+    try:
+        status, text = await rt.upstream.read(url)
+    except RetryLater as e:
+        return _json(
+            {"error": "platform_unreachable", "message": str(e)}, 503, {"Retry-After": "5"}
+        )
+    if status in (401, 403):
+        # The sidecar's credentials, not the app's: an app told 401 would drop a good token.
+        return _json(
+            {
+                "error": "platform_refused_credentials",
+                "message": f"the platform answered HTTP {status} to the sidecar's own token: "
+                f"{text[:200]}",
+            },
+            503,
+            {"Retry-After": "30"},
+        )
+    try:
+        codec.loads(text.encode())
+    except (ValueError, RecursionError):
+        return _json(
+            {
+                "error": "platform_error",
+                "message": f"the platform answered HTTP {status}: {text[:200]}",
+            },
+            status if status >= 400 else 502,
+        )
+    return web.Response(text=text, status=status, content_type="application/json")

@@ -191,6 +191,8 @@ class FakeTimeBack:
                 web.post(LEARNWITH_PATH, self._events),
                 web.post(BEYOND_PATH, self._events),
                 web.get(JOBS_PATH, self._job_status),
+                web.get(BEYOND_PATH + "s", self._stored_events),
+                web.get(BEYOND_PATH + "s/{id}", self._stored_event),
                 web.get("/_mock/events", self._list_events),
                 web.post("/_mock/faults", self._set_faults),
                 web.get("/healthz", self._alive),
@@ -399,6 +401,64 @@ class FakeTimeBack:
             return web.json_response({"error": "job not found"}, status=404)
         return web.json_response({"job": job.document(self.faults.job_delay_s)})
 
+    async def _stored_events(self, request: web.Request) -> web.StreamResponse:
+        """Beyond AI's `GET /caliper/events`: the events it stored, a page at a time
+        (`limit`, `offset`; filtered by `sensor`, `actorId`)."""
+        if time.monotonic() < self.faults.outage_until:
+            return _drop(request)
+        if not self._authorized(request):
+            return web.json_response({"error": "invalid_token"}, status=401)
+        try:
+            limit = int(request.query.get("limit", "100"))
+            offset = int(request.query.get("offset", "0"))
+        except ValueError:
+            return web.json_response({"error": "limit and offset must be integers"}, status=400)
+        stored = [self._stored(i, event_id) for i, event_id in enumerate(self.order)]
+        for key, field_name in (("sensor", "sensor"), ("actorId", "actor")):
+            if key in request.query:
+                stored = [e for e in stored if _entity_id(e[field_name]) == request.query[key]]
+        page = stored[offset : offset + limit]
+        pages = -(-len(stored) // limit) if limit > 0 else 0
+        return web.json_response(
+            {
+                "events": page,
+                "pagination": {
+                    "total": len(stored),
+                    "totalPages": pages,
+                    "currentPage": offset // limit + 1 if limit > 0 else 1,
+                    "limit": limit,
+                },
+            }
+        )
+
+    async def _stored_event(self, request: web.Request) -> web.Response:
+        """Beyond AI's `GET /caliper/events/{externalId}`."""
+        if not self._authorized(request):
+            return web.json_response({"error": "invalid_token"}, status=401)
+        event_id = request.match_info["id"]
+        if event_id not in self.received:
+            return web.json_response({"error": f"Event not found: {event_id}"}, status=404)
+        return web.json_response({"event": self._stored(self.order.index(event_id), event_id)})
+
+    def _stored(self, index: int, event_id: str) -> dict[str, Any]:
+        """An event as the platform lists it (the SDK's `StoredEvent`)."""
+        event = self.received.get(event_id, {})
+        stored = {
+            "id": index + 1,
+            "externalId": event_id,
+            "sensor": self.sensors.get(event_id, ""),
+            "type": event.get("type", ""),
+            "profile": event.get("profile"),
+            "action": event.get("action", ""),
+            "eventTime": event.get("eventTime", ""),
+            "sendTime": event.get("eventTime", ""),
+            "created_at": "2024-01-15T10:00:00.000Z",
+        }
+        for key in ("actor", "object", "generated", "edApp", "session", "extensions"):
+            if key in event:
+                stored[key] = event[key]
+        return stored
+
     async def _chaos(self) -> tuple[int, Any, dict[str, str]]:
         f = self.faults
         kind = f.rng.choice(["500", "502", "503", "429", "slow", "drop"])
@@ -504,6 +564,10 @@ def learnwith_form(event: dict[str, Any]) -> bool:
     return event.get("profile") != "TimebackProfile" and not (
         isinstance(actor, dict) and actor.get("type") == "TimebackUser"
     )
+
+
+def _entity_id(entity: Any) -> Any:
+    return entity.get("id") if isinstance(entity, dict) else entity
 
 
 def _take(script: deque[ScriptedFault]) -> ScriptedFault | None:

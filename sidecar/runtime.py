@@ -14,6 +14,7 @@ from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .outbox import Outbox
 from .tokens import TokenSource
+from .upstream import UpstreamClient
 from .validation.decoder import Decoder, decoder_for
 
 
@@ -27,6 +28,8 @@ class Runtime:
     dispatcher: Dispatcher | None = None
     tokens: TokenSource | None = None
     follower: JobFollower | None = None
+    #: the platform's client, for what is read through to it (`GET /caliper/events`)
+    upstream: UpstreamClient | None = None
     #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
     max_event_bytes: int = 0
     accepting: bool = True

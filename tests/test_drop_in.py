@@ -316,3 +316,151 @@ class TestJourney:
             assert resp.status == 404
         async with client.get("/v1/events/urn:uuid:nope") as resp:
             assert resp.status == 401
+
+
+class TestTokenEndpointAsClientsSendIt:
+    @pytest.mark.parametrize("path", ["/auth/1.0/token", "/oauth2/token"])
+    async def test_both_token_paths_answer(self, client: aiohttp.ClientSession, path: str) -> None:
+        """The token endpoint answers at LearnWith.AI's path and at Beyond AI's (Cognito's
+        `/oauth2/token`), so an app that changed only its token URL's host gets a token."""
+        async with client.post(
+            path, data={"grant_type": "client_credentials"}, headers=basic("app", SENDER)
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["token_type"] == "Bearer"
+
+    async def test_json_parameters_are_taken(self, client: aiohttp.ClientSession) -> None:
+        """Parameters sent as a JSON object are read as the form's would be."""
+        body = {"grant_type": "client_credentials", "client_id": "a", "client_secret": SENDER}
+        async with client.post("/auth/1.0/token", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            token = (await resp.json())["access_token"]
+        async with client.post("/v1/events", json=make_event(), headers=bearer(token)) as resp:
+            assert resp.status == 202
+
+    @pytest.mark.parametrize(
+        ("body", "status", "error", "says"),
+        [
+            ({"client_id": "a", "client_secret": SENDER}, 400, "invalid_request", "missing"),
+            (
+                {"grant_type": "password", "client_secret": SENDER},
+                400,
+                "unsupported_grant_type",
+                "'password'",
+            ),
+            ({"grant_type": "client_credentials"}, 401, "invalid_client", "no client secret"),
+            (
+                {"grant_type": "client_credentials", "client_secret": "nope"},
+                401,
+                "invalid_client",
+                "one of the sidecar's sender tokens",
+            ),
+            ({"grant_type": ["client_credentials"]}, 400, "invalid_request", "JSON object"),
+        ],
+    )
+    async def test_a_refusal_says_what_was_wrong(
+        self,
+        client: aiohttp.ClientSession,
+        body: dict[str, Any],
+        status: int,
+        error: str,
+        says: str,
+    ) -> None:
+        """A refused token request names the parameter at fault, in RFC 6749's shape and the
+        sidecar's own (`message`)."""
+        async with client.post("/oauth2/token", json=body) as resp:
+            assert resp.status == status
+            answer = await resp.json()
+        assert answer["error"] == error
+        assert says in answer["error_description"]
+        assert answer["message"] == answer["error_description"]
+
+
+class TestEveryAnswerIsJson:
+    @pytest.mark.parametrize(
+        ("method", "path", "status"),
+        [
+            ("GET", "/nowhere", 404),
+            ("POST", "/caliper/v2", 404),
+            ("GET", "/caliper/event", 405),
+            ("DELETE", "/v1/events", 405),
+            ("PUT", "/auth/1.0/token", 405),
+        ],
+    )
+    async def test_unknown_routes_and_methods(
+        self, client: aiohttp.ClientSession, method: str, path: str, status: int
+    ) -> None:
+        """An unknown route's 404 and a wrong method's 405 are JSON in the one error shape, so
+        an SDK reports them instead of "Invalid JSON response"."""
+        async with client.request(method, path) as resp:
+            assert resp.status == status
+            assert resp.content_type == "application/json"
+            body = await resp.json()
+        assert set(body) == {"error", "message"}
+        assert body["error"] == {404: "not_found", 405: "method_not_allowed"}[status]
+        if status == 405:
+            assert resp.headers["Allow"]
+
+
+class TestStoredEventsReadThrough:
+    @pytest.fixture
+    def settings(self, platform: RunningFake, tmp_path: Path) -> Settings:
+        return settings_for(
+            platform,
+            tmp_path,
+            receiver={"tokens": (SENDER,)},
+            upstream={"endpoint": platform.beyond_url, "jobs_url": platform.jobs_url},
+        )
+
+    async def test_list_and_get_read_through_to_the_platform(
+        self, client: aiohttp.ClientSession, platform: RunningFake
+    ) -> None:
+        """`GET /caliper/events` and `/caliper/events/{id}` (the SDK's `events.list` and
+        `events.get`) answer as the platform does, with the sidecar's own token."""
+        token = await app_token(client)
+        events = sdk_events("beyond-ai")
+        async with client.post("/caliper/event", json=events, headers=bearer(token)) as resp:
+            assert resp.status == 200
+        await platform.fake.wait_for({e["id"] for e in events})
+        async with client.get(
+            "/caliper/events", params={"limit": "2", "offset": "1"}, headers=bearer(token)
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            listing = await resp.json()
+        assert [e["externalId"] for e in listing["events"]] == [e["id"] for e in events[1:3]]
+        assert listing["pagination"]["total"] == len(events)
+        async with client.get(f"/caliper/events/{events[0]['id']}", headers=bearer(token)) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["event"]["externalId"] == events[0]["id"]
+        async with client.get("/caliper/events/urn:uuid:unknown", headers=bearer(token)) as resp:
+            assert resp.status == 404
+            assert "not found" in (await resp.json())["error"]
+
+    async def test_a_sender_token_is_needed(self, client: aiohttp.ClientSession) -> None:
+        """The platform's events are read only for apps that may send."""
+        async with client.get("/caliper/events") as resp:
+            assert resp.status == 401
+
+    async def test_an_unreachable_platform_is_a_json_503(
+        self, client: aiohttp.ClientSession, platform: RunningFake
+    ) -> None:
+        """When the platform cannot be reached, a JSON 503 says why."""
+        token = await app_token(client)
+        platform.fake.outage(30)
+        async with client.get("/caliper/events", headers=bearer(token)) as resp:
+            assert resp.status == 503
+            body = await resp.json()
+        assert body["error"] == "platform_unreachable"
+        assert resp.headers["Retry-After"]
+
+
+async def test_a_platform_without_a_listing_says_so(
+    client: aiohttp.ClientSession,
+) -> None:
+    """Behind an endpoint that has no `/caliper/events` beside it, the listing is a JSON 404
+    that says why."""
+    token = await app_token(client)
+    async with client.get("/caliper/events", headers=bearer(token)) as resp:
+        assert resp.status == 404
+        body = await resp.json()
+    assert body["error"] == "not_available"

@@ -125,35 +125,8 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
-            "/auth/1.0/token": {
-                "post": {
-                    "summary": "OAuth2 client credentials, for apps using TimeBack's SDK",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/x-www-form-urlencoded": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["grant_type"],
-                                    "properties": {
-                                        "grant_type": {"const": "client_credentials"},
-                                        "client_id": {"type": "string"},
-                                        "client_secret": {"type": "string"},
-                                        "scope": {"type": "string"},
-                                    },
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": _answer("a token", _ref("Token")),
-                        "400": _answer("not client credentials", _ref("OAuthError")),
-                        "401": _answer("the client secret is no sender token", _ref("OAuthError")),
-                        "408": _answer("the body did not arrive in time", _ERROR),
-                        "413": _answer("the body is too large", _ERROR),
-                    },
-                }
-            },
+            "/auth/1.0/token": _token(),
+            "/oauth2/token": _token(),
             "/jobs/{job}/status": {
                 "get": {
                     "summary": "A job this sidecar answered an app with, as TimeBack's JobStatus",
@@ -178,6 +151,34 @@ def document() -> dict[str, Any]:
                         "404": not_found,
                         "503": _ERRORS["503"],
                     },
+                }
+            },
+            "/caliper/events": {
+                "get": {
+                    "summary": "The platform's stored events (Beyond AI), read through with the "
+                    "sidecar's own token; the query is passed on as it is",
+                    "security": _SENDER,
+                    "parameters": [
+                        {"name": name, "in": "query", "schema": {"type": "string"}}
+                        for name in (
+                            "limit",
+                            "offset",
+                            "sensor",
+                            "startDate",
+                            "endDate",
+                            "actorId",
+                            "actorEmail",
+                        )
+                    ],
+                    "responses": _read_through("a page of the platform's events"),
+                }
+            },
+            "/caliper/events/{id}": {
+                "get": {
+                    "summary": "One of the platform's stored events, by its external id",
+                    "security": _SENDER,
+                    "parameters": [_path("id")],
+                    "responses": _read_through("the platform's event"),
                 }
             },
             "/": {
@@ -265,6 +266,57 @@ def document() -> dict[str, Any]:
             },
         },
         "components": {"securitySchemes": _SECURITY, "schemas": _SCHEMAS},
+    }
+
+
+def _token() -> dict[str, Any]:
+    parameters = {
+        "type": "object",
+        "required": ["grant_type"],
+        "properties": {
+            "grant_type": {"const": "client_credentials"},
+            "client_id": {"type": "string"},
+            "client_secret": {"type": "string"},
+            "scope": {"type": "string"},
+        },
+    }
+    return {
+        "post": {
+            "summary": "OAuth2 client credentials, for apps using TimeBack's SDK (Basic auth "
+            "or parameters; form-encoded or JSON)",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {"schema": parameters},
+                    JSON: {"schema": parameters},
+                },
+            },
+            "responses": {
+                "200": _answer("a token", _ref("Token")),
+                "400": _answer("a parameter is missing or wrong; it is named", _ref("OAuthError")),
+                "401": _answer("the client secret is no sender token", _ref("OAuthError")),
+                "408": _answer("the body did not arrive in time", _ERROR),
+                "413": _answer("the body is too large", _ERROR),
+            },
+        }
+    }
+
+
+def _read_through(what: str) -> dict[str, Any]:
+    """The answers of a route read through to the platform: the platform's own, or ours."""
+    return {
+        "200": _answer(what + ", as the platform answered", {"type": "object"}),
+        "401": _ERRORS["401"],
+        "404": _answer(
+            "the platform does not know it, or lists no events (not_available)",
+            {"type": "object"},
+        ),
+        "503": _answer(
+            "the platform cannot be reached, or refuses the sidecar's own credentials",
+            _ERROR,
+            **{"Retry-After": "seconds to wait before retrying"},
+        ),
+        "default": _answer("the platform's own answer", {"type": "object"}),
     }
 
 
@@ -370,6 +422,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
     "Token": {
         "type": "object",
         "required": ["access_token", "token_type", "expires_in"],
+        "additionalProperties": False,
         "properties": {
             "access_token": {"type": "string"},
             "token_type": {"const": "Bearer"},
@@ -379,8 +432,13 @@ _SCHEMAS: Final[dict[str, Any]] = {
     },
     "OAuthError": {
         "type": "object",
-        "required": ["error"],
-        "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}},
+        "required": ["error", "error_description", "message"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {"enum": ["invalid_request", "unsupported_grant_type", "invalid_client"]},
+            "error_description": {"type": "string"},
+            "message": {"type": "string"},
+        },
     },
     "JobStatus": {
         "type": "object",
@@ -388,7 +446,8 @@ _SCHEMAS: Final[dict[str, Any]] = {
         "properties": {
             "job": {
                 "type": "object",
-                "required": ["id", "state"],
+                "required": ["id", "state", "returnValue", "processedOn"],
+                "additionalProperties": False,
                 "properties": {
                     "id": {"type": "string"},
                     "state": {"enum": ["waiting", "active", "completed", "failed"]},
@@ -417,7 +476,22 @@ _SCHEMAS: Final[dict[str, Any]] = {
     },
     "Journey": {
         "type": "object",
-        "required": ["id", "state"],
+        "required": [
+            "id",
+            "state",
+            "received_at",
+            "attempts",
+            "first_attempt_at",
+            "last_attempt_at",
+            "last_error",
+            "delivered_at",
+            "platform_job",
+            "platform_id",
+            "confirmed_at",
+            "unconfirmed_reason",
+            "sensor",
+        ],
+        "additionalProperties": False,
         "properties": {
             "id": {"type": "string"},
             "state": {
@@ -431,9 +505,37 @@ _SCHEMAS: Final[dict[str, Any]] = {
                 ]
             },
             "received_at": _TIME,
-            "attempts": {"type": "integer"},
+            "attempts": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "every send of the event, the one that succeeded included",
+            },
+            "first_attempt_at": _TIME,
+            "last_attempt_at": _TIME,
+            "last_error": {"type": ["string", "null"]},
             "delivered_at": _TIME,
+            "platform_job": {"type": ["string", "null"]},
+            "platform_id": {"type": ["string", "null"]},
             "confirmed_at": _TIME,
+            "unconfirmed_reason": {
+                "type": ["string", "null"],
+                "description": "why an `unconfirmed` event can never be confirmed",
+            },
+            "sensor": {
+                "type": ["string", "null"],
+                "description": "the sensor of the app's envelope (null: sent bare)",
+            },
+            "dead_letter": {
+                "type": "object",
+                "required": ["reason", "status", "response", "dead_lettered_at"],
+                "additionalProperties": False,
+                "properties": {
+                    "reason": {"type": "string"},
+                    "status": {"type": ["integer", "null"]},
+                    "response": {"type": "string"},
+                    "dead_lettered_at": _TIME,
+                },
+            },
         },
     },
     "Health": {
@@ -444,12 +546,21 @@ _SCHEMAS: Final[dict[str, Any]] = {
     "Status": {
         "type": "object",
         "required": ["version", "accepting", "outbox", "upstream"],
+        "additionalProperties": False,
         "properties": {
             "version": {"type": "string"},
             "accepting": {"type": "boolean"},
             "outbox": {
                 "type": "object",
-                "required": ["events", "bytes", "dead_letters"],
+                "required": [
+                    "events",
+                    "bytes",
+                    "oldest_age_s",
+                    "dead_letters",
+                    "delivered_total",
+                    "dead_lettered_total",
+                ],
+                "additionalProperties": False,
                 "properties": {
                     "events": {"type": "integer"},
                     "bytes": {"type": "integer"},
@@ -461,8 +572,38 @@ _SCHEMAS: Final[dict[str, Any]] = {
             },
             "upstream": {
                 "type": "object",
-                "required": ["state"],
-                "properties": {"state": {"enum": ["ok", "backing_off", "auth_failed"]}},
+                "required": [
+                    "platform",
+                    "endpoint",
+                    "state",
+                    "last_error",
+                    "last_error_at",
+                    "retry_in_s",
+                    "in_flight",
+                    "token_expires_at",
+                ],
+                "additionalProperties": False,
+                "properties": {
+                    "platform": {"enum": ["learnwith-ai", "beyond-ai", "caliper"]},
+                    "endpoint": {"type": "string"},
+                    "state": {
+                        "enum": ["ok", "backing_off", "auth_failed", "endpoint_failed", "refusing"]
+                    },
+                    "last_error": {"type": ["string", "null"]},
+                    "last_error_at": _TIME,
+                    "retry_in_s": {"type": "number", "minimum": 0},
+                    "in_flight": {"type": "integer", "minimum": 0},
+                    "token_expires_at": _TIME,
+                    "platform_jobs": {
+                        "type": "object",
+                        "required": ["following", "unconfirmed"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "following": {"type": "integer", "minimum": 0},
+                            "unconfirmed": {"type": "integer", "minimum": 0},
+                        },
+                    },
+                },
             },
         },
     },

@@ -4,17 +4,28 @@ sidecar (no 5xx; every answer's status, content type and body as documented)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from jsonschema import Draft202012Validator
 
 from sidecar import openapi
+from sidecar.app import Sidecar, start
 from sidecar.mock_upstream import RunningFake
 
-from .conftest import SidecarProcess, free_port, write_config
+from .conftest import (
+    SidecarProcess,
+    eventually,
+    free_port,
+    make_event,
+    settings_for,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +82,94 @@ async def test_schemathesis_finds_nothing(
     report = out.decode(errors="replace")
     assert proc.returncode == 0, report[-4000:]
     assert '"status":500' not in process.logs()
+
+
+def conforms(answer: Any, schema_name: str) -> None:
+    """The answer matches the document's schema of that name (which forbids fields it does not
+    describe): the document says every field every answer has."""
+    document = openapi.document()
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": document["components"]}
+    errors = [e.message for e in Draft202012Validator(schema).iter_errors(answer)]
+    assert errors == [], f"{schema_name}: {errors} in {answer}"
+
+
+class TestRealAnswersMatchTheDocument:
+    async def test_journeys_in_every_state(self, platform: RunningFake, tmp_path: Path) -> None:
+        """A journey in each state it can be in, as served, matches the Journey schema."""
+        fake = platform.fake
+        base = settings_for(platform, tmp_path)
+        beyond = dataclasses.replace(
+            base.upstream, endpoint=platform.beyond_url, jobs_url=platform.jobs_url
+        )
+        sidecar = await start(dataclasses.replace(base, upstream=beyond))
+        seen: dict[str, dict[str, Any]] = {}
+        try:
+            async with aiohttp.ClientSession(base_url=sidecar.url) as client:
+
+                async def journey(event_id: str) -> dict[str, Any]:
+                    async with client.get(f"/v1/events/{event_id}") as resp:
+                        assert resp.status == 200
+                        body: dict[str, Any] = await resp.json()
+                    seen[body["state"]] = body
+                    return body
+
+                fake.faults.stuck_jobs = True
+                waiting, active = make_event(), make_event()
+                fake.outage(0.5)
+                async with client.post("/v1/events", json=[waiting]) as resp:
+                    assert resp.status == 202
+                await journey(waiting["id"])
+                await fake.wait_for({waiting["id"]})
+                await eventually(lambda: _in_state(journey, waiting["id"], "awaiting_confirmation"))
+                fake.faults.stuck_jobs = False
+                fake.faults.fail_job_ids = {active["id"]}
+                envelope = {
+                    "sensor": "urn:app:x",
+                    "sendTime": "2024-01-15T10:00:00.000Z",
+                    "dataVersion": "http://purl.imsglobal.org/ctx/caliper/v1p2",
+                    "data": [active],
+                }
+                async with client.post("/caliper/event", json=envelope) as resp:
+                    assert resp.status == 200
+                await eventually(lambda: _in_state(journey, active["id"], "dead_lettered"))
+                fake.faults.omit_job_id = True
+                unconfirmed = make_event()
+                async with client.post("/v1/events", json=unconfirmed) as resp:
+                    assert resp.status == 202
+                await eventually(lambda: _in_state(journey, unconfirmed["id"], "unconfirmed"))
+                fake.faults.omit_job_id = False
+                confirmed = make_event()
+                async with client.post("/v1/events", json=confirmed) as resp:
+                    assert resp.status == 202
+                await eventually(lambda: _in_state(journey, confirmed["id"], "confirmed"))
+                async with client.get("/v1/status") as resp:
+                    conforms(await resp.json(), "Status")
+        finally:
+            await sidecar.stop()
+        assert {"waiting", "awaiting_confirmation", "dead_lettered", "unconfirmed"} <= set(seen)
+        for body in seen.values():
+            conforms(body, "Journey")
+
+    async def test_tokens_jobs_and_refusals(self, sidecar: Sidecar, fake: Any) -> None:
+        """A token, a refused token request, a job status and a plain sidecar's status match
+        their schemas."""
+        async with aiohttp.ClientSession(base_url=sidecar.url) as client:
+            form = {"grant_type": "client_credentials"}
+            async with client.post("/oauth2/token", data=form) as resp:
+                conforms(await resp.json(), "Token")
+            async with client.post("/oauth2/token", data={"grant_type": "x"}) as resp:
+                conforms(await resp.json(), "OAuthError")
+            event = make_event()
+            async with client.post("/caliper/event", json=event) as resp:
+                job = (await resp.json())["jobId"]
+            await fake.wait_for({event["id"]})
+            async with client.get(f"/jobs/{job}/status") as resp:
+                conforms(await resp.json(), "JobStatus")
+            async with client.get("/v1/status") as resp:
+                conforms(await resp.json(), "Status")
+            async with client.get("/nowhere") as resp:
+                conforms(await resp.json(), "Error")
+
+
+async def _in_state(journey: Any, event_id: str, state: str) -> bool:
+    return bool((await journey(event_id))["state"] == state)

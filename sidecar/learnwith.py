@@ -10,9 +10,11 @@ sends to LearnWith.AI (`upstream.platform = "learnwith-ai"`), question and plain
 included: their `eventTime` is normalised to milliseconds and a missing `session` set to
 auto-attach. The outbox keeps every event as it arrived.
 
-One difference, on purpose: the SDK draws a random id for each metric (and for a collection
-without one); here the ids are derived from the event's id, so a resend after a crash carries
-the same ids and the platform can recognise it.
+Two differences, on purpose. An event already in LearnWith.AI's form (sent by an app whose SDK
+rewrote it) is left so: the SDK's rewrite applied twice would empty its metrics. And the SDK
+draws a random id for each metric (and for a collection without one); here the ids are derived
+from the event's id, so a resend after a crash carries the same ids and the platform can
+recognise it.
 """
 
 from __future__ import annotations
@@ -60,7 +62,14 @@ def rewrite_event(event: dict[str, Any]) -> dict[str, Any]:
         resource = obj.get("type") == "TimebackActivityContext" and kind in _RESOURCE_EVENTS
         out["object"] = _resource(obj) if resource else dict(obj)
     generated = out.get("generated")
-    if isinstance(generated, dict) and kind in _COLLECTIONS:
+    if (
+        isinstance(generated, dict)
+        and kind in _COLLECTIONS
+        # Already in LearnWith.AI's form (an app whose SDK is set to LEARNWITH_AI rewrites
+        # before sending): the SDK's rewrite is not idempotent, and a second one would turn
+        # `metricType: XpEarned, metricValue: 10` into `ActivityMetric, null`.
+        and generated.get("type") != _COLLECTIONS[kind][0]
+    ):
         out["generated"] = _collection(generated, *_COLLECTIONS[kind], str(out.get("id")))
     if "eventTime" in out:
         out["eventTime"] = _milliseconds(out["eventTime"])

@@ -559,10 +559,21 @@ def envelope_problem(envelope: Any) -> str | None:
 
 
 def learnwith_form(event: dict[str, Any]) -> bool:
-    """Whether LearnWith.AI takes this event: TimeBack's profile only in its own form."""
+    """Whether LearnWith.AI takes this event: TimeBack's profile only in its own form, whose
+    metrics each name their type and carry a value."""
     actor = event.get("actor")
-    return event.get("profile") != "TimebackProfile" and not (
+    if event.get("profile") == "TimebackProfile" or (
         isinstance(actor, dict) and actor.get("type") == "TimebackUser"
+    ):
+        return False
+    generated = event.get("generated")
+    items = generated.get("items") if isinstance(generated, dict) else None
+    return not isinstance(items, list) or all(
+        isinstance(item, dict)
+        and isinstance(item.get("metricValue"), int | float)
+        and item.get("metricType") not in (None, "", "ActivityMetric", "TimeSpentMetric")
+        for item in items
+        if isinstance(item, dict) and item.get("type") in ("ActivityMetric", "TimeSpentMetric")
     )
 
 

@@ -84,6 +84,14 @@ class TestRewrite:
             k: v for k, v in built.items() if k != "eventTime"
         }
 
+    @pytest.mark.parametrize("index", range(7))
+    def test_what_the_sdk_rewrote_is_not_rewritten_again(self, index: int) -> None:
+        """An app whose SDK is set to LearnWith.AI sends events it already rewrote; rewriting
+        them again (the SDK's rewrite is not idempotent) would turn `XpEarned: 10` into
+        `ActivityMetric: null`. They leave as the app's SDK wrote them."""
+        _, rewritten = sent_pairs()[index]
+        assert rewrite_event(rewritten) == rewritten
+
     def test_an_event_already_in_form_keeps_its_bytes(self) -> None:
         """An event the transform leaves as it is (a session, a time in milliseconds) is
         forwarded as the same bytes."""

@@ -17,7 +17,7 @@ from sidecar.mock_upstream import RunningFake
 from sidecar.outbox import SqliteOutbox
 from sidecar.presets import platform_mismatch
 
-from .conftest import eventually, sdk_envelopes, sdk_events, settings_for
+from .conftest import SDK_DATA, eventually, sdk_envelopes, sdk_events, settings_for
 
 
 def masked(event: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +31,16 @@ def masked(event: dict[str, Any]) -> dict[str, Any]:
             item["id"] = "*"
     if isinstance(generated, dict) and generated.get("type") == "Score":
         generated["id"] = "*"  # the SDK's question-graded builder draws it
+    return event
+
+
+def without_metric_ids(event: dict[str, Any]) -> dict[str, Any]:
+    """The event without the metric ids the SDK draws at random (all else compared)."""
+    event = copy.deepcopy(event)
+    generated = event.get("generated")
+    if isinstance(generated, dict) and str(generated.get("type")).endswith("MetricsCollection"):
+        for item in generated.get("items", []):
+            item["id"] = "*"
     return event
 
 
@@ -91,6 +101,16 @@ class TestRewrite:
         `ActivityMetric: null`. They leave as the app's SDK wrote them."""
         _, rewritten = sent_pairs()[index]
         assert rewrite_event(rewritten) == rewritten
+
+    def test_the_sidecars_own_samples_as_the_sdk_rewrites_them(self) -> None:
+        """The demo's sample events (the TimeBack reference's kinds) come out as the SDK's
+        `transform_for_lwai` wrote them (recorded with timeback-caliper 0.4.0)."""
+        recorded = json.loads((SDK_DATA / "lwai-transform-of-samples.json").read_text())
+        assert recorded["pairs"]
+        for pair in recorded["pairs"]:
+            ours = rewrite_event(pair["event"])
+            assert without_metric_ids(ours) == without_metric_ids(pair["sdk_lwai"])
+            assert list(ours) == list(pair["sdk_lwai"])
 
     def test_an_event_already_in_form_keeps_its_bytes(self) -> None:
         """An event the transform leaves as it is (a session, a time in milliseconds) is

@@ -20,6 +20,11 @@ from aiohttp import web
 
 ISSUED_PREFIX: Final = "cs1"
 ISSUED_TTL_S: Final = 3600
+#: the longest token this sidecar issues is about 70 characters; anything far longer is forged,
+#: and is refused before any parsing or arithmetic
+MAX_ISSUED_TOKEN: Final = 256
+#: digits of an expiry: Unix seconds until the year 33658
+_EXPIRY_DIGITS: Final = 12
 #: signs the tokens issued when no sender tokens are set (they are then never checked)
 _OPEN_KEY: Final = "caliper-sidecar: receiver.tokens is empty"
 
@@ -66,15 +71,21 @@ def issue_token(secret: str | None, now: float | None = None) -> str:
 
 
 def issued_token_valid(token: bytes, secrets_: Sequence[str], now: float | None = None) -> bool:
-    """True for an unexpired token issued for one of these sender tokens."""
-    try:
-        text = token.decode("ascii")
-    except UnicodeDecodeError:
+    """True for an unexpired token issued for one of these sender tokens. A token of any size
+    and shape is only ever refused: bounded before it is parsed, its expiry read only when it
+    is a short run of ASCII digits (int() of 5,000 digits raises, and was a 500)."""
+    if len(token) > MAX_ISSUED_TOKEN or not token.isascii():
         return False
+    text = token.decode("ascii")
     claims, _, mac = text.rpartition(".")
     prefix, _, rest = claims.partition(".")
     expires, _, _ = rest.partition(".")
-    if prefix != ISSUED_PREFIX or not expires.isdigit() or int(expires) <= (now or time.time()):
+    if (
+        prefix != ISSUED_PREFIX
+        or not 0 < len(expires) <= _EXPIRY_DIGITS
+        or not all("0" <= c <= "9" for c in expires)
+        or int(expires) <= (now or time.time())
+    ):
         return False
     matched = False
     for secret in secrets_:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
 import time
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -96,3 +98,47 @@ def issued_token_valid(token: bytes, secrets_: Sequence[str], now: float | None 
 def _mac(key: str, claims: str) -> str:
     digest = hmac.new(key.encode(), claims.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+#: failed token requests an address may make within FAILURE_WINDOW_S before it is slowed down
+TOKEN_FAILURES_ALLOWED: Final = 10
+FAILURE_WINDOW_S: Final = 60.0
+#: addresses remembered at most (the oldest forgotten first): memory stays bounded whatever
+#: many addresses try
+FAILING_ADDRESSES: Final = 10_000
+
+
+class FailedTokenRequests:
+    """Token requests refused, by client address: an address that keeps failing is slowed down
+    (answered 429 without its secret being checked) until its failures age out of the window.
+    On the monotonic clock, so a wall-clock step neither frees nor blocks anyone."""
+
+    def __init__(self) -> None:
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds this address must wait before it may try again, or None."""
+        failures = self._recent(address)
+        if failures is None or len(failures) < TOKEN_FAILURES_ALLOWED:
+            return None
+        return max(1, math.ceil(failures[0] + FAILURE_WINDOW_S - time.monotonic()))
+
+    def failed(self, address: str) -> None:
+        failures = self._recent(address) or deque(maxlen=TOKEN_FAILURES_ALLOWED)
+        failures.append(time.monotonic())
+        self._failures[address] = failures
+        self._failures.move_to_end(address)
+        while len(self._failures) > FAILING_ADDRESSES:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+    def _recent(self, address: str) -> deque[float] | None:
+        failures = self._failures.get(address)
+        if failures is None:
+            return None
+        cutoff = time.monotonic() - FAILURE_WINDOW_S
+        while failures and failures[0] < cutoff:
+            failures.popleft()
+        return failures

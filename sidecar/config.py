@@ -19,6 +19,8 @@ from .validation import PROFILES
 ENV_PREFIX: Final = "SIDECAR_"
 CONFIG_ENV: Final = "SIDECAR_CONFIG"
 REDACTED: Final = "<redacted>"
+#: the shortest sender token accepted (SPEC §3): 16 random characters are ~96 bits
+MIN_SENDER_TOKEN: Final = 16
 
 
 class Secret(str):
@@ -379,6 +381,13 @@ def _check(s: Settings) -> None:
             raise ConfigError(f"{name} must be between 0 and 65535; got {port}")
     if s.retry.max_backoff_s < s.retry.initial_backoff_s:
         raise ConfigError("retry.max_backoff_s must not be smaller than retry.initial_backoff_s")
+    short = [i for i, token in enumerate(s.receiver.tokens, 1) if len(token) < MIN_SENDER_TOKEN]
+    if short:
+        raise ConfigError(
+            f"receiver.tokens: token {', '.join(map(str, short))} (counting from 1) is shorter "
+            f"than {MIN_SENDER_TOKEN} characters; a sender token guards who may send, so make "
+            "it long and random (`python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
+        )
     if bool(s.receiver.tls_cert) != bool(s.receiver.tls_key):
         raise ConfigError("receiver.tls_cert and receiver.tls_key must be set together")
     if not is_loopback(s.receiver.host) and not s.receiver.tokens:

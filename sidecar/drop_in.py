@@ -14,20 +14,24 @@ import base64
 import binascii
 import functools
 import hmac
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
+import structlog
 from aiohttp import web
 
 from . import codec
-from .auth import ISSUED_TTL_S, issue_token
+from .auth import FAILURE_WINDOW_S, ISSUED_TTL_S, TOKEN_FAILURES_ALLOWED, issue_token
 from .exceptions import RetryLater
 from .ops import utc_from_timestamp
 from .outbox import Journey
 from .receiver import Rejected, authenticate, read_body
-from .runtime import RUNTIME
+from .runtime import RUNTIME, Runtime
 from .validation.structural import canonical_id
+
+log = structlog.get_logger("sidecar.drop_in")
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 #: states in which an event has reached the platform for good
@@ -63,6 +67,19 @@ async def token(request: web.Request) -> web.Response:
     some clients send them); with `receiver.tokens` set, the client secret must be one of
     them. A refusal says which parameter was wrong."""
     rt = request.app[RUNTIME]
+    address = request.remote or ""
+    wait = rt.token_failures.retry_after(address)
+    if wait is not None:
+        _refused(rt, address, "slowed_down")
+        return _json(
+            {
+                "error": "slow_down",
+                "message": f"more than {TOKEN_FAILURES_ALLOWED} refused token requests from "
+                f"this address in {FAILURE_WINDOW_S:g} s; try again in {wait} s",
+            },
+            429,
+            {"Retry-After": str(wait)},
+        )
     try:
         raw = await read_body(request)
     except Rejected as e:
@@ -96,6 +113,8 @@ async def token(request: web.Request) -> web.Response:
         ):
             matched = candidate
     if tokens and matched is None:
+        rt.token_failures.failed(address)
+        _refused(rt, address, "invalid_client")
         return _oauth_error(
             401,
             "invalid_client",
@@ -104,6 +123,7 @@ async def token(request: web.Request) -> web.Response:
             else "no client secret: send it with HTTP Basic or as client_secret",
             {"WWW-Authenticate": 'Basic realm="caliper-sidecar"'},
         )
+    rt.token_failures.succeeded(address)
     answer: dict[str, Any] = {
         "access_token": issue_token(matched),
         "token_type": "Bearer",
@@ -112,6 +132,24 @@ async def token(request: web.Request) -> web.Response:
     if form.get("scope"):
         answer["scope"] = str(form["scope"])
     return _json(answer, headers={"Cache-Control": "no-store"})
+
+
+#: at most one `token_requests_refused` line this often: a brute force must not flood the log
+REFUSALS_LOGGED_EVERY_S: Final = 60.0
+
+
+def _refused(rt: Runtime, address: str, reason: str) -> None:
+    """Count a refused token request; log it, at most once a minute, with the count since."""
+    rt.metrics.token_requests_refused.labels(reason=reason).inc()
+    last, since = rt.token_refusals_logged
+    now = time.monotonic()
+    if now - last < REFUSALS_LOGGED_EVERY_S:
+        rt.token_refusals_logged = (last, since + 1)
+        return
+    rt.token_refusals_logged = (now, 0)
+    log.warning(
+        "token_requests_refused", remote=address, reason=reason, refused_since_last_line=since + 1
+    )
 
 
 def _token_parameters(content_type: str, raw: bytes) -> dict[str, str] | None:

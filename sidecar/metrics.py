@@ -186,6 +186,15 @@ class Metrics:
         )
         for outcome in PLATFORM_JOB_OUTCOMES:
             self.platform_jobs.labels(outcome=outcome)
+        self.token_requests_refused = Counter(
+            "sidecar_token_requests_refused",
+            "Requests to the sidecar's own token endpoint refused: invalid_client (a wrong "
+            "client secret), slowed_down (an address that kept failing, not checked)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("invalid_client", "slowed_down"):
+            self.token_requests_refused.labels(reason=reason)
         self.token_refreshes = Counter(
             "sidecar_token_refreshes", "Tokens fetched from the OAuth token endpoint", registry=r
         )

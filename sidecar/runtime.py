@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
 
+from .auth import FailedTokenRequests
 from .config import Settings
 from .confirmations import JobFollower
 from .connections import BODIES_IN_FLIGHT, ByteBudget
@@ -35,6 +37,10 @@ class Runtime:
     accepting: bool = True
     #: ingest requests whose events are being committed now (what shutdown waits for)
     commits_in_progress: int = 0
+    #: token requests refused, by address (a client that keeps failing is slowed down)
+    token_failures: FailedTokenRequests = field(default_factory=FailedTokenRequests)
+    #: monotonic time of the last `token_requests_refused` line, and refusals since
+    token_refusals_logged: tuple[float, int] = (-math.inf, 0)
     body_budget: ByteBudget = field(init=False)
     #: validation while parsing, for the configured profile; None with validation off
     decoder: Decoder | None = field(init=False)

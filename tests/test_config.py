@@ -65,14 +65,14 @@ class TestSources:
                 "SIDECAR_RECEIVER_PORT": "7000",
                 "SIDECAR_UPSTREAM_ENDPOINT": "https://env.test/e",
                 "SIDECAR_RETRY_INITIAL_BACKOFF_S": "0.5",
-                "SIDECAR_RECEIVER_TOKENS": "a, b",
+                "SIDECAR_RECEIVER_TOKENS": "sender-token-aaaa, sender-token-bbbb",
                 "SIDECAR_OUTBOX_MAX_EVENTS": "10",
             },
         )
         assert s.receiver.port == 7000
         assert s.upstream.endpoint == "https://env.test/e"
         assert s.retry.initial_backoff_s == 0.5
-        assert s.receiver.tokens == ("a", "b")
+        assert s.receiver.tokens == ("sender-token-aaaa", "sender-token-bbbb")
         assert s.outbox.max_events == 10
 
     def test_secret_from_file(self, tmp_path: Path) -> None:
@@ -89,9 +89,9 @@ class TestSources:
     def test_secret_file_from_environment(self, tmp_path: Path) -> None:
         """The *_file keys can be set from the environment too; tokens files hold one a line."""
         tokens = tmp_path / "tokens"
-        tokens.write_text("one\n\ntwo\n")
+        tokens.write_text("sender-token-one\n\nsender-token-two\n")
         s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
-        assert s.receiver.tokens == ("one", "two")
+        assert s.receiver.tokens == ("sender-token-one", "sender-token-two")
 
     def test_example_config_documents_every_key(self) -> None:
         """config/sidecar.example.toml loads and names every key of every section."""
@@ -256,7 +256,7 @@ class TestErrors:
         with pytest.raises(ConfigError, match="not a loopback address.*receiver.tokens"):
             load_settings(None, environ={"SIDECAR_RECEIVER_HOST": "0.0.0.0"})
         s = load_settings(
-            None, environ={"SIDECAR_RECEIVER_HOST": "0.0.0.0", "SIDECAR_RECEIVER_TOKENS": "t"}
+            None, environ={"SIDECAR_RECEIVER_HOST": "0.0.0.0", "SIDECAR_RECEIVER_TOKENS": "t" * 16}
         )
         assert s.receiver.host == "0.0.0.0"
 
@@ -271,7 +271,7 @@ class TestRedaction:
         s = load_settings(
             None,
             environ={
-                "SIDECAR_RECEIVER_TOKENS": "app-token-1",
+                "SIDECAR_RECEIVER_TOKENS": "app-token-1-abcdef",
                 "SIDECAR_UPSTREAM_BEARER_TOKEN": "bearer-xyz",
                 "SIDECAR_OAUTH_TOKEN_URL": "https://t.test/token",
                 "SIDECAR_OAUTH_CLIENT_ID": "client-1",
@@ -280,7 +280,7 @@ class TestRedaction:
             },
         )
         for text in (render_toml(redacted(s)), repr(s)):
-            for secret in ("app-token-1", "bearer-xyz", "oauth-secret-xyz", "admin-xyz"):
+            for secret in ("app-token-1-abcdef", "bearer-xyz", "oauth-secret-xyz", "admin-xyz"):
                 assert secret not in text
             assert "client-1" in text
             assert REDACTED in text

@@ -14,18 +14,20 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.app import Sidecar, start
-from sidecar.config import Settings
+from sidecar.auth import TOKEN_FAILURES_ALLOWED
+from sidecar.config import Settings, load_settings
+from sidecar.exceptions import ConfigError
 from sidecar.mock_upstream import RunningFake
 
 from .conftest import eventually, make_event, sdk_envelopes, sdk_events, settings_for
 
-SENDER = "app-token-1"
+SENDER = "app-token-1-abcdef"
 JOB_STATES = {"waiting", "active", "completed", "failed"}
 
 
 @pytest.fixture
 def settings(platform: RunningFake, tmp_path: Path) -> Settings:
-    return settings_for(platform, tmp_path, receiver={"tokens": (SENDER, "app-token-2")})
+    return settings_for(platform, tmp_path, receiver={"tokens": (SENDER, "app-token-2-abcdef")})
 
 
 @pytest.fixture
@@ -99,14 +101,14 @@ class TestTokens:
             data={
                 "grant_type": "client_credentials",
                 "client_id": "my-app",
-                "client_secret": "app-token-2",
+                "client_secret": "app-token-2-abcdef",
                 "scope": "https://purl.imsglobal.org/spec/caliper/v1p2/scope/events.write",
             },
         ) as resp:
             assert resp.status == 200
             assert (await resp.json())["scope"].endswith("events.write")
 
-    @pytest.mark.parametrize("secret", ["wrong", "", "app-token-1x"])
+    @pytest.mark.parametrize("secret", ["wrong", "", "app-token-1-abcdefx"])
     async def test_wrong_secret_is_invalid_client(
         self, client: aiohttp.ClientSession, secret: str
     ) -> None:
@@ -186,7 +188,7 @@ class TestTokens:
             await again.stop()
         revoked = dataclasses.replace(
             settings,
-            receiver=dataclasses.replace(settings.receiver, tokens=("app-token-2",)),
+            receiver=dataclasses.replace(settings.receiver, tokens=("app-token-2-abcdef",)),
         )
         third = await start(revoked)
         try:
@@ -496,3 +498,40 @@ async def test_a_platform_without_a_listing_says_so(
         assert resp.status == 404
         body = await resp.json()
     assert body["error"] == "not_available"
+
+
+class TestTokenRequestsRefused:
+    async def test_failures_are_counted_logged_and_slowed(
+        self, client: aiohttp.ClientSession
+    ) -> None:
+        """Wrong client secrets are counted (a metric), logged without flooding (one line per
+        episode, with the count), and an address that keeps failing is slowed down: answered
+        429 with Retry-After, without its secret being checked, until its failures age out."""
+        wrong = {"grant_type": "client_credentials"}
+        statuses = []
+        with capture_logs() as logs:
+            for i in range(40):
+                async with client.post(
+                    "/auth/1.0/token", data=wrong, headers=basic("x", f"guess-{i}")
+                ) as resp:
+                    statuses.append(resp.status)
+                    if resp.status == 429:
+                        assert int(resp.headers["Retry-After"]) >= 1
+                        assert (await resp.json())["error"] == "slow_down"
+            async with client.post(
+                "/auth/1.0/token", data=wrong, headers=basic("x", SENDER)
+            ) as resp:
+                assert resp.status == 429  # even the right secret waits: nothing is checked
+        assert statuses[:TOKEN_FAILURES_ALLOWED] == [401] * TOKEN_FAILURES_ALLOWED
+        assert set(statuses[TOKEN_FAILURES_ALLOWED:]) == {429}
+        lines = [e for e in logs if e["event"] == "token_requests_refused"]
+        assert 1 <= len(lines) <= 2
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        assert 'sidecar_token_requests_refused_total{reason="invalid_client"} ' in text
+        assert 'sidecar_token_requests_refused_total{reason="slowed_down"} ' in text
+
+    def test_short_sender_tokens_are_refused_at_start(self) -> None:
+        """A sender token shorter than 16 characters is a configuration error naming it."""
+        with pytest.raises(ConfigError, match="receiver.tokens: token 2 .* shorter than 16"):
+            load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS": "a-long-sender-token,short"})

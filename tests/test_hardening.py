@@ -233,7 +233,7 @@ class TestSecretsNeverShow:
                 "SIDECAR_OAUTH_CLIENT_SECRET": "s3cret-oauth",
                 "SIDECAR_OAUTH_TOKEN_URL": "https://t.test/token",
                 "SIDECAR_OAUTH_CLIENT_ID": "c",
-                "SIDECAR_RECEIVER_TOKENS": "s3cret-sender",
+                "SIDECAR_RECEIVER_TOKENS": "s3cret-sender-0123",
                 "SIDECAR_ADMIN_TOKEN": "s3cret-admin",
                 "SIDECAR_UPSTREAM_BEARER_TOKEN": "s3cret-bearer",
             },

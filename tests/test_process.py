@@ -200,7 +200,7 @@ class TestTimebackSdkApp:
         extra: dict[str, Any] = {
             "upstream__endpoint": endpoint,
             "upstream__platform": upstream,
-            "receiver__tokens": ["t-1"],
+            "receiver__tokens": ["t-1-sender-token-01"],
         }
         if beyond:
             extra["upstream__jobs_url"] = platform.jobs_url
@@ -212,7 +212,10 @@ class TestTimebackSdkApp:
             async with app.post(
                 "/auth/1.0/token",
                 data={"grant_type": "client_credentials"},
-                headers={"Authorization": "Basic " + base64.b64encode(b"my-app:t-1").decode()},
+                headers={
+                    "Authorization": "Basic "
+                    + base64.b64encode(b"my-app:t-1-sender-token-01").decode()
+                },
             ) as resp:
                 token = (await resp.json())["access_token"]
             headers = {"Authorization": f"Bearer {token}"}

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from . import codec
@@ -15,6 +16,8 @@ from .config import is_loopback
 from .ops import utc_from_timestamp
 from .receiver import Rejected, read_body
 from .runtime import RUNTIME, Runtime
+
+log = structlog.get_logger("sidecar.admin")
 
 MAX_LIST: int = 1000
 
@@ -27,11 +30,12 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-def _authorize(rt: Runtime, request: web.Request) -> None:
+def _authorize(rt: Runtime, request: web.Request) -> str:
+    """Who is asking ("admin token" or "loopback"), or an error answer."""
     token = rt.settings.admin.token
     if token:
         if bearer_matches(request, (token,)):
-            return
+            return "admin token"
         raise _error(web.HTTPUnauthorized, "unauthorized", "a valid admin bearer token is required")
     if not is_loopback(request.remote or ""):
         raise _error(
@@ -39,6 +43,33 @@ def _authorize(rt: Runtime, request: web.Request) -> None:
             "forbidden",
             "admin endpoints answer only on loopback unless admin.token is set",
         )
+    return "loopback"
+
+
+def _authorize_change(rt: Runtime, request: web.Request) -> str:
+    """An admin POST: authorized, and sent as no web page can send it without asking.
+
+    A page may post `text/plain` to any address without a preflight (`mode: "no-cors"`): it
+    cannot read the answer, but a purge would be done. JSON only, then, and never from an
+    origin the operator did not list."""
+    who = _authorize(rt, request)
+    if request.content_type != "application/json":
+        raise _error(
+            web.HTTPUnsupportedMediaType,
+            "unsupported_media_type",
+            "admin requests take Content-Type: application/json only",
+        )
+    origin = request.headers.get("Origin")
+    own = f"{request.scheme}://{request.host}"  # the status page's own requests
+    if origin is not None and origin != own and origin not in rt.settings.receiver.cors_origins:
+        log.warning("admin_request_refused", remote=request.remote, origin=origin[:200])
+        raise _error(
+            web.HTTPForbidden,
+            "forbidden_origin",
+            f"admin requests from the web origin {origin[:100]!r} are refused; list it in "
+            "receiver.cors_origins if a page of yours must make them",
+        )
+    return who
 
 
 def _error(kind: type[web.HTTPException], error: str, message: str) -> web.HTTPException:
@@ -99,15 +130,31 @@ async def _selection(request: web.Request) -> Sequence[str] | None:
 
 async def replay(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    _authorize(rt, request)
-    return web.json_response(
-        {"replayed": await rt.outbox.replay_dead_letters(await _selection(request))}
-    )
+    who = _authorize_change(rt, request)
+    selection = await _selection(request)
+    count = await rt.outbox.replay_dead_letters(selection)
+    _logged("dead_letters_replayed", request, who, selection, count)
+    return web.json_response({"replayed": count})
 
 
 async def purge(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    _authorize(rt, request)
-    return web.json_response(
-        {"purged": await rt.outbox.purge_dead_letters(await _selection(request))}
+    who = _authorize_change(rt, request)
+    selection = await _selection(request)
+    count = await rt.outbox.purge_dead_letters(selection)
+    _logged("dead_letters_purged", request, who, selection, count)
+    return web.json_response({"purged": count})
+
+
+def _logged(
+    event: str, request: web.Request, who: str, selection: Sequence[str] | None, count: int
+) -> None:
+    """Say who replayed or purged how many: a purge destroys events for good."""
+    log.warning(
+        event,
+        who=who,
+        remote=request.remote,
+        user_agent=request.headers.get("User-Agent", "")[:200],
+        selected="all" if selection is None else len(selection),
+        events=count,
     )

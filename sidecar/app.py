@@ -20,6 +20,7 @@ from .config import Settings, is_loopback, require_upstream
 from .confirmations import JobFollower
 from .dispatcher import Dispatcher
 from .exceptions import CannotListen, ConfigError, OutboxUnavailable
+from .guards import refuse_unknown_hosts
 from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import Outbox, open_outbox
@@ -180,7 +181,7 @@ async def _serve(
     """An HTTP listener for these routes, closed with the rest; raises CannotListen."""
     app = web.Application(
         client_max_size=runtime.settings.receiver.max_body_bytes,
-        middlewares=[_errors_as_json],
+        middlewares=[_errors_as_json, refuse_unknown_hosts],
     )
     app[RUNTIME] = runtime
     app.add_routes(routes)

@@ -50,6 +50,10 @@ class ReceiverSettings:
     max_body_bytes: int = 1_048_576
     max_events_per_request: int = 1000
     tokens: tuple[str, ...] = ()
+    #: web origins allowed to send from a browser (and to make admin requests from a page)
+    cors_origins: tuple[str, ...] = ()
+    #: host names the sidecar is reached by besides IP literals and localhost
+    server_names: tuple[str, ...] = ()
     tls_cert: str = ""
     tls_key: str = ""
 

@@ -341,8 +341,13 @@ def _admin(summary: str, counted: str) -> dict[str, Any]:
                 ),
                 "400": _answer("not {ids} or {all: true}", _ERROR),
                 "401": _ERRORS["401"],
-                "403": _answer("from another machine without an admin token", _ERROR),
+                "403": _answer(
+                    "from another machine without an admin token, or from a web origin that "
+                    "is not listed in receiver.cors_origins",
+                    _ERROR,
+                ),
                 "408": _ERRORS["408"],
+                "415": _answer("not Content-Type: application/json", _ERROR),
                 "503": _ERRORS["503"],
             },
         }

@@ -24,8 +24,11 @@ STATUS_PAGE: Final = (resources.files(__package__) / "status_page.html").read_by
 OPENAPI: Final = openapi.rendered()
 _PAGE_HEADERS: Final = {
     "Cache-Control": "no-store",
+    # frame-ancestors: no other page may frame it (clickjacking "Delete all"); X-Frame-Options
+    # says the same to browsers older than CSP 2.
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
-    "style-src 'unsafe-inline'; connect-src 'self'",
+    "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
 }
 
 

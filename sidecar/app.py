@@ -16,15 +16,16 @@ import structlog
 from aiohttp import web
 
 from . import admin, connections, drop_in, ops, receiver
-from .config import Settings, is_loopback, require_upstream
+from .config import Origins, Settings, is_loopback
 from .confirmations import JobFollower
 from .dispatcher import Dispatcher
-from .exceptions import CannotListen, ConfigError, OutboxUnavailable
+from .errors import unavailable_body
+from .exceptions import CannotListen, OutboxUnavailable
 from .guards import refuse_unknown_hosts
 from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import Outbox, open_outbox
-from .presets import platform_mismatch
+from .preflight import check_tls, preflight
 from .runtime import RUNTIME, Runtime
 from .signals import until_stop_signal
 from .tokens import OAuthTokens, StaticToken, TokenSource
@@ -87,7 +88,9 @@ class _Closing:
 
 
 @contextlib.asynccontextmanager
-async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
+async def running_sidecar(
+    settings: Settings, origins: Origins | None = None
+) -> AsyncIterator[Sidecar]:
     """Start a sidecar (outbox, dispatcher, HTTP server) and stop it on exit: stop accepting
     (503), let commits under way finish, give requests upstream a bounded time, then close
     everything. Whatever is left is delivered after a restart.
@@ -95,11 +98,9 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
     Raises SidecarError subclasses at start, with whatever was opened closed again (an open
     outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
     """
-    require_upstream(settings)
-    mismatch = platform_mismatch(settings.upstream.platform, settings.upstream.endpoint)
-    if mismatch is not None:
-        log.warning("platform_mismatch", warning=mismatch)
-    ssl_context = _tls(settings)
+    for warning in preflight(settings, origins):
+        log.warning("preflight_warning", warning=warning)
+    ssl_context = check_tls(settings)
     async with contextlib.AsyncExitStack() as stack:
         closing = _Closing(stack)
         # A claim outlives the longest send, with room to spare: a replica killed mid-send
@@ -241,7 +242,7 @@ async def _errors_as_json(
         return await handler(request)
     except OutboxUnavailable as e:
         return web.json_response(
-            {"error": e.reason, "message": str(e)},
+            unavailable_body(e, request.path),
             status=503,
             headers={"Retry-After": str(e.retry_after_s)},
         )
@@ -261,20 +262,8 @@ async def _errors_as_json(
 _BODY_HEADERS: Final = frozenset({"content-type", "content-length"})
 
 
-def _tls(settings: Settings) -> ssl.SSLContext | None:
-    r = settings.receiver
-    if not r.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(r.tls_cert, r.tls_key)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"receiver.tls_cert / receiver.tls_key cannot be loaded: {e}") from None
-    return context
-
-
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, origins: Origins | None = None) -> None:
     """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully."""
-    async with running_sidecar(settings):
+    async with running_sidecar(settings, origins):
         await until_stop_signal()
         log.info("stopping", reason="signal")

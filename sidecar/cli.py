@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Origins, Settings, load_settings, redacted, render_toml, require_upstream
+from .config import Origins, Settings, load_settings, redacted, render_toml
 from .exceptions import ConfigError, SidecarError
 from .logs import configure_logging
-from .presets import platform_mismatch
+from .preflight import preflight
 from .validation import PROFILES
 from .validation.structural import canonical_id
 
@@ -165,8 +165,8 @@ def _help_of(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(getattr(args, "config", None))
+def _settings(args: argparse.Namespace, origins: Origins | None = None) -> Settings:
+    return load_settings(getattr(args, "config", None), origins=origins)
 
 
 #: how long a thread holds the GIL while another waits for it, in `run`
@@ -176,15 +176,16 @@ SWITCH_INTERVAL_S = 0.00025
 def _run(args: argparse.Namespace) -> int:
     from .app import serve
 
-    settings = _settings(args)
-    require_upstream(settings)
+    origins: Origins = {}
+    settings = _settings(args, origins)
+    preflight(settings, origins)  # what would stop it, before logging is set up
     configure_logging(settings.log.level, settings.log.format)
     # The outbox's writer thread needs the GIL back after each SQLite call of a group commit;
     # behind a busy event loop it waited up to the whole switch interval (5 ms by default)
     # each time, which stretched commits and so throughput under load (BENCHMARKS.md: about
     # +15 % at 0.25 ms, interleaved A/B).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, origins))
     return 0
 
 
@@ -217,11 +218,10 @@ def _check_config(args: argparse.Namespace) -> int:
     origins: Origins = {}
     settings = load_settings(getattr(args, "config", None), origins=origins)
     print(render_toml(redacted(settings), origins), end="")
-    # What `run` would refuse is wrong: say so, and fail, as a wrong key does.
-    require_upstream(settings)
-    mismatch = platform_mismatch(settings.upstream.platform, settings.upstream.endpoint)
-    if mismatch is not None:
-        print(f"caliper-sidecar: warning: {mismatch}", file=sys.stderr)
+    # What `run` would refuse is wrong: say so, and fail, as a wrong key does; what it would
+    # warn about, say too.
+    for warning in preflight(settings, origins):
+        print(f"caliper-sidecar: warning: {warning}", file=sys.stderr)
     return 0
 
 

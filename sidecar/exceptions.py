@@ -28,13 +28,29 @@ class OutboxUnusable(SidecarError):
 class OutboxUnavailable(SidecarError):
     """Raised when an append cannot be committed now; the caller answers 503 + Retry-After.
 
-    `reason` is a short machine-readable word ("outbox_full", "disk_full", "shutting_down").
+    `reason` is a short machine-readable word ("outbox_full", "disk_full", "shutting_down",
+    "storage_error"). `detail` is what the storage said, for the log only: answers to apps
+    never carry storage internals (a database's column names, its address).
     """
 
-    def __init__(self, reason: str, message: str, retry_after_s: int = 5) -> None:
+    def __init__(
+        self, reason: str, message: str, retry_after_s: int = 5, detail: str | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.detail = detail
+
+
+def storage_error(error: BaseException, retry_after_s: int = 5) -> OutboxUnavailable:
+    """A storage failure as apps are told of it: that it happened; what it was is the detail."""
+    return OutboxUnavailable(
+        "storage_error",
+        "the outbox cannot be used now; try again (what failed is in the sidecar's log, under "
+        "this answer's request_id)",
+        retry_after_s,
+        detail=f"{type(error).__name__}: {error}",
+    )
 
 
 class EventTooLarge(SidecarError):

@@ -20,6 +20,7 @@ from aiohttp import web
 from . import codec, connections
 from .auth import sender_allowed
 from .envelope import MAX_SENSOR_BYTES, sensor_bytes
+from .errors import unavailable_body
 from .exceptions import OutboxUnavailable
 from .outbox import AppendResult, NewEvent
 from .runtime import RUNTIME, Runtime
@@ -176,7 +177,7 @@ async def _ingest_body(
     try:
         result = await rt.outbox.append(batch, job)
     except OutboxUnavailable as e:
-        raise _unavailable(e) from e
+        raise _unavailable(e, request.path) from e
     finally:
         rt.commits_in_progress -= 1
     rt.metrics.events_received.inc(result.accepted)
@@ -307,5 +308,8 @@ def _too_large(limit: int) -> Rejected:
     )
 
 
-def _unavailable(e: OutboxUnavailable) -> Rejected:
-    return Rejected(503, e.reason, str(e), headers={"Retry-After": str(e.retry_after_s)})
+def _unavailable(e: OutboxUnavailable, path: str = "") -> Rejected:
+    body = unavailable_body(e, path)
+    return Rejected(
+        503, body.pop("error"), body.pop("message"), {"Retry-After": str(e.retry_after_s)}, **body
+    )

@@ -205,6 +205,7 @@ def write_config(
         for key, value in table.items():
             lines.append(f"{key} = {value!r}".replace("'", '"'))
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # it holds the client secret: as an operator keeps it
     return path
 
 

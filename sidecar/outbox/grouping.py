@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from ..exceptions import OutboxUnavailable
+from ..exceptions import OutboxUnavailable, storage_error
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -71,9 +71,7 @@ class GroupCommit(Generic[T, R]):
                 results = [e] * len(group)
             except Exception as e:  # never leave a caller hanging, whatever broke
                 log.exception("outbox_commit_failed", group=self._name)
-                results = [OutboxUnavailable("storage_error", f"outbox write failed: {e}")] * len(
-                    group
-                )
+                results = [storage_error(e)] * len(group)
             for (_, future), result in zip(group, results, strict=True):
                 if future.done():
                     continue

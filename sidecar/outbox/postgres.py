@@ -27,7 +27,7 @@ import asyncpg
 import structlog
 
 from ..config import OutboxSettings
-from ..exceptions import OutboxUnavailable, OutboxUnusable
+from ..exceptions import OutboxUnavailable, OutboxUnusable, storage_error
 from ..validation.structural import canonical_id
 from ..waits import wait_set
 from .base import (
@@ -643,4 +643,4 @@ def _count(status: str) -> int:
 def _unavailable(e: BaseException) -> OutboxUnavailable:
     if getattr(e, "sqlstate", None) == _DISK_FULL:
         return OutboxUnavailable("disk_full", "the database holding the outbox is out of disk", 30)
-    return OutboxUnavailable("storage_error", f"outbox database error: {e}", 5)
+    return storage_error(e)

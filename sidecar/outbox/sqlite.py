@@ -20,7 +20,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 import aiosqlite
 import structlog
 
-from ..exceptions import OutboxUnavailable, OutboxUnusable
+from ..exceptions import OutboxUnavailable, OutboxUnusable, storage_error
 from ..validation.structural import canonical_id
 from ..waits import wait_set
 from . import sqlite_writes as writes
@@ -633,4 +633,4 @@ def _unavailable(e: sqlite3.Error) -> OutboxUnavailable:
         return OutboxUnavailable("disk_full", "the disk holding the outbox is full", 30)
     if code == _SQLITE_BUSY:
         return OutboxUnavailable("busy", "the outbox is busy; try again", 1)
-    return OutboxUnavailable("storage_error", f"outbox error: {e}", 5)
+    return storage_error(e)

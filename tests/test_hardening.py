@@ -577,7 +577,9 @@ class TestConnectionDeadlinesAndBound:
         "send",
         [
             pytest.param(b"", id="idle"),
-            pytest.param(b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty", id="headers"),
+            pytest.param(
+                b"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty", id="headers"
+            ),
         ],
     )
     async def test_incomplete_headers_are_closed(self, custom: StartSidecar, send: bytes) -> None:

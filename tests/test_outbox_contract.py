@@ -14,9 +14,10 @@ import pytest
 
 from sidecar.exceptions import OutboxUnavailable
 from sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome
+from sidecar.outbox.postgres import LISTENER_NAME
 from sidecar.outbox.postgres_schema import SCHEMA
 
-from .conftest import new_id
+from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
 
 
@@ -253,6 +254,40 @@ class TestPostgresTotals:
             finally:
                 await conn.close()
             assert (await box.stats()).events == 3
+
+    async def test_the_listen_connection_comes_back(self, database: str) -> None:
+        """After its LISTEN connection is cut (a PostgreSQL restart does the same to every
+        connection), the outbox listens again, and an append by another process wakes it."""
+        async with (
+            open_test_outbox("postgres", Path("/nonexistent"), database) as box,
+            open_test_outbox("postgres", Path("/nonexistent"), database) as other,
+        ):
+            admin = await asyncpg.connect(database)
+            try:
+                killed = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = $1 AND datname = current_database()",
+                    LISTENER_NAME,
+                )
+                assert killed == 2
+                await eventually(lambda: _listeners(admin, 2))
+            finally:
+                await admin.close()
+            await box.claim_batch(10, 10_000)  # clears what it was woken for
+            waiting = asyncio.ensure_future(box.wait_appended(30))
+            await asyncio.sleep(0.1)
+            await other.append(events(1))
+            async with asyncio.timeout(10):
+                await waiting  # woken by the NOTIFY, long before the 30 s
+
+
+async def _listeners(admin: asyncpg.Connection, count: int) -> bool:
+    found = await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+        "AND datname = current_database() AND query LIKE 'LISTEN%'",
+        LISTENER_NAME,
+    )
+    return bool(found == count)
 
 
 OpenBox = Callable[..., contextlib.AbstractAsyncContextManager[Outbox]]

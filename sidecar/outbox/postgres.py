@@ -60,6 +60,8 @@ log = structlog.get_logger("sidecar.outbox")
 CHANNEL: Final = "caliper_sidecar_appended"
 NOW: Final = "extract(epoch from clock_timestamp())::double precision"
 POOL_SIZE: Final = 8
+#: the application_name of the LISTEN connection (pg_stat_activity shows it)
+LISTENER_NAME: Final = "caliper-sidecar-listen"
 _DISK_FULL: Final = "53100"
 
 #: an append: the events of one request, and the job id an app is answered with
@@ -87,6 +89,8 @@ class PostgresOutbox:
         )
         self._last_prune = float("-inf")
         self.writes = WriteHealth(outbox="postgresql")
+        self._closing = False
+        self._relisten: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -105,10 +109,7 @@ class PostgresOutbox:
                 },
             )
             await self._migrate()
-            self._listener = await asyncpg.connect(
-                self._dsn, server_settings={"search_path": SCHEMA}
-            )
-            await self._listener.add_listener(CHANNEL, self._notified)
+            await self._listen()
         except SchemaTooNew:
             await self.close()
             raise
@@ -118,7 +119,43 @@ class PostgresOutbox:
         self._appends.start()
         return self
 
+    async def _listen(self) -> None:
+        """A connection of its own that LISTENs for appends by any replica (or the CLI)."""
+        listener = await asyncpg.connect(
+            self._dsn,
+            server_settings={"search_path": SCHEMA, "application_name": LISTENER_NAME},
+        )
+        await listener.add_listener(CHANNEL, self._notified)
+        listener.add_termination_listener(self._listener_lost)
+        self._listener = listener
+
+    def _listener_lost(self, _: object) -> None:
+        """The LISTEN connection died (a PostgreSQL restart, a terminated backend): get it back,
+        or every replica would notice the others' appends only at the idle poll."""
+        if self._closing or (self._relisten is not None and not self._relisten.done()):
+            return
+        log.warning("outbox_listen_lost")
+        self._relisten = asyncio.create_task(self._listen_again(), name="outbox-relisten")
+
+    async def _listen_again(self) -> None:
+        delay = 0.5
+        while not self._closing:
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("outbox_listen_retry", error=str(e), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("outbox_listen_restored")
+            self._appended.set()  # what was appended meanwhile is looked at now
+            return
+
     async def close(self) -> None:
+        self._closing = True
+        if self._relisten is not None:
+            self._relisten.cancel()
+            await asyncio.gather(self._relisten, return_exceptions=True)
         await self._appends.close()
         if self._listener is not None:
             with contextlib.suppress(Exception):

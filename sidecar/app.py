@@ -106,7 +106,15 @@ async def running_sidecar(
         # A claim outlives the longest send, with room to spare: a replica killed mid-send
         # gives its events to the others once its lease runs out.
         lease_s = 2 * settings.upstream.timeout_s + 5
-        outbox = await stack.enter_async_context(open_outbox(settings.outbox, lease_s=lease_s))
+        # What replicas sharing a PostgreSQL outbox must agree on (SPEC §7).
+        agreement = {
+            "upstream.platform": settings.upstream.platform,
+            "upstream.endpoint": settings.upstream.endpoint,
+            "outbox.dedupe_window_s": repr(float(settings.outbox.dedupe_window_s)),
+        }
+        outbox = await stack.enter_async_context(
+            open_outbox(settings.outbox, lease_s=lease_s, agreement=agreement)
+        )
         metrics = Metrics()
         metrics.observe_commits(lambda: outbox.commits)
         session = aiohttp.ClientSession(

@@ -10,7 +10,10 @@ and queues the others again. A job that never finishes is given up on, its event
 `unconfirmed`: visible in the status and the metrics, never silently dropped.
 
 The schedule lives in memory on the monotonic clock (a wall-clock step must not stall it); the
-jobs themselves are in the outbox, so a restart picks up every job still open.
+jobs themselves are in the outbox, so a restart picks up every job still open. On a shared
+PostgreSQL outbox following a job is a lease, like a claim: each replica renews its own every
+`ADOPT_EVERY_S` and adopts those nobody follows, so the jobs of a replica that stopped or died
+are followed by the others.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ GIVE_UP_AFTER_S: Final = 3600.0
 #: behind the endpoint that answered with the job
 NOT_FOUND_FOR_S: Final = 600.0
 CONCURRENT_POLLS: Final = 4
+#: how often open jobs are asked for again: jobs of replicas that stopped are adopted, and
+#: the leases of this one's renewed (well within a lease: 2 × upstream.timeout_s + 5 s)
+ADOPT_EVERY_S: Final = 10.0
 
 
 class JobFollower:
@@ -50,6 +56,7 @@ class JobFollower:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._polls = asyncio.Semaphore(CONCURRENT_POLLS)
+        self._next_adoption = 0.0
 
     @property
     def following(self) -> int:
@@ -57,9 +64,15 @@ class JobFollower:
 
     async def start(self) -> None:
         """Pick up the jobs still open in the outbox (left by an earlier run), then follow."""
+        await self._adopt()
+        self._task = asyncio.create_task(self._run(), name="job-follower")
+
+    async def _adopt(self) -> None:
+        """Follow the open jobs the outbox gives this process: on a shared outbox, those of
+        replicas that stopped or died, and its own, whose leases are renewed so."""
         for job in await self._outbox.pending_platform_jobs():
             self.track(job)
-        self._task = asyncio.create_task(self._run(), name="job-follower")
+        self._next_adoption = time.monotonic() + ADOPT_EVERY_S
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -76,11 +89,19 @@ class JobFollower:
     async def _run(self) -> None:
         while True:
             now = time.monotonic()
+            if now >= self._next_adoption:
+                try:
+                    await self._adopt()
+                except Exception:  # a database that is away: try at the next round
+                    log.exception("job_adoption_failed")
+                    self._next_adoption = now + ADOPT_EVERY_S
+                continue
             ready = [job for job, (at, _, _) in self._due.items() if at <= now]
             if ready:
                 await asyncio.gather(*(self._look(job) for job in ready))
                 continue
-            wait = min((at for at, _, _ in self._due.values()), default=now + 60) - now
+            wait = min((at for at, _, _ in self._due.values()), default=now + 60)
+            wait = min(wait, self._next_adoption) - now
             self._changed.clear()
             await wait_set(self._changed, max(wait, 0.01))
 

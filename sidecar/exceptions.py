@@ -12,6 +12,11 @@ class ConfigError(SidecarError):
     """Raised when the configuration is wrong; the message names the key at fault."""
 
 
+class ReplicasDisagree(ConfigError):
+    """Raised at start when live replicas on the same PostgreSQL outbox deliver differently
+    (another platform, endpoint or dedupe window); the message names the keys."""
+
+
 class CannotListen(SidecarError):
     """Raised when the receiver cannot bind its address (in use, or not this machine's)."""
 

@@ -62,7 +62,7 @@ async def empty(url: str) -> None:
         if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.events"):
             await conn.execute(
                 f"TRUNCATE {SCHEMA}.events, {SCHEMA}.dead_letters, {SCHEMA}.jobs, "
-                f"{SCHEMA}.platform_jobs RESTART IDENTITY; "
+                f"{SCHEMA}.platform_jobs, {SCHEMA}.replicas RESTART IDENTITY; "
                 f"UPDATE {SCHEMA}.totals SET events = 0, bytes = 0, dead_letters = 0, "
                 "delivered_total = 0, dead_lettered_total = 0"
             )

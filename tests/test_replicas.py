@@ -189,3 +189,71 @@ class TestReplicas:
                 f"DELETE FROM {SCHEMA}.schema_version WHERE version = $1", VERSION + 1
             )
             await conn.close()
+
+
+class TestReplicasAgree:
+    @pytest.mark.parametrize(
+        ("key", "value"),
+        [
+            ("upstream__endpoint", "learnwith"),
+            ("upstream__platform", "learnwith-ai"),
+            ("outbox__dedupe_window_s", 60),
+        ],
+    )
+    async def test_a_replica_that_differs_refuses_to_start(
+        self,
+        tmp_path: Path,
+        platform: RunningFake,
+        processes: list[SidecarProcess],
+        shared: str,
+        key: str,
+        value: Any,
+    ) -> None:
+        """A replica whose platform, endpoint or dedupe window differs from the live ones' on
+        the same database exits 2 naming the key; once every replica has stopped, the new
+        setting takes over."""
+        if value == "learnwith":
+            value = platform.learnwith_url
+        a = replica(tmp_path, platform, processes, shared, "a")
+        await a.wait_ready()
+        other = replica(tmp_path, platform, processes, shared, "b", **{key: value})
+        assert await other.wait_exit(timeout=30) == 2
+        assert key.replace("__", ".") in other.logs()
+        assert "stop every replica first" in other.logs()
+        assert await a.terminate() == 0
+        again = replica(tmp_path, platform, processes, shared, "c", **{key: value})
+        await again.wait_ready()
+        assert await again.terminate() == 0
+
+    async def test_jobs_of_a_stopped_replica_are_followed_by_the_others(
+        self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str
+    ) -> None:
+        """A replica stopped (scale-down by SIGTERM) while it follows open platform jobs: the
+        other replica adopts them and confirms the events."""
+        fake = platform.fake
+        fake.faults.stuck_jobs = True
+        beyond = {
+            "upstream__endpoint": platform.beyond_url,
+            "upstream__jobs_url": platform.jobs_url,
+        }
+        a = replica(tmp_path, platform, processes, shared, "a", **beyond)
+        b = replica(tmp_path, platform, processes, shared, "b", **beyond)
+        await a.wait_ready()
+        await b.wait_ready()
+        events = make_events(5)
+        await post(a.url, events)
+        await fake.wait_for({e["id"] for e in events}, timeout=20)
+        assert await a.terminate() == 0
+        fake.faults.stuck_jobs = False
+        for job in fake.jobs.values():
+            job.stuck = False
+
+        async def confirmed() -> bool:
+            async with aiohttp.ClientSession() as http:
+                for event in events:
+                    async with http.get(f"{b.url}/v1/events/{event['id']}") as r:
+                        if (await r.json())["state"] != "confirmed":
+                            return False
+            return True
+
+        await eventually(confirmed, timeout=40)

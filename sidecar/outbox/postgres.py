@@ -20,14 +20,14 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import asyncpg
 import structlog
 
 from ..config import OutboxSettings
-from ..exceptions import OutboxUnavailable, OutboxUnusable, storage_error
+from ..exceptions import OutboxUnavailable, OutboxUnusable, ReplicasDisagree, storage_error
 from ..validation.structural import canonical_id
 from ..waits import wait_set
 from .base import (
@@ -52,7 +52,7 @@ from .base import (
     new_per_append,
 )
 from .grouping import GroupCommit
-from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, SCHEMA, VERSION
+from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, REPLICAS_LOCK, SCHEMA, VERSION
 from .schema import SchemaTooNew
 
 log = structlog.get_logger("sidecar.outbox")
@@ -71,8 +71,17 @@ _Append = tuple[Sequence[NewEvent], str | None]
 class PostgresOutbox:
     """The outbox in a PostgreSQL database, shared by replicas (see the module)."""
 
-    def __init__(self, settings: OutboxSettings, lease_s: float = 65.0) -> None:
+    def __init__(
+        self,
+        settings: OutboxSettings,
+        lease_s: float = 65.0,
+        agreement: Mapping[str, str] | None = None,
+    ) -> None:
         self._dsn = str(settings.url)
+        #: what every live replica must have alike (None: not a replica, the CLI)
+        self._agreement = dict(agreement) if agreement is not None else None
+        self.replica_id = uuid.uuid4().hex
+        self._heartbeat: asyncio.Task[None] | None = None
         self.max_events = settings.max_events
         self.max_bytes = settings.max_bytes
         self.dedupe_window_s = settings.dedupe_window_s
@@ -109,15 +118,67 @@ class PostgresOutbox:
                 },
             )
             await self._migrate()
+            if self._agreement is not None:
+                await self._join()
             await self._listen()
-        except SchemaTooNew:
+        except (SchemaTooNew, ReplicasDisagree):
             await self.close()
             raise
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             await self.close()
             raise OutboxUnusable(f"outbox.url (PostgreSQL) cannot be used: {e}") from None
         self._appends.start()
+        if self._agreement is not None:
+            self._heartbeat = asyncio.create_task(self._beat(), name="outbox-heartbeat")
         return self
+
+    async def _join(self) -> None:
+        """Register as a live replica, unless the live ones deliver differently.
+
+        Replicas that differ on the platform, the endpoint or the dedupe window would split one
+        queue between two platforms, or prune for each other what the other still needs.
+        Replicas whose heartbeat stopped (stopped, killed) no longer count: once every replica
+        has stopped, a new setting may take over."""
+        assert self._agreement is not None
+        ours = self._agreement
+        async with self._transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", REPLICAS_LOCK)
+            await conn.execute(f"DELETE FROM replicas WHERE seen_until < {NOW}")
+            differ: dict[str, str] = {}
+            for row in await conn.fetch("SELECT settings FROM replicas"):
+                theirs = json.loads(row["settings"])
+                for key, value in ours.items():
+                    if theirs.get(key) != value:
+                        differ[key] = str(theirs.get(key))
+            if differ:
+                said = "; ".join(
+                    f"{key} is {theirs!r} there, {ours[key]!r} here"
+                    for key, theirs in sorted(differ.items())
+                )
+                raise ReplicasDisagree(
+                    f"live replicas on this outbox.url deliver differently: {said}. Replicas "
+                    "must agree; to change these, stop every replica first"
+                )
+            await conn.execute(
+                f"INSERT INTO replicas (id, settings, seen_until) VALUES ($1, $2, {NOW} + $3)",
+                self.replica_id,
+                json.dumps(ours, sort_keys=True),
+                self.lease_s,
+            )
+
+    async def _beat(self) -> None:
+        """Say every lease_s / 4 that this replica lives (its row and its platform jobs)."""
+        while True:
+            await asyncio.sleep(self.lease_s / 4)
+            try:
+                async with self._connection() as conn:
+                    await conn.execute(
+                        f"UPDATE replicas SET seen_until = {NOW} + $2 WHERE id = $1",
+                        self.replica_id,
+                        self.lease_s,
+                    )
+            except (OSError, OutboxUnavailable, asyncpg.PostgresError) as e:
+                log.warning("replica_heartbeat_failed", error=str(e))
 
     async def _listen(self) -> None:
         """A connection of its own that LISTENs for appends by any replica (or the CLI)."""
@@ -153,6 +214,21 @@ class PostgresOutbox:
 
     async def close(self) -> None:
         self._closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
+        if self._pool is not None and self._agreement is not None:
+            # Leave: the jobs this replica followed go to the others at once, and a replica
+            # with new settings may start once every one has left.
+            with contextlib.suppress(OSError, OutboxUnavailable, asyncpg.PostgresError):
+                async with self._connection() as conn:
+                    await conn.execute(
+                        "UPDATE platform_jobs SET followed_by = NULL, follow_until = NULL "
+                        "WHERE followed_by = $1",
+                        self.replica_id,
+                    )
+                    await conn.execute("DELETE FROM replicas WHERE id = $1", self.replica_id)
         if self._relisten is not None:
             self._relisten.cancel()
             await asyncio.gather(self._relisten, return_exceptions=True)
@@ -389,9 +465,11 @@ class PostgresOutbox:
             _fenced(claim, seqs, len(done))
             if platform_job is not None and done:
                 await conn.execute(
-                    f"INSERT INTO platform_jobs (id, sent_at, state) VALUES ($1, {NOW}, "
-                    "'waiting') ON CONFLICT DO NOTHING",
+                    "INSERT INTO platform_jobs (id, sent_at, state, followed_by, follow_until) "
+                    f"VALUES ($1, {NOW}, 'waiting', $2, {NOW} + $3) ON CONFLICT DO NOTHING",
                     platform_job,
+                    self.replica_id,
+                    self.lease_s,
                 )
             if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                 await self._prune(conn)
@@ -578,11 +656,21 @@ class PostgresOutbox:
         return [str(r["id"]) for r in rows]
 
     async def pending_platform_jobs(self) -> list[str]:
+        """The open jobs this replica follows: its own (their leases renewed), and those no
+        live replica follows (never leased, released at a stop, or a dead replica's whose
+        lease ran out), leased to it now."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT id FROM platform_jobs WHERE state != 'unconfirmed' ORDER BY sent_at"
+                f"""
+                UPDATE platform_jobs SET followed_by = $1, follow_until = {NOW} + $2
+                WHERE state != 'unconfirmed' AND (followed_by = $1 OR followed_by IS NULL
+                    OR follow_until IS NULL OR follow_until < {NOW})
+                RETURNING id, sent_at
+                """,
+                self.replica_id,
+                self.lease_s,
             )
-        return [str(r["id"]) for r in rows]
+        return [str(r["id"]) for r in sorted(rows, key=lambda r: r["sent_at"])]
 
     async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
         async with self._connection() as conn:

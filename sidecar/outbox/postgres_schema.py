@@ -19,6 +19,8 @@ SCHEMA: Final = "caliper_sidecar"
 TOTAL_SHARDS: Final = 16
 #: pg_advisory_xact_lock key for migrations ("calipers" in ASCII)
 MIGRATION_LOCK: Final = 0x63616C6970657273
+#: … and for replicas joining ("replicas")
+REPLICAS_LOCK: Final = 0x7265706C69636173
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the queue, dead letters, app jobs, platform jobs, sharded totals and their triggers.
@@ -140,6 +142,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE events ADD COLUMN unconfirmed text;
     ALTER TABLE events ADD COLUMN sensor text;
     ALTER TABLE dead_letters ADD COLUMN sensor text;
+    -- Following a platform job is a lease, like a claim: any live replica adopts the jobs of
+    -- one that stopped or died. And the live replicas, with what they must agree on.
+    ALTER TABLE platform_jobs ADD COLUMN followed_by text;
+    ALTER TABLE platform_jobs ADD COLUMN follow_until double precision;
+    CREATE TABLE replicas (
+        id text PRIMARY KEY,
+        settings text NOT NULL,
+        seen_until double precision NOT NULL
+    );
     """,
 )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -240,7 +241,7 @@ def load_settings(
             origins[(section, key)] = f"file {path}"
 
     for var, text in environ.items():
-        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV or _service_link(var):
             continue
         section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
         if section not in SECTIONS or not key:
@@ -257,6 +258,15 @@ def load_settings(
     settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
     _check(settings)
     return settings
+
+
+#: what Kubernetes injects for a Service named `sidecar` (docker's --link did the same): not
+#: configuration, and no section of ours is called `port` or `service`
+_SERVICE_LINK: Final = re.compile(r"SIDECAR_(PORT|SERVICE_[A-Z0-9_]+|PORT_\d+_(TCP|UDP|SCTP)\w*)")
+
+
+def _service_link(var: str) -> bool:
+    return _SERVICE_LINK.fullmatch(var) is not None
 
 
 def _read_toml(path: Path) -> dict[str, dict[str, Any]]:

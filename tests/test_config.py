@@ -375,3 +375,26 @@ class TestCheckConfigCommand:
         )
         assert out.returncode == 2
         assert "upstream.batch_max_events must be greater than 0" in out.stderr
+
+
+class TestServiceLinks:
+    @pytest.mark.parametrize(
+        "var",
+        [
+            "SIDECAR_PORT",
+            "SIDECAR_SERVICE_HOST",
+            "SIDECAR_SERVICE_PORT",
+            "SIDECAR_SERVICE_PORT_OPS",
+            "SIDECAR_PORT_8787_TCP",
+            "SIDECAR_PORT_8787_TCP_PROTO",
+            "SIDECAR_PORT_8787_TCP_PORT",
+            "SIDECAR_PORT_8787_TCP_ADDR",
+        ],
+    )
+    def test_kubernetes_service_variables_are_not_configuration(self, var: str) -> None:
+        """What Kubernetes injects for a Service named `sidecar` is ignored (it stopped the
+        sidecar with exit 2), and a misspelt key of ours still is an error."""
+        s = load_settings(None, environ={var: "tcp://10.0.0.7:8787"})
+        assert s.receiver.port == 8787
+        with pytest.raises(ConfigError, match="SIDECAR_RECEIVER_PROT"):
+            load_settings(None, environ={var: "x", "SIDECAR_RECEIVER_PROT": "1"})

@@ -28,7 +28,7 @@ def sidecar_environment(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
             continue
         if key.endswith("_FILE"):
             path = tmp_path / key.lower()
-            path.write_text("a-secret\n")
+            path.write_text("a-secret-of-at-least-16-characters\n")
             value = str(path)
         out[key] = value
     return out

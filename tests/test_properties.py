@@ -117,7 +117,7 @@ class TestNeverA5xx:
 
 def test_seeds_are_there() -> None:
     """The property tests mutate real events: the seed samples and the SDK's at least."""
-    assert len(SEEDS) >= 17
+    assert len(SEEDS) >= len(sample_events()) + len(sdk_events())
     if not FIXTURES.is_dir():
         pytest.skip("../shared is absent: the IMS fixtures are not among the seeds")
-    assert len(fixture_events()) > 50
+    assert fixture_events()

@@ -55,9 +55,9 @@ def fixtures(prefix: str) -> list[Path]:
 class TestValidDocuments:
     @needs_shared
     def test_every_timeback_reference_sample_is_valid(self) -> None:
-        """All ten sample payloads of the reference pass the timeback profile, warning-free."""
+        """Every sample payload of the reference passes the timeback profile, warning-free."""
         samples = reference_samples()
-        assert len(samples) == 10
+        assert samples  # however many the reference holds: it may gain some
         report = validate_events(samples, profile="timeback")
         assert report.errors == []
         assert report.warnings == []

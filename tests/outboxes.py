@@ -22,7 +22,7 @@ from sidecar.outbox.postgres_schema import SCHEMA
 
 BACKENDS = ["sqlite", "postgres"]
 #: the server the tests use; CI and the project's machines run one here (trust auth)
-SERVER = os.environ.get("SIDECAR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+SERVER = os.environ.get("CALIPER_SIDECAR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 
 def _admin(statement: str) -> None:

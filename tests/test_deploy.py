@@ -219,3 +219,11 @@ class TestGateway:
         assert settings.outbox.url
         assert settings.upstream.endpoint == "https://caliper.alpha-1edtech.ai/caliper/event"
         assert pod["terminationGracePeriodSeconds"] > 2 * settings.upstream.timeout_s
+
+
+@pytest.mark.parametrize("manifest", ["caliper-sidecar.yaml", "gateway.yaml"])
+def test_kubernetes_pods_take_no_service_links(manifest: str) -> None:
+    """The pods ask for no service-link variables (the sidecar ignores them, SPEC §3)."""
+    for document in yaml.safe_load_all((DEPLOY / "kubernetes" / manifest).read_text()):
+        if document and document.get("kind") in ("Deployment", "StatefulSet"):
+            assert document["spec"]["template"]["spec"]["enableServiceLinks"] is False

@@ -18,6 +18,7 @@ from aiohttp import web
 from . import admin, connections, drop_in, ops, receiver
 from .config import Origins, Settings, is_loopback
 from .confirmations import JobFollower
+from .cors import cross_origin, preflight_routes
 from .dispatcher import Dispatcher
 from .errors import unavailable_body
 from .exceptions import CannotListen, OutboxUnavailable
@@ -144,7 +145,7 @@ async def running_sidecar(
         )
         closing.push("stopped log line", lambda: _log_stopped(runtime))
         r, o = settings.receiver, settings.ops
-        routes = receiver.routes() + drop_in.routes()
+        routes = receiver.routes() + drop_in.routes() + preflight_routes()
         operator_routes = ops.routes() + admin.routes()
         if o.port:
             # A listener of their own: /healthz stays on the receiver too, for the app.
@@ -190,7 +191,7 @@ async def _serve(
     """An HTTP listener for these routes, closed with the rest; raises CannotListen."""
     app = web.Application(
         client_max_size=runtime.settings.receiver.max_body_bytes,
-        middlewares=[_errors_as_json, refuse_unknown_hosts],
+        middlewares=[cross_origin, _errors_as_json, refuse_unknown_hosts],
     )
     app[RUNTIME] = runtime
     app.add_routes(routes)

@@ -51,7 +51,11 @@ async def refuse_unknown_hosts(
 ) -> web.StreamResponse:
     """421 for a request without a known token that names this sidecar by an unknown Host."""
     settings = request.app[RUNTIME].settings
-    if request.path in UNGUARDED or known_host(request.host, settings.receiver.server_names):
+    if (
+        request.path in UNGUARDED
+        or request.method == "OPTIONS"  # a preflight reads nothing, and carries no token
+        or known_host(request.host, settings.receiver.server_names)
+    ):
         return await handler(request)
     if presented_token(request) is not None:
         tokens = settings.receiver.tokens

@@ -8,6 +8,7 @@ import json
 from typing import Any, Final
 
 from . import __version__
+from .cors import CROSS_ORIGIN_PATHS
 
 JSON: Final = "application/json"
 
@@ -101,7 +102,7 @@ def document() -> dict[str, Any]:
         _ref("CaliperAccepted"),
     )
     not_found = _answer("unknown", _ERROR)
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "caliper-sidecar",
@@ -267,6 +268,16 @@ def document() -> dict[str, Any]:
         },
         "components": {"securitySchemes": _SECURITY, "schemas": _SCHEMAS},
     }
+    for path in CROSS_ORIGIN_PATHS:
+        document["paths"][path]["options"] = {
+            "summary": "CORS preflight, for the web origins in receiver.cors_origins",
+            "parameters": [_path(p) for p in ("job", "id") if "{" + p + "}" in path],
+            "responses": {
+                "204": {"description": "the origin is listed: the CORS headers"},
+                "403": _answer("the origin is not listed", _ERROR),
+            },
+        }
+    return document
 
 
 def _token() -> dict[str, Any]:

@@ -37,7 +37,7 @@ def test_docs_openapi_is_what_is_served() -> None:
 
 
 def test_every_route_is_documented() -> None:
-    from sidecar import admin, drop_in, ops, receiver
+    from sidecar import admin, cors, drop_in, ops, receiver
 
     documented = {
         (method.upper(), path)
@@ -45,6 +45,7 @@ def test_every_route_is_documented() -> None:
         for method in item
     }
     routes = receiver.routes() + drop_in.routes() + ops.routes() + admin.routes()
+    routes += cors.preflight_routes()
     served = {(r.method, r.path) for r in routes}
     assert served == documented
 

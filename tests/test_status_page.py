@@ -4,6 +4,7 @@ live numbers, the platform's state in plain words, dead letters with replay."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -82,12 +83,17 @@ async def test_status_page_shows_the_live_numbers(
     await expect(page.locator("#delivered")).to_have_text("11")
     await expect(page.locator("#dead")).to_contain_text(events[0]["id"], timeout=20_000)
     await expect(page.locator("#dead")).to_contain_text("refused (HTTP 422)")
+    # The last error is a sentence of its own, whatever follows it.
+    await expect(page.locator("#detail")).to_contain_text(re.compile(r"Last error: [^.]+\."))
     await page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
 
     fake.faults.refuse_ids = set()
     fake.faults.outage_until = 0
     await page.click("#replay")
     await expect(page.locator("#dead tr")).to_have_count(0, timeout=20_000)
+    # No dead letters: nothing to send again or delete, no buttons for it.
+    await expect(page.locator("#replay")).to_be_hidden()
+    await expect(page.locator("#purge")).to_be_hidden()
     await expect(page.locator("#state")).to_contain_text("Delivering normally", timeout=20_000)
     await fake.wait_for({events[0]["id"]})
     async with aiohttp.ClientSession() as http, http.get(sidecar.ops_url + "/") as resp:

@@ -286,6 +286,17 @@ class TestRedaction:
             assert REDACTED in text
 
 
+def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`caliper-sidecar check-config -c PATH` in a subprocess, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+
+
 class TestCheckConfigCommand:
     def test_prints_effective_config_redacted(self, tmp_path: Path) -> None:
         """`check-config` prints the effective TOML, secrets redacted, and exits 0."""
@@ -294,12 +305,7 @@ class TestCheckConfigCommand:
             '[upstream]\npreset = "timeback"\n[oauth]\nclient_id = "c"\n'
             'client_secret = "top-secret"\n',
         )
-        out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        out = check_config(path)
         assert out.returncode == 0, out.stderr
         assert "top-secret" not in out.stdout
         assert 'endpoint = "https://platform.timeback.com/caliper/v1p2"' in out.stdout
@@ -315,13 +321,7 @@ class TestCheckConfigCommand:
             f'[upstream]\npreset = "timeback-beyond"\n[oauth]\nclient_id = "c"\n'
             f'client_secret_file = "{secret}"\n',
         )
-        out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "SIDECAR_UPSTREAM_BATCH_MAX_EVENTS": "50"},
-        )
+        out = check_config(path, env={**os.environ, "SIDECAR_UPSTREAM_BATCH_MAX_EVENTS": "50"})
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert f'preset = "timeback-beyond"  # file {path}' in lines
@@ -343,12 +343,7 @@ class TestCheckConfigCommand:
             '[upstream]\nplatform = "learnwith-ai"\n'
             'endpoint = "https://caliper.alpha-1edtech.ai/caliper/event"\n',
         )
-        out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        out = check_config(path)
         assert out.returncode == 0, out.stderr
         assert "warning: upstream.platform is 'learnwith-ai'" in out.stderr
         assert "/caliper/event" in out.stderr
@@ -356,23 +351,13 @@ class TestCheckConfigCommand:
     def test_an_unknown_platform_is_refused(self, tmp_path: Path) -> None:
         """The platform is one of three names; another is an error naming the key."""
         path = write(tmp_path, '[upstream]\nplatform = "timeback"\n')
-        out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        out = check_config(path)
         assert out.returncode == 2
         assert "upstream.platform must be one of learnwith-ai, beyond-ai, caliper" in out.stderr
 
     def test_wrong_config_exits_non_zero_with_the_key(self, tmp_path: Path) -> None:
         path = write(tmp_path, "[upstream]\nbatch_max_events = -1\n")
-        out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        out = check_config(path)
         assert out.returncode == 2
         assert "upstream.batch_max_events must be greater than 0" in out.stderr
 

@@ -132,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         _check_config,
     )
 
+    tokens = group("token", "sender tokens for apps and devices")
+    new = command(tokens, "new", "print a new random sender token", _token_new, config=False)
+    new.add_argument(
+        "--label", help="who the token is for (a room, an app): written before it in the file"
+    )
+
     outbox = group("outbox", "inspect the outbox (safe while `run` is running)")
     stats = command(outbox, "stats", "counts of waiting, delivered and dead events", None)
     stats.add_argument("--json", action="store_true", help="JSON instead of lines for people")
@@ -212,6 +218,23 @@ def _validate(args: argparse.Namespace) -> int:
     from .validate_command import validate_command
 
     return validate_command(args.files, as_json=args.json, profile=args.profile)
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    import secrets
+
+    label = args.label
+    if label is not None and (not label or any(c.isspace() for c in label)):
+        raise ConfigError("--label: one word, without spaces (e.g. room-12)")
+    token = secrets.token_urlsafe(24)  # 192 bits
+    # The line for the tokens file on stdout (`>> tokens` works); what to do with it beside.
+    print(f"{label} {token}" if label else token)
+    print(
+        "a new sender token: add the line above to the file receiver.tokens_file names, and "
+        "give the app the token (the part after the label)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -342,9 +342,24 @@ def _resolve_secret_files(values: dict[str, dict[str, Any]], origins: Origins) -
                 f"{section}.{file_key}: cannot read {file_name}: {e.strerror}"
             ) from None
         if key == "tokens":
-            values[section][key] = tuple(line.strip() for line in text.splitlines() if line.strip())
+            values[section][key] = _tokens_of(text, f"{section}.{file_key} {file_name}")
         else:
             values[section][key] = text.strip()
+
+
+def _tokens_of(text: str, where: str) -> tuple[str, ...]:
+    """The tokens of a tokens file: one a line, optionally after a label and a space
+    (`room-12 3f9c…`, as `caliper-sidecar token new --label room-12` prints it)."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if len(fields) > 2:
+            raise ConfigError(
+                f"{where}, line {number}: a line is a token, or a label, a space and a token"
+            )
+        if fields:
+            tokens.append(fields[-1])
+    return tuple(tokens)
 
 
 def _apply_preset(values: dict[str, dict[str, Any]], origins: Origins) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.cli import _parser
+from sidecar.config import load_settings
 from sidecar.outbox import NewEvent, SqliteOutbox
 from sidecar.validate_command import wants_colour
 
@@ -102,3 +103,27 @@ class TestColour:
         assert not wants_colour(io.StringIO())
         monkeypatch.setenv("NO_COLOR", "1")
         assert not wants_colour(self.Terminal())
+
+
+class TestTokenNew:
+    async def test_a_new_token_goes_into_the_tokens_file_as_printed(self, tmp_path: Path) -> None:
+        """`token new --label L` prints `L <token>` (192 random bits); appended to the tokens
+        file, the token is accepted and the label is not part of it."""
+        code, out, err = await cli("token", "new", "--label", "room-12")
+        assert code == 0, err
+        label, token = out.split()
+        assert label == "room-12"
+        assert len(token) >= 32
+        assert "receiver.tokens_file" in err
+        code, plain, _ = await cli("token", "new")
+        assert len(plain.split()) == 1
+        assert plain.strip() != token
+        tokens = tmp_path / "tokens"
+        tokens.write_text(out + plain)
+        s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+        assert s.receiver.tokens == (token, plain.strip())
+
+    async def test_a_label_is_one_word(self) -> None:
+        code, _, err = await cli("token", "new", "--label", "room 12")
+        assert code == 2
+        assert "one word" in err

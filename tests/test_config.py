@@ -383,3 +383,11 @@ class TestServiceLinks:
         assert s.receiver.port == 8787
         with pytest.raises(ConfigError, match="SIDECAR_RECEIVER_PROT"):
             load_settings(None, environ={var: "x", "SIDECAR_RECEIVER_PROT": "1"})
+
+
+def test_a_tokens_file_with_three_fields_on_a_line_is_refused(tmp_path: Path) -> None:
+    """A tokens file line is a token, or a label and a token: more is a mistake, named."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("room-12 sender-token-0123456789\nroom 13 sender-token-abcdefghij\n")
+    with pytest.raises(ConfigError, match="line 2: a line is a token, or a label"):
+        load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})

@@ -27,6 +27,7 @@ from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import Outbox, open_outbox
 from .preflight import check_tls, preflight
+from .reload import reload
 from .runtime import RUNTIME, Runtime
 from .signals import until_stop_signal
 from .tokens import OAuthTokens, StaticToken, TokenSource
@@ -52,6 +53,8 @@ class Sidecar:
     url: str
     #: where the operators' routes answer (the receiver's URL unless ops.port is set)
     ops_url: str
+    #: the receiver's TLS context (SIGHUP loads a new certificate into it), or None
+    tls: ssl.SSLContext | None = None
     _lifecycle: contextlib.AbstractAsyncContextManager[Sidecar] | None = None
 
     async def stop(self) -> None:
@@ -175,7 +178,7 @@ async def running_sidecar(
             platform=settings.upstream.platform,
             loopback_only=is_loopback(r.host),
         )
-        yield Sidecar(runtime, dispatcher, runner, outbox, url, ops_url)
+        yield Sidecar(runtime, dispatcher, runner, outbox, url, ops_url, ssl_context)
     flush_logs()
 
 
@@ -271,8 +274,19 @@ async def _errors_as_json(
 _BODY_HEADERS: Final = frozenset({"content-type", "content-length"})
 
 
-async def serve(settings: Settings, origins: Origins | None = None) -> None:
-    """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully."""
-    async with running_sidecar(settings, origins):
-        await until_stop_signal()
+async def serve(
+    settings: Settings,
+    origins: Origins | None = None,
+    load: Callable[[], Settings] | None = None,
+) -> None:
+    """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully; at
+    SIGHUP, reload what may change (`load` reads the configuration again)."""
+    async with running_sidecar(settings, origins) as sidecar:
+        hangup = None
+        if load is not None:
+
+            def hangup() -> None:
+                reload(sidecar.runtime, sidecar.tls, load)
+
+        await until_stop_signal(hangup)
         log.info("stopping", reason="signal")

@@ -191,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     # each time, which stretched commits and so throughput under load (BENCHMARKS.md: about
     # +15 % at 0.25 ms, interleaved A/B).
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    asyncio.run(serve(settings, origins))
+    asyncio.run(serve(settings, origins, lambda: _settings(args)))
     return 0
 
 

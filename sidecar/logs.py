@@ -20,6 +20,9 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+#: the level in force; changed by SIGHUP (set_level) without reconfiguring: loggers cache their
+#: configuration on first use, so the filter reads this instead of being built in
+_level = [logging.INFO]
 FLUSH_EVERY_S = 0.2
 MAX_PENDING_LINES = 10_000
 
@@ -101,6 +104,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
     version, and a traceback as data (never plain multi-line text)."""
     global _json_logger
     stream = stream or sys.stderr
+    set_level(level)
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
@@ -127,8 +131,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
         return _Named(name, target)
 
     structlog.configure(
-        processors=[*shared, tracebacks, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        processors=[_below_level, *shared, tracebacks, renderer],
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
@@ -150,3 +153,18 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(_LEVELS[level], logging.WARNING))
+
+
+def set_level(level: str) -> None:
+    """Log at this level from now on (`log.level`; SIGHUP applies a new one)."""
+    _level[0] = _LEVELS[level]
+    logging.getLogger().setLevel(max(_LEVELS[level], logging.WARNING))
+
+
+def _below_level(_: Any, method: str, event: Any) -> Any:
+    if _METHOD_LEVELS.get(method, logging.INFO) < _level[0]:
+        raise structlog.DropEvent
+    return event
+
+
+_METHOD_LEVELS = {**_LEVELS, "exception": logging.ERROR, "critical": logging.CRITICAL}

@@ -243,16 +243,28 @@ class TestTimebackSdkApp:
         assert await p.terminate() == 0
 
 
-async def test_sighup_is_ignored_not_fatal(
+async def test_sighup_reloads_the_admin_token_and_the_log_level(
     tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
 ) -> None:
-    """SIGHUP (a closed terminal, a reload habit) leaves the sidecar running, with a log line;
-    it would kill it by default."""
-    p = launch(tmp_path, platform, processes)
+    """SIGHUP (which would kill it by default) reloads: a new `admin.token` opens the admin
+    routes to it from the next request, and `log.level = "warning"` silences the ingest
+    lines; the process keeps running and takes events."""
+    p = launch(tmp_path, platform, processes, admin__token="admin-token-one-0123456")
     await p.wait_ready()
+    config = tmp_path / "a.toml"
+    text = config.read_text().replace("admin-token-one-0123456", "admin-token-two-0123456")
+    config.write_text(text + '[log]\nlevel = "warning"\n')
     p.proc.send_signal(signal.SIGHUP)
-    await asyncio.sleep(0.5)
+    await eventually(lambda: "reloaded" in p.events())
     assert p.proc.poll() is None
+    async with aiohttp.ClientSession() as http:
+        for token, status in (("admin-token-one-0123456", 401), ("admin-token-two-0123456", 200)):
+            async with http.get(
+                f"{p.url}/v1/dead-letters", headers={"Authorization": f"Bearer {token}"}
+            ) as resp:
+                assert resp.status == status
+    ingest_lines = p.events().count("ingest")
     assert await post(p.url, make_events(1)) == 202
     assert await p.terminate() == 0
-    assert "sighup_ignored" in p.events()
+    assert p.events().count("ingest") == ingest_lines
+    assert '"applied":["admin.token","log.level"]' in p.logs()

@@ -41,28 +41,45 @@ def presented_token(request: web.Request) -> bytes | None:
     return token or None
 
 
-def bearer_matches(request: web.Request, tokens: Iterable[str]) -> bool:
-    """True when the request's `Authorization: Bearer` token is one of these.
+def _bearer_of(request: web.Request, tokens: Iterable[str]) -> str | None:
+    """Which of these tokens the request's `Authorization: Bearer` presents, or None.
 
     Every token is compared, in constant time, whichever matches: how long the check takes
     tells nothing about the tokens. A blank token matches nothing.
     """
     candidate = presented_token(request) or b""
-    matched = False
+    matched = None
     for token in tokens:
-        matched |= hmac.compare_digest(candidate, token.encode()) and bool(token)
-    return bool(candidate) and matched
+        if hmac.compare_digest(candidate, token.encode()) and token:
+            matched = token
+    return matched if candidate else None
+
+
+def bearer_matches(request: web.Request, tokens: Iterable[str]) -> bool:
+    """True when the request's `Authorization: Bearer` token is one of these."""
+    return _bearer_of(request, tokens) is not None
+
+
+def sending_token(request: web.Request, tokens: Sequence[str]) -> str | None:
+    """The sender token a request sends with: one it presents, or the one that signed the
+    token this sidecar issued it; None when it presents neither."""
+    matched = _bearer_of(request, tokens)
+    if matched is not None:
+        return matched
+    candidate = presented_token(request)
+    return None if candidate is None else issued_for(candidate, tokens)
 
 
 def sender_allowed(request: web.Request, tokens: Sequence[str]) -> bool:
     """May this request send events? Always when no sender tokens are set; otherwise when it
     presents one of them, or a token this sidecar issued for one of them."""
-    if not tokens:
-        return True
-    if bearer_matches(request, tokens):
-        return True
-    candidate = presented_token(request)
-    return candidate is not None and issued_token_valid(candidate, tokens)
+    return not tokens or sending_token(request, tokens) is not None
+
+
+def sender_label(token: str | None) -> str:
+    """What names a sender in logs, metrics and journeys: its token's label in
+    `receiver.tokens_file`, or "" (a token without a label, or no tokens at all)."""
+    return getattr(token, "label", None) or ""
 
 
 def issue_token(secret: str | None, now: float | None = None) -> str:
@@ -73,11 +90,16 @@ def issue_token(secret: str | None, now: float | None = None) -> str:
 
 
 def issued_token_valid(token: bytes, secrets_: Sequence[str], now: float | None = None) -> bool:
-    """True for an unexpired token issued for one of these sender tokens. A token of any size
+    """True for an unexpired token issued for one of these sender tokens."""
+    return issued_for(token, secrets_, now) is not None
+
+
+def issued_for(token: bytes, secrets_: Sequence[str], now: float | None = None) -> str | None:
+    """The sender token an unexpired issued token was issued for, or None. A token of any size
     and shape is only ever refused: bounded before it is parsed, its expiry read only when it
     is a short run of ASCII digits (int() of 5,000 digits raises, and was a 500)."""
     if len(token) > MAX_ISSUED_TOKEN or not token.isascii():
-        return False
+        return None
     text = token.decode("ascii")
     claims, _, mac = text.rpartition(".")
     prefix, _, rest = claims.partition(".")
@@ -88,10 +110,11 @@ def issued_token_valid(token: bytes, secrets_: Sequence[str], now: float | None 
         or not all("0" <= c <= "9" for c in expires)
         or int(expires) <= (now or time.time())
     ):
-        return False
-    matched = False
-    for secret in secrets_:
-        matched |= hmac.compare_digest(mac, _mac(secret, claims))
+        return None
+    matched = None
+    for secret in secrets_:  # every one, whichever matches
+        if hmac.compare_digest(mac, _mac(secret, claims)):
+            matched = secret
     return matched
 
 

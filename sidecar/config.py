@@ -34,11 +34,27 @@ class Secret(str):
         return "Secret('**********')" if self else "Secret('')"
 
 
+class SenderToken(Secret):
+    """A sender token from `receiver.tokens_file`, with the label written before it there
+    (`room-12 3f9c…`): the label names the sender in logs, metrics and journeys."""
+
+    def __new__(cls, value: str, label: str | None = None) -> SenderToken:
+        token = super().__new__(cls, value)
+        token.label = label
+        return token
+
+    label: str | None
+
+
+def _secret(value: str) -> Secret:
+    return value if isinstance(value, Secret) else Secret(value)
+
+
 def _mask(section: Any, *keys: str) -> None:
     """Wrap a frozen section's secret fields in Secret (tests and code may pass plain str)."""
     for key in keys:
         value = getattr(section, key)
-        masked = tuple(Secret(v) for v in value) if isinstance(value, tuple) else Secret(value)
+        masked = tuple(_secret(v) for v in value) if isinstance(value, tuple) else _secret(value)
         object.__setattr__(section, key, masked)
 
 
@@ -347,7 +363,7 @@ def _resolve_secret_files(values: dict[str, dict[str, Any]], origins: Origins) -
             values[section][key] = text.strip()
 
 
-def _tokens_of(text: str, where: str) -> tuple[str, ...]:
+def _tokens_of(text: str, where: str) -> tuple[SenderToken, ...]:
     """The tokens of a tokens file: one a line, optionally after a label and a space
     (`room-12 3f9c…`, as `caliper-sidecar token new --label room-12` prints it)."""
     tokens = []
@@ -358,7 +374,7 @@ def _tokens_of(text: str, where: str) -> tuple[str, ...]:
                 f"{where}, line {number}: a line is a token, or a label, a space and a token"
             )
         if fields:
-            tokens.append(fields[-1])
+            tokens.append(SenderToken(fields[-1], fields[0] if len(fields) == 2 else None))
     return tuple(tokens)
 
 

@@ -280,6 +280,7 @@ def journey_document(j: Journey) -> dict[str, Any]:
         "confirmed_at": utc_from_timestamp(j.confirmed_at),
         "unconfirmed_reason": j.unconfirmed_reason,
         "sensor": j.sensor,
+        "sender": j.sender,
     }
     if j.dead_letter is not None:
         d = j.dead_letter

@@ -126,12 +126,20 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        # `sender`: the label of the sender token in receiver.tokens_file ("" without one):
+        # bounded, the labels come only from that file.
         self.events_received = Counter(
-            "sidecar_events_received", "Events committed to the outbox", registry=r
+            "sidecar_events_received", "Events committed to the outbox", ["sender"], registry=r
         )
         self.events_duplicate = Counter(
-            "sidecar_events_duplicate", "Events received again and not stored twice", registry=r
+            "sidecar_events_duplicate",
+            "Events received again and not stored twice",
+            ["sender"],
+            registry=r,
         )
+        # Exported at 0 from the start (for alerts and rates), as unlabelled senders.
+        self.events_received.labels(sender="")
+        self.events_duplicate.labels(sender="")
         self.events_rejected = Counter(
             "sidecar_events_rejected",
             "Events refused at the door, by reason",

@@ -506,6 +506,7 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "confirmed_at",
             "unconfirmed_reason",
             "sensor",
+            "sender",
         ],
         "additionalProperties": False,
         "properties": {
@@ -540,6 +541,10 @@ _SCHEMAS: Final[dict[str, Any]] = {
             "sensor": {
                 "type": ["string", "null"],
                 "description": "the sensor of the app's envelope (null: sent bare)",
+            },
+            "sender": {
+                "type": ["string", "null"],
+                "description": "the label of the sender token it came with (receiver.tokens_file)",
             },
             "dead_letter": {
                 "type": "object",

@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from . import codec, connections
-from .auth import sender_allowed
+from .auth import sender_label, sending_token
 from .envelope import MAX_SENSOR_BYTES, sensor_bytes
 from .errors import unavailable_body
 from .exceptions import OutboxUnavailable
@@ -132,7 +132,8 @@ async def _ingest(
 ) -> Accepted:
     if not rt.accepting:
         raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
-    authenticate(rt, request)
+    sender = authenticate(rt, request)
+    fields["sender"] = sender
     limit = rt.settings.receiver.max_body_bytes
     # Memory held from reading the body until its events are committed is bounded (see
     # connections.ByteBudget); a body of unknown length counts as the largest allowed.
@@ -172,7 +173,7 @@ async def _ingest_body(
                 f"event {index} is {len(body)} bytes; an envelope holds at most "
                 f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
             )
-        batch.append(NewEvent(canonical_id(event_id), body, sensor))
+        batch.append(NewEvent(canonical_id(event_id), body, sensor, fields["sender"] or None))
     rt.commits_in_progress += 1
     try:
         result = await rt.outbox.append(batch, job)
@@ -180,8 +181,8 @@ async def _ingest_body(
         raise _unavailable(e, request.path) from e
     finally:
         rt.commits_in_progress -= 1
-    rt.metrics.events_received.inc(result.accepted)
-    rt.metrics.events_duplicate.inc(result.duplicates)
+    rt.metrics.events_received.labels(sender=fields["sender"]).inc(result.accepted)
+    rt.metrics.events_duplicate.labels(sender=fields["sender"]).inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
     return Accepted(received.ids, result, report, job)
 
@@ -220,16 +221,21 @@ async def validate_only(request: web.Request) -> web.Response:
     return _json(body, 200)
 
 
-def authenticate(rt: Runtime, request: web.Request) -> None:
-    """Raise Rejected (401) unless the request may send events (SPEC §4: a sender token, or a
-    token this sidecar issued)."""
-    if not sender_allowed(request, rt.settings.receiver.tokens):
-        raise Rejected(
-            401,
-            "unauthorized",
-            "a valid `Authorization: Bearer <token>` is required",
-            headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar"'},
-        )
+def authenticate(rt: Runtime, request: web.Request) -> str:
+    """The label of the sender (its token's, "" without one); Rejected (401) unless the
+    request may send events (SPEC §4: a sender token, or a token this sidecar issued)."""
+    tokens = rt.settings.receiver.tokens
+    if not tokens:
+        return ""
+    token = sending_token(request, tokens)
+    if token is not None:
+        return sender_label(token)
+    raise Rejected(
+        401,
+        "unauthorized",
+        "a valid `Authorization: Bearer <token>` is required",
+        headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar"'},
+    )
 
 
 async def _read_events(rt: Runtime, request: web.Request) -> Received:

@@ -59,7 +59,7 @@ class TestMetrics:
             text = await resp.text()
         for name in SPEC_METRICS:
             assert f"\n{name}" in text, name
-        assert "sidecar_events_received_total 7.0" in text
+        assert 'sidecar_events_received_total{sender=""} 7.0' in text
         assert 'sidecar_upstream_requests_total{code="200"}' in text
         assert "sidecar_token_refreshes_total 1.0" in text
         assert "sidecar_outbox_commits_total 1.0" in text

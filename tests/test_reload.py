@@ -148,3 +148,31 @@ async def _answers(url: str, context: ssl.SSLContext) -> bool:
         return await post(url, OLD, context) == 202
     except aiohttp.ClientError:
         return False
+
+
+async def test_the_sender_is_named_in_logs_metrics_and_journeys(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """A token labelled `room-1` in the tokens file: its events' ingest lines, the received
+    metric and their journeys say `room-1`; a token issued for it does too."""
+    process, _ = start(tmp_path, platform, processes)
+    await process.wait_ready()
+    events = make_events(3)
+    headers = {"Authorization": f"Bearer {OLD}"}
+    async with aiohttp.ClientSession(base_url=process.url) as http:
+        async with http.post("/v1/events", json=events, headers=headers) as resp:
+            assert resp.status == 202
+        async with http.get(f"/v1/events/{events[0]['id']}", headers=headers) as resp:
+            assert (await resp.json())["sender"] == "room-1"
+        async with http.get("/metrics") as resp:
+            assert 'sidecar_events_received_total{sender="room-1"} 3.0' in await resp.text()
+        form = {"grant_type": "client_credentials", "client_secret": OLD}
+        async with http.post("/oauth2/token", data=form) as resp:
+            issued = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}
+        later = make_events(1)
+        async with http.post("/v1/events", json=later, headers=issued) as resp:
+            assert resp.status == 202
+        async with http.get(f"/v1/events/{later[0]['id']}", headers=issued) as resp:
+            assert (await resp.json())["sender"] == "room-1"
+    assert await process.terminate() == 0
+    assert '"sender":"room-1"' in process.logs()

@@ -16,12 +16,14 @@ log = structlog.get_logger("sidecar.outbox")
 
 @dataclass(frozen=True, slots=True)
 class NewEvent:
-    """An event to append: its Caliper id, its serialized JSON, and the `sensor` of the
-    envelope the app sent it in (None: sent bare, the configured sensor goes with it)."""
+    """An event to append: its Caliper id, its serialized JSON, the `sensor` of the envelope
+    the app sent it in (None: sent bare, the configured sensor goes with it), and the label of
+    the sender token it came with (None: none, or unlabelled)."""
 
     id: str
     body: bytes
     sensor: str | None = None
+    sender: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +225,7 @@ class Journey:
     confirmed_at: float | None = None
     unconfirmed_reason: str | None = None
     sensor: str | None = None
+    sender: str | None = None
     dead_letter: DeadLetter | None = None
 
 
@@ -247,7 +250,7 @@ def journey_state(
 JOURNEY_COLUMNS: Final = (
     "e.id, e.received_at, e.attempts, e.first_attempt_at, e.last_attempt_at, e.last_error, "
     "e.delivered_at, e.platform_job, e.platform_id, e.confirmed_at, p.state, p.last_error, "
-    "e.unconfirmed, e.sensor"
+    "e.unconfirmed, e.sensor, e.sender"
 )
 
 
@@ -266,6 +269,7 @@ def journey_of(
     job_error: str | None,
     unconfirmed: str | None,
     sensor: str | None,
+    sender: str | None,
 ) -> Journey:
     """The journey of an event still in the queue table, from a row of JOURNEY_COLUMNS."""
     state = journey_state(delivered_at, platform_job, confirmed_at, job_state, unconfirmed)
@@ -285,12 +289,15 @@ def journey_of(
         confirmed_at=confirmed_at,
         unconfirmed_reason=unconfirmed if state == "unconfirmed" else None,
         sensor=sensor,
+        sender=sender,
     )
 
 
-def dead_journey(dead: DeadLetter) -> Journey:
+def dead_journey(dead: DeadLetter, sensor: str | None, sender: str | None) -> Journey:
     """The journey of an event that ended in the dead letters."""
     return Journey(
+        sensor=sensor,
+        sender=sender,
         id=dead.id,
         state="dead_lettered",
         received_at=dead.received_at,

@@ -328,15 +328,17 @@ class PostgresOutbox:
                     r["id"]
                     for r in await conn.fetch(
                         f"""
-                        INSERT INTO events (id, body, size, received_at, sensor)
-                        SELECT id, body, length(body), {NOW}, sensor
-                        FROM unnest($1::text[], $2::bytea[], $4::text[]) AS t(id, body, sensor)
+                        INSERT INTO events (id, body, size, received_at, sensor, sender)
+                        SELECT id, body, length(body), {NOW}, sensor, sender
+                        FROM unnest($1::text[], $2::bytea[], $4::text[], $5::text[])
+                            AS t(id, body, sensor, sender)
                         ON CONFLICT (id) DO UPDATE SET body = excluded.body,
                             size = excluded.size, received_at = excluded.received_at,
                             attempts = 0, first_attempt_at = NULL, last_attempt_at = NULL,
                             last_error = NULL, delivered_at = NULL, claimed_by = NULL,
                             claim_until = NULL, platform_job = NULL, platform_id = NULL,
-                            confirmed_at = NULL, unconfirmed = NULL, sensor = excluded.sensor
+                            confirmed_at = NULL, unconfirmed = NULL, sensor = excluded.sensor,
+                            sender = excluded.sender
                         WHERE events.delivered_at IS NOT NULL AND events.delivered_at < $3
                         RETURNING id
                         """,
@@ -344,6 +346,7 @@ class PostgresOutbox:
                         [e.body for e in rows],
                         now - self.dedupe_window_s,
                         [e.sensor for e in rows],
+                        [e.sender for e in rows],
                     )
                 }
                 await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
@@ -535,15 +538,16 @@ class PostgresOutbox:
             f"""
             WITH gone AS (
                 DELETE FROM events WHERE seq = ANY($1::bigint[]) {fence}
-                RETURNING seq, id, body, received_at, attempts, first_attempt_at, sensor
+                RETURNING seq, id, body, received_at, attempts, first_attempt_at, sensor, sender
             ), dead AS (
                 INSERT INTO dead_letters (id, body, received_at, reason, status, response,
-                    attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor)
+                    attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor,
+                    sender)
                 SELECT id, body, received_at, $2, $3, $4, attempts + 1,
-                    coalesce(first_attempt_at, $5), $5, $5, sensor
+                    coalesce(first_attempt_at, $5), $5, $5, sensor, sender
                 FROM gone ORDER BY seq
                 ON CONFLICT (id) DO UPDATE SET body = excluded.body, reason = excluded.reason,
-                    sensor = excluded.sensor,
+                    sensor = excluded.sensor, sender = excluded.sender,
                     status = excluded.status, response = excluded.response,
                     attempts = excluded.attempts, last_attempt_at = excluded.last_attempt_at,
                     dead_lettered_at = excluded.dead_lettered_at
@@ -626,15 +630,17 @@ class PostgresOutbox:
                 if replay:
                     await conn.execute(
                         f"""
-                        INSERT INTO events (id, body, size, received_at, sensor)
-                        SELECT id, body, length(body), received_at, sensor FROM dead_letters
+                        INSERT INTO events (id, body, size, received_at, sensor, sender)
+                        SELECT id, body, length(body), received_at, sensor, sender
+                        FROM dead_letters
                         WHERE seq = ANY($1::bigint[]) ORDER BY seq
                         ON CONFLICT (id) DO UPDATE SET body = excluded.body,
                             size = excluded.size, received_at = {NOW}, attempts = 0,
                             first_attempt_at = NULL, last_attempt_at = NULL, last_error = NULL,
                             delivered_at = NULL, claimed_by = NULL, claim_until = NULL,
                             platform_job = NULL, platform_id = NULL, confirmed_at = NULL,
-                            unconfirmed = NULL, sensor = excluded.sensor
+                            unconfirmed = NULL, sensor = excluded.sensor,
+                            sender = excluded.sender
                         """,
                         chunk,
                     )
@@ -740,13 +746,14 @@ class PostgresOutbox:
                 wanted,
             )
             dead = await conn.fetch(
-                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ANY($1::text[])",
+                f"SELECT {DEAD_LETTER_COLUMNS}, sensor, sender FROM dead_letters "
+                "WHERE id = ANY($1::text[])",
                 wanted,
             )
         found = {r["id"]: journey_of(*tuple(r)) for r in rows}
         for r in dead:
-            letter = DeadLetter(*tuple(r))
-            found[letter.id] = dead_journey(letter)
+            letter = DeadLetter(*tuple(r)[:-2])
+            found[letter.id] = dead_journey(letter, r["sensor"], r["sender"])
         return found
 
     async def job_event_ids(self, job: str) -> list[str] | None:

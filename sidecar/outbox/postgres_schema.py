@@ -142,6 +142,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE events ADD COLUMN unconfirmed text;
     ALTER TABLE events ADD COLUMN sensor text;
     ALTER TABLE dead_letters ADD COLUMN sensor text;
+    ALTER TABLE events ADD COLUMN sender text;
+    ALTER TABLE dead_letters ADD COLUMN sender text;
     -- Following a platform job is a lease, like a claim: any live replica adopts the jobs of
     -- one that stopped or died. And the live replicas, with what they must agree on.
     ALTER TABLE platform_jobs ADD COLUMN followed_by text;

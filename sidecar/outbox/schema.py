@@ -119,11 +119,14 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # 4: what the platform's answers and the apps' envelopes say. `unconfirmed` is why an event
     # accepted while jobs are followed can never be confirmed (the answer named no job);
     # `sensor` is the sensor of the envelope the app sent the event in (NULL: sent bare), kept
-    # with a dead letter so that a replayed event leaves under its app's sensor again.
+    # with a dead letter so that a replayed event leaves under its app's sensor again; `sender`
+    # the label of the token it came with.
     """
     ALTER TABLE events ADD COLUMN unconfirmed TEXT;
     ALTER TABLE events ADD COLUMN sensor TEXT;
     ALTER TABLE dead_letters ADD COLUMN sensor TEXT;
+    ALTER TABLE events ADD COLUMN sender TEXT;
+    ALTER TABLE dead_letters ADD COLUMN sender TEXT;
     """,
 )
 

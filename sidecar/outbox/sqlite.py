@@ -419,8 +419,8 @@ class SqliteOutbox:
         return await self._dead_letters_in_chunks(
             ids,
             progress,
-            "INSERT OR REPLACE INTO events (id, body, size, received_at, sensor) "
-            "SELECT id, body, length(body), received_at, sensor FROM dead_letters "
+            "INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender) "
+            "SELECT id, body, length(body), received_at, sensor, sender FROM dead_letters "
             "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
         )
 
@@ -508,13 +508,13 @@ class SqliteOutbox:
         )
         found = {row[0]: journey_of(*row) for row in await cur.fetchall()}
         cur = await conn.execute(
-            f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
+            f"SELECT {DEAD_LETTER_COLUMNS}, sensor, sender FROM dead_letters "
             "WHERE id IN (SELECT value FROM json_each(?))",
             (wanted,),
         )
         for row in await cur.fetchall():
-            dead = DeadLetter(*row)
-            found[dead.id] = dead_journey(dead)
+            dead = DeadLetter(*row[:-2])
+            found[dead.id] = dead_journey(dead, *row[-2:])
         return found
 
     @_read_errors_unavailable

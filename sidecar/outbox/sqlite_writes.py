@@ -43,7 +43,7 @@ def insert_appends(
     )
     # Packed: the group's bodies as one blob and [id, offset, length, sensor] per event, so
     # that SQLite inserts every row in one statement (no per-row binding in Python).
-    entries: list[tuple[str, int, int, str | None]] = []
+    entries: list[tuple[str, int, int, str | None, str | None]] = []
     bodies: list[bytes] = []
     offset = 1  # substr counts from 1
     jobs: list[tuple[str, float, str]] = []
@@ -53,7 +53,7 @@ def insert_appends(
             results.append(fresh)
             continue
         for e in fresh:
-            entries.append((e.id, offset, len(e.body), e.sensor))
+            entries.append((e.id, offset, len(e.body), e.sensor, e.sender))
             bodies.append(e.body)
             offset += len(e.body)
         if job is not None:
@@ -141,9 +141,10 @@ def move_to_dead_letters(
     conn.execute(
         """
         INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
-            response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor)
+            response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor,
+            sender)
         SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
-            coalesce(first_attempt_at, ?4), ?4, ?4, sensor
+            coalesce(first_attempt_at, ?4), ?4, ?4, sensor, sender
         FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
         """,
         (reason, status, response[:1024], now, wanted),
@@ -238,8 +239,9 @@ _KNOWN_IDS: Final = """
 # REPLACE only ever meets a delivered row older than the dedupe window (not yet pruned): every
 # other known id was filtered out before. json_each keeps the array's order, so seq does too.
 _PACKED_INSERT: Final = """
-    INSERT OR REPLACE INTO events (id, body, size, received_at, sensor)
-    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3, value ->> 3
+    INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender)
+    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3, value ->> 3,
+        value ->> 4
     FROM json_each(?1)
 """
 #: the send that succeeded counts as an attempt (?1 is the time)

@@ -12,8 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sidecar.config import OutboxSettings
 from sidecar.exceptions import OutboxUnavailable
-from sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome
+from sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_outbox
 from sidecar.outbox.postgres import LISTENER_NAME
 from sidecar.outbox.postgres_schema import SCHEMA
 
@@ -354,3 +355,48 @@ class TestLimitsAndWindows:
             await box.acknowledge(batch.claim, batch.seqs, "job-3")
             outcome = PlatformJobOutcome(True, "the job crashed")
             assert await box.finish_platform_job("job-3", outcome) == 2
+
+
+class TestPostgresUpgrade:
+    async def test_version_1_database_keeps_everything(self) -> None:
+        """A database at schema version 1 (the release before this one) holding waiting,
+        delivered and dead-lettered events migrates in place: nothing lost, duplicates still
+        known, and the waiting events are sent."""
+        from sidecar.outbox.postgres_schema import MIGRATIONS
+
+        with fresh_database() as url:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f"CREATE SCHEMA {SCHEMA}; SET search_path = {SCHEMA}")
+                await conn.execute(MIGRATIONS[0])
+                await conn.execute(
+                    "CREATE TABLE schema_version (version integer NOT NULL);"
+                    "INSERT INTO schema_version VALUES (1)"
+                )
+                waiting, delivered, dead = new_id(), new_id(), new_id()
+                await conn.execute(
+                    "INSERT INTO events (id, body, size, received_at) VALUES ($1, '{}', 2, 1)",
+                    waiting,
+                )
+                await conn.execute(
+                    "INSERT INTO events (id, body, size, received_at, delivered_at) "
+                    "VALUES ($1, '', 0, 1, extract(epoch from now()))",
+                    delivered,
+                )
+                await conn.execute(
+                    "INSERT INTO dead_letters (id, body, received_at, reason, attempts, "
+                    "dead_lettered_at) VALUES ($1, '{}', 1, 'refused', 1, 1)",
+                    dead,
+                )
+            finally:
+                await conn.close()
+            async with open_outbox(OutboxSettings(url=url), exclusive=False) as box:
+                stats = await box.stats()
+                assert (stats.events, stats.dead_letters) == (1, 1)
+                again = [NewEvent(delivered, b"{}"), NewEvent(dead, b"{}")]
+                assert (await box.append(again)).duplicates == 2
+                batch = await box.claim_batch(10, 10_000)
+                assert [e.id for e in batch.events] == [waiting]
+                await box.acknowledge(batch.claim, batch.seqs)
+                assert (await box.journeys([waiting]))[waiting].attempts == 1
+                assert [d.id for d in await box.dead_letters(10)] == [dead]

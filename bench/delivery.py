@@ -122,7 +122,7 @@ def main() -> None:
 def confirmed(url: str) -> float:
     """Platform jobs the sidecar has seen completed (its metric)."""
     try:
-        return metric(url, 'sidecar_platform_jobs_total{outcome="completed"}')
+        return metric(url, 'caliper_sidecar_platform_jobs_total{outcome="completed"}')
     except KeyError:
         return 0.0
 

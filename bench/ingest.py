@@ -97,12 +97,12 @@ def measure(
     try:
         wrk(server.url, event, batch=batch, connections=connections, seconds=WARMUP_S)
         try:
-            commits_before = metric(server.url, "sidecar_outbox_commits_total")
+            commits_before = metric(server.url, "caliper_sidecar_outbox_commits_total")
         except (KeyError, OSError):
             commits_before = None
         result = wrk(server.url, event, batch=batch, connections=connections, seconds=seconds)
         if commits_before is not None:
-            commits = metric(server.url, "sidecar_outbox_commits_total") - commits_before
+            commits = metric(server.url, "caliper_sidecar_outbox_commits_total") - commits_before
             result["requests_per_commit"] = result["rps"] * seconds / max(commits, 1)
         return result
     finally:

@@ -59,28 +59,32 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot
         for name, doc, value in (
-            ("sidecar_outbox_events", "Events waiting", s.events),
-            ("sidecar_outbox_bytes", "Bytes of events waiting", s.bytes),
+            ("caliper_sidecar_outbox_events", "Events waiting", s.events),
+            ("caliper_sidecar_outbox_bytes", "Bytes of events waiting", s.bytes),
             (
-                "sidecar_outbox_oldest_age_seconds",
+                "caliper_sidecar_outbox_oldest_age_seconds",
                 "Age of the oldest waiting event",
                 s.oldest_age_s,
             ),
-            ("sidecar_outbox_dead_letters", "Events in the dead-letter table", s.dead_letters),
             (
-                "sidecar_outbox_capacity_events",
+                "caliper_sidecar_outbox_dead_letters",
+                "Events in the dead-letter table",
+                s.dead_letters,
+            ),
+            (
+                "caliper_sidecar_outbox_capacity_events",
                 "Events the outbox holds at most (outbox.max_events)",
                 s.capacity_events,
             ),
             (
-                "sidecar_outbox_capacity_bytes",
+                "caliper_sidecar_outbox_capacity_bytes",
                 "Bytes of events the outbox holds at most (outbox.max_bytes)",
                 s.capacity_bytes,
             ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         up = GaugeMetricFamily(
-            "sidecar_upstream_up",
+            "caliper_sidecar_upstream_state",
             "1 for the upstream's current state (ok, backing_off, auth_failed, endpoint_failed, "
             "refusing), 0 for the others",
             labels=["state"],
@@ -89,7 +93,7 @@ class _StateCollector(Collector):
             up.add_metric([state], 1.0 if s.upstream_state == state else 0.0)
         yield up
         jobs = GaugeMetricFamily(
-            "sidecar_platform_jobs_open",
+            "caliper_sidecar_platform_jobs_open",
             "Platform jobs by state: waiting/active (followed), unconfirmed (given up on)",
             labels=["state"],
         )
@@ -99,7 +103,7 @@ class _StateCollector(Collector):
         yield jobs
         if s.token_expires_at is not None:
             yield GaugeMetricFamily(
-                "sidecar_token_expiry_timestamp_seconds",
+                "caliper_sidecar_token_expiry_timestamp_seconds",
                 "When the upstream access token expires (Unix time)",
                 value=s.token_expires_at,
             )
@@ -129,10 +133,13 @@ class Metrics:
         # `sender`: the label of the sender token in receiver.tokens_file ("" without one):
         # bounded, the labels come only from that file.
         self.events_received = Counter(
-            "sidecar_events_received", "Events committed to the outbox", ["sender"], registry=r
+            "caliper_sidecar_events_received",
+            "Events committed to the outbox",
+            ["sender"],
+            registry=r,
         )
         self.events_duplicate = Counter(
-            "sidecar_events_duplicate",
+            "caliper_sidecar_events_duplicate",
             "Events received again and not stored twice",
             ["sender"],
             registry=r,
@@ -141,21 +148,21 @@ class Metrics:
         self.events_received.labels(sender="")
         self.events_duplicate.labels(sender="")
         self.events_rejected = Counter(
-            "sidecar_events_rejected",
+            "caliper_sidecar_events_rejected",
             "Events refused at the door, by reason",
             ["reason"],
             registry=r,
         )
         self.events_delivered = Counter(
-            "sidecar_events_delivered", "Events the platform accepted", registry=r
+            "caliper_sidecar_events_delivered", "Events the platform accepted", registry=r
         )
         self.events_unconfirmed = Counter(
-            "sidecar_events_unconfirmed",
+            "caliper_sidecar_events_unconfirmed",
             "Events the platform accepted without a job to confirm them (jobs_url is set)",
             registry=r,
         )
         self.events_dead_lettered = Counter(
-            "sidecar_events_dead_lettered",
+            "caliper_sidecar_events_dead_lettered",
             "Events moved to the dead-letter table",
             ["reason"],
             registry=r,
@@ -167,26 +174,26 @@ class Metrics:
         self.state = _StateCollector()
         r.register(self.state)
         self.build_info = Gauge(
-            "sidecar_build_info", "The running version (always 1)", ["version"], registry=r
+            "caliper_sidecar_build_info", "The running version (always 1)", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
         self.in_flight = Gauge(
-            "sidecar_events_in_flight", "Events in requests to the platform", registry=r
+            "caliper_sidecar_events_in_flight", "Events in requests to the platform", registry=r
         )
         self.upstream_requests = Counter(
-            "sidecar_upstream_requests",
+            "caliper_sidecar_upstream_requests",
             "Requests to the Caliper endpoint, by status code",
             ["code"],
             registry=r,
         )
         self.upstream_seconds = Histogram(
-            "sidecar_upstream_request_seconds",
+            "caliper_sidecar_upstream_request_seconds",
             "Duration of requests to the Caliper endpoint",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
         self.platform_jobs = Counter(
-            "sidecar_platform_jobs",
+            "caliper_sidecar_platform_jobs",
             "Platform processing jobs finished: completed (events confirmed), failed (events "
             "dead-lettered or sent again), unconfirmed (never finished; given up on)",
             ["outcome"],
@@ -195,7 +202,7 @@ class Metrics:
         for outcome in PLATFORM_JOB_OUTCOMES:
             self.platform_jobs.labels(outcome=outcome)
         self.token_requests_refused = Counter(
-            "sidecar_token_requests_refused",
+            "caliper_sidecar_token_requests_refused",
             "Requests to the sidecar's own token endpoint refused: invalid_client (a wrong "
             "client secret), slowed_down (an address that kept failing, not checked)",
             ["reason"],
@@ -204,14 +211,18 @@ class Metrics:
         for reason in ("invalid_client", "slowed_down"):
             self.token_requests_refused.labels(reason=reason)
         self.token_refreshes = Counter(
-            "sidecar_token_refreshes", "Tokens fetched from the OAuth token endpoint", registry=r
+            "caliper_sidecar_token_refreshes",
+            "Tokens fetched from the OAuth token endpoint",
+            registry=r,
         )
 
     def observe_commits(self, read: Callable[[], int]) -> None:
         """Export the outbox's group-commit count (kept by the outbox, read at scrape time):
         far fewer commits than ingest requests is the group commit working."""
         self.registry.register(
-            _ObservedCounter("sidecar_outbox_commits", "Group commits of ingested events", read)
+            _ObservedCounter(
+                "caliper_sidecar_outbox_commits", "Group commits of ingested events", read
+            )
         )
 
     def render(self, accept: str = "") -> tuple[bytes, str]:

@@ -70,7 +70,7 @@ class TestProcessingConfirmation:
         assert journeys[events[0]["id"]].platform_id
         assert journeys[events[0]["id"]].platform_job in fake.jobs
         metrics = sidecar.runtime.metrics.render()[0].decode()
-        assert 'sidecar_platform_jobs_total{outcome="completed"}' in metrics
+        assert 'caliper_sidecar_platform_jobs_total{outcome="completed"}' in metrics
 
     async def test_stop_while_a_job_is_followed_returns(self, beyond: Start, fake: Any) -> None:
         """Stopping a sidecar right after its events arrived, while their job is followed,
@@ -106,8 +106,8 @@ class TestProcessingConfirmation:
         assert "extension not allowed" in dead.response
         assert dead.body  # kept, so that it can be replayed
         metrics = sidecar.runtime.metrics.render()[0].decode()
-        assert 'sidecar_events_dead_lettered_total{reason="platform_failed"} 1.0' in metrics
-        assert 'sidecar_platform_jobs_total{outcome="failed"} 1.0' in metrics
+        assert 'caliper_sidecar_events_dead_lettered_total{reason="platform_failed"} 1.0' in metrics
+        assert 'caliper_sidecar_platform_jobs_total{outcome="failed"} 1.0' in metrics
 
     async def test_job_that_never_finishes_is_reported(
         self, beyond: Start, fake: Any, monkeypatch: pytest.MonkeyPatch
@@ -131,8 +131,8 @@ class TestProcessingConfirmation:
             async with client.get("/metrics") as resp:
                 metrics = await resp.text()
         assert status["upstream"]["platform_jobs"] == {"following": 0, "unconfirmed": 1}
-        assert 'sidecar_platform_jobs_total{outcome="unconfirmed"} 1.0' in metrics
-        assert 'sidecar_platform_jobs_open{state="unconfirmed"} 1.0' in metrics
+        assert 'caliper_sidecar_platform_jobs_total{outcome="unconfirmed"} 1.0' in metrics
+        assert 'caliper_sidecar_platform_jobs_open{state="unconfirmed"} 1.0' in metrics
         job = next(iter(fake.jobs.values()))
         assert 2 <= job.polls < 20  # bounded polling
 

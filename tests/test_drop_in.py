@@ -528,8 +528,8 @@ class TestTokenRequestsRefused:
         assert 1 <= len(lines) <= 2
         async with client.get("/metrics") as resp:
             text = await resp.text()
-        assert 'sidecar_token_requests_refused_total{reason="invalid_client"} ' in text
-        assert 'sidecar_token_requests_refused_total{reason="slowed_down"} ' in text
+        assert 'caliper_sidecar_token_requests_refused_total{reason="invalid_client"} ' in text
+        assert 'caliper_sidecar_token_requests_refused_total{reason="slowed_down"} ' in text
 
     def test_short_sender_tokens_are_refused_at_start(self) -> None:
         """A sender token shorter than 16 characters is a configuration error naming it."""

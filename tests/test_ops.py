@@ -19,14 +19,14 @@ from sidecar.runtime import Runtime
 from .conftest import StartSidecar, eventually, free_port, make_events, settings_for
 
 SPEC_METRICS = (
-    "sidecar_events_received_total",
-    "sidecar_events_delivered_total",
-    "sidecar_events_dead_lettered_total",
-    "sidecar_outbox_events",
-    "sidecar_outbox_oldest_age_seconds",
-    "sidecar_upstream_requests_total",
-    "sidecar_upstream_request_seconds",
-    "sidecar_token_refreshes_total",
+    "caliper_sidecar_events_received_total",
+    "caliper_sidecar_events_delivered_total",
+    "caliper_sidecar_events_dead_lettered_total",
+    "caliper_sidecar_outbox_events",
+    "caliper_sidecar_outbox_oldest_age_seconds",
+    "caliper_sidecar_upstream_requests_total",
+    "caliper_sidecar_upstream_request_seconds",
+    "caliper_sidecar_token_refreshes_total",
 )
 
 
@@ -51,7 +51,7 @@ class TestMetrics:
 
         async def delivered_counted() -> bool:
             async with client.get("/metrics") as resp:
-                return "sidecar_events_delivered_total 7.0" in await resp.text()
+                return "caliper_sidecar_events_delivered_total 7.0" in await resp.text()
 
         await eventually(delivered_counted)
         async with client.get("/metrics") as resp:
@@ -59,11 +59,11 @@ class TestMetrics:
             text = await resp.text()
         for name in SPEC_METRICS:
             assert f"\n{name}" in text, name
-        assert 'sidecar_events_received_total{sender=""} 7.0' in text
-        assert 'sidecar_upstream_requests_total{code="200"}' in text
-        assert "sidecar_token_refreshes_total 1.0" in text
-        assert "sidecar_outbox_commits_total 1.0" in text
-        assert "sidecar_outbox_events 0.0" in text
+        assert 'caliper_sidecar_events_received_total{sender=""} 7.0' in text
+        assert 'caliper_sidecar_upstream_requests_total{code="200"}' in text
+        assert "caliper_sidecar_token_refreshes_total 1.0" in text
+        assert "caliper_sidecar_outbox_commits_total 1.0" in text
+        assert "caliper_sidecar_outbox_events 0.0" in text
         assert "process_resident_memory_bytes" in text
 
     async def test_metrics_that_make_alerts_possible(
@@ -76,12 +76,12 @@ class TestMetrics:
         await fake.wait_for(1)
         async with client.get("/metrics") as resp:
             text = await resp.text()
-        assert "sidecar_outbox_capacity_events 1e+06" in text
-        assert "sidecar_outbox_capacity_bytes" in text
-        assert 'sidecar_upstream_up{state="ok"} 1.0' in text
-        assert 'sidecar_upstream_up{state="auth_failed"} 0.0' in text
-        assert 'sidecar_build_info{version="' in text
-        assert "sidecar_token_expiry_timestamp_seconds 1." in text
+        assert "caliper_sidecar_outbox_capacity_events 1e+06" in text
+        assert "caliper_sidecar_outbox_capacity_bytes" in text
+        assert 'caliper_sidecar_upstream_state{state="ok"} 1.0' in text
+        assert 'caliper_sidecar_upstream_state{state="auth_failed"} 0.0' in text
+        assert 'caliper_sidecar_build_info{version="' in text
+        assert "caliper_sidecar_token_expiry_timestamp_seconds 1." in text
         assert "_created" not in text
 
     async def test_openmetrics_when_asked(self, client: aiohttp.ClientSession) -> None:
@@ -92,7 +92,7 @@ class TestMetrics:
             assert resp.content_type == "application/openmetrics-text"
             text = await resp.text()
         assert text.rstrip().endswith("# EOF")
-        assert "sidecar_events_received_total" in text
+        assert "caliper_sidecar_events_received_total" in text
 
 
 class TestStatus:

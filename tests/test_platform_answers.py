@@ -111,7 +111,9 @@ class TestAFailingEndpointIsNotBadEvents:
             status_doc = await get(client, "/v1/status")
             assert status_doc["upstream"]["state"] == "endpoint_failed"
             assert f"HTTP {status}" in status_doc["upstream"]["last_error"]
-            assert await metric(client, 'sidecar_upstream_up{state="endpoint_failed"}') == 1
+            assert (
+                await metric(client, 'caliper_sidecar_upstream_state{state="endpoint_failed"}') == 1
+            )
             fake.faults.refuse_all = None
             await fake.wait_for({e["id"] for e in events})
         assert (await sidecar.outbox.stats()).dead_letters == 0
@@ -145,7 +147,7 @@ class TestARefusalEveryEventGets:
             await post(client, events)
             await eventually(lambda: sidecar.dispatcher.state == "refusing")
             assert (await get(client, "/v1/status"))["upstream"]["state"] == "refusing"
-            assert await metric(client, 'sidecar_upstream_up{state="refusing"}') == 1
+            assert await metric(client, 'caliper_sidecar_upstream_state{state="refusing"}') == 1
             stats = await sidecar.outbox.stats()
             assert (stats.dead_letters, stats.events) == (0, 40)
             fake.faults.refuse_all = None
@@ -213,7 +215,7 @@ class TestProcessingConfirmation:
         journey = await get(client, f"/v1/events/{first['id']}")
         assert journey["state"] == "unconfirmed"
         assert "without a jobId" in journey["unconfirmed_reason"]
-        assert await metric(client, "sidecar_events_unconfirmed_total") == 2
+        assert await metric(client, "caliper_sidecar_events_unconfirmed_total") == 2
         warnings = [e for e in logs if e["event"] == "platform_answered_without_job"]
         assert len(warnings) == 1
 

@@ -165,7 +165,7 @@ async def test_the_sender_is_named_in_logs_metrics_and_journeys(
         async with http.get(f"/v1/events/{events[0]['id']}", headers=headers) as resp:
             assert (await resp.json())["sender"] == "room-1"
         async with http.get("/metrics") as resp:
-            assert 'sidecar_events_received_total{sender="room-1"} 3.0' in await resp.text()
+            assert 'caliper_sidecar_events_received_total{sender="room-1"} 3.0' in await resp.text()
         form = {"grant_type": "client_credentials", "client_secret": OLD}
         async with http.post("/oauth2/token", data=form) as resp:
             issued = {"Authorization": f"Bearer {(await resp.json())['access_token']}"}

@@ -127,7 +127,7 @@ class TestOAuthTokens:
         metrics = Metrics()
         tokens = OAuthTokens(session, oauth(platform), 5.0, metrics)
         await tokens.bearer()
-        assert b"sidecar_token_refreshes_total 1.0" in metrics.render()[0]
+        assert b"caliper_sidecar_token_refreshes_total 1.0" in metrics.render()[0]
 
 
 class TestStaticToken:

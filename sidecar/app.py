@@ -197,6 +197,7 @@ async def _serve(
         middlewares=[cross_origin, _errors_as_json, refuse_unknown_hosts],
     )
     app[RUNTIME] = runtime
+    app[ops.OPS_LISTENER] = name == "ops"
     app.add_routes(routes)
     runner = web.AppRunner(
         app,

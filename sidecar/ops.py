@@ -102,9 +102,17 @@ def operators_only(rt: Runtime, request: web.Request) -> None:
     )
 
 
+#: set on the ops listener's application (ops.port): what it serves is for operators only
+OPS_LISTENER: Final = web.AppKey("ops_listener", bool)
+
+
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics: on a separate ops listener for whoever scrapes it (Prometheus in a
+    pod scrapes from another address, and carries no token); on the receiver's listener, for
+    this machine or the admin token only."""
     rt = request.app[RUNTIME]
-    operators_only(rt, request)
+    if not request.app.get(OPS_LISTENER, False):
+        operators_only(rt, request)
     stats = await rt.outbox.stats()
     limits = rt.settings.outbox
     rt.metrics.state.snapshot = Snapshot(

@@ -227,3 +227,28 @@ def test_kubernetes_pods_take_no_service_links(manifest: str) -> None:
     for document in yaml.safe_load_all((DEPLOY / "kubernetes" / manifest).read_text()):
         if document and document.get("kind") in ("Deployment", "StatefulSet"):
             assert document["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_prometheus_operator_monitors_scrape_the_ops_port() -> None:
+    """The PodMonitor selects the sidecar's pods and the ServiceMonitor the gateway's ops
+    Service, both on the port named `ops`, which the pods declare and which serves /metrics
+    without a token."""
+    monitors = {
+        d["kind"]: d
+        for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "monitoring.yaml").read_text())
+    }
+    pods = yaml.safe_load_all((DEPLOY / "kubernetes" / "caliper-sidecar.yaml").read_text())
+    app = next(d for d in pods if d and d["kind"] == "Deployment")["spec"]["template"]
+    assert (
+        monitors["PodMonitor"]["spec"]["selector"]["matchLabels"].items()
+        <= app["metadata"]["labels"].items()
+    )
+    containers = app["spec"]["containers"] + app["spec"].get("initContainers", [])
+    ports = {p["name"] for c in containers for p in c.get("ports", [])}
+    assert monitors["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    service = monitors["Service"]
+    assert (
+        monitors["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items()
+        <= service["metadata"]["labels"].items()
+    )
+    assert monitors["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "ops"

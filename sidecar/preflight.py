@@ -8,6 +8,7 @@ not match its endpoint's path, a file holding secrets that others can read, runn
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import ssl
 import stat
@@ -86,6 +87,11 @@ def check_postgres_url(url: str) -> None:
         raise ConfigError("outbox.url: port 0 is no port")
     if parts.netloc and not host and "@" not in parts.netloc:
         raise ConfigError("outbox.url has no host")
+    if importlib.util.find_spec("asyncpg") is None:
+        raise ConfigError(
+            "outbox.url names a PostgreSQL outbox, whose driver is not installed: "
+            "pip install 'caliper-sidecar[postgres]'"
+        )
 
 
 def check_outbox_directory(path: Path) -> None:

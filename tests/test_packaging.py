@@ -39,3 +39,12 @@ def test_examples_are_valid(path: Path) -> None:
     """The README's curl example sends examples/event.json: every example passes validation."""
     events = events_of(json.loads(path.read_text()))
     assert validate_events(events).errors == []
+
+
+def test_postgres_is_an_extra() -> None:
+    """The embedded default needs no PostgreSQL driver: asyncpg comes with the `postgres`
+    extra (and the test extra, whose tests use it), never with a plain install."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("asyncpg") for d in project["dependencies"])
+    assert any(d.startswith("asyncpg") for d in project["optional-dependencies"]["postgres"])
+    assert "caliper-sidecar[postgres]" in project["optional-dependencies"]["test"]

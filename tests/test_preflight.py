@@ -72,3 +72,21 @@ async def test_running_as_root_is_a_warning(tmp_path: Path) -> None:
     """Running as root is said at start, with what to do instead."""
     _, _, err = await cli("check-config", "-c", str(config(tmp_path, "")))
     assert "running as root" in err
+
+
+def test_a_postgres_outbox_without_its_driver_says_which_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """asyncpg comes with the `postgres` extra only: an outbox.url without it is a
+    configuration error that names the extra (as if it were not installed)."""
+    import importlib.util
+
+    from sidecar.exceptions import ConfigError
+    from sidecar.preflight import check_postgres_url
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "asyncpg" else real(name)
+    )
+    with pytest.raises(ConfigError, match=r"caliper-sidecar\[postgres\]"):
+        check_postgres_url("postgresql://u@127.0.0.1/db")

@@ -20,7 +20,7 @@ from .conftest import make_events
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "caliper-sidecar.json"
-METRIC = re.compile(r"\bsidecar_[a-z_]+")
+METRIC = re.compile(r"\bcaliper_sidecar_[a-z_]+")
 
 
 @pytest.fixture(scope="session")
@@ -77,5 +77,20 @@ async def test_every_queried_metric_is_exported(sidecar: Sidecar, fake: object) 
     exported = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")
     }
-    missing = sorted(name for name in queried_metrics() if name not in exported)
+    queried = queried_metrics()
+    assert len(queried) > 10  # the alerts and the panels ask for many
+    missing = sorted(name for name in queried if name not in exported)
     assert not missing, missing
+
+
+def test_dashboard_selects_job_and_instance() -> None:
+    """A fleet of relays in one Prometheus: the dashboard has job and instance variables, and
+    every query is narrowed by both."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"job", "instance"} <= variables
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for found in METRIC.finditer(target["expr"]):
+                selector = target["expr"][found.end() :]
+                assert selector.startswith('{job=~"$job",instance=~"$instance"'), target["expr"]

@@ -161,7 +161,9 @@ def fake_and_sidecar(
     tmp: Path, platform: str = "learnwith", **sections: dict[str, Any]
 ) -> tuple[Process, Process]:
     """The fake TimeBack (ids only) and a sidecar forwarding to it with OAuth: to its
-    LearnWith.AI endpoint, or to its Beyond AI one with processing confirmation (`jobs_url`);
+    older events endpoint ("learnwith": events leave as stored), to its LearnWith.AI endpoint with
+    `upstream.platform = "learnwith-ai"` (every event rewritten), or to its Beyond AI one with
+    processing confirmation (`jobs_url`);
     `sections` add to the sidecar's configuration (an `upstream` section is merged)."""
     fake_port = free_port()
     fake = Process(
@@ -173,6 +175,9 @@ def fake_and_sidecar(
             "endpoint": f"{fake.url}/caliper/event",
             "jobs_url": f"{fake.url}/jobs/{{id}}/status",
         }
+    elif platform == "learnwith-ai":
+        # LearnWith.AI's own endpoint: every event gets the SDK's LearnWith.AI form on the way.
+        target = {"endpoint": f"{fake.url}/caliper/v1p2", "platform": "learnwith-ai"}
     else:
         target = {"endpoint": f"{fake.url}/events/1.0/"}
     upstream = {**target, **sections.pop("upstream", {})}

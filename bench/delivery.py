@@ -1,7 +1,7 @@
 """Draining a backlog to the fake TimeBack on loopback: events/s and peak memory (issue 6).
 
     .venv/bin/python bench/delivery.py [--events 1000000] [--batch 100] [--concurrency 4]
-                                       [--platform learnwith|beyond-ai]
+                                       [--platform learnwith|learnwith-ai|beyond-ai]
 
 Writes the backlog straight into a new outbox file (the sidecar's own schema), starts the fake
 TimeBack (`mock-upstream --ids-only`) and `caliper-sidecar run` on that outbox, and times the
@@ -59,10 +59,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument(
         "--platform",
-        choices=("learnwith", "beyond-ai"),
+        choices=("learnwith", "learnwith-ai", "beyond-ai"),
         default="learnwith",
-        help="the fake's LearnWith.AI endpoint, or Beyond AI's with its jobs followed until "
-        "every event is confirmed",
+        help="learnwith: the fake's older events endpoint (events leave as stored); "
+        "learnwith-ai: its LearnWith.AI endpoint, every event in the SDK's LearnWith.AI form; "
+        "beyond-ai: Beyond AI's with its jobs followed until every event is confirmed",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:

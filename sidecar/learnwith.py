@@ -19,6 +19,7 @@ recognise it.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -125,11 +126,18 @@ def _derived_id(event_id: str, where: str) -> str:
     return f"urn:uuid:{uuid.uuid5(_IDS, f'{event_id}/{where}')}"
 
 
+#: UTC times with 3 to 6 decimals: the SDK's rewrite keeps the first three, which a slice does
+#: for a fraction of the cost of parsing (every event bound for LearnWith.AI passes here)
+_UTC_FRACTION: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3,6}Z")
+
+
 def _milliseconds(value: Any) -> Any:
     """A time as LearnWith.AI wants it, UTC with exactly three decimals; left alone if it is
     not a time (as the SDK does)."""
     if not isinstance(value, str) or not value:
         return value
+    if _UTC_FRACTION.fullmatch(value):
+        return value[:23] + "Z"
     text = value[:-1] + "+00:00" if value.endswith("Z") else value
     try:
         moment = datetime.fromisoformat(text)

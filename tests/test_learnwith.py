@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.app import Sidecar, start
 from sidecar.learnwith import rewrite_body, rewrite_event
@@ -221,3 +224,18 @@ async def _dead_letters(sidecar: Sidecar, reopen: str | None = None) -> list[Any
         return await sidecar.outbox.dead_letters(10)
     async with SqliteOutbox(reopen) as outbox:
         return await outbox.dead_letters(10)
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1970, 1, 2), max_value=datetime(2999, 12, 31), timezones=st.just(UTC)
+    ),
+    st.integers(min_value=3, max_value=6),
+)
+def test_times_are_cut_as_the_sdk_cuts_them(moment: datetime, digits: int) -> None:
+    """The shortcut for UTC times with 3 to 6 decimals gives what the SDK's parse-and-format
+    gives (`_normalize_datetime` in its lwai.py, written out here)."""
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[: 20 + digits] + "Z"
+    parsed = datetime.fromisoformat(text[:-1] + "+00:00").astimezone(UTC)
+    sdk = parsed.strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
+    assert rewrite_event({"eventTime": text})["eventTime"] == sdk

@@ -26,7 +26,7 @@ from .guards import refuse_unknown_hosts
 from .logs import flush_logs
 from .metrics import Metrics
 from .outbox import Outbox, open_outbox
-from .preflight import check_tls, preflight
+from .preflight import preflight
 from .reload import reload
 from .runtime import RUNTIME, Runtime
 from .signals import until_stop_signal
@@ -102,9 +102,10 @@ async def running_sidecar(
     Raises SidecarError subclasses at start, with whatever was opened closed again (an open
     outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
     """
-    for warning in preflight(settings, origins):
+    checked = preflight(settings, origins)
+    for warning in checked.warnings:
         log.warning("preflight_warning", warning=warning)
-    ssl_context = check_tls(settings)
+    ssl_context = checked.tls
     async with contextlib.AsyncExitStack() as stack:
         closing = _Closing(stack)
         # A claim outlives the longest send, with room to spare: a replica killed mid-send

@@ -41,18 +41,22 @@ def presented_token(request: web.Request) -> bytes | None:
     return token or None
 
 
-def _bearer_of(request: web.Request, tokens: Iterable[str]) -> str | None:
-    """Which of these tokens the request's `Authorization: Bearer` presents, or None.
+def matching_token(candidate: bytes, tokens: Iterable[str]) -> str | None:
+    """Which of these tokens the candidate is, or None.
 
     Every token is compared, in constant time, whichever matches: how long the check takes
     tells nothing about the tokens. A blank token matches nothing.
     """
-    candidate = presented_token(request) or b""
     matched = None
     for token in tokens:
         if hmac.compare_digest(candidate, token.encode()) and token:
             matched = token
     return matched if candidate else None
+
+
+def _bearer_of(request: web.Request, tokens: Iterable[str]) -> str | None:
+    """Which of these tokens the request's `Authorization: Bearer` presents, or None."""
+    return matching_token(presented_token(request) or b"", tokens)
 
 
 def bearer_matches(request: web.Request, tokens: Iterable[str]) -> bool:
@@ -87,11 +91,6 @@ def issue_token(secret: str | None, now: float | None = None) -> str:
     expires = int((now or time.time()) + ISSUED_TTL_S)
     claims = f"{ISSUED_PREFIX}.{expires}.{secrets.token_urlsafe(12)}"
     return f"{claims}.{_mac(secret or _OPEN_KEY, claims)}"
-
-
-def issued_token_valid(token: bytes, secrets_: Sequence[str], now: float | None = None) -> bool:
-    """True for an unexpired token issued for one of these sender tokens."""
-    return issued_for(token, secrets_, now) is not None
 
 
 def issued_for(token: bytes, secrets_: Sequence[str], now: float | None = None) -> str | None:

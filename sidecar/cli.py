@@ -184,7 +184,6 @@ def _run(args: argparse.Namespace) -> int:
 
     origins: Origins = {}
     settings = _settings(args, origins)
-    preflight(settings, origins)  # what would stop it, before logging is set up
     configure_logging(settings.log.level, settings.log.format)
     # The outbox's writer thread needs the GIL back after each SQLite call of a group commit;
     # behind a busy event loop it waited up to the whole switch interval (5 ms by default)
@@ -243,7 +242,7 @@ def _check_config(args: argparse.Namespace) -> int:
     print(render_toml(redacted(settings), origins), end="")
     # What `run` would refuse is wrong: say so, and fail, as a wrong key does; what it would
     # warn about, say too.
-    for warning in preflight(settings, origins):
+    for warning in preflight(settings, origins).warnings:
         print(f"caliper-sidecar: warning: {warning}", file=sys.stderr)
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -23,7 +22,13 @@ import structlog
 from aiohttp import web
 
 from . import codec
-from .auth import FAILURE_WINDOW_S, ISSUED_TTL_S, TOKEN_FAILURES_ALLOWED, issue_token
+from .auth import (
+    FAILURE_WINDOW_S,
+    ISSUED_TTL_S,
+    TOKEN_FAILURES_ALLOWED,
+    issue_token,
+    matching_token,
+)
 from .exceptions import RetryLater
 from .ops import utc_from_timestamp
 from .outbox import Journey
@@ -106,12 +111,7 @@ async def token(request: web.Request) -> web.Response:
         client_id = str(form.get("client_id", ""))
         secret = str(form.get("client_secret", ""))
     tokens = rt.settings.receiver.tokens
-    matched = None
-    for candidate in tokens:  # every one compared, whichever matches
-        if hmac.compare_digest(
-            (secret or "").encode("utf-8", "surrogateescape"), candidate.encode()
-        ):
-            matched = candidate
+    matched = matching_token((secret or "").encode("utf-8", "surrogateescape"), tokens)
     if tokens and matched is None:
         rt.token_failures.failed(address)
         _refused(rt, address, "invalid_client")

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import ssl
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,10 +23,19 @@ from .presets import platform_mismatch
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def preflight(settings: Settings, origins: Origins | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found: warnings to give, and the receiver's TLS context (loaded once,
+    used by the listener)."""
+
+    warnings: list[str]
+    tls: ssl.SSLContext | None
+
+
+def preflight(settings: Settings, origins: Origins | None = None) -> Checked:
     """Raise ConfigError for what `run` would refuse; return what it would warn about."""
     require_upstream(settings)
-    check_tls(settings)
+    tls = check_tls(settings)
     check_private_key(settings)
     if settings.outbox.url:
         check_postgres_url(settings.outbox.url)
@@ -41,7 +51,7 @@ def preflight(settings: Settings, origins: Origins | None = None) -> list[str]:
             "running as root: a bug or a hostile input would have the whole machine; run as "
             "a user of its own (the systemd unit and the image do)"
         )
-    return warnings
+    return Checked(warnings, tls)
 
 
 def check_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -132,17 +132,16 @@ async def _ingest(
 ) -> Accepted:
     if not rt.accepting:
         raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
-    sender = authenticate(rt, request)
-    fields["sender"] = sender
+    sender = fields["sender"] = authenticate(rt, request)
     limit = rt.settings.receiver.max_body_bytes
     # Memory held from reading the body until its events are committed is bounded (see
     # connections.ByteBudget); a body of unknown length counts as the largest allowed.
     async with rt.body_budget.reserve(min(request.content_length or limit, limit)):
-        return await _ingest_body(rt, request, fields, job)
+        return await _ingest_body(rt, request, fields, job, sender)
 
 
 async def _ingest_body(
-    rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None
+    rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None, sender: str
 ) -> Accepted:
     received = await _read_events(rt, request)
     report = received.report
@@ -173,7 +172,7 @@ async def _ingest_body(
                 f"event {index} is {len(body)} bytes; an envelope holds at most "
                 f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
             )
-        batch.append(NewEvent(canonical_id(event_id), body, sensor, fields["sender"] or None))
+        batch.append(NewEvent(canonical_id(event_id), body, sensor, sender or None))
     rt.commits_in_progress += 1
     try:
         result = await rt.outbox.append(batch, job)
@@ -181,8 +180,8 @@ async def _ingest_body(
         raise _unavailable(e, request.path) from e
     finally:
         rt.commits_in_progress -= 1
-    rt.metrics.events_received.labels(sender=fields["sender"]).inc(result.accepted)
-    rt.metrics.events_duplicate.labels(sender=fields["sender"]).inc(result.duplicates)
+    rt.metrics.events_received.labels(sender=sender).inc(result.accepted)
+    rt.metrics.events_duplicate.labels(sender=sender).inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
     return Accepted(received.ids, result, report, job)
 

@@ -30,13 +30,12 @@ from .envelope import build_envelope, envelope_overhead
 from .exceptions import AuthFailed, EndpointFailed, Refused, RetryLater
 from .learnwith import rewrite_body
 from .metrics import Metrics
+from .presets import PLATFORMS
 from .tokens import TokenSource
 
 RESPONSE_KEPT: Final = 1024  # bytes of a refusal kept with the dead letter
 #: statuses that say the endpoint is wrong or gone, not that these events are
 ENDPOINT_FAILURES: Final = frozenset({404, 405, 410})
-#: the path of Beyond AI's Caliper endpoint; its stored events are listed at this plus "s"
-EVENT_PATH: Final = "/caliper/event"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +85,8 @@ class UpstreamClient:
         beside its `/caliper/event`), or None when the endpoint has no such neighbour."""
         base, _, query = self._endpoint.partition("?")
         base = base.rstrip("/")
-        if query or not base.endswith(EVENT_PATH):
+        event_path = PLATFORMS["beyond-ai"]
+        if query or event_path is None or not base.endswith(event_path):
             return None
         return base + "s"
 

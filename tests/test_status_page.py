@@ -99,3 +99,31 @@ async def test_status_page_shows_the_live_numbers(
     async with aiohttp.ClientSession() as http, http.get(sidecar.ops_url + "/") as resp:
         assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
         assert "<script" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    ("refusal", "headline"),
+    [
+        ((404, {"error": "Not Found"}), "endpoint is failing"),
+        ((422, {"status": "error", "message": "unknown edApp"}), "refuses every event alike"),
+    ],
+)
+async def test_the_platforms_failures_in_plain_words(
+    browser: Any,
+    custom: StartSidecar,
+    fake: Any,
+    refusal: tuple[int, Any],
+    headline: str,
+) -> None:
+    """An endpoint that answers 404 to everything, and a platform that refuses every event
+    alike, are each said as what they are, with the platform's answer as the last error."""
+    sidecar, client = await custom(ops={"port": free_port()})
+    fake.faults.refuse_all = refusal
+    async with client.post("/v1/events", json=make_events(20)) as resp:
+        assert resp.status == 202
+    expect = pytest.importorskip("playwright.async_api").expect
+    page = await browser.new_page()
+    await page.goto(sidecar.ops_url + "/")
+    await expect(page.locator("#state")).to_contain_text(headline, timeout=20_000)
+    await expect(page.locator("#detail")).to_contain_text(f"HTTP {refusal[0]}")
+    await expect(page.locator("#dead tr")).to_have_count(0)

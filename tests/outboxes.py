@@ -25,7 +25,7 @@ BACKENDS = ["sqlite", "postgres"]
 SERVER = os.environ.get("CALIPER_SIDECAR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 
-def _admin(statement: str) -> None:
+def admin(statement: str) -> None:
     """Run one statement on the server's `postgres` database (in a thread of its own: the
     callers are synchronous fixtures, with or without an event loop around them)."""
 
@@ -46,13 +46,13 @@ def fresh_database() -> Iterator[str]:
     why, when no server answers."""
     name = f"sidecar_test_{uuid.uuid4().hex[:12]}"
     try:
-        _admin(f'CREATE DATABASE "{name}"')
+        admin(f'CREATE DATABASE "{name}"')
     except (OSError, asyncpg.PostgresError) as e:
         pytest.skip(f"no PostgreSQL server answers at {SERVER}: {e}")
     try:
         yield f"{SERVER}/{name}"
     finally:
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def empty(url: str) -> None:
@@ -61,7 +61,7 @@ async def empty(url: str) -> None:
     try:
         if await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.events"):
             await conn.execute(
-                f"TRUNCATE {SCHEMA}.events, {SCHEMA}.dead_letters, {SCHEMA}.jobs, "
+                f"TRUNCATE {SCHEMA}.events, {SCHEMA}.queue, {SCHEMA}.dead_letters, {SCHEMA}.jobs, "
                 f"{SCHEMA}.platform_jobs, {SCHEMA}.replicas RESTART IDENTITY; "
                 f"UPDATE {SCHEMA}.totals SET events = 0, bytes = 0, dead_letters = 0, "
                 "delivered_total = 0, dead_lettered_total = 0"

@@ -358,22 +358,32 @@ class TestLimitsAndWindows:
 
 
 class TestPostgresUpgrade:
-    async def test_version_1_database_keeps_everything(self) -> None:
-        """A database at schema version 1 (the release before this one) holding waiting,
-        delivered and dead-lettered events migrates in place: nothing lost, duplicates still
-        known, and the waiting events are sent."""
+    @pytest.mark.parametrize("version", [1, 2])
+    async def test_an_older_database_keeps_everything(self, version: int) -> None:
+        """A database at an older schema version holding waiting, delivered, sent-and-awaiting
+        its platform job, and dead-lettered events migrates in place: nothing lost, duplicates
+        still known, the waiting events are sent and the open job is still followed."""
         from sidecar.outbox.postgres_schema import MIGRATIONS
 
         with fresh_database() as url:
             conn = await asyncpg.connect(url)
             try:
                 await conn.execute(f"CREATE SCHEMA {SCHEMA}; SET search_path = {SCHEMA}")
-                await conn.execute(MIGRATIONS[0])
+                for migration in MIGRATIONS[:version]:
+                    await conn.execute(migration)
                 await conn.execute(
                     "CREATE TABLE schema_version (version integer NOT NULL);"
-                    "INSERT INTO schema_version VALUES (1)"
+                    f"INSERT INTO schema_version VALUES ({version})"
                 )
-                waiting, delivered, dead = new_id(), new_id(), new_id()
+                waiting, delivered, dead, sent = new_id(), new_id(), new_id(), new_id()
+                await conn.execute(
+                    "INSERT INTO events (id, body, size, received_at, delivered_at, "
+                    "platform_job) VALUES ($1, '{}', 2, 1, extract(epoch from now()), 'job-9')",
+                    sent,
+                )
+                await conn.execute(
+                    "INSERT INTO platform_jobs (id, sent_at, state) VALUES ('job-9', 1, 'waiting')"
+                )
                 await conn.execute(
                     "INSERT INTO events (id, body, size, received_at) VALUES ($1, '{}', 2, 1)",
                     waiting,
@@ -400,3 +410,7 @@ class TestPostgresUpgrade:
                 await box.acknowledge(batch.claim, batch.seqs)
                 assert (await box.journeys([waiting]))[waiting].attempts == 1
                 assert [d.id for d in await box.dead_letters(10)] == [dead]
+                assert await box.pending_platform_jobs() == ["job-9"]
+                assert await box.job_ids_sent_in("job-9") == [sent]
+                assert await box.finish_platform_job("job-9", PlatformJobOutcome(False)) == 0
+                assert (await box.journeys([sent]))[sent].state == "confirmed"

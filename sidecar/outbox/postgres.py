@@ -4,10 +4,15 @@
   events (waiting, dead-lettered, or delivered within the dedupe window) skipped, a new id
   inserted with `ON CONFLICT DO NOTHING`-like semantics so that two replicas receiving the same
   event store it once.
-- Claims are leases: a short transaction marks the oldest unclaimed rows (`FOR UPDATE SKIP
-  LOCKED`, so replicas never wait for each other) with the claim's id and an expiry, and
-  commits; nothing is held open while sending. Every outcome is fenced by the claim id: an
-  outcome for rows another replica took over after the lease expired changes nothing.
+- Waiting events are rows of a small `queue` table beside the events. Claims are leases: a
+  short transaction marks the oldest unclaimed queue rows (`FOR UPDATE SKIP LOCKED`, so
+  replicas never wait for each other) with the claim's id and an expiry, and commits; nothing
+  is held open while sending. Every outcome is fenced by the claim id: an outcome for rows
+  another replica took over after the lease expired changes nothing.
+- The drain writes no new row versions outside the pages it reads: claims update the queue's
+  small rows in place, an acknowledgement deletes the queue row and updates the event in place
+  (no index covers what either changes, and fillfactor leaves room on every page), and pruning
+  deletes. So a database whose disk filled keeps draining (schema version 3 explains more).
 - Times that order events (receive time, leases) are the database server's clock, one clock
   for every replica.
 - Appends and replays NOTIFY; every replica LISTENs, and polls once a second besides.
@@ -17,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import asyncpg
 import structlog
@@ -52,7 +58,14 @@ from .base import (
     new_per_append,
 )
 from .grouping import GroupCommit
-from .postgres_schema import MIGRATION_LOCK, MIGRATIONS, REPLICAS_LOCK, SCHEMA, VERSION
+from .postgres_schema import (
+    MIGRATION_LOCK,
+    MIGRATIONS,
+    REPLICAS_LOCK,
+    RESERVE_ROWS,
+    SCHEMA,
+    VERSION,
+)
 from .schema import SchemaTooNew
 
 log = structlog.get_logger("sidecar.outbox")
@@ -63,9 +76,41 @@ POOL_SIZE: Final = 8
 #: the application_name of the LISTEN connection (pg_stat_activity shows it)
 LISTENER_NAME: Final = "caliper-sidecar-listen"
 _DISK_FULL: Final = "53100"
+ROOM_EVERY_S: Final = 10.0
+#: what the outbox's tables take when (nearly) empty, not counted against outbox.max_bytes
+EMPTY_TABLES_ALLOWANCE: Final = 1 << 20
+#: the events a platform job was sent with
+_JOB_SEQS: Final = "(SELECT seqs FROM platform_jobs WHERE id = $1)::bigint[]"
+#: an event stored anew: a delivered one older than the dedupe window, received again
+_STORED_ANEW: Final = """body = excluded.body, size = excluded.size,
+    received_at = excluded.received_at, attempts = 0, first_attempt_at = NULL,
+    last_attempt_at = NULL, last_error = NULL, delivered_at = NULL, platform_job = NULL,
+    platform_id = NULL, confirmed_at = NULL, unconfirmed = NULL, sensor = excluded.sensor,
+    sender = excluded.sender"""
 
 #: an append: the events of one request, and the job id an app is answered with
 _Append = tuple[Sequence[NewEvent], str | None]
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _drain_write(
+    write: Callable[Concatenate[PostgresOutbox, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[PostgresOutbox, _P], Coroutine[Any, Any, _T]]:
+    """A write of the drain (claims, outcomes, jobs): when the disk is full, it runs again in
+    the room the reserve kept for it."""
+
+    @functools.wraps(write)
+    async def in_reserve(outbox: PostgresOutbox, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await write(outbox, *args, **kwargs)
+        except OutboxUnavailable as e:
+            if e.reason != "disk_full" or not await outbox._release_reserve():
+                raise
+        return await write(outbox, *args, **kwargs)
+
+    return in_reserve
 
 
 class PostgresOutbox:
@@ -99,6 +144,12 @@ class PostgresOutbox:
         self._last_prune = float("-inf")
         self.writes = WriteHealth(outbox="postgresql")
         self._closing = False
+        self._footprint_at = float("-inf")
+        #: winning back room after ingest found the disk full (ingest refuses meanwhile)
+        self._recovering: asyncio.Task[None] | None = None
+        self._real_bytes = 0
+        #: where the next prune looks (a seq): pruning walks the events in chunks
+        self._prune_after = 0
         self._relisten: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -229,6 +280,9 @@ class PostgresOutbox:
                         self.replica_id,
                     )
                     await conn.execute("DELETE FROM replicas WHERE id = $1", self.replica_id)
+        if self._recovering is not None:
+            self._recovering.cancel()
+            await asyncio.gather(self._recovering, return_exceptions=True)
         if self._relisten is not None:
             self._relisten.cancel()
             await asyncio.gather(self._relisten, return_exceptions=True)
@@ -286,9 +340,15 @@ class PostgresOutbox:
 
     async def _commit_appends(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
         try:
+            if self._recovering is not None:
+                # Nothing is written while the room is being won back: a refused write would
+                # still extend a file, and take the very pages the drain frees.
+                raise _disk_full()
             results = await self._insert_new(group)
         except OutboxUnavailable as e:
             self.writes.failed(e)
+            if e.reason == "disk_full" and self._recovering is None and not self._closing:
+                self._recovering = asyncio.create_task(self._recover_room(), name="outbox-room")
             raise
         self.writes.succeeded()
         if any(isinstance(r, AppendResult) and r.accepted for r in results):
@@ -299,6 +359,7 @@ class PostgresOutbox:
         all_ids = [e.id for events, _ in group for e in events]
         async with self._transaction() as conn:
             now = await conn.fetchval(f"SELECT {NOW}")
+            await self._keep_reserve(conn)
             known = {
                 r["id"]
                 for r in await conn.fetch(
@@ -310,7 +371,7 @@ class PostgresOutbox:
                 )
             }
             depth, size = await conn.fetchrow("SELECT sum(events), sum(bytes) FROM totals")
-            depth, size = int(depth or 0), int(size or 0)
+            depth, size = int(depth or 0), max(int(size or 0), await self._footprint(conn))
             fresh_by_append = new_per_append(
                 [events for events, _ in group],
                 known,
@@ -328,19 +389,18 @@ class PostgresOutbox:
                     r["id"]
                     for r in await conn.fetch(
                         f"""
-                        INSERT INTO events (id, body, size, received_at, sensor, sender)
-                        SELECT id, body, length(body), {NOW}, sensor, sender
-                        FROM unnest($1::text[], $2::bytea[], $4::text[], $5::text[])
-                            AS t(id, body, sensor, sender)
-                        ON CONFLICT (id) DO UPDATE SET body = excluded.body,
-                            size = excluded.size, received_at = excluded.received_at,
-                            attempts = 0, first_attempt_at = NULL, last_attempt_at = NULL,
-                            last_error = NULL, delivered_at = NULL, claimed_by = NULL,
-                            claim_until = NULL, platform_job = NULL, platform_id = NULL,
-                            confirmed_at = NULL, unconfirmed = NULL, sensor = excluded.sensor,
-                            sender = excluded.sender
-                        WHERE events.delivered_at IS NOT NULL AND events.delivered_at < $3
-                        RETURNING id
+                        WITH stored AS (
+                            INSERT INTO events (id, body, size, received_at, sensor, sender)
+                            SELECT id, body, length(body), {NOW}, sensor, sender
+                            FROM unnest($1::text[], $2::bytea[], $4::text[], $5::text[])
+                                AS t(id, body, sensor, sender)
+                            ON CONFLICT (id) DO UPDATE SET {_STORED_ANEW}
+                            WHERE events.delivered_at IS NOT NULL AND events.delivered_at < $3
+                            RETURNING seq, id
+                        ), queued AS (
+                            INSERT INTO queue (seq) SELECT seq FROM stored ON CONFLICT DO NOTHING
+                        )
+                        SELECT id FROM stored
                         """,
                         [e.id for e in rows],
                         [e.body for e in rows],
@@ -371,6 +431,74 @@ class PostgresOutbox:
                 results.append(AppendResult(accepted, len(events) - accepted))
         return results
 
+    @staticmethod
+    async def _keep_reserve(conn: asyncpg.Connection) -> None:
+        """Refill the drain's reserve before storing events: on a disk that cannot hold it,
+        ingest refuses (disk_full) while the drain still has its room. (It is emptied whole,
+        so a row in it means it is whole.)"""
+        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)"):
+            return
+        await conn.execute("LOCK TABLE reserve IN SHARE ROW EXCLUSIVE MODE")
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)"):
+            await conn.execute(
+                "INSERT INTO reserve (filler) SELECT generate_series(1, $1)", RESERVE_ROWS
+            )
+
+    async def _recover_room(self) -> None:
+        """After ingest found the disk full: every ROOM_EVERY_S, give back what refused writes
+        took (the reserve's pages of a failed refill), have the server give back what the
+        drain emptied (the tail of a table, TOAST included, returns to the file system only
+        when vacuumed, and autovacuum may be a minute away or unable to start), and refill
+        the reserve; once it is whole again, ingest accepts."""
+        while True:
+            await asyncio.sleep(ROOM_EVERY_S)
+            try:
+                async with self._connection() as conn:
+                    whole = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)")
+                    if not whole:
+                        await conn.execute("TRUNCATE reserve")
+                    await conn.execute("VACUUM (SKIP_LOCKED) events, queue, dead_letters")
+                    if not whole:
+                        try:
+                            async with conn.transaction():
+                                await self._keep_reserve(conn)
+                        except asyncpg.DiskFullError:
+                            await conn.execute("TRUNCATE reserve")
+                            continue
+            except OutboxUnavailable as e:
+                log.warning("outbox_room_not_back", error=str(e), detail=e.detail)
+                continue
+            log.info("outbox_room_back")
+            self._recovering = None
+            return
+
+    async def _release_reserve(self) -> bool:
+        """Give the reserve's space to the drain; False when there was none left."""
+        async with self._connection() as conn:
+            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)"):
+                return False
+            await conn.execute("TRUNCATE reserve")
+        log.warning(
+            "outbox_reserve_released",
+            detail="the database's disk is full: the drain goes on in the room kept for it; "
+            "ingest refuses until the room is back",
+        )
+        return True
+
+    async def _footprint(self, conn: asyncpg.Connection) -> int:
+        """What the queue really takes on disk beyond a fixed allowance for empty tables: its
+        pages, dead versions and indexes, which the sum of event sizes does not see (read at
+        most once a second: it asks the file system)."""
+        now = time.monotonic()
+        if now - self._footprint_at >= 1.0:
+            self._footprint_at = now
+            real = await conn.fetchval(
+                "SELECT pg_total_relation_size('events') + pg_total_relation_size('queue') "
+                "+ pg_total_relation_size('dead_letters')"
+            )
+            self._real_bytes = max(0, int(real) - EMPTY_TABLES_ALLOWANCE)
+        return self._real_bytes
+
     def unwritable_reason(self) -> str | None:
         return self.writes.current()
 
@@ -379,6 +507,7 @@ class PostgresOutbox:
     async def wait_appended(self, timeout: float | None) -> None:
         await wait_set(self._appended, timeout)
 
+    @_drain_write
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
         self._appended.clear()
         async with self._connection() as conn:
@@ -386,9 +515,9 @@ class PostgresOutbox:
             # back what is not would write (and bloat) the same rows again and again.
             head = await conn.fetch(
                 f"""
-                SELECT length(body) AS size, received_at, {NOW} AS now FROM events
-                WHERE delivered_at IS NULL AND (claim_until IS NULL OR claim_until < {NOW})
-                ORDER BY seq LIMIT $1
+                SELECT e.size, e.received_at, {NOW} AS now FROM queue q JOIN events e USING (seq)
+                WHERE q.claim_until IS NULL OR q.claim_until < {NOW}
+                ORDER BY q.seq LIMIT $1
                 """,
                 max_events,
             )
@@ -402,14 +531,16 @@ class PostgresOutbox:
             rows = await conn.fetch(
                 f"""
                 WITH picked AS (
-                    SELECT seq FROM events
-                    WHERE delivered_at IS NULL AND (claim_until IS NULL OR claim_until < {NOW})
+                    SELECT seq FROM queue WHERE claim_until IS NULL OR claim_until < {NOW}
                     ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED
+                ), claimed AS (
+                    UPDATE queue q SET claimed_by = $2, claim_until = {NOW} + $3
+                    FROM picked WHERE q.seq = picked.seq
+                    RETURNING q.seq, q.claim_until
                 )
-                UPDATE events e SET claimed_by = $2, claim_until = {NOW} + $3
-                FROM picked WHERE e.seq = picked.seq
-                RETURNING e.seq, e.id, e.body, e.received_at, e.attempts, e.first_attempt_at,
-                    e.sensor, e.claim_until
+                SELECT e.seq, e.id, e.body, e.received_at, e.attempts, e.first_attempt_at,
+                    e.sensor, c.claim_until
+                FROM claimed c JOIN events e USING (seq)
                 """,
                 max_events,
                 claim_id,
@@ -426,23 +557,26 @@ class PostgresOutbox:
             await self.release(claim, [e.seq for e in stored if e.seq not in kept])
         return Batch(events, full, claim)
 
+    @_drain_write
     async def extend(self, claim: Claim) -> None:
         async with self._connection() as conn:
             await conn.execute(
-                f"UPDATE events SET claim_until = {NOW} + $2 WHERE claimed_by = $1",
+                f"UPDATE queue SET claim_until = {NOW} + $2 WHERE claimed_by = $1",
                 claim.id,
                 self.lease_s,
             )
 
+    @_drain_write
     async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
         async with self._connection() as conn:
             await conn.execute(
-                "UPDATE events SET claimed_by = NULL, claim_until = NULL "
+                "UPDATE queue SET claimed_by = NULL, claim_until = NULL "
                 "WHERE seq = ANY($1::bigint[]) AND claimed_by = $2",
                 list(seqs),
                 claim.id,
             )
 
+    @_drain_write
     async def acknowledge(
         self,
         claim: Claim,
@@ -451,64 +585,91 @@ class PostgresOutbox:
         unconfirmed: str | None = None,
     ) -> None:
         async with self._transaction() as conn:
-            done = await conn.fetch(
-                f"""
-                UPDATE events SET delivered_at = {NOW}, platform_job = $3, unconfirmed = $4,
-                    body = CASE WHEN $3::text IS NULL THEN ''::bytea ELSE body END,
-                    attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, {NOW}),
-                    last_attempt_at = {NOW}, claimed_by = NULL, claim_until = NULL
-                WHERE seq = ANY($1::bigint[]) AND claimed_by = $2 AND delivered_at IS NULL
-                RETURNING seq
-                """,
-                list(seqs),
-                claim.id,
-                platform_job,
-                unconfirmed,
-            )
+            done = [
+                r["seq"]
+                for r in await conn.fetch(
+                    f"""
+                    WITH dequeued AS (
+                        DELETE FROM queue WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
+                        RETURNING seq
+                    )
+                    UPDATE events e SET delivered_at = {NOW}, platform_job = $3,
+                        unconfirmed = $4,
+                        body = CASE WHEN $3::text IS NULL THEN ''::bytea ELSE body END,
+                        attempts = attempts + 1,
+                        first_attempt_at = coalesce(first_attempt_at, {NOW}),
+                        last_attempt_at = {NOW}
+                    FROM dequeued WHERE e.seq = dequeued.seq
+                    RETURNING e.seq
+                    """,
+                    list(seqs),
+                    claim.id,
+                    platform_job,
+                    unconfirmed,
+                )
+            ]
             _fenced(claim, seqs, len(done))
             if platform_job is not None and done:
                 await conn.execute(
-                    "INSERT INTO platform_jobs (id, sent_at, state, followed_by, follow_until) "
-                    f"VALUES ($1, {NOW}, 'waiting', $2, {NOW} + $3) ON CONFLICT DO NOTHING",
+                    "INSERT INTO platform_jobs (id, sent_at, state, followed_by, follow_until, "
+                    f"seqs) VALUES ($1, {NOW}, 'waiting', $2, {NOW} + $3, $4) "
+                    "ON CONFLICT (id) DO UPDATE SET seqs = platform_jobs.seqs || excluded.seqs",
                     platform_job,
                     self.replica_id,
                     self.lease_s,
+                    done,
                 )
             if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                 await self._prune(conn)
 
     async def _prune(self, conn: asyncpg.Connection) -> None:
-        """Forget delivered events older than the dedupe window, a chunk at a time."""
+        """Forget delivered events older than the dedupe window: a walk through the events in
+        seq order (roughly the order they were received and delivered in), a chunk per call,
+        until it reaches events too young to be forgotten; then again after PRUNE_EVERY_S.
+        (An index on delivered_at would find them at once, but would make every
+        acknowledgement write a new row version elsewhere: see schema version 3.)"""
         cutoff = await conn.fetchval(f"SELECT {NOW} - $1::double precision", self.dedupe_window_s)
-        deleted = await conn.fetchval(
+        last, scanned, youngest = await conn.fetchrow(
             """
-            WITH old AS (
-                SELECT seq FROM events WHERE delivered_at < $1 AND NOT EXISTS (
-                    SELECT 1 FROM platform_jobs p
-                    WHERE p.id = events.platform_job AND p.state != 'unconfirmed')
-                ORDER BY delivered_at LIMIT $2)
-            , gone AS (DELETE FROM events WHERE seq IN (SELECT seq FROM old) RETURNING 1)
-            SELECT count(*) FROM gone
+            WITH chunk AS (
+                SELECT seq, received_at, delivered_at, platform_job FROM events
+                WHERE seq > $1 ORDER BY seq LIMIT $2
+            ), gone AS (
+                DELETE FROM events WHERE seq IN (
+                    SELECT seq FROM chunk WHERE delivered_at < $3 AND NOT EXISTS (
+                        SELECT 1 FROM platform_jobs p
+                        WHERE p.id = chunk.platform_job AND p.state != 'unconfirmed'))
+            )
+            SELECT max(seq), count(*), max(received_at) FROM chunk
             """,
-            cutoff,
+            self._prune_after,
             PRUNE_CHUNK,
+            cutoff,
         )
         await conn.execute("DELETE FROM jobs WHERE created_at < $1", cutoff)
         await conn.execute(
             "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < $1", cutoff
         )
-        if deleted < PRUNE_CHUNK:
+        if scanned < PRUNE_CHUNK or youngest >= cutoff:
+            self._prune_after = 0
             self._last_prune = time.monotonic()
+        else:
+            self._prune_after = last
 
+    @_drain_write
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         async with self._connection() as conn:
             status = await conn.execute(
                 f"""
-                UPDATE events SET attempts = attempts + 1,
+                WITH released AS (
+                    UPDATE queue SET claimed_by = NULL, claim_until = NULL
+                    WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
+                    RETURNING seq
+                )
+                UPDATE events e SET attempts = attempts + 1,
                     first_attempt_at = coalesce(first_attempt_at, {NOW}),
-                    last_attempt_at = {NOW}, last_error = $3,
-                    claimed_by = NULL, claim_until = NULL
-                WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
+                    last_attempt_at = {NOW}, last_error = $3
+                FROM released WHERE e.seq = released.seq
                 """,
                 list(seqs),
                 claim.id,
@@ -516,6 +677,7 @@ class PostgresOutbox:
             )
         _fenced(claim, seqs, _count(status))
 
+    @_drain_write
     async def dead_letter(
         self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
     ) -> None:
@@ -533,11 +695,15 @@ class PostgresOutbox:
         claim: str | None,
     ) -> int:
         """Move these events (held by `claim`, when given) to the dead letters; the count."""
-        fence = "AND claimed_by = $6" if claim is not None else "AND $6::text IS NULL"
         moved = await conn.fetchval(
-            f"""
-            WITH gone AS (
-                DELETE FROM events WHERE seq = ANY($1::bigint[]) {fence}
+            """
+            WITH dequeued AS (
+                DELETE FROM queue WHERE seq = ANY($1::bigint[])
+                    AND ($6::text IS NULL OR claimed_by = $6)
+                RETURNING seq
+            ), gone AS (
+                DELETE FROM events WHERE seq = ANY($1::bigint[])
+                    AND ($6::text IS NULL OR seq IN (SELECT seq FROM dequeued))
                 RETURNING seq, id, body, received_at, attempts, first_attempt_at, sensor, sender
             ), dead AS (
                 INSERT INTO dead_letters (id, body, received_at, reason, status, response,
@@ -573,7 +739,7 @@ class PostgresOutbox:
                 "sum(dead_lettered_total) FROM totals"
             )
             oldest = await conn.fetchval(
-                "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
+                "SELECT e.received_at FROM queue q JOIN events e USING (seq) ORDER BY q.seq LIMIT 1"
             )
             jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
         values = [int(v or 0) for v in totals]
@@ -630,17 +796,15 @@ class PostgresOutbox:
                 if replay:
                     await conn.execute(
                         f"""
-                        INSERT INTO events (id, body, size, received_at, sensor, sender)
-                        SELECT id, body, length(body), received_at, sensor, sender
-                        FROM dead_letters
-                        WHERE seq = ANY($1::bigint[]) ORDER BY seq
-                        ON CONFLICT (id) DO UPDATE SET body = excluded.body,
-                            size = excluded.size, received_at = {NOW}, attempts = 0,
-                            first_attempt_at = NULL, last_attempt_at = NULL, last_error = NULL,
-                            delivered_at = NULL, claimed_by = NULL, claim_until = NULL,
-                            platform_job = NULL, platform_id = NULL, confirmed_at = NULL,
-                            unconfirmed = NULL, sensor = excluded.sensor,
-                            sender = excluded.sender
+                        WITH stored AS (
+                            INSERT INTO events (id, body, size, received_at, sensor, sender)
+                            SELECT id, body, length(body), received_at, sensor, sender
+                            FROM dead_letters
+                            WHERE seq = ANY($1::bigint[]) ORDER BY seq
+                            ON CONFLICT (id) DO UPDATE SET {_STORED_ANEW}
+                            RETURNING seq
+                        )
+                        INSERT INTO queue (seq) SELECT seq FROM stored ON CONFLICT DO NOTHING
                         """,
                         chunk,
                     )
@@ -655,12 +819,13 @@ class PostgresOutbox:
     async def job_ids_sent_in(self, platform_job: str) -> list[str]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT id FROM events WHERE platform_job = $1 AND confirmed_at IS NULL "
-                "ORDER BY seq",
+                f"SELECT id FROM events WHERE seq = ANY({_JOB_SEQS}) AND platform_job = $1 "
+                "AND confirmed_at IS NULL ORDER BY seq",
                 platform_job,
             )
         return [str(r["id"]) for r in rows]
 
+    @_drain_write
     async def pending_platform_jobs(self) -> list[str]:
         """The open jobs this replica follows: its own (their leases renewed), and those no
         live replica follows (never leased, released at a stop, or a dead replica's whose
@@ -678,6 +843,7 @@ class PostgresOutbox:
             )
         return [str(r["id"]) for r in sorted(rows, key=lambda r: r["sent_at"])]
 
+    @_drain_write
     async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
         async with self._connection() as conn:
             await conn.execute(
@@ -688,12 +854,13 @@ class PostgresOutbox:
                 error and error[:1024],
             )
 
+    @_drain_write
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
         now = time.time()
         async with self._transaction() as conn:
             rows = await conn.fetch(
-                "SELECT seq, id FROM events WHERE platform_job = $1 AND confirmed_at IS NULL "
-                "FOR UPDATE",
+                f"SELECT seq, id FROM events WHERE seq = ANY({_JOB_SEQS}) AND platform_job = $1 "
+                "AND confirmed_at IS NULL FOR UPDATE",
                 job,
             )
             confirmed: list[tuple[str | None, float, int]] = []
@@ -718,14 +885,20 @@ class PostgresOutbox:
                 )
             if again:
                 await conn.execute(
-                    "UPDATE events SET delivered_at = NULL, platform_job = NULL "
-                    "WHERE seq = ANY($1::bigint[])",
+                    """
+                    WITH again AS (
+                        UPDATE events SET delivered_at = NULL, platform_job = NULL
+                        WHERE seq = ANY($1::bigint[]) RETURNING seq
+                    )
+                    INSERT INTO queue (seq) SELECT seq FROM again ON CONFLICT DO NOTHING
+                    """,
                     again,
                 )
                 await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
             await conn.execute("DELETE FROM platform_jobs WHERE id = $1", job)
         return len(failing)
 
+    @_drain_write
     async def give_up_platform_job(self, job: str, reason: str) -> None:
         async with self._connection() as conn:
             await conn.execute(
@@ -772,7 +945,11 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1]) if status and status[-1].isdigit() else 0
 
 
+def _disk_full() -> OutboxUnavailable:
+    return OutboxUnavailable("disk_full", "the database holding the outbox is out of disk", 30)
+
+
 def _unavailable(e: BaseException) -> OutboxUnavailable:
     if getattr(e, "sqlstate", None) == _DISK_FULL:
-        return OutboxUnavailable("disk_full", "the database holding the outbox is out of disk", 30)
+        return _disk_full()
     return storage_error(e)

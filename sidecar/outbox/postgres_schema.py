@@ -21,6 +21,8 @@ TOTAL_SHARDS: Final = 16
 MIGRATION_LOCK: Final = 0x63616C6970657273
 #: … and for replicas joining ("replicas")
 REPLICAS_LOCK: Final = 0x7265706C69636173
+#: the room kept for the drain, in rows of the reserve table (36 bytes on disk each: 2 MiB)
+RESERVE_ROWS: Final = 58_000
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the queue, dead letters, app jobs, platform jobs, sharded totals and their triggers.
@@ -153,6 +155,35 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         settings text NOT NULL,
         seen_until double precision NOT NULL
     );
+    """,
+    # 3: a drain that writes no new row versions beside the ones it frees, so that a database
+    # whose disk filled keeps draining. The queue of waiting events moves to a table of its own
+    # (seq and claim only): claiming updates its small rows in place (HOT: no index covers the
+    # claim columns, and fillfactor leaves room on each page), and an acknowledgement deletes
+    # the queue row and updates the event in place, which no index covers any more either
+    # (the partial indexes on delivered_at and platform_job made every such update write a new
+    # version of the row and of every index entry elsewhere). A platform job lists its events.
+    """
+    CREATE TABLE queue (
+        seq bigint PRIMARY KEY,
+        claimed_by text,
+        claim_until double precision
+    ) WITH (fillfactor = 50);
+    INSERT INTO queue (seq, claimed_by, claim_until)
+        SELECT seq, claimed_by, claim_until FROM events WHERE delivered_at IS NULL;
+    ALTER TABLE events DROP COLUMN claimed_by, DROP COLUMN claim_until;
+    ALTER TABLE platform_jobs ADD COLUMN seqs bigint[] NOT NULL DEFAULT '{}';
+    UPDATE platform_jobs p SET seqs = coalesce(
+        (SELECT array_agg(seq ORDER BY seq) FROM events e WHERE e.platform_job = p.id), '{}');
+    DROP INDEX events_waiting;
+    DROP INDEX events_delivered;
+    DROP INDEX events_by_platform_job;
+    ALTER TABLE events SET (fillfactor = 70);
+    -- Room kept for the drain on the tables' own disk: ingest refills it before storing
+    -- events, a drain write that finds the disk full empties it and goes on (see
+    -- PostgresOutbox). Rows of one bigint: no TOAST table and no index, so that TRUNCATE
+    -- gives the space back to the file system without writing a page.
+    CREATE TABLE reserve (filler bigint NOT NULL);
     """,
 )
 

@@ -6,7 +6,7 @@ the storage's ceiling (issue 11).
 Delivery: a backlog written straight into a fresh database (binary COPY into the sidecar's own
 schema), then `caliper-sidecar run` replicas on it forwarding to the fake TimeBack (ids only),
 timed until the fake has every event; events/s, each replica's peak RSS, and the dead tuples
-left in the events table (what vacuum has to do). Ingest: the outbox's own append (group commit,
+left in the events and queue tables (what vacuum has to do). Ingest: the outbox's own append (group commit,
 deduplication, capacity, 100-event appends from 16 concurrent senders) against a raw asyncpg
 `copy_records_to_table` of the same rows into the same table, side by side in one run.
 """
@@ -71,14 +71,16 @@ async def fill(url: str, count: int) -> None:
             records=rows(min(100_000, count - start)),
             columns=["id", "body", "size", "received_at"],
         )
-    await conn.execute(f"ANALYZE {SCHEMA}.events")
+    await conn.execute(f"INSERT INTO {SCHEMA}.queue (seq) SELECT seq FROM {SCHEMA}.events")
+    await conn.execute(f"ANALYZE {SCHEMA}.events, {SCHEMA}.queue")
     await conn.close()
 
 
 async def dead_tuples(url: str) -> int:
     conn = await asyncpg.connect(url)
     value = await conn.fetchval(
-        "SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'events'",
+        "SELECT sum(n_dead_tup) FROM pg_stat_user_tables WHERE schemaname = $1 "
+        "AND relname IN ('events', 'queue')",
         SCHEMA,
     )
     await conn.close()

@@ -2,7 +2,8 @@
 """The two commands a fresh clone needs, on nothing but Python 3.11+:
 
     python3 dev.py demo    create .venv, install, run `caliper-sidecar demo`
-    python3 dev.py test    create .venv, install with the test extra, run ruff, mypy and pytest
+    python3 dev.py test    create .venv, install with the test extra, run ruff, mypy, the import
+                           contracts (lint-imports) and pytest
                            (then, where ../shared is beside the clone, the tests that read it
                            once more as a fresh clone runs them: without it)
 
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> None:
         run(str(BIN / "ruff"), "check", ".")
         run(str(BIN / "ruff"), "format", "--check", ".")
         run(str(BIN / "mypy"))
+        run(str(BIN / "lint-imports"))
         run(str(BIN / "pytest"), *argv[1:])
         if (ROOT.parent / "shared").is_dir() and not argv[1:]:
             # ../shared may add test cases, never be needed: the modules that read it pass

@@ -88,7 +88,9 @@ def sidecar(tmp: Path, port: int, **sections: dict[str, Any]) -> Process:
         lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
     config.write_text("\n".join(lines) + "\n")
     return Process(
-        [PYTHON, "-m", "sidecar", "run", "-c", str(config)], port, log=tmp / f"sidecar-{port}.log"
+        [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)],
+        port,
+        log=tmp / f"sidecar-{port}.log",
     )
 
 
@@ -167,7 +169,7 @@ def fake_and_sidecar(
     `sections` add to the sidecar's configuration (an `upstream` section is merged)."""
     fake_port = free_port()
     fake = Process(
-        [PYTHON, "-m", "sidecar", "mock-upstream", "--port", str(fake_port), "--ids-only"],
+        [PYTHON, "-m", "caliper_sidecar", "mock-upstream", "--port", str(fake_port), "--ids-only"],
         fake_port,
     )
     if platform == "beyond-ai":

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from common import fake_and_sidecar, get_json, machine, metric
 
-from sidecar.outbox.schema import migrate
-from sidecar.samples import sample_events
+from caliper_sidecar.outbox.schema import migrate
+from caliper_sidecar.tools.samples import sample_events
 
 
 def fill(path: Path, events: int) -> int:

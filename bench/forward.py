@@ -35,7 +35,7 @@ from pathlib import Path
 import aiohttp
 from common import PYTHON, Process, free_port, get_json, machine, median
 
-from sidecar.samples import sample_events
+from caliper_sidecar.tools.samples import sample_events
 
 EVENT_BYTES = 1100
 
@@ -190,7 +190,7 @@ def run_sidecar(tmp: Path, lines: list[bytes], senders: int) -> dict[str, float]
         "batch_max_events = 100\n"
         '[log]\nlevel = "warning"\n'
     )
-    args = [PYTHON, "-m", "sidecar", "run", "-c", str(config)]
+    args = [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)]
     forwarder = Process(args, port, env=counted(tmp, work), log=work / "sidecar.log")
     try:
         started = time.perf_counter()

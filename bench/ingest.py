@@ -28,8 +28,8 @@ from typing import Final
 
 from common import PYTHON, Process, free_port, machine, median, metric, sidecar, wrk
 
-from sidecar.outbox.schema import migrate
-from sidecar.samples import sample_events
+from caliper_sidecar.outbox.schema import migrate
+from caliper_sidecar.tools.samples import sample_events
 
 #: what TimeBack's official SDK (timeback-caliper 0.4.0) posts, recorded by tests/data's script
 SDK_DATA = Path(__file__).resolve().parent.parent / "tests/data/timeback-sdk-0.4.0/beyond-ai.json"

@@ -16,8 +16,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from sidecar.outbox import NewEvent, SqliteOutbox
-from sidecar.samples import sample_events
+from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.tools.samples import sample_events
 
 
 async def measure(n: int) -> None:

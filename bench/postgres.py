@@ -6,8 +6,9 @@ the storage's ceiling (issue 11).
 Delivery: a backlog written straight into a fresh database (binary COPY into the sidecar's own
 schema), then `caliper-sidecar run` replicas on it forwarding to the fake TimeBack (ids only),
 timed until the fake has every event; events/s, each replica's peak RSS, and the dead tuples
-left in the events and queue tables (what vacuum has to do). Ingest: the outbox's own append (group commit,
-deduplication, capacity, 100-event appends from 16 concurrent senders) against a raw asyncpg
+left in the events and queue tables (what vacuum has to do). Ingest: the outbox's own append
+(group commit, deduplication, capacity, 100-event appends from 16 concurrent senders) against a
+raw asyncpg
 `copy_records_to_table` of the same rows into the same table, side by side in one run.
 """
 
@@ -24,12 +25,12 @@ from pathlib import Path
 import asyncpg
 from common import Process, free_port, get_json, machine, sidecar
 
-from sidecar.config import OutboxSettings
-from sidecar.outbox import NewEvent, open_outbox
-from sidecar.outbox.postgres_schema import SCHEMA
-from sidecar.samples import sample_events
+from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.outbox import NewEvent, open_outbox
+from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.tools.samples import sample_events
 
-PYTHON_FAKE = ["-m", "sidecar", "mock-upstream", "--ids-only"]
+PYTHON_FAKE = ["-m", "caliper_sidecar", "mock-upstream", "--ids-only"]
 
 
 async def fresh_database(server: str) -> str:

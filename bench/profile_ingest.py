@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import free_port, sidecar, wrk
 
-from sidecar.samples import sample_events
+from caliper_sidecar.tools.samples import sample_events
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import fake_and_sidecar, get_json
 
-from sidecar.samples import sample_events
+from caliper_sidecar.tools.samples import sample_events
 
 
 def main() -> None:

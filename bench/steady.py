@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 from common import fake_and_sidecar, machine, median
 
-from sidecar.samples import sample_events
+from caliper_sidecar.tools.samples import sample_events
 
 CLIENTS = 16
 

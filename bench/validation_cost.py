@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sidecar.outbox import NewEvent, SqliteOutbox
-from sidecar.samples import sample_events
-from sidecar.validation import validate_events
+from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.tools.samples import sample_events
+from caliper_sidecar.validation import validate_events
 
 ROUNDS = 5
 

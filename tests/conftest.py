@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.app import Sidecar, start
-from sidecar.config import (
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.config import (
     LogSettings,
     OAuthSettings,
     OutboxSettings,
@@ -31,8 +31,8 @@ from sidecar.config import (
     Settings,
     UpstreamSettings,
 )
-from sidecar.mock_upstream import FakeTimeBack, RunningFake, start_fake
-from sidecar.samples import sample_events
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake, start_fake
+from caliper_sidecar.tools.samples import sample_events
 
 #: ../shared beside the clone: it may add test cases, never be needed.
 #: CALIPER_SIDECAR_TEST_SHARED names another folder or, empty, none at all (how .ci/run proves
@@ -161,11 +161,11 @@ async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSi
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
-    """`python -m sidecar ARGS...` to its end: exit code, stdout, stderr."""
+    """`python -m caliper_sidecar ARGS...` to its end: exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar",
+        "caliper_sidecar",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -217,7 +217,7 @@ def write_config(
 
 
 class SidecarProcess:
-    """`python -m sidecar run` in a subprocess, its logs in a file."""
+    """`python -m caliper_sidecar run` in a subprocess, its logs in a file."""
 
     def __init__(
         self,
@@ -236,7 +236,7 @@ class SidecarProcess:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "run", "-c", str(config)],
+            [sys.executable, "-m", "caliper_sidecar", "run", "-c", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -16,9 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sidecar.config import OutboxSettings
-from sidecar.outbox import Outbox, open_outbox
-from sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.outbox import Outbox, open_outbox
+from caliper_sidecar.outbox.postgres_schema import SCHEMA
 
 BACKENDS = ["sqlite", "postgres"]
 #: the server the tests use; CI and the project's machines run one here (trust auth)

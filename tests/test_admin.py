@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from sidecar.admin import _authorize
-from sidecar.app import Sidecar, start
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.http.admin import _authorize
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
     SidecarProcess,
@@ -170,7 +170,7 @@ class TestStorageUnavailable:
     ) -> None:
         """When the outbox cannot be used (a full disk, shutting down), operator routes say
         so with 503 and Retry-After, like ingest, instead of failing with a 500."""
-        from sidecar.exceptions import OutboxUnavailable
+        from caliper_sidecar.exceptions import OutboxUnavailable
 
         async def unavailable(*args: Any) -> Any:
             raise OutboxUnavailable("disk_full", "the disk holding the outbox is full", 30)

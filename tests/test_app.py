@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.app import running_sidecar, start
-from sidecar.exceptions import CannotListen, OutboxUnavailable
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import running_sidecar, start
+from caliper_sidecar.exceptions import CannotListen, OutboxUnavailable
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import free_port, settings_for
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import _parser
-from sidecar.config import load_settings
-from sidecar.outbox import NewEvent, SqliteOutbox
-from sidecar.validate_command import wants_colour
+from caliper_sidecar.cli import _parser
+from caliper_sidecar.config import load_settings
+from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.tools.validate import wants_colour
 
 from .conftest import cli, new_id
 

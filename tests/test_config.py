@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import (
+from caliper_sidecar.config import (
     REDACTED,
     Settings,
     load_settings,
@@ -17,7 +17,7 @@ from sidecar.config import (
     render_toml,
     require_upstream,
 )
-from sidecar.exceptions import ConfigError
+from caliper_sidecar.exceptions import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "sidecar.example.toml"
 
@@ -289,7 +289,7 @@ class TestRedaction:
 def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`caliper-sidecar check-config -c PATH` in a subprocess, as an operator runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "sidecar", "check-config", "-c", str(path)],
+        [sys.executable, "-m", "caliper_sidecar", "check-config", "-c", str(path)],
         capture_output=True,
         text=True,
         check=False,

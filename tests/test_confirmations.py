@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar import confirmations
-from sidecar.app import Sidecar, start
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.delivery import confirmations
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import eventually, make_event, make_events, sdk_events, settings_for
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, free_port, make_events, write_config
 
@@ -46,7 +46,7 @@ async def outbox_stats(config: Path) -> dict[str, int]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar",
+        "caliper_sidecar",
         "outbox",
         "stats",
         "--json",

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.envelope import DATA_VERSION
-from sidecar.samples import sample_events
-from sidecar.validation import PROFILES, validate_events
-from sidecar.validation.decoder import LEVELS, decoder_for
-from sidecar.validation.shape import events_of, shape_of
-from sidecar.validation.vocabulary import ANONYMOUS_PREFIX
+from caliper_sidecar.envelope import DATA_VERSION
+from caliper_sidecar.tools.samples import sample_events
+from caliper_sidecar.validation import PROFILES, validate_events
+from caliper_sidecar.validation.decoder import LEVELS, decoder_for
+from caliper_sidecar.validation.shape import events_of, shape_of
+from caliper_sidecar.validation.vocabulary import ANONYMOUS_PREFIX
 
 from .conftest import new_id, sdk_events
 from .test_properties import SEEDS, mutated_events

@@ -14,9 +14,14 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.app import Sidecar, start
-from sidecar.backoff import Circuit, backoff_delay, parse_retry_after, transient_status
-from sidecar.mock_upstream import FakeTimeBack, RunningFake
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.delivery.backoff import (
+    Circuit,
+    backoff_delay,
+    parse_retry_after,
+    transient_status,
+)
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake
 
 from .conftest import eventually, make_event, make_events, settings_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 def test_demo_delivers_every_sample_event(tmp_path: Path) -> None:
     """The demo runs from an empty directory and reports every event delivered."""
     out = subprocess.run(
-        [sys.executable, "-m", "sidecar", "demo"],
+        [sys.executable, "-m", "caliper_sidecar", "demo"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

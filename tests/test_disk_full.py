@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.app import Sidecar, start
-from sidecar.exceptions import OutboxUnavailable
-from sidecar.mock_upstream import RunningFake
-from sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
     SidecarProcess,

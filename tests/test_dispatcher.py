@@ -12,15 +12,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.app import Sidecar, start
-from sidecar.envelope import (
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.envelope import (
     DATA_VERSION,
     MAX_SENSOR_BYTES,
     build_envelope,
     caliper_datetime,
     envelope_overhead,
 )
-from sidecar.mock_upstream import FakeTimeBack, RunningFake
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake
 
 from .conftest import eventually, make_event, make_events, settings_for
 

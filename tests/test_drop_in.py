@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.app import Sidecar, start
-from sidecar.auth import TOKEN_FAILURES_ALLOWED
-from sidecar.config import Settings, load_settings
-from sidecar.exceptions import ConfigError
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.config import Settings, load_settings
+from caliper_sidecar.exceptions import ConfigError
+from caliper_sidecar.http.auth import TOKEN_FAILURES_ALLOWED
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import eventually, make_event, sdk_envelopes, sdk_events, settings_for
 

@@ -20,14 +20,14 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar import connections
-from sidecar.app import Sidecar, start
-from sidecar.config import load_settings
-from sidecar.exceptions import ConfigError, OutboxLocked
-from sidecar.mock_upstream import RunningFake
-from sidecar.ops import utc_from_timestamp
-from sidecar.outbox import NewEvent, SqliteOutbox
-from sidecar.validation import MAX_FINDINGS
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.config import load_settings
+from caliper_sidecar.exceptions import ConfigError, OutboxLocked
+from caliper_sidecar.http import connections
+from caliper_sidecar.http.ops import utc_from_timestamp
+from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.tools.fake_timeback import RunningFake
+from caliper_sidecar.validation import MAX_FINDINGS
 
 from .conftest import (
     SidecarProcess,
@@ -154,7 +154,7 @@ async def validate_file(path: Path) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar",
+        "caliper_sidecar",
         "validate",
         str(path),
         stdout=asyncio.subprocess.PIPE,
@@ -323,7 +323,7 @@ class TestCheckConfig:
         config = tmp_path / "c.toml"
         config.write_text('[upstream]\nendpoint = ""\n')
         out = subprocess.run(
-            [sys.executable, "-m", "sidecar", "check-config", "-c", str(config)],
+            [sys.executable, "-m", "caliper_sidecar", "check-config", "-c", str(config)],
             capture_output=True,
             text=True,
             check=False,

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.app import Sidecar, start
-from sidecar.learnwith import rewrite_body, rewrite_event
-from sidecar.mock_upstream import RunningFake
-from sidecar.outbox import SqliteOutbox
-from sidecar.presets import platform_mismatch
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.delivery.learnwith_form import rewrite_body, rewrite_event
+from caliper_sidecar.outbox import SqliteOutbox
+from caliper_sidecar.presets import platform_mismatch
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SDK_DATA, eventually, sdk_envelopes, sdk_events, settings_for
 

@@ -8,8 +8,13 @@ import logging
 
 import structlog
 
-from sidecar import __version__
-from sidecar.logs import MAX_PENDING_LINES, BufferedLineLogger, configure_logging, flush_logs
+from caliper_sidecar import __version__
+from caliper_sidecar.logs import (
+    MAX_PENDING_LINES,
+    BufferedLineLogger,
+    configure_logging,
+    flush_logs,
+)
 
 
 class Broken(io.BytesIO):
@@ -76,7 +81,7 @@ class TestOneJsonStream:
         """Each module's logger carries its name into every line."""
         buffer = io.BytesIO()
         configure_logging("info", "json", io.TextIOWrapper(buffer, write_through=True))
-        from sidecar import dispatcher
+        from caliper_sidecar.delivery import dispatcher
 
         dispatcher.log.warning("batch_failed", events=1)
         (line,) = self.lines(buffer)

@@ -10,7 +10,7 @@ import sys
 
 import aiohttp
 
-from sidecar.envelope import build_envelope
+from caliper_sidecar.envelope import build_envelope
 
 from .conftest import eventually, free_port, make_event, sdk_events
 
@@ -22,7 +22,7 @@ async def test_serves_prints_its_urls_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sidecar",
+        "caliper_sidecar",
         "mock-upstream",
         "--port",
         str(port),

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from sidecar.app import Sidecar
+from caliper_sidecar.app import Sidecar
 
 from .conftest import make_events
 

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 from jsonschema import Draft202012Validator
 
-from sidecar import openapi
-from sidecar.app import Sidecar, start
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.http import openapi
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
     SidecarProcess,
@@ -32,19 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_docs_openapi_is_what_is_served() -> None:
     """docs/openapi.json holds the same bytes as GET /openapi.json (regenerate it with
-    `python -m sidecar.openapi > docs/openapi.json`)."""
+    `python -m caliper_sidecar.http.openapi > docs/openapi.json`)."""
     assert (ROOT / "docs" / "openapi.json").read_bytes() == openapi.rendered()
 
 
 def test_every_route_is_documented() -> None:
-    from sidecar import admin, cors, drop_in, ops, receiver
+    from caliper_sidecar.http import admin, cors, ingest, ops, timeback_api
 
     documented = {
         (method.upper(), path)
         for path, item in openapi.document()["paths"].items()
         for method in item
     }
-    routes = receiver.routes() + drop_in.routes() + ops.routes() + admin.routes()
+    routes = ingest.routes() + timeback_api.routes() + ops.routes() + admin.routes()
     routes += cors.preflight_routes()
     served = {(r.method, r.path) for r in routes}
     assert served == documented

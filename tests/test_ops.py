@@ -10,11 +10,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from sidecar.app import start
-from sidecar.config import AdminSettings, Settings
-from sidecar.mock_upstream import FakeTimeBack, RunningFake
-from sidecar.ops import operators_only
-from sidecar.runtime import Runtime
+from caliper_sidecar.app import start
+from caliper_sidecar.config import AdminSettings, Settings
+from caliper_sidecar.http.ops import operators_only
+from caliper_sidecar.http.runtime import Runtime
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake
 
 from .conftest import StartSidecar, eventually, free_port, make_events, settings_for
 

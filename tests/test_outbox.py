@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.exceptions import OutboxLocked, OutboxUnavailable
-from sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
-from sidecar.outbox.schema import VERSION, SchemaTooNew
+from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable
+from caliper_sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
+from caliper_sidecar.outbox.schema import VERSION, SchemaTooNew
 
 from .conftest import new_id
 
@@ -104,7 +104,7 @@ class TestMigration:
     async def test_version_1_file_keeps_everything(self, tmp_path: Path) -> None:
         """A file written by the first release opens in this one: waiting events, dead
         letters, totals and the ids remembered for deduplication all survive."""
-        from sidecar.outbox.schema import MIGRATIONS, _statements
+        from caliper_sidecar.outbox.schema import MIGRATIONS, _statements
 
         path = tmp_path / "v1.db"
         conn = sqlite3.connect(path, isolation_level=None)

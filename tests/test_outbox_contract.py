@@ -12,11 +12,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from sidecar.config import OutboxSettings
-from sidecar.exceptions import OutboxUnavailable
-from sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_outbox
-from sidecar.outbox.postgres import LISTENER_NAME
-from sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_outbox
+from caliper_sidecar.outbox.postgres import LISTENER_NAME
+from caliper_sidecar.outbox.postgres_schema import SCHEMA
 
 from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
@@ -363,7 +363,7 @@ class TestPostgresUpgrade:
         """A database at an older schema version holding waiting, delivered, sent-and-awaiting
         its platform job, and dead-lettered events migrates in place: nothing lost, duplicates
         still known, the waiting events are sent and the open job is still followed."""
-        from sidecar.outbox.postgres_schema import MIGRATIONS
+        from caliper_sidecar.outbox.postgres_schema import MIGRATIONS
 
         with fresh_database() as url:
             conn = await asyncpg.connect(url)

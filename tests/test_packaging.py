@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import __version__
-from sidecar.validation import validate_events
-from sidecar.validation.shape import events_of
+from caliper_sidecar import __version__
+from caliper_sidecar.validation import validate_events
+from caliper_sidecar.validation.shape import events_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

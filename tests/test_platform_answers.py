@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.app import Sidecar, start
-from sidecar.dispatcher import REFUSING_AFTER
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.delivery.dispatcher import REFUSING_AFTER
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import eventually, make_event, make_events, settings_for
 

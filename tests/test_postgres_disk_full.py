@@ -22,8 +22,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from sidecar.app import start
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import start
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import eventually, make_event, settings_for
 from .outboxes import SERVER, admin, fresh_database

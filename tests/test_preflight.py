@@ -81,8 +81,8 @@ def test_a_postgres_outbox_without_its_driver_says_which_extra(
     configuration error that names the extra (as if it were not installed)."""
     import importlib.util
 
-    from sidecar.exceptions import ConfigError
-    from sidecar.preflight import check_postgres_url
+    from caliper_sidecar.exceptions import ConfigError
+    from caliper_sidecar.preflight import check_postgres_url
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
     SidecarProcess,
@@ -128,7 +128,7 @@ class TestStartupErrors:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "sidecar",
+            "caliper_sidecar",
             "run",
             env={
                 "PATH": "/usr/bin:/bin",

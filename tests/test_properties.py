@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.app import Sidecar
-from sidecar.samples import sample_events
-from sidecar.validation import validate_events
+from caliper_sidecar.app import Sidecar
+from caliper_sidecar.tools.samples import sample_events
+from caliper_sidecar.validation import validate_events
 
 from .conftest import SHARED, new_id, sdk_events
 

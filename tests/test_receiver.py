@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.app import Sidecar
-from sidecar.envelope import DATA_VERSION
+from caliper_sidecar.app import Sidecar
+from caliper_sidecar.envelope import DATA_VERSION
 
 from .conftest import StartSidecar, make_event, make_events
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
 from .test_security import self_signed

@@ -13,8 +13,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from sidecar.mock_upstream import RunningFake
-from sidecar.outbox.postgres_schema import SCHEMA, VERSION
+from caliper_sidecar.outbox.postgres_schema import SCHEMA, VERSION
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
 from .outboxes import empty, fresh_database
@@ -153,7 +153,7 @@ class TestReplicas:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "sidecar",
+            "caliper_sidecar",
             "dead-letters",
             "replay",
             "--all",

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.app import Sidecar, start
-from sidecar.learnwith import rewrite_event
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.delivery.learnwith_form import rewrite_event
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SDK_DATA, eventually, settings_for
 

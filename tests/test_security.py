@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from sidecar.app import start
-from sidecar.mock_upstream import RunningFake
+from caliper_sidecar.app import start
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, eventually, free_port, make_events, settings_for
 
@@ -202,7 +202,7 @@ class TestSecretsNeverLogged:
         check = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "sidecar",
+            "caliper_sidecar",
             "check-config",
             "-c",
             str(config),

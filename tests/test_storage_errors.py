@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.app import start
-from sidecar.mock_upstream import RunningFake
-from sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.app import start
+from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import make_event, settings_for
 from .outboxes import empty, fresh_database

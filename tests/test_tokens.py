@@ -12,11 +12,11 @@ import aiohttp
 import pytest
 from authlib.oauth2.rfc6749 import OAuth2Token
 
-from sidecar.config import OAuthSettings
-from sidecar.exceptions import AuthFailed, RetryLater
-from sidecar.metrics import Metrics
-from sidecar.mock_upstream import FakeTimeBack, RunningFake
-from sidecar.tokens import OAuthTokens, StaticToken
+from caliper_sidecar.config import OAuthSettings
+from caliper_sidecar.delivery.tokens import OAuthTokens, StaticToken
+from caliper_sidecar.exceptions import AuthFailed, RetryLater
+from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake
 
 from .conftest import settings_for
 
@@ -112,7 +112,7 @@ class TestOAuthTokens:
         self, session: aiohttp.ClientSession, platform: RunningFake
     ) -> None:
         """A failing or unreachable token endpoint means backoff, with Retry-After."""
-        from sidecar.mock_upstream import ScriptedFault
+        from caliper_sidecar.tools.fake_timeback import ScriptedFault
 
         platform.fake.faults.token_script.append(ScriptedFault(503, 1, "7"))
         with pytest.raises(RetryLater) as caught:
@@ -141,7 +141,7 @@ class TestThroughTheSidecar:
         self, platform: RunningFake, tmp_path: Path
     ) -> None:
         """A 401 from the Caliper endpoint: one new token, one retry, delivered."""
-        from sidecar.app import start
+        from caliper_sidecar.app import start
 
         from .conftest import make_event
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from sidecar.samples import sample_events
-from sidecar.validation import caliper as caliper_rules
-from sidecar.validation import validate_events
-from sidecar.validation.caliper import IRI, is_iri
-from sidecar.validation.shape import events_of
+from caliper_sidecar.tools.samples import sample_events
+from caliper_sidecar.validation import caliper as caliper_rules
+from caliper_sidecar.validation import validate_events
+from caliper_sidecar.validation.caliper import IRI, is_iri
+from caliper_sidecar.validation.shape import events_of
 
 from .conftest import SHARED, sdk_events
 
@@ -638,7 +638,7 @@ def run_validate(*args: str, stdin: str = "") -> tuple[int, str]:
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "sidecar", "validate", *args],
+        [sys.executable, "-m", "caliper_sidecar", "validate", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -716,7 +716,7 @@ class TestValidateCommand:
         path.write_text(json.dumps(sample_events()[:1]))
         master, slave = pty.openpty()
         subprocess.run(
-            [sys.executable, "-m", "sidecar", "validate", str(path)],
+            [sys.executable, "-m", "caliper_sidecar", "validate", str(path)],
             stdout=slave,
             stderr=slave,
             check=False,

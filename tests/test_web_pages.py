@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from sidecar.app import Sidecar
+from caliper_sidecar.app import Sidecar
 
 from .conftest import StartSidecar, eventually, make_events
 from .test_status_page import browser, chromium  # noqa: F401 - fixtures

@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
-from sidecar.samples import sample_events
+from caliper_sidecar.tools.samples import sample_events
 
 URL = os.environ.get("SIDECAR_URL", "http://127.0.0.1:8787") + "/v1/events"
 TOKEN = ""

@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 
 if sys.argv[1] == "inputs":
     sys.path.insert(0, str(HERE.parents[2]))
-    from sidecar.samples import sample_events
+    from caliper_sidecar.tools.samples import sample_events
 
     json.dump(sample_events(), sys.stdout)
 else:
@@ -36,7 +36,7 @@ else:
     note = {
         "sdk": "timeback-caliper 0.4.0 (Python 3.12), "
         "resources.event_transformers.lwai.transform_for_lwai",
-        "inputs": "sidecar.samples.sample_events()",
+        "inputs": "caliper_sidecar.tools.samples.sample_events()",
         "recorded by": "tests/data/timeback-sdk-0.4.0/transform_samples.py",
     }
     out = HERE / "lwai-transform-of-samples.json"

@@ -1,0 +1,294 @@
+"""Wiring: builds every part from the Settings, and owns their lifecycle: one exit stack,
+closed in reverse order of opening (`running_sidecar`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from caliper_sidecar.config import Origins, Settings, is_loopback
+from caliper_sidecar.delivery.confirmations import JobFollower
+from caliper_sidecar.delivery.dispatcher import Dispatcher
+from caliper_sidecar.delivery.tokens import OAuthTokens, StaticToken, TokenSource
+from caliper_sidecar.delivery.upstream import UpstreamClient
+from caliper_sidecar.exceptions import CannotListen, OutboxUnavailable
+from caliper_sidecar.http import admin, connections, ingest, ops, timeback_api
+from caliper_sidecar.http.cors import cross_origin, preflight_routes
+from caliper_sidecar.http.errors import unavailable_body
+from caliper_sidecar.http.guards import refuse_unknown_hosts
+from caliper_sidecar.http.runtime import RUNTIME, Runtime
+from caliper_sidecar.logs import flush_logs
+from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.outbox import Outbox, open_outbox
+from caliper_sidecar.preflight import preflight
+from caliper_sidecar.reload import reload
+from caliper_sidecar.signals import until_stop_signal
+
+log = structlog.get_logger("sidecar")
+
+INGEST_DRAIN_S: Final = 10.0  # how long shutdown waits for the commits under way
+#: how long aiohttp then waits for requests still running (a client trickling its body): they
+#: were never acknowledged, so cutting them loses nothing, and the whole stop stays well
+#: within the shipped stop timeouts (systemd TimeoutStopSec, Kubernetes' grace period: 60 s)
+HANDLERS_GRACE_S: Final = 2.0
+
+
+@dataclass
+class Sidecar:
+    """A running sidecar: its parts and the address it listens on."""
+
+    runtime: Runtime
+    dispatcher: Dispatcher
+    runner: web.AppRunner
+    outbox: Outbox
+    url: str
+    #: where the operators' routes answer (the receiver's URL unless ops.port is set)
+    ops_url: str
+    #: the receiver's TLS context (SIGHUP loads a new certificate into it), or None
+    tls: ssl.SSLContext | None = None
+    _lifecycle: contextlib.AbstractAsyncContextManager[Sidecar] | None = None
+
+    async def stop(self) -> None:
+        """Leave the lifecycle `start` entered: everything closes, in reverse order."""
+        if self._lifecycle is not None:
+            lifecycle, self._lifecycle = self._lifecycle, None
+            await lifecycle.__aexit__(None, None, None)
+
+
+async def start(settings: Settings) -> Sidecar:
+    """Enter `running_sidecar(settings)` and return the sidecar; `Sidecar.stop` leaves it
+    (for callers that cannot hold an `async with`: the demo, tests)."""
+    lifecycle = running_sidecar(settings)
+    sidecar = await lifecycle.__aenter__()
+    sidecar._lifecycle = lifecycle
+    return sidecar
+
+
+class _Closing:
+    """One owner for everything a sidecar opens: closed in reverse order of opening, each
+    close shielded from the failure of another (a failed close is logged, the rest still
+    close; svcs closes its registry the same way)."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack) -> None:
+        self._stack = stack
+
+    def push(self, name: str, close: Callable[[], Awaitable[object]]) -> None:
+        async def closing() -> None:
+            try:
+                await close()
+            except Exception:
+                log.exception("close_failed", part=name)
+
+        self._stack.push_async_callback(closing)
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(
+    settings: Settings, origins: Origins | None = None
+) -> AsyncIterator[Sidecar]:
+    """Start a sidecar (outbox, dispatcher, HTTP server) and stop it on exit: stop accepting
+    (503), let commits under way finish, give requests upstream a bounded time, then close
+    everything. Whatever is left is delivered after a restart.
+
+    Raises SidecarError subclasses at start, with whatever was opened closed again (an open
+    outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
+    """
+    checked = preflight(settings, origins)
+    for warning in checked.warnings:
+        log.warning("preflight_warning", warning=warning)
+    ssl_context = checked.tls
+    async with contextlib.AsyncExitStack() as stack:
+        closing = _Closing(stack)
+        # A claim outlives the longest send, with room to spare: a replica killed mid-send
+        # gives its events to the others once its lease runs out.
+        lease_s = 2 * settings.upstream.timeout_s + 5
+        # What replicas sharing a PostgreSQL outbox must agree on (SPEC §7).
+        agreement = {
+            "upstream.platform": settings.upstream.platform,
+            "upstream.endpoint": settings.upstream.endpoint,
+            "outbox.dedupe_window_s": repr(float(settings.outbox.dedupe_window_s)),
+        }
+        outbox = await stack.enter_async_context(
+            open_outbox(settings.outbox, lease_s=lease_s, agreement=agreement)
+        )
+        metrics = Metrics()
+        metrics.observe_commits(lambda: outbox.commits)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.upstream.concurrency + 2),
+            headers={"User-Agent": "caliper-sidecar"},
+        )
+        closing.push("upstream session", session.close)
+        tokens: TokenSource = (
+            OAuthTokens(session, settings.oauth, settings.upstream.timeout_s, metrics)
+            if settings.oauth.token_url
+            else StaticToken(settings.upstream.bearer_token)
+        )
+        upstream = UpstreamClient(session, settings.upstream, tokens, metrics)
+        follower = JobFollower(outbox, upstream, metrics) if upstream.follows_jobs else None
+        dispatcher = Dispatcher(
+            outbox, upstream, settings, metrics, follower.track if follower else None
+        )
+        runtime = Runtime(
+            settings=settings,
+            outbox=outbox,
+            metrics=metrics,
+            dispatcher=dispatcher,
+            tokens=tokens,
+            follower=follower,
+            upstream=upstream,
+            max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
+        )
+        closing.push("stopped log line", lambda: _log_stopped(runtime))
+        r, o = settings.receiver, settings.ops
+        routes = ingest.routes() + timeback_api.routes() + preflight_routes()
+        operator_routes = ops.routes() + admin.routes()
+        if o.port:
+            # A listener of their own: /healthz stays on the receiver too, for the app.
+            routes.append(web.get("/healthz", ops.healthz))
+        else:
+            routes += operator_routes
+        runner = await _serve(closing, runtime, routes, r.host, r.port, ssl_context, "receiver")
+        ops_runner = (
+            await _serve(closing, runtime, operator_routes, o.host, o.port, None, "ops")
+            if o.port
+            else runner
+        )
+        if follower is not None:
+            await follower.start()
+            closing.push("job follower", follower.stop)
+        dispatcher.start()
+        closing.push("dispatcher", lambda: dispatcher.stop(grace_s=settings.upstream.timeout_s))
+        closing.push("ingest", lambda: _drain_ingest(runtime))
+        url = _url(runner, "https" if r.tls_cert else "http")
+        ops_url = _url(ops_runner, "http") if o.port else url
+        log.info(
+            "started",
+            url=url,
+            ops_url=ops_url,
+            outbox="postgresql" if settings.outbox.url else settings.outbox.path,
+            upstream=settings.upstream.endpoint,
+            platform=settings.upstream.platform,
+            loopback_only=is_loopback(r.host),
+        )
+        yield Sidecar(runtime, dispatcher, runner, outbox, url, ops_url, ssl_context)
+    flush_logs()
+
+
+async def _serve(
+    closing: _Closing,
+    runtime: Runtime,
+    routes: list[web.RouteDef],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    name: str,
+) -> web.AppRunner:
+    """An HTTP listener for these routes, closed with the rest; raises CannotListen."""
+    app = web.Application(
+        client_max_size=runtime.settings.receiver.max_body_bytes,
+        middlewares=[cross_origin, _errors_as_json, refuse_unknown_hosts],
+    )
+    app[RUNTIME] = runtime
+    app[ops.OPS_LISTENER] = name == "ops"
+    app.add_routes(routes)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=HANDLERS_GRACE_S,
+        keepalive_timeout=connections.HEADERS_DEADLINE_S,
+        lingering_time=connections.LINGER_S,
+    )
+    await runner.setup()
+    closing.push(f"{name} http server", runner.cleanup)
+    key = "ops" if name == "ops" else "receiver"
+    try:
+        connections.raise_fd_limit()
+        await connections.BoundedTCPSite(runner, host, port, ssl_context=ssl_context).start()
+    except OSError as e:
+        raise CannotListen(
+            f"cannot listen on {host}:{port}: {e.strerror or e} ({key}.host, {key}.port)"
+        ) from None
+    return runner
+
+
+def _url(runner: web.AppRunner, scheme: str) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+async def _drain_ingest(rt: Runtime) -> None:
+    """The first step of stopping: 503 to new events, and the commits under way finish."""
+    rt.accepting = False
+    deadline = time.monotonic() + INGEST_DRAIN_S
+    while rt.commits_in_progress and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+async def _log_stopped(rt: Runtime) -> None:
+    """The last words before the outbox closes: what is still waiting."""
+    try:
+        waiting: int | None = (await rt.outbox.stats()).events
+    except OutboxUnavailable:
+        waiting = None  # the count is for the log line; closing matters more
+    cut = rt.dispatcher.sends_cut if rt.dispatcher is not None else None
+    log.info("stopped", waiting=waiting, sends_cut=cut)
+
+
+@web.middleware
+async def _errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error of every route is JSON in one shape, `{"error", "message"}` (an unknown
+    route's 404 and a wrong method's 405 included), so an SDK reports the real error rather
+    than "invalid JSON". Any route that meets an unusable outbox (a full disk, shutting down)
+    answers 503 with Retry-After, as ingest does, rather than a 500."""
+    try:
+        return await handler(request)
+    except OutboxUnavailable as e:
+        return web.json_response(
+            unavailable_body(e, request.path),
+            status=503,
+            headers={"Retry-After": str(e.retry_after_s)},
+        )
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in e.headers.items() if k.lower() not in _BODY_HEADERS}
+        message = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
+        return web.json_response(
+            {"error": e.reason.lower().replace(" ", "_").replace("-", "_"), "message": message},
+            status=e.status,
+            headers=headers,
+        )
+
+
+#: headers of an error's plain-text body, replaced with the JSON body's own
+_BODY_HEADERS: Final = frozenset({"content-type", "content-length"})
+
+
+async def serve(
+    settings: Settings,
+    origins: Origins | None = None,
+    load: Callable[[], Settings] | None = None,
+) -> None:
+    """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully; at
+    SIGHUP, reload what may change (`load` reads the configuration again)."""
+    async with running_sidecar(settings, origins) as sidecar:
+        hangup = None
+        if load is not None:
+
+            def hangup() -> None:
+                reload(sidecar.runtime, sidecar.tls, load)
+
+        await until_stop_signal(hangup)
+        log.info("stopping", reason="signal")

@@ -1,0 +1,358 @@
+"""The `caliper-sidecar` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from caliper_sidecar import __version__
+from caliper_sidecar.config import Origins, Settings, load_settings, redacted, render_toml
+from caliper_sidecar.exceptions import ConfigError, SidecarError
+from caliper_sidecar.ids import canonical_id
+from caliper_sidecar.logs import configure_logging
+from caliper_sidecar.preflight import preflight
+from caliper_sidecar.presets import PROFILES
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args))
+    except SidecarError as e:
+        print(f"caliper-sidecar: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+CONFIG_HELP = (
+    "the TOML configuration (default: the file named by $SIDECAR_CONFIG, else built-in "
+    "defaults); any key can also be set as SIDECAR_<SECTION>_<KEY>"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="caliper-sidecar",
+        description="A durable local outbox that forwards IMS Caliper 1.2 events to TimeBack.",
+        epilog="Run `caliper-sidecar COMMAND --help` for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"caliper-sidecar {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    def command(
+        parent: Any, name: str, help: str, handler: Any, config: bool = True
+    ) -> argparse.ArgumentParser:
+        c: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        if config:
+            c.add_argument("-c", "--config", metavar="FILE", help=CONFIG_HELP)
+        c.set_defaults(handler=handler)
+        return c
+
+    def group(name: str, help: str) -> Any:
+        """A command made of actions; without one it prints its own help."""
+        g = sub.add_parser(name, help=help, description=help)
+        g.set_defaults(handler=lambda _: _help_of(g))
+        return g.add_subparsers(metavar="ACTION")
+
+    command(sub, "run", "receive events and forward them until SIGTERM/SIGINT", _run)
+    command(
+        sub,
+        "demo",
+        "run a sidecar against a built-in fake TimeBack, no config needed",
+        _demo,
+        config=False,
+    )
+    m = command(
+        sub,
+        "mock-upstream",
+        "serve a fake TimeBack (both platforms' Caliper endpoints, jobs, tokens) for "
+        "developing an app offline",
+        _mock_upstream,
+        config=False,
+    )
+    m.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    m.add_argument("--port", type=int, default=8788, help="port (default: %(default)s)")
+    m.add_argument(
+        "--client-id", default="sidecar", help="the OAuth client it accepts (%(default)s)"
+    )
+    m.add_argument(
+        "--client-secret", default="sidecar-secret", help="that client's secret (%(default)s)"
+    )
+    m.add_argument(
+        "--token-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="lifetime of the tokens it issues (default: %(default)s)",
+    )
+    m.add_argument("--latency-ms", type=float, default=0.0, help="delay before each Caliper answer")
+    m.add_argument(
+        "--ids-only",
+        action="store_true",
+        help="remember only the ids of received events (for large benchmarks)",
+    )
+    m.add_argument(
+        "--chaos-rate",
+        type=float,
+        default=0.0,
+        help="probability of a random fault per request (0..1)",
+    )
+    v = command(sub, "validate", "validate events or envelopes offline", _validate, config=False)
+    v.add_argument(
+        "files",
+        nargs="*",
+        metavar="FILE",
+        help="JSON files: an event, an array, an envelope, or JSON Lines (default: stdin)",
+    )
+    v.add_argument("--json", action="store_true", help="machine-readable report")
+    v.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="timeback",
+        help="timeback: what TimeBack's platforms accept, the SDK's profile included "
+        "(default); timeback-learnwith: plus LearnWith.AI's identity rules; caliper: 1.2 only",
+    )
+    command(
+        sub,
+        "check-config",
+        "print the effective configuration, secrets redacted, each value's origin; exit 2 "
+        "when it is wrong",
+        _check_config,
+    )
+
+    tokens = group("token", "sender tokens for apps and devices")
+    new = command(tokens, "new", "print a new random sender token", _token_new, config=False)
+    new.add_argument(
+        "--label", help="who the token is for (a room, an app): written before it in the file"
+    )
+
+    outbox = group("outbox", "inspect the outbox (safe while `run` is running)")
+    stats = command(outbox, "stats", "counts of waiting, delivered and dead events", None)
+    stats.add_argument("--json", action="store_true", help="JSON instead of lines for people")
+    stats.set_defaults(handler=_outbox_stats)
+
+    dead = group("dead-letters", "list, replay or purge dead letters (safe while `run` runs)")
+    listing = command(dead, "list", "show dead letters with their reasons", _dead_list)
+    listing.add_argument(
+        "--limit", type=int, default=100, help="show at most this many (default: %(default)s)"
+    )
+    listing.add_argument("--after", metavar="ID", help="continue after this event id")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    for name, handler, what in (
+        ("replay", _dead_replay, "put dead letters back in the queue, to be sent again"),
+        ("purge", _dead_purge, "delete dead letters for good"),
+    ):
+        a = command(dead, name, f"{what}: by id, or all of them", handler)
+        which = a.add_mutually_exclusive_group(required=True)
+        which.add_argument("ids", nargs="*", default=[], metavar="ID", help="event ids")
+        which.add_argument(
+            "--all",
+            action="store_true",
+            help="every dead letter"
+            + (" (WARNING: they are gone for good; list them first)" if name == "purge" else ""),
+        )
+    return p
+
+
+def _help_of(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _settings(args: argparse.Namespace, origins: Origins | None = None) -> Settings:
+    return load_settings(getattr(args, "config", None), origins=origins)
+
+
+#: how long a thread holds the GIL while another waits for it, in `run`
+SWITCH_INTERVAL_S = 0.00025
+
+
+def _run(args: argparse.Namespace) -> int:
+    from caliper_sidecar.app import serve
+
+    origins: Origins = {}
+    settings = _settings(args, origins)
+    configure_logging(settings.log.level, settings.log.format)
+    # The outbox's writer thread needs the GIL back after each SQLite call of a group commit;
+    # behind a busy event loop it waited up to the whole switch interval (5 ms by default)
+    # each time, which stretched commits and so throughput under load (BENCHMARKS.md: about
+    # +15 % at 0.25 ms, interleaved A/B).
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    asyncio.run(serve(settings, origins, lambda: _settings(args)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from caliper_sidecar.tools.demo import run_demo
+
+    return asyncio.run(run_demo())
+
+
+def _mock_upstream(args: argparse.Namespace) -> int:
+    from caliper_sidecar.tools.fake_timeback import FakeTimeBack, serve_fake
+
+    fake = FakeTimeBack(
+        args.client_id, args.client_secret, args.token_ttl, keep_events=not args.ids_only
+    )
+    fake.faults.latency_s = args.latency_ms / 1000
+    fake.faults.chaos_rate = args.chaos_rate
+    configure_logging("info", "console")
+    asyncio.run(serve_fake(fake, args.host, args.port))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from caliper_sidecar.tools.validate import validate_command
+
+    return validate_command(args.files, as_json=args.json, profile=args.profile)
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    import secrets
+
+    label = args.label
+    if label is not None and (not label or any(c.isspace() for c in label)):
+        raise ConfigError("--label: one word, without spaces (e.g. room-12)")
+    token = secrets.token_urlsafe(24)  # 192 bits
+    # The line for the tokens file on stdout (`>> tokens` works); what to do with it beside.
+    print(f"{label} {token}" if label else token)
+    print(
+        "a new sender token: add the line above to the file receiver.tokens_file names, and "
+        "give the app the token (the part after the label)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    origins: Origins = {}
+    settings = load_settings(getattr(args, "config", None), origins=origins)
+    print(render_toml(redacted(settings), origins), end="")
+    # What `run` would refuse is wrong: say so, and fail, as a wrong key does; what it would
+    # warn about, say too.
+    for warning in preflight(settings, origins).warnings:
+        print(f"caliper-sidecar: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _open_outbox(args: argparse.Namespace) -> Any:
+    """The outbox the configuration names, opened beside a running `run` (no lock)."""
+    from caliper_sidecar.outbox import open_outbox
+
+    settings = _settings(args)
+    if not settings.outbox.url and not Path(settings.outbox.path).exists():
+        raise SidecarError(f"there is no outbox at {settings.outbox.path} (outbox.path)")
+    return open_outbox(settings.outbox, exclusive=False)
+
+
+def _outbox_stats(args: argparse.Namespace) -> int:
+    from caliper_sidecar.http.ops import utc_from_timestamp
+
+    async def go() -> int:
+        async with _open_outbox(args) as outbox:
+            stats = await outbox.stats()
+        report = {
+            "path": str(getattr(outbox, "path", "postgresql")),
+            "events": stats.events,
+            "bytes": stats.bytes,
+            "oldest_received_at": utc_from_timestamp(stats.oldest_received_at),
+            "dead_letters": stats.dead_letters,
+            "delivered_total": stats.delivered_total,
+            "dead_lettered_total": stats.dead_lettered_total,
+            "platform_jobs": stats.platform_jobs,
+        }
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            width = max(len(k) for k in report)
+            for key, value in report.items():
+                shown = "-" if value is None or value == {} else value
+                print(f"{key.replace('_', ' '):<{width}}  {shown}")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _dead_list(args: argparse.Namespace) -> int:
+    from caliper_sidecar.http.admin import dead_letter_document
+    from caliper_sidecar.http.ops import utc_from_timestamp
+    from caliper_sidecar.outbox.base import DEAD_CHUNK
+
+    async def go() -> int:
+        shown, after = 0, args.after
+        async with _open_outbox(args) as outbox:
+            # Page by page, printed as they come: a list of 100,000 is never in memory at once.
+            while shown < args.limit:
+                items = await outbox.dead_letters(min(DEAD_CHUNK, args.limit - shown), after)
+                for d in items:
+                    if args.json:
+                        print(json.dumps(dead_letter_document(d)))
+                    else:
+                        status = f"HTTP {d.status}" if d.status else "-"
+                        print(
+                            f"{d.id}  {utc_from_timestamp(d.dead_lettered_at)}  {d.reason}  "
+                            f"{status}  attempts={d.attempts}  "
+                            f"{d.response[:120]}"
+                        )
+                shown += len(items)
+                if len(items) < DEAD_CHUNK:
+                    break
+                after = items[-1].id
+        if not args.json:
+            print(f"{shown} dead letter(s)", file=sys.stderr)
+        return 0
+
+    return asyncio.run(go())
+
+
+def _dead_replay(args: argparse.Namespace) -> int:
+    count, unknown = _on_dead_letters(args, "replay_dead_letters")
+    print(f"replayed {count} dead letter(s); the running sidecar sends them within a second")
+    return 1 if unknown else 0
+
+
+def _dead_purge(args: argparse.Namespace) -> int:
+    count, unknown = _on_dead_letters(args, "purge_dead_letters")
+    print(f"purged {count} dead letter(s)")
+    return 1 if unknown else 0
+
+
+def _on_dead_letters(args: argparse.Namespace, operation: str) -> tuple[int, list[str]]:
+    """Apply an outbox operation to the dead letters named on the command line (or all),
+    with a running count on stderr (it goes a chunk at a time); ids that are not dead
+    letters are named, and make the exit code 1."""
+    verb = operation.split("_")[0]
+    unknown: list[str] = []
+
+    def progress(done: int) -> None:
+        print(f"{verb}: {done} dead letter(s) so far", file=sys.stderr, flush=True)
+
+    async def go() -> int:
+        async with _open_outbox(args) as outbox:
+            if not args.all:
+                found = await outbox.journeys(args.ids)
+                unknown.extend(
+                    i
+                    for i in args.ids
+                    if (j := found.get(canonical_id(i))) is None or j.dead_letter is None
+                )
+            selection = None if args.all else args.ids
+            count: int = await getattr(outbox, operation)(selection, progress=progress)
+            return count
+
+    count = asyncio.run(go())
+    if unknown:
+        print(f"not dead letters (nothing done): {', '.join(unknown)}", file=sys.stderr)
+    return count, unknown

@@ -1,0 +1,478 @@
+"""The dispatcher: claims batches from the outbox, sends them, and turns each outcome into an
+outbox operation: acknowledge, retry later, split, or dead-letter.
+
+A refusal that every event gets is the platform's failure, not the events': a platform that
+refuses everything (a wrong `edApp`, an API that changed, a proxy's error page) would otherwise
+split the backlog down to single events and dead-letter all of it at full speed. So a single
+event's refusal is not final until something tells it apart: another event accepted, or
+refused with another answer. When `REFUSING_AFTER` single events in a row are refused with the
+same status and answer, delivery stops as `refusing`, the events stay queued, and it is tried
+again at the capped backoff; only when that same refusal has lasted `retry.refusing_grace_s`
+are the events it refuses dead-lettered, so that a truly bad backlog never stalls delivery for
+good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+import structlog
+
+from caliper_sidecar.config import Settings
+from caliper_sidecar.delivery.backoff import Circuit, CircuitState
+from caliper_sidecar.delivery.upstream import Sent, UpstreamClient
+from caliper_sidecar.exceptions import (
+    AuthFailed,
+    EndpointFailed,
+    OutboxUnavailable,
+    Refused,
+    RetryLater,
+)
+from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.outbox import Batch, Claim, Outbox, StoredEvent
+
+log = structlog.get_logger("sidecar.dispatcher")
+
+IDLE_POLL_S: Final = 1.0  # also how soon a replay made by another process is noticed
+CLAIM_RETRY_S: Final = 1.0
+#: single events refused alike, in a row, that make a refusal the platform's failure
+REFUSING_AFTER: Final = 8
+
+
+class UpstreamState(StrEnum):
+    OK = "ok"
+    BACKING_OFF = "backing_off"
+    AUTH_FAILED = "auth_failed"
+    #: 404/405/410 for envelopes: the endpoint is wrong or gone
+    ENDPOINT_FAILED = "endpoint_failed"
+    #: every event refused with the same answer: the platform's failure
+    REFUSING = "refusing"
+
+
+@dataclass
+class RefusalStreak:
+    """Single events refused in a row with one answer: which, and since when (monotonic)."""
+
+    status: int
+    body: str
+    ids: set[str]
+    since: float
+
+    def matches(self, refusal: Refused) -> bool:
+        return refusal.status == self.status and refusal.body == self.body
+
+
+class Dispatcher:
+    """Keeps up to `upstream.concurrency` envelopes in flight, no event in two at once.
+
+    Receive order is kept as far as concurrency and retries allow: batches are claimed oldest
+    first, and a failed batch goes back to the head of the queue.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        upstream: UpstreamClient,
+        settings: Settings,
+        metrics: Metrics,
+        on_platform_job: Callable[[str], None] | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._on_platform_job = on_platform_job
+        self._upstream = upstream
+        self._batch = settings.upstream
+        self._retry = settings.retry
+        self._metrics = metrics
+        self._circuit = Circuit(settings.retry.initial_backoff_s, settings.retry.max_backoff_s)
+        self._slots = asyncio.Semaphore(settings.upstream.concurrency)
+        self._sends: set[asyncio.Task[None]] = set()
+        self._bookkeeping: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._batch_ids = itertools.count(1)
+        self.state = UpstreamState.OK
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.in_flight = 0
+        #: sends cut short by the last stop (they go out again after a restart)
+        self.sends_cut = 0
+        self._streak: RefusalStreak | None = None
+        #: an episode of 2xx answers without a jobId although jobs are followed
+        self._unconfirmed_episode = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._claim_loop(), name="dispatcher")
+
+    async def stop(self, grace_s: float) -> int:
+        """Stop claiming, give sends in flight `grace_s` to finish; returns how many were cut.
+
+        Cut sends keep their events in the outbox: they go out again after the restart.
+        """
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        cut = 0
+        if self._sends:
+            _, pending = await asyncio.wait(self._sends, timeout=grace_s)
+            cut = len(pending)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.sends_cut = cut
+        # Outcomes already decided (a 2xx received) are written before the outbox closes.
+        await asyncio.gather(*self._bookkeeping, return_exceptions=True)
+        return cut
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state": self.state.value,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "retry_in_s": round(self._circuit.retry_in(), 3),
+            "in_flight": self.in_flight,
+        }
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            probe = False
+            try:
+                probe = await self._circuit.admit()
+                batch = await self._next_batch()
+            except Exception:
+                # A storage error while reading the next batch must not end delivery for the
+                # life of the process: say so, wait, and try again.
+                log.exception("claim_failed", retry_in_s=CLAIM_RETRY_S)
+                self._slots.release()
+                if probe:
+                    self._circuit.probe_abandoned()
+                await asyncio.sleep(CLAIM_RETRY_S)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            if not probe and self._circuit.state != CircuitState.CLOSED:
+                # The circuit opened while this batch was being gathered: it waits its turn.
+                await self._outbox.release(batch.claim, batch.seqs)
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._deliver(batch, probe))
+            self._sends.add(task)
+            task.add_done_callback(self._send_done)
+
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            # An outcome that could not be written (a full disk): the outbox released the
+            # claims, so the events go out again; at least once, never lost.
+            log.error("outcome_not_recorded", error=repr(task.exception()))
+
+    async def _next_batch(self) -> Batch:
+        """The next batch worth sending: the outbox claims only what is ready (a full batch,
+        or an oldest event that has lingered), and says when to ask again."""
+        linger_s = self._batch.linger_ms / 1000
+        budget = self._batch.batch_max_bytes - self._upstream.overhead
+        while True:
+            batch = await self._outbox.claim_batch(self._batch.batch_max_events, budget, linger_s)
+            if batch.events:
+                return batch
+            await self._outbox.wait_appended(
+                IDLE_POLL_S if batch.ready_in is None else batch.ready_in
+            )
+
+    # -- delivering ------------------------------------------------------------------------
+
+    async def _deliver(self, batch: Batch, probe: bool) -> None:
+        batch_id = next(self._batch_ids)
+        claim, events = batch.claim, batch.events
+        self.in_flight += len(events)
+        self._metrics.in_flight.inc(len(events))
+        parts = [events]
+        sending: list[StoredEvent] = []  # the part whose outcome is not recorded yet
+        #: single events refused, their refusal not yet told apart from the platform's failure
+        refused: list[tuple[StoredEvent, Refused]] = []
+        try:
+            while parts:
+                part = sending = parts.pop(0)
+                if part is not events:
+                    await self._outbox.extend(claim)  # a split batch takes several sends
+                started = time.monotonic()
+                try:
+                    sent = await self._send(batch_id, part)
+                except Refused as e:
+                    if len(part) > 1:
+                        # Split until the event the platform refuses is alone; its batch-mates
+                        # are delivered.
+                        self._refusal_answered(e)
+                        middle = len(part) // 2
+                        parts[:0] = [part[:middle], part[middle:]]
+                        sending = []
+                        log.info("batch_split", batch=batch_id, status=e.status, events=len(part))
+                        continue
+                    sending = []
+                    if refused and not (self._streak is not None and self._streak.matches(e)):
+                        # Refused with another answer: the refusals so far were the events' own.
+                        await self._dead_letter_refused(batch_id, claim, refused, probe)
+                        refused = []
+                    refused.append((part[0], e))
+                    if self._refused_alone(part[0], e):
+                        if not self._grace_over():
+                            # Everything refused alike: the platform's failure, not the events'.
+                            waiting = [ev for ev, _ in refused]
+                            waiting += [ev for rest in parts for ev in rest]
+                            refused, parts = [], []
+                            await self._refusing(batch_id, claim, waiting, e, probe)
+                            return
+                        # The same refusal for `refusing_grace_s`: taken at its word now.
+                        self._circuit.succeeded()
+                        await self._dead_letter_refused(batch_id, claim, refused, probe)
+                        refused = []
+                    continue
+                except (RetryLater, AuthFailed) as e:
+                    waiting = [ev for ev, _ in refused] + part
+                    waiting += [ev for rest in parts for ev in rest]
+                    parts, sending, refused = [], [], []
+                    await self._failed(batch_id, claim, waiting, e, probe)
+                    return
+                # Another event accepted: the refusals so far were the events' own.
+                self._streak = None
+                await self._dead_letter_refused(batch_id, claim, refused, probe)
+                refused = []
+                await self._bookkeep(
+                    self._outbox.acknowledge(
+                        claim, [e.seq for e in part], sent.job_id, sent.unconfirmed
+                    ),
+                    probe,
+                )
+                sending = []
+                if sent.job_id is not None and self._on_platform_job is not None:
+                    self._on_platform_job(sent.job_id)
+                self._unconfirmed(sent, len(part))
+                self._metrics.events_delivered.inc(len(part))
+                self._platform_answered()
+                log.info(
+                    "batch_delivered",
+                    batch=batch_id,
+                    events=len(part),
+                    status=sent.status,
+                    platform_job=sent.job_id,
+                    duration_ms=round((time.monotonic() - started) * 1000, 1),
+                )
+            # Fewer than REFUSING_AFTER alike, and nothing else to tell them apart by: as the
+            # platform said, these events are refused.
+            await self._dead_letter_refused(batch_id, claim, refused, probe)
+            refused = []
+        finally:
+            self.in_flight -= len(events)
+            self._metrics.in_flight.dec(len(events))
+            left = sending + [e for e, _ in refused] + [e for rest in parts for e in rest]
+            if left:  # cut short by shutdown: the events stay queued, untouched
+                await self._outbox.release(claim, [e.seq for e in left])
+                if probe:
+                    self._circuit.probe_abandoned()
+
+    def _refusal_answered(self, refusal: Refused) -> None:
+        """The platform answered with a refusal: it is up, unless it refuses everything."""
+        if self.state != UpstreamState.REFUSING or not (
+            self._streak is not None and self._streak.matches(refusal)
+        ):
+            self._platform_answered()
+
+    def _refused_alone(self, event: StoredEvent, refusal: Refused) -> bool:
+        """Count a single event's refusal; True when REFUSING_AFTER events in a row got it."""
+        self._refusal_answered(refusal)
+        streak = self._streak
+        if streak is None or not streak.matches(refusal):
+            streak = self._streak = RefusalStreak(
+                refusal.status, refusal.body, set(), time.monotonic()
+            )
+        streak.ids.add(event.id)
+        return len(streak.ids) >= REFUSING_AFTER
+
+    def _grace_over(self) -> bool:
+        """True when the current refusal has lasted `retry.refusing_grace_s`."""
+        streak = self._streak
+        return (
+            streak is not None
+            and len(streak.ids) >= REFUSING_AFTER
+            and time.monotonic() - streak.since >= self._retry.refusing_grace_s
+        )
+
+    async def _refusing(
+        self,
+        batch_id: int,
+        claim: Claim,
+        events: list[StoredEvent],
+        refusal: Refused,
+        probe: bool,
+    ) -> None:
+        """Stop as `refusing`: the events stay queued, tried again at the capped backoff."""
+        reason = f"every event refused alike: {refusal}"
+        delay = self._circuit.failed(self._retry.max_backoff_s, probe=probe)
+        self._set_state(UpstreamState.REFUSING, reason)
+        log.warning(
+            "batch_refused_alike",
+            batch=batch_id,
+            events=len(events),
+            status=refusal.status,
+            response=refusal.body[:200],
+            retry_in_s=round(delay, 3),
+        )
+        await self._bookkeep(
+            self._outbox.record_failure(claim, [e.seq for e in events], reason), False
+        )
+
+    async def _dead_letter_refused(
+        self,
+        batch_id: int,
+        claim: Claim,
+        refused: list[tuple[StoredEvent, Refused]],
+        probe: bool,
+    ) -> None:
+        """Dead-letter single events the platform refused, each with its refusal."""
+        for event, e in refused:
+            await self._bookkeep(
+                self._outbox.dead_letter(claim, [event.seq], "refused", e.status, e.body), probe
+            )
+            self._metrics.events_dead_lettered.labels(reason="refused").inc()
+            log.warning(
+                "event_dead_lettered",
+                batch=batch_id,
+                event_id=event.id,
+                reason="refused",
+                status=e.status,
+                response=e.body[:200],
+            )
+        if refused and self.state == UpstreamState.REFUSING:
+            log.error(
+                "refusal_dead_lettered",
+                grace_s=self._retry.refusing_grace_s,
+                events=len(refused),
+                status=refused[0][1].status,
+            )
+
+    def _unconfirmed(self, sent: Sent, events: int) -> None:
+        """Count events accepted without a job to confirm them; warn once per episode."""
+        if sent.unconfirmed is None:
+            if sent.job_id is not None:
+                self._unconfirmed_episode = False
+            return
+        self._metrics.events_unconfirmed.inc(events)
+        if not self._unconfirmed_episode:
+            self._unconfirmed_episode = True
+            log.warning("platform_answered_without_job", reason=sent.unconfirmed)
+
+    async def _send(self, batch_id: int, part: list[StoredEvent]) -> Sent:
+        """Send one envelope; any failure that is not the platform's answer counts as
+        transient, so that a bug or an odd error backs off instead of resending at once."""
+        try:
+            return await self._upstream.send([e.body for e in part], part[0].sensor)
+        except (Refused, RetryLater, AuthFailed):
+            raise
+        except Exception as e:
+            log.exception("send_failed_unexpectedly", batch=batch_id)
+            raise RetryLater(f"unexpected error while sending: {e!r}") from e
+
+    async def _failed(
+        self,
+        batch_id: int,
+        claim: Claim,
+        events: list[StoredEvent],
+        error: RetryLater | AuthFailed,
+        probe: bool,
+    ) -> None:
+        reason = str(error)
+        retry_after = error.retry_after_s if isinstance(error, RetryLater) else None
+        delay = self._circuit.failed(retry_after, probe=probe)
+        if isinstance(error, AuthFailed):
+            state = UpstreamState.AUTH_FAILED
+        elif isinstance(error, EndpointFailed):
+            state = UpstreamState.ENDPOINT_FAILED
+        else:
+            state = UpstreamState.BACKING_OFF
+        self._set_state(state, reason)
+        log.warning(
+            "batch_failed",
+            batch=batch_id,
+            events=len(events),
+            error=reason,
+            retry_in_s=round(delay, 3),
+        )
+        expired: dict[str, list[StoredEvent]] = {}
+        keep: list[StoredEvent] = []
+        # Authentication and the endpoint are the operator's to fix: they never cost an event
+        # its place.
+        operators = isinstance(error, AuthFailed | EndpointFailed)
+        for event in events:
+            why = None if operators else self._expiry(event)
+            if why is None:
+                keep.append(event)
+            else:
+                expired.setdefault(why, []).append(event)
+        for why, dead in expired.items():
+            # probe=False: this failure already opened the circuit (above); a write failure
+            # here must not count the probe twice.
+            await self._bookkeep(
+                self._outbox.dead_letter(claim, [e.seq for e in dead], why, None, reason), False
+            )
+            self._metrics.events_dead_lettered.labels(reason=why).inc(len(dead))
+            log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
+        if keep:
+            await self._bookkeep(
+                self._outbox.record_failure(claim, [e.seq for e in keep], reason), False
+            )
+
+    def _expiry(self, event: StoredEvent) -> str | None:
+        if self._retry.max_attempts and event.attempts + 1 >= self._retry.max_attempts:
+            return "max_attempts"
+        if self._retry.max_age_s and time.time() - event.received_at >= self._retry.max_age_s:
+            return "max_age"
+        return None
+
+    def _platform_answered(self) -> None:
+        self._circuit.succeeded()
+        self._set_state(UpstreamState.OK, None)
+
+    def _set_state(self, state: UpstreamState, error: str | None) -> None:
+        if error is not None:
+            self.last_error, self.last_error_at = error, time.time()
+        if state == self.state:
+            return
+        previous, self.state = self.state, state
+        # One line per change of state, not per attempt: an outage of hours is two lines.
+        if state == UpstreamState.AUTH_FAILED:
+            log.error("upstream_auth_failed", previous=previous.value, error=error)
+        elif state == UpstreamState.ENDPOINT_FAILED:
+            log.error("upstream_endpoint_failed", previous=previous.value, error=error)
+        elif state == UpstreamState.REFUSING:
+            log.error("upstream_refusing", previous=previous.value, error=error)
+        elif state == UpstreamState.BACKING_OFF:
+            log.warning("upstream_backing_off", previous=previous.value, error=error)
+        else:
+            log.info("upstream_recovered", previous=previous.value)
+
+    async def _bookkeep(self, operation: Awaitable[None], probe: bool) -> None:
+        """Run an outbox write that must finish even if this send is cancelled.
+
+        If it cannot be written (a full disk), the outbox releases the events and they will
+        be sent again; the circuit opens first, so that happens after a backoff, not at once.
+        """
+        task = asyncio.ensure_future(operation)
+        self._bookkeeping.add(task)
+        task.add_done_callback(self._bookkeeping.discard)
+        try:
+            await asyncio.shield(task)
+        except OutboxUnavailable as e:
+            self._circuit.failed(probe=probe)
+            self._set_state(UpstreamState.BACKING_OFF, f"cannot record outcomes: {e}")
+            raise

@@ -1,0 +1,221 @@
+"""The HTTP call to the Caliper endpoint, and what its answer means.
+
+`UpstreamClient.send` returns when the platform accepted the envelope and otherwise raises the
+outcome the dispatcher acts on: RetryLater (transient; EndpointFailed when the endpoint itself
+fails), Refused (this batch is refused), AuthFailed.
+
+A 2xx is not always an acceptance: TimeBack's APIs answer `200 {"status": "error", …}` when
+they refuse, and that is read as the refusal it is. A 404, 405 or 410 says nothing about the
+events (a mistyped endpoint, a maintenance page, a proxy without the route): read as such,
+they would dead-letter a whole backlog at full speed.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+
+from caliper_sidecar import codec
+from caliper_sidecar.config import UpstreamSettings
+from caliper_sidecar.delivery.answers import read_answer
+from caliper_sidecar.delivery.backoff import parse_retry_after, transient_status
+from caliper_sidecar.delivery.learnwith_form import rewrite_body
+from caliper_sidecar.delivery.tokens import TokenSource
+from caliper_sidecar.envelope import build_envelope, envelope_overhead
+from caliper_sidecar.exceptions import AuthFailed, EndpointFailed, Refused, RetryLater
+from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.presets import PLATFORMS
+
+RESPONSE_KEPT: Final = 1024  # bytes of a refusal kept with the dead letter
+#: statuses that say the endpoint is wrong or gone, not that these events are
+ENDPOINT_FAILURES: Final = frozenset({404, 405, 410})
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The platform accepted an envelope: its status, and the processing job it opened (when
+    jobs are followed and the answer named one). `unconfirmed` says why the events cannot be
+    confirmed although jobs are followed (the answer named no job)."""
+
+    status: int
+    job_id: str | None = None
+    unconfirmed: str | None = None
+
+
+def default_sensor() -> str:
+    """The envelope's `sensor` when none is configured: stable for this host."""
+    return f"urn:caliper-sidecar:{socket.gethostname()}"
+
+
+class UpstreamClient:
+    """Posts envelopes to the Caliper endpoint with a bearer token."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: UpstreamSettings,
+        tokens: TokenSource,
+        metrics: Metrics,
+    ) -> None:
+        self._session = session
+        self._endpoint = settings.endpoint
+        self._jobs_url = settings.jobs_url
+        self._learnwith_form = settings.platform == "learnwith-ai"
+        self.sensor = settings.sensor or default_sensor()
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
+        self._tokens = tokens
+        self._metrics = metrics
+        #: bytes the envelope adds around its events, for the batch size limit
+        self.overhead = envelope_overhead(self.sensor)
+
+    @property
+    def follows_jobs(self) -> bool:
+        return bool(self._jobs_url)
+
+    @property
+    def events_url(self) -> str | None:
+        """Where the platform lists the events it stored (Beyond AI's `GET /caliper/events`,
+        beside its `/caliper/event`), or None when the endpoint has no such neighbour."""
+        base, _, query = self._endpoint.partition("?")
+        base = base.rstrip("/")
+        event_path = PLATFORMS["beyond-ai"]
+        if query or event_path is None or not base.endswith(event_path):
+            return None
+        return base + "s"
+
+    async def read(self, url: str) -> tuple[int, str]:
+        """GET a platform URL with the sidecar's own token: its status and body. Raises
+        RetryLater when the platform cannot be reached."""
+        status, _, text = await self._authorized("GET", url, None)
+        return status, text
+
+    async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent:
+        """Send one envelope of these serialized events, under the sensor of the app that sent
+        them (or the configured one); returns when the platform took it."""
+        if self._learnwith_form:
+            bodies = [rewrite_body(body) for body in bodies]
+        envelope = build_envelope(sensor or self.sensor, bodies)
+        status, retry_after, text = await self._authorized("POST", self._endpoint, envelope)
+        if 200 <= status < 300:
+            answer = _json_object(text)
+            if "status" in answer and answer["status"] != "success":
+                raise Refused(status, text[:RESPONSE_KEPT])
+            if not self._jobs_url:
+                return Sent(status)
+            job = answer.get("jobId")
+            if isinstance(job, str) and job:
+                return Sent(status, job)
+            return Sent(status, unconfirmed=f"HTTP {status} without a jobId: {text[:200]}")
+        if status in (401, 403):
+            raise AuthFailed(f"Caliper endpoint answered HTTP {status}: {text[:200]}")
+        if status in ENDPOINT_FAILURES:
+            raise EndpointFailed(
+                f"Caliper endpoint answered HTTP {status} (is upstream.endpoint right?): "
+                f"{text[:200]}",
+                retry_after,
+            )
+        if transient_status(status):
+            raise RetryLater(f"Caliper endpoint answered HTTP {status}", retry_after)
+        if 400 <= status < 500:
+            raise Refused(status, text[:RESPONSE_KEPT])
+        # 1xx/3xx: a misconfigured endpoint or proxy, not a verdict on these events.
+        raise RetryLater(f"Caliper endpoint answered unexpected HTTP {status}")
+
+    async def job_status(self, job_id: str) -> dict[str, Any]:
+        """The platform's word on one of its processing jobs: the `job` object of its answer.
+
+        Raises RetryLater (not readable now), AuthFailed, or Refused (the platform does not
+        know the job, or will never answer for it).
+        """
+        url = self._jobs_url.replace("{id}", quote(job_id, safe=""))
+        status, retry_after, text = await self._authorized("GET", url, None)
+        if status in (401, 403):
+            raise AuthFailed(f"jobs endpoint answered HTTP {status}: {text[:200]}")
+        if transient_status(status):
+            raise RetryLater(f"jobs endpoint answered HTTP {status}", retry_after)
+        if status != 200:
+            raise Refused(status, text[:RESPONSE_KEPT])
+        try:
+            answer = codec.loads(text.encode())
+        except ValueError:
+            raise RetryLater("jobs endpoint answered with something that is not JSON") from None
+        job = answer.get("job", answer) if isinstance(answer, dict) else None
+        if not isinstance(job, dict):
+            raise RetryLater("jobs endpoint answered without a job object")
+        return job
+
+    async def _authorized(
+        self, method: str, url: str, body: bytes | None
+    ) -> tuple[int, float | None, str]:
+        """One request with the current token; on a 401, one fresh token and one retry (the
+        token may have been revoked or expired early)."""
+        token = await self._tokens.bearer()
+        used = [token]
+        answer = await self._request(method, url, body, token)
+        if answer[0] == 401 and token is not None:
+            self._tokens.invalidate(token)
+            fresh = await self._tokens.bearer()
+            if fresh is not None and fresh != token:
+                used.append(fresh)
+                answer = await self._request(method, url, body, fresh)
+        status, retry_after, text = answer
+        # A platform (or a proxy) may echo the request's credentials in its answer; the answer
+        # is kept with dead letters and logged, the credentials must not be.
+        return status, retry_after, redact(text, used)
+
+    async def _request(
+        self, method: str, url: str, body: bytes | None, token: str | None
+    ) -> tuple[int, float | None, str]:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        started = time.monotonic()
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                text = await read_answer(resp)
+                code = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        except TimeoutError as e:
+            self._metrics.upstream_requests.labels(code="timeout").inc()
+            raise RetryLater("Caliper endpoint timed out") from e
+        except aiohttp.ClientError as e:
+            self._metrics.upstream_requests.labels(code="error").inc()
+            raise RetryLater(f"Caliper endpoint unreachable: {type(e).__name__}: {e}") from e
+        finally:
+            self._metrics.upstream_seconds.observe(time.monotonic() - started)
+        self._metrics.upstream_requests.labels(code=str(code)).inc()
+        return code, retry_after, text
+
+
+_BEARER: Final = re.compile(r"(?i)(bearer\s+)[\x21-\x7e]+")
+
+
+def redact(text: str, secrets: Sequence[str | None]) -> str:
+    """The text without these secrets, nor anything written as `Bearer <token>`."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return _BEARER.sub(r"\1<redacted>", text)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """The answer as a JSON object; empty when it is not one (IMS says a 2xx may be empty)."""
+    try:
+        answer = codec.loads(text.encode())
+    except (ValueError, RecursionError):
+        return {}
+    return answer if isinstance(answer, dict) else {}

@@ -1,0 +1,160 @@
+"""Admin routes for dead letters: list, replay, purge. They need `admin.token`, or, when none
+is set, a request from this machine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from caliper_sidecar import codec
+from caliper_sidecar.config import is_loopback
+from caliper_sidecar.http.auth import bearer_matches
+from caliper_sidecar.http.ingest import Rejected, read_body
+from caliper_sidecar.http.ops import utc_from_timestamp
+from caliper_sidecar.http.runtime import RUNTIME, Runtime
+
+log = structlog.get_logger("sidecar.admin")
+
+MAX_LIST: int = 1000
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/v1/dead-letters", list_dead_letters),
+        web.post("/v1/dead-letters/replay", replay),
+        web.post("/v1/dead-letters/purge", purge),
+    ]
+
+
+def _authorize(rt: Runtime, request: web.Request) -> str:
+    """Who is asking ("admin token" or "loopback"), or an error answer."""
+    token = rt.settings.admin.token
+    if token:
+        if bearer_matches(request, (token,)):
+            return "admin token"
+        raise _error(web.HTTPUnauthorized, "unauthorized", "a valid admin bearer token is required")
+    if not is_loopback(request.remote or ""):
+        raise _error(
+            web.HTTPForbidden,
+            "forbidden",
+            "admin endpoints answer only on loopback unless admin.token is set",
+        )
+    return "loopback"
+
+
+def _authorize_change(rt: Runtime, request: web.Request) -> str:
+    """An admin POST: authorized, and sent as no web page can send it without asking.
+
+    A page may post `text/plain` to any address without a preflight (`mode: "no-cors"`): it
+    cannot read the answer, but a purge would be done. JSON only, then, and never from an
+    origin the operator did not list."""
+    who = _authorize(rt, request)
+    if request.content_type != "application/json":
+        raise _error(
+            web.HTTPUnsupportedMediaType,
+            "unsupported_media_type",
+            "admin requests take Content-Type: application/json only",
+        )
+    origin = request.headers.get("Origin")
+    own = f"{request.scheme}://{request.host}"  # the status page's own requests
+    if origin is not None and origin != own and origin not in rt.settings.receiver.cors_origins:
+        log.warning("admin_request_refused", remote=request.remote, origin=origin[:200])
+        raise _error(
+            web.HTTPForbidden,
+            "forbidden_origin",
+            f"admin requests from the web origin {origin[:100]!r} are refused; list it in "
+            "receiver.cors_origins if a page of yours must make them",
+        )
+    return who
+
+
+def _error(kind: type[web.HTTPException], error: str, message: str) -> web.HTTPException:
+    return kind(
+        text=json.dumps({"error": error, "message": message}), content_type="application/json"
+    )
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    _authorize(rt, request)
+    try:
+        limit = max(1, min(int(request.query.get("limit", "100")), MAX_LIST))
+    except ValueError:
+        raise _error(web.HTTPBadRequest, "bad_request", "limit must be an integer") from None
+    items = await rt.outbox.dead_letters(limit, request.query.get("after") or None)
+    return web.json_response(
+        {
+            "dead_letters": [dead_letter_document(d) for d in items],
+            "next_after": items[-1].id if len(items) == limit else None,
+        }
+    )
+
+
+def dead_letter_document(d: Any) -> dict[str, Any]:
+    """A dead letter as JSON: the event itself, and why it died (times in ISO 8601, UTC)."""
+    return {
+        "id": d.id,
+        "reason": d.reason,
+        "status": d.status,
+        "response": d.response,
+        "attempts": d.attempts,
+        "received_at": utc_from_timestamp(d.received_at),
+        "first_attempt_at": utc_from_timestamp(d.first_attempt_at),
+        "last_attempt_at": utc_from_timestamp(d.last_attempt_at),
+        "dead_lettered_at": utc_from_timestamp(d.dead_lettered_at),
+        "event": json.loads(d.body),
+    }
+
+
+async def _selection(request: web.Request) -> Sequence[str] | None:
+    try:
+        body = codec.loads(await read_body(request))
+    except Rejected as e:
+        kind = {408: web.HTTPRequestTimeout}.get(e.status, web.HTTPBadRequest)
+        raise _error(kind, e.body["error"], e.body["message"]) from None
+    except (ValueError, RecursionError):
+        raise _error(web.HTTPBadRequest, "malformed_json", "the body is not valid JSON") from None
+    if isinstance(body, dict) and body.get("all") is True:
+        return None
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
+        return ids
+    raise _error(
+        web.HTTPBadRequest, "bad_request", 'the body must be {"ids": ["..."]} or {"all": true}'
+    )
+
+
+async def replay(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    who = _authorize_change(rt, request)
+    selection = await _selection(request)
+    count = await rt.outbox.replay_dead_letters(selection)
+    _logged("dead_letters_replayed", request, who, selection, count)
+    return web.json_response({"replayed": count})
+
+
+async def purge(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    who = _authorize_change(rt, request)
+    selection = await _selection(request)
+    count = await rt.outbox.purge_dead_letters(selection)
+    _logged("dead_letters_purged", request, who, selection, count)
+    return web.json_response({"purged": count})
+
+
+def _logged(
+    event: str, request: web.Request, who: str, selection: Sequence[str] | None, count: int
+) -> None:
+    """Say who replayed or purged how many: a purge destroys events for good."""
+    log.warning(
+        event,
+        who=who,
+        remote=request.remote,
+        user_agent=request.headers.get("User-Agent", "")[:200],
+        selected="all" if selection is None else len(selection),
+        events=count,
+    )

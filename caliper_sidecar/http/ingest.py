@@ -1,0 +1,321 @@
+"""The ingest routes: authenticate, parse, validate, append, and answer only after the commit.
+
+`/v1/events` answers in the sidecar's own terms; `/caliper/event` and `/caliper/v1p2` answer as
+TimeBack's Caliper API does (`{"status", "jobId", "eventsAccepted"}`), so that apps using
+TimeBack's SDK (or any Caliper sensor) can point at the sidecar instead of the platform.
+`/caliper/event/validate` checks without storing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+from aiohttp import web
+
+from caliper_sidecar import codec
+from caliper_sidecar.envelope import MAX_SENSOR_BYTES, sensor_bytes
+from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.http import connections
+from caliper_sidecar.http.auth import sender_label, sending_token
+from caliper_sidecar.http.errors import unavailable_body
+from caliper_sidecar.http.runtime import RUNTIME, Runtime
+from caliper_sidecar.ids import canonical_id
+from caliper_sidecar.outbox import AppendResult, NewEvent
+from caliper_sidecar.validation import Report, validate_events
+from caliper_sidecar.validation.shape import ShapeError, event_bodies, events_of, shape_of
+
+log = structlog.get_logger("sidecar.receiver")
+
+JSON_TYPES: Final = frozenset({"application/json", "application/ld+json"})
+#: what aiohttp decodes for us; anything else would be read as if it were plain JSON
+ENCODINGS: Final = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+
+
+class Rejected(Exception):
+    """An ingest request answered with an error; nothing of it was stored."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, "message": message, **extra}
+        self.headers: dict[str, str] = headers or {}
+
+
+def routes() -> list[web.RouteDef]:
+    caliper = _ingest_route(_answer_caliper, with_job=True)
+    return [
+        web.post("/v1/events", _ingest_route(_answer_v1)),
+        web.post("/caliper/event", caliper),
+        web.post("/caliper/v1p2", caliper),
+        web.post("/caliper/event/validate", validate_only),
+    ]
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def _answer_v1(accepted: Accepted) -> web.Response:
+    body: dict[str, Any] = {
+        "accepted": accepted.result.accepted,
+        "duplicates": accepted.result.duplicates,
+        "ids": accepted.ids,
+    }
+    if accepted.report.warnings:
+        body["warnings"] = [f.as_dict() for f in accepted.report.warnings]
+        body["warnings_total"] = accepted.report.warning_count
+    return _json(body, 202)
+
+
+def _answer_caliper(accepted: Accepted) -> web.Response:
+    # TimeBack's answer (its SDK reads `jobId`); IMS Caliper sensors look only at the status.
+    body = {
+        "status": "success",
+        "jobId": accepted.job,
+        "eventsAccepted": accepted.result.accepted,
+    }
+    return _json(body, 200)
+
+
+def _ingest_route(
+    answer: Callable[[Accepted], web.Response], with_job: bool = False
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        rt = request.app[RUNTIME]
+        started = time.monotonic()
+        fields: dict[str, Any] = {}
+        try:
+            job = str(uuid.uuid4()) if with_job else None
+            response = answer(await _ingest(rt, request, fields, job))
+        except Rejected as e:
+            rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
+            response = _json(e.body, e.status, e.headers)
+            fields["error"] = e.body["error"]
+        log.info(
+            "ingest",
+            path=request.path,
+            status=response.status,
+            remote=request.remote,
+            duration_ms=round((time.monotonic() - started) * 1000, 2),
+            **fields,
+        )
+        return response
+
+    return handle
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What a successful ingest answers with."""
+
+    ids: list[str]
+    result: AppendResult
+    report: Report
+    job: str | None
+
+
+async def _ingest(
+    rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None
+) -> Accepted:
+    if not rt.accepting:
+        raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
+    sender = fields["sender"] = authenticate(rt, request)
+    limit = rt.settings.receiver.max_body_bytes
+    # Memory held from reading the body until its events are committed is bounded (see
+    # connections.ByteBudget); a body of unknown length counts as the largest allowed.
+    async with rt.body_budget.reserve(min(request.content_length or limit, limit)):
+        return await _ingest_body(rt, request, fields, job, sender)
+
+
+async def _ingest_body(
+    rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None, sender: str
+) -> Accepted:
+    received = await _read_events(rt, request)
+    report = received.report
+    fields["events"] = len(received.ids)
+    if report.warnings:
+        fields["warnings"] = [f"{f.index}{f.path}: {f.rule}" for f in report.warnings[:20]]
+    if not report.ok:
+        raise Rejected(
+            422,
+            "invalid_events",
+            f"{report.error_count} problem(s) found; nothing of this request was stored",
+            errors=[f.as_dict() for f in report.errors],
+            errors_total=report.error_count,
+        )
+    batch = []
+    bodies, sensor = received.bodies()
+    if sensor is not None and sensor_bytes(sensor) > MAX_SENSOR_BYTES:
+        raise Rejected(
+            400,
+            "malformed_envelope",
+            f"the envelope's sensor is longer than {MAX_SENSOR_BYTES} bytes",
+        )
+    for index, (event_id, body) in enumerate(zip(received.ids, bodies, strict=True)):
+        if len(body) > rt.max_event_bytes:
+            raise Rejected(
+                413,
+                "event_too_large",
+                f"event {index} is {len(body)} bytes; an envelope holds at most "
+                f"{rt.max_event_bytes} bytes of events (upstream.batch_max_bytes)",
+            )
+        batch.append(NewEvent(canonical_id(event_id), body, sensor, sender or None))
+    rt.commits_in_progress += 1
+    try:
+        result = await rt.outbox.append(batch, job)
+    except OutboxUnavailable as e:
+        raise _unavailable(e, request.path) from e
+    finally:
+        rt.commits_in_progress -= 1
+    rt.metrics.events_received.labels(sender=sender).inc(result.accepted)
+    rt.metrics.events_duplicate.labels(sender=sender).inc(result.duplicates)
+    fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
+    return Accepted(received.ids, result, report, job)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A request's events: their ids as the app sent them, what validation found in them,
+    and the body they came in (as `shape`)."""
+
+    ids: list[str]
+    report: Report
+    raw: bytes
+    shape: str
+
+    def bodies(self) -> tuple[list[bytes], str | None]:
+        """Each event's bytes as the app sent them (found only for what is stored), and the
+        sensor of the app's envelope."""
+        return event_bodies(self.raw, self.shape)
+
+
+async def validate_only(request: web.Request) -> web.Response:
+    """`POST /caliper/event/validate`: TimeBack's validation answer; nothing is stored."""
+    rt = request.app[RUNTIME]
+    try:
+        authenticate(rt, request)
+        report = (await _read_events(rt, request)).report
+    except Rejected as e:
+        return _json(e.body, e.status, e.headers)
+    body: dict[str, Any] = {"status": "success" if report.ok else "error"}
+    if not report.ok:
+        body["errors"] = [f.as_dict() for f in report.errors]
+        body["errors_total"] = report.error_count
+    if report.warnings:
+        body["warnings"] = [f.as_dict() for f in report.warnings]
+        body["warnings_total"] = report.warning_count
+    return _json(body, 200)
+
+
+def authenticate(rt: Runtime, request: web.Request) -> str:
+    """The label of the sender (its token's, "" without one); Rejected (401) unless the
+    request may send events (SPEC §4: a sender token, or a token this sidecar issued)."""
+    tokens = rt.settings.receiver.tokens
+    if not tokens:
+        return ""
+    token = sending_token(request, tokens)
+    if token is not None:
+        return sender_label(token)
+    raise Rejected(
+        401,
+        "unauthorized",
+        "a valid `Authorization: Bearer <token>` is required",
+        headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar"'},
+    )
+
+
+async def _read_events(rt: Runtime, request: web.Request) -> Received:
+    """The events of the request's body, validated; Rejected when the body is not JSON, not
+    a shape events come in, or holds too many events."""
+    if request.content_type not in JSON_TYPES:
+        raise Rejected(
+            415,
+            "unsupported_media_type",
+            f"Content-Type must be application/json or application/ld+json, "
+            f"not {request.content_type or 'missing'}",
+        )
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ENCODINGS:
+        raise Rejected(
+            415,
+            "unsupported_content_encoding",
+            f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or none",
+        )
+    limit = rt.settings.receiver.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    raw = codec.without_bom(await read_body(request))
+    decoded = rt.decoder.decode(raw) if rt.decoder is not None else None
+    if decoded is not None:  # valid, no warnings: validated while parsing
+        _check_count(rt, len(decoded.events))
+        ids = [event.id for event in decoded.events]
+        return Received(ids, Report(), raw, decoded.shape)
+    try:
+        document = codec.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise Rejected(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+    try:
+        events = events_of(document)
+    except ShapeError as e:
+        raise Rejected(400, e.code, str(e)) from None
+    _check_count(rt, len(events))
+    validation = rt.settings.validation
+    report = validate_events(events, validation.mode, validation.profile)
+    # An invalid event may have no id; nothing of such a request is stored, its ids go unused.
+    ids = [str(event.get("id")) if isinstance(event, dict) else "" for event in events]
+    return Received(ids, report, raw, shape_of(document))
+
+
+def _check_count(rt: Runtime, count: int) -> None:
+    limit = rt.settings.receiver.max_events_per_request
+    if count > limit:
+        raise Rejected(
+            413,
+            "too_many_events",
+            f"{count} events in one request; at most {limit} (receiver.max_events_per_request)",
+        )
+
+
+async def read_body(request: web.Request) -> bytes:
+    """A request's body, whichever route reads it: within the body deadline and the size
+    limit, or Rejected (408, 413, 400)."""
+    try:
+        return await connections.read_body(request)
+    except TimeoutError:
+        raise Rejected(
+            408,
+            "request_timeout",
+            f"the body did not arrive within {connections.BODY_DEADLINE_S:g} s of its headers",
+            headers={"Connection": "close"},
+        ) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(request.app[RUNTIME].settings.receiver.max_body_bytes) from None
+    except Exception as e:  # a broken gzip stream, a truncated chunked body
+        raise Rejected(400, "unreadable_body", f"the body could not be read: {e}") from None
+
+
+def _too_large(limit: int) -> Rejected:
+    return Rejected(
+        413, "body_too_large", f"the body is larger than {limit} bytes (receiver.max_body_bytes)"
+    )
+
+
+def _unavailable(e: OutboxUnavailable, path: str = "") -> Rejected:
+    body = unavailable_body(e, path)
+    return Rejected(
+        503, body.pop("error"), body.pop("message"), {"Retry-After": str(e.retry_after_s)}, **body
+    )

@@ -1,0 +1,184 @@
+"""What operators look at: liveness, readiness, Prometheus metrics and a JSON status."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, Final
+
+from aiohttp import web
+
+from caliper_sidecar import __version__
+from caliper_sidecar.config import is_loopback
+from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.http import openapi
+from caliper_sidecar.http.auth import bearer_matches
+from caliper_sidecar.http.runtime import RUNTIME, Runtime
+from caliper_sidecar.metrics import Snapshot
+
+#: the status page: plain HTML and a little JavaScript, no build step, nothing fetched from
+#: elsewhere (a classroom box may be offline); it holds no data, and asks /v1/status and
+#: /v1/dead-letters with the admin token a person types in (from another machine)
+STATUS_PAGE: Final = (resources.files(__package__) / "status_page.html").read_bytes()
+OPENAPI: Final = openapi.rendered()
+_PAGE_HEADERS: Final = {
+    "Cache-Control": "no-store",
+    # frame-ancestors: no other page may frame it (clickjacking "Delete all"); X-Frame-Options
+    # says the same to browsers older than CSP 2.
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+}
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/", status_page),
+        web.get("/openapi.json", openapi_document),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+        web.get("/v1/status", status),
+    ]
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
+
+
+async def status_page(request: web.Request) -> web.Response:
+    return web.Response(body=STATUS_PAGE, content_type="text/html", headers=_PAGE_HEADERS)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    reason = await not_ready_reason(rt)
+    if reason is None:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not_ready", "reason": reason}, status=503)
+
+
+async def not_ready_reason(rt: Runtime) -> str | None:
+    """Why the sidecar should not be sent events now, or None when it should."""
+    if not rt.accepting:
+        return "shutting_down"
+    failing = rt.outbox.unwritable_reason()
+    if failing is not None:
+        return failing
+    try:
+        stats = await rt.outbox.stats()
+    except OutboxUnavailable as e:
+        return e.reason
+    limits = rt.settings.outbox
+    if stats.events >= limits.max_events or stats.bytes >= limits.max_bytes:
+        return "outbox_full"
+    return None
+
+
+def operators_only(rt: Runtime, request: web.Request) -> None:
+    """What the state of the sidecar is (metrics, status) is for this machine, or for whoever
+    presents the admin token: on a relay's LAN-facing listener it is not for every sender.
+    Health and readiness stay open, for probes."""
+    if is_loopback(request.remote or ""):
+        return
+    token = rt.settings.admin.token
+    if token and bearer_matches(request, (token,)):
+        return
+    raise web.HTTPUnauthorized(
+        text=json.dumps(
+            {
+                "error": "unauthorized",
+                "message": "from another machine this route needs the admin token "
+                "(admin.token), or the ops listener (ops.port) on loopback",
+            }
+        ),
+        content_type="application/json",
+        headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar operators"'},
+    )
+
+
+#: set on the ops listener's application (ops.port): what it serves is for operators only
+OPS_LISTENER: Final = web.AppKey("ops_listener", bool)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics: on a separate ops listener for whoever scrapes it (Prometheus in a
+    pod scrapes from another address, and carries no token); on the receiver's listener, for
+    this machine or the admin token only."""
+    rt = request.app[RUNTIME]
+    if not request.app.get(OPS_LISTENER, False):
+        operators_only(rt, request)
+    stats = await rt.outbox.stats()
+    limits = rt.settings.outbox
+    rt.metrics.state.snapshot = Snapshot(
+        events=stats.events,
+        bytes=stats.bytes,
+        oldest_age_s=_age(stats.oldest_received_at) or 0.0,
+        dead_letters=stats.dead_letters,
+        platform_jobs=tuple(stats.platform_jobs.items()),
+        upstream_state=rt.dispatcher.state.value if rt.dispatcher is not None else "ok",
+        token_expires_at=rt.tokens.expires_at if rt.tokens is not None else None,
+        capacity_events=limits.max_events,
+        capacity_bytes=limits.max_bytes,
+    )
+    body, content_type = rt.metrics.render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def status(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    operators_only(rt, request)
+    return web.json_response(await status_document(rt))
+
+
+async def status_document(rt: Runtime) -> dict[str, Any]:
+    stats = await rt.outbox.stats()
+    upstream: dict[str, Any] = {
+        "platform": rt.settings.upstream.platform,
+        "endpoint": rt.settings.upstream.endpoint,
+    }
+    if rt.dispatcher is not None:
+        upstream.update(rt.dispatcher.status())
+        upstream["last_error_at"] = utc_from_timestamp(rt.dispatcher.last_error_at)
+    expires_at = rt.tokens.expires_at if rt.tokens is not None else None
+    upstream["token_expires_at"] = utc_from_timestamp(expires_at)
+    if rt.settings.upstream.jobs_url:
+        # Processing confirmation: jobs followed now, and those given up on (never finished).
+        upstream["platform_jobs"] = {
+            "following": rt.follower.following if rt.follower is not None else 0,
+            "unconfirmed": stats.platform_jobs.get("unconfirmed", 0),
+        }
+    return {
+        "version": __version__,
+        "accepting": rt.accepting,
+        "outbox": {
+            "events": stats.events,
+            "bytes": stats.bytes,
+            "oldest_age_s": _age(stats.oldest_received_at),
+            "dead_letters": stats.dead_letters,
+            "delivered_total": stats.delivered_total,
+            "dead_lettered_total": stats.dead_lettered_total,
+        },
+        "upstream": upstream,
+    }
+
+
+def utc_from_timestamp(ts: float | None) -> str | None:
+    """An ISO 8601 UTC time with milliseconds, or None."""
+    if ts is None:
+        return None
+    try:
+        moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return None  # a time no calendar holds (a token "expiring" in the year 10^12)
+    return moment.replace("+00:00", "Z")
+
+
+def _age(received_at: float | None) -> float | None:
+    return None if received_at is None else round(max(0.0, time.time() - received_at), 3)

@@ -1,0 +1,54 @@
+"""The parts of a running sidecar, as the HTTP routes see them (stored under one AppKey)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from caliper_sidecar.config import Settings
+from caliper_sidecar.delivery.confirmations import JobFollower
+from caliper_sidecar.delivery.dispatcher import Dispatcher
+from caliper_sidecar.delivery.tokens import TokenSource
+from caliper_sidecar.delivery.upstream import UpstreamClient
+from caliper_sidecar.http.auth import FailedTokenRequests
+from caliper_sidecar.http.connections import BODIES_IN_FLIGHT, ByteBudget
+from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.outbox import Outbox
+from caliper_sidecar.validation.decoder import Decoder, decoder_for
+
+
+@dataclass
+class Runtime:
+    """Everything a request handler needs; built once by `app.py`."""
+
+    settings: Settings
+    outbox: Outbox
+    metrics: Metrics
+    dispatcher: Dispatcher | None = None
+    tokens: TokenSource | None = None
+    follower: JobFollower | None = None
+    #: the platform's client, for what is read through to it (`GET /caliper/events`)
+    upstream: UpstreamClient | None = None
+    #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
+    max_event_bytes: int = 0
+    accepting: bool = True
+    #: ingest requests whose events are being committed now (what shutdown waits for)
+    commits_in_progress: int = 0
+    #: token requests refused, by address (a client that keeps failing is slowed down)
+    token_failures: FailedTokenRequests = field(default_factory=FailedTokenRequests)
+    #: monotonic time of the last `token_requests_refused` line, and refusals since
+    token_refusals_logged: tuple[float, int] = (-math.inf, 0)
+    body_budget: ByteBudget = field(init=False)
+    #: validation while parsing, for the configured profile; None with validation off
+    decoder: Decoder | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.body_budget = ByteBudget(BODIES_IN_FLIGHT * self.settings.receiver.max_body_bytes)
+        validation = self.settings.validation
+        self.decoder = None if validation.mode == "off" else decoder_for(validation.profile)
+
+
+RUNTIME: Final = web.AppKey("runtime", Runtime)

@@ -1,0 +1,343 @@
+"""The rest of TimeBack's API, for apps that use TimeBack's SDK with the sidecar as their
+platform: a token endpoint, and job status. And where any one event is: its journey.
+
+An app changes its base URL and its token URL to the sidecar's; its SDK then gets tokens here,
+sends to `/caliper/event` (or `/caliper/v1p2`), and asks `GET /jobs/{id}/status` about the job id
+it was answered with. A job here is the events of one request: `waiting` while stored, `active`
+once sent and not yet confirmed, `completed` when every one reached the platform (and was
+confirmed, where the platform confirms), `failed` when any was dead-lettered.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import structlog
+from aiohttp import web
+
+from caliper_sidecar import codec
+from caliper_sidecar.exceptions import RetryLater
+from caliper_sidecar.http.auth import (
+    FAILURE_WINDOW_S,
+    ISSUED_TTL_S,
+    TOKEN_FAILURES_ALLOWED,
+    issue_token,
+    matching_token,
+)
+from caliper_sidecar.http.ingest import Rejected, authenticate, read_body
+from caliper_sidecar.http.ops import utc_from_timestamp
+from caliper_sidecar.http.runtime import RUNTIME, Runtime
+from caliper_sidecar.ids import canonical_id
+from caliper_sidecar.outbox import Journey
+
+log = structlog.get_logger("sidecar.drop_in")
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+#: states in which an event has reached the platform for good
+_ARRIVED = frozenset({"delivered", "confirmed"})
+#: … or has been sent and is on its way there
+_UNDER_WAY = frozenset({"awaiting_confirmation", "unconfirmed"})
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/auth/1.0/token", token),
+        # Beyond AI's token URL (AWS Cognito) keeps this path: an app that changed only the
+        # host of its token URL still gets a token.
+        web.post("/oauth2/token", token),
+        web.get("/jobs/{job}/status", job_status),
+        web.get("/v1/events/{id}", journey),
+        web.get("/caliper/events", stored_events),
+        web.get("/caliper/events/{id}", stored_events),
+    ]
+
+
+def _json(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+async def token(request: web.Request) -> web.Response:
+    """OAuth2 client credentials (RFC 6749 §4.4), with the client authenticated by HTTP Basic
+    or in the parameters, which come form-encoded (as RFC 6749 says) or as a JSON object (as
+    some clients send them); with `receiver.tokens` set, the client secret must be one of
+    them. A refusal says which parameter was wrong."""
+    rt = request.app[RUNTIME]
+    address = request.remote or ""
+    wait = rt.token_failures.retry_after(address)
+    if wait is not None:
+        _refused(rt, address, "slowed_down")
+        return _json(
+            {
+                "error": "slow_down",
+                "message": f"more than {TOKEN_FAILURES_ALLOWED} refused token requests from "
+                f"this address in {FAILURE_WINDOW_S:g} s; try again in {wait} s",
+            },
+            429,
+            {"Retry-After": str(wait)},
+        )
+    try:
+        raw = await read_body(request)
+    except Rejected as e:
+        return _json(e.body, e.status, e.headers)
+    form = _token_parameters(request.content_type, raw)
+    if form is None:
+        return _oauth_error(
+            400,
+            "invalid_request",
+            "the parameters must be form-encoded (application/x-www-form-urlencoded) or a JSON "
+            "object of strings",
+        )
+    grant = form.get("grant_type")
+    if grant != "client_credentials":
+        return _oauth_error(
+            400,
+            "invalid_request" if grant is None else "unsupported_grant_type",
+            "grant_type is missing; it must be client_credentials"
+            if grant is None
+            else f"grant_type must be client_credentials, not {grant[:40]!r}",
+        )
+    client_id, secret = _basic(request.headers.get("Authorization", ""))
+    if client_id is None:
+        client_id = str(form.get("client_id", ""))
+        secret = str(form.get("client_secret", ""))
+    tokens = rt.settings.receiver.tokens
+    matched = matching_token((secret or "").encode("utf-8", "surrogateescape"), tokens)
+    if tokens and matched is None:
+        rt.token_failures.failed(address)
+        _refused(rt, address, "invalid_client")
+        return _oauth_error(
+            401,
+            "invalid_client",
+            "the client secret must be one of the sidecar's sender tokens (receiver.tokens)"
+            if secret
+            else "no client secret: send it with HTTP Basic or as client_secret",
+            {"WWW-Authenticate": 'Basic realm="caliper-sidecar"'},
+        )
+    rt.token_failures.succeeded(address)
+    answer: dict[str, Any] = {
+        "access_token": issue_token(matched),
+        "token_type": "Bearer",
+        "expires_in": ISSUED_TTL_S,
+    }
+    if form.get("scope"):
+        answer["scope"] = str(form["scope"])
+    return _json(answer, headers={"Cache-Control": "no-store"})
+
+
+#: at most one `token_requests_refused` line this often: a brute force must not flood the log
+REFUSALS_LOGGED_EVERY_S: Final = 60.0
+
+
+def _refused(rt: Runtime, address: str, reason: str) -> None:
+    """Count a refused token request; log it, at most once a minute, with the count since."""
+    rt.metrics.token_requests_refused.labels(reason=reason).inc()
+    last, since = rt.token_refusals_logged
+    now = time.monotonic()
+    if now - last < REFUSALS_LOGGED_EVERY_S:
+        rt.token_refusals_logged = (last, since + 1)
+        return
+    rt.token_refusals_logged = (now, 0)
+    log.warning(
+        "token_requests_refused", remote=address, reason=reason, refused_since_last_line=since + 1
+    )
+
+
+def _token_parameters(content_type: str, raw: bytes) -> dict[str, str] | None:
+    """A token request's parameters, or None when they are neither a form nor JSON strings."""
+    if content_type == "application/json":
+        try:
+            document = codec.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
+            return None
+        return document
+    return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+def _oauth_error(
+    status: int, error: str, description: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    # RFC 6749's `error_description`, and the sidecar's own `message` beside it.
+    body = {"error": error, "error_description": description, "message": description}
+    return _json(body, status, headers)
+
+
+def _basic(header: str) -> tuple[str | None, str | None]:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None, None
+    client_id, _, secret = decoded.partition(":")
+    return client_id, secret
+
+
+def for_senders(handler: Handler) -> Handler:
+    """The route answers only requests that may send events (a sender token, or one this
+    sidecar issued); others get the ingest routes' 401."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.Response:
+        try:
+            authenticate(request.app[RUNTIME], request)
+        except Rejected as e:
+            return _json(e.body, e.status, e.headers)
+        return await handler(request)
+
+    return guarded
+
+
+@for_senders
+async def job_status(request: web.Request) -> web.Response:
+    """TimeBack's `GET /jobs/{id}/status`, about a job this sidecar answered an app with."""
+    rt = request.app[RUNTIME]
+    job = request.match_info["job"]
+    ids = await rt.outbox.job_event_ids(job)
+    if ids is None:
+        return _json({"error": "not_found", "message": f"no job {job!r}"}, 404)
+    journeys = await rt.outbox.journeys(ids)
+    return _json({"job": job_document(job, ids, journeys)})
+
+
+def job_document(job: str, ids: list[str], journeys: dict[str, Journey]) -> dict[str, Any]:
+    """The job in the shape of TimeBack's `JobStatus`. An id the outbox no longer knows was
+    delivered longer ago than `outbox.dedupe_window_s` (only delivered events are forgotten)."""
+    found = [journeys.get(i) for i in ids]
+    dead = [j for j in found if j is not None and j.dead_letter is not None]
+    arrived = [j for j in found if j is None or j.state in _ARRIVED]
+    results = [
+        {"allocatedId": j.platform_id or j.id, "externalId": j.id}
+        for j in found
+        if j is not None and j.state in _ARRIVED
+    ]
+    finished = [j.confirmed_at or j.delivered_at for j in found if j is not None]
+    processed_on = utc_from_timestamp(max((t for t in finished if t), default=None))
+    document: dict[str, Any] = {"id": job, "returnValue": None, "processedOn": None}
+    if dead:
+        document["state"] = "failed"
+        document["failedReason"] = "; ".join(
+            f"{j.id}: {j.dead_letter.reason} {j.dead_letter.response[:200]}".strip()
+            for j in dead
+            if j.dead_letter is not None
+        )
+        document["returnValue"] = {"status": "error", "results": results}
+        document["processedOn"] = processed_on
+    elif len(arrived) == len(found):
+        document["state"] = "completed"
+        document["returnValue"] = {"status": "success", "results": results}
+        document["processedOn"] = processed_on
+    elif any(j is not None and (j.state in _UNDER_WAY or j.attempts) for j in found):
+        document["state"] = "active"
+    else:
+        document["state"] = "waiting"
+    return document
+
+
+@for_senders
+async def journey(request: web.Request) -> web.Response:
+    """`GET /v1/events/{id}`: received, attempts, sent, platform job, confirmed or
+    dead-lettered and why."""
+    rt = request.app[RUNTIME]
+    event_id = request.match_info["id"]
+    found = (await rt.outbox.journeys([event_id])).get(canonical_id(event_id))
+    if found is None:
+        return _json(
+            {
+                "error": "not_found",
+                "message": f"the outbox does not know {event_id!r} (never received, or "
+                "delivered longer ago than outbox.dedupe_window_s)",
+            },
+            404,
+        )
+    return _json(journey_document(found))
+
+
+def journey_document(j: Journey) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "id": j.id,
+        "state": j.state,
+        "received_at": utc_from_timestamp(j.received_at),
+        "attempts": j.attempts,
+        "first_attempt_at": utc_from_timestamp(j.first_attempt_at),
+        "last_attempt_at": utc_from_timestamp(j.last_attempt_at),
+        "last_error": j.last_error,
+        "delivered_at": utc_from_timestamp(j.delivered_at),
+        "platform_job": j.platform_job,
+        "platform_id": j.platform_id,
+        "confirmed_at": utc_from_timestamp(j.confirmed_at),
+        "unconfirmed_reason": j.unconfirmed_reason,
+        "sensor": j.sensor,
+        "sender": j.sender,
+    }
+    if j.dead_letter is not None:
+        d = j.dead_letter
+        document["dead_letter"] = {
+            "reason": d.reason,
+            "status": d.status,
+            "response": d.response,
+            "dead_lettered_at": utc_from_timestamp(d.dead_lettered_at),
+        }
+    return document
+
+
+@for_senders
+async def stored_events(request: web.Request) -> web.Response:
+    """The SDK's `events.list` and `events.get` (`GET /caliper/events[/{id}]`): read through to
+    the platform with the sidecar's own token, answered as the platform answers. The events
+    stored there are the platform's: the sidecar keeps none of them once delivered."""
+    rt = request.app[RUNTIME]
+    base = rt.upstream.events_url if rt.upstream is not None else None
+    if rt.upstream is None or base is None:
+        return _json(
+            {
+                "error": "not_available",
+                "message": f"the platform behind this sidecar (upstream.platform "
+                f"{rt.settings.upstream.platform!r}, upstream.endpoint) lists no stored events; "
+                "Beyond AI's /caliper/event endpoints do",
+            },
+            404,
+        )
+    url = base + request.rel_url.raw_path.removeprefix("/caliper/events")
+    if request.rel_url.raw_query_string:
+        url += "?" + request.rel_url.raw_query_string
+    try:
+        status, text = await rt.upstream.read(url)
+    except RetryLater as e:
+        return _json(
+            {"error": "platform_unreachable", "message": str(e)}, 503, {"Retry-After": "5"}
+        )
+    if status in (401, 403):
+        # The sidecar's credentials, not the app's: an app told 401 would drop a good token.
+        return _json(
+            {
+                "error": "platform_refused_credentials",
+                "message": f"the platform answered HTTP {status} to the sidecar's own token: "
+                f"{text[:200]}",
+            },
+            503,
+            {"Retry-After": "30"},
+        )
+    try:
+        codec.loads(text.encode())
+    except (ValueError, RecursionError):
+        return _json(
+            {
+                "error": "platform_error",
+                "message": f"the platform answered HTTP {status}: {text[:200]}",
+            },
+            status if status >= 400 else 502,
+        )
+    return web.Response(text=text, status=status, content_type="application/json")

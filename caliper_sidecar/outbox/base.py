@@ -1,0 +1,388 @@
+"""The storage interface and the values that cross it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import structlog
+
+from caliper_sidecar.exceptions import OutboxUnavailable
+
+log = structlog.get_logger("sidecar.outbox")
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: its Caliper id, its serialized JSON, the `sensor` of the envelope
+    the app sent it in (None: sent bare, the configured sensor goes with it), and the label of
+    the sender token it came with (None: none, or unlabelled)."""
+
+    id: str
+    body: bytes
+    sensor: str | None = None
+    sender: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """How many events of one append were new, and how many were already known."""
+
+    accepted: int
+    duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A waiting event as the dispatcher sees it."""
+
+    seq: int
+    id: str
+    body: bytes
+    received_at: float
+    attempts: int
+    first_attempt_at: float | None
+    sensor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A lease on claimed events: who holds them (`id`) and until when (`expires_at`, on the
+    backend's clock). Every outcome names its claim; one for a claim that expired and was
+    taken over by another sender is refused, not applied."""
+
+    id: str
+    expires_at: float
+
+
+#: the claim of an empty batch: it holds nothing
+NO_CLAIM: Final = Claim("", 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events claimed together under one claim; `full` when a limit, not the backlog, ended the
+    batch. An empty batch says when (`ready_in` seconds) one may be worth claiming: the
+    oldest event waits `linger` for company, unless a full batch is there."""
+
+    events: list[StoredEvent]
+    full: bool
+    claim: Claim = NO_CLAIM
+    ready_in: float | None = None
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events]
+
+
+def new_per_append(
+    appends: Sequence[Sequence[NewEvent]],
+    known: set[str],
+    depth: int,
+    size: int,
+    max_events: int,
+    max_bytes: int,
+) -> list[list[NewEvent] | OutboxUnavailable]:
+    """For each append of a group commit, in order: its events to store (ids neither `known`
+    nor earlier in the group), or, when they would take the outbox past its limits
+    (`depth` events and `size` bytes stored now), the refusal of the whole append."""
+    out: list[list[NewEvent] | OutboxUnavailable] = []
+    for events in appends:
+        fresh = []
+        for event in events:
+            if event.id not in known:
+                known.add(event.id)
+                fresh.append(event)
+        added = sum(len(e.body) for e in fresh)
+        if depth + len(fresh) > max_events or size + added > max_bytes:
+            for event in fresh:  # not stored: a retry must not count them as duplicates
+                known.discard(event.id)
+            out.append(
+                OutboxUnavailable(
+                    "outbox_full", f"the outbox is full ({depth} events, {size} bytes)"
+                )
+            )
+            continue
+        depth, size = depth + len(fresh), size + added
+        out.append(fresh)
+    return out
+
+
+#: dead letters replayed or purged per transaction (one over 100,000 stalled ingest for seconds)
+DEAD_CHUNK: Final = 1000
+#: how often delivered events older than the dedupe window are pruned, and how many at a time
+PRUNE_EVERY_S: Final = 60.0
+PRUNE_CHUNK: Final = 5000
+
+
+class WriteHealth:
+    """Whether appends are failing now, and why: logged once per episode (a full disk can last
+    hours), and reported for a Retry-After after the last failure only: with no traffic there
+    is no write to prove the disk has room again, so readiness must not stay down forever."""
+
+    def __init__(self, **where: str) -> None:
+        self._where = where
+        self.reason: str | None = None
+        self._until = 0.0
+
+    def failed(self, error: OutboxUnavailable) -> None:
+        if self.reason != error.reason:
+            log.error("outbox_write_failing", reason=error.reason, error=str(error), **self._where)
+        self.reason = error.reason
+        self._until = time.monotonic() + error.retry_after_s
+
+    def succeeded(self) -> None:
+        if self.reason is not None:
+            log.info("outbox_writable_again", previous=self.reason)
+            self.reason = None
+
+    def current(self) -> str | None:
+        return self.reason if self.reason and time.monotonic() < self._until else None
+
+
+#: the columns of a dead letter, in the order of DeadLetter's fields
+DEAD_LETTER_COLUMNS: Final = (
+    "id, body, reason, status, response, attempts, received_at, "
+    "first_attempt_at, last_attempt_at, dead_lettered_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event the platform will never accept, or that ran out of attempts, with the reason."""
+
+    id: str
+    body: bytes
+    reason: str
+    status: int | None
+    response: str
+    attempts: int
+    received_at: float
+    first_attempt_at: float | None
+    last_attempt_at: float | None
+    dead_lettered_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Counts for status pages and `outbox stats`."""
+
+    events: int
+    bytes: int
+    oldest_received_at: float | None
+    dead_letters: int
+    delivered_total: int
+    dead_lettered_total: int
+    #: platform jobs by state: "waiting"/"active" (followed), "unconfirmed" (given up on)
+    platform_jobs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Journey:
+    """One event's way through the sidecar, as `GET /v1/events/{id}` shows it.
+
+    `state`: "waiting" (stored, not yet accepted by the platform), "awaiting_confirmation" (in a
+    platform job not finished yet), "unconfirmed" (its job was followed as long as allowed and
+    never finished, or the platform accepted it without naming a job: `unconfirmed_reason`),
+    "delivered" (accepted; the platform has no jobs), "confirmed" (its job completed), or
+    "dead_lettered". `attempts` counts every send, the one that succeeded included.
+    """
+
+    id: str
+    state: str
+    received_at: float
+    attempts: int
+    first_attempt_at: float | None = None
+    last_attempt_at: float | None = None
+    last_error: str | None = None
+    delivered_at: float | None = None
+    platform_job: str | None = None
+    platform_id: str | None = None
+    confirmed_at: float | None = None
+    unconfirmed_reason: str | None = None
+    sensor: str | None = None
+    sender: str | None = None
+    dead_letter: DeadLetter | None = None
+
+
+def journey_state(
+    delivered_at: float | None,
+    job: str | None,
+    confirmed_at: float | None,
+    job_state: str | None,
+    unconfirmed: str | None = None,
+) -> str:
+    """Where an event still in the queue table is (see `Journey`)."""
+    if delivered_at is None:
+        return "waiting"
+    if job is None:
+        return "unconfirmed" if unconfirmed else "delivered"
+    if confirmed_at is not None:
+        return "confirmed"
+    return "unconfirmed" if job_state in (None, "unconfirmed") else "awaiting_confirmation"
+
+
+#: the columns `journey_of` takes, in its order, from `events e LEFT JOIN platform_jobs p`
+JOURNEY_COLUMNS: Final = (
+    "e.id, e.received_at, e.attempts, e.first_attempt_at, e.last_attempt_at, e.last_error, "
+    "e.delivered_at, e.platform_job, e.platform_id, e.confirmed_at, p.state, p.last_error, "
+    "e.unconfirmed, e.sensor, e.sender"
+)
+
+
+def journey_of(
+    id: str,
+    received_at: float,
+    attempts: int,
+    first_attempt_at: float | None,
+    last_attempt_at: float | None,
+    last_error: str | None,
+    delivered_at: float | None,
+    platform_job: str | None,
+    platform_id: str | None,
+    confirmed_at: float | None,
+    job_state: str | None,
+    job_error: str | None,
+    unconfirmed: str | None,
+    sensor: str | None,
+    sender: str | None,
+) -> Journey:
+    """The journey of an event still in the queue table, from a row of JOURNEY_COLUMNS."""
+    state = journey_state(delivered_at, platform_job, confirmed_at, job_state, unconfirmed)
+    if state == "unconfirmed" and unconfirmed is None:
+        unconfirmed = job_error or "its platform job was never found finished"
+    return Journey(
+        id=id,
+        state=state,
+        received_at=received_at,
+        attempts=attempts,
+        first_attempt_at=first_attempt_at,
+        last_attempt_at=last_attempt_at,
+        last_error=last_error,
+        delivered_at=delivered_at,
+        platform_job=platform_job,
+        platform_id=platform_id,
+        confirmed_at=confirmed_at,
+        unconfirmed_reason=unconfirmed if state == "unconfirmed" else None,
+        sensor=sensor,
+        sender=sender,
+    )
+
+
+def dead_journey(dead: DeadLetter, sensor: str | None, sender: str | None) -> Journey:
+    """The journey of an event that ended in the dead letters."""
+    return Journey(
+        sensor=sensor,
+        sender=sender,
+        id=dead.id,
+        state="dead_lettered",
+        received_at=dead.received_at,
+        attempts=dead.attempts,
+        first_attempt_at=dead.first_attempt_at,
+        last_attempt_at=dead.last_attempt_at,
+        dead_letter=dead,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformJobOutcome:
+    """What a finished platform job said: the events it processed (id -> the platform's own id),
+    and, when it failed, the events it names as failing (None: it did not say which)."""
+
+    failed: bool
+    reason: str = ""
+    processed: dict[str, str] = field(default_factory=dict)
+    failing: frozenset[str] | None = None
+
+
+class Outbox(Protocol):
+    """The storage operations an event goes through, in the order it meets them."""
+
+    #: group commits of appends done by this process (a metric; how tests see grouping)
+    commits: int
+
+    async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
+        """Commit the events durably, skipping known ids; raises OutboxUnavailable. With `job`,
+        the ids of all these events are recorded under that job id in the same commit."""
+
+    async def wait_appended(self, timeout: float | None) -> None:
+        """Return when events were appended since the last claim, or after the timeout."""
+
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
+        """Claim the oldest unclaimed events within both limits (at least one event), when
+        they are worth sending: a full batch, or an oldest event that has waited `linger_s`.
+        Otherwise claim nothing and say when to ask again."""
+
+    async def extend(self, claim: Claim) -> None:
+        """Renew a claim's lease (a batch being split can take several sends)."""
+
+    async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
+        """Return claimed events untouched (shutdown, or a circuit that opened)."""
+
+    async def acknowledge(
+        self,
+        claim: Claim,
+        seqs: Sequence[int],
+        platform_job: str | None = None,
+        unconfirmed: str | None = None,
+    ) -> None:
+        """The platform accepted these: mark them delivered (the attempt counted), their ids
+        kept for deduplication. With `platform_job`, they wait for that job to be confirmed,
+        bodies kept; with `unconfirmed`, the reason they never can be."""
+
+    async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
+        """A send failed transiently: count the attempt and release the claim."""
+
+    async def dead_letter(
+        self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
+    ) -> None:
+        """Move claimed events to the dead-letter table with the reason."""
+
+    async def close(self) -> None:
+        """Commit what is queued, then let go of every resource."""
+
+    async def stats(self) -> OutboxStats:
+        """Current counts."""
+
+    def unwritable_reason(self) -> str | None:
+        """Why appends are failing now (e.g. "disk_full"), or None when they are not."""
+
+    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
+        """Dead letters in the order they died, after the given id."""
+
+    async def replay_dead_letters(
+        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Put dead letters (these ids, or all when None) back in the queue, a chunk at a
+        time, telling `progress` the running count; returns the count."""
+
+    async def purge_dead_letters(
+        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Delete dead letters (these ids, or all when None), a chunk at a time; returns the
+        count."""
+
+    async def job_ids_sent_in(self, platform_job: str) -> list[str]:
+        """The ids of the events still waiting for this platform job's word."""
+
+    async def pending_platform_jobs(self) -> list[str]:
+        """Ids of the platform jobs still to be followed, oldest first."""
+
+    async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
+        """Record one look at a platform job that is not finished (or could not be read)."""
+
+    async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
+        """Apply a finished job: processed events confirmed; on failure the failing ones (all
+        unprocessed ones, when it does not say which) dead-lettered with the reason, and the
+        others queued again. Returns how many were dead-lettered."""
+
+    async def give_up_platform_job(self, job: str, reason: str) -> None:
+        """Stop following a job that never finished; its events stay `unconfirmed`."""
+
+    async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
+        """Where each of these events is (ids the outbox does not know are left out)."""
+
+    async def job_event_ids(self, job: str) -> list[str] | None:
+        """The ids of the events an app sent under this job id, or None for an unknown job."""

@@ -1,0 +1,47 @@
+"""Opening the outbox the settings name: the one place that picks the backend and owns what is
+backend-specific (SQLite's one-process file lock, PostgreSQL's connection pool)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+
+from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.outbox.base import Outbox
+from caliper_sidecar.outbox.lock import OutboxLock
+from caliper_sidecar.outbox.sqlite import SqliteOutbox
+
+
+@contextlib.asynccontextmanager
+async def open_outbox(
+    settings: OutboxSettings,
+    exclusive: bool = True,
+    lease_s: float = 65.0,
+    agreement: Mapping[str, str] | None = None,
+) -> AsyncIterator[Outbox]:
+    """The outbox of `outbox.url` (PostgreSQL, shared by replicas) or `outbox.path` (SQLite).
+
+    `exclusive` is for `run`: a SQLite file is then locked for this process (a second `run`
+    refuses to start); the CLI's inspection commands open it without the lock. `lease_s` is how
+    long a replica's claim on events lasts before others may take them over (PostgreSQL; a
+    SQLite file has one process, whose claims last as long as it does). `agreement` is what a
+    `run` replica on PostgreSQL must have alike with the live ones (it refuses to start
+    otherwise). Everything opened is closed on exit, in reverse order, whatever happens.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.url:
+            from caliper_sidecar.outbox.postgres import PostgresOutbox
+
+            outbox: Outbox = await PostgresOutbox(settings, lease_s, agreement).open()
+        else:
+            if exclusive:
+                stack.enter_context(OutboxLock(settings.path))
+            outbox = await SqliteOutbox(
+                settings.path,
+                synchronous=settings.synchronous,
+                max_events=settings.max_events,
+                max_bytes=settings.max_bytes,
+                dedupe_window_s=settings.dedupe_window_s,
+            ).open()
+        stack.push_async_callback(outbox.close)
+        yield outbox

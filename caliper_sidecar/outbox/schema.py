@@ -1,0 +1,174 @@
+"""The outbox schema and its migrations, tracked with `PRAGMA user_version`.
+
+Each entry of MIGRATIONS moves the file one version up and is never edited once released: an
+upgrade runs the missing ones in order, each in its own transaction, so a file written by any
+earlier release opens in this one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+from caliper_sidecar.exceptions import SidecarError
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: the queue, the dead letters, recent deliveries (for deduplication) and running totals.
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        body BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        first_attempt_at REAL,
+        last_attempt_at REAL,
+        last_error TEXT
+    );
+    CREATE TABLE dead_letters (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        body BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        status INTEGER,
+        response TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL,
+        first_attempt_at REAL,
+        last_attempt_at REAL,
+        dead_lettered_at REAL NOT NULL
+    );
+    CREATE TABLE delivered (
+        id TEXT PRIMARY KEY,
+        delivered_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX delivered_by_time ON delivered (delivered_at);
+    -- Totals kept by triggers, so that every process reading the file (the CLI while `run`
+    -- is running) sees exact counts without scanning a large backlog.
+    CREATE TABLE totals (
+        one INTEGER PRIMARY KEY CHECK (one = 1),
+        events INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        dead_letters INTEGER NOT NULL,
+        delivered_total INTEGER NOT NULL,
+        dead_lettered_total INTEGER NOT NULL
+    );
+    INSERT INTO totals VALUES (1, 0, 0, 0, 0, 0);
+    CREATE TRIGGER events_in AFTER INSERT ON events BEGIN
+        UPDATE totals SET events = events + 1, bytes = bytes + NEW.size;
+    END;
+    CREATE TRIGGER events_out AFTER DELETE ON events BEGIN
+        UPDATE totals SET events = events - 1, bytes = bytes - OLD.size;
+    END;
+    CREATE TRIGGER dead_in AFTER INSERT ON dead_letters BEGIN
+        UPDATE totals SET dead_letters = dead_letters + 1,
+                          dead_lettered_total = dead_lettered_total + 1;
+    END;
+    CREATE TRIGGER dead_out AFTER DELETE ON dead_letters BEGIN
+        UPDATE totals SET dead_letters = dead_letters - 1;
+    END;
+    """,
+    # 2: a delivered event is marked, its body emptied, instead of deleted. Deleting scattered
+    # rows and recording their ids elsewhere dirtied two random index pages per event on every
+    # acknowledgement; marking rewrites a few contiguous pages, the id index keeps serving
+    # deduplication, and rows older than the dedupe window are pruned in bulk. The `delivered`
+    # table of version 1 is still consulted until its entries age out.
+    """
+    ALTER TABLE events ADD COLUMN delivered_at REAL;
+    CREATE INDEX events_waiting ON events (seq) WHERE delivered_at IS NULL;
+    CREATE INDEX events_delivered ON events (delivered_at) WHERE delivered_at IS NOT NULL;
+    DROP TRIGGER events_out;
+    CREATE TRIGGER events_out AFTER DELETE ON events WHEN OLD.delivered_at IS NULL BEGIN
+        UPDATE totals SET events = events - 1, bytes = bytes - OLD.size;
+    END;
+    CREATE TRIGGER events_delivered AFTER UPDATE OF delivered_at ON events
+    WHEN OLD.delivered_at IS NULL AND NEW.delivered_at IS NOT NULL BEGIN
+        UPDATE totals SET events = events - 1, bytes = bytes - OLD.size,
+                          delivered_total = delivered_total + 1;
+    END;
+    """,
+    # 3: processing confirmation and TimeBack's drop-in API. An event the platform accepted into
+    # one of its processing jobs keeps its body until the job completes (a failed job dead-
+    # letters it, and a dead letter can be replayed); `jobs` are the jobs this sidecar answers
+    # apps with, so that their job-status calls work offline.
+    """
+    ALTER TABLE events ADD COLUMN platform_job TEXT;
+    ALTER TABLE events ADD COLUMN platform_id TEXT;
+    ALTER TABLE events ADD COLUMN confirmed_at REAL;
+    CREATE INDEX events_by_platform_job ON events (platform_job) WHERE platform_job IS NOT NULL;
+    CREATE TABLE platform_jobs (
+        id TEXT PRIMARY KEY,
+        sent_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        polls INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT
+    ) WITHOUT ROWID;
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        event_ids TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX jobs_by_time ON jobs (created_at);
+    CREATE TRIGGER events_requeued AFTER UPDATE OF delivered_at ON events
+    WHEN OLD.delivered_at IS NOT NULL AND NEW.delivered_at IS NULL BEGIN
+        UPDATE totals SET events = events + 1, bytes = bytes + OLD.size,
+                          delivered_total = delivered_total - 1;
+    END;
+    """,
+    # 4: what the platform's answers and the apps' envelopes say. `unconfirmed` is why an event
+    # accepted while jobs are followed can never be confirmed (the answer named no job);
+    # `sensor` is the sensor of the envelope the app sent the event in (NULL: sent bare), kept
+    # with a dead letter so that a replayed event leaves under its app's sensor again; `sender`
+    # the label of the token it came with.
+    """
+    ALTER TABLE events ADD COLUMN unconfirmed TEXT;
+    ALTER TABLE events ADD COLUMN sensor TEXT;
+    ALTER TABLE dead_letters ADD COLUMN sensor TEXT;
+    ALTER TABLE events ADD COLUMN sender TEXT;
+    ALTER TABLE dead_letters ADD COLUMN sender TEXT;
+    """,
+)
+
+VERSION: Final = len(MIGRATIONS)
+
+
+class SchemaTooNew(SidecarError):
+    """Raised when the outbox was written by a newer release than this one."""
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the file up to VERSION; returns the version it had before."""
+    (found,) = conn.execute("PRAGMA user_version").fetchone()
+    if found > VERSION:
+        raise SchemaTooNew(
+            f"the outbox has schema version {found}, but this caliper-sidecar knows only up to "
+            f"{VERSION}: run the newer release, or restore a backup"
+        )
+    for version in range(found + 1, VERSION + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[version - 1]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return int(found)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script on complete statements (triggers contain semicolons)."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out

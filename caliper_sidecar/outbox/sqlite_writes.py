@@ -1,0 +1,257 @@
+"""The SQLite outbox's write transactions, as they run in the writer's thread on its
+connection (writer.py), each inside the one `immediate` transaction that
+`SqliteOutbox._write` opens around it. sqlite.py decides when they run; this says what they
+change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.outbox.base import (
+    PRUNE_CHUNK,
+    AppendResult,
+    NewEvent,
+    PlatformJobOutcome,
+    new_per_append,
+)
+
+#: an append: the events of one request, and the job id an app is answered with
+Append = tuple[Sequence[NewEvent], str | None]
+#: an acknowledgement: the events of one envelope, the platform's job for them, and why they
+#: cannot be confirmed (the answer named no job although jobs are followed)
+Ack = tuple[Sequence[int], str | None, str | None]
+
+
+def insert_appends(
+    conn: sqlite3.Connection,
+    group: list[Append],
+    now: float,
+    dedupe_window_s: float,
+    max_events: int,
+    max_bytes: int,
+) -> list[AppendResult | OutboxUnavailable]:
+    """A group commit's appends: known ids skipped, capacity checked per append (all of it or
+    none), one packed insert."""
+    all_ids = [e.id for events, _ in group for e in events]
+    known = {
+        row[0] for row in conn.execute(_KNOWN_IDS, (json.dumps(all_ids), now - dedupe_window_s))
+    }
+    row = conn.execute("SELECT events, bytes FROM totals").fetchone()
+    depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
+    plan = new_per_append(
+        [events for events, _ in group], known, depth, size, max_events, max_bytes
+    )
+    # Packed: the group's bodies as one blob and [id, offset, length, sensor] per event, so
+    # that SQLite inserts every row in one statement (no per-row binding in Python).
+    entries: list[tuple[str, int, int, str | None, str | None]] = []
+    bodies: list[bytes] = []
+    offset = 1  # substr counts from 1
+    jobs: list[tuple[str, float, str]] = []
+    results: list[AppendResult | OutboxUnavailable] = []
+    for (events, job), fresh in zip(group, plan, strict=True):
+        if isinstance(fresh, OutboxUnavailable):
+            results.append(fresh)
+            continue
+        for e in fresh:
+            entries.append((e.id, offset, len(e.body), e.sensor, e.sender))
+            bodies.append(e.body)
+            offset += len(e.body)
+        if job is not None:
+            jobs.append((job, now, json.dumps([e.id for e in events])))
+        results.append(AppendResult(len(fresh), len(events) - len(fresh)))
+    if entries:
+        conn.execute(_PACKED_INSERT, (json.dumps(entries), b"".join(bodies), now))
+    if jobs:
+        conn.executemany(
+            "INSERT OR IGNORE INTO jobs (id, created_at, event_ids) VALUES (?, ?, ?)", jobs
+        )
+    return results
+
+
+def record_acks(
+    conn: sqlite3.Connection, group: list[Ack], now: float, prune_before: float | None
+) -> bool:
+    """The acknowledgements, and a chunk of pruning when `prune_before` is given; True
+    when pruning is done for now."""
+    done = [seq for acked, job, why in group if job is None and why is None for seq in acked]
+    if done:
+        conn.execute(
+            f"UPDATE events SET delivered_at = ?1, body = x'', {_ATTEMPT} "
+            "WHERE seq IN (SELECT value FROM json_each(?2)) AND delivered_at IS NULL",
+            (now, json.dumps(done)),
+        )
+    for acked, job, why in group:
+        if job is None and why is None:
+            continue
+        # The body stays until the platform's job says the event was processed; an event
+        # that can never be confirmed keeps only the reason.
+        conn.execute(
+            f"UPDATE events SET delivered_at = ?1, platform_job = ?2, unconfirmed = ?3, "
+            f"{_ATTEMPT}, body = CASE WHEN ?2 IS NULL THEN x'' ELSE body END "
+            "WHERE seq IN (SELECT value FROM json_each(?4)) AND delivered_at IS NULL",
+            (now, job, why, json.dumps(list(acked))),
+        )
+        if job is None:
+            continue
+        conn.execute(
+            "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) VALUES (?, ?, 'waiting')",
+            (job, now),
+        )
+    return prune_before is not None and prune_delivered(conn, prune_before)
+
+
+def record_failure(conn: sqlite3.Connection, seqs: Sequence[int], error: str, now: float) -> None:
+    conn.execute(
+        """
+        UPDATE events SET attempts = attempts + 1,
+            first_attempt_at = coalesce(first_attempt_at, ?1),
+            last_attempt_at = ?1, last_error = ?2
+        WHERE seq IN (SELECT value FROM json_each(?3))
+        """,
+        (now, error[:1024], json.dumps(list(seqs))),
+    )
+
+
+def take_dead_letters(
+    conn: sqlite3.Connection, where: str, params: tuple[Any, ...], limit: int, copy: str | None
+) -> int:
+    """Delete up to `limit` of the selected dead letters (copying them with `copy` first);
+    how many."""
+    rows = conn.execute(
+        f"SELECT seq FROM dead_letters WHERE {where} ORDER BY seq LIMIT {limit}", params
+    ).fetchall()
+    seqs = json.dumps([r[0] for r in rows])
+    if copy is not None:
+        conn.execute(copy, (seqs,))
+    cur = conn.execute(
+        "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))", (seqs,)
+    )
+    return cur.rowcount
+
+
+def move_to_dead_letters(
+    conn: sqlite3.Connection,
+    seqs: Sequence[int],
+    reason: str,
+    status: int | None,
+    response: str,
+    now: float,
+) -> None:
+    wanted = json.dumps(list(seqs))
+    conn.execute(
+        """
+        INSERT OR REPLACE INTO dead_letters (id, body, received_at, reason, status,
+            response, attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor,
+            sender)
+        SELECT id, body, received_at, ?1, ?2, ?3, attempts + 1,
+            coalesce(first_attempt_at, ?4), ?4, ?4, sensor, sender
+        FROM events WHERE seq IN (SELECT value FROM json_each(?5)) ORDER BY seq
+        """,
+        (reason, status, response[:1024], now, wanted),
+    )
+    conn.execute("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,))
+
+
+def finish_platform_job(
+    conn: sqlite3.Connection, job: str, outcome: PlatformJobOutcome, now: float
+) -> tuple[int, bool]:
+    """The platform's verdict on a job: processed events confirmed, the failing ones
+    dead-lettered, the others queued again; (how many failed, whether any were queued)."""
+    rows = conn.execute(
+        "SELECT seq, id FROM events WHERE platform_job = ? AND confirmed_at IS NULL", (job,)
+    ).fetchall()
+    events = [(int(seq), str(id_)) for seq, id_ in rows]
+    confirmed = [(outcome.processed.get(i), now, seq) for seq, i in events]
+    if outcome.failed:
+        confirmed = [
+            c for c, (_, i) in zip(confirmed, events, strict=True) if i in outcome.processed
+        ]
+        unprocessed = [(seq, i) for seq, i in events if i not in outcome.processed]
+        failing = [seq for seq, i in unprocessed if outcome.failing is None or i in outcome.failing]
+        again = [seq for seq, i in unprocessed if seq not in set(failing)]
+    else:
+        failing, again = [], []
+    conn.executemany(
+        "UPDATE events SET confirmed_at = ?2, platform_id = ?1, body = x'' WHERE seq = ?3",
+        confirmed,
+    )
+    if failing:
+        move_to_dead_letters(conn, failing, "platform_failed", None, outcome.reason, now)
+    if again:
+        # Not the failing event, not processed either: sent again in a new envelope.
+        conn.execute(
+            "UPDATE events SET delivered_at = NULL, platform_job = NULL "
+            "WHERE seq IN (SELECT value FROM json_each(?))",
+            (json.dumps(again),),
+        )
+    conn.execute("DELETE FROM platform_jobs WHERE id = ?", (job,))
+    return len(failing), bool(again)
+
+
+def execute(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> None:
+    conn.execute(sql, params)
+
+
+@contextlib.contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction on the writer's connection: committed, or rolled back whatever
+    broke it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+def prune_delivered(conn: sqlite3.Connection, cutoff: float) -> bool:
+    """Forget delivered events older than the dedupe window, a chunk per acknowledgement so
+    that no single commit grows large; True (done for now) when a chunk comes back short."""
+    # Events whose platform job is still followed stay, however old.
+    cur = conn.execute(
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
+        "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
+        "WHERE p.id = events.platform_job AND p.state != 'unconfirmed') "
+        "ORDER BY delivered_at LIMIT ?2)",
+        (cutoff, PRUNE_CHUNK),
+    )
+    conn.execute("DELETE FROM delivered WHERE delivered_at < ?", (cutoff,))
+    conn.execute("DELETE FROM jobs WHERE created_at < ?", (cutoff,))
+    conn.execute("DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < ?", (cutoff,))
+    return cur.rowcount < PRUNE_CHUNK
+
+
+def free_page_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database's free pages, which new rows reuse without growing the file."""
+    pages = conn.execute("PRAGMA freelist_count").fetchone()
+    size = conn.execute("PRAGMA page_size").fetchone()
+    return int(pages[0]) * int(size[0]) if pages and size else 0
+
+
+_KNOWN_IDS: Final = """
+    WITH wanted(id) AS (SELECT value FROM json_each(?1))
+    SELECT id FROM events WHERE id IN wanted AND (delivered_at IS NULL OR delivered_at >= ?2)
+    UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
+    UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
+"""
+# REPLACE only ever meets a delivered row older than the dedupe window (not yet pruned): every
+# other known id was filtered out before. json_each keeps the array's order, so seq does too.
+_PACKED_INSERT: Final = """
+    INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender)
+    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3, value ->> 3,
+        value ->> 4
+    FROM json_each(?1)
+"""
+#: the send that succeeded counts as an attempt (?1 is the time)
+_ATTEMPT: Final = (
+    "attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?1), "
+    "last_attempt_at = ?1"
+)

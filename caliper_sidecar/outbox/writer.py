@@ -1,0 +1,80 @@
+"""The outbox writer: one SQLite connection and the one thread that uses it.
+
+Every write of the SQLite outbox runs here (ingest's group commits, delivery outcomes, dead
+letters, platform jobs), each transaction with all its statements (for ingest: the dedupe
+lookup, the capacity check, the insert, the commit) in one hand-off from the event loop.
+Through aiosqlite each statement was a round trip of its own: seven loop passes and thread
+wake-ups per ingest group, on the loop that also parses and validates every request, while
+the transaction held SQLite's one write lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final, TypeVar
+
+from caliper_sidecar.exceptions import OutboxUnavailable
+
+R = TypeVar("R")
+
+#: the settings every connection of the outbox takes, with its `synchronous` level
+PRAGMAS: Final = (
+    "PRAGMA busy_timeout = 5000",
+    # Checkpoints run in the background (SqliteOutbox._checkpoint_often), not in the thread of
+    # the commit that crosses the threshold; this one is only the backstop.
+    "PRAGMA wal_autocheckpoint = 10000",
+)
+
+
+class Writer:
+    """Owns the writing connection and its thread, from `open` to `close`."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-writer")
+        try:
+            self._conn = await self._in_thread(self._connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        # Autocommit (isolation_level None): each write says BEGIN and COMMIT itself
+        # (sqlite_writes.immediate).
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        for pragma in PRAGMAS:
+            conn.execute(pragma)
+        return conn
+
+    async def run(self, work: Callable[[sqlite3.Connection], R]) -> R:
+        """Run `work` with the connection in the writer's thread; raises what it raises, and
+        OutboxUnavailable once the writer is closed."""
+        conn = self._conn
+        if conn is None:
+            raise OutboxUnavailable("closed", "the outbox is not open")
+        return await self._in_thread(lambda: work(conn))
+
+    async def _in_thread(self, work: Callable[[], R]) -> R:
+        if self._executor is None:
+            raise sqlite3.ProgrammingError("the outbox writer is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._in_thread(conn.close)
+        executor, self._executor = self._executor, None
+        executor.shutdown(wait=True)

@@ -1,0 +1,81 @@
+"""SIGHUP: apply what may change without a restart, without refusing a request.
+
+Reloaded: the sender tokens (`receiver.tokens`, `receiver.tokens_file`), the TLS certificate and
+key (new connections get the new ones: the live SSL context loads them), `admin.token` and
+`log.level`. The routes read the settings at each request, so swapping them is the whole
+switch. A reload that fails (an unreadable file, a bad certificate, a wrong key) changes
+nothing and says why; other keys changed in the file are named as needing a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Callable
+from typing import Any, Final
+
+import structlog
+
+from caliper_sidecar.config import Settings
+from caliper_sidecar.exceptions import SidecarError
+from caliper_sidecar.http.runtime import Runtime
+from caliper_sidecar.logs import set_level
+from caliper_sidecar.preflight import check_tls
+
+log = structlog.get_logger("sidecar.reload")
+
+RELOADED: Final = frozenset(
+    {
+        ("receiver", "tokens"),
+        ("receiver", "tls_cert"),
+        ("receiver", "tls_key"),
+        ("admin", "token"),
+        ("log", "level"),
+    }
+)
+
+
+def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]) -> bool:
+    """Read the configuration again and apply what may change now; True when applied."""
+    try:
+        new = load()
+        fresh_tls = check_tls(new)
+    except (SidecarError, OSError) as e:
+        log.error("reload_failed", error=str(e), kept="the configuration as it was")
+        return False
+    old = rt.settings
+    changed = _changed(old, new)
+    later = sorted(f"{s}.{k}" for s, k in changed - RELOADED)
+    applied = sorted(f"{s}.{k}" for s, k in changed & RELOADED)
+    if (tls is None) != (fresh_tls is None):
+        later.append("receiver.tls_cert (TLS turned on or off)")
+    elif tls is not None:
+        # Always: a renewed certificate is usually new files at the same paths. The context
+        # the listener already uses takes the pair, and new handshakes get it.
+        tls.load_cert_chain(new.receiver.tls_cert, new.receiver.tls_key)
+        applied = sorted({*applied, "receiver.tls_cert", "receiver.tls_key"})
+    rt.settings = dataclasses.replace(
+        old,
+        receiver=dataclasses.replace(
+            old.receiver,
+            tokens=new.receiver.tokens,
+            tls_cert=new.receiver.tls_cert if tls is not None else old.receiver.tls_cert,
+            tls_key=new.receiver.tls_key if tls is not None else old.receiver.tls_key,
+        ),
+        admin=dataclasses.replace(old.admin, token=new.admin.token),
+        log=dataclasses.replace(old.log, level=new.log.level),
+    )
+    set_level(new.log.level)
+    log.warning("reloaded", applied=applied, needs_restart=later)
+    return True
+
+
+def _changed(old: Settings, new: Settings) -> set[tuple[str, str]]:
+    out = set()
+    for section in dataclasses.fields(old):
+        before: Any = getattr(old, section.name)
+        after: Any = getattr(new, section.name)
+        for key in dataclasses.fields(before):
+            if getattr(before, key.name) != getattr(after, key.name):
+                out.add((section.name, key.name))
+    return out

@@ -8,13 +8,17 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
-from sidecar.config import load_settings
+from caliper_sidecar.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -45,6 +49,25 @@ class TestDockerfile:
         for source in re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE):
             for name in source.split():
                 assert (ROOT / name).exists(), name
+
+    def test_dependencies_pinned_within_the_projects_ranges(self) -> None:
+        """The image installs from deploy/constraints.txt, which pins every dependency (and
+        the postgres extra's) to one version inside the range pyproject.toml allows."""
+        text = (DEPLOY / "Dockerfile").read_text()
+        assert re.search(r'^RUN pip install -c constraints.txt "\.\[postgres\]"', text, re.M)
+        pins = {
+            canonicalize_name(name): Version(version)
+            for name, version in re.findall(
+                r"^([\w.-]+)==(\S+)$", (DEPLOY / "constraints.txt").read_text(), re.MULTILINE
+            )
+        }
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        wanted = [*project["dependencies"], *project["optional-dependencies"]["postgres"]]
+        for line in wanted:
+            requirement = Requirement(line)
+            pinned = pins.get(canonicalize_name(requirement.name))
+            assert pinned is not None, f"{requirement.name} is not pinned"
+            assert requirement.specifier.contains(pinned), (requirement, pinned)
 
 
 class TestCompose:
@@ -121,14 +144,55 @@ class TestSystemd:
         assert "StateDirectory=caliper-sidecar" in text
         assert "SIDECAR_OUTBOX_PATH=/var/lib/caliper-sidecar/" in text
 
-    def test_configuration_checked_before_start(self) -> None:
+    def test_a_wrong_configuration_is_not_restarted(self, tmp_path: Path) -> None:
+        """`run` checks what check-config checks and exits 2; the unit does not restart on 2
+        (an ExecStartPre failure would be restarted by Restart=always)."""
         text = self.UNIT.read_text()
-        assert re.search(r"^ExecStartPre=\S+caliper-sidecar check-config -c ", text, re.MULTILINE)
+        assert "RestartPreventExitStatus=2" in text
+        assert "ExecStartPre=" not in text
+        assert re.search(r"^ExecStart=\S+caliper-sidecar run -c ", text, re.MULTILINE)
         assert "ExecReload=/bin/kill -HUP $MAINPID" in text  # SIGHUP reloads
+        config = tmp_path / "sidecar.toml"
+        config.write_text('[receiver]\nhost = "0.0.0.0"\n')  # no tokens: refused
+        config.chmod(0o600)
+        result = subprocess.run(
+            [sys.executable, "-m", "caliper_sidecar", "run", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+
+    def test_secrets_arrive_as_credentials(self, tmp_path: Path) -> None:
+        """The client secret, the sender tokens and the admin token are LoadCredential= files,
+        named to the sidecar through %d: with the credentials directory filled as systemd
+        fills it, the relay's configuration loads with all three."""
+        text = self.UNIT.read_text()
+        credentials = dict(re.findall(r"^LoadCredential=([\w-]+):(\S+)$", text, re.MULTILINE))
+        assert set(credentials) == {"client-secret", "tokens", "admin-token"}
+        folder = tmp_path / "credentials"
+        folder.mkdir()
+        (folder / "client-secret").write_text("the-client-secret\n")
+        (folder / "tokens").write_text("room-12 a-sender-token-of-room-12\n")
+        (folder / "admin-token").write_text("an-admin-token-for-the-relay\n")
+        env = dict(re.findall(r"^Environment=(SIDECAR_\w+)=(\S+)$", text, re.MULTILINE))
+        env = {key: value.replace("%d", str(folder)) for key, value in env.items()}
+        env["SIDECAR_OUTBOX_PATH"] = str(tmp_path / "outbox.db")
+        config = tmp_path / "sidecar.toml"
+        config.write_text(
+            '[receiver]\nhost = "0.0.0.0"\n[upstream]\npreset = "timeback"\n'
+            '[oauth]\nclient_id = "the-client"\n'
+        )
+        settings = load_settings(config, env)
+        tokens = settings.receiver.tokens
+        assert [getattr(t, "label", None) for t in tokens] == ["room-12"]
+        assert settings.oauth.client_secret == "the-client-secret"
+        assert settings.admin.token == "an-admin-token-for-the-relay"
 
     @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
-    def test_hardened_to_an_exposure_of_2_5_at_most(self) -> None:
-        """`systemd-analyze security` rates the unit's exposure 2.5 or less (0 is locked
+    def test_hardened_to_an_exposure_of_1_2_at_most(self) -> None:
+        """`systemd-analyze security` rates the unit's exposure 1.2 or less (0 is locked
         down, 10 is exposed)."""
         result = subprocess.run(
             ["systemd-analyze", "security", "--offline=true", str(self.UNIT)],
@@ -138,7 +202,7 @@ class TestSystemd:
         )
         found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
         assert found is not None, result.stdout + result.stderr
-        assert float(found.group(1)) <= 2.5, result.stdout
+        assert float(found.group(1)) <= 1.2, result.stdout
 
     @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
     def test_systemd_analyze_verify(self, tmp_path: Path) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import shutil
+import subprocess
+import sys
+import tarfile
 import tomllib
 from pathlib import Path
 
@@ -48,3 +52,44 @@ def test_postgres_is_an_extra() -> None:
     assert not any(d.startswith("asyncpg") for d in project["dependencies"])
     assert any(d.startswith("asyncpg") for d in project["optional-dependencies"]["postgres"])
     assert "caliper-sidecar[postgres]" in project["optional-dependencies"]["test"]
+
+
+def test_the_sdist_holds_the_tests_their_data_and_the_deploy_files(tmp_path: Path) -> None:
+    """The sdist builds, and holds what running its tests needs (conftest.py, the recorded
+    SDK calls, the Caliper examples the tests are written from) and what deploying needs
+    (config/, deploy/, examples/), not only the package."""
+    # From a copy of the checkout's files: setuptools would otherwise reuse the file list of
+    # an earlier build left in caliper_sidecar.egg-info.
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout: the sdist is built from one")
+    source = tmp_path / "source"
+    for name in files:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})",
+        ],
+        cwd=source,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    (sdist,) = tmp_path.glob("caliper_sidecar-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {n for n in files if n.split("/")[0] in {"tests", "config", "deploy", "examples"}}
+    wanted = {n for n in wanted if "__pycache__" not in n and not n.endswith(".pyc")}
+    assert wanted <= names, sorted(wanted - names)[:10]
+    assert "caliper_sidecar/http/status_page.html" in names
+    assert not any(n.endswith((".pyc", ".db")) or "__pycache__" in n for n in names)

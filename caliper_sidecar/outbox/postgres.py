@@ -81,7 +81,7 @@ POOL_SIZE: Final = 8
 #: the application_name of the LISTEN connection (pg_stat_activity shows it)
 LISTENER_NAME: Final = "caliper-sidecar-listen"
 _DISK_FULL: Final = "53100"
-ROOM_EVERY_S: Final = 10.0
+ROOM_EVERY_S: Final = 5.0
 #: what the outbox's tables take when (nearly) empty, not counted against outbox.max_bytes
 EMPTY_TABLES_ALLOWANCE: Final = 1 << 20
 #: the events a platform job was sent with

@@ -8,6 +8,7 @@
                            once more as a fresh clone runs them: without it)
 
 Installs are skipped when pyproject.toml has not changed since the last one.
+CALIPER_SIDECAR_VENV names another venv (CI runs the demo on Python 3.12 and 3.13 so).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
+# Another interpreter gets a venv of its own (CI runs the demo on each Python it has).
+VENV = Path(os.environ.get("CALIPER_SIDECAR_VENV") or ROOT / ".venv")
 BIN = VENV / "bin"
 
 

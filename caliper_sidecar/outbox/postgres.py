@@ -520,9 +520,10 @@ class PostgresOutbox:
             # back what is not would write (and bloat) the same rows again and again.
             head = await conn.fetch(
                 f"""
-                SELECT e.size, e.received_at, {NOW} AS now FROM queue q JOIN events e USING (seq)
-                WHERE q.claim_until IS NULL OR q.claim_until < {NOW}
-                ORDER BY q.seq LIMIT $1
+                SELECT size, received_at, {NOW} AS now FROM events WHERE seq = ANY(ARRAY(
+                    SELECT seq FROM queue WHERE claim_until IS NULL OR claim_until < {NOW}
+                    ORDER BY seq LIMIT $1))
+                ORDER BY seq
                 """,
                 max_events,
             )
@@ -544,8 +545,8 @@ class PostgresOutbox:
                     RETURNING q.seq, q.claim_until
                 )
                 SELECT e.seq, e.id, e.body, e.received_at, e.attempts, e.first_attempt_at,
-                    e.sensor, c.claim_until
-                FROM claimed c JOIN events e USING (seq)
+                    e.sensor, (SELECT max(claim_until) FROM claimed) AS claim_until
+                FROM events e WHERE e.seq = ANY(ARRAY(SELECT seq FROM claimed))
                 """,
                 max_events,
                 claim_id,
@@ -604,7 +605,7 @@ class PostgresOutbox:
                         attempts = attempts + 1,
                         first_attempt_at = coalesce(first_attempt_at, {NOW}),
                         last_attempt_at = {NOW}
-                    FROM dequeued WHERE e.seq = dequeued.seq
+                    WHERE e.seq = ANY(ARRAY(SELECT seq FROM dequeued))
                     RETURNING e.seq
                     """,
                     list(seqs),
@@ -674,7 +675,7 @@ class PostgresOutbox:
                 UPDATE events e SET attempts = attempts + 1,
                     first_attempt_at = coalesce(first_attempt_at, {NOW}),
                     last_attempt_at = {NOW}, last_error = $3
-                FROM released WHERE e.seq = released.seq
+                WHERE e.seq = ANY(ARRAY(SELECT seq FROM released))
                 """,
                 list(seqs),
                 claim.id,
@@ -744,7 +745,7 @@ class PostgresOutbox:
                 "sum(dead_lettered_total) FROM totals"
             )
             oldest = await conn.fetchval(
-                "SELECT e.received_at FROM queue q JOIN events e USING (seq) ORDER BY q.seq LIMIT 1"
+                "SELECT received_at FROM events WHERE seq = (SELECT min(seq) FROM queue)"
             )
             jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
         values = [int(v or 0) for v in totals]

@@ -23,7 +23,7 @@ from caliper_sidecar.delivery.upstream import UpstreamClient
 from caliper_sidecar.exceptions import CannotListen, OutboxUnavailable
 from caliper_sidecar.http import admin, connections, ingest, ops, timeback_api
 from caliper_sidecar.http.cors import cross_origin, preflight_routes
-from caliper_sidecar.http.errors import unavailable_body
+from caliper_sidecar.http.errors import errors_as_json
 from caliper_sidecar.http.guards import refuse_unknown_hosts
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.logs import flush_logs
@@ -195,7 +195,7 @@ async def _serve(
     """An HTTP listener for these routes, closed with the rest; raises CannotListen."""
     app = web.Application(
         client_max_size=runtime.settings.receiver.max_body_bytes,
-        middlewares=[cross_origin, _errors_as_json, refuse_unknown_hosts],
+        middlewares=[cross_origin, errors_as_json, refuse_unknown_hosts],
     )
     app[RUNTIME] = runtime
     app[ops.OPS_LISTENER] = name == "ops"
@@ -242,38 +242,6 @@ async def _log_stopped(rt: Runtime) -> None:
         waiting = None  # the count is for the log line; closing matters more
     cut = rt.dispatcher.sends_cut if rt.dispatcher is not None else None
     log.info("stopped", waiting=waiting, sends_cut=cut)
-
-
-@web.middleware
-async def _errors_as_json(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every error of every route is JSON in one shape, `{"error", "message"}` (an unknown
-    route's 404 and a wrong method's 405 included), so an SDK reports the real error rather
-    than "invalid JSON". Any route that meets an unusable outbox (a full disk, shutting down)
-    answers 503 with Retry-After, as ingest does, rather than a 500."""
-    try:
-        return await handler(request)
-    except OutboxUnavailable as e:
-        return web.json_response(
-            unavailable_body(e, request.path),
-            status=503,
-            headers={"Retry-After": str(e.retry_after_s)},
-        )
-    except web.HTTPException as e:
-        if e.status < 400 or e.content_type == "application/json":
-            raise
-        headers = {k: v for k, v in e.headers.items() if k.lower() not in _BODY_HEADERS}
-        message = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
-        return web.json_response(
-            {"error": e.reason.lower().replace(" ", "_").replace("-", "_"), "message": message},
-            status=e.status,
-            headers=headers,
-        )
-
-
-#: headers of an error's plain-text body, replaced with the JSON body's own
-_BODY_HEADERS: Final = frozenset({"content-type", "content-length"})
 
 
 async def serve(

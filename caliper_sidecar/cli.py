@@ -258,7 +258,7 @@ def _open_outbox(args: argparse.Namespace) -> Any:
 
 
 def _outbox_stats(args: argparse.Namespace) -> int:
-    from caliper_sidecar.http.ops import utc_from_timestamp
+    from caliper_sidecar.codec import utc_from_timestamp
 
     async def go() -> int:
         async with _open_outbox(args) as outbox:
@@ -286,8 +286,8 @@ def _outbox_stats(args: argparse.Namespace) -> int:
 
 
 def _dead_list(args: argparse.Namespace) -> int:
+    from caliper_sidecar.codec import utc_from_timestamp
     from caliper_sidecar.http.admin import dead_letter_document
-    from caliper_sidecar.http.ops import utc_from_timestamp
     from caliper_sidecar.outbox.base import DEAD_CHUNK
 
     async def go() -> int:

@@ -1,4 +1,4 @@
-"""JSON in and out of the sidecar.
+"""JSON in and out of the sidecar, and the one way its answers write a time.
 
 Parsing uses msgspec: several times faster than the standard library on every request, and as
 strict where it matters: integers beyond 64 bits stay exact, and NaN, Infinity, numbers beyond
@@ -10,6 +10,7 @@ bits, which it will not write, is written exactly by the standard library.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
@@ -55,3 +56,14 @@ def dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def utc_from_timestamp(ts: float | None) -> str | None:
+    """An ISO 8601 UTC time with milliseconds, or None."""
+    if ts is None:
+        return None
+    try:
+        moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return None  # a time no calendar holds (a token "expiring" in the year 10^12)
+    return str(moment).replace("+00:00", "Z")

@@ -10,11 +10,11 @@ from unittest import mock
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from caliper_sidecar.app import Sidecar, start
 from caliper_sidecar.http.admin import _authorize
+from caliper_sidecar.http.errors import ApiError
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
@@ -109,8 +109,9 @@ class TestRoutes:
             if allowed:
                 _authorize(sidecar.runtime, request)
             else:
-                with pytest.raises(web.HTTPForbidden):
+                with pytest.raises(ApiError) as refused:
                     _authorize(sidecar.runtime, request)
+                assert refused.value.status == 403
 
 
 class TestCommandsBesideRun:

@@ -21,10 +21,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.codec import utc_from_timestamp
 from caliper_sidecar.config import load_settings
 from caliper_sidecar.exceptions import ConfigError, OutboxLocked
 from caliper_sidecar.http import connections
-from caliper_sidecar.http.ops import utc_from_timestamp
 from caliper_sidecar.outbox import NewEvent, SqliteOutbox
 from caliper_sidecar.tools.fake_timeback import RunningFake
 from caliper_sidecar.validation import MAX_FINDINGS

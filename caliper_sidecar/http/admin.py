@@ -13,8 +13,8 @@ from aiohttp import web
 from caliper_sidecar import codec
 from caliper_sidecar.config import is_loopback
 from caliper_sidecar.http.auth import bearer_matches
-from caliper_sidecar.http.ingest import Rejected, read_body
-from caliper_sidecar.http.ops import utc_from_timestamp
+from caliper_sidecar.http.errors import ApiError, json_response
+from caliper_sidecar.http.requests import read_body
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 
 log = structlog.get_logger("sidecar.admin")
@@ -36,10 +36,10 @@ def _authorize(rt: Runtime, request: web.Request) -> str:
     if token:
         if bearer_matches(request, (token,)):
             return "admin token"
-        raise _error(web.HTTPUnauthorized, "unauthorized", "a valid admin bearer token is required")
+        raise ApiError(401, "unauthorized", "a valid admin bearer token is required")
     if not is_loopback(request.remote or ""):
-        raise _error(
-            web.HTTPForbidden,
+        raise ApiError(
+            403,
             "forbidden",
             "admin endpoints answer only on loopback unless admin.token is set",
         )
@@ -54,8 +54,8 @@ def _authorize_change(rt: Runtime, request: web.Request) -> str:
     origin the operator did not list."""
     who = _authorize(rt, request)
     if request.content_type != "application/json":
-        raise _error(
-            web.HTTPUnsupportedMediaType,
+        raise ApiError(
+            415,
             "unsupported_media_type",
             "admin requests take Content-Type: application/json only",
         )
@@ -63,19 +63,13 @@ def _authorize_change(rt: Runtime, request: web.Request) -> str:
     own = f"{request.scheme}://{request.host}"  # the status page's own requests
     if origin is not None and origin != own and origin not in rt.settings.receiver.cors_origins:
         log.warning("admin_request_refused", remote=request.remote, origin=origin[:200])
-        raise _error(
-            web.HTTPForbidden,
+        raise ApiError(
+            403,
             "forbidden_origin",
             f"admin requests from the web origin {origin[:100]!r} are refused; list it in "
             "receiver.cors_origins if a page of yours must make them",
         )
     return who
-
-
-def _error(kind: type[web.HTTPException], error: str, message: str) -> web.HTTPException:
-    return kind(
-        text=json.dumps({"error": error, "message": message}), content_type="application/json"
-    )
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
@@ -84,9 +78,9 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     try:
         limit = max(1, min(int(request.query.get("limit", "100")), MAX_LIST))
     except ValueError:
-        raise _error(web.HTTPBadRequest, "bad_request", "limit must be an integer") from None
+        raise ApiError(400, "bad_request", "limit must be an integer") from None
     items = await rt.outbox.dead_letters(limit, request.query.get("after") or None)
-    return web.json_response(
+    return json_response(
         {
             "dead_letters": [dead_letter_document(d) for d in items],
             "next_after": items[-1].id if len(items) == limit else None,
@@ -102,30 +96,26 @@ def dead_letter_document(d: Any) -> dict[str, Any]:
         "status": d.status,
         "response": d.response,
         "attempts": d.attempts,
-        "received_at": utc_from_timestamp(d.received_at),
-        "first_attempt_at": utc_from_timestamp(d.first_attempt_at),
-        "last_attempt_at": utc_from_timestamp(d.last_attempt_at),
-        "dead_lettered_at": utc_from_timestamp(d.dead_lettered_at),
+        "received_at": codec.utc_from_timestamp(d.received_at),
+        "first_attempt_at": codec.utc_from_timestamp(d.first_attempt_at),
+        "last_attempt_at": codec.utc_from_timestamp(d.last_attempt_at),
+        "dead_lettered_at": codec.utc_from_timestamp(d.dead_lettered_at),
         "event": json.loads(d.body),
     }
 
 
 async def _selection(request: web.Request) -> Sequence[str] | None:
+    raw = await read_body(request)
     try:
-        body = codec.loads(await read_body(request))
-    except Rejected as e:
-        kind = {408: web.HTTPRequestTimeout}.get(e.status, web.HTTPBadRequest)
-        raise _error(kind, e.body["error"], e.body["message"]) from None
+        body = codec.loads(raw)
     except (ValueError, RecursionError):
-        raise _error(web.HTTPBadRequest, "malformed_json", "the body is not valid JSON") from None
+        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
     if isinstance(body, dict) and body.get("all") is True:
         return None
     ids = body.get("ids") if isinstance(body, dict) else None
     if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
         return ids
-    raise _error(
-        web.HTTPBadRequest, "bad_request", 'the body must be {"ids": ["..."]} or {"all": true}'
-    )
+    raise ApiError(400, "bad_request", 'the body must be {"ids": ["..."]} or {"all": true}')
 
 
 async def replay(request: web.Request) -> web.Response:
@@ -134,7 +124,7 @@ async def replay(request: web.Request) -> web.Response:
     selection = await _selection(request)
     count = await rt.outbox.replay_dead_letters(selection)
     _logged("dead_letters_replayed", request, who, selection, count)
-    return web.json_response({"replayed": count})
+    return json_response({"replayed": count})
 
 
 async def purge(request: web.Request) -> web.Response:
@@ -143,7 +133,7 @@ async def purge(request: web.Request) -> web.Response:
     selection = await _selection(request)
     count = await rt.outbox.purge_dead_letters(selection)
     _logged("dead_letters_purged", request, who, selection, count)
-    return web.json_response({"purged": count})
+    return json_response({"purged": count})
 
 
 def _logged(

@@ -20,6 +20,7 @@ from typing import Final
 
 from aiohttp import web
 
+from caliper_sidecar.http.errors import json_response
 from caliper_sidecar.http.runtime import RUNTIME
 
 #: the routes browsers may reach: ingest and TimeBack's API for apps
@@ -71,7 +72,7 @@ async def cross_origin(
     if origin is None or not _cross_origin_route(request):
         return await handler(request)
     if origin not in request.app[RUNTIME].settings.receiver.cors_origins:
-        return web.json_response(
+        return json_response(
             {
                 "error": "forbidden_origin",
                 "message": f"the web origin {origin[:100]!r} may not send here; list it in "

@@ -1,16 +1,53 @@
-"""Storage failures as apps are told of them: the reason, and a request id under which the log
-holds what actually failed (a database's column names, its address: not for apps)."""
+"""One error path for every route, as Starlette's exception middleware has it: a route raises
+`ApiError` (or lets an `OutboxUnavailable` or one of aiohttp's HTTP exceptions rise), and
+`errors_as_json` answers it in the one error shape, `{"error", "message"}`, through the one
+JSON encoder (`json_response`). Storage failures are told to apps as a reason and a request id
+under which the log holds what actually failed (a database's column names, its address: not for
+apps)."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import structlog
+from aiohttp import web
 
+from caliper_sidecar import codec
 from caliper_sidecar.exceptions import OutboxUnavailable
 
 log = structlog.get_logger("sidecar.errors")
+
+#: headers of an error's plain-text body, replaced with the JSON body's own
+_BODY_HEADERS: Final = frozenset({"content-type", "content-length"})
+
+
+class ApiError(Exception):
+    """An answer with an error: its status, a machine-readable word, a message for people,
+    headers (Retry-After, WWW-Authenticate) and any further fields of the body."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, "message": message, **extra}
+        self.headers: dict[str, str] = headers or {}
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """Every JSON answer of every route, errors or not."""
+    return web.Response(
+        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def unavailable_body(error: OutboxUnavailable, path: str) -> dict[str, Any]:
@@ -22,3 +59,40 @@ def unavailable_body(error: OutboxUnavailable, path: str) -> dict[str, Any]:
         log.error("storage_error", request_id=request_id, path=path, detail=error.detail)
         body["request_id"] = request_id
     return body
+
+
+def unavailable(error: OutboxUnavailable, path: str) -> ApiError:
+    """An unusable outbox (full, a full disk, shutting down, a storage error) as a 503 with
+    Retry-After."""
+    body = unavailable_body(error, path)
+    return ApiError(
+        503,
+        body.pop("error"),
+        body.pop("message"),
+        {"Retry-After": str(error.retry_after_s)},
+        **body,
+    )
+
+
+@web.middleware
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error of every route is JSON in one shape (an unknown route's 404 and a wrong
+    method's 405 included), so an SDK reports the real error rather than "invalid JSON". Any
+    route that meets an unusable outbox answers 503 with Retry-After, as ingest does, rather
+    than a 500."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return json_response(e.body, e.status, e.headers)
+    except OutboxUnavailable as e:
+        refused = unavailable(e, request.path)
+        return json_response(refused.body, refused.status, refused.headers)
+    except web.HTTPException as e:
+        if e.status < 400 or e.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in e.headers.items() if k.lower() not in _BODY_HEADERS}
+        message = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
+        error = e.reason.lower().replace(" ", "_").replace("-", "_")
+        return json_response({"error": error, "message": message}, e.status, headers)

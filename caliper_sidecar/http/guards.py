@@ -18,6 +18,7 @@ from typing import Final
 from aiohttp import web
 
 from caliper_sidecar.http.auth import bearer_matches, presented_token, sender_allowed
+from caliper_sidecar.http.errors import ApiError
 from caliper_sidecar.http.runtime import RUNTIME
 
 #: probes ask by whatever name their platform uses; they read nothing worth rebinding for
@@ -64,8 +65,9 @@ async def refuse_unknown_hosts(
             admin and bearer_matches(request, (admin,))
         ):
             return await handler(request)
-    raise web.HTTPMisdirectedRequest(
-        text=f"Host {request.host[:100]!r} is not a name this sidecar answers to without a "
-        "token: reach it by an IP address or localhost, or list the name in "
-        "receiver.server_names"
+    raise ApiError(
+        421,
+        "misdirected_request",
+        f"Host {request.host[:100]!r} is not a name this sidecar answers to without a token: "
+        "reach it by an IP address or localhost, or list the name in receiver.server_names",
     )

@@ -20,9 +20,8 @@ from aiohttp import web
 from caliper_sidecar import codec
 from caliper_sidecar.envelope import MAX_SENSOR_BYTES, sensor_bytes
 from caliper_sidecar.exceptions import OutboxUnavailable
-from caliper_sidecar.http import connections
-from caliper_sidecar.http.auth import sender_label, sending_token
-from caliper_sidecar.http.errors import unavailable_body
+from caliper_sidecar.http.errors import ApiError, json_response, unavailable
+from caliper_sidecar.http.requests import authenticate, read_body, too_large
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox import AppendResult, NewEvent
@@ -36,23 +35,6 @@ JSON_TYPES: Final = frozenset({"application/json", "application/ld+json"})
 ENCODINGS: Final = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 
 
-class Rejected(Exception):
-    """An ingest request answered with an error; nothing of it was stored."""
-
-    def __init__(
-        self,
-        status: int,
-        error: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body: dict[str, Any] = {"error": error, "message": message, **extra}
-        self.headers: dict[str, str] = headers or {}
-
-
 def routes() -> list[web.RouteDef]:
     caliper = _ingest_route(_answer_caliper, with_job=True)
     return [
@@ -61,12 +43,6 @@ def routes() -> list[web.RouteDef]:
         web.post("/caliper/v1p2", caliper),
         web.post("/caliper/event/validate", validate_only),
     ]
-
-
-def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
-    )
 
 
 def _answer_v1(accepted: Accepted) -> web.Response:
@@ -78,7 +54,7 @@ def _answer_v1(accepted: Accepted) -> web.Response:
     if accepted.report.warnings:
         body["warnings"] = [f.as_dict() for f in accepted.report.warnings]
         body["warnings_total"] = accepted.report.warning_count
-    return _json(body, 202)
+    return json_response(body, 202)
 
 
 def _answer_caliper(accepted: Accepted) -> web.Response:
@@ -88,7 +64,7 @@ def _answer_caliper(accepted: Accepted) -> web.Response:
         "jobId": accepted.job,
         "eventsAccepted": accepted.result.accepted,
     }
-    return _json(body, 200)
+    return json_response(body, 200)
 
 
 def _ingest_route(
@@ -98,22 +74,27 @@ def _ingest_route(
         rt = request.app[RUNTIME]
         started = time.monotonic()
         fields: dict[str, Any] = {}
+        status: int | None = None  # None: neither answered nor refused (cancelled, a bug)
         try:
             job = str(uuid.uuid4()) if with_job else None
             response = answer(await _ingest(rt, request, fields, job))
-        except Rejected as e:
+            status = response.status
+            return response
+        except ApiError as e:  # counted and logged here, answered by errors_as_json
             rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
-            response = _json(e.body, e.status, e.headers)
             fields["error"] = e.body["error"]
-        log.info(
-            "ingest",
-            path=request.path,
-            status=response.status,
-            remote=request.remote,
-            duration_ms=round((time.monotonic() - started) * 1000, 2),
-            **fields,
-        )
-        return response
+            status = e.status
+            raise
+        finally:
+            if status is not None:
+                log.info(
+                    "ingest",
+                    path=request.path,
+                    status=status,
+                    remote=request.remote,
+                    duration_ms=round((time.monotonic() - started) * 1000, 2),
+                    **fields,
+                )
 
     return handle
 
@@ -132,7 +113,9 @@ async def _ingest(
     rt: Runtime, request: web.Request, fields: dict[str, Any], job: str | None
 ) -> Accepted:
     if not rt.accepting:
-        raise _unavailable(OutboxUnavailable("shutting_down", "the sidecar is shutting down"))
+        raise unavailable(
+            OutboxUnavailable("shutting_down", "the sidecar is shutting down"), request.path
+        )
     sender = fields["sender"] = authenticate(rt, request)
     limit = rt.settings.receiver.max_body_bytes
     # Memory held from reading the body until its events are committed is bounded (see
@@ -150,7 +133,7 @@ async def _ingest_body(
     if report.warnings:
         fields["warnings"] = [f"{f.index}{f.path}: {f.rule}" for f in report.warnings[:20]]
     if not report.ok:
-        raise Rejected(
+        raise ApiError(
             422,
             "invalid_events",
             f"{report.error_count} problem(s) found; nothing of this request was stored",
@@ -160,14 +143,14 @@ async def _ingest_body(
     batch = []
     bodies, sensor = received.bodies()
     if sensor is not None and sensor_bytes(sensor) > MAX_SENSOR_BYTES:
-        raise Rejected(
+        raise ApiError(
             400,
             "malformed_envelope",
             f"the envelope's sensor is longer than {MAX_SENSOR_BYTES} bytes",
         )
     for index, (event_id, body) in enumerate(zip(received.ids, bodies, strict=True)):
         if len(body) > rt.max_event_bytes:
-            raise Rejected(
+            raise ApiError(
                 413,
                 "event_too_large",
                 f"event {index} is {len(body)} bytes; an envelope holds at most "
@@ -178,7 +161,7 @@ async def _ingest_body(
     try:
         result = await rt.outbox.append(batch, job)
     except OutboxUnavailable as e:
-        raise _unavailable(e, request.path) from e
+        raise unavailable(e, request.path) from e
     finally:
         rt.commits_in_progress -= 1
     rt.metrics.events_received.labels(sender=sender).inc(result.accepted)
@@ -206,11 +189,8 @@ class Received:
 async def validate_only(request: web.Request) -> web.Response:
     """`POST /caliper/event/validate`: TimeBack's validation answer; nothing is stored."""
     rt = request.app[RUNTIME]
-    try:
-        authenticate(rt, request)
-        report = (await _read_events(rt, request)).report
-    except Rejected as e:
-        return _json(e.body, e.status, e.headers)
+    authenticate(rt, request)
+    report = (await _read_events(rt, request)).report
     body: dict[str, Any] = {"status": "success" if report.ok else "error"}
     if not report.ok:
         body["errors"] = [f.as_dict() for f in report.errors]
@@ -218,31 +198,14 @@ async def validate_only(request: web.Request) -> web.Response:
     if report.warnings:
         body["warnings"] = [f.as_dict() for f in report.warnings]
         body["warnings_total"] = report.warning_count
-    return _json(body, 200)
-
-
-def authenticate(rt: Runtime, request: web.Request) -> str:
-    """The label of the sender (its token's, "" without one); Rejected (401) unless the
-    request may send events (SPEC §4: a sender token, or a token this sidecar issued)."""
-    tokens = rt.settings.receiver.tokens
-    if not tokens:
-        return ""
-    token = sending_token(request, tokens)
-    if token is not None:
-        return sender_label(token)
-    raise Rejected(
-        401,
-        "unauthorized",
-        "a valid `Authorization: Bearer <token>` is required",
-        headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar"'},
-    )
+    return json_response(body, 200)
 
 
 async def _read_events(rt: Runtime, request: web.Request) -> Received:
-    """The events of the request's body, validated; Rejected when the body is not JSON, not
+    """The events of the request's body, validated; ApiError when the body is not JSON, not
     a shape events come in, or holds too many events."""
     if request.content_type not in JSON_TYPES:
-        raise Rejected(
+        raise ApiError(
             415,
             "unsupported_media_type",
             f"Content-Type must be application/json or application/ld+json, "
@@ -250,14 +213,14 @@ async def _read_events(rt: Runtime, request: web.Request) -> Received:
         )
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ENCODINGS:
-        raise Rejected(
+        raise ApiError(
             415,
             "unsupported_content_encoding",
             f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or none",
         )
     limit = rt.settings.receiver.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     raw = codec.without_bom(await read_body(request))
     decoded = rt.decoder.decode(raw) if rt.decoder is not None else None
     if decoded is not None:  # valid, no warnings: validated while parsing
@@ -267,11 +230,11 @@ async def _read_events(rt: Runtime, request: web.Request) -> Received:
     try:
         document = codec.loads(raw)
     except (ValueError, RecursionError) as e:
-        raise Rejected(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
     try:
         events = events_of(document)
     except ShapeError as e:
-        raise Rejected(400, e.code, str(e)) from None
+        raise ApiError(400, e.code, str(e)) from None
     _check_count(rt, len(events))
     validation = rt.settings.validation
     report = validate_events(events, validation.mode, validation.profile)
@@ -283,39 +246,8 @@ async def _read_events(rt: Runtime, request: web.Request) -> Received:
 def _check_count(rt: Runtime, count: int) -> None:
     limit = rt.settings.receiver.max_events_per_request
     if count > limit:
-        raise Rejected(
+        raise ApiError(
             413,
             "too_many_events",
             f"{count} events in one request; at most {limit} (receiver.max_events_per_request)",
         )
-
-
-async def read_body(request: web.Request) -> bytes:
-    """A request's body, whichever route reads it: within the body deadline and the size
-    limit, or Rejected (408, 413, 400)."""
-    try:
-        return await connections.read_body(request)
-    except TimeoutError:
-        raise Rejected(
-            408,
-            "request_timeout",
-            f"the body did not arrive within {connections.BODY_DEADLINE_S:g} s of its headers",
-            headers={"Connection": "close"},
-        ) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(request.app[RUNTIME].settings.receiver.max_body_bytes) from None
-    except Exception as e:  # a broken gzip stream, a truncated chunked body
-        raise Rejected(400, "unreadable_body", f"the body could not be read: {e}") from None
-
-
-def _too_large(limit: int) -> Rejected:
-    return Rejected(
-        413, "body_too_large", f"the body is larger than {limit} bytes (receiver.max_body_bytes)"
-    )
-
-
-def _unavailable(e: OutboxUnavailable, path: str = "") -> Rejected:
-    body = unavailable_body(e, path)
-    return Rejected(
-        503, body.pop("error"), body.pop("message"), {"Retry-After": str(e.retry_after_s)}, **body
-    )

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
-from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, Final
 
 from aiohttp import web
 
-from caliper_sidecar import __version__
+from caliper_sidecar import __version__, codec
 from caliper_sidecar.config import is_loopback
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.http import openapi
 from caliper_sidecar.http.auth import bearer_matches
+from caliper_sidecar.http.errors import ApiError, json_response
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.metrics import Snapshot
 
@@ -53,15 +52,15 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "alive"})
+    return json_response({"status": "alive"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     reason = await not_ready_reason(rt)
     if reason is None:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not_ready", "reason": reason}, status=503)
+        return json_response({"status": "ready"})
+    return json_response({"status": "not_ready", "reason": reason}, status=503)
 
 
 async def not_ready_reason(rt: Runtime) -> str | None:
@@ -90,15 +89,11 @@ def operators_only(rt: Runtime, request: web.Request) -> None:
     token = rt.settings.admin.token
     if token and bearer_matches(request, (token,)):
         return
-    raise web.HTTPUnauthorized(
-        text=json.dumps(
-            {
-                "error": "unauthorized",
-                "message": "from another machine this route needs the admin token "
-                "(admin.token), or the ops listener (ops.port) on loopback",
-            }
-        ),
-        content_type="application/json",
+    raise ApiError(
+        401,
+        "unauthorized",
+        "from another machine this route needs the admin token (admin.token), or the ops "
+        "listener (ops.port) on loopback",
         headers={"WWW-Authenticate": 'Bearer realm="caliper-sidecar operators"'},
     )
 
@@ -134,7 +129,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     operators_only(rt, request)
-    return web.json_response(await status_document(rt))
+    return json_response(await status_document(rt))
 
 
 async def status_document(rt: Runtime) -> dict[str, Any]:
@@ -145,9 +140,9 @@ async def status_document(rt: Runtime) -> dict[str, Any]:
     }
     if rt.dispatcher is not None:
         upstream.update(rt.dispatcher.status())
-        upstream["last_error_at"] = utc_from_timestamp(rt.dispatcher.last_error_at)
+        upstream["last_error_at"] = codec.utc_from_timestamp(rt.dispatcher.last_error_at)
     expires_at = rt.tokens.expires_at if rt.tokens is not None else None
-    upstream["token_expires_at"] = utc_from_timestamp(expires_at)
+    upstream["token_expires_at"] = codec.utc_from_timestamp(expires_at)
     if rt.settings.upstream.jobs_url:
         # Processing confirmation: jobs followed now, and those given up on (never finished).
         upstream["platform_jobs"] = {
@@ -167,17 +162,6 @@ async def status_document(rt: Runtime) -> dict[str, Any]:
         },
         "upstream": upstream,
     }
-
-
-def utc_from_timestamp(ts: float | None) -> str | None:
-    """An ISO 8601 UTC time with milliseconds, or None."""
-    if ts is None:
-        return None
-    try:
-        moment = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
-    except (OverflowError, ValueError, OSError):
-        return None  # a time no calendar holds (a token "expiring" in the year 10^12)
-    return moment.replace("+00:00", "Z")
 
 
 def _age(received_at: float | None) -> float | None:

@@ -30,8 +30,8 @@ from caliper_sidecar.http.auth import (
     issue_token,
     matching_token,
 )
-from caliper_sidecar.http.ingest import Rejected, authenticate, read_body
-from caliper_sidecar.http.ops import utc_from_timestamp
+from caliper_sidecar.http.errors import json_response
+from caliper_sidecar.http.requests import authenticate, read_body
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox import Journey
@@ -58,14 +58,6 @@ def routes() -> list[web.RouteDef]:
     ]
 
 
-def _json(
-    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
-    )
-
-
 async def token(request: web.Request) -> web.Response:
     """OAuth2 client credentials (RFC 6749 §4.4), with the client authenticated by HTTP Basic
     or in the parameters, which come form-encoded (as RFC 6749 says) or as a JSON object (as
@@ -76,7 +68,7 @@ async def token(request: web.Request) -> web.Response:
     wait = rt.token_failures.retry_after(address)
     if wait is not None:
         _refused(rt, address, "slowed_down")
-        return _json(
+        return json_response(
             {
                 "error": "slow_down",
                 "message": f"more than {TOKEN_FAILURES_ALLOWED} refused token requests from "
@@ -85,10 +77,7 @@ async def token(request: web.Request) -> web.Response:
             429,
             {"Retry-After": str(wait)},
         )
-    try:
-        raw = await read_body(request)
-    except Rejected as e:
-        return _json(e.body, e.status, e.headers)
+    raw = await read_body(request)
     form = _token_parameters(request.content_type, raw)
     if form is None:
         return _oauth_error(
@@ -131,7 +120,7 @@ async def token(request: web.Request) -> web.Response:
     }
     if form.get("scope"):
         answer["scope"] = str(form["scope"])
-    return _json(answer, headers={"Cache-Control": "no-store"})
+    return json_response(answer, headers={"Cache-Control": "no-store"})
 
 
 #: at most one `token_requests_refused` line this often: a brute force must not flood the log
@@ -170,7 +159,7 @@ def _oauth_error(
 ) -> web.Response:
     # RFC 6749's `error_description`, and the sidecar's own `message` beside it.
     body = {"error": error, "error_description": description, "message": description}
-    return _json(body, status, headers)
+    return json_response(body, status, headers)
 
 
 def _basic(header: str) -> tuple[str | None, str | None]:
@@ -191,10 +180,7 @@ def for_senders(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def guarded(request: web.Request) -> web.Response:
-        try:
-            authenticate(request.app[RUNTIME], request)
-        except Rejected as e:
-            return _json(e.body, e.status, e.headers)
+        authenticate(request.app[RUNTIME], request)
         return await handler(request)
 
     return guarded
@@ -207,9 +193,9 @@ async def job_status(request: web.Request) -> web.Response:
     job = request.match_info["job"]
     ids = await rt.outbox.job_event_ids(job)
     if ids is None:
-        return _json({"error": "not_found", "message": f"no job {job!r}"}, 404)
+        return json_response({"error": "not_found", "message": f"no job {job!r}"}, 404)
     journeys = await rt.outbox.journeys(ids)
-    return _json({"job": job_document(job, ids, journeys)})
+    return json_response({"job": job_document(job, ids, journeys)})
 
 
 def job_document(job: str, ids: list[str], journeys: dict[str, Journey]) -> dict[str, Any]:
@@ -224,7 +210,7 @@ def job_document(job: str, ids: list[str], journeys: dict[str, Journey]) -> dict
         if j is not None and j.state in _ARRIVED
     ]
     finished = [j.confirmed_at or j.delivered_at for j in found if j is not None]
-    processed_on = utc_from_timestamp(max((t for t in finished if t), default=None))
+    processed_on = codec.utc_from_timestamp(max((t for t in finished if t), default=None))
     document: dict[str, Any] = {"id": job, "returnValue": None, "processedOn": None}
     if dead:
         document["state"] = "failed"
@@ -254,7 +240,7 @@ async def journey(request: web.Request) -> web.Response:
     event_id = request.match_info["id"]
     found = (await rt.outbox.journeys([event_id])).get(canonical_id(event_id))
     if found is None:
-        return _json(
+        return json_response(
             {
                 "error": "not_found",
                 "message": f"the outbox does not know {event_id!r} (never received, or "
@@ -262,22 +248,22 @@ async def journey(request: web.Request) -> web.Response:
             },
             404,
         )
-    return _json(journey_document(found))
+    return json_response(journey_document(found))
 
 
 def journey_document(j: Journey) -> dict[str, Any]:
     document: dict[str, Any] = {
         "id": j.id,
         "state": j.state,
-        "received_at": utc_from_timestamp(j.received_at),
+        "received_at": codec.utc_from_timestamp(j.received_at),
         "attempts": j.attempts,
-        "first_attempt_at": utc_from_timestamp(j.first_attempt_at),
-        "last_attempt_at": utc_from_timestamp(j.last_attempt_at),
+        "first_attempt_at": codec.utc_from_timestamp(j.first_attempt_at),
+        "last_attempt_at": codec.utc_from_timestamp(j.last_attempt_at),
         "last_error": j.last_error,
-        "delivered_at": utc_from_timestamp(j.delivered_at),
+        "delivered_at": codec.utc_from_timestamp(j.delivered_at),
         "platform_job": j.platform_job,
         "platform_id": j.platform_id,
-        "confirmed_at": utc_from_timestamp(j.confirmed_at),
+        "confirmed_at": codec.utc_from_timestamp(j.confirmed_at),
         "unconfirmed_reason": j.unconfirmed_reason,
         "sensor": j.sensor,
         "sender": j.sender,
@@ -288,7 +274,7 @@ def journey_document(j: Journey) -> dict[str, Any]:
             "reason": d.reason,
             "status": d.status,
             "response": d.response,
-            "dead_lettered_at": utc_from_timestamp(d.dead_lettered_at),
+            "dead_lettered_at": codec.utc_from_timestamp(d.dead_lettered_at),
         }
     return document
 
@@ -301,7 +287,7 @@ async def stored_events(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     base = rt.upstream.events_url if rt.upstream is not None else None
     if rt.upstream is None or base is None:
-        return _json(
+        return json_response(
             {
                 "error": "not_available",
                 "message": f"the platform behind this sidecar (upstream.platform "
@@ -316,12 +302,12 @@ async def stored_events(request: web.Request) -> web.Response:
     try:
         status, text = await rt.upstream.read(url)
     except RetryLater as e:
-        return _json(
+        return json_response(
             {"error": "platform_unreachable", "message": str(e)}, 503, {"Retry-After": "5"}
         )
     if status in (401, 403):
         # The sidecar's credentials, not the app's: an app told 401 would drop a good token.
-        return _json(
+        return json_response(
             {
                 "error": "platform_refused_credentials",
                 "message": f"the platform answered HTTP {status} to the sidecar's own token: "
@@ -333,7 +319,7 @@ async def stored_events(request: web.Request) -> web.Response:
     try:
         codec.loads(text.encode())
     except (ValueError, RecursionError):
-        return _json(
+        return json_response(
             {
                 "error": "platform_error",
                 "message": f"the platform answered HTTP {status}: {text[:200]}",

@@ -296,6 +296,30 @@ class PlatformJobOutcome:
     processed: dict[str, str] = field(default_factory=dict)
     failing: frozenset[str] | None = None
 
+    def split(self, events: Sequence[tuple[int, str]]) -> JobSplit:
+        """What this outcome means for each event (seq, id) the job was sent with: confirmed
+        (with the platform's id for it) when the job completed or processed it; dead-lettered
+        when the job failed and names it, or names none; otherwise sent again in a new
+        envelope (neither processed nor the failing one)."""
+        split = JobSplit([], [], [])
+        for seq, event_id in events:
+            if not self.failed or event_id in self.processed:
+                split.confirmed.append((seq, self.processed.get(event_id)))
+            elif self.failing is None or event_id in self.failing:
+                split.failing.append(seq)
+            else:
+                split.again.append(seq)
+        return split
+
+
+@dataclass(frozen=True, slots=True)
+class JobSplit:
+    """A finished platform job's events by fate (seqs; confirmed ones with the platform's id)."""
+
+    confirmed: list[tuple[int, str | None]]
+    failing: list[int]
+    again: list[int]
+
 
 class Outbox(Protocol):
     """The storage operations an event goes through, in the order it meets them."""

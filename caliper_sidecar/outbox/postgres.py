@@ -62,11 +62,17 @@ from caliper_sidecar.outbox.base import (
 )
 from caliper_sidecar.outbox.batching import fill_batch
 from caliper_sidecar.outbox.grouping import GroupCommit
+from caliper_sidecar.outbox.postgres_replicas import join
+from caliper_sidecar.outbox.postgres_room import (
+    ROOM_EVERY_S,
+    Footprint,
+    keep_reserve,
+    release_reserve,
+    win_back_room,
+)
 from caliper_sidecar.outbox.postgres_schema import (
     MIGRATION_LOCK,
     MIGRATIONS,
-    REPLICAS_LOCK,
-    RESERVE_ROWS,
     SCHEMA,
     VERSION,
 )
@@ -81,9 +87,6 @@ POOL_SIZE: Final = 8
 #: the application_name of the LISTEN connection (pg_stat_activity shows it)
 LISTENER_NAME: Final = "caliper-sidecar-listen"
 _DISK_FULL: Final = "53100"
-ROOM_EVERY_S: Final = 5.0
-#: what the outbox's tables take when (nearly) empty, not counted against outbox.max_bytes
-EMPTY_TABLES_ALLOWANCE: Final = 1 << 20
 #: the events a platform job was sent with
 _JOB_SEQS: Final = "(SELECT seqs FROM platform_jobs WHERE id = $1)::bigint[]"
 #: an event stored anew: a delivered one older than the dedupe window, received again
@@ -149,10 +152,9 @@ class PostgresOutbox:
         self._last_prune = float("-inf")
         self.writes = WriteHealth(outbox="postgresql")
         self._closing = False
-        self._footprint_at = float("-inf")
+        self._footprint = Footprint()
         #: winning back room after ingest found the disk full (ingest refuses meanwhile)
         self._recovering: asyncio.Task[None] | None = None
-        self._real_bytes = 0
         #: where the next prune looks (a seq): pruning walks the events in chunks
         self._prune_after = 0
         self._relisten: asyncio.Task[None] | None = None
@@ -189,38 +191,9 @@ class PostgresOutbox:
         return self
 
     async def _join(self) -> None:
-        """Register as a live replica, unless the live ones deliver differently.
-
-        Replicas that differ on the platform, the endpoint or the dedupe window would split one
-        queue between two platforms, or prune for each other what the other still needs.
-        Replicas whose heartbeat stopped (stopped, killed) no longer count: once every replica
-        has stopped, a new setting may take over."""
         assert self._agreement is not None
-        ours = self._agreement
         async with self._transaction() as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", REPLICAS_LOCK)
-            await conn.execute(f"DELETE FROM replicas WHERE seen_until < {NOW}")
-            differ: dict[str, str] = {}
-            for row in await conn.fetch("SELECT settings FROM replicas"):
-                theirs = json.loads(row["settings"])
-                for key, value in ours.items():
-                    if theirs.get(key) != value:
-                        differ[key] = str(theirs.get(key))
-            if differ:
-                said = "; ".join(
-                    f"{key} is {theirs!r} there, {ours[key]!r} here"
-                    for key, theirs in sorted(differ.items())
-                )
-                raise ReplicasDisagree(
-                    f"live replicas on this outbox.url deliver differently: {said}. Replicas "
-                    "must agree; to change these, stop every replica first"
-                )
-            await conn.execute(
-                f"INSERT INTO replicas (id, settings, seen_until) VALUES ($1, $2, {NOW} + $3)",
-                self.replica_id,
-                json.dumps(ours, sort_keys=True),
-                self.lease_s,
-            )
+            await join(conn, self.replica_id, self._agreement, self.lease_s)
 
     async def _beat(self) -> None:
         """Say every lease_s / 4 that this replica lives (its row and its platform jobs)."""
@@ -364,7 +337,7 @@ class PostgresOutbox:
         all_ids = [e.id for events, _ in group for e in events]
         async with self._transaction() as conn:
             now = await conn.fetchval(f"SELECT {NOW}")
-            await self._keep_reserve(conn)
+            await keep_reserve(conn)
             known = {
                 r["id"]
                 for r in await conn.fetch(
@@ -376,7 +349,7 @@ class PostgresOutbox:
                 )
             }
             depth, size = await conn.fetchrow("SELECT sum(events), sum(bytes) FROM totals")
-            depth, size = int(depth or 0), max(int(size or 0), await self._footprint(conn))
+            depth, size = int(depth or 0), max(int(size or 0), await self._footprint.read(conn))
             fresh_by_append = new_per_append(
                 [events for events, _ in group],
                 known,
@@ -436,40 +409,15 @@ class PostgresOutbox:
                 results.append(AppendResult(accepted, len(events) - accepted))
         return results
 
-    @staticmethod
-    async def _keep_reserve(conn: asyncpg.Connection) -> None:
-        """Refill the drain's reserve before storing events: on a disk that cannot hold it,
-        ingest refuses (disk_full) while the drain still has its room. (It is emptied whole,
-        so a row in it means it is whole.)"""
-        if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)"):
-            return
-        await conn.execute("LOCK TABLE reserve IN SHARE ROW EXCLUSIVE MODE")
-        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)"):
-            await conn.execute(
-                "INSERT INTO reserve (filler) SELECT generate_series(1, $1)", RESERVE_ROWS
-            )
-
     async def _recover_room(self) -> None:
-        """After ingest found the disk full: every ROOM_EVERY_S, give back what refused writes
-        took (the reserve's pages of a failed refill), have the server give back what the
-        drain emptied (the tail of a table, TOAST included, returns to the file system only
-        when vacuumed, and autovacuum may be a minute away or unable to start), and refill
-        the reserve; once it is whole again, ingest accepts."""
+        """After ingest found the disk full: try every ROOM_EVERY_S to win back the room;
+        once the reserve is whole again, ingest accepts."""
         while True:
             await asyncio.sleep(ROOM_EVERY_S)
             try:
                 async with self._connection() as conn:
-                    whole = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)")
-                    if not whole:
-                        await conn.execute("TRUNCATE reserve")
-                    await conn.execute("VACUUM (SKIP_LOCKED) events, queue, dead_letters")
-                    if not whole:
-                        try:
-                            async with conn.transaction():
-                                await self._keep_reserve(conn)
-                        except asyncpg.DiskFullError:
-                            await conn.execute("TRUNCATE reserve")
-                            continue
+                    if not await win_back_room(conn):
+                        continue
             except OutboxUnavailable as e:
                 log.warning("outbox_room_not_back", error=str(e), detail=e.detail)
                 continue
@@ -478,31 +426,8 @@ class PostgresOutbox:
             return
 
     async def _release_reserve(self) -> bool:
-        """Give the reserve's space to the drain; False when there was none left."""
         async with self._connection() as conn:
-            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)"):
-                return False
-            await conn.execute("TRUNCATE reserve")
-        log.warning(
-            "outbox_reserve_released",
-            detail="the database's disk is full: the drain goes on in the room kept for it; "
-            "ingest refuses until the room is back",
-        )
-        return True
-
-    async def _footprint(self, conn: asyncpg.Connection) -> int:
-        """What the queue really takes on disk beyond a fixed allowance for empty tables: its
-        pages, dead versions and indexes, which the sum of event sizes does not see (read at
-        most once a second: it asks the file system)."""
-        now = time.monotonic()
-        if now - self._footprint_at >= 1.0:
-            self._footprint_at = now
-            real = await conn.fetchval(
-                "SELECT pg_total_relation_size('events') + pg_total_relation_size('queue') "
-                "+ pg_total_relation_size('dead_letters')"
-            )
-            self._real_bytes = max(0, int(real) - EMPTY_TABLES_ALLOWANCE)
-        return self._real_bytes
+            return await release_reserve(conn)
 
     def unwritable_reason(self) -> str | None:
         return self.writes.current()
@@ -869,21 +794,13 @@ class PostgresOutbox:
                 "AND confirmed_at IS NULL FOR UPDATE",
                 job,
             )
-            confirmed: list[tuple[str | None, float, int]] = []
-            failing: list[int] = []
-            again: list[int] = []
-            for seq, id_ in rows:
-                if not outcome.failed or id_ in outcome.processed:
-                    confirmed.append((outcome.processed.get(id_), now, seq))
-                elif outcome.failing is None or id_ in outcome.failing:
-                    failing.append(seq)
-                else:
-                    again.append(seq)
-            if confirmed:
+            split = outcome.split([(r["seq"], r["id"]) for r in rows])
+            failing, again = split.failing, split.again
+            if split.confirmed:
                 await conn.executemany(
-                    "UPDATE events SET platform_id = $1, confirmed_at = $2, body = ''::bytea "
-                    "WHERE seq = $3",
-                    confirmed,
+                    "UPDATE events SET platform_id = $2, confirmed_at = $3, body = ''::bytea "
+                    "WHERE seq = $1",
+                    [(seq, platform_id, now) for seq, platform_id in split.confirmed],
                 )
             if failing:
                 await self._move_to_dead_letters(

@@ -166,20 +166,11 @@ def finish_platform_job(
     rows = conn.execute(
         "SELECT seq, id FROM events WHERE platform_job = ? AND confirmed_at IS NULL", (job,)
     ).fetchall()
-    events = [(int(seq), str(id_)) for seq, id_ in rows]
-    confirmed = [(outcome.processed.get(i), now, seq) for seq, i in events]
-    if outcome.failed:
-        confirmed = [
-            c for c, (_, i) in zip(confirmed, events, strict=True) if i in outcome.processed
-        ]
-        unprocessed = [(seq, i) for seq, i in events if i not in outcome.processed]
-        failing = [seq for seq, i in unprocessed if outcome.failing is None or i in outcome.failing]
-        again = [seq for seq, i in unprocessed if seq not in set(failing)]
-    else:
-        failing, again = [], []
+    split = outcome.split([(int(seq), str(id_)) for seq, id_ in rows])
+    failing, again = split.failing, split.again
     conn.executemany(
-        "UPDATE events SET confirmed_at = ?2, platform_id = ?1, body = x'' WHERE seq = ?3",
-        confirmed,
+        "UPDATE events SET platform_id = ?2, confirmed_at = ?3, body = x'' WHERE seq = ?1",
+        [(seq, platform_id, now) for seq, platform_id in split.confirmed],
     )
     if failing:
         move_to_dead_letters(conn, failing, "platform_failed", None, outcome.reason, now)

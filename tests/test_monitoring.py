@@ -20,7 +20,7 @@ from .conftest import make_events
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "caliper-sidecar.json"
-README = ROOT / "README.md"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 METRIC = re.compile(r"\bcaliper_sidecar_[a-z_]+")
 
 
@@ -97,9 +97,9 @@ def test_dashboard_selects_job_and_instance() -> None:
                 assert selector.startswith('{job=~"$job",instance=~"$instance"'), target["expr"]
 
 
-async def test_the_readme_lists_every_metric_exported(sidecar: Sidecar, fake: object) -> None:
+async def test_the_docs_list_every_metric_exported(sidecar: Sidecar, fake: object) -> None:
     """Every `caliper_sidecar_*` family a live sidecar exports (once it has a token) is named
-    in the README, and the README names no metric that does not exist."""
+    in the docs, and the docs name no metric that does not exist."""
     async with aiohttp.ClientSession(base_url=sidecar.url) as client:
         async with client.post("/v1/events", json=make_events(1)) as resp:
             assert resp.status == 202
@@ -107,7 +107,8 @@ async def test_the_readme_lists_every_metric_exported(sidecar: Sidecar, fake: ob
         async with client.get("/metrics") as resp:
             text = await resp.text()
     exported = set(re.findall(r"^# TYPE (caliper_sidecar_\w+) ", text, re.MULTILINE))
-    written = set(re.findall(r"\b(caliper_sidecar_[a-z_]+[a-z])\b", README.read_text()))
+    text = "\n".join(page.read_text() for page in DOCS)
+    written = set(re.findall(r"\b(caliper_sidecar_[a-z_]+[a-z])\b", text))
     unwritten, unknown = sorted(exported - written), sorted(written - exported)
     assert not unwritten, unwritten
     assert not unknown, unknown

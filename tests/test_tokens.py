@@ -10,7 +10,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from authlib.oauth2.rfc6749 import OAuth2Token
 
 from caliper_sidecar.config import OAuthSettings
 from caliper_sidecar.delivery.tokens import OAuthTokens, StaticToken
@@ -36,10 +35,25 @@ def oauth(platform: RunningFake, **changes: object) -> OAuthSettings:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
+class Clock:
+    """A wall clock that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def tokens_for(
-    session: aiohttp.ClientSession, platform: RunningFake, **changes: object
+    session: aiohttp.ClientSession,
+    platform: RunningFake,
+    clock: Clock | None = None,
+    **changes: object,
 ) -> OAuthTokens:
-    return OAuthTokens(session, oauth(platform, **changes), 5.0, Metrics())
+    return OAuthTokens(
+        session, oauth(platform, **changes), 5.0, Metrics(), clock=clock or time.time
+    )
 
 
 class TestOAuthTokens:
@@ -74,23 +88,33 @@ class TestOAuthTokens:
     async def test_refreshed_half_way_through_a_short_token(
         self, session: aiohttp.ClientSession, platform: RunningFake
     ) -> None:
-        """A short-lived token is renewed before it expires, even with a larger leeway."""
+        """A short-lived token is renewed half-way through its life, even with a larger
+        leeway (and not before)."""
         platform.fake.token_ttl_s = 4
-        tokens = tokens_for(session, platform, refresh_leeway_s=60)
+        clock = Clock()
+        tokens = tokens_for(session, platform, clock, refresh_leeway_s=60)
         first = await tokens.bearer()
-        assert await tokens.bearer() == first  # a fresh token is not renewed at once
-        await asyncio.sleep(2.5)
+        clock.now += 1.9
+        assert await tokens.bearer() == first  # before half-way: kept
+        clock.now += 0.2
         second = await tokens.bearer()
         assert second != first
-        assert platform.fake.tokens[first] > time.time(), "renewed only after expiry"
+        assert platform.fake.token_requests == 2
 
-    def test_refresh_leeway(self) -> None:
-        """With a long-lived token, refresh happens refresh_leeway_s before expiry."""
-        tokens = OAuthTokens.__new__(OAuthTokens)
-        tokens._leeway = 60
-        now = int(time.time())
-        assert tokens._due(OAuth2Token({"access_token": "a", "expires_at": now + 59}))
-        assert not tokens._due(OAuth2Token({"access_token": "a", "expires_at": now + 120}))
+    async def test_refreshed_refresh_leeway_s_before_expiry(
+        self, session: aiohttp.ClientSession, platform: RunningFake
+    ) -> None:
+        """With a long-lived token, the refresh happens refresh_leeway_s before expiry."""
+        platform.fake.token_ttl_s = 3600
+        clock = Clock()
+        tokens = tokens_for(session, platform, clock, refresh_leeway_s=60)
+        first = await tokens.bearer()
+        assert tokens.expires_at == clock.now + 3600
+        clock.now += 3600 - 61
+        assert await tokens.bearer() == first
+        clock.now += 2
+        assert await tokens.bearer() != first
+        assert platform.fake.token_requests == 2
 
     async def test_invalidate_forces_a_new_token(
         self, session: aiohttp.ClientSession, platform: RunningFake

@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -78,7 +79,11 @@ class OAuthTokens:
         settings: OAuthSettings,
         timeout_s: float,
         metrics: Metrics,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        #: the wall clock expiries are reckoned by (tests give one they move by hand)
+        self._clock = clock
+        self._expires_at: float | None = None
         self._session = session
         self._settings = settings
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -90,15 +95,15 @@ class OAuthTokens:
 
     @property
     def expires_at(self) -> float | None:
-        return None if self._token is None else self._token.get("expires_at")
+        return None if self._token is None else self._expires_at
 
     async def bearer(self) -> str:
         token = self._token
-        if token is None or self._due(token):
+        if token is None or self._due():
             async with self._lock:
                 # Whoever held the lock before us may have refreshed already.
                 token = self._token
-                if token is None or self._due(token):
+                if token is None or self._due():
                     token = self._token = await self._fetch()
         return str(token["access_token"])
 
@@ -106,8 +111,8 @@ class OAuthTokens:
         if self._token is not None and self._token.get("access_token") == token:
             self._token = None
 
-    def _due(self, token: OAuth2Token) -> bool:
-        return bool(token.is_expired(leeway=self._leeway))
+    def _due(self) -> bool:
+        return self._expires_at is not None and self._clock() >= self._expires_at - self._leeway
 
     async def _fetch(self) -> OAuth2Token:
         s = self._settings
@@ -145,6 +150,7 @@ class OAuthTokens:
         if lifetime is not None:
             payload["expires_in"] = lifetime
         token = OAuth2Token(payload)
+        self._expires_at = self._clock() + lifetime if lifetime else None
         # A short-lived token is renewed half-way through, whatever the configured leeway.
         self._leeway = min(self._settings.refresh_leeway_s, lifetime / 2) if lifetime else 0
         self._metrics.token_refreshes.inc()

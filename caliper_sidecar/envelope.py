@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
 
-DATA_VERSION: Final = "http://purl.imsglobal.org/ctx/caliper/v1p2"
+#: Caliper 1.2's JSON-LD context: an event's `@context`, and an envelope's `dataVersion`
+CALIPER_CONTEXT: Final = "http://purl.imsglobal.org/ctx/caliper/v1p2"
+DATA_VERSION: Final = CALIPER_CONTEXT
 ENVELOPE_KEYS: Final = frozenset({"sensor", "sendTime", "dataVersion", "data"})
 #: the longest app sensor kept, serialized: envelopes are sized for it (an IRI is far shorter)
 MAX_SENSOR_BYTES: Final = 1024

@@ -28,10 +28,10 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.registry import Collector
 
 from caliper_sidecar import __version__
+from caliper_sidecar.states import DeadLetterReason, JobOutcome, UpstreamState
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-UPSTREAM_STATES = ("ok", "backing_off", "auth_failed", "endpoint_failed", "refusing")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -89,7 +89,7 @@ class _StateCollector(Collector):
             "refusing), 0 for the others",
             labels=["state"],
         )
-        for state in UPSTREAM_STATES:
+        for state in UpstreamState:
             up.add_metric([state], 1.0 if s.upstream_state == state else 0.0)
         yield up
         jobs = GaugeMetricFamily(
@@ -98,8 +98,8 @@ class _StateCollector(Collector):
             labels=["state"],
         )
         counts = dict(s.platform_jobs)
-        for state in ("waiting", "active", "unconfirmed"):
-            jobs.add_metric([state], counts.get(state, 0))
+        for job_state in ("waiting", "active", "unconfirmed"):
+            jobs.add_metric([job_state], counts.get(job_state, 0))
         yield jobs
         if s.token_expires_at is not None:
             yield GaugeMetricFamily(
@@ -117,10 +117,6 @@ class _ObservedCounter(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
-
-
-DEAD_LETTER_REASONS = ("refused", "max_attempts", "max_age", "platform_failed")
-PLATFORM_JOB_OUTCOMES = ("completed", "failed", "unconfirmed")
 
 
 class Metrics:
@@ -169,7 +165,7 @@ class Metrics:
         )
         # Exported at 0 from the start, so that alerts on them see a series before the first
         # dead letter.
-        for reason in DEAD_LETTER_REASONS:
+        for reason in DeadLetterReason:
             self.events_dead_lettered.labels(reason=reason)
         self.state = _StateCollector()
         r.register(self.state)
@@ -199,7 +195,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        for outcome in PLATFORM_JOB_OUTCOMES:
+        for outcome in JobOutcome:
             self.platform_jobs.labels(outcome=outcome)
         self.token_requests_refused = Counter(
             "caliper_sidecar_token_requests_refused",
@@ -208,8 +204,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        for reason in ("invalid_client", "slowed_down"):
-            self.token_requests_refused.labels(reason=reason)
+        for refusal in ("invalid_client", "slowed_down"):
+            self.token_requests_refused.labels(reason=refusal)
         self.token_refreshes = Counter(
             "caliper_sidecar_token_refreshes",
             "Tokens fetched from the OAuth token endpoint",

@@ -28,6 +28,7 @@ from caliper_sidecar.delivery.upstream import UpstreamClient
 from caliper_sidecar.exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Outbox, PlatformJobOutcome
+from caliper_sidecar.states import DeadLetterReason
 from caliper_sidecar.waits import wait_set
 
 log = structlog.get_logger("sidecar.confirmations")
@@ -161,7 +162,9 @@ class JobFollower:
         state = "failed" if outcome.failed else "completed"
         self._metrics.platform_jobs.labels(outcome=state).inc()
         if dead:
-            self._metrics.events_dead_lettered.labels(reason="platform_failed").inc(dead)
+            self._metrics.events_dead_lettered.labels(reason=DeadLetterReason.PLATFORM_FAILED).inc(
+                dead
+            )
         if outcome.failed:
             log.warning("platform_job_failed", job=job, dead_lettered=dead, reason=outcome.reason)
         else:

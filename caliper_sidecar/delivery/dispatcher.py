@@ -19,7 +19,6 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Final
 
 import structlog
@@ -36,6 +35,7 @@ from caliper_sidecar.exceptions import (
 )
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Batch, Claim, Outbox, StoredEvent
+from caliper_sidecar.states import DeadLetterReason, UpstreamState
 
 log = structlog.get_logger("sidecar.dispatcher")
 
@@ -43,16 +43,6 @@ IDLE_POLL_S: Final = 1.0  # also how soon a replay made by another process is no
 CLAIM_RETRY_S: Final = 1.0
 #: single events refused alike, in a row, that make a refusal the platform's failure
 REFUSING_AFTER: Final = 8
-
-
-class UpstreamState(StrEnum):
-    OK = "ok"
-    BACKING_OFF = "backing_off"
-    AUTH_FAILED = "auth_failed"
-    #: 404/405/410 for envelopes: the endpoint is wrong or gone
-    ENDPOINT_FAILED = "endpoint_failed"
-    #: every event refused with the same answer: the platform's failure
-    REFUSING = "refusing"
 
 
 @dataclass
@@ -342,14 +332,17 @@ class Dispatcher:
         """Dead-letter single events the platform refused, each with its refusal."""
         for event, e in refused:
             await self._bookkeep(
-                self._outbox.dead_letter(claim, [event.seq], "refused", e.status, e.body), probe
+                self._outbox.dead_letter(
+                    claim, [event.seq], DeadLetterReason.REFUSED, e.status, e.body
+                ),
+                probe,
             )
-            self._metrics.events_dead_lettered.labels(reason="refused").inc()
+            self._metrics.events_dead_lettered.labels(reason=DeadLetterReason.REFUSED).inc()
             log.warning(
                 "event_dead_lettered",
                 batch=batch_id,
                 event_id=event.id,
-                reason="refused",
+                reason=DeadLetterReason.REFUSED,
                 status=e.status,
                 response=e.body[:200],
             )
@@ -434,9 +427,9 @@ class Dispatcher:
 
     def _expiry(self, event: StoredEvent) -> str | None:
         if self._retry.max_attempts and event.attempts + 1 >= self._retry.max_attempts:
-            return "max_attempts"
+            return DeadLetterReason.MAX_ATTEMPTS
         if self._retry.max_age_s and time.time() - event.received_at >= self._retry.max_age_s:
-            return "max_age"
+            return DeadLetterReason.MAX_AGE
         return None
 
     def _platform_answered(self) -> None:

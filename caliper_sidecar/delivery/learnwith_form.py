@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from caliper_sidecar import codec
+from caliper_sidecar.envelope import CALIPER_CONTEXT
 
 AUTO_ATTACH: Final = "urn:tag:auto-attach"
 _RESOURCE_EVENTS: Final = frozenset(
@@ -51,7 +52,7 @@ def rewrite_body(body: bytes) -> bytes:
 def rewrite_event(event: dict[str, Any]) -> dict[str, Any]:
     """The LearnWith.AI form of one event (a new dict), as the SDK's `transform_for_lwai`."""
     out = dict(event)
-    out.setdefault("@context", "http://purl.imsglobal.org/ctx/caliper/v1p2")
+    out.setdefault("@context", CALIPER_CONTEXT)
     if out.get("profile") == "TimebackProfile":
         out["profile"] = "AggregationProfile"
     kind = out.get("type")

@@ -10,6 +10,7 @@ from typing import Final, Protocol
 import structlog
 
 from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.states import JourneyState
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -191,7 +192,7 @@ class Journey:
     """
 
     id: str
-    state: str
+    state: JourneyState
     received_at: float
     attempts: int
     first_attempt_at: float | None = None
@@ -213,15 +214,17 @@ def journey_state(
     confirmed_at: float | None,
     job_state: str | None,
     unconfirmed: str | None = None,
-) -> str:
+) -> JourneyState:
     """Where an event still in the queue table is (see `Journey`)."""
     if delivered_at is None:
-        return "waiting"
+        return JourneyState.WAITING
     if job is None:
-        return "unconfirmed" if unconfirmed else "delivered"
+        return JourneyState.UNCONFIRMED if unconfirmed else JourneyState.DELIVERED
     if confirmed_at is not None:
-        return "confirmed"
-    return "unconfirmed" if job_state in (None, "unconfirmed") else "awaiting_confirmation"
+        return JourneyState.CONFIRMED
+    if job_state in (None, "unconfirmed"):
+        return JourneyState.UNCONFIRMED
+    return JourneyState.AWAITING_CONFIRMATION
 
 
 #: the columns `journey_of` takes, in its order, from `events e LEFT JOIN platform_jobs p`
@@ -251,7 +254,7 @@ def journey_of(
 ) -> Journey:
     """The journey of an event still in the queue table, from a row of JOURNEY_COLUMNS."""
     state = journey_state(delivered_at, platform_job, confirmed_at, job_state, unconfirmed)
-    if state == "unconfirmed" and unconfirmed is None:
+    if state == JourneyState.UNCONFIRMED and unconfirmed is None:
         unconfirmed = job_error or "its platform job was never found finished"
     return Journey(
         id=id,
@@ -265,7 +268,7 @@ def journey_of(
         platform_job=platform_job,
         platform_id=platform_id,
         confirmed_at=confirmed_at,
-        unconfirmed_reason=unconfirmed if state == "unconfirmed" else None,
+        unconfirmed_reason=unconfirmed if state == JourneyState.UNCONFIRMED else None,
         sensor=sensor,
         sender=sender,
     )
@@ -277,7 +280,7 @@ def dead_journey(dead: DeadLetter, sensor: str | None, sender: str | None) -> Jo
         sensor=sensor,
         sender=sender,
         id=dead.id,
-        state="dead_lettered",
+        state=JourneyState.DEAD_LETTERED,
         received_at=dead.received_at,
         attempts=dead.attempts,
         first_attempt_at=dead.first_attempt_at,

@@ -77,6 +77,7 @@ from caliper_sidecar.outbox.postgres_schema import (
     VERSION,
 )
 from caliper_sidecar.outbox.schema import SchemaTooNew
+from caliper_sidecar.states import DeadLetterReason
 from caliper_sidecar.waits import wait_set
 
 log = structlog.get_logger("sidecar.outbox")
@@ -804,7 +805,7 @@ class PostgresOutbox:
                 )
             if failing:
                 await self._move_to_dead_letters(
-                    conn, failing, "platform_failed", None, outcome.reason, None
+                    conn, failing, DeadLetterReason.PLATFORM_FAILED, None, outcome.reason, None
                 )
             if again:
                 await conn.execute(

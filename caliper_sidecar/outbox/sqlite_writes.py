@@ -20,6 +20,7 @@ from caliper_sidecar.outbox.base import (
     PlatformJobOutcome,
     new_per_append,
 )
+from caliper_sidecar.states import DeadLetterReason
 
 #: an append: the events of one request, and the job id an app is answered with
 Append = tuple[Sequence[NewEvent], str | None]
@@ -173,7 +174,9 @@ def finish_platform_job(
         [(seq, platform_id, now) for seq, platform_id in split.confirmed],
     )
     if failing:
-        move_to_dead_letters(conn, failing, "platform_failed", None, outcome.reason, now)
+        move_to_dead_letters(
+            conn, failing, DeadLetterReason.PLATFORM_FAILED, None, outcome.reason, now
+        )
     if again:
         # Not the failing event, not processed either: sent again in a new envelope.
         conn.execute(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import uuid
 from typing import Any, Final
 
-CONTEXT: Final = "http://purl.imsglobal.org/ctx/caliper/v1p2"
+from caliper_sidecar.envelope import CALIPER_CONTEXT
+
+CONTEXT: Final = CALIPER_CONTEXT
 APP: Final = "https://learningapp.com"
 LESSON: Final = f"{APP}/lessons/fractions-intro"
 QUIZ: Final = f"{APP}/assessments/fractions-quiz"

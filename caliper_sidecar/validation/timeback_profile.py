@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
+from caliper_sidecar.envelope import CALIPER_CONTEXT
 from caliper_sidecar.validation.issues import Checker, kind_of
 from caliper_sidecar.validation.moments import UTC_INSTANT_FORM, valid_instant
 
@@ -112,10 +113,10 @@ class TimebackProfileChecker(Checker):
             return
         if event.get("action") != rule.action:
             self.error("/action", f"{kind}'s `action` must be {rule.action!r}", "action")
-        if event.get("@context") != "http://purl.imsglobal.org/ctx/caliper/v1p2":
+        if event.get("@context") != CALIPER_CONTEXT:
             self.error(
                 "/@context",
-                "`@context` must be http://purl.imsglobal.org/ctx/caliper/v1p2",
+                f"`@context` must be {CALIPER_CONTEXT}",
                 "context",
             )
         if not valid_instant(event.get("eventTime")):

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Final
 
-CONTEXT: Final = "http://purl.imsglobal.org/ctx/caliper/v1p2"
+from caliper_sidecar.envelope import CALIPER_CONTEXT
+
+CONTEXT: Final = CALIPER_CONTEXT
 ANONYMOUS_PREFIX: Final = "http://purl.imsglobal.org/caliper/"
 
 ACTIONS: Final = frozenset(

@@ -1,0 +1,43 @@
+"""The words the sidecar reports its states and outcomes in, one enum each: what the upstream is
+doing, why an event was dead-lettered, where an event's journey stands, how a platform job ended.
+The metrics' label sets, the status document and the journeys take them from here."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class UpstreamState(StrEnum):
+    OK = "ok"
+    BACKING_OFF = "backing_off"
+    AUTH_FAILED = "auth_failed"
+    #: 404/405/410 for envelopes: the endpoint is wrong or gone
+    ENDPOINT_FAILED = "endpoint_failed"
+    #: every event refused with the same answer: the platform's failure
+    REFUSING = "refusing"
+
+
+class DeadLetterReason(StrEnum):
+    #: the platform refused the event alone (a 4xx after the batch was split down to it)
+    REFUSED = "refused"
+    MAX_ATTEMPTS = "max_attempts"
+    MAX_AGE = "max_age"
+    #: its platform job failed and named it (or named none)
+    PLATFORM_FAILED = "platform_failed"
+
+
+class JourneyState(StrEnum):
+    WAITING = "waiting"
+    DELIVERED = "delivered"
+    AWAITING_CONFIRMATION = "awaiting_confirmation"
+    CONFIRMED = "confirmed"
+    UNCONFIRMED = "unconfirmed"
+    DEAD_LETTERED = "dead_lettered"
+
+
+class JobOutcome(StrEnum):
+    """How a platform job the sidecar followed ended."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    UNCONFIRMED = "unconfirmed"

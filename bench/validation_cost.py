@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.outbox import NewEvent, SqliteOutbox
 from caliper_sidecar.tools.samples import sample_events
 from caliper_sidecar.validation import validate_events
@@ -46,7 +47,9 @@ async def time_storage(batch: list[dict[str, Any]], synchronous: str) -> float:
         for e in batch
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        async with SqliteOutbox(Path(tmp) / "o.db", synchronous=synchronous) as outbox:
+        async with SqliteOutbox(
+            OutboxSettings(path=str(Path(tmp) / "o.db"), synchronous=synchronous)
+        ) as outbox:
             started = time.perf_counter()
             for i in range(0, len(rows), 100):
                 await outbox.append(rows[i : i + 100])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from caliper_sidecar.cli import _parser
-from caliper_sidecar.config import load_settings
+from caliper_sidecar.config import OutboxSettings, load_settings
 from caliper_sidecar.outbox import NewEvent, SqliteOutbox
 from caliper_sidecar.tools.validate import wants_colour
 
@@ -55,7 +55,7 @@ class TestHelp:
 async def config(tmp_path: Path) -> Path:
     """A configuration naming an outbox with two waiting events and one dead letter."""
     path = tmp_path / "outbox.db"
-    async with SqliteOutbox(path) as box:
+    async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
         await box.append([NewEvent(new_id(), b"{}") for _ in range(3)])
         batch = await box.claim_batch(1, 10_000)
         await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")

@@ -14,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox import NewEvent, SqliteOutbox
 from caliper_sidecar.tools.fake_timeback import RunningFake
@@ -136,7 +137,9 @@ async def test_disk_filled_by_something_else(
 
 async def test_reserve_keeps_room_for_deliveries(tmp_path: Path) -> None:
     """New events are refused while less than the reserve is free; what is queued stays."""
-    async with SqliteOutbox(tmp_path / "o.db", reserve_bytes=2**62) as box:
+    async with SqliteOutbox(
+        OutboxSettings(path=str(tmp_path / "o.db")), reserve_bytes=2**62
+    ) as box:
         with pytest.raises(OutboxUnavailable) as refused:
             await box.append([NewEvent(new_id(), b"{}")])
         assert refused.value.reason == "disk_full"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable
 from caliper_sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
 from caliper_sidecar.outbox.schema import VERSION, SchemaTooNew
@@ -26,7 +27,9 @@ def events(n: int, size: int = 10) -> list[NewEvent]:
 
 @pytest.fixture
 async def outbox(tmp_path: Path) -> AsyncIterator[SqliteOutbox]:
-    async with SqliteOutbox(tmp_path / "outbox.db", synchronous="normal") as box:
+    async with SqliteOutbox(
+        OutboxSettings(path=str(tmp_path / "outbox.db"), synchronous="normal")
+    ) as box:
         yield box
 
 
@@ -34,7 +37,7 @@ class TestFile:
     async def test_created_owner_only(self, tmp_path: Path) -> None:
         """The outbox file (and its WAL) is readable by its owner only."""
         path = tmp_path / "sub" / "outbox.db"
-        async with SqliteOutbox(path) as box:
+        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
             await box.append(events(1))
             for f in (path, Path(f"{path}-wal")):
                 assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
@@ -52,7 +55,9 @@ class TestFile:
     ) -> None:
         """outbox.synchronous governs every commit: ingest, and delivery outcomes (so that a
         power cut re-sends only what was in flight); reads and checkpoints run at NORMAL."""
-        async with SqliteOutbox(tmp_path / "o.db", synchronous=mode) as box:
+        async with SqliteOutbox(
+            OutboxSettings(path=str(tmp_path / "o.db"), synchronous=mode)
+        ) as box:
             writer = await box._writer.run(lambda c: c.execute("PRAGMA synchronous").fetchone())
             assert writer == (level,)
             connections = (
@@ -68,7 +73,7 @@ class TestFile:
         """Every write goes through the writer; once the outbox is closed, each one (a
         delivery outcome, a dead letter, an operator's replay) is refused as `closed`, not as
         a storage error."""
-        box = await SqliteOutbox(tmp_path / "o.db").open()
+        box = await SqliteOutbox(OutboxSettings(path=str(tmp_path / "o.db"))).open()
         await box.append([NewEvent(new_id(), b"{}")])
         batch = await box.claim_batch(10, 1 << 20)
         await box.close()
@@ -90,13 +95,13 @@ class TestFile:
         conn.execute(f"PRAGMA user_version = {VERSION + 1}")
         conn.close()
         with pytest.raises(SchemaTooNew, match="newer release"):
-            await SqliteOutbox(path).open()
+            await SqliteOutbox(OutboxSettings(path=str(path))).open()
 
     async def test_reopen_keeps_events(self, tmp_path: Path) -> None:
         path = tmp_path / "o.db"
-        async with SqliteOutbox(path) as box:
+        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
             await box.append(events(3))
-        async with SqliteOutbox(path) as box:
+        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
             assert (await box.stats()).events == 3
 
 
@@ -121,7 +126,7 @@ class TestMigration:
         conn.execute("INSERT INTO delivered VALUES (?, ?)", (delivered, time.time()))
         conn.close()
 
-        async with SqliteOutbox(path) as box:
+        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
             stats = await box.stats()
             assert (stats.events, stats.bytes) == (3, sum(len(e.body) for e in waiting))
             assert (await box.append([NewEvent(delivered, b"{}")])).duplicates == 1
@@ -140,7 +145,9 @@ class TestMigration:
 class TestPruning:
     async def test_delivered_rows_pruned_after_the_window(self, tmp_path: Path) -> None:
         """Delivered events are kept (bodies emptied) for the dedupe window, then removed."""
-        async with SqliteOutbox(tmp_path / "o.db", dedupe_window_s=0.2) as box:
+        async with SqliteOutbox(
+            OutboxSettings(path=str(tmp_path / "o.db"), dedupe_window_s=0.2)
+        ) as box:
             await box.append(events(3, size=500))
             batch = await box.claim_batch(10, 100_000)
             await box.acknowledge(batch.claim, batch.seqs)

@@ -36,12 +36,6 @@ async def open_outbox(
         else:
             if exclusive:
                 stack.enter_context(OutboxLock(settings.path))
-            outbox = await SqliteOutbox(
-                settings.path,
-                synchronous=settings.synchronous,
-                max_events=settings.max_events,
-                max_bytes=settings.max_bytes,
-                dedupe_window_s=settings.dedupe_window_s,
-            ).open()
+            outbox = await SqliteOutbox(settings).open()
         stack.push_async_callback(outbox.close)
         yield outbox

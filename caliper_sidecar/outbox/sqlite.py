@@ -20,6 +20,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 import aiosqlite
 import structlog
 
+from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable, OutboxUnusable, storage_error
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox import sqlite_writes as writes
@@ -103,22 +104,14 @@ class SqliteOutbox:
     kept in memory: after a crash nothing is claimed, so whatever was in flight is sent again.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        synchronous: str = "full",
-        max_events: int = 1_000_000,
-        max_bytes: int = 1 << 30,
-        dedupe_window_s: float = 86_400,
-        reserve_bytes: int = RESERVE_BYTES,
-    ) -> None:
-        self.path = Path(path)
+    def __init__(self, settings: OutboxSettings, reserve_bytes: int = RESERVE_BYTES) -> None:
+        # The same shape as PostgresOutbox's: the outbox's settings first.
+        self.path = Path(settings.path)
         self.reserve_bytes = reserve_bytes
-        self.synchronous = synchronous
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self.dedupe_window_s = dedupe_window_s
+        self.synchronous = settings.synchronous
+        self.max_events = settings.max_events
+        self.max_bytes = settings.max_bytes
+        self.dedupe_window_s = settings.dedupe_window_s
         #: group commits of appends done by this process (a metric; how tests see grouping)
         self.commits = 0
         self._appends: GroupCommit[writes.Append, AppendResult] = GroupCommit(
@@ -133,7 +126,7 @@ class SqliteOutbox:
         # Three connections, each with its own thread: every write (the writer: ingest,
         # delivery outcomes, dead letters, platform jobs; see `_write`), reads (claims and
         # stats, which never wait behind a write), and checkpoints.
-        self._writer = Writer(self.path, synchronous)
+        self._writer = Writer(self.path, settings.synchronous)
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None

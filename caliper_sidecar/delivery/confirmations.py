@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import structlog
 
-from caliper_sidecar.delivery.upstream import UpstreamClient
+from caliper_sidecar.delivery.upstream import Sender
 from caliper_sidecar.exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Outbox, PlatformJobOutcome
@@ -48,7 +48,7 @@ ADOPT_EVERY_S: Final = 10.0
 class JobFollower:
     """Polls the platform's jobs and applies what they say to the outbox."""
 
-    def __init__(self, outbox: Outbox, upstream: UpstreamClient, metrics: Metrics) -> None:
+    def __init__(self, outbox: Outbox, upstream: Sender, metrics: Metrics) -> None:
         self._outbox = outbox
         self._upstream = upstream
         self._metrics = metrics

@@ -25,7 +25,7 @@ import structlog
 
 from caliper_sidecar.config import Settings
 from caliper_sidecar.delivery.backoff import Circuit, CircuitState
-from caliper_sidecar.delivery.upstream import Sent, UpstreamClient
+from caliper_sidecar.delivery.upstream import Sender, Sent
 from caliper_sidecar.exceptions import (
     AuthFailed,
     EndpointFailed,
@@ -68,7 +68,7 @@ class Dispatcher:
     def __init__(
         self,
         outbox: Outbox,
-        upstream: UpstreamClient,
+        upstream: Sender,
         settings: Settings,
         metrics: Metrics,
         on_platform_job: Callable[[str], None] | None = None,

@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -47,6 +47,19 @@ class Sent:
     status: int
     job_id: str | None = None
     unconfirmed: str | None = None
+
+
+class Sender(Protocol):
+    """What delivery needs of the platform: the UpstreamClient over HTTP, or in tests a
+    scripted stand-in that answers as a test says (the dispatcher's split, backoff and
+    dead-letter logic and the job follower run against either)."""
+
+    #: bytes an envelope adds around its events (batches are sized to leave room for it)
+    overhead: int
+
+    async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent: ...
+
+    async def job_status(self, job_id: str) -> dict[str, Any]: ...
 
 
 def default_sensor() -> str:

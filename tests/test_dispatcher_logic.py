@@ -1,0 +1,101 @@
+"""The dispatcher's decisions, against a scripted platform (the `Sender` seam) and a real SQLite
+outbox: a refused batch is split until the refused event is alone, only that one is
+dead-lettered; a transient failure is retried and loses nothing. No HTTP, no clock: each test
+waits for the outcome it expects."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from caliper_sidecar.config import OutboxSettings, RetrySettings, Settings, UpstreamSettings
+from caliper_sidecar.delivery.dispatcher import Dispatcher
+from caliper_sidecar.delivery.upstream import Sent
+from caliper_sidecar.exceptions import Refused, RetryLater
+from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+
+from .conftest import eventually, new_id
+
+
+class ScriptedPlatform:
+    """Refuses (422) any envelope holding an event whose id it was told to refuse, fails the
+    first `outages` envelopes as unreachable, and takes everything else."""
+
+    overhead = 200
+
+    def __init__(self, refuse: set[str], outages: int = 0) -> None:
+        self.refuse = refuse
+        self.outages = outages
+        self.envelopes: list[list[str]] = []
+        self.accepted: list[str] = []
+
+    async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent:
+        ids = [json.loads(body)["id"] for body in bodies]
+        self.envelopes.append(ids)
+        if self.outages:
+            self.outages -= 1
+            raise RetryLater("the platform is down (scripted)")
+        if self.refuse & set(ids):
+            raise Refused(422, '{"status": "error", "message": "scripted refusal"}')
+        self.accepted += ids
+        return Sent(200)
+
+    async def job_status(self, job_id: str) -> dict[str, Any]:
+        raise AssertionError("no jobs are followed here")
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[SqliteOutbox]:
+    async with SqliteOutbox(
+        OutboxSettings(path=str(tmp_path / "o.db"), synchronous="normal")
+    ) as box:
+        yield box
+
+
+async def deliver(outbox: SqliteOutbox, platform: ScriptedPlatform, ids: list[str]) -> None:
+    """Store these events, run a dispatcher until none is waiting, stop it."""
+    settings = Settings(
+        upstream=UpstreamSettings(batch_max_events=16, linger_ms=0, concurrency=1),
+        retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
+    )
+    await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ids])
+    dispatcher = Dispatcher(outbox, platform, settings, Metrics())
+    dispatcher.start()
+
+    async def drained() -> bool:
+        return (await outbox.stats()).events == 0
+
+    try:
+        await eventually(drained, timeout=30)
+    finally:
+        await dispatcher.stop(grace_s=1)
+
+
+async def test_a_refused_batch_is_split_until_the_refused_event_is_alone(
+    outbox: SqliteOutbox,
+) -> None:
+    ids = [new_id() for _ in range(16)]
+    bad = ids[11]
+    platform = ScriptedPlatform(refuse={bad})
+    await deliver(outbox, platform, ids)
+    assert sorted(platform.accepted) == sorted(set(ids) - {bad})
+    assert [d.id for d in await outbox.dead_letters(10)] == [bad]
+    # halves of 16, 8, 4, 2 down to the event alone: the refused event was sent 5 times
+    assert sum(bad in envelope for envelope in platform.envelopes) == 5
+    assert [len(e) for e in platform.envelopes if bad in e] == [16, 8, 4, 2, 1]
+
+
+async def test_a_transient_failure_is_retried_and_loses_nothing(outbox: SqliteOutbox) -> None:
+    ids = [new_id() for _ in range(40)]
+    platform = ScriptedPlatform(refuse=set(), outages=3)
+    await deliver(outbox, platform, ids)
+    assert sorted(platform.accepted) == sorted(ids)
+    assert await outbox.dead_letters(10) == []
+    journeys = await outbox.journeys(ids[:1])
+    assert dataclasses.asdict(journeys[ids[0]])["state"] == "delivered"

@@ -99,6 +99,8 @@ _STORED_ANEW: Final = """body = excluded.body, size = excluded.size,
 
 #: an append: the events of one request, and the job id an app is answered with
 _Append = tuple[Sequence[NewEvent], str | None]
+#: an acknowledgement: the claim, its events, the platform job and why it cannot be confirmed
+_Ack = tuple[Claim, list[int], str | None, str | None]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -150,7 +152,10 @@ class PostgresOutbox:
         self._appends: GroupCommit[_Append, AppendResult] = GroupCommit(
             self._commit_appends, "outbox-appends"
         )
+        self._acks: GroupCommit[_Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
         self._last_prune = float("-inf")
+        #: the last claim was full: more is waiting
+        self._backlog = False
         self.writes = WriteHealth(outbox="postgresql")
         self._closing = False
         self._footprint = Footprint()
@@ -187,6 +192,7 @@ class PostgresOutbox:
             await self.close()
             raise OutboxUnusable(f"outbox.url (PostgreSQL) cannot be used: {e}") from None
         self._appends.start()
+        self._acks.start()
         if self._agreement is not None:
             self._heartbeat = asyncio.create_task(self._beat(), name="outbox-heartbeat")
         return self
@@ -266,6 +272,7 @@ class PostgresOutbox:
             self._relisten.cancel()
             await asyncio.gather(self._relisten, return_exceptions=True)
         await self._appends.close()
+        await self._acks.close()
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close()
@@ -442,29 +449,21 @@ class PostgresOutbox:
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
         self._appended.clear()
         async with self._connection() as conn:
-            # A look first, without locks: is a batch worth claiming yet? Claiming and giving
-            # back what is not would write (and bloat) the same rows again and again.
-            head = await conn.fetch(
-                f"""
-                SELECT size, received_at, {NOW} AS now FROM events WHERE seq = ANY(ARRAY(
-                    SELECT seq FROM queue WHERE claim_until IS NULL OR claim_until < {NOW}
-                    ORDER BY seq LIMIT $1))
-                ORDER BY seq
-                """,
-                max_events,
-            )
-            if not head:
-                return Batch([], False)
-            full = len(head) >= max_events or sum(r["size"] + 1 for r in head) - 1 > max_bytes
-            wait = linger_s - (head[0]["now"] - head[0]["received_at"])
-            if not full and wait > 0:
-                return Batch([], False, ready_in=wait)
+            if not self._backlog:
+                ready_in = await self._look(conn, max_events, max_bytes, linger_s)
+                if ready_in is not None:
+                    return Batch([], False, ready_in=ready_in or None)
             claim_id = uuid.uuid4().hex
+            # A claim lost in a database crash costs nothing (the events are simply
+            # unclaimed): its one-statement transaction need not wait for its WAL flush.
             rows = await conn.fetch(
                 f"""
-                WITH picked AS (
-                    SELECT seq FROM queue WHERE claim_until IS NULL OR claim_until < {NOW}
-                    ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED
+                WITH unflushed AS (
+                    SELECT set_config('synchronous_commit', 'off', true)
+                ), picked AS (
+                    SELECT seq FROM queue, unflushed
+                    WHERE claim_until IS NULL OR claim_until < {NOW}
+                    ORDER BY seq LIMIT $1 FOR UPDATE OF queue SKIP LOCKED
                 ), claimed AS (
                     UPDATE queue q SET claimed_by = $2, claim_until = {NOW} + $3
                     FROM picked WHERE q.seq = picked.seq
@@ -478,6 +477,8 @@ class PostgresOutbox:
                 claim_id,
                 self.lease_s,
             )
+        # A full claim means a backlog: the next claim needs no look first.
+        self._backlog = len(rows) >= max_events
         if not rows:
             return Batch([], False)
         rows = sorted(rows, key=lambda r: r["seq"])
@@ -488,6 +489,27 @@ class PostgresOutbox:
             kept = {e.seq for e in events}
             await self.release(claim, [e.seq for e in stored if e.seq not in kept])
         return Batch(events, full, claim)
+
+    async def _look(
+        self, conn: asyncpg.Connection, max_events: int, max_bytes: int, linger_s: float
+    ) -> float | None:
+        """A look first, without locks: is a batch worth claiming yet? Claiming and giving back
+        what is not would write (and bloat) the same rows again and again. None: claim now;
+        0: nothing waits; otherwise the seconds until the oldest has lingered enough."""
+        head = await conn.fetch(
+            f"""
+                SELECT size, received_at, {NOW} AS now FROM events WHERE seq = ANY(ARRAY(
+                    SELECT seq FROM queue WHERE claim_until IS NULL OR claim_until < {NOW}
+                    ORDER BY seq LIMIT $1))
+                ORDER BY seq
+                """,
+            max_events,
+        )
+        if not head:
+            return 0.0
+        full = len(head) >= max_events or sum(r["size"] + 1 for r in head) - 1 > max_bytes
+        wait = float(linger_s - (head[0]["now"] - head[0]["received_at"]))
+        return wait if not full and wait > 0 else None
 
     @_drain_write
     async def extend(self, claim: Claim) -> None:
@@ -516,43 +538,60 @@ class PostgresOutbox:
         platform_job: str | None = None,
         unconfirmed: str | None = None,
     ) -> None:
+        await self._acks.submit((claim, list(seqs), platform_job, unconfirmed))
+
+    async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
+        """Acknowledgements of concurrent deliveries, in one transaction: one WAL flush for
+        the group (as on SQLite), not one per envelope."""
         async with self._transaction() as conn:
-            done = [
-                r["seq"]
-                for r in await conn.fetch(
-                    f"""
-                    WITH dequeued AS (
-                        DELETE FROM queue WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
-                        RETURNING seq
-                    )
-                    UPDATE events e SET delivered_at = {NOW}, platform_job = $3,
-                        unconfirmed = $4,
-                        body = CASE WHEN $3::text IS NULL THEN ''::bytea ELSE body END,
-                        attempts = attempts + 1,
-                        first_attempt_at = coalesce(first_attempt_at, {NOW}),
-                        last_attempt_at = {NOW}
-                    WHERE e.seq = ANY(ARRAY(SELECT seq FROM dequeued))
-                    RETURNING e.seq
-                    """,
-                    list(seqs),
-                    claim.id,
-                    platform_job,
-                    unconfirmed,
-                )
-            ]
-            _fenced(claim, seqs, len(done))
-            if platform_job is not None and done:
-                await conn.execute(
-                    "INSERT INTO platform_jobs (id, sent_at, state, followed_by, follow_until, "
-                    f"seqs) VALUES ($1, {NOW}, 'waiting', $2, {NOW} + $3, $4) "
-                    "ON CONFLICT (id) DO UPDATE SET seqs = platform_jobs.seqs || excluded.seqs",
-                    platform_job,
-                    self.replica_id,
-                    self.lease_s,
-                    done,
-                )
+            for claim, seqs, platform_job, unconfirmed in group:
+                await self._record_ack(conn, claim, seqs, platform_job, unconfirmed)
             if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                 await self._prune(conn)
+        return [None] * len(group)
+
+    async def _record_ack(
+        self,
+        conn: asyncpg.Connection,
+        claim: Claim,
+        seqs: list[int],
+        platform_job: str | None,
+        unconfirmed: str | None,
+    ) -> None:
+        done = [
+            r["seq"]
+            for r in await conn.fetch(
+                f"""
+                WITH dequeued AS (
+                    DELETE FROM queue WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
+                    RETURNING seq
+                )
+                UPDATE events e SET delivered_at = {NOW}, platform_job = $3,
+                    unconfirmed = $4,
+                    body = CASE WHEN $3::text IS NULL THEN ''::bytea ELSE body END,
+                    attempts = attempts + 1,
+                    first_attempt_at = coalesce(first_attempt_at, {NOW}),
+                    last_attempt_at = {NOW}
+                WHERE e.seq = ANY(ARRAY(SELECT seq FROM dequeued))
+                RETURNING e.seq
+                """,
+                seqs,
+                claim.id,
+                platform_job,
+                unconfirmed,
+            )
+        ]
+        _fenced(claim, seqs, len(done))
+        if platform_job is not None and done:
+            await conn.execute(
+                "INSERT INTO platform_jobs (id, sent_at, state, followed_by, follow_until, "
+                f"seqs) VALUES ($1, {NOW}, 'waiting', $2, {NOW} + $3, $4) "
+                "ON CONFLICT (id) DO UPDATE SET seqs = platform_jobs.seqs || excluded.seqs",
+                platform_job,
+                self.replica_id,
+                self.lease_s,
+                done,
+            )
 
     async def _prune(self, conn: asyncpg.Connection) -> None:
         """Forget delivered events older than the dedupe window: a walk through the events in

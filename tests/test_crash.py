@@ -13,7 +13,7 @@ import aiohttp
 
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
-from .conftest import SidecarProcess, free_port, make_events, write_config
+from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
 
 
 def launch(
@@ -132,7 +132,7 @@ class TestSigterm:
         await p.wait_ready()
         events = make_events(10)
         assert await post(p.url, events) == 202
-        await asyncio.sleep(0.4)  # the envelope is now at the (slow) platform
+        await eventually(lambda: platform.fake.requests_arrived > 0)  # at the (slow) platform
         assert await p.terminate(timeout=15) == 0
         assert {e["id"] for e in events} <= platform.fake.received.keys()
         stats = await outbox_stats(tmp_path / "a.toml")
@@ -146,7 +146,7 @@ class TestSigterm:
         p = launch(tmp_path, platform, processes, "a")
         await p.wait_ready()
         assert await post(p.url, make_events(1)) == 202
-        await asyncio.sleep(0.3)
+        await eventually(lambda: platform.fake.requests_arrived > 0)  # a send under way
         p.proc.send_signal(15)
         await asyncio.sleep(0.3)
         status = 0

@@ -119,7 +119,8 @@ class TestReplicas:
         events = make_events(200)
         for start in range(0, 200, 50):
             await post(a.url, events[start : start + 50])
-        await asyncio.sleep(0.5)  # a has claimed and is sending (the fake is slow)
+        # a has claimed and is sending (the fake is slow)
+        await eventually(lambda: platform.fake.requests_arrived > 0)
         a.kill()
         platform.fake.faults.latency_s = 0
         b = replica(tmp_path, platform, processes, shared, "b")

@@ -168,6 +168,9 @@ class FakeTimeBack:
         #: the bytes of the last envelope accepted (what a test compares byte for byte)
         self.last_raw_envelope = b""
         self.statuses: Counter[int] = Counter()
+        #: Caliper requests that reached the platform, answered or not yet (what a test waits
+        #: for to know an envelope is in flight)
+        self.requests_arrived = 0
         self.token_requests = 0
         #: (started, ended, status) of every Caliper request, when a test sets it to a list
         self.request_log: list[tuple[float, float, int]] | None = None
@@ -304,6 +307,7 @@ class FakeTimeBack:
     async def _events(self, request: web.Request) -> web.StreamResponse:
         f = self.faults
         started = time.monotonic()
+        self.requests_arrived += 1
         headers: dict[str, str] = {}
         if started < f.outage_until:
             status, body = 0, None

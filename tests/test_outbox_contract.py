@@ -256,6 +256,27 @@ class TestPostgresTotals:
                 await conn.close()
             assert (await box.stats()).events == 3
 
+    async def test_replicas_acknowledging_at_once_never_deadlock(self, database: str) -> None:
+        """Two replicas, four deliveries each, claiming and acknowledging as fast as they can:
+        every acknowledgement commits (the acknowledgements of concurrent deliveries share a
+        transaction; when each of its statements counted into a random shard of the totals,
+        two such transactions deadlocked, and the loser's events were sent again)."""
+        async with (
+            open_test_outbox("postgres", Path("/nonexistent"), database) as one,
+            open_test_outbox("postgres", Path("/nonexistent"), database) as two,
+        ):
+            await one.append(events(6000))
+
+            async def deliver(box: Outbox) -> None:
+                while batch := await box.claim_batch(10, 100_000):
+                    if not batch.events:
+                        return
+                    await box.acknowledge(batch.claim, batch.seqs)
+
+            await asyncio.gather(*(deliver(box) for box in (one, two) for _ in range(4)))
+            stats = await one.stats()
+            assert (stats.events, stats.delivered_total) == (0, 6000)
+
     async def test_the_listen_connection_comes_back(self, database: str) -> None:
         """After its LISTEN connection is cut (a PostgreSQL restart does the same to every
         connection), the outbox listens again, and an append by another process wakes it."""

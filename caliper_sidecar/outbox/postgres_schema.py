@@ -163,7 +163,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     # the queue row and updates the event in place, which no index covers any more either
     # (the partial indexes on delivered_at and platform_job made every such update write a new
     # version of the row and of every index entry elsewhere). A platform job lists its events.
-    """
+    f"""
     CREATE TABLE queue (
         seq bigint PRIMARY KEY,
         claimed_by text,
@@ -172,9 +172,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     INSERT INTO queue (seq, claimed_by, claim_until)
         SELECT seq, claimed_by, claim_until FROM events WHERE delivered_at IS NULL;
     ALTER TABLE events DROP COLUMN claimed_by, DROP COLUMN claim_until;
-    ALTER TABLE platform_jobs ADD COLUMN seqs bigint[] NOT NULL DEFAULT '{}';
+    ALTER TABLE platform_jobs ADD COLUMN seqs bigint[] NOT NULL DEFAULT '{{}}';
     UPDATE platform_jobs p SET seqs = coalesce(
-        (SELECT array_agg(seq ORDER BY seq) FROM events e WHERE e.platform_job = p.id), '{}');
+        (SELECT array_agg(seq ORDER BY seq) FROM events e WHERE e.platform_job = p.id), '{{}}');
     DROP INDEX events_waiting;
     DROP INDEX events_delivered;
     DROP INDEX events_by_platform_job;
@@ -184,6 +184,18 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     -- PostgresOutbox). Rows of one bigint: no TOAST table and no index, so that TRUNCATE
     -- gives the space back to the file system without writing a page.
     CREATE TABLE reserve (filler bigint NOT NULL);
+    -- One shard of the totals per transaction, not per statement: a transaction of several
+    -- statements (the acknowledgements of concurrent deliveries, committed together) would
+    -- otherwise lock several shards in random order, and two such transactions deadlock.
+    CREATE OR REPLACE FUNCTION count_change(
+        d_events bigint, d_bytes bigint, d_dead bigint, d_delivered bigint, d_dead_total bigint
+    ) RETURNS void LANGUAGE sql SET search_path = {SCHEMA} AS $$
+        WITH pick AS (SELECT (txid_current() % {TOTAL_SHARDS})::integer AS shard)
+        UPDATE totals SET events = events + d_events, bytes = bytes + d_bytes,
+            dead_letters = dead_letters + d_dead, delivered_total = delivered_total + d_delivered,
+            dead_lettered_total = dead_lettered_total + d_dead_total
+        FROM pick WHERE totals.shard = pick.shard
+    $$;
     """,
 )
 

@@ -344,8 +344,13 @@ class PostgresOutbox:
     async def _insert_new(self, group: list[_Append]) -> list[AppendResult | OutboxUnavailable]:
         all_ids = [e.id for events, _ in group for e in events]
         async with self._transaction() as conn:
-            now = await conn.fetchval(f"SELECT {NOW}")
-            await keep_reserve(conn)
+            # One round trip for the clock, the reserve and the totals.
+            now, reserve_whole, depth, size = await conn.fetchrow(
+                f"SELECT {NOW}, EXISTS (SELECT 1 FROM reserve), "
+                "(SELECT sum(events) FROM totals), (SELECT sum(bytes) FROM totals)"
+            )
+            if not reserve_whole:
+                await keep_reserve(conn)
             known = {
                 r["id"]
                 for r in await conn.fetch(
@@ -356,7 +361,6 @@ class PostgresOutbox:
                     now - self.dedupe_window_s,
                 )
             }
-            depth, size = await conn.fetchrow("SELECT sum(events), sum(bytes) FROM totals")
             depth, size = int(depth or 0), max(int(size or 0), await self._footprint.read(conn))
             fresh_by_append = new_per_append(
                 [events for events, _ in group],

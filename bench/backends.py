@@ -18,42 +18,27 @@ import asyncio
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from common import PYTHON, Process, free_port, get_json, machine, sidecar
+from common import fake_and_sidecar, get_json, machine
 from delivery import fill as fill_sqlite
 from postgres import dead_tuples, drop_database, fresh_database
 from postgres import fill as fill_postgres
 
 
-def drain(tmp: Path, events: int, outbox: dict[str, object]) -> tuple[float, float]:
+def drain(tmp: Path, events: int, outbox: dict[str, Any]) -> tuple[float, float]:
     """Seconds to drain the backlog already in this outbox, and the sidecar's peak RSS (MB)."""
-    fake_port = free_port()
-    fake = Process(
-        [PYTHON, "-m", "caliper_sidecar", "mock-upstream", "--ids-only", "--port", str(fake_port)],
-        fake_port,
+    started = time.monotonic()
+    fake, run = fake_and_sidecar(
+        tmp, outbox=outbox, upstream={"linger_ms": 0}, log={"level": "warning"}
     )
     try:
-        started = time.monotonic()
-        run = sidecar(
-            tmp,
-            free_port(),
-            outbox=outbox,
-            upstream={"endpoint": f"{fake.url}/events/1.0/", "linger_ms": 0},
-            oauth={
-                "token_url": f"{fake.url}/auth/1.0/token",
-                "client_id": "sidecar",
-                "client_secret": "sidecar-secret",
-            },
-            log={"level": "warning"},
-        )
-        try:
-            while get_json(f"{fake.url}/_mock/events?ids=false")["count"] < events:
-                time.sleep(0.1)
-            seconds = time.monotonic() - started
-            peak = run.peak_rss_mb()
-        finally:
-            run.stop()
+        while get_json(f"{fake.url}/_mock/events?ids=false")["count"] < events:
+            time.sleep(0.1)
+        seconds = time.monotonic() - started
+        peak = run.peak_rss_mb()
     finally:
+        run.stop()
         fake.stop()
     return seconds, peak
 

@@ -312,32 +312,6 @@ class TestChaos:
 
 
 class TestUnexpectedErrors:
-    async def test_a_failure_of_ours_backs_off_and_delivers(
-        self, run: Run, fake: FakeTimeBack
-    ) -> None:
-        """An error that is not the platform's answer (a bug, an odd exception) is treated
-        as transient: logged, backed off, retried; the events are delivered, none dead."""
-        sidecar, post = await run(retry={"initial_backoff_s": 0.05, "max_backoff_s": 0.1})
-        upstream = sidecar.dispatcher._upstream
-        real_send = upstream.send
-        calls = 0
-
-        async def flaky_send(bodies: Any, sensor: str | None = None) -> Any:
-            nonlocal calls
-            calls += 1
-            if calls <= 3:
-                raise ValueError("something unforeseen")
-            return await real_send(bodies, sensor)
-
-        upstream.send = flaky_send
-        with capture_logs() as logs:
-            event = make_event()
-            await post(event)
-            await fake.wait_for({event["id"]})
-        assert calls == 4
-        assert [e["event"] for e in logs].count("send_failed_unexpectedly") == 3
-        assert await dead_letters(sidecar) == 0
-
     async def test_a_failing_claim_does_not_stop_delivery(
         self, run: Run, fake: FakeTimeBack
     ) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from caliper_sidecar.config import OutboxSettings, RetrySettings, Settings, UpstreamSettings
 from caliper_sidecar.delivery.dispatcher import Dispatcher
@@ -29,9 +30,11 @@ class ScriptedPlatform:
 
     overhead = 200
 
-    def __init__(self, refuse: set[str], outages: int = 0) -> None:
+    def __init__(self, refuse: set[str], outages: int = 0, bugs: int = 0) -> None:
         self.refuse = refuse
         self.outages = outages
+        #: envelopes that meet an error of ours rather than the platform's answer
+        self.bugs = bugs
         self.envelopes: list[list[str]] = []
         self.accepted: list[str] = []
 
@@ -41,6 +44,9 @@ class ScriptedPlatform:
         if self.outages:
             self.outages -= 1
             raise RetryLater("the platform is down (scripted)")
+        if self.bugs:
+            self.bugs -= 1
+            raise ValueError("something unforeseen")
         if self.refuse & set(ids):
             raise Refused(422, '{"status": "error", "message": "scripted refusal"}')
         self.accepted += ids
@@ -99,3 +105,15 @@ async def test_a_transient_failure_is_retried_and_loses_nothing(outbox: SqliteOu
     assert await outbox.dead_letters(10) == []
     journeys = await outbox.journeys(ids[:1])
     assert dataclasses.asdict(journeys[ids[0]])["state"] == "delivered"
+
+
+async def test_a_failure_of_ours_backs_off_and_delivers(outbox: SqliteOutbox) -> None:
+    """An error that is not the platform's answer (a bug, an odd exception) is treated as
+    transient: logged, backed off, retried; the events are delivered, none dead-lettered."""
+    ids = [new_id() for _ in range(5)]
+    platform = ScriptedPlatform(refuse=set(), bugs=3)
+    with capture_logs() as logs:
+        await deliver(outbox, platform, ids)
+    assert sorted(platform.accepted) == sorted(ids)
+    assert [e["event"] for e in logs].count("send_failed_unexpectedly") == 3
+    assert await outbox.dead_letters(10) == []

@@ -117,8 +117,11 @@ def _drain_write(
         try:
             return await write(outbox, *args, **kwargs)
         except OutboxUnavailable as e:
-            if e.reason != "disk_full" or not await outbox._release_reserve():
+            if e.reason != "disk_full":
                 raise
+            # Once, whether this write empties the reserve or a concurrent one just did (the
+            # acknowledgements of one group all meet the full disk together).
+            await outbox._release_reserve()
         return await write(outbox, *args, **kwargs)
 
     return in_reserve
@@ -437,9 +440,9 @@ class PostgresOutbox:
             self._recovering = None
             return
 
-    async def _release_reserve(self) -> bool:
+    async def _release_reserve(self) -> None:
         async with self._connection() as conn:
-            return await release_reserve(conn)
+            await release_reserve(conn)
 
     def unwritable_reason(self) -> str | None:
         return self.writes.current()

@@ -91,3 +91,15 @@ async def test_metrics_answer_another_host_without_a_token(
     for path in ("/v1/status", "/v1/dead-letters"):
         status, _ = await fetch_from(namespace, f"{sidecar.ops_url}{path}")
         assert status == 401, path
+
+
+async def test_admin_routes_answer_only_this_machine_without_an_admin_token(
+    custom: StartSidecar, other_host: tuple[str, str]
+) -> None:
+    """Without `admin.token`, the dead letters answer on loopback only (as every admin test
+    on loopback uses them): from another host, 403 and why."""
+    namespace, address = other_host
+    sidecar, _ = await custom(ops={"port": free_port(), "host": address})
+    status, body = await fetch_from(namespace, f"{sidecar.ops_url}/v1/dead-letters")
+    assert status == 403, body
+    assert "only on loopback unless admin.token is set" in body

@@ -15,7 +15,7 @@ import pytest
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_outbox
-from caliper_sidecar.outbox.postgres import LISTENER_NAME
+from caliper_sidecar.outbox.postgres_listen import LISTENER_NAME
 from caliper_sidecar.outbox.postgres_schema import SCHEMA
 
 from .conftest import eventually, new_id

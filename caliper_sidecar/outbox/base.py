@@ -27,6 +27,10 @@ class NewEvent:
     sender: str | None = None
 
 
+#: an append: the events of one request, and the job id an app is answered with
+Append = tuple[Sequence[NewEvent], str | None]
+
+
 @dataclass(frozen=True, slots=True)
 class AppendResult:
     """How many events of one append were new, and how many were already known."""

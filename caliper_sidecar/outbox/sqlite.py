@@ -22,31 +22,24 @@ import structlog
 
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable, OutboxUnusable, storage_error
-from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox import sqlite_writes as writes
 from caliper_sidecar.outbox.base import (
-    DEAD_CHUNK,
     DEAD_LETTER_COLUMNS,
     JOURNEY_COLUMNS,
     PRUNE_EVERY_S,
+    Append,
     AppendResult,
     Batch,
     Claim,
     DeadLetter,
-    Journey,
-    NewEvent,
-    OutboxStats,
     PlatformJobOutcome,
     StoredEvent,
-    WriteHealth,
-    dead_journey,
-    journey_of,
 )
 from caliper_sidecar.outbox.batching import fill_batch
 from caliper_sidecar.outbox.grouping import GroupCommit
+from caliper_sidecar.outbox.manager import TOTALS, OutboxManager
 from caliper_sidecar.outbox.schema import migrate
 from caliper_sidecar.outbox.writer import PRAGMAS, Writer
-from caliper_sidecar.waits import wait_set
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -94,7 +87,7 @@ def _read_errors_unavailable(
     return read
 
 
-class SqliteOutbox:
+class SqliteOutbox(OutboxManager):
     """The outbox in one SQLite file, owned by one process at a time.
 
     Appends from concurrent requests are committed together: one task takes everything queued
@@ -105,20 +98,11 @@ class SqliteOutbox:
     """
 
     def __init__(self, settings: OutboxSettings, reserve_bytes: int = RESERVE_BYTES) -> None:
-        # The same shape as PostgresOutbox's: the outbox's settings first.
+        super().__init__(settings, path=settings.path)
         self.path = Path(settings.path)
         self.reserve_bytes = reserve_bytes
         self.synchronous = settings.synchronous
-        self.max_events = settings.max_events
-        self.max_bytes = settings.max_bytes
-        self.dedupe_window_s = settings.dedupe_window_s
-        #: group commits of appends done by this process (a metric; how tests see grouping)
-        self.commits = 0
-        self._appends: GroupCommit[writes.Append, AppendResult] = GroupCommit(
-            self._commit_appends, "outbox-appends"
-        )
         self._acks: GroupCommit[writes.Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
-        self._appended = asyncio.Event()
         #: seq -> the claim holding it; in memory: after a crash nothing is claimed
         self._claimed: dict[int, str] = {}
         #: the event at the head of the queue, and when (monotonic) it was first seen there
@@ -132,7 +116,6 @@ class SqliteOutbox:
         self._checkpoints: asyncio.Task[None] | None = None
         self._last_prune = float("-inf")  # monotonic; the first acknowledgement prunes
         self._last_reclaim = 0.0
-        self.writes = WriteHealth(path=str(self.path))
         #: set for good when the file was deleted or replaced under a running process
         self.lost: str | None = None
         self._identity: tuple[int, int] | None = None
@@ -222,27 +205,7 @@ class SqliteOutbox:
 
     # -- ingest ----------------------------------------------------------------------------
 
-    async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
-        return await self._appends.submit((events, job))
-
-    async def _commit_appends(
-        self, group: list[writes.Append]
-    ) -> list[AppendResult | OutboxUnavailable]:
-        """One transaction for every append queued: known ids skipped, capacity checked per
-        append (all of it or none), one insert, one commit."""
-        try:
-            results = await self._insert_new(group)
-        except OutboxUnavailable as e:
-            self.writes.failed(e)
-            raise
-        self.writes.succeeded()
-        if any(isinstance(r, AppendResult) and r.accepted for r in results):
-            self._appended.set()
-        return results
-
-    async def _insert_new(
-        self, group: list[writes.Append]
-    ) -> list[AppendResult | OutboxUnavailable]:
+    async def _insert_new(self, group: list[Append]) -> list[AppendResult | OutboxUnavailable]:
         self._check_identity()
         free = await self._room()
         if free < self.reserve_bytes:
@@ -254,7 +217,7 @@ class SqliteOutbox:
                 f"until {self.reserve_bytes // 1_048_576} MiB are",
                 30,
             )
-        results = await self._write(
+        return await self._write(
             functools.partial(
                 writes.insert_appends,
                 group=group,
@@ -264,17 +227,11 @@ class SqliteOutbox:
                 max_bytes=self.max_bytes,
             )
         )
-        self.commits += 1
-        return results
 
     def unwritable_reason(self) -> str | None:
-        """Why appends are failing now (for readiness), or None."""
-        return self.lost or self.writes.current()
+        return self.lost or super().unwritable_reason()
 
     # -- dispatch --------------------------------------------------------------------------
-
-    async def wait_appended(self, timeout: float | None) -> None:
-        await wait_set(self._appended, timeout)
 
     @_read_errors_unavailable
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
@@ -372,28 +329,15 @@ class SqliteOutbox:
     # -- inspection and operations ---------------------------------------------------------
 
     @_read_errors_unavailable
-    async def stats(self) -> OutboxStats:
+    async def _stats_rows(self) -> tuple[Sequence[Any], float | None, Sequence[Sequence[Any]]]:
         conn = self._require(self._reader)
-        cur = await conn.execute(
-            "SELECT events, bytes, dead_letters, delivered_total, dead_lettered_total FROM totals"
-        )
-        totals = await cur.fetchone()
+        totals = await (await conn.execute(f"SELECT {TOTALS} FROM totals")).fetchone()
         cur = await conn.execute(
             "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
         )
         oldest = await cur.fetchone()
         cur = await conn.execute("SELECT state, count(*) FROM platform_jobs GROUP BY state")
-        jobs = {str(state): int(n) for state, n in await cur.fetchall()}
-        assert totals is not None
-        return OutboxStats(
-            events=totals[0],
-            bytes=totals[1],
-            oldest_received_at=oldest[0] if oldest else None,
-            dead_letters=totals[2],
-            delivered_total=totals[3],
-            dead_lettered_total=totals[4],
-            platform_jobs=jobs,
-        )
+        return totals or (), oldest[0] if oldest else None, list(await cur.fetchall())
 
     @_read_errors_unavailable
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
@@ -406,42 +350,10 @@ class SqliteOutbox:
         rows = await cur.fetchall()
         return [DeadLetter(*row) for row in rows]
 
-    async def replay_dead_letters(
-        self, ids: Sequence[str] | None, progress: Progress | None = None
-    ) -> int:
-        return await self._dead_letters_in_chunks(
-            ids,
-            progress,
-            "INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender) "
-            "SELECT id, body, length(body), received_at, sensor, sender FROM dead_letters "
-            "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
+    async def _take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
+        return await self._write(
+            functools.partial(writes.take_dead_letters, ids=ids, limit=limit, replay=replay)
         )
-
-    async def purge_dead_letters(
-        self, ids: Sequence[str] | None, progress: Progress | None = None
-    ) -> int:
-        return await self._dead_letters_in_chunks(ids, progress, None)
-
-    async def _dead_letters_in_chunks(
-        self, ids: Sequence[str] | None, progress: Progress | None, copy: str | None
-    ) -> int:
-        """Delete the selected dead letters (copying them with `copy` first), DEAD_CHUNK per
-        transaction: one transaction over 100,000 rows held the write lock for seconds, and a
-        running sidecar's ingest waited behind it until it answered 503."""
-        where, params = _selection(ids)
-        chunk = functools.partial(
-            writes.take_dead_letters, where=where, params=params, limit=DEAD_CHUNK, copy=copy
-        )
-        done = 0
-        while True:
-            count = await self._write(chunk)
-            if count <= 0:
-                return done
-            done += count
-            if copy is not None:
-                self._appended.set()
-            if progress is not None:
-                progress(done)
 
     # -- processing confirmation -----------------------------------------------------------
 
@@ -475,7 +387,7 @@ class SqliteOutbox:
             functools.partial(writes.finish_platform_job, job=job, outcome=outcome, now=time.time())
         )
         if again:
-            self._appended.set()
+            self.wake()
         return failing
 
     async def give_up_platform_job(self, job: str, reason: str) -> None:
@@ -488,9 +400,11 @@ class SqliteOutbox:
         )
 
     @_read_errors_unavailable
-    async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
+    async def _journey_rows(
+        self, ids: list[str]
+    ) -> tuple[Sequence[Sequence[Any]], Sequence[Sequence[Any]]]:
         conn = self._require(self._reader)
-        wanted = _ids_json(ids)
+        wanted = json.dumps(ids)
         cur = await conn.execute(
             f"""
             SELECT {JOURNEY_COLUMNS}
@@ -499,16 +413,13 @@ class SqliteOutbox:
             """,
             (wanted,),
         )
-        found = {row[0]: journey_of(*row) for row in await cur.fetchall()}
+        rows = list(await cur.fetchall())
         cur = await conn.execute(
             f"SELECT {DEAD_LETTER_COLUMNS}, sensor, sender FROM dead_letters "
             "WHERE id IN (SELECT value FROM json_each(?))",
             (wanted,),
         )
-        for row in await cur.fetchall():
-            dead = DeadLetter(*row[:-2])
-            found[dead.id] = dead_journey(dead, *row[-2:])
-        return found
+        return rows, list(await cur.fetchall())
 
     @_read_errors_unavailable
     async def job_event_ids(self, job: str) -> list[str] | None:
@@ -602,21 +513,6 @@ class SqliteOutbox:
         free = shutil.disk_usage(self.path.parent).free
         reuse = await self._writer.run(writes.free_page_bytes)
         return free + reuse
-
-
-#: told the running count of a long operation
-Progress = Callable[[int], None]
-
-
-def _selection(ids: Sequence[str] | None) -> tuple[str, tuple[Any, ...]]:
-    if ids is None:
-        return "1", ()
-    return "id IN (SELECT value FROM json_each(?))", (_ids_json(ids),)
-
-
-def _ids_json(ids: Sequence[str]) -> str:
-    """Ids as the outbox knows them (see `canonical_id`), for a json_each selection."""
-    return json.dumps([canonical_id(i) for i in ids])
 
 
 def _unavailable(e: sqlite3.Error) -> OutboxUnavailable:

@@ -15,15 +15,13 @@ from typing import Any, Final
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox.base import (
     PRUNE_CHUNK,
+    Append,
     AppendResult,
-    NewEvent,
     PlatformJobOutcome,
     new_per_append,
 )
 from caliper_sidecar.states import DeadLetterReason
 
-#: an append: the events of one request, and the job id an app is answered with
-Append = tuple[Sequence[NewEvent], str | None]
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
 #: cannot be confirmed (the answer named no job although jobs are followed)
 Ack = tuple[Sequence[int], str | None, str | None]
@@ -120,20 +118,30 @@ def record_failure(conn: sqlite3.Connection, seqs: Sequence[int], error: str, no
 
 
 def take_dead_letters(
-    conn: sqlite3.Connection, where: str, params: tuple[Any, ...], limit: int, copy: str | None
+    conn: sqlite3.Connection, ids: list[str] | None, limit: int, replay: bool
 ) -> int:
-    """Delete up to `limit` of the selected dead letters (copying them with `copy` first);
-    how many."""
+    """Delete up to `limit` of the selected dead letters (all when `ids` is None), stored again
+    as waiting events first when `replay`; how many."""
+    where, params = ("1", ()) if ids is None else (_IN_JSON, (json.dumps(ids),))
     rows = conn.execute(
         f"SELECT seq FROM dead_letters WHERE {where} ORDER BY seq LIMIT {limit}", params
     ).fetchall()
     seqs = json.dumps([r[0] for r in rows])
-    if copy is not None:
-        conn.execute(copy, (seqs,))
+    if replay:
+        conn.execute(
+            "INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender) "
+            "SELECT id, body, length(body), received_at, sensor, sender FROM dead_letters "
+            "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
+            (seqs,),
+        )
     cur = conn.execute(
         "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))", (seqs,)
     )
     return cur.rowcount
+
+
+#: a selection by id, the ids as a JSON array
+_IN_JSON: Final = "id IN (SELECT value FROM json_each(?))"
 
 
 def move_to_dead_letters(

@@ -1,20 +1,26 @@
 """Settings: one immutable, typed object built at start-up from a TOML file, the environment and
-secret files, then passed down. Every mistake is reported with the name of the key at fault."""
+secret files, then passed down. Every mistake is reported with the name of the key at fault.
+
+Each section is a msgspec Struct: its types say what a key takes (`Literal` choices, `Meta`
+bounds, unknown keys refused) and its description what the key means;
+config/sidecar.example.toml is generated from them (`tools/reference.py`). What no type can say
+(tokens long enough, TLS files in pairs, tokens on a non-loopback host) is checked after.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, get_type_hints
+from typing import Annotated, Any, Final, Literal, cast, get_args, get_origin
+
+import msgspec
 
 from caliper_sidecar.exceptions import ConfigError
-from caliper_sidecar.presets import PLATFORMS, PRESETS, PROFILES
+from caliper_sidecar.presets import PRESETS, Platform, Profile
 
 ENV_PREFIX: Final = "SIDECAR_"
 CONFIG_ENV: Final = "SIDECAR_CONFIG"
@@ -45,161 +51,265 @@ class SenderToken(Secret):
     label: str | None
 
 
-def _secret(value: str) -> Secret:
-    return value if isinstance(value, Secret) else Secret(value)
-
-
-def _mask(section: Any, *keys: str) -> None:
+def _mask(section: msgspec.Struct, *keys: str) -> None:
     """Wrap a frozen section's secret fields in Secret (tests and code may pass plain str)."""
     for key in keys:
         value = getattr(section, key)
         masked = tuple(_secret(v) for v in value) if isinstance(value, tuple) else _secret(value)
-        object.__setattr__(section, key, masked)
+        msgspec.structs.force_setattr(section, key, masked)
 
 
-@dataclass(frozen=True)
-class ReceiverSettings:
+def _secret(value: str) -> Secret:
+    return value if isinstance(value, Secret) else Secret(value)
+
+
+def _key(description: str, **bounds: float) -> msgspec.Meta:
+    """A key's meaning (config/sidecar.example.toml is generated from it) and bounds."""
+    meta: Any = msgspec.Meta  # its overloads take each pair of bounds by name
+    return cast(msgspec.Meta, meta(description=description, **bounds))
+
+
+#: how every section is typed: frozen, and a key it does not have is an error
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+Strings = tuple[str, ...]
+
+
+class ReceiverSettings(_Section, frozen=True):
     """Where and how apps send events to the sidecar."""
 
-    host: str = "127.0.0.1"
-    port: int = 8787
-    max_body_bytes: int = 1_048_576
-    max_events_per_request: int = 1000
-    tokens: tuple[str, ...] = ()
-    #: web origins allowed to send from a browser (and to make admin requests from a page)
-    cors_origins: tuple[str, ...] = ()
-    #: host names the sidecar is reached by besides IP literals and localhost
-    server_names: tuple[str, ...] = ()
-    tls_cert: str = ""
-    tls_key: str = ""
+    host: Annotated[str, _key('a non-loopback host (e.g. "0.0.0.0") requires tokens')] = "127.0.0.1"
+    port: Annotated[int, _key("", ge=0, le=65535)] = 8787
+    max_body_bytes: Annotated[int, _key("larger bodies (after gzip decompression): 413", gt=0)] = (
+        1_048_576
+    )
+    max_events_per_request: Annotated[int, _key("more events in one request: 413", gt=0)] = 1000
+    tokens: Annotated[
+        Strings,
+        _key(
+            "bearer tokens apps must present (each at least 16 characters); empty: no "
+            "authentication"
+        ),
+    ] = ()
+    cors_origins: Annotated[
+        Strings,
+        _key(
+            'web origins allowed to send from a browser, e.g. ["https://app.example"]; admin '
+            "requests from any other origin: 403"
+        ),
+    ] = ()
+    server_names: Annotated[
+        Strings,
+        _key(
+            "host names the sidecar is reached by besides IP literals and localhost, e.g. "
+            '["relay.local"]; a request without a token naming another Host is refused (421): '
+            "a DNS-rebinding page reads nothing"
+        ),
+    ] = ()
+    tls_cert: Annotated[str, _key("PEM certificate chain, for TLS in relay mode")] = ""
+    tls_key: Annotated[str, _key("PEM private key of that certificate")] = ""
 
     def __post_init__(self) -> None:
         _mask(self, "tokens")
 
 
-@dataclass(frozen=True)
-class OutboxSettings:
+class OutboxSettings(_Section, frozen=True):
     """The durable queue between the receiver and the dispatcher: one SQLite file (`path`, the
     embedded default), or a PostgreSQL database shared by replicas (`url`)."""
 
-    path: str = "data/outbox.db"
-    url: str = ""
-    synchronous: str = "full"
-    max_events: int = 1_000_000
-    max_bytes: int = 1_073_741_824
-    dedupe_window_s: float = 86_400
+    path: Annotated[str, _key("created owner-only (0600); one `run` process per file")] = (
+        "data/outbox.db"
+    )
+    url: Annotated[
+        str,
+        _key(
+            '"postgresql://user@host/db": a PostgreSQL outbox shared by several `run` replicas '
+            "(or url_file, for a password); empty: the SQLite file at `path`"
+        ),
+    ] = ""
+    synchronous: Annotated[
+        Literal["full", "normal"],
+        _key('"full": survives power loss; "normal": survives process crashes'),
+    ] = "full"
+    max_events: Annotated[int, _key("when full: 503 + Retry-After, never a silent drop", gt=0)] = (
+        1_000_000
+    )
+    max_bytes: Annotated[int, _key("bytes of waiting events, same rule", gt=0)] = 1_073_741_824
+    dedupe_window_s: Annotated[
+        float, _key("ids delivered this recently still count as duplicates", ge=0)
+    ] = 86_400
 
     def __post_init__(self) -> None:
         _mask(self, "url")  # it may hold the database's password
 
 
-@dataclass(frozen=True)
-class UpstreamSettings:
+class UpstreamSettings(_Section, frozen=True):
     """The Caliper endpoint events are forwarded to, and how envelopes are batched."""
 
-    preset: str = ""
-    platform: str = "caliper"
-    endpoint: str = ""
-    sensor: str = ""
-    batch_max_events: int = 100
-    batch_max_bytes: int = 512_000
-    linger_ms: int = 200
-    concurrency: int = 4
-    timeout_s: float = 30
-    bearer_token: str = ""
-    jobs_url: str = ""
+    preset: Annotated[
+        str,
+        _key(
+            'LearnWith.AI: "timeback", "timeback-staging", "timeback-sandbox"; Beyond AI: '
+            '"timeback-beyond", "timeback-beyond-staging". Fills platform, endpoint, jobs_url, '
+            "the oauth keys and validation.profile"
+        ),
+    ] = ""
+    platform: Annotated[
+        Platform,
+        _key(
+            '"learnwith-ai", "beyond-ai" or "caliper" (any Caliper endpoint): the form events '
+            "leave in; never guessed from the URL"
+        ),
+    ] = "caliper"
+    endpoint: Annotated[str, _key("Caliper endpoint URL")] = ""
+    sensor: Annotated[
+        str, _key('envelope "sensor" IRI; default urn:caliper-sidecar:<hostname>')
+    ] = ""
+    batch_max_events: Annotated[int, _key("events per envelope", gt=0)] = 100
+    batch_max_bytes: Annotated[
+        int, _key("serialized envelope size; a larger single event is refused (413)", gt=0)
+    ] = 512_000
+    linger_ms: Annotated[int, _key("how long a partial batch waits to fill", ge=0)] = 200
+    concurrency: Annotated[int, _key("envelopes in flight at once", gt=0)] = 4
+    timeout_s: Annotated[float, _key("per request to the platform or the token endpoint", gt=0)] = (
+        30
+    )
+    bearer_token: Annotated[
+        str, _key("a static token instead of OAuth (when oauth.token_url is empty)")
+    ] = ""
+    jobs_url: Annotated[
+        str,
+        _key(
+            'e.g. "https://caliper.alpha-1edtech.ai/jobs/{id}/status": follow the platform\'s '
+            "processing jobs until they confirm the events"
+        ),
+    ] = ""
 
     def __post_init__(self) -> None:
         _mask(self, "bearer_token")
 
 
-@dataclass(frozen=True)
-class OAuthSettings:
+class OAuthSettings(_Section, frozen=True):
     """OAuth2 client credentials for the upstream; no token_url means no token is fetched."""
 
-    token_url: str = ""
-    client_id: str = ""
-    client_secret: str = ""
-    scope: str = ""
-    auth_method: str = "client_secret_basic"
-    private_key_file: str = ""
-    refresh_leeway_s: float = 60
+    token_url: Annotated[str, _key("empty: no token is fetched (see upstream.bearer_token)")] = ""
+    client_id: Annotated[str, _key("")] = ""
+    client_secret: Annotated[str, _key('or client_secret_file = "/run/secrets/timeback"')] = ""
+    scope: Annotated[str, _key("")] = ""
+    auth_method: Annotated[
+        Literal["client_secret_basic", "client_secret_post", "private_key_jwt"], _key("")
+    ] = "client_secret_basic"
+    private_key_file: Annotated[str, _key("PEM key, for private_key_jwt")] = ""
+    refresh_leeway_s: Annotated[
+        float, _key("refresh this long before expiry (at most half a token's life)", ge=0)
+    ] = 60
 
     def __post_init__(self) -> None:
         _mask(self, "client_secret")
 
 
-@dataclass(frozen=True)
-class RetrySettings:
+class RetrySettings(_Section, frozen=True):
     """How failed deliveries are retried, and when they give up."""
 
-    initial_backoff_s: float = 1.0
-    max_backoff_s: float = 300.0
-    max_attempts: int = 0
-    max_age_s: float = 0
-    refusing_grace_s: float = 3600
+    initial_backoff_s: Annotated[float, _key("", gt=0)] = 1.0
+    max_backoff_s: Annotated[float, _key("", gt=0)] = 300.0
+    max_attempts: Annotated[
+        int, _key("0 = no limit; else dead-letter after this many failed attempts", ge=0)
+    ] = 0
+    max_age_s: Annotated[
+        float, _key("0 = no limit; else dead-letter events older than this", ge=0)
+    ] = 0
+    refusing_grace_s: Annotated[
+        float,
+        _key(
+            "a refusal every event gets is the platform's failure: events stay queued this "
+            "long before they are dead-lettered for it",
+            ge=0,
+        ),
+    ] = 3600
 
 
-@dataclass(frozen=True)
-class ValidationSettings:
+class ValidationSettings(_Section, frozen=True):
     """How strictly incoming events are checked."""
 
-    mode: str = "strict"
-    profile: str = "timeback"
+    mode: Annotated[
+        Literal["strict", "warn", "off"],
+        _key('"strict": reject invalid (422); "warn": accept and log; "off"'),
+    ] = "strict"
+    profile: Annotated[
+        Profile,
+        _key(
+            '"timeback": what TimeBack\'s platforms accept (Caliper 1.2, its additions, and the '
+            "SDK's TimebackProfile events); \"timeback-learnwith\": plus LearnWith.AI's identity "
+            'rules (urn:uuid actor and edApp); "caliper": Caliper 1.2 only'
+        ),
+    ] = "timeback"
 
 
-@dataclass(frozen=True)
-class OpsSettings:
+class OpsSettings(_Section, frozen=True):
     """Where operators' routes (health, readiness, metrics, status, dead letters) listen.
 
     `port = 0`: on the receiver's own listener. Otherwise a listener of their own, plain HTTP
     on `host` (loopback by default), whatever TLS and tokens the receiver has.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 0
+    host: Annotated[
+        str,
+        _key("operators' routes: /healthz, /readyz, /metrics, /v1/status, the dead-letter routes"),
+    ] = "127.0.0.1"
+    port: Annotated[
+        int,
+        _key(
+            "0: on the receiver's listener; else a plain HTTP listener of their own (what the "
+            "image's HEALTHCHECK uses)",
+            ge=0,
+            le=65535,
+        ),
+    ] = 0
 
 
-@dataclass(frozen=True)
-class AdminSettings:
+class AdminSettings(_Section, frozen=True):
     """Access to the dead-letter endpoints."""
 
-    token: str = ""
+    token: Annotated[
+        str, _key("admin endpoints need it; without it they answer on loopback only")
+    ] = ""
 
     def __post_init__(self) -> None:
         _mask(self, "token")
 
 
-@dataclass(frozen=True)
-class LogSettings:
+class LogSettings(_Section, frozen=True):
     """Log verbosity and rendering."""
 
-    level: str = "info"
-    format: str = "json"
+    level: Annotated[Literal["debug", "info", "warning", "error"], _key("")] = "info"
+    format: Annotated[Literal["json", "console"], _key("")] = "json"
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration of one sidecar."""
 
-    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
-    outbox: OutboxSettings = field(default_factory=OutboxSettings)
-    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
-    oauth: OAuthSettings = field(default_factory=OAuthSettings)
-    retry: RetrySettings = field(default_factory=RetrySettings)
-    validation: ValidationSettings = field(default_factory=ValidationSettings)
-    ops: OpsSettings = field(default_factory=OpsSettings)
-    admin: AdminSettings = field(default_factory=AdminSettings)
-    log: LogSettings = field(default_factory=LogSettings)
+    receiver: ReceiverSettings = msgspec.field(default_factory=ReceiverSettings)
+    outbox: OutboxSettings = msgspec.field(default_factory=OutboxSettings)
+    upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
+    oauth: OAuthSettings = msgspec.field(default_factory=OAuthSettings)
+    retry: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    validation: ValidationSettings = msgspec.field(default_factory=ValidationSettings)
+    ops: OpsSettings = msgspec.field(default_factory=OpsSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
 
     def __repr__(self) -> str:
         # The default repr would print secrets into tracebacks and logs.
         return f"Settings({redacted(self)!r})"
 
 
-SECTIONS: Final[dict[str, type[Any]]] = {
-    f.name: get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings)
+SECTIONS: Final[dict[str, type[_Section]]] = {
+    f.name: f.type for f in msgspec.structs.fields(Settings)
 }
+
 
 #: keys whose values never leave the process; each can also be read from `<key>_file`.
 SECRETS: Final = frozenset(
@@ -211,17 +321,6 @@ SECRETS: Final = frozenset(
         ("outbox", "url"),
     }
 )
-
-_CHOICES: Final[dict[tuple[str, str], tuple[str, ...]]] = {
-    ("outbox", "synchronous"): ("full", "normal"),
-    ("upstream", "platform"): tuple(PLATFORMS),
-    ("oauth", "auth_method"): ("client_secret_basic", "client_secret_post", "private_key_jwt"),
-    ("validation", "mode"): ("strict", "warn", "off"),
-    ("validation", "profile"): PROFILES,
-    ("log", "level"): ("debug", "info", "warning", "error"),
-    ("log", "format"): ("json", "console"),
-}
-
 
 #: where each key's value came from: "file <path>", "environment <VAR>", "preset <name>"…
 Origins = dict[tuple[str, str], str]
@@ -252,7 +351,7 @@ def load_settings(
             raise ConfigError(f"[{section}] must be a table")
         for key, value in table.items():
             target = _target_key(section, key, f"{section}.{key}")
-            values[section][key] = _coerce_toml(section, target, value, f"{section}.{key}")
+            values[section][key] = _convert(section, target, value, f"{section}.{key}")
             origins[(section, key)] = f"file {path}"
 
     for var, text in environ.items():
@@ -262,7 +361,8 @@ def load_settings(
         if section not in SECTIONS or not key:
             raise ConfigError(f"unknown environment variable {var}")
         target = _target_key(section, key, var)
-        values[section][key] = _coerce_env(section, target, text, var)
+        value = _from_env(section, target, text)
+        values[section][key] = _convert(section, target, value, var, lax=True)
         origins[(section, key)] = f"environment {var}"
 
     _resolve_secret_files(values, origins)
@@ -270,7 +370,10 @@ def load_settings(
     if "tokens" in values["receiver"]:
         # A blank token is no token: it must neither be accepted nor count as protection.
         values["receiver"]["tokens"] = tuple(t for t in values["receiver"]["tokens"] if t.strip())
-    settings = Settings(**{name: cls(**values[name]) for name, cls in SECTIONS.items()})
+    # Every value was converted (and checked) as it was read: building needs no second pass,
+    # which would also turn a SenderToken back into a plain string.
+    sections: dict[str, Any] = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
+    settings = Settings(**sections)
     _check(settings)
     return settings
 
@@ -296,48 +399,82 @@ def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
 
 
-def _fields(section: str) -> dict[str, Any]:
-    return get_type_hints(SECTIONS[section])
+def _types(section: str) -> dict[str, Any]:
+    """The type of each key of a section (bounds and choices included)."""
+    return {f.name: f.type for f in msgspec.structs.fields(SECTIONS[section])}
 
 
 def _target_key(section: str, key: str, where: str) -> str:
     """The settings field a key sets: itself, or the secret behind a `<secret>_file` key."""
-    if key in _fields(section):
+    if key in _types(section):
         return key
     if key.endswith("_file") and (section, key.removesuffix("_file")) in SECRETS:
         return key
     raise ConfigError(f"unknown key {where}")
 
 
-def _coerce_toml(section: str, key: str, value: Any, where: str) -> Any:
-    kind = _fields(section).get(key, str)
-    if kind == tuple[str, ...]:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(f"{where} must be an array of strings")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, bool):
-        raise ConfigError(f"{where} must be an integer, not a boolean")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where} must be {_describe(kind)}, got {type(value).__name__}")
-    return value
+def _from_env(section: str, key: str, text: str) -> Any:
+    """An environment variable's text as the TOML value it stands for: a list is
+    comma-separated; numbers are converted with the key's type."""
+    if _unwrap(_types(section).get(key)) == Strings:
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return text
 
 
-def _coerce_env(section: str, key: str, text: str, where: str) -> Any:
-    kind = _fields(section).get(key, str)
-    if kind == tuple[str, ...]:
-        return tuple(t.strip() for t in text.split(",") if t.strip())
-    if kind is str:
-        return text
+def _unwrap(kind: Any) -> Any:
+    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
+
+
+def _convert(section: str, key: str, value: Any, where: str, lax: bool = False) -> Any:
+    """A value converted to its key's type, its bounds and choices checked; ConfigError names
+    `where` (the key, or the environment variable) and says what was expected."""
+    kind = _types(section).get(key, str)  # a `<secret>_file` key is a path
     try:
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"{where} must be {_describe(kind)}, got {text!r}") from None
+        # Strict for TOML's own types (no "80" for a port, no true for a number); lax for the
+        # environment's strings, which stand for numbers.
+        return msgspec.convert(value, type=kind, strict=not lax)
+    except msgspec.ValidationError:
+        raise ConfigError(f"{where} {_expected(kind, value, lax)}") from None
 
 
-def _describe(kind: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+def _expected(kind: Any, value: Any, lax: bool) -> str:
+    """What a value of this type must be, in words, for an error message."""
+    info = msgspec.inspect.type_info(kind)
+    if isinstance(info, msgspec.inspect.Metadata):  # a key's description
+        info = info.type
+    if isinstance(info, msgspec.inspect.LiteralType):
+        # In the order written (the inspected values are sorted).
+        return f"must be one of {', '.join(get_args(_unwrap(kind)))}; got {value!r}"
+    if isinstance(info, msgspec.inspect.VarTupleType):
+        return "must be an array of strings"
+    if isinstance(info, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        noun = "an integer" if isinstance(info, msgspec.inspect.IntType) else "a number"
+        if isinstance(value, bool):
+            return f"must be {noun}, not a boolean"
+        # A string is a number only where it stands for one: in the environment.
+        number = _number(value) if lax or not isinstance(value, str) else None
+        if number is None:
+            got = repr(value) if lax else type(value).__name__
+            return f"must be {noun}, got {got}"
+        if info.ge is not None and info.le is not None:
+            return f"must be between {info.ge} and {info.le}; got {number}"
+        if info.gt == 0:
+            return f"must be greater than 0; got {number}"
+        if info.ge == 0:
+            return f"must not be negative; got {number}"
+        return f"must be {noun}; got {value!r}"
+    return f"must be a string, got {type(value).__name__}"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 def _resolve_secret_files(values: dict[str, dict[str, Any]], origins: Origins) -> None:
@@ -385,44 +522,11 @@ def _apply_preset(values: dict[str, dict[str, Any]], origins: Origins) -> None:
         raise ConfigError(f"upstream.preset {name!r} is unknown (known: {', '.join(PRESETS)})")
     for (section, key), value in PRESETS[name].items():
         if key not in values[section]:
-            values[section][key] = value
+            values[section][key] = _convert(section, key, value, f"preset {name}: {section}.{key}")
             origins[(section, key)] = f"preset {name}"
 
 
 def _check(s: Settings) -> None:
-    for (section, key), allowed in _CHOICES.items():
-        value = getattr(getattr(s, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{section}.{key} must be one of {', '.join(allowed)}; got {value!r}")
-    positive = {
-        "receiver.max_body_bytes": s.receiver.max_body_bytes,
-        "receiver.max_events_per_request": s.receiver.max_events_per_request,
-        "outbox.max_events": s.outbox.max_events,
-        "outbox.max_bytes": s.outbox.max_bytes,
-        "upstream.batch_max_events": s.upstream.batch_max_events,
-        "upstream.batch_max_bytes": s.upstream.batch_max_bytes,
-        "upstream.concurrency": s.upstream.concurrency,
-        "upstream.timeout_s": s.upstream.timeout_s,
-        "retry.initial_backoff_s": s.retry.initial_backoff_s,
-        "retry.max_backoff_s": s.retry.max_backoff_s,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be greater than 0; got {value}")
-    not_negative = {
-        "outbox.dedupe_window_s": s.outbox.dedupe_window_s,
-        "upstream.linger_ms": s.upstream.linger_ms,
-        "oauth.refresh_leeway_s": s.oauth.refresh_leeway_s,
-        "retry.max_attempts": s.retry.max_attempts,
-        "retry.max_age_s": s.retry.max_age_s,
-        "retry.refusing_grace_s": s.retry.refusing_grace_s,
-    }
-    for name, value in not_negative.items():
-        if value < 0:
-            raise ConfigError(f"{name} must not be negative; got {value}")
-    for name, port in (("receiver.port", s.receiver.port), ("ops.port", s.ops.port)):
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{name} must be between 0 and 65535; got {port}")
     if s.retry.max_backoff_s < s.retry.initial_backoff_s:
         raise ConfigError("retry.max_backoff_s must not be smaller than retry.initial_backoff_s")
     short = [i for i, token in enumerate(s.receiver.tokens, 1) if len(token) < MIN_SENDER_TOKEN]
@@ -480,7 +584,7 @@ def is_loopback(host: str) -> bool:
 
 def redacted(s: Settings) -> dict[str, dict[str, Any]]:
     """The settings as plain data, with every secret replaced by a marker."""
-    out = dataclasses.asdict(s)
+    out = {name: dict(msgspec.structs.asdict(getattr(s, name))) for name in SECTIONS}
     for section, key in SECRETS:
         value = out[section][key]
         if isinstance(value, tuple):
@@ -497,19 +601,19 @@ def render_toml(data: Mapping[str, Mapping[str, Any]], origins: Origins | None =
     for section, table in data.items():
         lines.append(f"[{section}]")
         for key, value in table.items():
-            line = f"{key} = {_toml_value(value)}"
+            line = f"{key} = {toml_value(value)}"
             origin = (origins or {}).get((section, key))
             lines.append(f"{line}  # {origin}" if origin else line)
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'

@@ -11,20 +11,23 @@ setting of the key wins.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Literal, get_args
 
 _CALIPER_WRITE_SCOPE: Final = "https://purl.imsglobal.org/spec/caliper/v1p2/scope/events.write"
 _COGNITO: Final = "https://{}-beyond-timeback-api-2-idp.auth.us-east-1.amazoncognito.com"
 
 Preset = MappingProxyType[tuple[str, str], str]
 
-#: the platforms events can be sent to, each with the path of its Caliper endpoint (None: any)
+#: the platforms events can be sent to (`upstream.platform`)
+Platform = Literal["learnwith-ai", "beyond-ai", "caliper"]
+#: the path of each platform's Caliper endpoint (None: any)
 PLATFORMS: Final[MappingProxyType[str, str | None]] = MappingProxyType(
     {"learnwith-ai": "/caliper/v1p2", "beyond-ai": "/caliper/event", "caliper": None}
 )
 
 #: the validation profiles (`validation.profile`), which the validator implements
-PROFILES: Final = ("timeback", "timeback-learnwith", "caliper")
+Profile = Literal["timeback", "timeback-learnwith", "caliper"]
+PROFILES: Final = get_args(Profile)
 
 
 def _learnwith(base: str) -> Preset:

@@ -9,11 +9,11 @@ nothing and says why; other keys changed in the file are named as needing a rest
 
 from __future__ import annotations
 
-import dataclasses
 import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
+import msgspec
 import structlog
 
 from caliper_sidecar.config import Settings
@@ -54,16 +54,16 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
         # the listener already uses takes the pair, and new handshakes get it.
         tls.load_cert_chain(new.receiver.tls_cert, new.receiver.tls_key)
         applied = sorted({*applied, "receiver.tls_cert", "receiver.tls_key"})
-    rt.settings = dataclasses.replace(
+    rt.settings = msgspec.structs.replace(
         old,
-        receiver=dataclasses.replace(
+        receiver=msgspec.structs.replace(
             old.receiver,
             tokens=new.receiver.tokens,
             tls_cert=new.receiver.tls_cert if tls is not None else old.receiver.tls_cert,
             tls_key=new.receiver.tls_key if tls is not None else old.receiver.tls_key,
         ),
-        admin=dataclasses.replace(old.admin, token=new.admin.token),
-        log=dataclasses.replace(old.log, level=new.log.level),
+        admin=msgspec.structs.replace(old.admin, token=new.admin.token),
+        log=msgspec.structs.replace(old.log, level=new.log.level),
     )
     set_level(new.log.level)
     log.warning("reloaded", applied=applied, needs_restart=later)
@@ -72,10 +72,10 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
 
 def _changed(old: Settings, new: Settings) -> set[tuple[str, str]]:
     out = set()
-    for section in dataclasses.fields(old):
+    for section in msgspec.structs.fields(old):
         before: Any = getattr(old, section.name)
         after: Any = getattr(new, section.name)
-        for key in dataclasses.fields(before):
+        for key in msgspec.structs.fields(before):
             if getattr(before, key.name) != getattr(after, key.name):
                 out.add((section.name, key.name))
     return out

@@ -4,7 +4,6 @@ CLI in a subprocess, and valid events."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import resource
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from caliper_sidecar.app import Sidecar, start
@@ -118,10 +118,10 @@ def settings_for(platform: RunningFake, tmp_path: Path, **sections: dict[str, An
         log=LogSettings(level="warning"),
     )
     changes = {
-        name: dataclasses.replace(getattr(base, name), **values)
+        name: msgspec.structs.replace(getattr(base, name), **values)
         for name, values in sections.items()
     }
-    return dataclasses.replace(base, **changes)
+    return msgspec.structs.replace(base, **changes)
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ the SDK's shape, validation only, and each event's journey."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -186,9 +186,9 @@ class TestTokens:
                     assert resp.status == 404  # authenticated: the job is what is missing
         finally:
             await again.stop()
-        revoked = dataclasses.replace(
+        revoked = msgspec.structs.replace(
             settings,
-            receiver=dataclasses.replace(settings.receiver, tokens=("app-token-2-abcdef",)),
+            receiver=msgspec.structs.replace(settings.receiver, tokens=("app-token-2-abcdef",)),
         )
         third = await start(revoked)
         try:

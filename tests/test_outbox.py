@@ -10,6 +10,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -51,7 +52,7 @@ class TestFile:
 
     @pytest.mark.parametrize(("mode", "level"), [("full", 2), ("normal", 1)])
     async def test_synchronous_applied_to_every_write(
-        self, tmp_path: Path, mode: str, level: int
+        self, tmp_path: Path, mode: Literal["full", "normal"], level: int
     ) -> None:
         """outbox.synchronous governs every commit: ingest, and delivery outcomes (so that a
         power cut re-sends only what was in flight); reads and checkpoints run at NORMAL."""

@@ -4,12 +4,12 @@ while running, reached through links, and dead letters by the hundred thousand."
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from caliper_sidecar.app import start
@@ -105,8 +105,8 @@ class TestOneRunPerOutboxThroughLinks:
                 alias.symlink_to(first.outbox.path)
             else:
                 os.link(first.outbox.path, alias)
-            second = dataclasses.replace(
-                first, outbox=dataclasses.replace(first.outbox, path=str(alias))
+            second = msgspec.structs.replace(
+                first, outbox=msgspec.structs.replace(first.outbox, path=str(alias))
             )
             with pytest.raises(OutboxLocked, match="in use"):
                 await start(second)

@@ -4,12 +4,12 @@ PostgreSQL (skipped, saying why, where none answers)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -35,7 +35,9 @@ async def test_answers_carry_no_storage_internals(
     address, appear only in the log line with that id."""
     await empty(database)
     base = settings_for(platform, tmp_path)
-    settings = dataclasses.replace(base, outbox=dataclasses.replace(base.outbox, url=database))
+    settings = msgspec.structs.replace(
+        base, outbox=msgspec.structs.replace(base.outbox, url=database)
+    )
     sidecar = await start(settings)
     conn = await asyncpg.connect(database)
     try:

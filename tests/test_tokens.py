@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 
 from caliper_sidecar.config import OAuthSettings
@@ -32,7 +32,7 @@ def oauth(platform: RunningFake, **changes: object) -> OAuthSettings:
         client_id=platform.fake.client_id,
         client_secret=platform.fake.client_secret,
     )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+    return msgspec.structs.replace(base, **changes)
 
 
 class Clock:

@@ -1,6 +1,6 @@
 """The HTTP API as an OpenAPI 3.1 document: what `GET /openapi.json` serves, and what
-`docs/openapi.json` holds (the same bytes; `python -m caliper_sidecar.http.openapi >
-docs/openapi.json` writes it, and a test compares them)."""
+`docs/openapi.json` holds (the same bytes, written by `python -m caliper_sidecar.tools.reference`;
+a test compares them)."""
 
 from __future__ import annotations
 
@@ -656,9 +656,3 @@ _SCHEMAS: Final[dict[str, Any]] = {
 def rendered() -> bytes:
     """The document as served and as committed: stable bytes."""
     return (json.dumps(document(), indent=2, ensure_ascii=False) + "\n").encode()
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.stdout.buffer.write(rendered())

@@ -1,0 +1,43 @@
+"""Files generated from the code (tools/reference.py) are what the code generates now: a key,
+a default, a description or an answer body changed without regenerating fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from caliper_sidecar.presets import PLATFORMS, Platform
+from caliper_sidecar.tools import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", list(reference.generated()), ids=str)
+def test_generated_file_has_not_drifted(path: Path) -> None:
+    """Regenerate with `python -m caliper_sidecar.tools.reference`."""
+    assert (ROOT / path).read_bytes() == reference.generated()[path]
+
+
+def test_the_example_config_describes_every_key() -> None:
+    """Every key has a meaning, or choices that say it."""
+    text = reference.example_toml()
+    for line in text.splitlines():
+        if " = " in line and not line.startswith("#"):
+            assert "#" in line or line.split(" = ")[0] in _SELF_EXPLAINING, line
+
+
+#: keys whose name says it all
+_SELF_EXPLAINING = {
+    "port",
+    "client_id",
+    "scope",
+    "initial_backoff_s",
+    "max_backoff_s",
+}
+
+
+def test_the_platform_type_names_every_platform() -> None:
+    """`upstream.platform`'s type and the platforms' endpoint paths name the same platforms."""
+    assert set(get_args(Platform)) == set(PLATFORMS)

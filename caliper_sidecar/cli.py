@@ -288,6 +288,7 @@ def _outbox_stats(args: argparse.Namespace) -> int:
 def _dead_list(args: argparse.Namespace) -> int:
     from caliper_sidecar.codec import utc_from_timestamp
     from caliper_sidecar.http.admin import dead_letter_document
+    from caliper_sidecar.http.bodies import encode
     from caliper_sidecar.outbox.base import DEAD_CHUNK
 
     async def go() -> int:
@@ -298,7 +299,7 @@ def _dead_list(args: argparse.Namespace) -> int:
                 items = await outbox.dead_letters(min(DEAD_CHUNK, args.limit - shown), after)
                 for d in items:
                     if args.json:
-                        print(json.dumps(dead_letter_document(d)))
+                        print(encode(dead_letter_document(d)).decode())
                     else:
                         status = f"HTTP {d.status}" if d.status else "-"
                         print(

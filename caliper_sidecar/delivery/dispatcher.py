@@ -120,14 +120,10 @@ class Dispatcher:
         await asyncio.gather(*self._bookkeeping, return_exceptions=True)
         return cut
 
-    def status(self) -> dict[str, object]:
-        return {
-            "state": self.state.value,
-            "last_error": self.last_error,
-            "last_error_at": self.last_error_at,
-            "retry_in_s": round(self._circuit.retry_in(), 3),
-            "in_flight": self.in_flight,
-        }
+    @property
+    def retry_in_s(self) -> float:
+        """Seconds until the next attempt while backing off; 0 when sending."""
+        return round(self._circuit.retry_in(), 3)
 
     # -- claiming --------------------------------------------------------------------------
 

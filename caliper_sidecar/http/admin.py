@@ -3,19 +3,20 @@ is set, a request from this machine."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from caliper_sidecar import codec
 from caliper_sidecar.config import is_loopback
+from caliper_sidecar.http import bodies
 from caliper_sidecar.http.auth import bearer_matches
 from caliper_sidecar.http.errors import ApiError, json_response
 from caliper_sidecar.http.requests import read_body
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
+from caliper_sidecar.outbox.base import DeadLetter
 
 log = structlog.get_logger("sidecar.admin")
 
@@ -81,27 +82,29 @@ async def list_dead_letters(request: web.Request) -> web.Response:
         raise ApiError(400, "bad_request", "limit must be an integer") from None
     items = await rt.outbox.dead_letters(limit, request.query.get("after") or None)
     return json_response(
-        {
-            "dead_letters": [dead_letter_document(d) for d in items],
-            "next_after": items[-1].id if len(items) == limit else None,
-        }
+        bodies.DeadLetters(
+            dead_letters=[dead_letter_document(d) for d in items],
+            next_after=items[-1].id if len(items) == limit else None,
+        )
     )
 
 
-def dead_letter_document(d: Any) -> dict[str, Any]:
+def dead_letter_document(d: DeadLetter) -> bodies.DeadLetterItem:
     """A dead letter as JSON: the event itself, and why it died (times in ISO 8601, UTC)."""
-    return {
-        "id": d.id,
-        "reason": d.reason,
-        "status": d.status,
-        "response": d.response,
-        "attempts": d.attempts,
-        "received_at": codec.utc_from_timestamp(d.received_at),
-        "first_attempt_at": codec.utc_from_timestamp(d.first_attempt_at),
-        "last_attempt_at": codec.utc_from_timestamp(d.last_attempt_at),
-        "dead_lettered_at": codec.utc_from_timestamp(d.dead_lettered_at),
-        "event": json.loads(d.body),
-    }
+    time = codec.utc_from_timestamp
+    return bodies.DeadLetterItem(
+        id=d.id,
+        reason=d.reason,
+        status=d.status,
+        response=d.response,
+        attempts=d.attempts,
+        received_at=time(d.received_at),
+        first_attempt_at=time(d.first_attempt_at),
+        last_attempt_at=time(d.last_attempt_at),
+        dead_lettered_at=time(d.dead_lettered_at),
+        # As it was stored: valid JSON, written as it is (not parsed and written again).
+        event=msgspec.Raw(d.body),
+    )
 
 
 async def _selection(request: web.Request) -> Sequence[str] | None:
@@ -124,7 +127,7 @@ async def replay(request: web.Request) -> web.Response:
     selection = await _selection(request)
     count = await rt.outbox.replay_dead_letters(selection)
     _logged("dead_letters_replayed", request, who, selection, count)
-    return json_response({"replayed": count})
+    return json_response(bodies.Replayed(replayed=count))
 
 
 async def purge(request: web.Request) -> web.Response:
@@ -133,7 +136,7 @@ async def purge(request: web.Request) -> web.Response:
     selection = await _selection(request)
     count = await rt.outbox.purge_dead_letters(selection)
     _logged("dead_letters_purged", request, who, selection, count)
-    return json_response({"purged": count})
+    return json_response(bodies.Purged(purged=count))
 
 
 def _logged(

@@ -20,6 +20,7 @@ from typing import Final
 
 from aiohttp import web
 
+from caliper_sidecar.http import bodies
 from caliper_sidecar.http.errors import json_response
 from caliper_sidecar.http.runtime import RUNTIME
 
@@ -72,14 +73,13 @@ async def cross_origin(
     if origin is None or not _cross_origin_route(request):
         return await handler(request)
     if origin not in request.app[RUNTIME].settings.receiver.cors_origins:
-        return json_response(
-            {
-                "error": "forbidden_origin",
-                "message": f"the web origin {origin[:100]!r} may not send here; list it in "
-                "receiver.cors_origins",
-            },
-            status=403,
+        # Answered here, not raised: this middleware runs outside the one that answers errors.
+        refused = bodies.Error(
+            error="forbidden_origin",
+            message=f"the web origin {origin[:100]!r} may not send here; list it in "
+            "receiver.cors_origins",
         )
+        return json_response(refused, status=403)
     response = await handler(request)
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Access-Control-Expose-Headers"] = "Retry-After"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 
 import structlog
 from aiohttp import web
 
-from caliper_sidecar import codec
 from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.http import bodies
 
 log = structlog.get_logger("sidecar.errors")
 
@@ -25,7 +25,8 @@ _BODY_HEADERS: Final = frozenset({"content-type", "content-length"})
 
 class ApiError(Exception):
     """An answer with an error: its status, a machine-readable word, a message for people,
-    headers (Retry-After, WWW-Authenticate) and any further fields of the body."""
+    headers (Retry-After, WWW-Authenticate), and the body when it says more than those two
+    (the findings of invalid events)."""
 
     def __init__(
         self,
@@ -33,31 +34,31 @@ class ApiError(Exception):
         error: str,
         message: str,
         headers: dict[str, str] | None = None,
-        **extra: Any,
+        body: bodies.Body | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body: dict[str, Any] = {"error": error, "message": message, **extra}
+        self.error = error
+        self.body = body if body is not None else bodies.Error(error=error, message=message)
         self.headers: dict[str, str] = headers or {}
 
 
 def json_response(
-    body: Any, status: int = 200, headers: dict[str, str] | None = None
+    body: bodies.Body, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     """Every JSON answer of every route, errors or not."""
     return web.Response(
-        body=codec.dumps(body), status=status, headers=headers, content_type="application/json"
+        body=bodies.encode(body), status=status, headers=headers, content_type="application/json"
     )
 
 
-def unavailable_body(error: OutboxUnavailable, path: str) -> dict[str, Any]:
+def unavailable_body(error: OutboxUnavailable, path: str) -> bodies.Error:
     """The JSON body of a 503 for this failure; a failure with a detail is logged with the
     request id the body carries."""
-    body: dict[str, Any] = {"error": error.reason, "message": str(error)}
+    body = bodies.Error(error=error.reason, message=str(error))
     if error.detail is not None:
-        request_id = uuid.uuid4().hex[:16]
-        log.error("storage_error", request_id=request_id, path=path, detail=error.detail)
-        body["request_id"] = request_id
+        body.request_id = uuid.uuid4().hex[:16]
+        log.error("storage_error", request_id=body.request_id, path=path, detail=error.detail)
     return body
 
 
@@ -65,13 +66,8 @@ def unavailable(error: OutboxUnavailable, path: str) -> ApiError:
     """An unusable outbox (full, a full disk, shutting down, a storage error) as a 503 with
     Retry-After."""
     body = unavailable_body(error, path)
-    return ApiError(
-        503,
-        body.pop("error"),
-        body.pop("message"),
-        {"Retry-After": str(error.retry_after_s)},
-        **body,
-    )
+    retry = {"Retry-After": str(error.retry_after_s)}
+    return ApiError(503, body.error, body.message, retry, body)
 
 
 @web.middleware
@@ -95,4 +91,4 @@ async def errors_as_json(
         headers = {k: v for k, v in e.headers.items() if k.lower() not in _BODY_HEADERS}
         message = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
         error = e.reason.lower().replace(" ", "_").replace("-", "_")
-        return json_response({"error": error, "message": message}, e.status, headers)
+        return json_response(bodies.Error(error=error, message=message), e.status, headers)

@@ -20,6 +20,7 @@ from aiohttp import web
 from caliper_sidecar import codec
 from caliper_sidecar.envelope import MAX_SENSOR_BYTES, sensor_bytes
 from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.http import bodies
 from caliper_sidecar.http.errors import ApiError, json_response, unavailable
 from caliper_sidecar.http.requests import authenticate, read_body, too_large
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
@@ -46,24 +47,20 @@ def routes() -> list[web.RouteDef]:
 
 
 def _answer_v1(accepted: Accepted) -> web.Response:
-    body: dict[str, Any] = {
-        "accepted": accepted.result.accepted,
-        "duplicates": accepted.result.duplicates,
-        "ids": accepted.ids,
-    }
+    body = bodies.Accepted(
+        accepted=accepted.result.accepted,
+        duplicates=accepted.result.duplicates,
+        ids=accepted.ids,
+    )
     if accepted.report.warnings:
-        body["warnings"] = [f.as_dict() for f in accepted.report.warnings]
-        body["warnings_total"] = accepted.report.warning_count
+        body.warnings = accepted.report.warnings
+        body.warnings_total = accepted.report.warning_count
     return json_response(body, 202)
 
 
 def _answer_caliper(accepted: Accepted) -> web.Response:
-    # TimeBack's answer (its SDK reads `jobId`); IMS Caliper sensors look only at the status.
-    body = {
-        "status": "success",
-        "jobId": accepted.job,
-        "eventsAccepted": accepted.result.accepted,
-    }
+    assert accepted.job is not None  # this route is built with_job
+    body = bodies.CaliperAccepted(jobId=accepted.job, eventsAccepted=accepted.result.accepted)
     return json_response(body, 200)
 
 
@@ -81,8 +78,8 @@ def _ingest_route(
             status = response.status
             return response
         except ApiError as e:  # counted and logged here, answered by errors_as_json
-            rt.metrics.events_rejected.labels(reason=e.body["error"]).inc(fields.get("events", 1))
-            fields["error"] = e.body["error"]
+            rt.metrics.events_rejected.labels(reason=e.error).inc(fields.get("events", 1))
+            fields["error"] = e.error
             status = e.status
             raise
         finally:
@@ -133,22 +130,20 @@ async def _ingest_body(
     if report.warnings:
         fields["warnings"] = [f"{f.index}{f.path}: {f.rule}" for f in report.warnings[:20]]
     if not report.ok:
-        raise ApiError(
-            422,
-            "invalid_events",
-            f"{report.error_count} problem(s) found; nothing of this request was stored",
-            errors=[f.as_dict() for f in report.errors],
-            errors_total=report.error_count,
+        message = f"{report.error_count} problem(s) found; nothing of this request was stored"
+        invalid = bodies.Invalid(
+            message=message, errors=report.errors, errors_total=report.error_count
         )
+        raise ApiError(422, invalid.error, message, body=invalid)
     batch = []
-    bodies, sensor = received.bodies()
+    raw, sensor = received.bodies()
     if sensor is not None and sensor_bytes(sensor) > MAX_SENSOR_BYTES:
         raise ApiError(
             400,
             "malformed_envelope",
             f"the envelope's sensor is longer than {MAX_SENSOR_BYTES} bytes",
         )
-    for index, (event_id, body) in enumerate(zip(received.ids, bodies, strict=True)):
+    for index, (event_id, body) in enumerate(zip(received.ids, raw, strict=True)):
         if len(body) > rt.max_event_bytes:
             raise ApiError(
                 413,
@@ -191,13 +186,11 @@ async def validate_only(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     authenticate(rt, request)
     report = (await _read_events(rt, request)).report
-    body: dict[str, Any] = {"status": "success" if report.ok else "error"}
+    body = bodies.Validation(status="success" if report.ok else "error")
     if not report.ok:
-        body["errors"] = [f.as_dict() for f in report.errors]
-        body["errors_total"] = report.error_count
+        body.errors, body.errors_total = report.errors, report.error_count
     if report.warnings:
-        body["warnings"] = [f.as_dict() for f in report.warnings]
-        body["warnings_total"] = report.warning_count
+        body.warnings, body.warnings_total = report.warnings, report.warning_count
     return json_response(body, 200)
 
 

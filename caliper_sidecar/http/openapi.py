@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+import msgspec
+
 from caliper_sidecar import __version__
+from caliper_sidecar.http import bodies
 from caliper_sidecar.http.cors import CROSS_ORIGIN_PATHS
 
 JSON: Final = "application/json"
@@ -257,8 +260,8 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
-            "/v1/dead-letters/replay": _admin("Put dead letters back in the queue", "replayed"),
-            "/v1/dead-letters/purge": _admin("Delete dead letters for good", "purged"),
+            "/v1/dead-letters/replay": _admin("Put dead letters back in the queue", "Replayed"),
+            "/v1/dead-letters/purge": _admin("Delete dead letters for good", "Purged"),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
@@ -266,7 +269,7 @@ def document() -> dict[str, Any]:
                 }
             },
         },
-        "components": {"securitySchemes": _SECURITY, "schemas": _SCHEMAS},
+        "components": {"securitySchemes": _SECURITY, "schemas": _schemas()},
     }
     for path in CROSS_ORIGIN_PATHS:
         document["paths"][path]["options"] = {
@@ -342,14 +345,7 @@ def _admin(summary: str, counted: str) -> dict[str, Any]:
             "security": _OPERATOR,
             "requestBody": _selection_body(),
             "responses": {
-                "200": _answer(
-                    "done",
-                    {
-                        "type": "object",
-                        "required": [counted],
-                        "properties": {counted: {"type": "integer", "minimum": 0}},
-                    },
-                ),
+                "200": _answer("done", _ref(counted)),
                 "400": _answer("not {ids} or {all: true}", _ERROR),
                 "401": _ERRORS["401"],
                 "403": _answer(
@@ -373,284 +369,18 @@ _SECURITY: Final = {
     },
     "admin": {"type": "http", "scheme": "bearer", "description": "admin.token"},
 }
-_TIME = {"type": ["string", "null"], "format": "date-time"}
-_FINDING = {
-    "type": "object",
-    "required": ["index", "path", "message", "rule"],
-    "properties": {
-        "index": {"type": ["integer", "null"]},
-        "path": {"type": "string"},
-        "message": {"type": "string"},
-        "rule": {"type": "string"},
-    },
-}
-_SCHEMAS: Final[dict[str, Any]] = {
-    "Events": {
+
+
+def _schemas() -> dict[str, Any]:
+    """The request body's schema, and every answer body's, generated from http/bodies.py."""
+    _, answers = msgspec.json.schema_components(
+        bodies.DOCUMENTED, ref_template="#/components/schemas/{name}"
+    )
+    events = {
         "description": "an event (an object with an action), an array of them, or an envelope",
         "oneOf": [{"type": "object"}, {"type": "array", "items": {}}],
-    },
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-    },
-    "Invalid": {
-        "type": "object",
-        "required": ["error", "errors"],
-        "properties": {
-            "error": {"const": "invalid_events"},
-            "message": {"type": "string"},
-            "errors": {"type": "array", "items": _FINDING},
-            "errors_total": {"type": "integer"},
-        },
-    },
-    "Accepted": {
-        "type": "object",
-        "required": ["accepted", "duplicates", "ids"],
-        "properties": {
-            "accepted": {"type": "integer", "minimum": 0},
-            "duplicates": {"type": "integer", "minimum": 0},
-            "ids": {"type": "array", "items": {"type": "string"}},
-            "warnings": {"type": "array", "items": _FINDING},
-            "warnings_total": {"type": "integer"},
-        },
-    },
-    "CaliperAccepted": {
-        "type": "object",
-        "required": ["status", "jobId", "eventsAccepted"],
-        "properties": {
-            "status": {"const": "success"},
-            "jobId": {"type": "string"},
-            "eventsAccepted": {"type": "integer", "minimum": 0},
-        },
-    },
-    "Validation": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {
-            "status": {"enum": ["success", "error"]},
-            "errors": {"type": "array", "items": _FINDING},
-            "errors_total": {"type": "integer"},
-            "warnings": {"type": "array", "items": _FINDING},
-            "warnings_total": {"type": "integer"},
-        },
-    },
-    "Token": {
-        "type": "object",
-        "required": ["access_token", "token_type", "expires_in"],
-        "additionalProperties": False,
-        "properties": {
-            "access_token": {"type": "string"},
-            "token_type": {"const": "Bearer"},
-            "expires_in": {"type": "integer"},
-            "scope": {"type": "string"},
-        },
-    },
-    "OAuthError": {
-        "type": "object",
-        "required": ["error", "error_description", "message"],
-        "additionalProperties": False,
-        "properties": {
-            "error": {"enum": ["invalid_request", "unsupported_grant_type", "invalid_client"]},
-            "error_description": {"type": "string"},
-            "message": {"type": "string"},
-        },
-    },
-    "JobStatus": {
-        "type": "object",
-        "required": ["job"],
-        "properties": {
-            "job": {
-                "type": "object",
-                "required": ["id", "state", "returnValue", "processedOn"],
-                "additionalProperties": False,
-                "properties": {
-                    "id": {"type": "string"},
-                    "state": {"enum": ["waiting", "active", "completed", "failed"]},
-                    "returnValue": {
-                        "type": ["object", "null"],
-                        "properties": {
-                            "status": {"enum": ["success", "error"]},
-                            "results": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "required": ["allocatedId", "externalId"],
-                                    "properties": {
-                                        "allocatedId": {"type": "string"},
-                                        "externalId": {"type": "string"},
-                                    },
-                                },
-                            },
-                        },
-                    },
-                    "processedOn": _TIME,
-                    "failedReason": {"type": "string"},
-                },
-            }
-        },
-    },
-    "Journey": {
-        "type": "object",
-        "required": [
-            "id",
-            "state",
-            "received_at",
-            "attempts",
-            "first_attempt_at",
-            "last_attempt_at",
-            "last_error",
-            "delivered_at",
-            "platform_job",
-            "platform_id",
-            "confirmed_at",
-            "unconfirmed_reason",
-            "sensor",
-            "sender",
-        ],
-        "additionalProperties": False,
-        "properties": {
-            "id": {"type": "string"},
-            "state": {
-                "enum": [
-                    "waiting",
-                    "delivered",
-                    "awaiting_confirmation",
-                    "confirmed",
-                    "unconfirmed",
-                    "dead_lettered",
-                ]
-            },
-            "received_at": _TIME,
-            "attempts": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "every send of the event, the one that succeeded included",
-            },
-            "first_attempt_at": _TIME,
-            "last_attempt_at": _TIME,
-            "last_error": {"type": ["string", "null"]},
-            "delivered_at": _TIME,
-            "platform_job": {"type": ["string", "null"]},
-            "platform_id": {"type": ["string", "null"]},
-            "confirmed_at": _TIME,
-            "unconfirmed_reason": {
-                "type": ["string", "null"],
-                "description": "why an `unconfirmed` event can never be confirmed",
-            },
-            "sensor": {
-                "type": ["string", "null"],
-                "description": "the sensor of the app's envelope (null: sent bare)",
-            },
-            "sender": {
-                "type": ["string", "null"],
-                "description": "the label of the sender token it came with (receiver.tokens_file)",
-            },
-            "dead_letter": {
-                "type": "object",
-                "required": ["reason", "status", "response", "dead_lettered_at"],
-                "additionalProperties": False,
-                "properties": {
-                    "reason": {"type": "string"},
-                    "status": {"type": ["integer", "null"]},
-                    "response": {"type": "string"},
-                    "dead_lettered_at": _TIME,
-                },
-            },
-        },
-    },
-    "Health": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
-    },
-    "Status": {
-        "type": "object",
-        "required": ["version", "accepting", "outbox", "upstream"],
-        "additionalProperties": False,
-        "properties": {
-            "version": {"type": "string"},
-            "accepting": {"type": "boolean"},
-            "outbox": {
-                "type": "object",
-                "required": [
-                    "events",
-                    "bytes",
-                    "oldest_age_s",
-                    "dead_letters",
-                    "delivered_total",
-                    "dead_lettered_total",
-                ],
-                "additionalProperties": False,
-                "properties": {
-                    "events": {"type": "integer"},
-                    "bytes": {"type": "integer"},
-                    "oldest_age_s": {"type": ["number", "null"]},
-                    "dead_letters": {"type": "integer"},
-                    "delivered_total": {"type": "integer"},
-                    "dead_lettered_total": {"type": "integer"},
-                },
-            },
-            "upstream": {
-                "type": "object",
-                "required": [
-                    "platform",
-                    "endpoint",
-                    "state",
-                    "last_error",
-                    "last_error_at",
-                    "retry_in_s",
-                    "in_flight",
-                    "token_expires_at",
-                ],
-                "additionalProperties": False,
-                "properties": {
-                    "platform": {"enum": ["learnwith-ai", "beyond-ai", "caliper"]},
-                    "endpoint": {"type": "string"},
-                    "state": {
-                        "enum": ["ok", "backing_off", "auth_failed", "endpoint_failed", "refusing"]
-                    },
-                    "last_error": {"type": ["string", "null"]},
-                    "last_error_at": _TIME,
-                    "retry_in_s": {"type": "number", "minimum": 0},
-                    "in_flight": {"type": "integer", "minimum": 0},
-                    "token_expires_at": _TIME,
-                    "platform_jobs": {
-                        "type": "object",
-                        "required": ["following", "unconfirmed"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "following": {"type": "integer", "minimum": 0},
-                            "unconfirmed": {"type": "integer", "minimum": 0},
-                        },
-                    },
-                },
-            },
-        },
-    },
-    "DeadLetters": {
-        "type": "object",
-        "required": ["dead_letters", "next_after"],
-        "properties": {
-            "dead_letters": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["id", "reason", "attempts", "event"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "reason": {"type": "string"},
-                        "status": {"type": ["integer", "null"]},
-                        "attempts": {"type": "integer"},
-                        "dead_lettered_at": _TIME,
-                        "event": {},
-                    },
-                },
-            },
-            "next_after": {"type": ["string", "null"]},
-        },
-    },
-}
+    }
+    return {"Events": events, **answers}
 
 
 def rendered() -> bytes:

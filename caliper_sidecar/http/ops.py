@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 from importlib import resources
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
 from caliper_sidecar import __version__, codec
 from caliper_sidecar.config import is_loopback
 from caliper_sidecar.exceptions import OutboxUnavailable
-from caliper_sidecar.http import openapi
+from caliper_sidecar.http import bodies, openapi
 from caliper_sidecar.http.auth import bearer_matches
 from caliper_sidecar.http.errors import ApiError, json_response
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.metrics import Snapshot
+from caliper_sidecar.states import UpstreamState
 
 #: the status page: plain HTML and a little JavaScript, no build step, nothing fetched from
 #: elsewhere (a classroom box may be offline); it holds no data, and asks /v1/status and
@@ -52,15 +53,15 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "alive"})
+    return json_response(bodies.Health(status="alive"))
 
 
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     reason = await not_ready_reason(rt)
     if reason is None:
-        return json_response({"status": "ready"})
-    return json_response({"status": "not_ready", "reason": reason}, status=503)
+        return json_response(bodies.Health(status="ready"))
+    return json_response(bodies.Health(status="not_ready", reason=reason), status=503)
 
 
 async def not_ready_reason(rt: Runtime) -> str | None:
@@ -132,36 +133,41 @@ async def status(request: web.Request) -> web.Response:
     return json_response(await status_document(rt))
 
 
-async def status_document(rt: Runtime) -> dict[str, Any]:
+async def status_document(rt: Runtime) -> bodies.Status:
     stats = await rt.outbox.stats()
-    upstream: dict[str, Any] = {
-        "platform": rt.settings.upstream.platform,
-        "endpoint": rt.settings.upstream.endpoint,
-    }
-    if rt.dispatcher is not None:
-        upstream.update(rt.dispatcher.status())
-        upstream["last_error_at"] = codec.utc_from_timestamp(rt.dispatcher.last_error_at)
+    dispatcher = rt.dispatcher
     expires_at = rt.tokens.expires_at if rt.tokens is not None else None
-    upstream["token_expires_at"] = codec.utc_from_timestamp(expires_at)
+    upstream = bodies.UpstreamStatus(
+        platform=rt.settings.upstream.platform,
+        endpoint=rt.settings.upstream.endpoint,
+        state=dispatcher.state if dispatcher is not None else UpstreamState.OK,
+        last_error=dispatcher.last_error if dispatcher is not None else None,
+        last_error_at=codec.utc_from_timestamp(
+            dispatcher.last_error_at if dispatcher is not None else None
+        ),
+        retry_in_s=dispatcher.retry_in_s if dispatcher is not None else 0.0,
+        in_flight=dispatcher.in_flight if dispatcher is not None else 0,
+        token_expires_at=codec.utc_from_timestamp(expires_at),
+    )
     if rt.settings.upstream.jobs_url:
         # Processing confirmation: jobs followed now, and those given up on (never finished).
-        upstream["platform_jobs"] = {
-            "following": rt.follower.following if rt.follower is not None else 0,
-            "unconfirmed": stats.platform_jobs.get("unconfirmed", 0),
-        }
-    return {
-        "version": __version__,
-        "accepting": rt.accepting,
-        "outbox": {
-            "events": stats.events,
-            "bytes": stats.bytes,
-            "oldest_age_s": _age(stats.oldest_received_at),
-            "dead_letters": stats.dead_letters,
-            "delivered_total": stats.delivered_total,
-            "dead_lettered_total": stats.dead_lettered_total,
-        },
-        "upstream": upstream,
-    }
+        upstream.platform_jobs = bodies.PlatformJobsStatus(
+            following=rt.follower.following if rt.follower is not None else 0,
+            unconfirmed=stats.platform_jobs.get("unconfirmed", 0),
+        )
+    return bodies.Status(
+        version=__version__,
+        accepting=rt.accepting,
+        outbox=bodies.OutboxStatus(
+            events=stats.events,
+            bytes=stats.bytes,
+            oldest_age_s=_age(stats.oldest_received_at),
+            dead_letters=stats.dead_letters,
+            delivered_total=stats.delivered_total,
+            dead_lettered_total=stats.dead_lettered_total,
+        ),
+        upstream=upstream,
+    )
 
 
 def _age(received_at: float | None) -> float | None:

@@ -15,7 +15,7 @@ import binascii
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Final
 from urllib.parse import parse_qsl
 
 import structlog
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from caliper_sidecar import codec
 from caliper_sidecar.exceptions import RetryLater
+from caliper_sidecar.http import bodies
 from caliper_sidecar.http.auth import (
     FAILURE_WINDOW_S,
     ISSUED_TTL_S,
@@ -30,7 +31,7 @@ from caliper_sidecar.http.auth import (
     issue_token,
     matching_token,
 )
-from caliper_sidecar.http.errors import json_response
+from caliper_sidecar.http.errors import ApiError, json_response
 from caliper_sidecar.http.requests import authenticate, read_body
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.ids import canonical_id
@@ -68,13 +69,11 @@ async def token(request: web.Request) -> web.Response:
     wait = rt.token_failures.retry_after(address)
     if wait is not None:
         _refused(rt, address, "slowed_down")
-        return json_response(
-            {
-                "error": "slow_down",
-                "message": f"more than {TOKEN_FAILURES_ALLOWED} refused token requests from "
-                f"this address in {FAILURE_WINDOW_S:g} s; try again in {wait} s",
-            },
+        raise ApiError(
             429,
+            "slow_down",
+            f"more than {TOKEN_FAILURES_ALLOWED} refused token requests from this address in "
+            f"{FAILURE_WINDOW_S:g} s; try again in {wait} s",
             {"Retry-After": str(wait)},
         )
     raw = await read_body(request)
@@ -113,13 +112,9 @@ async def token(request: web.Request) -> web.Response:
             {"WWW-Authenticate": 'Basic realm="caliper-sidecar"'},
         )
     rt.token_failures.succeeded(address)
-    answer: dict[str, Any] = {
-        "access_token": issue_token(matched),
-        "token_type": "Bearer",
-        "expires_in": ISSUED_TTL_S,
-    }
+    answer = bodies.Token(access_token=issue_token(matched), expires_in=ISSUED_TTL_S)
     if form.get("scope"):
-        answer["scope"] = str(form["scope"])
+        answer.scope = str(form["scope"])
     return json_response(answer, headers={"Cache-Control": "no-store"})
 
 
@@ -155,10 +150,12 @@ def _token_parameters(content_type: str, raw: bytes) -> dict[str, str] | None:
 
 
 def _oauth_error(
-    status: int, error: str, description: str, headers: dict[str, str] | None = None
+    status: int,
+    error: bodies.OAuthErrorCode,
+    description: str,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    # RFC 6749's `error_description`, and the sidecar's own `message` beside it.
-    body = {"error": error, "error_description": description, "message": description}
+    body = bodies.OAuthError(error=error, error_description=description, message=description)
     return json_response(body, status, headers)
 
 
@@ -193,43 +190,46 @@ async def job_status(request: web.Request) -> web.Response:
     job = request.match_info["job"]
     ids = await rt.outbox.job_event_ids(job)
     if ids is None:
-        return json_response({"error": "not_found", "message": f"no job {job!r}"}, 404)
+        raise ApiError(404, "not_found", f"no job {job!r}")
     journeys = await rt.outbox.journeys(ids)
-    return json_response({"job": job_document(job, ids, journeys)})
+    return json_response(bodies.JobStatus(job=job_document(job, ids, journeys)))
 
 
-def job_document(job: str, ids: list[str], journeys: dict[str, Journey]) -> dict[str, Any]:
+def job_document(job: str, ids: list[str], journeys: dict[str, Journey]) -> bodies.Job:
     """The job in the shape of TimeBack's `JobStatus`. An id the outbox no longer knows was
     delivered longer ago than `outbox.dedupe_window_s` (only delivered events are forgotten)."""
     found = [journeys.get(i) for i in ids]
     dead = [j for j in found if j is not None and j.dead_letter is not None]
     arrived = [j for j in found if j is None or j.state in _ARRIVED]
     results = [
-        {"allocatedId": j.platform_id or j.id, "externalId": j.id}
+        bodies.JobResult(allocatedId=j.platform_id or j.id, externalId=j.id)
         for j in found
         if j is not None and j.state in _ARRIVED
     ]
     finished = [j.confirmed_at or j.delivered_at for j in found if j is not None]
     processed_on = codec.utc_from_timestamp(max((t for t in finished if t), default=None))
-    document: dict[str, Any] = {"id": job, "returnValue": None, "processedOn": None}
     if dead:
-        document["state"] = "failed"
-        document["failedReason"] = "; ".join(
-            f"{j.id}: {j.dead_letter.reason} {j.dead_letter.response[:200]}".strip()
-            for j in dead
-            if j.dead_letter is not None
+        return bodies.Job(
+            id=job,
+            state="failed",
+            returnValue=bodies.JobReturn(status="error", results=results),
+            processedOn=processed_on,
+            failedReason="; ".join(
+                f"{j.id}: {j.dead_letter.reason} {j.dead_letter.response[:200]}".strip()
+                for j in dead
+                if j.dead_letter is not None
+            ),
         )
-        document["returnValue"] = {"status": "error", "results": results}
-        document["processedOn"] = processed_on
-    elif len(arrived) == len(found):
-        document["state"] = "completed"
-        document["returnValue"] = {"status": "success", "results": results}
-        document["processedOn"] = processed_on
-    elif any(j is not None and (j.state in _UNDER_WAY or j.attempts) for j in found):
-        document["state"] = "active"
-    else:
-        document["state"] = "waiting"
-    return document
+    if len(arrived) == len(found):
+        return bodies.Job(
+            id=job,
+            state="completed",
+            returnValue=bodies.JobReturn(status="success", results=results),
+            processedOn=processed_on,
+        )
+    if any(j is not None and (j.state in _UNDER_WAY or j.attempts) for j in found):
+        return bodies.Job(id=job, state="active")
+    return bodies.Job(id=job, state="waiting")
 
 
 @for_senders
@@ -240,42 +240,41 @@ async def journey(request: web.Request) -> web.Response:
     event_id = request.match_info["id"]
     found = (await rt.outbox.journeys([event_id])).get(canonical_id(event_id))
     if found is None:
-        return json_response(
-            {
-                "error": "not_found",
-                "message": f"the outbox does not know {event_id!r} (never received, or "
-                "delivered longer ago than outbox.dedupe_window_s)",
-            },
+        raise ApiError(
             404,
+            "not_found",
+            f"the outbox does not know {event_id!r} (never received, or delivered longer ago "
+            "than outbox.dedupe_window_s)",
         )
     return json_response(journey_document(found))
 
 
-def journey_document(j: Journey) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "id": j.id,
-        "state": j.state,
-        "received_at": codec.utc_from_timestamp(j.received_at),
-        "attempts": j.attempts,
-        "first_attempt_at": codec.utc_from_timestamp(j.first_attempt_at),
-        "last_attempt_at": codec.utc_from_timestamp(j.last_attempt_at),
-        "last_error": j.last_error,
-        "delivered_at": codec.utc_from_timestamp(j.delivered_at),
-        "platform_job": j.platform_job,
-        "platform_id": j.platform_id,
-        "confirmed_at": codec.utc_from_timestamp(j.confirmed_at),
-        "unconfirmed_reason": j.unconfirmed_reason,
-        "sensor": j.sensor,
-        "sender": j.sender,
-    }
+def journey_document(j: Journey) -> bodies.Journey:
+    time = codec.utc_from_timestamp
+    document = bodies.Journey(
+        id=j.id,
+        state=j.state,
+        received_at=time(j.received_at),
+        attempts=j.attempts,
+        first_attempt_at=time(j.first_attempt_at),
+        last_attempt_at=time(j.last_attempt_at),
+        last_error=j.last_error,
+        delivered_at=time(j.delivered_at),
+        platform_job=j.platform_job,
+        platform_id=j.platform_id,
+        confirmed_at=time(j.confirmed_at),
+        unconfirmed_reason=j.unconfirmed_reason,
+        sensor=j.sensor,
+        sender=j.sender,
+    )
     if j.dead_letter is not None:
         d = j.dead_letter
-        document["dead_letter"] = {
-            "reason": d.reason,
-            "status": d.status,
-            "response": d.response,
-            "dead_lettered_at": codec.utc_from_timestamp(d.dead_lettered_at),
-        }
+        document.dead_letter = bodies.DeadLetterOutcome(
+            reason=d.reason,
+            status=d.status,
+            response=d.response,
+            dead_lettered_at=time(d.dead_lettered_at),
+        )
     return document
 
 
@@ -287,14 +286,12 @@ async def stored_events(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     base = rt.upstream.events_url if rt.upstream is not None else None
     if rt.upstream is None or base is None:
-        return json_response(
-            {
-                "error": "not_available",
-                "message": f"the platform behind this sidecar (upstream.platform "
-                f"{rt.settings.upstream.platform!r}, upstream.endpoint) lists no stored events; "
-                "Beyond AI's /caliper/event endpoints do",
-            },
+        raise ApiError(
             404,
+            "not_available",
+            f"the platform behind this sidecar (upstream.platform "
+            f"{rt.settings.upstream.platform!r}, upstream.endpoint) lists no stored events; "
+            "Beyond AI's /caliper/event endpoints do",
         )
     url = base + request.rel_url.raw_path.removeprefix("/caliper/events")
     if request.rel_url.raw_query_string:
@@ -302,28 +299,21 @@ async def stored_events(request: web.Request) -> web.Response:
     try:
         status, text = await rt.upstream.read(url)
     except RetryLater as e:
-        return json_response(
-            {"error": "platform_unreachable", "message": str(e)}, 503, {"Retry-After": "5"}
-        )
+        raise ApiError(503, "platform_unreachable", str(e), {"Retry-After": "5"}) from None
     if status in (401, 403):
         # The sidecar's credentials, not the app's: an app told 401 would drop a good token.
-        return json_response(
-            {
-                "error": "platform_refused_credentials",
-                "message": f"the platform answered HTTP {status} to the sidecar's own token: "
-                f"{text[:200]}",
-            },
+        raise ApiError(
             503,
+            "platform_refused_credentials",
+            f"the platform answered HTTP {status} to the sidecar's own token: {text[:200]}",
             {"Retry-After": "30"},
         )
     try:
         codec.loads(text.encode())
     except (ValueError, RecursionError):
-        return json_response(
-            {
-                "error": "platform_error",
-                "message": f"the platform answered HTTP {status}: {text[:200]}",
-            },
+        raise ApiError(
             status if status >= 400 else 502,
-        )
+            "platform_error",
+            f"the platform answered HTTP {status}: {text[:200]}",
+        ) from None
     return web.Response(text=text, status=status, content_type="application/json")

@@ -43,6 +43,11 @@ class BufferedLineLogger:
         threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True).start()
         atexit.register(self.flush)
 
+    @property
+    def pending(self) -> int:
+        """Lines waiting for the next flush (bounded by MAX_PENDING_LINES)."""
+        return len(self._pending)
+
     def info(self, message: bytes) -> None:
         self._pending.append(message)
         if len(self._pending) >= MAX_PENDING_LINES:

@@ -4,7 +4,6 @@ in a real browser (Debian's Chromium, driven by Playwright) from a page of anoth
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -145,8 +144,8 @@ class TestInARealBrowser:
             }""",
             [sidecar.url, TOKEN, make_event()],
         )
+        # fetch settles only once the answer arrived, and the sidecar answers after the commit
         assert blocked == "blocked"
-        await asyncio.sleep(0.3)
         stats = await sidecar.outbox.stats()
         assert stats.events + stats.delivered_total == 2
         await page.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ class TestSigkill:
                         return  # the process is gone
 
         clients = [asyncio.create_task(app_client()) for _ in range(16)]
-        await asyncio.sleep(1.5)
+        await eventually(lambda: len(acknowledged) > 300, timeout=30)  # under load
         p.kill()
         await asyncio.gather(*clients)
         assert len(acknowledged) > 100, "too little load to mean anything"
@@ -107,10 +108,14 @@ class TestSigkill:
         platform.fake.faults.outage_until = 0
         platform.fake.faults.latency_s = 0.2  # about 1,000 events/s: kills land mid-drain
         kills = 3
+
+        def delivered_past(count: int) -> bool:  # a kill lands mid-drain
+            return len(platform.fake.received) > count
+
         for n in range(kills):
             p = launch(tmp_path, platform, processes, f"k{n}", upstream__batch_max_events=50)
             await p.wait_ready()
-            await asyncio.sleep(0.4)
+            await eventually(functools.partial(delivered_past, len(platform.fake.received) + 50))
             p.kill()
         assert len(platform.fake.received) < len(acknowledged), "killed too late to matter"
         last = launch(tmp_path, platform, processes, "last", upstream__batch_max_events=50)
@@ -148,7 +153,7 @@ class TestSigterm:
         assert await post(p.url, make_events(1)) == 202
         await eventually(lambda: platform.fake.requests_arrived > 0)  # a send under way
         p.proc.send_signal(15)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: "stopping" in p.events())
         status = 0
         with contextlib.suppress(aiohttp.ClientError):
             status = await post(p.url, make_events(1))

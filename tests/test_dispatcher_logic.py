@@ -21,7 +21,7 @@ from caliper_sidecar.exceptions import Refused, RetryLater
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import NewEvent, SqliteOutbox
 
-from .conftest import eventually, new_id
+from .conftest import new_id
 
 
 class ScriptedPlatform:
@@ -73,12 +73,8 @@ async def deliver(outbox: SqliteOutbox, platform: ScriptedPlatform, ids: list[st
     await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ids])
     dispatcher = Dispatcher(outbox, platform, settings, Metrics())
     dispatcher.start()
-
-    async def drained() -> bool:
-        return (await outbox.stats()).events == 0
-
     try:
-        await eventually(drained, timeout=30)
+        await dispatcher.drained(timeout=30)
     finally:
         await dispatcher.stop(grace_s=1)
 
@@ -117,3 +113,21 @@ async def test_a_failure_of_ours_backs_off_and_delivers(outbox: SqliteOutbox) ->
     assert sorted(platform.accepted) == sorted(ids)
     assert [e["event"] for e in logs].count("send_failed_unexpectedly") == 3
     assert await outbox.dead_letters(10) == []
+
+
+async def test_drained_waits_while_events_wait(outbox: SqliteOutbox) -> None:
+    """`drained` returns only once nothing waits: with the platform down it times out, and
+    the events are still in the outbox."""
+    settings = Settings(
+        upstream=UpstreamSettings(linger_ms=0, concurrency=1),
+        retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
+    )
+    await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ("a", "b")])
+    dispatcher = Dispatcher(outbox, ScriptedPlatform(set(), outages=10**9), settings, Metrics())
+    dispatcher.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await dispatcher.drained(timeout=0.5)
+        assert (await outbox.stats()).events == 2
+    finally:
+        await dispatcher.stop(grace_s=1)

@@ -21,6 +21,7 @@ from caliper_sidecar.validation import MAX_FINDINGS
 from .conftest import (
     SidecarProcess,
     StartSidecar,
+    eventually,
     free_port,
     make_event,
     write_config,
@@ -219,15 +220,19 @@ class TestShutdownIsBounded:
         )
         await writer.drain()
 
-        async def trickle() -> None:
+        trickled = 0
+
+        async def trickle() -> None:  # a byte every half second: a slow client, not a dead one
+            nonlocal trickled
             with contextlib.suppress(ConnectionError):
                 while True:
                     await asyncio.sleep(0.5)
                     writer.write(b" ")
                     await writer.drain()
+                    trickled += 1
 
         trickling = asyncio.ensure_future(trickle())
-        await asyncio.sleep(1)
+        await eventually(lambda: trickled >= 2)
         try:
             assert await process.terminate(timeout=25) == 0
         finally:

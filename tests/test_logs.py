@@ -43,7 +43,7 @@ class TestBufferedLineLogger:
         for _ in range(MAX_PENDING_LINES + 5):
             logger.info(b"x")
         logger.warning(b"y")
-        assert len(logger._pending) < MAX_PENDING_LINES
+        assert logger.pending < MAX_PENDING_LINES
 
 
 class TestOneJsonStream:

@@ -4,7 +4,7 @@ test_outbox_contract.py."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import sqlite3
 import stat
 import time
@@ -19,7 +19,7 @@ from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable
 from caliper_sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
 from caliper_sidecar.outbox.schema import VERSION, SchemaTooNew
 
-from .conftest import new_id
+from .conftest import eventually, new_id
 
 
 def events(n: int, size: int = 10) -> list[NewEvent]:
@@ -55,7 +55,9 @@ class TestFile:
         self, tmp_path: Path, mode: Literal["full", "normal"], level: int
     ) -> None:
         """outbox.synchronous governs every commit: ingest, and delivery outcomes (so that a
-        power cut re-sends only what was in flight); reads and checkpoints run at NORMAL."""
+        power cut re-sends only what was in flight); reads and checkpoints run at NORMAL.
+        (Read on the outbox's own connections, on purpose: a connection's pragmas are seen
+        nowhere else, and a power cut cannot be staged in a test.)"""
         async with SqliteOutbox(
             OutboxSettings(path=str(tmp_path / "o.db"), synchronous=mode)
         ) as box:
@@ -149,18 +151,24 @@ class TestPruning:
         async with SqliteOutbox(
             OutboxSettings(path=str(tmp_path / "o.db"), dedupe_window_s=0.2)
         ) as box:
-            await box.append(events(3, size=500))
+            box.prune_every_s = 0  # every acknowledgement prunes
+            first = events(3, size=500)
+            await box.append(first)
             batch = await box.claim_batch(10, 100_000)
             await box.acknowledge(batch.claim, batch.seqs)
             conn = sqlite3.connect(box.path)
             rows = conn.execute("SELECT length(body), delivered_at IS NOT NULL FROM events")
             assert rows.fetchall() == [(0, 1)] * 3
-            await asyncio.sleep(0.25)
-            box._last_prune = float("-inf")  # the next acknowledgement prunes
-            await box.append(events(1))
-            batch = await box.claim_batch(1, 10_000)
-            await box.acknowledge(batch.claim, batch.seqs)
-            assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+            kept = "SELECT count(*) FROM events WHERE id IN (SELECT value FROM json_each(?))"
+
+            async def pruned() -> bool:
+                await box.append(events(1))
+                batch = await box.claim_batch(1, 10_000)
+                await box.acknowledge(batch.claim, batch.seqs)
+                ids = json.dumps([e.id for e in first])
+                return bool(conn.execute(kept, (ids,)).fetchone() == (0,))
+
+            await eventually(pruned)
             conn.close()
 
 

@@ -102,11 +102,7 @@ async def test_a_database_whose_disk_filled_keeps_draining_once_the_platform_is_
 
         platform.fake.faults.outage_until = 0
         await platform.fake.wait_for(acknowledged, timeout=90)
-
-        async def drained() -> bool:
-            return (await sidecar.outbox.stats()).events == 0
-
-        await eventually(drained, timeout=30)
+        await sidecar.dispatcher.drained(timeout=30)
 
         async def accepted_again() -> bool:
             return (await post(sidecar.url, random_events(1)))[0] == 202

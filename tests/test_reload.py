@@ -66,13 +66,17 @@ async def test_tokens_change_without_refusing_a_request(
     await process.wait_ready()
     tokens.write_text(f"room-1 {OLD}\nroom-2 {NEW}\n")
 
-    async def keep_sending() -> list[int]:
-        return [await post(process.url, OLD) for _ in range(40)]
+    answered: list[int] = []
+
+    async def keep_sending() -> None:
+        for _ in range(40):
+            answered.append(await post(process.url, OLD))
 
     sending = asyncio.ensure_future(keep_sending())
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(answered) >= 3)  # requests are under way
     await hangup(process)
-    assert set(await sending) == {202}
+    await sending
+    assert set(answered) == {202}
     assert await post(process.url, NEW) == 202
     tokens.write_text(f"room-2 {NEW}\n")
     await hangup(process, 2)

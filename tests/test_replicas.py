@@ -56,6 +56,22 @@ def replica(
     return process
 
 
+async def drained(replicas: list[SidecarProcess]) -> None:
+    """Until no replica has anything waiting or in flight (each one's /v1/status): after
+    that, nothing more can reach the platform."""
+
+    async def idle() -> bool:
+        async with aiohttp.ClientSession() as http:
+            for r in replicas:
+                async with http.get(f"{r.url}/v1/status") as resp:
+                    status = await resp.json()
+                if status["outbox"]["events"] or status["upstream"]["in_flight"]:
+                    return False
+        return True
+
+    await eventually(idle, timeout=30)
+
+
 async def post(url: str, events: list[dict[str, Any]]) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/events", json=events) as r:
         assert r.status == 202, await r.text()
@@ -84,7 +100,7 @@ class TestReplicas:
             await post(replicas[round_ % count].url, events)
             sent.update(e["id"] for e in events)
         await platform.fake.wait_for(sent, timeout=30)
-        await asyncio.sleep(0.5)
+        await drained(replicas)
         assert platform.fake.duplicates == 0
         for r in replicas:
             assert await r.terminate() == 0
@@ -105,7 +121,7 @@ class TestReplicas:
         assert first["accepted"] + second["accepted"] == 10
         assert first["duplicates"] + second["duplicates"] == 10
         await platform.fake.wait_for({e["id"] for e in events}, timeout=20)
-        await asyncio.sleep(0.5)
+        await drained([a, b])
         assert platform.fake.duplicates == 0
 
     async def test_killed_replica_s_events_are_sent_by_the_others(

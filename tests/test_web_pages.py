@@ -5,7 +5,6 @@ reads nothing), and the status page cannot be framed. With a client, and in a re
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -209,10 +208,10 @@ class TestInARealBrowser:
         )
         assert results[0] == "opaque:0"  # sent, but refused by the sidecar (415)
         assert results[1].startswith("blocked")  # the preflight is not answered
-        await asyncio.sleep(0.5)
+        # (each fetch settled once its answer came: nothing of it is still under way)
         assert (await sidecar.outbox.stats()).dead_letters == 3
         await page.set_content(f'<iframe id="f" src="{sidecar.url}/"></iframe>')
-        await asyncio.sleep(1.0)
+        await page.wait_for_load_state("load")  # the frames' loads included
         frame = page.frames[-1]
         assert await frame.locator("#state").count() == 0
         await page.close()

@@ -94,6 +94,8 @@ class Dispatcher:
         self._streak: RefusalStreak | None = None
         #: an episode of 2xx answers without a jobId although jobs are followed
         self._unconfirmed_episode = False
+        #: set when a send finishes or a claim finds nothing: `drained` looks again then
+        self._settled = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -124,6 +126,18 @@ class Dispatcher:
     def retry_in_s(self) -> float:
         """Seconds until the next attempt while backing off; 0 when sending."""
         return round(self._circuit.retry_in(), 3)
+
+    async def drained(self, timeout: float) -> None:
+        """Return once nothing waits in the outbox and nothing is in flight, as arq's burst
+        mode waits for an empty queue; TimeoutError after `timeout`. Woken by what changes it
+        (a send finishing, a claim finding nothing), not by a clock: for tests and tools that
+        must know that everything was sent (or dead-lettered)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self._settled.clear()
+                if not self._sends and (await self._outbox.stats()).events == 0:
+                    return
+                await self._settled.wait()
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -158,6 +172,7 @@ class Dispatcher:
     def _send_done(self, task: asyncio.Task[None]) -> None:
         self._sends.discard(task)
         self._slots.release()
+        self._settled.set()
         if not task.cancelled() and task.exception() is not None:
             # An outcome that could not be written (a full disk): the outbox released the
             # claims, so the events go out again; at least once, never lost.
@@ -172,6 +187,7 @@ class Dispatcher:
             batch = await self._outbox.claim_batch(self._batch.batch_max_events, budget, linger_s)
             if batch.events:
                 return batch
+            self._settled.set()
             await self._outbox.wait_appended(
                 IDLE_POLL_S if batch.ready_in is None else batch.ready_in
             )

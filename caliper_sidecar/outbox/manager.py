@@ -18,6 +18,7 @@ from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox.base import (
     DEAD_CHUNK,
+    PRUNE_EVERY_S,
     Append,
     AppendResult,
     DeadLetter,
@@ -44,6 +45,8 @@ class OutboxManager(abc.ABC):
         self.max_events = settings.max_events
         self.max_bytes = settings.max_bytes
         self.dedupe_window_s = settings.dedupe_window_s
+        #: how often delivered events older than the dedupe window are forgotten
+        self.prune_every_s = PRUNE_EVERY_S
         #: group commits of appends done by this process (a metric; how tests see grouping)
         self.commits = 0
         self.writes = WriteHealth(**where)

@@ -43,7 +43,6 @@ from caliper_sidecar.outbox import postgres_writes as writes
 from caliper_sidecar.outbox.base import (
     DEAD_LETTER_COLUMNS,
     JOURNEY_COLUMNS,
-    PRUNE_EVERY_S,
     Append,
     AppendResult,
     Batch,
@@ -394,7 +393,7 @@ class PostgresOutbox(OutboxManager):
                     conn, claim.id, seqs, platform_job, unconfirmed, self.replica_id, self.lease_s
                 )
                 _fenced(claim, seqs, done)
-            if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
+            if time.monotonic() - self._last_prune > self.prune_every_s:
                 after = await writes.prune(conn, self._prune_after, self.dedupe_window_s)
                 if after is None:
                     self._last_prune = time.monotonic()

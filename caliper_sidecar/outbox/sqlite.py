@@ -26,7 +26,6 @@ from caliper_sidecar.outbox import sqlite_writes as writes
 from caliper_sidecar.outbox.base import (
     DEAD_LETTER_COLUMNS,
     JOURNEY_COLUMNS,
-    PRUNE_EVERY_S,
     Append,
     AppendResult,
     Batch,
@@ -295,7 +294,7 @@ class SqliteOutbox(OutboxManager):
         """Acknowledgements of concurrent deliveries, in one transaction."""
         now = time.time()
         # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
-        prune = time.monotonic() - self._last_prune > PRUNE_EVERY_S
+        prune = time.monotonic() - self._last_prune > self.prune_every_s
         record = functools.partial(
             writes.record_acks,
             group=group,

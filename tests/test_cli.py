@@ -83,6 +83,22 @@ class TestOutput:
         assert letter["dead_lettered_at"].endswith("Z")
         assert letter["received_at"].endswith("Z")
 
+    async def test_dead_letters_as_json_lines_hold_the_event_on_one_line(
+        self, tmp_path: Path
+    ) -> None:
+        """`--json` writes JSON Lines: an event stored as an SDK sent it (pretty-printed, a
+        number no float holds) is one line, its values as stored."""
+        path = tmp_path / "outbox.db"
+        stored = b'{\n  "id": "x",\n  "big": 123456789012345678901234567890\n}'
+        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
+            await box.append([NewEvent(new_id(), stored)])
+            batch = await box.claim_batch(1, 10_000)
+            await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")
+        (tmp_path / "c.toml").write_text(f'[outbox]\npath = "{path}"\n')
+        _, out, _ = await cli("dead-letters", "list", "--json", "-c", str(tmp_path / "c.toml"))
+        (letter,) = [json.loads(line) for line in out.splitlines()]
+        assert letter["event"] == {"id": "x", "big": 123456789012345678901234567890}
+
     async def test_unknown_ids_are_named(self, config: Path) -> None:
         """Replaying or purging ids that are not dead letters says which, and exits 1."""
         ghost = new_id()

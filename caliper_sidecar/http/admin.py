@@ -102,8 +102,9 @@ def dead_letter_document(d: DeadLetter) -> bodies.DeadLetterItem:
         first_attempt_at=time(d.first_attempt_at),
         last_attempt_at=time(d.last_attempt_at),
         dead_lettered_at=time(d.dead_lettered_at),
-        # As it was stored: valid JSON, written as it is (not parsed and written again).
-        event=msgspec.Raw(d.body),
+        # As it was stored (not parsed and written again: big numbers stay exact), on one
+        # line: `dead-letters list --json` writes JSON Lines, and SDKs send pretty-printed.
+        event=msgspec.Raw(msgspec.json.format(d.body, indent=0)),
     )
 
 

@@ -15,6 +15,7 @@ import pytest
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_outbox
+from caliper_sidecar.outbox.postgres import PostgresOutbox
 from caliper_sidecar.outbox.postgres_listen import LISTENER_NAME
 from caliper_sidecar.outbox.postgres_schema import SCHEMA
 
@@ -237,6 +238,33 @@ class TestPlatformJobs:
         await outbox.give_up_platform_job("job-2", "never finished")
         assert await outbox.pending_platform_jobs() == []
         assert (await outbox.stats()).platform_jobs == {"unconfirmed": 1}
+
+
+class TestPostgresClaims:
+    async def test_an_expired_lease_before_where_claims_got_to_is_claimed_in_a_backlog(
+        self, database: str
+    ) -> None:
+        """Through a backlog a claim starts where the replica's last one ended; what waits
+        before that point (here another replica's claim, its lease expired) is still claimed
+        while the backlog lasts, not only once it is gone."""
+        async with open_test_outbox("postgres", Path("/nonexistent"), database) as a:
+            await a.append(events(30))
+            b = await PostgresOutbox(OutboxSettings(url=database), lease_s=0.2).open()
+            try:
+                lost = await b.claim_batch(10, 100_000)  # never acknowledged: b "died"
+            finally:
+                await b.close()
+            taken: list[int] = []
+
+            async def taken_over() -> bool:
+                await a.append(events(10))  # the backlog lasts: every claim is full
+                batch = await a.claim_batch(10, 100_000)
+                assert batch.full
+                await a.acknowledge(batch.claim, batch.seqs)
+                taken.extend(batch.seqs)
+                return set(lost.seqs) <= set(taken)
+
+            await eventually(taken_over, timeout=15)
 
 
 class TestPostgresTotals:

@@ -74,6 +74,8 @@ from caliper_sidecar.outbox.schema import SchemaTooNew
 log = structlog.get_logger("sidecar.outbox")
 
 POOL_SIZE: Final = 8
+#: how often a claim through a backlog looks from the start of the queue (see claim_batch)
+FULL_LOOK_EVERY_S: Final = 1.0
 _DISK_FULL: Final = "53100"
 #: an acknowledgement: the claim, its events, the platform job and why it cannot be confirmed
 _Ack = tuple[Claim, list[int], str | None, str | None]
@@ -128,6 +130,10 @@ class PostgresOutbox(OutboxManager):
         self._last_prune = float("-inf")
         #: the last claim was full: more is waiting
         self._backlog = False
+        #: where the next claim starts looking (a seq; 0: from the start), and when it next
+        #: looks from the start anyway (monotonic): see `claim_batch`
+        self._head = 0
+        self._next_full_look = 0.0
         self._closing = False
         self._footprint = Footprint()
         #: winning back room after ingest found the disk full (ingest refuses meanwhile)
@@ -298,6 +304,16 @@ class PostgresOutbox(OutboxManager):
                 if ready_in is not None:
                     return Batch([], False, ready_in=ready_in or None)
             claim_id = uuid.uuid4().hex
+            # Through a backlog a claim starts where this replica's last one ended: the queue
+            # rows before it were acknowledged, and their index entries stay until a vacuum,
+            # so a claim from the start walked further through them with every batch (half
+            # the database's busy time in a drain). What could wait before that point (a row
+            # released, a commit that came late, another replica's expired lease) is found by
+            # a claim from the start: after any claim that was not full, and every second.
+            now = time.monotonic()
+            head = self._head if now < self._next_full_look else 0
+            if head == 0:
+                self._next_full_look = now + FULL_LOOK_EVERY_S
             # A claim lost in a database crash costs nothing (the events are simply
             # unclaimed): its one-statement transaction need not wait for its WAL flush.
             rows = await conn.fetch(
@@ -306,7 +322,7 @@ class PostgresOutbox(OutboxManager):
                     SELECT set_config('synchronous_commit', 'off', true)
                 ), picked AS (
                     SELECT seq FROM queue, unflushed
-                    WHERE claim_until IS NULL OR claim_until < {NOW}
+                    WHERE seq >= $4 AND (claim_until IS NULL OR claim_until < {NOW})
                     ORDER BY seq LIMIT $1 FOR UPDATE OF queue SKIP LOCKED
                 ), claimed AS (
                     UPDATE queue q SET claimed_by = $2, claim_until = {NOW} + $3
@@ -320,9 +336,11 @@ class PostgresOutbox(OutboxManager):
                 max_events,
                 claim_id,
                 self.lease_s,
+                head,
             )
         # A full claim means a backlog: the next claim needs no look first.
         self._backlog = len(rows) >= max_events
+        self._head = max(r["seq"] for r in rows) + 1 if self._backlog else 0
         if not rows:
             return Batch([], False)
         rows = sorted(rows, key=lambda r: r["seq"])
@@ -366,6 +384,7 @@ class PostgresOutbox(OutboxManager):
 
     @_drain_write
     async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
+        self._head = 0  # they wait again, before where the next claim would start
         async with self._connection() as conn:
             await conn.execute(
                 "UPDATE queue SET claimed_by = NULL, claim_until = NULL "
@@ -402,6 +421,7 @@ class PostgresOutbox(OutboxManager):
 
     @_drain_write
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
+        self._head = 0  # they wait again, at the head of the queue
         async with self._connection() as conn:
             failed = await writes.record_failure(conn, claim.id, list(seqs), error)
         _fenced(claim, seqs, failed)
@@ -442,6 +462,7 @@ class PostgresOutbox(OutboxManager):
         return [DeadLetter(*tuple(r)) for r in rows]
 
     async def _take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
+        self._head = 0
         async with self._transaction() as conn:
             return await writes.take_dead_letters(conn, ids, limit, replay)
 
@@ -482,6 +503,7 @@ class PostgresOutbox(OutboxManager):
 
     @_drain_write
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
+        self._head = 0  # events the job did not process wait again
         async with self._transaction() as conn:
             return await writes.finish_platform_job(conn, job, outcome, time.time())
 

@@ -17,6 +17,9 @@ cc): `strace -f -c` stalled syslog-ng's http() destination half-way through ever
 Needs syslog-ng and a C compiler:
 
     apt-get install syslog-ng-core syslog-ng-mod-http gcc
+
+`--only caliper-sidecar --profile FILE` records the sidecar's run with py-spy, every thread, as
+collapsed stacks (sampling slows it: the shares tell where the time goes, not the rate).
 """
 
 from __future__ import annotations
@@ -178,7 +181,9 @@ async def post_batches(url: str, lines: list[bytes], senders: int, batch: int) -
         await asyncio.gather(*(one(session) for _ in range(senders)))
 
 
-def run_sidecar(tmp: Path, lines: list[bytes], senders: int) -> dict[str, float]:
+def run_sidecar(
+    tmp: Path, lines: list[bytes], senders: int, profile: Path | None = None
+) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(dir=tmp))
     sink = start_sink(work)
     port = free_port()
@@ -192,11 +197,36 @@ def run_sidecar(tmp: Path, lines: list[bytes], senders: int) -> dict[str, float]
     )
     args = [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)]
     forwarder = Process(args, port, env=counted(tmp, work), log=work / "sidecar.log")
+    spy = None
+    if profile is not None:
+        # Attached to the running sidecar, every thread, without pausing it for each sample.
+        spy = subprocess.Popen(
+            [
+                str(Path(PYTHON).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(forwarder.proc.pid),
+                "--threads",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(profile),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1)  # py-spy attaches
     try:
         started = time.perf_counter()
         asyncio.run(post_batches(forwarder.url, lines, senders, 100))
         result = outcome(started, sink, work, len(lines))
     finally:
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes what it recorded
+            spy.wait(timeout=30)
         forwarder.stop()
         sink.stop()
     return {**result, "syncs": sync_calls(work)}
@@ -208,6 +238,12 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", choices=("syslog-ng", "caliper-sidecar"))
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record the sidecar's run with py-spy (.venv/bin/pip install py-spy) into this "
+        "file, as collapsed stacks per thread",
+    )
     args = parser.parse_args()
     require_tools()
     lines = events(args.events)
@@ -218,7 +254,8 @@ def main() -> None:
             if args.only != "caliper-sidecar":
                 results["syslog-ng"].append(run_syslog_ng(tmp, lines, args.senders))
             if args.only != "syslog-ng":
-                results["caliper-sidecar"].append(run_sidecar(tmp, lines, args.senders))
+                run = run_sidecar(tmp, lines, args.senders, args.profile)
+                results["caliper-sidecar"].append(run)
     results = {name: runs for name, runs in results.items() if runs}
     size = sum(map(len, lines)) / len(lines)
     print(

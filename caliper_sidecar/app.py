@@ -31,7 +31,7 @@ from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Outbox, open_outbox
 from caliper_sidecar.preflight import preflight
 from caliper_sidecar.reload import reload
-from caliper_sidecar.signals import until_stop_signal
+from caliper_sidecar.signals import StopSignals
 
 log = structlog.get_logger("sidecar")
 
@@ -251,12 +251,23 @@ async def serve(
 ) -> None:
     """`caliper-sidecar run`: serve until SIGTERM or SIGINT, then shut down gracefully; at
     SIGHUP, reload what may change (`load` reads the configuration again)."""
-    async with running_sidecar(settings, origins) as sidecar:
-        hangup = None
-        if load is not None:
-
-            def hangup() -> None:
-                reload(sidecar.runtime, sidecar.tls, load)
-
-        await until_stop_signal(hangup)
-        log.info("stopping", reason="signal")
+    with StopSignals() as signals:
+        async with contextlib.AsyncExitStack() as stack:
+            # A stop during start-up (a lock held, a slow database) ends it at once: what was
+            # opened is closed again, nothing was acknowledged yet.
+            starting = asyncio.ensure_future(
+                stack.enter_async_context(running_sidecar(settings, origins))
+            )
+            stopped = asyncio.ensure_future(signals.stop.wait())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                log.info("stopping", reason="signal during start-up")
+                return
+            sidecar = starting.result()
+            if load is not None:
+                signals.on_hangup = lambda: reload(sidecar.runtime, sidecar.tls, load)
+            await signals.stop.wait()
+            log.info("stopping", reason="signal")

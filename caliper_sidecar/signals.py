@@ -20,16 +20,35 @@ def _hangup() -> None:
     log.warning("sighup_ignored", hint="restart the sidecar to apply a configuration change")
 
 
-async def until_stop_signal(on_hangup: Callable[[], object] | None = None) -> None:
-    """Return when SIGTERM or SIGINT arrives; call `on_hangup` at each SIGHUP. The default
-    handlers are restored after."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup or _hangup)
-    try:
-        await stop.wait()
-    finally:
+class StopSignals:
+    """SIGTERM and SIGINT set `stop`; SIGHUP calls `on_hangup` (settable later: what a reload
+    changes exists only once the sidecar runs). Installed before anything else starts, so that
+    neither signal is ever met by its default action, which kills the process (a rollout that
+    stops a sidecar right after starting it, a reload sent while it starts); the default
+    handlers are restored on exit."""
+
+    def __init__(self, on_hangup: Callable[[], object] | None = None) -> None:
+        self.stop = asyncio.Event()
+        self.on_hangup = on_hangup
+
+    def __enter__(self) -> StopSignals:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        loop = asyncio.get_running_loop()
         for sig in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+    def _hangup(self) -> None:
+        (self.on_hangup or _hangup)()
+
+
+async def until_stop_signal(on_hangup: Callable[[], object] | None = None) -> None:
+    """Return when SIGTERM or SIGINT arrives; call `on_hangup` at each SIGHUP."""
+    with StopSignals(on_hangup) as signals:
+        await signals.stop.wait()
+    log.info("stopping", reason="signal")

@@ -79,6 +79,7 @@ async def open_test_outbox(
         assert database is not None
         await empty(database)
         settings["url"] = database
+    lease_s = settings.pop("lease_s", 65.0)  # the outbox's, not a setting
     config = OutboxSettings(path=str(tmp_path / "outbox.db"), synchronous="normal", **settings)
-    async with open_outbox(config, exclusive=False, lease_s=settings.pop("lease_s", 65.0)) as box:
+    async with open_outbox(config, exclusive=False, lease_s=lease_s) as box:
         yield box

@@ -4,6 +4,7 @@ holds across them. Skipped, saying why, where no PostgreSQL server answers."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from caliper_sidecar.outbox.postgres_schema import SCHEMA, VERSION
+from caliper_sidecar.outbox.postgres_schema import MIGRATION_LOCK, SCHEMA, VERSION
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
@@ -70,6 +71,18 @@ async def drained(replicas: list[SidecarProcess]) -> None:
         return True
 
     await eventually(idle, timeout=30)
+
+
+async def _waits_for_the_lock(url: str) -> bool:
+    """A sidecar's connection is waiting for an advisory lock (the migration's)."""
+    conn = await asyncpg.connect(url)
+    try:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        )
+    finally:
+        await conn.close()
+    return bool(waiting)
 
 
 async def post(url: str, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,6 +196,35 @@ class TestReplicas:
         assert proc.returncode == 0, err.decode()
         assert "replayed 5" in out.decode()
         await platform.fake.wait_for({e["id"] for e in events}, timeout=20)
+
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+    async def test_a_signal_during_start_up_is_no_kill(
+        self,
+        tmp_path: Path,
+        platform: RunningFake,
+        processes: list[SidecarProcess],
+        shared: str,
+        sig: signal.Signals,
+    ) -> None:
+        """SIGTERM during start-up (a rollout right after a start) stops the process cleanly,
+        exit 0, and SIGHUP reloads or is ignored: neither is the default action that kills it.
+        Start-up is held here by the schema's migration lock."""
+        admin = await asyncpg.connect(shared)
+        try:
+            async with admin.transaction():
+                await admin.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                p = replica(tmp_path, platform, processes, shared, "a")
+                await eventually(lambda: _waits_for_the_lock(shared), timeout=20)
+                p.proc.send_signal(sig)
+                await asyncio.sleep(0)
+            # the lock is released: start-up goes on
+            if sig == signal.SIGTERM:
+                assert await p.wait_exit() == 0
+            else:
+                await p.wait_ready()
+                assert await p.terminate() == 0
+        finally:
+            await admin.close()
 
     async def test_replica_refuses_a_newer_schema(
         self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str

@@ -45,10 +45,3 @@ class StopSignals:
 
     def _hangup(self) -> None:
         (self.on_hangup or _hangup)()
-
-
-async def until_stop_signal(on_hangup: Callable[[], object] | None = None) -> None:
-    """Return when SIGTERM or SIGINT arrives; call `on_hangup` at each SIGHUP."""
-    with StopSignals(on_hangup) as signals:
-        await signals.stop.wait()
-    log.info("stopping", reason="signal")

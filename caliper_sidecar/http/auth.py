@@ -9,6 +9,7 @@ stops working as soon as that sender token is removed from `receiver.tokens`.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import math
@@ -164,3 +165,17 @@ class FailedTokenRequests:
         while failures and failures[0] < cutoff:
             failures.popleft()
         return failures
+
+
+def basic_credentials(header: str) -> tuple[str | None, str | None]:
+    """The client id and secret of an `Authorization: Basic …` header (RFC 7617); (None, None)
+    when it is not one, or does not decode."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None, None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None, None
+    client_id, _, secret = decoded.partition(":")
+    return client_id, secret

@@ -52,20 +52,13 @@ def json_response(
     )
 
 
-def unavailable_body(error: OutboxUnavailable, path: str) -> bodies.Error:
-    """The JSON body of a 503 for this failure; a failure with a detail is logged with the
-    request id the body carries."""
+def unavailable(error: OutboxUnavailable, path: str) -> ApiError:
+    """An unusable outbox (full, a full disk, shutting down, a storage error) as a 503 with
+    Retry-After; a failure with a detail is logged with the request id the body carries."""
     body = bodies.Error(error=error.reason, message=str(error))
     if error.detail is not None:
         body.request_id = uuid.uuid4().hex[:16]
         log.error("storage_error", request_id=body.request_id, path=path, detail=error.detail)
-    return body
-
-
-def unavailable(error: OutboxUnavailable, path: str) -> ApiError:
-    """An unusable outbox (full, a full disk, shutting down, a storage error) as a 503 with
-    Retry-After."""
-    body = unavailable_body(error, path)
     retry = {"Retry-After": str(error.retry_after_s)}
     return ApiError(503, body.error, body.message, retry, body)
 

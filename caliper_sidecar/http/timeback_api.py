@@ -10,8 +10,6 @@ confirmed, where the platform confirms), `failed` when any was dead-lettered.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +26,7 @@ from caliper_sidecar.http.auth import (
     FAILURE_WINDOW_S,
     ISSUED_TTL_S,
     TOKEN_FAILURES_ALLOWED,
+    basic_credentials,
     issue_token,
     matching_token,
 )
@@ -94,7 +93,7 @@ async def token(request: web.Request) -> web.Response:
             if grant is None
             else f"grant_type must be client_credentials, not {grant[:40]!r}",
         )
-    client_id, secret = _basic(request.headers.get("Authorization", ""))
+    client_id, secret = basic_credentials(request.headers.get("Authorization", ""))
     if client_id is None:
         client_id = str(form.get("client_id", ""))
         secret = str(form.get("client_secret", ""))
@@ -157,18 +156,6 @@ def _oauth_error(
 ) -> web.Response:
     body = bodies.OAuthError(error=error, error_description=description, message=description)
     return json_response(body, status, headers)
-
-
-def _basic(header: str) -> tuple[str | None, str | None]:
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None, None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None, None
-    client_id, _, secret = decoded.partition(":")
-    return client_id, secret
 
 
 def for_senders(handler: Handler) -> Handler:

@@ -35,7 +35,7 @@ from caliper_sidecar.waits import wait_set
 #: told the running count of a long operation
 Progress = Callable[[int], None]
 #: the totals a backend keeps, in this order (see `OutboxManager._stats_rows`)
-TOTALS: Final = "events, bytes, dead_letters, delivered_total, dead_lettered_total"
+TOTALS: Final = ("events", "bytes", "dead_letters", "delivered_total", "dead_lettered_total")
 
 
 class OutboxManager(abc.ABC):

@@ -53,7 +53,7 @@ from caliper_sidecar.outbox.base import (
 )
 from caliper_sidecar.outbox.batching import fill_batch
 from caliper_sidecar.outbox.grouping import GroupCommit
-from caliper_sidecar.outbox.manager import OutboxManager
+from caliper_sidecar.outbox.manager import TOTALS, OutboxManager
 from caliper_sidecar.outbox.postgres_listen import Listener
 from caliper_sidecar.outbox.postgres_replicas import join
 from caliper_sidecar.outbox.postgres_room import (
@@ -441,8 +441,7 @@ class PostgresOutbox(OutboxManager):
     async def _stats_rows(self) -> tuple[Sequence[Any], float | None, Sequence[Sequence[Any]]]:
         async with self._connection() as conn:
             totals = await conn.fetchrow(
-                "SELECT sum(events), sum(bytes), sum(dead_letters), sum(delivered_total), "
-                "sum(dead_lettered_total) FROM totals"
+                f"SELECT {', '.join(f'sum({total})' for total in TOTALS)} FROM totals"  # shards
             )
             oldest = await conn.fetchval(
                 "SELECT received_at FROM events WHERE seq = (SELECT min(seq) FROM queue)"

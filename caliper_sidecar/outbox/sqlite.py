@@ -330,7 +330,7 @@ class SqliteOutbox(OutboxManager):
     @_read_errors_unavailable
     async def _stats_rows(self) -> tuple[Sequence[Any], float | None, Sequence[Sequence[Any]]]:
         conn = self._require(self._reader)
-        totals = await (await conn.execute(f"SELECT {TOTALS} FROM totals")).fetchone()
+        totals = await (await conn.execute(f"SELECT {', '.join(TOTALS)} FROM totals")).fetchone()
         cur = await conn.execute(
             "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
         )

@@ -19,8 +19,6 @@ learning app developed offline.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import random
 import re
@@ -37,7 +35,8 @@ from joserfc.jwk import RSAKey
 
 from caliper_sidecar import codec
 from caliper_sidecar.envelope import DATA_VERSION, ENVELOPE_KEYS
-from caliper_sidecar.signals import until_stop_signal
+from caliper_sidecar.http.auth import basic_credentials
+from caliper_sidecar.signals import StopSignals
 
 TOKEN_PATH: Final = "/auth/1.0/token"
 COGNITO_TOKEN_PATH: Final = "/oauth2/token"
@@ -268,7 +267,7 @@ class FakeTimeBack:
                 str(form.get("client_assertion", "")), str(request.url)
             )
         else:
-            client_id, client_secret = _basic_credentials(request.headers.get("Authorization", ""))
+            client_id, client_secret = basic_credentials(request.headers.get("Authorization", ""))
             if client_id is None:
                 client_id = str(form.get("client_id", "")) or None
                 client_secret = str(form.get("client_secret", ""))
@@ -612,18 +611,6 @@ def _oauth_error(status: int, error: str) -> web.Response:
     return web.json_response({"error": error}, status=status)
 
 
-def _basic_credentials(header: str) -> tuple[str | None, str | None]:
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return None, None
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None, None
-    client_id, _, client_secret = decoded.partition(":")
-    return client_id, client_secret
-
-
 @dataclass
 class RunningFake:
     """A fake TimeBack listening on a port, with the URLs a sidecar needs."""
@@ -672,7 +659,13 @@ async def start_fake(
 
 
 async def serve_fake(fake: FakeTimeBack, host: str, port: int) -> None:
-    """`caliper-sidecar mock-upstream`: serve until SIGTERM or SIGINT, saying where."""
+    """`caliper-sidecar mock-upstream`: serve until SIGTERM or SIGINT, saying where. The
+    signals are taken before it listens: one sent while it starts stops it, never kills it."""
+    with StopSignals() as signals:
+        await _serve_fake(fake, host, port, signals.stop)
+
+
+async def _serve_fake(fake: FakeTimeBack, host: str, port: int, stop: asyncio.Event) -> None:
     running = await start_fake(fake, host, port)
     print(
         f"fake TimeBack listening on {running.base_url}\n"
@@ -693,6 +686,6 @@ async def serve_fake(fake: FakeTimeBack, host: str, port: int) -> None:
         flush=True,
     )
     try:
-        await until_stop_signal()
+        await stop.wait()
     finally:
         await running.close()

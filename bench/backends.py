@@ -7,8 +7,8 @@ For each backlog size: the backlog written straight into a new SQLite file and i
 PostgreSQL database (each in the sidecar's own schema), then one `caliper-sidecar run` on it
 forwarding to its own fake TimeBack (`mock-upstream --ids-only`), with the same settings (batch
 100, concurrency 4, linger 0), timed until the fake has every event. Reports events/s of each,
-their ratio, and PostgreSQL's dead tuples per event delivered (events and queue tables, before
-autovacuum has caught up: what vacuum has left to do).
+their ratio, and PostgreSQL's dead tuples per event delivered (every table of the outbox's
+schema, before autovacuum has caught up: what vacuum has left to do).
 """
 
 from __future__ import annotations

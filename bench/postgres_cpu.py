@@ -48,11 +48,12 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 
 #: a statement of the sidecar's, by a fragment of its text, named by what it does
 STATEMENTS = (
-    ("WITH unflushed", "claim (lease the oldest queue rows, read their events)"),
-    ("SELECT size, received_at", "look (is a batch worth claiming?)"),
-    ("UPDATE events e SET delivered_at", "acknowledge (dequeue, mark delivered)"),
-    ("INSERT INTO platform_jobs", "acknowledge: platform job"),
-    ("WITH chunk AS", "prune"),
+    ("claim_head(", "claim (move the head, lease the batch)"),
+    ("SELECT e.seq, e.id, b.body", "claim: read the claimed events"),
+    ("WITH unflushed", "claim: events given back"),
+    ("acknowledge(", "acknowledge a group (batch rows out, sent rows in)"),
+    ("FROM sent s WHERE delivered_at <", "prune"),
+    ("pg_partition_tree", "bodies: partitions made or dropped"),
     ("UPDATE replicas", "heartbeat"),
     ("COMMIT", "commit (WAL flush)"),
 )

@@ -42,7 +42,6 @@ from caliper_sidecar.exceptions import (
 from caliper_sidecar.outbox import postgres_writes as writes
 from caliper_sidecar.outbox.base import (
     DEAD_LETTER_COLUMNS,
-    JOURNEY_COLUMNS,
     Append,
     AppendResult,
     Batch,
@@ -54,6 +53,7 @@ from caliper_sidecar.outbox.base import (
 from caliper_sidecar.outbox.batching import fill_batch
 from caliper_sidecar.outbox.grouping import GroupCommit
 from caliper_sidecar.outbox.manager import TOTALS, OutboxManager
+from caliper_sidecar.outbox.postgres_bodies import Partitions
 from caliper_sidecar.outbox.postgres_listen import Listener
 from caliper_sidecar.outbox.postgres_replicas import join
 from caliper_sidecar.outbox.postgres_room import (
@@ -74,9 +74,22 @@ from caliper_sidecar.outbox.schema import SchemaTooNew
 log = structlog.get_logger("sidecar.outbox")
 
 POOL_SIZE: Final = 8
-#: how often a claim through a backlog looks from the start of the queue (see claim_batch)
-FULL_LOOK_EVERY_S: Final = 1.0
 _DISK_FULL: Final = "53100"
+#: "no partition of relation found for row"
+_NO_PARTITION: Final = "23514"
+#: base.JOURNEY_COLUMNS from an event and the sent row holding it, if any
+_JOURNEYS: Final = f"""
+    SELECT e.id, e.received_at, e.attempts + (s.id IS NOT NULL)::integer,
+        coalesce(e.first_attempt_at, s.delivered_at), coalesce(s.delivered_at, e.last_attempt_at),
+        e.last_error, s.delivered_at, s.platform_job, s.platform_ids ->> e.seq::text,
+        s.confirmed_at, p.state, p.last_error, s.unconfirmed, e.sensor, e.sender
+    FROM events e
+    LEFT JOIN LATERAL (
+        SELECT * FROM sent s WHERE {writes.IN_SENT} ORDER BY s.id DESC LIMIT 1
+    ) s ON true
+    LEFT JOIN platform_jobs p ON p.id = s.platform_job
+    WHERE e.id = ANY($1::text[])
+"""
 #: an acknowledgement: the claim, its events, the platform job and why it cannot be confirmed
 _Ack = tuple[Claim, list[int], str | None, str | None]
 
@@ -128,18 +141,11 @@ class PostgresOutbox(OutboxManager):
         self._listener = Listener(self._dsn, self.wake)
         self._acks: GroupCommit[_Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
         self._last_prune = float("-inf")
-        #: the last claim was full: more is waiting
-        self._backlog = False
-        #: where the next claim starts looking (a seq; 0: from the start), and when it next
-        #: looks from the start anyway (monotonic): see `claim_batch`
-        self._head = 0
-        self._next_full_look = 0.0
         self._closing = False
+        self._partitions = Partitions()
         self._footprint = Footprint()
         #: winning back room after ingest found the disk full (ingest refuses meanwhile)
         self._recovering: asyncio.Task[None] | None = None
-        #: where the next prune looks (a seq): pruning walks the events in chunks
-        self._prune_after = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -268,9 +274,30 @@ class PostgresOutbox(OutboxManager):
             self._recovering = asyncio.create_task(self._recover_room(), name="outbox-room")
 
     async def _insert(self, group: list[Append]) -> list[AppendResult | OutboxUnavailable]:
+        count = sum(len(events) for events, _ in group)
+        try:
+            return await self._insert_once(group, count)
+        except OutboxUnavailable as e:
+            if getattr(e.__cause__, "sqlstate", None) != _NO_PARTITION:
+                raise
+        # Other replicas drew more seqs than the partitions made ahead hold.
+        self._partitions.forget()
+        return await self._insert_once(group, count)
+
+    async def _insert_once(
+        self, group: list[Append], count: int
+    ) -> list[AppendResult | OutboxUnavailable]:
+        async with self._connection() as conn:
+            await self._partitions.make_room(conn, count)
         async with self._transaction() as conn:
             return await writes.insert_appends(
-                conn, group, self.dedupe_window_s, self.max_events, self.max_bytes, self._footprint
+                conn,
+                group,
+                self.dedupe_window_s,
+                self.max_events,
+                self.max_bytes,
+                self._footprint,
+                self._partitions,
             )
 
     async def _recover_room(self) -> None:
@@ -297,101 +324,86 @@ class PostgresOutbox(OutboxManager):
 
     @_drain_write
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
+        """The next events from `head` (schema version 4's claim_head), or first, when there
+        are any, events given back (released, failed, or another replica's expired lease).
+        Either way one `batches` row is written, whatever the batch's size: the lease on its
+        seqs."""
         self._appended.clear()
+        claim_id = uuid.uuid4().hex
         async with self._connection() as conn:
-            if not self._backlog:
-                ready_in = await self._look(conn, max_events, max_bytes, linger_s)
-                if ready_in is not None:
-                    return Batch([], False, ready_in=ready_in or None)
-            claim_id = uuid.uuid4().hex
-            # Through a backlog a claim starts where this replica's last one ended: the queue
-            # rows before it were acknowledged, and their index entries stay until a vacuum,
-            # so a claim from the start walked further through them with every batch (half
-            # the database's busy time in a drain). What could wait before that point (a row
-            # released, a commit that came late, another replica's expired lease) is found by
-            # a claim from the start: after any claim that was not full, and every second.
-            now = time.monotonic()
-            head = self._head if now < self._next_full_look else 0
-            if head == 0:
-                self._next_full_look = now + FULL_LOOK_EVERY_S
-            # A claim lost in a database crash costs nothing (the events are simply
-            # unclaimed): its one-statement transaction need not wait for its WAL flush.
-            rows = await conn.fetch(
-                f"""
-                WITH unflushed AS (
-                    SELECT set_config('synchronous_commit', 'off', true)
-                ), picked AS (
-                    SELECT seq FROM queue, unflushed
-                    WHERE seq >= $4 AND (claim_until IS NULL OR claim_until < {NOW})
-                    ORDER BY seq LIMIT $1 FOR UPDATE OF queue SKIP LOCKED
-                ), claimed AS (
-                    UPDATE queue q SET claimed_by = $2, claim_until = {NOW} + $3
-                    FROM picked WHERE q.seq = picked.seq
-                    RETURNING q.seq, q.claim_until
-                )
-                SELECT e.seq, e.id, e.body, e.received_at, e.attempts, e.first_attempt_at,
-                    e.sensor, (SELECT max(claim_until) FROM claimed) AS claim_until
-                FROM events e WHERE e.seq = ANY(ARRAY(SELECT seq FROM claimed))
-                """,
-                max_events,
+            seqs, full, expires, ready_in, given_back = await conn.fetchrow(
+                "SELECT * FROM claim_head($1, $2, $3, $4, $5)",
                 claim_id,
+                max_events,
+                max_bytes,
+                linger_s,
                 self.lease_s,
-                head,
             )
-        # A full claim means a backlog: the next claim needs no look first.
-        self._backlog = len(rows) >= max_events
-        self._head = max(r["seq"] for r in rows) + 1 if self._backlog else 0
-        if not rows:
-            return Batch([], False)
-        rows = sorted(rows, key=lambda r: r["seq"])
-        claim = Claim(claim_id, float(rows[0]["claim_until"]))
-        stored = [StoredEvent(*tuple(r)[:7]) for r in rows]
-        events, full = fill_batch(stored, max_events, max_bytes)
-        if len(events) < len(stored):
-            kept = {e.seq for e in events}
-            await self.release(claim, [e.seq for e in stored if e.seq not in kept])
-        return Batch(events, full, claim)
+            if given_back:
+                async with conn.transaction():
+                    batch = await self._claim_given_back(conn, claim_id, max_events, max_bytes)
+            elif seqs:
+                stored = await _stored_events(conn, seqs)
+                batch = Batch(stored, full, Claim(claim_id, float(expires)))
+            else:
+                batch = Batch([], False, ready_in=ready_in)
+        if not batch.events and batch.ready_in is None:
+            await self._drop_finished_bodies()  # nothing waits: what was sent can go
+        return batch
 
-    async def _look(
-        self, conn: asyncpg.Connection, max_events: int, max_bytes: int, linger_s: float
-    ) -> float | None:
-        """A look first, without locks: is a batch worth claiming yet? Claiming and giving back
-        what is not would write (and bloat) the same rows again and again. None: claim now;
-        0: nothing waits; otherwise the seconds until the oldest has lingered enough."""
-        head = await conn.fetch(
+    async def _claim_given_back(
+        self, conn: asyncpg.Connection, claim_id: str, max_events: int, max_bytes: int
+    ) -> Batch:
+        given_back = await conn.fetch(
             f"""
-                SELECT size, received_at, {NOW} AS now FROM events WHERE seq = ANY(ARRAY(
-                    SELECT seq FROM queue WHERE claim_until IS NULL OR claim_until < {NOW}
-                    ORDER BY seq LIMIT $1))
-                ORDER BY seq
-                """,
-            max_events,
+            WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true))
+            SELECT id, seqs FROM batches, unflushed
+            WHERE claimed_by IS NULL OR claim_until < {NOW}
+            ORDER BY lo LIMIT 16 FOR UPDATE OF batches SKIP LOCKED
+            """
         )
-        if not head:
-            return 0.0
-        full = len(head) >= max_events or sum(r["size"] + 1 for r in head) - 1 > max_bytes
-        wait = float(linger_s - (head[0]["now"] - head[0]["received_at"]))
-        return wait if not full and wait > 0 else None
+        seqs = sorted(seq for r in given_back for seq in r["seqs"])
+        stored = await _stored_events(conn, seqs[:max_events])
+        events, _ = fill_batch(stored, max_events, max_bytes)
+        taken = [e.seq for e in events]
+        # What was not taken is given back again, but for seqs whose events are gone.
+        gone = set(seqs[:max_events]) - {e.seq for e in stored}
+        rest = [seq for seq in seqs if seq not in gone and seq not in set(taken)]
+        expires = await conn.fetchval(
+            f"""
+            WITH gone AS (DELETE FROM batches WHERE id = ANY($1::bigint[])),
+            back AS (
+                INSERT INTO batches (lo, seqs)
+                SELECT ($4::bigint[])[1], $4 WHERE cardinality($4::bigint[]) > 0
+            )
+            INSERT INTO batches (lo, seqs, claimed_by, claim_until)
+            SELECT ($2::bigint[])[1], $2, $3, {NOW} + $5 WHERE cardinality($2::bigint[]) > 0
+            RETURNING claim_until
+            """,
+            [r["id"] for r in given_back],
+            taken,
+            claim_id,
+            rest,
+            self.lease_s,
+        )
+        if not events:  # none (all taken by another replica), or only seqs whose events are gone
+            return Batch([], True)
+        # More may wait behind what was given back: claim again at once.
+        return Batch(events, True, Claim(claim_id, float(expires)))
 
     @_drain_write
     async def extend(self, claim: Claim) -> None:
         async with self._connection() as conn:
             await conn.execute(
-                f"UPDATE queue SET claim_until = {NOW} + $2 WHERE claimed_by = $1",
+                f"UPDATE batches SET claim_until = {NOW} + $2 WHERE claimed_by = $1",
                 claim.id,
                 self.lease_s,
             )
 
     @_drain_write
     async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
-        self._head = 0  # they wait again, before where the next claim would start
         async with self._connection() as conn:
-            await conn.execute(
-                "UPDATE queue SET claimed_by = NULL, claim_until = NULL "
-                "WHERE seq = ANY($1::bigint[]) AND claimed_by = $2",
-                list(seqs),
-                claim.id,
-            )
+            await writes.release(conn, claim.id, list(seqs))
 
     @_drain_write
     async def acknowledge(
@@ -404,24 +416,34 @@ class PostgresOutbox(OutboxManager):
         await self._acks.submit((claim, list(seqs), platform_job, unconfirmed))
 
     async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
-        """Acknowledgements of concurrent deliveries, in one transaction: one WAL flush for
-        the group (as on SQLite), not one per envelope."""
-        async with self._transaction() as conn:
-            for claim, seqs, platform_job, unconfirmed in group:
-                done = await writes.record_ack(
-                    conn, claim.id, seqs, platform_job, unconfirmed, self.replica_id, self.lease_s
-                )
+        """Acknowledgements of concurrent deliveries, in one statement: one round trip and one
+        WAL flush for the group (as on SQLite), not one per envelope."""
+        async with self._connection() as conn:
+            recorded = await writes.record_acks(
+                conn,
+                [(claim.id, seqs, job, why) for claim, seqs, job, why in group],
+                self.replica_id,
+                self.lease_s,
+            )
+            for (claim, seqs, _, _), done in zip(group, recorded, strict=True):
                 _fenced(claim, seqs, done)
             if time.monotonic() - self._last_prune > self.prune_every_s:
-                after = await writes.prune(conn, self._prune_after, self.dedupe_window_s)
-                if after is None:
+                async with conn.transaction():
+                    more = await writes.prune(conn, self.dedupe_window_s)
+                if not more:
                     self._last_prune = time.monotonic()
-                self._prune_after = after or 0
+        await self._drop_finished_bodies()
         return [None] * len(group)
+
+    async def _drop_finished_bodies(self) -> None:
+        try:
+            async with self._connection() as conn:
+                await self._partitions.drop_finished(conn)
+        except OutboxUnavailable as e:  # tried again after the next acknowledgements
+            log.warning("outbox_bodies_not_dropped", error=str(e))
 
     @_drain_write
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
-        self._head = 0  # they wait again, at the head of the queue
         async with self._connection() as conn:
             failed = await writes.record_failure(conn, claim.id, list(seqs), error)
         _fenced(claim, seqs, failed)
@@ -444,7 +466,12 @@ class PostgresOutbox(OutboxManager):
                 f"SELECT {', '.join(f'sum({total})' for total in TOTALS)} FROM totals"  # shards
             )
             oldest = await conn.fetchval(
-                "SELECT received_at FROM events WHERE seq = (SELECT min(seq) FROM queue)"
+                """
+                SELECT least(
+                    (SELECT received_at FROM events WHERE seq >= (SELECT next FROM head)
+                        ORDER BY seq LIMIT 1),
+                    (SELECT received_at FROM events WHERE seq = (SELECT min(lo) FROM batches)))
+                """
             )
             jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
         return tuple(totals), oldest, [tuple(r) for r in jobs]
@@ -461,7 +488,9 @@ class PostgresOutbox(OutboxManager):
         return [DeadLetter(*tuple(r)) for r in rows]
 
     async def _take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
-        self._head = 0
+        if replay:
+            async with self._connection() as conn:
+                await self._partitions.make_room(conn, limit)
         async with self._transaction() as conn:
             return await writes.take_dead_letters(conn, ids, limit, replay)
 
@@ -502,7 +531,6 @@ class PostgresOutbox(OutboxManager):
 
     @_drain_write
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
-        self._head = 0  # events the job did not process wait again
         async with self._transaction() as conn:
             return await writes.finish_platform_job(conn, job, outcome, time.time())
 
@@ -519,14 +547,7 @@ class PostgresOutbox(OutboxManager):
         self, ids: list[str]
     ) -> tuple[Sequence[Sequence[Any]], Sequence[Sequence[Any]]]:
         async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"""
-                SELECT {JOURNEY_COLUMNS}
-                FROM events e LEFT JOIN platform_jobs p ON p.id = e.platform_job
-                WHERE e.id = ANY($1::text[])
-                """,
-                ids,
-            )
+            rows = await conn.fetch(_JOURNEYS, ids)
             dead = await conn.fetch(
                 f"SELECT {DEAD_LETTER_COLUMNS}, sensor, sender FROM dead_letters "
                 "WHERE id = ANY($1::text[])",
@@ -538,6 +559,21 @@ class PostgresOutbox(OutboxManager):
         async with self._connection() as conn:
             found = await conn.fetchval("SELECT event_ids FROM jobs WHERE id = $1", job)
         return None if found is None else [str(i) for i in json.loads(found)]
+
+
+async def _stored_events(conn: asyncpg.Connection, seqs: list[int]) -> list[StoredEvent]:
+    """These waiting events with their bodies, as the dispatcher sees them, in seq order."""
+    # Each body looked up by its seq (a join would let the planner merge-join `bodies` from
+    # its first partition on).
+    rows = await conn.fetch(
+        """
+        SELECT e.seq, e.id, b.body, e.received_at, e.attempts, e.first_attempt_at, e.sensor
+        FROM events e CROSS JOIN LATERAL (SELECT body FROM bodies b WHERE b.seq = e.seq) b
+        WHERE e.seq = ANY($1::bigint[]) ORDER BY e.seq
+        """,
+        seqs,
+    )
+    return [StoredEvent(*tuple(r)) for r in rows]
 
 
 def _fenced(claim: Claim, seqs: Sequence[int], applied: int) -> None:

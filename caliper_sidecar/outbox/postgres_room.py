@@ -63,7 +63,7 @@ async def win_back_room(conn: asyncpg.Connection) -> bool:
     whole = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)")
     if not whole:
         await conn.execute("TRUNCATE reserve")
-    await conn.execute("VACUUM (SKIP_LOCKED) events, queue, dead_letters")
+    await conn.execute("VACUUM (SKIP_LOCKED) events, batches, sent, dead_letters")
     if whole:
         return True
     try:
@@ -89,8 +89,10 @@ class Footprint:
         if now - self._at >= 1.0:
             self._at = now
             real = await conn.fetchval(
-                "SELECT pg_total_relation_size('events') + pg_total_relation_size('queue') "
-                "+ pg_total_relation_size('dead_letters')"
+                "SELECT pg_total_relation_size('events') + pg_total_relation_size('batches') "
+                "+ pg_total_relation_size('sent') + pg_total_relation_size('dead_letters') "
+                "+ (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
+                "FROM pg_partition_tree('bodies'))"
             )
             self._bytes = max(0, int(real) - EMPTY_TABLES_ALLOWANCE)
         return self._bytes

@@ -23,6 +23,10 @@ MIGRATION_LOCK: Final = 0x63616C6970657273
 REPLICAS_LOCK: Final = 0x7265706C69636173
 #: the room kept for the drain, in rows of the reserve table (36 bytes on disk each: 2 MiB)
 RESERVE_ROWS: Final = 58_000
+#: … and for ingest (and replays): one at a time, so that events commit in seq order
+INGEST_LOCK: Final = 0x696E676573742121
+#: the seqs whose bodies one partition of `bodies` holds (fixed: partitions are named by it)
+BODIES_SPAN: Final = 16_384
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the queue, dead letters, app jobs, platform jobs, sharded totals and their triggers.
@@ -196,6 +200,240 @@ MIGRATIONS: Final[tuple[str, ...]] = (
             dead_lettered_total = dead_lettered_total + d_dead_total
         FROM pick WHERE totals.shard = pick.shard
     $$;
+    """,
+    # 4: a drain that leaves (almost) no dead row versions: events are written once. PgQ's
+    # design, fitted to leases and the dedupe window. Ingest commits one group at a time
+    # (INGEST_LOCK), so events become visible in seq order and a cursor, `head`, says which were
+    # never claimed: a claim takes the next events from it and writes one `batches` row (a
+    # lease on their seqs); an acknowledgement deletes that row and writes one `sent` row.
+    # Per-event rows change only when something goes wrong (a failed attempt). Bodies live in
+    # `bodies`, partitioned by seq range, and a partition is dropped whole once nothing in it
+    # waits (no dead tuples, and its space goes back to the file system at once); the events'
+    # other columns stay, for the dedupe window and the journeys, until pruned.
+    f"""
+    CREATE TABLE head (next bigint NOT NULL);
+    INSERT INTO head SELECT coalesce(max(seq), 0) + 1 FROM events;
+    -- Claimed events (claimed_by set) and events given back to be claimed again (NULL);
+    -- lo is the least of seqs, which are kept sorted.
+    CREATE TABLE batches (
+        id bigserial PRIMARY KEY,
+        lo bigint NOT NULL,
+        seqs bigint[] NOT NULL,
+        claimed_by text,
+        claim_until double precision
+    );
+    INSERT INTO batches (lo, seqs)
+        SELECT min(seq), array_agg(seq ORDER BY seq) FROM (
+            SELECT seq, (row_number() OVER (ORDER BY seq) - 1) / 100 AS chunk FROM queue
+        ) q GROUP BY chunk;
+    -- Events delivered together, until pruned; span covers seqs, for the GiST index.
+    CREATE TABLE sent (
+        id bigserial PRIMARY KEY,
+        span int8range NOT NULL,
+        seqs bigint[] NOT NULL,
+        delivered_at double precision NOT NULL,
+        platform_job text,
+        unconfirmed text,
+        confirmed_at double precision,
+        platform_ids jsonb
+    );
+    INSERT INTO sent (span, seqs, delivered_at, platform_job, unconfirmed, confirmed_at,
+            platform_ids)
+        SELECT int8range(min(seq), max(seq), '[]'), array_agg(seq ORDER BY seq), delivered_at,
+            platform_job, unconfirmed, confirmed_at,
+            jsonb_object_agg(seq::text, platform_id) FILTER (WHERE platform_id IS NOT NULL)
+        FROM events WHERE delivered_at IS NOT NULL
+        GROUP BY delivered_at, platform_job, unconfirmed, confirmed_at;
+    CREATE INDEX sent_span ON sent USING gist (span);
+    CREATE INDEX sent_by_time ON sent (delivered_at);
+    CREATE INDEX sent_by_platform_job ON sent (platform_job) WHERE platform_job IS NOT NULL;
+    -- The successful attempt is the sent row's now.
+    UPDATE events SET attempts = greatest(attempts - 1, 0) WHERE delivered_at IS NOT NULL;
+
+    CREATE TABLE bodies (seq bigint PRIMARY KEY, body bytea NOT NULL) PARTITION BY RANGE (seq);
+    DO $$ DECLARE part bigint; BEGIN
+        FOR part IN SELECT DISTINCT seq / {BODIES_SPAN} FROM events WHERE body <> '' LOOP
+            EXECUTE format('CREATE TABLE bodies_%s PARTITION OF bodies FOR VALUES '
+                'FROM (%s) TO (%s)', part, part * {BODIES_SPAN}, (part + 1) * {BODIES_SPAN});
+        END LOOP;
+    END $$;
+    INSERT INTO bodies (seq, body) SELECT seq, body FROM events WHERE body <> '';
+
+    DROP TRIGGER events_changed ON events;
+    DROP FUNCTION events_updated();
+    DROP TABLE queue;
+    ALTER TABLE events DROP COLUMN body, DROP COLUMN delivered_at, DROP COLUMN platform_job,
+        DROP COLUMN platform_id, DROP COLUMN confirmed_at, DROP COLUMN unconfirmed;
+    ALTER TABLE events SET (fillfactor = 100);
+    ALTER TABLE platform_jobs DROP COLUMN seqs;
+
+    -- An event stored waits; one deleted stopped waiting unless a sent row holds it
+    -- (delivered, pruned); deliveries count themselves (see postgres_writes).
+    CREATE OR REPLACE FUNCTION events_inserted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
+        PERFORM count_change(count(*), coalesce(sum(size), 0), 0, 0, 0)
+            FROM new_rows HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE FUNCTION events_deleted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
+        PERFORM count_change(-count(*), -coalesce(sum(size), 0), 0, 0, 0)
+            FROM old_rows o WHERE NOT EXISTS (
+                SELECT 1 FROM sent s WHERE s.span @> o.seq AND o.seq = ANY(s.seqs))
+            HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+
+    -- Take these seqs out of the claim's batch rows (the outcome of a lease: what another
+    -- replica took over after it expired is not there any more); the seqs taken, sorted.
+    CREATE FUNCTION take_from_claim(p_claim text, p_seqs bigint[]) RETURNS bigint[]
+        LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    DECLARE
+        b record;
+        taken bigint[] := '{{}}';
+        kept bigint[];
+    BEGIN
+        FOR b IN SELECT id, seqs FROM batches WHERE claimed_by = p_claim FOR UPDATE LOOP
+            kept := ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s <> ALL(p_seqs) ORDER BY s);
+            taken := taken || ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s = ANY(p_seqs));
+            IF cardinality(kept) = 0 THEN
+                DELETE FROM batches WHERE id = b.id;
+            ELSIF cardinality(kept) < cardinality(b.seqs) THEN
+                UPDATE batches SET seqs = kept, lo = kept[1] WHERE id = b.id;
+            END IF;
+        END LOOP;
+        RETURN ARRAY(SELECT s FROM unnest(taken) s ORDER BY s);
+    END $$;
+    -- Claim the next events from the head, in one statement: claims take turns at the head
+    -- (FOR UPDATE: a short wait, never a skip), so it is held for no round trip. Which events
+    -- go is outbox/batching.py's fill_batch, over sizes instead of bodies: the oldest, of the
+    -- oldest one's sensor, within both limits (at least one); others of another sensor passed
+    -- over on the way are given back. None while no full batch waits and the oldest has
+    -- lingered less than p_linger: ready_in says how long until it has. None either when
+    -- events given back wait (given_back): they go first.
+    CREATE FUNCTION claim_head(
+        p_claim text, p_max_events integer, p_max_bytes bigint, p_linger double precision,
+        p_lease double precision,
+        OUT seqs bigint[], OUT full_batch boolean, OUT claim_until double precision,
+        OUT ready_in double precision, OUT given_back boolean
+    ) LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    #variable_conflict use_column
+    DECLARE
+        t double precision := extract(epoch from clock_timestamp());
+        at_head bigint;
+        c record;
+        n integer := 0;
+        all_bytes bigint := -1;
+        used bigint := 0;
+        sensor text;
+        oldest double precision;
+        passed bigint[] := '{{}}';
+        other_sensor boolean := false;
+    BEGIN
+        -- A claim lost in a database crash costs nothing: no WAL flush to wait for.
+        PERFORM set_config('synchronous_commit', 'off', true);
+        seqs := '{{}}';
+        full_batch := false;
+        given_back := EXISTS (
+            SELECT 1 FROM batches WHERE claimed_by IS NULL OR claim_until < t);
+        IF given_back THEN
+            RETURN;
+        END IF;
+        SELECT next INTO at_head FROM head FOR UPDATE;
+        FOR c IN SELECT e.seq, e.size, e.sensor, e.received_at FROM events e
+                WHERE e.seq >= at_head ORDER BY e.seq LIMIT p_max_events LOOP
+            n := n + 1;
+            all_bytes := all_bytes + c.size + 1;
+            IF n = 1 THEN
+                sensor := c.sensor;
+                oldest := c.received_at;
+            END IF;
+            IF full_batch THEN
+                CONTINUE;
+            ELSIF c.sensor IS DISTINCT FROM sensor THEN
+                other_sensor := true;
+                passed := passed || c.seq;
+            ELSIF cardinality(seqs) > 0 AND used + c.size + 1 > p_max_bytes THEN
+                full_batch := true;
+            ELSE
+                used := used + c.size + (CASE WHEN cardinality(seqs) > 0 THEN 1 ELSE 0 END);
+                seqs := seqs || c.seq;
+            END IF;
+        END LOOP;
+        IF n = 0 THEN
+            RETURN;
+        END IF;
+        IF n < p_max_events AND all_bytes <= p_max_bytes AND t - oldest < p_linger THEN
+            seqs := '{{}}';
+            ready_in := p_linger - (t - oldest);
+            RETURN;
+        END IF;
+        full_batch := full_batch OR other_sensor OR n >= p_max_events;
+        passed := ARRAY(SELECT s FROM unnest(passed) s WHERE s < seqs[cardinality(seqs)]);
+        UPDATE head SET next = seqs[cardinality(seqs)] + 1;
+        IF cardinality(passed) > 0 THEN
+            INSERT INTO batches (lo, seqs) VALUES (passed[1], passed);
+        END IF;
+        claim_until := t + p_lease;
+        INSERT INTO batches (lo, seqs, claimed_by, claim_until)
+            VALUES (seqs[1], seqs, p_claim, claim_until);
+    END $$;
+    -- The acknowledgements of concurrent deliveries, in one statement (one round trip and
+    -- one WAL flush for the group): the i-th is claim p_claims[i] with the seqs whose
+    -- p_owners entry is i, sent in platform job p_jobs[i] (NULL: none). Each is one sent row,
+    -- of what is still under its claim (what another replica took over after the lease
+    -- expired is left alone); a platform job is followed by p_follower for a lease. How many
+    -- events each recorded.
+    CREATE FUNCTION acknowledge(
+        p_claims text[], p_seqs bigint[], p_owners integer[], p_jobs text[],
+        p_unconfirmed text[], p_follower text, p_lease double precision
+    ) RETURNS integer[] LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    DECLARE
+        t double precision := extract(epoch from clock_timestamp());
+        done bigint[];
+        recorded integer[] := '{{}}';
+        n_events bigint := 0;
+        n_bytes bigint := 0;
+    BEGIN
+        FOR i IN 1 .. coalesce(cardinality(p_claims), 0) LOOP
+            done := take_from_claim(p_claims[i], ARRAY(
+                SELECT s FROM unnest(p_seqs, p_owners) AS u(s, owner) WHERE owner = i));
+            recorded := recorded || cardinality(done);
+            CONTINUE WHEN cardinality(done) = 0;
+            INSERT INTO sent (span, seqs, delivered_at, platform_job, unconfirmed)
+                VALUES (int8range(done[1], done[cardinality(done)], '[]'), done, t, p_jobs[i],
+                    p_unconfirmed[i]);
+            n_events := n_events + cardinality(done);
+            n_bytes := n_bytes + (SELECT sum(size) FROM events WHERE seq = ANY(done));
+            IF p_jobs[i] IS NOT NULL THEN
+                INSERT INTO platform_jobs (id, sent_at, state, followed_by, follow_until)
+                    VALUES (p_jobs[i], t, 'waiting', p_follower, t + p_lease)
+                    ON CONFLICT (id) DO NOTHING;
+            END IF;
+        END LOOP;
+        IF n_events > 0 THEN
+            PERFORM count_change(-n_events, -n_bytes, 0, n_events, 0);
+        END IF;
+        RETURN recorded;
+    END $$;
+    -- Give seqs of a claim back, to be claimed again; with an error, as a failed attempt.
+    CREATE FUNCTION give_back(p_claim text, p_seqs bigint[], p_error text)
+        RETURNS integer LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    DECLARE
+        taken bigint[] := take_from_claim(p_claim, p_seqs);
+        t double precision := extract(epoch from clock_timestamp());
+    BEGIN
+        IF cardinality(taken) > 0 THEN
+            INSERT INTO batches (lo, seqs) VALUES (taken[1], taken);
+        END IF;
+        IF p_error IS NOT NULL THEN
+            UPDATE events SET attempts = attempts + 1,
+                first_attempt_at = coalesce(first_attempt_at, t), last_attempt_at = t,
+                last_error = p_error
+            WHERE seq = ANY(taken);
+        END IF;
+        RETURN cardinality(taken);
+    END $$;
     """,
 )
 

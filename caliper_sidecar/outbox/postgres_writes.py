@@ -21,21 +21,22 @@ from caliper_sidecar.outbox.base import (
     PlatformJobOutcome,
     new_per_append,
 )
+from caliper_sidecar.outbox.postgres_bodies import Partitions
 from caliper_sidecar.outbox.postgres_room import Footprint, keep_reserve
+from caliper_sidecar.outbox.postgres_schema import INGEST_LOCK
 from caliper_sidecar.states import DeadLetterReason
 
 #: the channel appends and replays NOTIFY, so that every replica's dispatcher looks at once
 CHANNEL: Final = "caliper_sidecar_appended"
 #: the database server's clock: one clock for every replica
 NOW: Final = "extract(epoch from clock_timestamp())::double precision"
-#: the events a platform job was sent with
-_JOB_SEQS: Final = "(SELECT seqs FROM platform_jobs WHERE id = $1)::bigint[]"
-#: an event stored anew: a delivered one older than the dedupe window, received again
-_STORED_ANEW: Final = """body = excluded.body, size = excluded.size,
-    received_at = excluded.received_at, attempts = 0, first_attempt_at = NULL,
-    last_attempt_at = NULL, last_error = NULL, delivered_at = NULL, platform_job = NULL,
-    platform_id = NULL, confirmed_at = NULL, unconfirmed = NULL, sensor = excluded.sensor,
-    sender = excluded.sender"""
+#: an event a sent row holds: delivered (the sent row `s`, of the event `e`)
+IN_SENT: Final = "s.span @> e.seq AND e.seq = ANY(s.seqs)"
+#: the seqs and ids of a platform job's events not yet confirmed
+_JOB_EVENTS: Final = """
+    SELECT q.seq, e.id FROM sent s CROSS JOIN unnest(s.seqs) AS q(seq)
+    JOIN events e ON e.seq = q.seq
+    WHERE s.platform_job = $1 AND s.confirmed_at IS NULL ORDER BY q.seq"""
 
 
 async def insert_appends(
@@ -45,27 +46,33 @@ async def insert_appends(
     max_events: int,
     max_bytes: int,
     footprint: Footprint,
+    partitions: Partitions,
 ) -> list[AppendResult | OutboxUnavailable]:
     """A group commit's appends: the reserve refilled first, known ids skipped, capacity checked
     per append (all of it or none), one insert."""
     all_ids = [e.id for events, _ in group for e in events]
-    # One round trip for the clock, the reserve and the totals.
-    now, reserve_whole, depth, size = await conn.fetchrow(
+    # One round trip for the clock, the reserve, the totals and the seqs drawn so far.
+    now, reserve_whole, depth, size, last_seq = await conn.fetchrow(
         f"SELECT {NOW}, EXISTS (SELECT 1 FROM reserve), "
-        "(SELECT sum(events) FROM totals), (SELECT sum(bytes) FROM totals)"
+        "(SELECT sum(events) FROM totals), (SELECT sum(bytes) FROM totals), "
+        "(SELECT last_value FROM events_seq_seq)"
     )
+    partitions.stored(int(last_seq))
     if not reserve_whole:
         await keep_reserve(conn)
-    known = {
-        r["id"]
-        for r in await conn.fetch(
-            "SELECT id FROM events WHERE id = ANY($1::text[]) AND "
-            "(delivered_at IS NULL OR delivered_at >= $2) "
-            "UNION ALL SELECT id FROM dead_letters WHERE id = ANY($1::text[])",
-            all_ids,
-            now - dedupe_window_s,
-        )
-    }
+    # Known: waiting, dead-lettered, or delivered within the window; one delivered before it
+    # and not yet pruned is stale: stored anew.
+    found = await conn.fetch(
+        f"""
+        SELECT e.id, EXISTS (
+            SELECT 1 FROM sent s WHERE {IN_SENT} AND s.delivered_at < $2) AS stale
+        FROM events e WHERE e.id = ANY($1::text[])
+        UNION ALL SELECT id, false FROM dead_letters WHERE id = ANY($1::text[])
+        """,
+        all_ids,
+        now - dedupe_window_s,
+    )
+    known = {r["id"] for r in found if not r["stale"]}
     depth, size = int(depth or 0), max(int(size or 0), await footprint.read(conn))
     fresh_by_append = new_per_append(
         [events for events, _ in group], known, depth, size, max_events, max_bytes
@@ -73,33 +80,20 @@ async def insert_appends(
     rows = [e for f in fresh_by_append if isinstance(f, list) for e in f]
     stored: set[str] = set()
     if rows:
-        # A delivered event older than the dedupe window, not yet pruned, is stored anew; a
-        # row another replica committed meanwhile stays as it is (not RETURNING).
+        stale = {r["id"] for r in found if r["stale"]} & {e.id for e in rows}
+        if stale:
+            await conn.execute("DELETE FROM events WHERE id = ANY($1::text[])", list(stale))
         stored = {
             r["id"]
-            for r in await conn.fetch(
-                f"""
-                WITH stored AS (
-                    INSERT INTO events (id, body, size, received_at, sensor, sender)
-                    SELECT id, body, length(body), {NOW}, sensor, sender
-                    FROM unnest($1::text[], $2::bytea[], $4::text[], $5::text[])
-                        AS t(id, body, sensor, sender)
-                    ON CONFLICT (id) DO UPDATE SET {_STORED_ANEW}
-                    WHERE events.delivered_at IS NOT NULL AND events.delivered_at < $3
-                    RETURNING seq, id
-                ), queued AS (
-                    INSERT INTO queue (seq) SELECT seq FROM stored ON CONFLICT DO NOTHING
-                )
-                SELECT id FROM stored
-                """,
+            for r in await store_events(
+                conn,
                 [e.id for e in rows],
                 [e.body for e in rows],
-                now - dedupe_window_s,
                 [e.sensor for e in rows],
                 [e.sender for e in rows],
+                None,
             )
         }
-        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     jobs = [
         (job, now, json.dumps([e.id for e in events]))
         for (events, job), fresh in zip(group, fresh_by_append, strict=True)
@@ -121,103 +115,105 @@ async def insert_appends(
     return results
 
 
-async def record_ack(
+async def store_events(
     conn: asyncpg.Connection,
-    claim: str,
-    seqs: list[int],
-    platform_job: str | None,
-    unconfirmed: str | None,
+    ids: list[str],
+    bodies: list[bytes],
+    sensors: list[str | None],
+    senders: list[str | None],
+    received_at: list[float] | None,
+) -> list[asyncpg.Record]:
+    """Store new events (an id stored already stays as it is: a row another replica committed
+    meanwhile); their (seq, id). Under INGEST_LOCK until the transaction ends: events commit in
+    the order of their seqs, so a claim from `head` never passes one that commits later. The
+    bodies' partitions must exist (see postgres_bodies)."""
+    # The lock is taken before the first row's seq is drawn: its CTE is joined into every row.
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""
+        WITH serial AS (SELECT pg_advisory_xact_lock({INGEST_LOCK})),
+        stored AS (
+            INSERT INTO events (id, size, received_at, sensor, sender)
+            SELECT id, length(body), coalesce(received_at, {NOW}), sensor, sender
+            FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[],
+                $5::double precision[]) AS t(id, body, sensor, sender, received_at), serial
+            ON CONFLICT (id) DO NOTHING
+            RETURNING seq, id
+        ), kept AS (
+            INSERT INTO bodies (seq, body)
+            SELECT stored.seq, t.body FROM stored
+            JOIN unnest($1::text[], $2::bytea[]) AS t(id, body) USING (id)
+        )
+        SELECT seq, id FROM stored
+        """,
+        ids,
+        bodies,
+        sensors,
+        senders,
+        received_at if received_at is not None else [None] * len(ids),
+    )
+    if rows:
+        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+    return rows
+
+
+async def record_acks(
+    conn: asyncpg.Connection,
+    acks: Sequence[tuple[str, Sequence[int], str | None, str | None]],
     follower: str,
     lease_s: float,
-) -> int:
-    """Events delivered under this claim (the others were taken over: unchanged); a platform
-    job they were sent in is followed by `follower` for a lease. How many were recorded."""
-    done = [
-        r["seq"]
-        for r in await conn.fetch(
-            f"""
-            WITH dequeued AS (
-                DELETE FROM queue WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
-                RETURNING seq
-            )
-            UPDATE events e SET delivered_at = {NOW}, platform_job = $3,
-                unconfirmed = $4,
-                body = CASE WHEN $3::text IS NULL THEN ''::bytea ELSE body END,
-                attempts = attempts + 1,
-                first_attempt_at = coalesce(first_attempt_at, {NOW}),
-                last_attempt_at = {NOW}
-            WHERE e.seq = ANY(ARRAY(SELECT seq FROM dequeued))
-            RETURNING e.seq
-            """,
-            seqs,
-            claim,
-            platform_job,
-            unconfirmed,
-        )
-    ]
-    if platform_job is not None and done:
-        await conn.execute(
-            "INSERT INTO platform_jobs (id, sent_at, state, followed_by, follow_until, "
-            f"seqs) VALUES ($1, {NOW}, 'waiting', $2, {NOW} + $3, $4) "
-            "ON CONFLICT (id) DO UPDATE SET seqs = platform_jobs.seqs || excluded.seqs",
-            platform_job,
-            follower,
-            lease_s,
-            done,
-        )
-    return len(done)
-
-
-async def prune(conn: asyncpg.Connection, after: int, dedupe_window_s: float) -> int | None:
-    """Forget delivered events older than the dedupe window: one chunk of a walk through the
-    events in seq order (roughly the order they were received and delivered in), from `after`.
-    The seq to go on after, or None once the walk reached events too young to be forgotten.
-    (An index on delivered_at would find them at once, but would make every acknowledgement
-    write a new row version elsewhere: see schema version 3.)"""
-    cutoff = await conn.fetchval(f"SELECT {NOW} - $1::double precision", dedupe_window_s)
-    last, scanned, youngest = await conn.fetchrow(
-        """
-        WITH chunk AS (
-            SELECT seq, received_at, delivered_at, platform_job FROM events
-            WHERE seq > $1 ORDER BY seq LIMIT $2
-        ), gone AS (
-            DELETE FROM events WHERE seq IN (
-                SELECT seq FROM chunk WHERE delivered_at < $3 AND NOT EXISTS (
-                    SELECT 1 FROM platform_jobs p
-                    WHERE p.id = chunk.platform_job AND p.state != 'unconfirmed'))
-        )
-        SELECT max(seq), count(*), max(received_at) FROM chunk
-        """,
-        after,
-        PRUNE_CHUNK,
-        cutoff,
+) -> list[int]:
+    """Events delivered, each (claim, seqs, platform job, why it cannot be confirmed), in one
+    statement (schema version 4's acknowledge); how many of each were recorded."""
+    recorded: list[int] = await conn.fetchval(
+        "SELECT acknowledge($1, $2, $3, $4, $5, $6, $7)",
+        [claim for claim, _, _, _ in acks],
+        [seq for _, seqs, _, _ in acks for seq in seqs],
+        [i for i, (_, seqs, _, _) in enumerate(acks, 1) for _ in seqs],
+        [job for _, _, job, _ in acks],
+        [why for _, _, _, why in acks],
+        follower,
+        lease_s,
     )
+    return recorded
+
+
+async def prune(conn: asyncpg.Connection, dedupe_window_s: float) -> bool:
+    """Forget up to PRUNE_CHUNK sent rows older than the dedupe window, and their events
+    (not those of a platform job still followed); True when more are left."""
+    cutoff = await conn.fetchval(f"SELECT {NOW} - $1::double precision", dedupe_window_s)
+    old = await conn.fetch(
+        """
+        SELECT id, seqs FROM sent s WHERE delivered_at < $1 AND NOT EXISTS (
+            SELECT 1 FROM platform_jobs p
+            WHERE p.id = s.platform_job AND p.state != 'unconfirmed')
+        ORDER BY delivered_at LIMIT $2
+        """,
+        cutoff,
+        PRUNE_CHUNK,
+    )
+    if old:
+        # The events first: deleted while their sent rows stand, they are counted as
+        # delivered, not as waiting events going.
+        await conn.execute(
+            "DELETE FROM events WHERE seq = ANY($1::bigint[])",
+            [seq for r in old for seq in r["seqs"]],
+        )
+        await conn.execute("DELETE FROM sent WHERE id = ANY($1::bigint[])", [r["id"] for r in old])
     await conn.execute("DELETE FROM jobs WHERE created_at < $1", cutoff)
     await conn.execute(
         "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < $1", cutoff
     )
-    return None if scanned < PRUNE_CHUNK or youngest >= cutoff else int(last)
+    return len(old) >= PRUNE_CHUNK
 
 
 async def record_failure(conn: asyncpg.Connection, claim: str, seqs: list[int], error: str) -> int:
     """A failed attempt of events held by this claim, which gives them back; how many."""
-    status = await conn.execute(
-        f"""
-        WITH released AS (
-            UPDATE queue SET claimed_by = NULL, claim_until = NULL
-            WHERE seq = ANY($1::bigint[]) AND claimed_by = $2
-            RETURNING seq
-        )
-        UPDATE events e SET attempts = attempts + 1,
-            first_attempt_at = coalesce(first_attempt_at, {NOW}),
-            last_attempt_at = {NOW}, last_error = $3
-        WHERE e.seq = ANY(ARRAY(SELECT seq FROM released))
-        """,
-        seqs,
-        claim,
-        error[:1024],
-    )
-    return _count(status)
+    return int(await conn.fetchval("SELECT give_back($1, $2, $3)", claim, seqs, error[:1024]))
+
+
+async def release(conn: asyncpg.Connection, claim: str, seqs: list[int]) -> int:
+    """Events of this claim given back untried; how many."""
+    return int(await conn.fetchval("SELECT give_back($1, $2, NULL)", claim, seqs))
 
 
 async def move_to_dead_letters(
@@ -229,23 +225,20 @@ async def move_to_dead_letters(
     claim: str | None,
 ) -> int:
     """Move these events (held by `claim`, when given) to the dead letters; the count."""
+    if claim is not None:
+        seqs = await conn.fetchval("SELECT take_from_claim($1, $2::bigint[])", claim, list(seqs))
     moved = await conn.fetchval(
         """
-        WITH dequeued AS (
-            DELETE FROM queue WHERE seq = ANY($1::bigint[])
-                AND ($6::text IS NULL OR claimed_by = $6)
-            RETURNING seq
-        ), gone AS (
+        WITH gone AS (
             DELETE FROM events WHERE seq = ANY($1::bigint[])
-                AND ($6::text IS NULL OR seq IN (SELECT seq FROM dequeued))
-            RETURNING seq, id, body, received_at, attempts, first_attempt_at, sensor, sender
+            RETURNING seq, id, received_at, attempts, first_attempt_at, sensor, sender
         ), dead AS (
             INSERT INTO dead_letters (id, body, received_at, reason, status, response,
                 attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor,
                 sender)
-            SELECT id, body, received_at, $2, $3, $4, attempts + 1,
+            SELECT id, coalesce(b.body, ''::bytea), received_at, $2, $3, $4, attempts + 1,
                 coalesce(first_attempt_at, $5), $5, $5, sensor, sender
-            FROM gone ORDER BY seq
+            FROM gone LEFT JOIN bodies b USING (seq) ORDER BY seq
             ON CONFLICT (id) DO UPDATE SET body = excluded.body, reason = excluded.reason,
                 sensor = excluded.sensor, sender = excluded.sender,
                 status = excluded.status, response = excluded.response,
@@ -260,7 +253,6 @@ async def move_to_dead_letters(
         status,
         response[:1024],
         time.time(),
-        claim,
     )
     return int(moved)
 
@@ -270,42 +262,29 @@ async def take_dead_letters(
 ) -> int:
     """Delete up to `limit` of the selected dead letters (all when `ids` is None), stored again
     as waiting events first when `replay`; how many."""
-    chunk = [
-        r["seq"]
-        for r in await conn.fetch(
-            "SELECT seq FROM dead_letters WHERE $1::text[] IS NULL OR id = ANY($1) "
-            "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED",
-            ids,
-            limit,
-        )
-    ]
+    chunk = await conn.fetch(
+        "SELECT seq, id, body, received_at, sensor, sender FROM dead_letters "
+        "WHERE $1::text[] IS NULL OR id = ANY($1) ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED",
+        ids,
+        limit,
+    )
     if chunk and replay:
-        await conn.execute(
-            f"""
-            WITH stored AS (
-                INSERT INTO events (id, body, size, received_at, sensor, sender)
-                SELECT id, body, length(body), received_at, sensor, sender
-                FROM dead_letters
-                WHERE seq = ANY($1::bigint[]) ORDER BY seq
-                ON CONFLICT (id) DO UPDATE SET {_STORED_ANEW}
-                RETURNING seq
-            )
-            INSERT INTO queue (seq) SELECT seq FROM stored ON CONFLICT DO NOTHING
-            """,
-            chunk,
+        await store_events(
+            conn,
+            [r["id"] for r in chunk],
+            [r["body"] for r in chunk],
+            [r["sensor"] for r in chunk],
+            [r["sender"] for r in chunk],
+            [r["received_at"] for r in chunk],
         )
-        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
-    await conn.execute("DELETE FROM dead_letters WHERE seq = ANY($1::bigint[])", chunk)
+    await conn.execute(
+        "DELETE FROM dead_letters WHERE seq = ANY($1::bigint[])", [r["seq"] for r in chunk]
+    )
     return len(chunk)
 
 
 async def job_ids_sent_in(conn: asyncpg.Connection, job: str) -> list[str]:
-    rows = await conn.fetch(
-        f"SELECT id FROM events WHERE seq = ANY({_JOB_SEQS}) AND platform_job = $1 "
-        "AND confirmed_at IS NULL ORDER BY seq",
-        job,
-    )
-    return [str(r["id"]) for r in rows]
+    return [str(r["id"]) for r in await conn.fetch(_JOB_EVENTS, job)]
 
 
 async def finish_platform_job(
@@ -313,38 +292,38 @@ async def finish_platform_job(
 ) -> int:
     """A finished platform job: its processed events confirmed, its failing ones dead-lettered,
     the others queued again; the job forgotten. How many were dead-lettered."""
-    rows = await conn.fetch(
-        f"SELECT seq, id FROM events WHERE seq = ANY({_JOB_SEQS}) AND platform_job = $1 "
-        "AND confirmed_at IS NULL FOR UPDATE",
-        job,
-    )
+    await conn.execute("SELECT 1 FROM sent WHERE platform_job = $1 FOR UPDATE", job)
+    rows = await conn.fetch(_JOB_EVENTS, job)
     split = outcome.split([(r["seq"], r["id"]) for r in rows])
-    if split.confirmed:
-        await conn.executemany(
-            "UPDATE events SET platform_id = $2, confirmed_at = $3, body = ''::bytea "
-            "WHERE seq = $1",
-            [(seq, platform_id, now) for seq, platform_id in split.confirmed],
+    if split.again:
+        # Out of the job's sent rows, given back to be claimed (they wait again).
+        await conn.execute(
+            """
+            WITH out AS (
+                UPDATE sent SET seqs = ARRAY(
+                    SELECT q FROM unnest(seqs) q WHERE q <> ALL($2::bigint[]) ORDER BY q)
+                WHERE platform_job = $1
+            ), back AS (
+                INSERT INTO batches (lo, seqs) VALUES (($2::bigint[])[1], $2)
+            )
+            SELECT count_change(cardinality($2), (SELECT sum(size) FROM events
+                WHERE seq = ANY($2)), 0, -cardinality($2), 0)
+            """,
+            job,
+            sorted(split.again),
         )
+        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     if split.failing:
         await move_to_dead_letters(
             conn, split.failing, DeadLetterReason.PLATFORM_FAILED, None, outcome.reason, None
         )
-    if split.again:
+    if split.confirmed:
         await conn.execute(
-            """
-            WITH again AS (
-                UPDATE events SET delivered_at = NULL, platform_job = NULL
-                WHERE seq = ANY($1::bigint[]) RETURNING seq
-            )
-            INSERT INTO queue (seq) SELECT seq FROM again ON CONFLICT DO NOTHING
-            """,
-            split.again,
+            "UPDATE sent SET confirmed_at = $2, platform_ids = $3::jsonb "
+            "WHERE platform_job = $1 AND confirmed_at IS NULL",
+            job,
+            now,
+            json.dumps({str(seq): pid for seq, pid in split.confirmed if pid is not None}),
         )
-        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     await conn.execute("DELETE FROM platform_jobs WHERE id = $1", job)
     return len(split.failing)
-
-
-def _count(status: str) -> int:
-    """The row count of a command status such as 'UPDATE 3'."""
-    return int(status.rsplit(" ", 1)[-1]) if status and status[-1].isdigit() else 0

@@ -1,0 +1,122 @@
+"""The partitions of `bodies` (schema version 4): one per BODIES_SPAN seqs, made before ingest
+needs them and dropped once nothing in them waits.
+
+A partition is dropped whole: no dead row versions, and its space goes back to the file system
+at once (which is also what lets a database whose disk filled keep draining). Nothing in a
+partition waits once `head` is past it, no batch (claimed or given back) holds one of its seqs,
+and no platform job still followed was sent with one (its failing events are dead-lettered with
+their bodies).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import asyncpg
+import structlog
+
+from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN
+
+log = structlog.get_logger("sidecar.outbox")
+
+#: pg_advisory_xact_lock key for making partitions ("bodies!!")
+PARTITIONS_LOCK: Final = 0x626F646965732121
+#: how often finished partitions are looked for
+DROP_EVERY_S: Final = 1.0
+#: the partition the head is in is emptied once it holds this much and nothing in it waits
+TRUNCATE_AT: Final = 1 << 20
+#: the seq below which nothing waits
+_HORIZON: Final = """
+    SELECT least(
+        (SELECT next FROM head),
+        (SELECT min(lo) FROM batches),
+        (SELECT min(lower(s.span)) FROM sent s JOIN platform_jobs p ON p.id = s.platform_job
+            WHERE p.state != 'unconfirmed'))
+"""
+
+
+class Partitions:
+    """Makes and drops the partitions of one outbox's `bodies` (see the module)."""
+
+    def __init__(self) -> None:
+        #: seqs below this have a partition (as far as this replica made or saw them)
+        self._made_to = 0
+        #: the highest seq this replica stored, a floor of the sequence's value
+        self._last_seq = 0
+        self._next_drop = 0.0
+
+    def stored(self, last_seq: int) -> None:
+        self._last_seq = max(self._last_seq, last_seq)
+
+    def forget(self) -> None:
+        """Look at the server's partitions again before the next ingest (a row found none)."""
+        self._made_to = 0
+
+    async def make_room(self, conn: asyncpg.Connection, events: int) -> None:
+        """Partitions for the next `events` seqs and one whole partition beyond (other
+        replicas draw seqs too), made in a transaction of their own: DDL on `bodies` locks
+        out every reader until it commits."""
+        if self._last_seq + events + BODIES_SPAN // 2 < self._made_to:
+            return
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITIONS_LOCK)
+            last = await conn.fetchval("SELECT last_value FROM events_seq_seq")
+            self._last_seq = max(self._last_seq, int(last))
+            have = await _partitions(conn)
+            first = self._last_seq // BODIES_SPAN
+            last_part = (self._last_seq + events) // BODIES_SPAN + 1
+            for part in range(first, last_part + 1):
+                if part not in have:
+                    await conn.execute(
+                        f"CREATE TABLE bodies_{part} PARTITION OF bodies "
+                        f"FOR VALUES FROM ({part * BODIES_SPAN}) TO ({(part + 1) * BODIES_SPAN})"
+                    )
+            self._made_to = (last_part + 1) * BODIES_SPAN
+
+    async def drop_finished(self, conn: asyncpg.Connection) -> int:
+        """Drop the partitions nothing in which waits, and empty the one the head is in when
+        nothing in it waits and it holds TRUNCATE_AT bytes (at most once every DROP_EVERY_S);
+        how many. Skipped when a reader holds `bodies`: tried again soon."""
+        now = time.monotonic()
+        if now < self._next_drop:
+            return 0
+        self._next_drop = now + DROP_EVERY_S
+        horizon = await conn.fetchval(_HORIZON)
+        behind = sorted(part for part in await _partitions(conn) if part * BODIES_SPAN < horizon)
+        finished = [part for part in behind if (part + 1) * BODIES_SPAN <= horizon]
+        at_head = next((part for part in behind if part not in finished), None)
+        if at_head is not None and not await conn.fetchval(
+            f"SELECT pg_total_relation_size('bodies_{at_head}') >= $1", TRUNCATE_AT
+        ):
+            at_head = None
+        if not finished and at_head is None:
+            return 0
+        try:
+            async with conn.transaction():
+                # Dropping waits for every reader of `bodies` and makes new ones wait behind
+                # it: never for long.
+                await conn.execute("SET LOCAL lock_timeout = '200ms'")
+                for part in finished:
+                    await conn.execute(f"DROP TABLE bodies_{part}")
+                if at_head is not None:
+                    # Locked first: a body stored and not yet committed would hold it, and
+                    # once committed it is seen here (its seq not before the head's).
+                    await conn.execute(f"LOCK TABLE bodies_{at_head} IN ACCESS EXCLUSIVE MODE")
+                    if await conn.fetchval(
+                        f"SELECT EXISTS (SELECT 1 FROM bodies_{at_head} WHERE seq >= $1)", horizon
+                    ):
+                        at_head = None
+                    else:
+                        await conn.execute(f"TRUNCATE bodies_{at_head}")
+        except asyncpg.LockNotAvailableError:
+            return 0
+        return len(finished) + (at_head is not None)
+
+
+async def _partitions(conn: asyncpg.Connection) -> set[int]:
+    """The partitions of `bodies`, by number (bodies_N holds the seqs from N * BODIES_SPAN)."""
+    rows = await conn.fetch(
+        "SELECT relid::regclass::text AS name FROM pg_partition_tree('bodies') WHERE isleaf"
+    )
+    return {int(r["name"].rsplit("_", 1)[1]) for r in rows}

@@ -18,6 +18,7 @@ from caliper_sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_ou
 from caliper_sidecar.outbox.postgres import PostgresOutbox
 from caliper_sidecar.outbox.postgres_listen import LISTENER_NAME
 from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.outbox.postgres_writes import store_events
 
 from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
@@ -287,6 +288,44 @@ class TestPostgresClaims:
             await eventually(taken_over, timeout=15)
 
 
+    async def test_an_event_that_commits_late_is_never_passed_over(self, database: str) -> None:
+        """A claim takes the events after the head and moves it past them; an event that drew
+        a lower seq and committed after that claim would be passed over for good. Ingest
+        commits one group at a time for that: here a group holds its transaction open (an
+        ingest slow to commit), another replica's append waits for it instead of committing
+        a higher seq first, and both events are claimed."""
+        async with (
+            open_test_outbox("postgres", Path("/nonexistent"), database) as box,
+            open_test_outbox("postgres", Path("/nonexistent"), database) as other,
+        ):
+            await box.append(events(1))  # partitions made; claimed below with the others
+            late, early = events(1)[0], events(1)[0]
+            conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
+            try:
+                slow = conn.transaction()
+                await slow.start()
+                await store_events(conn, [late.id], [late.body], [None], [None], None)
+                appending = asyncio.ensure_future(other.append([early]))
+
+                async def committed_or_waiting() -> bool:
+                    return appending.done() or await conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM pg_locks "
+                        "WHERE locktype = 'advisory' AND NOT granted)"
+                    )
+
+                await eventually(committed_or_waiting)
+                first = await box.claim_batch(10, 100_000)
+                await box.acknowledge(first.claim, first.seqs)
+                await slow.commit()
+            finally:
+                await conn.close()
+            await appending
+            rest = await box.claim_batch(10, 100_000)
+            claimed = [e.id for e in first.events + rest.events]
+            assert late.id in claimed and early.id in claimed
+            assert (await box.stats()).events == len(rest.events)
+
+
 class TestPostgresTotals:
     async def test_totals_hold_for_statements_from_any_session(self, database: str) -> None:
         """Rows written by a session without the sidecar's search_path (an operator's psql, a
@@ -460,9 +499,12 @@ class TestPostgresUpgrade:
                     "INSERT INTO events (id, body, size, received_at) VALUES ($1, '{}', 2, 1)",
                     waiting,
                 )
-                if version >= 3:  # a waiting event has its row in the queue
+                if version >= 3:  # a waiting event has its row in the queue: here, claimed
+                    # by a replica of the older release (stopped for the upgrade)
                     await conn.execute(
-                        "INSERT INTO queue (seq) SELECT seq FROM events WHERE id = $1", waiting
+                        "INSERT INTO queue (seq, claimed_by, claim_until) "
+                        "SELECT seq, 'older', 1e12 FROM events WHERE id = $1",
+                        waiting,
                     )
                 await conn.execute(
                     "INSERT INTO events (id, body, size, received_at, delivered_at) "

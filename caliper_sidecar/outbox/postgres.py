@@ -2,17 +2,16 @@
 
 - Ingest uses the same group commit as SQLite: one transaction per group, the ids of known
   events (waiting, dead-lettered, or delivered within the dedupe window) skipped, a new id
-  inserted with `ON CONFLICT DO NOTHING`-like semantics so that two replicas receiving the same
-  event store it once.
-- Waiting events are rows of a small `queue` table beside the events. Claims are leases: a
-  short transaction marks the oldest unclaimed queue rows (`FOR UPDATE SKIP LOCKED`, so
-  replicas never wait for each other) with the claim's id and an expiry, and commits; nothing
-  is held open while sending. Every outcome is fenced by the claim id: an outcome for rows
-  another replica took over after the lease expired changes nothing.
-- The drain writes no new row versions outside the pages it reads: claims update the queue's
-  small rows in place, an acknowledgement deletes the queue row and updates the event in place
-  (no index covers what either changes, and fillfactor leaves room on every page), and pruning
-  deletes. So a database whose disk filled keeps draining (schema version 3 explains more).
+  inserted with `ON CONFLICT DO NOTHING` so that two replicas receiving the same event store it
+  once. Groups commit one at a time across replicas, so events become visible in seq order.
+- Events are written once (schema version 4 explains more). Claims are leases: `head` says
+  where the events never claimed begin, and a claim takes the next ones from it (or, first,
+  what was given back or whose lease expired) in one statement, writing one `batches` row with
+  the claim's id and an expiry; nothing is held open while sending. Every outcome is fenced by
+  the claim id: an outcome for events another replica took over after the lease expired
+  changes nothing. An acknowledgement group is one statement too: one `sent` row per batch.
+- So the drain leaves almost no dead row versions, and gives space back as it goes (the
+  bodies' partitions, postgres_bodies.py): a database whose disk filled keeps draining.
 - Times that order events (receive time, leases) are the database server's clock, one clock
   for every replica.
 - Appends and replays NOTIFY; every replica LISTENs, and polls once a second besides.

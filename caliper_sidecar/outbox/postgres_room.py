@@ -2,13 +2,13 @@
 filled keeps draining once the platform is back, and ingest refuses early enough to leave the
 room the drain needs).
 
-The drain writes almost nothing new (schema version 3), but a page now and then: a claim's new
-version that does not fit its page, the free-space map vacuum creates. So each database keeps a
-reserve, a table of RESERVE_ROWS bigint rows (no TOAST, no index: TRUNCATE gives its space back
-to the file system without writing a page). Ingest refills it before it stores events, so it is
-ingest that finds the disk full first; a drain write that finds the disk full empties it and
-runs again. While the disk is full ingest writes nothing, and `win_back_room` tries every
-ROOM_EVERY_S to make room again.
+The drain writes little (schema version 4: a row per batch, its lease and then its sent row)
+and frees as it goes (the bodies' partitions, dropped once delivered), but what it writes needs
+room first. So each database keeps a reserve, a table of RESERVE_ROWS bigint rows (no TOAST,
+no index: TRUNCATE gives its space back to the file system without writing a page). Ingest
+refills it before it stores events, so it is ingest that finds the disk full first; a drain
+write that finds the disk full empties it and runs again. While the disk is full ingest writes
+nothing, and `win_back_room` tries every ROOM_EVERY_S to make room again.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from caliper_sidecar.outbox.base import (
 from caliper_sidecar.outbox.batching import fill_batch
 from caliper_sidecar.outbox.grouping import GroupCommit
 from caliper_sidecar.outbox.manager import TOTALS, OutboxManager
-from caliper_sidecar.outbox.postgres_bodies import Partitions
+from caliper_sidecar.outbox.postgres_bodies import Partitions, bodies_of
 from caliper_sidecar.outbox.postgres_listen import Listener
 from caliper_sidecar.outbox.postgres_replicas import join
 from caliper_sidecar.outbox.postgres_room import (
@@ -156,6 +156,7 @@ class PostgresOutbox(OutboxManager):
                 self._dsn,
                 min_size=1,
                 max_size=POOL_SIZE,
+                reset=_nothing_to_reset,
                 server_settings={
                     "search_path": SCHEMA,
                     "synchronous_commit": self._synchronous_commit,
@@ -562,17 +563,24 @@ class PostgresOutbox(OutboxManager):
 
 async def _stored_events(conn: asyncpg.Connection, seqs: list[int]) -> list[StoredEvent]:
     """These waiting events with their bodies, as the dispatcher sees them, in seq order."""
-    # Each body looked up by its seq (a join would let the planner merge-join `bodies` from
-    # its first partition on).
+    if not seqs:
+        return []
     rows = await conn.fetch(
-        """
+        f"""
         SELECT e.seq, e.id, b.body, e.received_at, e.attempts, e.first_attempt_at, e.sensor
-        FROM events e CROSS JOIN LATERAL (SELECT body FROM bodies b WHERE b.seq = e.seq) b
+        FROM events e JOIN ({bodies_of(seqs)}) b ON b.seq = e.seq
         WHERE e.seq = ANY($1::bigint[]) ORDER BY e.seq
         """,
         seqs,
     )
     return [StoredEvent(*tuple(r)) for r in rows]
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """A connection going back to the pool keeps its session: the outbox leaves nothing in it
+    (every lock and setting it takes lasts its transaction, and asyncpg ends an open one).
+    The default reset was a round trip of its own (`RESET ALL`, …) after every use: 0.16 ms a
+    claim, a tenth of it."""
 
 
 def _fenced(claim: Claim, seqs: Sequence[int], applied: int) -> None:

@@ -222,6 +222,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         claimed_by text,
         claim_until double precision
     );
+    -- Looked up by claim (outcomes) and by lease (expired ones are taken over): without
+    -- these, every lookup walked the table's dead versions, as many as batches in a drain.
+    CREATE INDEX batches_by_claim ON batches (claimed_by);
+    CREATE INDEX batches_by_lease ON batches (claim_until);
     INSERT INTO batches (lo, seqs)
         SELECT min(seq), array_agg(seq ORDER BY seq) FROM (
             SELECT seq, (row_number() OVER (ORDER BY seq) - 1) / 100 AS chunk FROM queue
@@ -334,8 +338,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PERFORM set_config('synchronous_commit', 'off', true);
         seqs := '{{}}';
         full_batch := false;
-        given_back := EXISTS (
-            SELECT 1 FROM batches WHERE claimed_by IS NULL OR claim_until < t);
+        given_back := EXISTS (SELECT 1 FROM batches WHERE claimed_by IS NULL)
+            OR EXISTS (SELECT 1 FROM batches WHERE claim_until < t);
         IF given_back THEN
             RETURN;
         END IF;

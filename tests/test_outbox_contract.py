@@ -17,7 +17,7 @@ from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_outbox
 from caliper_sidecar.outbox.postgres import PostgresOutbox
 from caliper_sidecar.outbox.postgres_listen import LISTENER_NAME
-from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN, SCHEMA
 from caliper_sidecar.outbox.postgres_writes import store_events
 
 from .conftest import eventually, new_id
@@ -324,6 +324,42 @@ class TestPostgresClaims:
             assert late.id in claimed
             assert early.id in claimed
             assert (await box.stats()).events == len(rest.events)
+
+    async def test_delivered_bodies_give_their_space_back(self, database: str) -> None:
+        """Bodies are stored in partitions of BODIES_SPAN seqs; once nothing in a partition
+        waits it is dropped (or emptied), so what was delivered gives its disk back without a
+        vacuum, while the waiting events keep theirs."""
+        async with open_test_outbox(
+            "postgres", Path("/nonexistent"), database, max_events=10**6
+        ) as box:
+            assert isinstance(box, PostgresOutbox)
+            await box.append(events(BODIES_SPAN + 500, size=200))
+            while (batch := await box.claim_batch(1000, 10**7)).events:
+                await box.acknowledge(batch.claim, batch.seqs)
+            waiting = events(3)
+            await box.append(waiting)
+
+            async def bodies() -> tuple[int, int]:
+                conn = await asyncpg.connect(database)
+                try:
+                    count, size = await conn.fetchrow(
+                        "SELECT count(*), sum(pg_relation_size(relid)) FROM pg_partition_tree("
+                        f"'{SCHEMA}.bodies') WHERE isleaf AND pg_relation_size(relid) > 0"
+                    )
+                finally:
+                    await conn.close()
+                return int(count), int(size or 0)
+
+            async def given_back() -> bool:
+                await box.claim_batch(1000, 10**7, linger_s=60)  # looks, claims nothing
+                return (await bodies())[0] <= 1
+
+            await eventually(given_back, timeout=10)
+            # The full partition (16,384 bodies of 200 bytes) is gone; the one being filled
+            # keeps its 500 delivered bodies while the three waiting events are in it.
+            assert (await bodies())[1] < 1 << 20
+            claimed = await box.claim_batch(10, 100_000)
+            assert [e.id for e in claimed.events] == [e.id for e in waiting]
 
 
 class TestPostgresTotals:

@@ -331,24 +331,31 @@ class PostgresOutbox(OutboxManager):
         self._appended.clear()
         claim_id = uuid.uuid4().hex
         async with self._connection() as conn:
-            seqs, full, expires, ready_in, given_back = await conn.fetchrow(
-                "SELECT * FROM claim_head($1, $2, $3, $4, $5)",
-                claim_id,
-                max_events,
-                max_bytes,
-                linger_s,
-                self.lease_s,
-            )
-            if given_back:
+            given_back_first = True
+            while True:
+                seqs, full, expires, ready_in, given_back = await conn.fetchrow(
+                    "SELECT * FROM claim_head($1, $2, $3, $4, $5, $6)",
+                    claim_id,
+                    max_events,
+                    max_bytes,
+                    linger_s,
+                    self.lease_s,
+                    given_back_first,
+                )
+                if not given_back:
+                    break
                 async with conn.transaction():
                     batch = await self._claim_given_back(conn, claim_id, max_events, max_bytes)
-            elif seqs:
+                if batch.events:
+                    return batch
+                given_back_first = False  # another replica is taking them: on from the head
+            if seqs:
                 stored = await _stored_events(conn, seqs)
                 batch = Batch(stored, full, Claim(claim_id, float(expires)))
             else:
                 batch = Batch([], False, ready_in=ready_in)
-        if not batch.events and batch.ready_in is None:
-            await self._drop_finished_bodies()  # nothing waits: what was sent can go
+        if not batch.events:
+            await self._drop_finished_bodies()  # no backlog: acknowledgements may be done
         return batch
 
     async def _claim_given_back(

@@ -314,10 +314,10 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     -- oldest one's sensor, within both limits (at least one); others of another sensor passed
     -- over on the way are given back. None while no full batch waits and the oldest has
     -- lingered less than p_linger: ready_in says how long until it has. None either when
-    -- events given back wait (given_back): they go first.
+    -- events given back wait and p_given_back_first (given_back): they go first.
     CREATE FUNCTION claim_head(
         p_claim text, p_max_events integer, p_max_bytes bigint, p_linger double precision,
-        p_lease double precision,
+        p_lease double precision, p_given_back_first boolean,
         OUT seqs bigint[], OUT full_batch boolean, OUT claim_until double precision,
         OUT ready_in double precision, OUT given_back boolean
     ) LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
@@ -338,8 +338,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PERFORM set_config('synchronous_commit', 'off', true);
         seqs := '{{}}';
         full_batch := false;
-        given_back := EXISTS (SELECT 1 FROM batches WHERE claimed_by IS NULL)
-            OR EXISTS (SELECT 1 FROM batches WHERE claim_until < t);
+        given_back := p_given_back_first AND (
+            EXISTS (SELECT 1 FROM batches WHERE claimed_by IS NULL)
+            OR EXISTS (SELECT 1 FROM batches WHERE claim_until < t));
         IF given_back THEN
             RETURN;
         END IF;

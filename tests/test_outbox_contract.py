@@ -361,6 +361,42 @@ class TestPostgresClaims:
             claimed = await box.claim_batch(10, 100_000)
             assert [e.id for e in claimed.events] == [e.id for e in waiting]
 
+    async def test_delivered_events_are_pruned_after_the_window(self, database: str) -> None:
+        """Delivered events are kept for the dedupe window, then removed with their sent rows
+        (the totals unchanged: they were no longer waiting)."""
+        async with open_test_outbox(
+            "postgres", Path("/nonexistent"), database, dedupe_window_s=0.2
+        ) as box:
+            box.prune_every_s = 0  # every acknowledgement group prunes
+            first = events(3)
+            await box.append(first)
+            batch = await box.claim_batch(10, 100_000)
+            await box.acknowledge(batch.claim, batch.seqs)
+            conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
+            try:
+
+                async def pruned() -> bool:
+                    more = await box.claim_batch(1, 10_000)
+                    if more.events:
+                        await box.acknowledge(more.claim, more.seqs)
+                    else:
+                        await box.append(events(1))
+                    kept = await conn.fetchval(
+                        "SELECT count(*) FROM events WHERE id = ANY($1::text[])",
+                        [e.id for e in first],
+                    )
+                    return bool(kept == 0)
+
+                await eventually(pruned)
+                assert not await conn.fetchval(
+                    "SELECT count(*) FROM sent WHERE seqs && $1::bigint[]", batch.seqs
+                )
+            finally:
+                await conn.close()
+            stats = await box.stats()
+            assert stats.events in (0, 1)  # the one appended last may wait
+            assert stats.delivered_total >= 3
+
 
 class TestPostgresTotals:
     async def test_totals_hold_for_statements_from_any_session(self, database: str) -> None:

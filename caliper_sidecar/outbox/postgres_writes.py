@@ -32,6 +32,8 @@ CHANNEL: Final = "caliper_sidecar_appended"
 NOW: Final = "extract(epoch from clock_timestamp())::double precision"
 #: an event a sent row holds: delivered (the sent row `s`, of the event `e`)
 IN_SENT: Final = "s.span @> e.seq AND e.seq = ANY(s.seqs)"
+#: sent rows pruned at a time: PRUNE_CHUNK events in batches of 100
+_PRUNE_SENT_ROWS: Final = PRUNE_CHUNK // 100
 #: the seqs and ids of a platform job's events not yet confirmed
 _JOB_EVENTS: Final = """
     SELECT q.seq, e.id FROM sent s CROSS JOIN unnest(s.seqs) AS q(seq)
@@ -178,8 +180,9 @@ async def record_acks(
 
 
 async def prune(conn: asyncpg.Connection, dedupe_window_s: float) -> bool:
-    """Forget up to PRUNE_CHUNK sent rows older than the dedupe window, and their events
-    (not those of a platform job still followed); True when more are left."""
+    """Forget sent rows older than the dedupe window, and their events (not those of a
+    platform job still followed), about PRUNE_CHUNK events at a time (a sent row holds a
+    batch); True when more are left."""
     cutoff = await conn.fetchval(f"SELECT {NOW} - $1::double precision", dedupe_window_s)
     old = await conn.fetch(
         """
@@ -189,7 +192,7 @@ async def prune(conn: asyncpg.Connection, dedupe_window_s: float) -> bool:
         ORDER BY delivered_at LIMIT $2
         """,
         cutoff,
-        PRUNE_CHUNK,
+        _PRUNE_SENT_ROWS,
     )
     if old:
         # The events first: deleted while their sent rows stand, they are counted as
@@ -203,7 +206,7 @@ async def prune(conn: asyncpg.Connection, dedupe_window_s: float) -> bool:
     await conn.execute(
         "DELETE FROM platform_jobs WHERE state = 'unconfirmed' AND sent_at < $1", cutoff
     )
-    return len(old) >= PRUNE_CHUNK
+    return len(old) >= _PRUNE_SENT_ROWS
 
 
 async def record_failure(conn: asyncpg.Connection, claim: str, seqs: list[int], error: str) -> int:

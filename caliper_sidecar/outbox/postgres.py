@@ -374,8 +374,8 @@ class PostgresOutbox(OutboxManager):
         events, _ = fill_batch(stored, max_events, max_bytes)
         taken = [e.seq for e in events]
         # What was not taken is given back again, but for seqs whose events are gone.
-        gone = set(seqs[:max_events]) - {e.seq for e in stored}
-        rest = [seq for seq in seqs if seq not in gone and seq not in set(taken)]
+        left_out = set(seqs) - set(taken) - (set(seqs[:max_events]) - {e.seq for e in stored})
+        rest = sorted(left_out)
         expires = await conn.fetchval(
             f"""
             WITH gone AS (DELETE FROM batches WHERE id = ANY($1::bigint[])),

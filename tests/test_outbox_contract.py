@@ -367,6 +367,7 @@ class TestPostgresClaims:
         async with open_test_outbox(
             "postgres", Path("/nonexistent"), database, dedupe_window_s=0.2
         ) as box:
+            assert isinstance(box, PostgresOutbox)
             box.prune_every_s = 0  # every acknowledgement group prunes
             first = events(3)
             await box.append(first)

@@ -361,6 +361,25 @@ class TestPostgresClaims:
             claimed = await box.claim_batch(10, 100_000)
             assert [e.id for e in claimed.events] == [e.id for e in waiting]
 
+    async def test_seqs_drawn_past_the_partitions_made_are_stored(self, database: str) -> None:
+        """Partitions of `bodies` are made ahead of the seqs this replica has seen; when other
+        replicas drew more meanwhile, an ingest finds no partition for its rows, makes them and
+        stores its events (the first try is not the app's 503)."""
+        async with open_test_outbox("postgres", Path("/nonexistent"), database) as box:
+            await box.append(events(1))
+            conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
+            try:  # as if other replicas had stored three partitions' worth meanwhile
+                await conn.execute(
+                    "SELECT setval('events_seq_seq', nextval('events_seq_seq') + $1)",
+                    3 * BODIES_SPAN,
+                )
+            finally:
+                await conn.close()
+            later = events(2)
+            assert (await box.append(later)).accepted == 2
+            claimed = await box.claim_batch(10, 100_000)
+            assert [e.id for e in claimed.events][-2:] == [e.id for e in later]
+
     async def test_delivered_events_are_pruned_after_the_window(self, database: str) -> None:
         """Delivered events are kept for the dedupe window, then removed with their sent rows
         (the totals unchanged: they were no longer waiting)."""

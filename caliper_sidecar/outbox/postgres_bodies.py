@@ -1,11 +1,11 @@
 """The partitions of `bodies` (schema version 4): one per BODIES_SPAN seqs, made before ingest
 needs them and dropped once nothing in them waits.
 
-A partition is dropped whole: no dead row versions, and its space goes back to the file system
-at once (which is also what lets a database whose disk filled keep draining). Nothing in a
-partition waits once `head` is past it, no batch (claimed or given back) holds one of its seqs,
-and no platform job still followed was sent with one (its failing events are dead-lettered with
-their bodies).
+A partition is dropped (or emptied) whole: no dead row versions, and its space goes back to the
+file system at once (which is also what lets a database whose disk filled keep draining).
+Nothing in a partition waits once `head` is past it, no batch (claimed or given back) holds one
+of its seqs, and no platform job still followed was sent with one (its failing events are
+dead-lettered with their bodies).
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from collections.abc import Sequence
 from typing import Final
 
 import asyncpg
-import structlog
 
 from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN
-
-log = structlog.get_logger("sidecar.outbox")
 
 #: pg_advisory_xact_lock key for making partitions ("bodies!!")
 PARTITIONS_LOCK: Final = 0x626F646965732121

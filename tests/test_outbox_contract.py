@@ -11,10 +11,17 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable
-from caliper_sidecar.outbox import NewEvent, Outbox, PlatformJobOutcome, open_outbox
+from caliper_sidecar.outbox import (
+    NewEvent,
+    Outbox,
+    PlatformJobOutcome,
+    open_outbox,
+    postgres_bodies,
+)
 from caliper_sidecar.outbox.postgres import PostgresOutbox
 from caliper_sidecar.outbox.postgres_listen import LISTENER_NAME
 from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN, SCHEMA
@@ -360,6 +367,54 @@ class TestPostgresClaims:
             assert (await bodies())[1] < 1 << 20
             claimed = await box.claim_batch(10, 100_000)
             assert [e.id for e in claimed.events] == [e.id for e in waiting]
+
+    async def test_replicas_give_the_space_back_together(self, database: str) -> None:
+        """Two replicas draining one backlog both drop and empty partitions as they go; one
+        may find a partition the other just dropped, which is no error."""
+        async with (
+            open_test_outbox("postgres", Path("/nonexistent"), database, max_events=10**6) as a,
+            open_test_outbox("postgres", Path("/nonexistent"), database, max_events=10**6) as b,
+        ):
+            await a.append(events(3 * BODIES_SPAN, size=100))
+
+            async def drain(box: Outbox) -> None:
+                while (batch := await box.claim_batch(500, 10**7)).events:
+                    await box.acknowledge(batch.claim, batch.seqs)
+
+            with structlog.testing.capture_logs() as logs:
+                await asyncio.gather(drain(a), drain(b), drain(a), drain(b))
+
+                async def given_back() -> bool:
+                    await asyncio.gather(drain(a), drain(b))  # claims nothing: housekeeping
+                    conn = await asyncpg.connect(database)
+                    try:
+                        left = await conn.fetchval(
+                            "SELECT sum(pg_relation_size(relid)) "
+                            f"FROM pg_partition_tree('{SCHEMA}.bodies') WHERE isleaf"
+                        )
+                    finally:
+                        await conn.close()
+                    # (seqs start at 1: the last event is alone in the partition being filled,
+                    # which is kept until it holds TRUNCATE_AT bytes)
+                    return bool(left < 64 * 1024)
+
+                await eventually(given_back, timeout=15)
+            assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+            assert (await a.stats()).delivered_total == 3 * BODIES_SPAN
+
+    async def test_a_partition_another_replica_dropped_meanwhile_is_no_error(
+        self, database: str
+    ) -> None:
+        """Between listing the partitions and emptying one, another replica may drop it: the
+        look and the TRUNCATE find it gone and say so, nothing raised."""
+        async with open_test_outbox("postgres", Path("/nonexistent"), database):
+            conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
+            try:
+                gone = 10**6  # a partition that does not exist
+                assert await postgres_bodies._worth_emptying(conn, gone, 0) is False
+                assert await postgres_bodies._empty(conn, gone, None) is False
+            finally:
+                await conn.close()
 
     async def test_seqs_drawn_past_the_partitions_made_are_stored(self, database: str) -> None:
         """Partitions of `bodies` are made ahead of the seqs this replica has seen; when other

@@ -98,8 +98,8 @@ class Partitions:
             try:
                 async with conn.transaction():
                     await conn.execute("LOCK TABLE bodies IN ACCESS EXCLUSIVE MODE NOWAIT")
-                    for part in finished:
-                        await conn.execute(f"DROP TABLE bodies_{part}")
+                    for part in finished:  # (another replica may have just dropped it)
+                        await conn.execute(f"DROP TABLE IF EXISTS bodies_{part}")
                 self._emptied.difference_update(finished)
                 done += len(finished)
             except asyncpg.LockNotAvailableError:
@@ -107,19 +107,26 @@ class Partitions:
                     if part not in self._emptied and await _empty(conn, part, None):
                         self._emptied.add(part)
                         done += 1
-        # (Looked at without a lock first: during a backlog something in it always waits.)
-        if (
-            at_head is not None
-            and await conn.fetchval(
-                f"SELECT pg_total_relation_size('bodies_{at_head}') >= $1 AND NOT EXISTS "
-                f"(SELECT 1 FROM bodies_{at_head} WHERE seq >= $2)",
+        if at_head is not None and await _worth_emptying(conn, at_head, horizon):
+            done += await _empty(conn, at_head, horizon)
+        return done
+
+
+async def _worth_emptying(conn: asyncpg.Connection, part: int, horizon: int) -> bool:
+    """Whether the partition the horizon is in holds TRUNCATE_AT bytes and nothing in it
+    waits. Looked at without a lock (during a backlog something in it always waits); another
+    replica may have dropped it meanwhile."""
+    try:
+        return bool(
+            await conn.fetchval(
+                f"SELECT pg_total_relation_size('bodies_{part}') >= $1 AND NOT EXISTS "
+                f"(SELECT 1 FROM bodies_{part} WHERE seq >= $2)",
                 TRUNCATE_AT,
                 horizon,
             )
-            and await _empty(conn, at_head, horizon)
-        ):
-            done += 1
-        return done
+        )
+    except asyncpg.UndefinedTableError:
+        return False
 
 
 async def _empty(conn: asyncpg.Connection, part: int, horizon: int | None) -> bool:
@@ -135,8 +142,8 @@ async def _empty(conn: asyncpg.Connection, part: int, horizon: int | None) -> bo
             ):
                 return False
             await conn.execute(f"TRUNCATE bodies_{part}")
-    except asyncpg.LockNotAvailableError:
-        return False
+    except (asyncpg.LockNotAvailableError, asyncpg.UndefinedTableError):
+        return False  # in use now (tried again later), or dropped by another replica
     return True
 
 

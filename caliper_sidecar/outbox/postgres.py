@@ -287,18 +287,19 @@ class PostgresOutbox(OutboxManager):
     async def _insert_once(
         self, group: list[Append], count: int
     ) -> list[AppendResult | OutboxUnavailable]:
+        # One connection: the partitions (rarely: their own transaction) then the group's.
         async with self._connection() as conn:
             await self._partitions.make_room(conn, count)
-        async with self._transaction() as conn:
-            return await writes.insert_appends(
-                conn,
-                group,
-                self.dedupe_window_s,
-                self.max_events,
-                self.max_bytes,
-                self._footprint,
-                self._partitions,
-            )
+            async with conn.transaction():
+                return await writes.insert_appends(
+                    conn,
+                    group,
+                    self.dedupe_window_s,
+                    self.max_events,
+                    self.max_bytes,
+                    self._footprint,
+                    self._partitions,
+                )
 
     async def _recover_room(self) -> None:
         """After ingest found the disk full: try every ROOM_EVERY_S to win back the room;
@@ -495,11 +496,11 @@ class PostgresOutbox(OutboxManager):
         return [DeadLetter(*tuple(r)) for r in rows]
 
     async def _take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
-        if replay:
-            async with self._connection() as conn:
+        async with self._connection() as conn:
+            if replay:
                 await self._partitions.make_room(conn, limit)
-        async with self._transaction() as conn:
-            return await writes.take_dead_letters(conn, ids, limit, replay)
+            async with conn.transaction():
+                return await writes.take_dead_letters(conn, ids, limit, replay)
 
     # -- processing confirmation -----------------------------------------------------------
 

@@ -25,8 +25,17 @@ from caliper_sidecar.presets import PRESETS, Platform, Profile
 ENV_PREFIX: Final = "SIDECAR_"
 CONFIG_ENV: Final = "SIDECAR_CONFIG"
 REDACTED: Final = "<redacted>"
-#: the shortest sender token accepted (SPEC §3): 16 random characters are ~96 bits
+#: the shortest sender token accepted (docs/operators.md): 16 random characters are ~96 bits
 MIN_SENDER_TOKEN: Final = 16
+#: what a sender token's label may be (docs/operators.md): short and plain, since logs, metrics
+#: and journeys publish it; a secret glued onto a label by a lost newline breaks this rule
+SENDER_LABEL: Final = re.compile(r"[A-Za-z0-9._:-]{1,32}")
+SENDER_LABEL_RULE: Final = "at most 32 characters of A-Z a-z 0-9 . _ : -"
+#: what most likely made a tokens file line that is no line, and how not to again
+_GLUED_HINT: Final = (
+    "did a line lose its final newline before another was appended? Use "
+    "`caliper-sidecar token new --append FILE`"
+)
 
 
 class Secret(str):
@@ -493,25 +502,55 @@ def _resolve_secret_files(values: dict[str, dict[str, Any]], origins: Origins) -
             raise ConfigError(
                 f"{section}.{file_key}: cannot read {file_name}: {e.strerror}"
             ) from None
-        if key == "tokens":
-            values[section][key] = _tokens_of(text, f"{section}.{file_key} {file_name}")
-        else:
-            values[section][key] = text.strip()
+        where = f"{section}.{file_key} {file_name}"
+        value: str | tuple[SenderToken, ...] = (
+            tokens_of(text, where) if key == "tokens" else text.strip()
+        )
+        if (section, key) in _PROTECTIONS and not value:
+            # Read while it is being rewritten, or left empty by mistake: either way, taking it
+            # as "no token" would switch a protection off without anyone deciding to.
+            raise ConfigError(
+                f"{where} holds no token: fill it, or remove {section}.{file_key} to run "
+                f"without {_PROTECTIONS[(section, key)]}"
+            )
+        values[section][key] = value
 
 
-def _tokens_of(text: str, where: str) -> tuple[SenderToken, ...]:
+#: secret files that switch a protection on, and what running without them means
+_PROTECTIONS: Final = {
+    ("receiver", "tokens"): "sender tokens (any app may then send)",
+    ("admin", "token"): "an admin token (the admin routes then answer on loopback only)",
+}
+
+
+def tokens_of(text: str, where: str) -> tuple[SenderToken, ...]:
     """The tokens of a tokens file: one a line, optionally after a label and a space
-    (`room-12 3f9c…`, as `caliper-sidecar token new --label room-12` prints it)."""
+    (`room-12 3f9c…`, as `caliper-sidecar token new --label room-12` prints it).
+
+    Raises ConfigError naming `where` and the line; never with the line's text, which may
+    hold a token (a label with a token glued onto it is the mistake most likely here).
+    """
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if len(fields) > 2:
             raise ConfigError(
-                f"{where}, line {number}: a line is a token, or a label, a space and a token"
+                f"{where}, line {number}: a line is a token, or a label, a space and a token; "
+                f"{_GLUED_HINT}"
+            )
+        if len(fields) == 2 and not is_sender_label(fields[0]):
+            raise ConfigError(
+                f"{where}, line {number}: the label ({len(fields[0])} characters) is not a "
+                f"label ({SENDER_LABEL_RULE}); {_GLUED_HINT}"
             )
         if fields:
             tokens.append(SenderToken(fields[-1], fields[0] if len(fields) == 2 else None))
     return tuple(tokens)
+
+
+def is_sender_label(label: str) -> bool:
+    """True when `label` may name a sender token (SENDER_LABEL_RULE)."""
+    return SENDER_LABEL.fullmatch(label) is not None
 
 
 def _apply_preset(values: dict[str, dict[str, Any]], origins: Origins) -> None:

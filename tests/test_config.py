@@ -391,3 +391,95 @@ def test_a_tokens_file_with_three_fields_on_a_line_is_refused(tmp_path: Path) ->
     tokens.write_text("room-12 sender-token-0123456789\nroom 13 sender-token-abcdefghij\n")
     with pytest.raises(ConfigError, match="line 2: a line is a token, or a label"):
         load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+
+
+class TestTokensFiles:
+    """`receiver.tokens_file` and `admin.token_file`: a file that holds no token, and a label
+    that is not one, are refused wherever the configuration is read (start, check-config,
+    SIGHUP), and the refusal never shows a token."""
+
+    #: tokens as `caliper-sidecar token new` makes them (32 characters)
+    A, B, C = (
+        "tokenAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "tokenBBBBBBBBBBBBBBBBBBBBBBBBBBB",
+        "tokenCCCCCCCCCCCCCCCCCCCCCCCCCCC",
+    )
+
+    @pytest.mark.parametrize("text", ["", "\n", "  \n\n\t\n"])
+    def test_a_tokens_file_that_holds_no_token_is_refused_naming_the_key(
+        self, tmp_path: Path, text: str
+    ) -> None:
+        """An empty tokens file (or one of blank lines) is no protection switched on: check-config
+        exits 2 naming receiver.tokens_file, as `run` does."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text(text)
+        path = write(tmp_path, f'[receiver]\ntokens_file = "{tokens}"\n')
+        out = check_config(path)
+        assert out.returncode == 2
+        assert "receiver.tokens_file" in out.stderr
+        assert "holds no token" in out.stderr
+        with pytest.raises(ConfigError, match="receiver.tokens_file"):
+            load_settings(path, environ={})
+
+    @pytest.mark.parametrize("text", ["", "\n", "  \n"])
+    def test_an_admin_token_file_that_holds_no_token_is_refused_naming_the_key(
+        self, tmp_path: Path, text: str
+    ) -> None:
+        """An empty admin token file does not quietly open the admin routes to loopback:
+        check-config exits 2 naming admin.token_file."""
+        admin = tmp_path / "admin-token"
+        admin.write_text(text)
+        path = write(tmp_path, f'[admin]\ntoken_file = "{admin}"\n')
+        out = check_config(path)
+        assert out.returncode == 2
+        assert "admin.token_file" in out.stderr
+        assert "holds no token" in out.stderr
+
+    @pytest.mark.parametrize("label", ["room-12", "a.b_c:d-E9", "x" * 32])
+    def test_a_label_of_at_most_32_characters_of_the_alphabet_names_the_sender(
+        self, tmp_path: Path, label: str
+    ) -> None:
+        """Labels of letters, digits, `.`, `_`, `:` and `-`, up to 32 of them, are labels."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"{label} {self.A}\n")
+        s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+        (token,) = s.receiver.tokens
+        assert token == self.A
+        assert getattr(token, "label", None) == label
+
+    @pytest.mark.parametrize("label", ["x" * 33, "room/12", "röom-12", "room=12", "{room}"])
+    def test_any_other_label_is_refused_without_showing_it(
+        self, tmp_path: Path, label: str
+    ) -> None:
+        """A label that breaks the rule is refused with the file, the line, its length and the
+        rule, never its text (it may be a secret)."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"room-1 {self.A}\n{label} {self.B}\n")
+        with pytest.raises(ConfigError) as refused:
+            load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+        message = str(refused.value)
+        assert f"receiver.tokens_file {tokens}, line 2" in message
+        assert f"({len(label)} characters)" in message
+        assert "at most 32 characters of A-Z a-z 0-9 . _ : -" in message
+        for secret in (label, self.A, self.B):
+            assert secret not in message
+
+    @pytest.mark.parametrize("before", ["", "room-2 "], ids=["unlabelled", "labelled"])
+    def test_a_line_glued_to_the_one_before_is_refused_without_showing_a_token(
+        self, tmp_path: Path, before: str
+    ) -> None:
+        """A line appended to a file whose last line had lost its final newline is refused by
+        check-config (exit 2) naming the line and the likely cause; no token, no label text is
+        in its output."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"room-1 {self.A}\n{before}{self.B}")  # no final newline
+        with tokens.open("a") as appended:  # as `token new --label room-3 >> tokens` did
+            appended.write(f"room-3 {self.C}\n")
+        path = write(tmp_path, f'[receiver]\ntokens_file = "{tokens}"\n')
+        out = check_config(path)
+        assert out.returncode == 2
+        assert f"{tokens}, line 2:" in out.stderr
+        assert "did a line lose its final newline" in out.stderr
+        assert "caliper-sidecar token new --append" in out.stderr
+        for secret in (self.A, self.B, self.C, "room-3"):
+            assert secret not in out.stderr + out.stdout

@@ -4,7 +4,10 @@ Reloaded: the sender tokens (`receiver.tokens`, `receiver.tokens_file`), the TLS
 key (new connections get the new ones: the live SSL context loads them), `admin.token` and
 `log.level`. The routes read the settings at each request, so swapping them is the whole
 switch. A reload that fails (an unreadable file, a bad certificate, a wrong key) changes
-nothing and says why; other keys changed in the file are named as needing a restart.
+nothing and says why, and so does one that would leave fewer kinds of protection than are in
+force (no sender tokens where there were some, no admin token where there was one): a file read
+while it is rewritten must not switch a protection off; that takes a restart. Other keys changed
+in the file are named as needing a restart (docs/operators.md).
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
         log.error("reload_failed", error=str(e), kept="the configuration as it was")
         return False
     old = rt.settings
+    lost = _protections_lost(old, new)
+    if lost:
+        log.error(
+            "reload_failed",
+            error=f"the configuration read has {' and '.join(lost)}, where the running one has; "
+            "a file caught empty while it is rewritten looks the same: to switch a protection "
+            "off, restart",
+            kept="the configuration as it was",
+        )
+        return False
     changed = _changed(old, new)
     later = sorted(f"{s}.{k}" for s, k in changed - RELOADED)
     applied = sorted(f"{s}.{k}" for s, k in changed & RELOADED)
@@ -68,6 +81,16 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
     set_level(new.log.level)
     log.warning("reloaded", applied=applied, needs_restart=later)
     return True
+
+
+def _protections_lost(old: Settings, new: Settings) -> list[str]:
+    """The kinds of protection in force under `old` that `new` would switch off, in words."""
+    lost = []
+    if old.receiver.tokens and not new.receiver.tokens:
+        lost.append("no sender tokens (receiver.tokens, receiver.tokens_file)")
+    if old.admin.token and not new.admin.token:
+        lost.append("no admin token (admin.token, admin.token_file)")
+    return lost
 
 
 def _changed(old: Settings, new: Settings) -> set[tuple[str, str]]:

@@ -1,10 +1,12 @@
-"""SIGHUP reloads without a restart and without refusing a request (SPEC §3): sender tokens,
-the TLS certificate (a real TLS client sees the switch), `admin.token`, `log.level`; a failed
-reload keeps everything; other keys changed are named as needing a restart. The real process."""
+"""SIGHUP reloads without a restart and without refusing a request (docs/operators.md): sender
+tokens, the TLS certificate (a real TLS client sees the switch), `admin.token`, `log.level`; a
+failed reload keeps everything, and so does one that would switch a protection off; other keys
+changed are named as needing a restart. The real process."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import ssl
 from pathlib import Path
@@ -20,15 +22,24 @@ from .test_security import self_signed
 OLD, NEW = "old-sender-token-0123456789", "new-sender-token-0123456789"
 
 
-async def post(url: str, token: str, ssl_context: ssl.SSLContext | bool = True) -> int:
+async def post(url: str, token: str | None, ssl_context: ssl.SSLContext | bool = True) -> int:
+    """The status of one event posted with this sender token (None: without any)."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     async with (
         aiohttp.ClientSession() as http,
         http.post(
-            f"{url}/v1/events",
-            json=make_events(1),
-            headers={"Authorization": f"Bearer {token}"},
-            ssl=ssl_context,
+            f"{url}/v1/events", json=make_events(1), headers=headers, ssl=ssl_context
         ) as resp,
+    ):
+        return resp.status
+
+
+async def dead_letters(url: str, token: str | None) -> int:
+    """The status of an admin request (the dead-letter list) with this admin token, or none."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/v1/dead-letters", headers=headers) as resp,
     ):
         return resp.status
 
@@ -55,6 +66,12 @@ def start(
 async def hangup(process: SidecarProcess, count: int = 1) -> None:
     process.proc.send_signal(signal.SIGHUP)
     await eventually(lambda: len([e for e in process.events() if e.startswith("reload")]) >= count)
+
+
+def failures(process: SidecarProcess) -> list[dict[str, Any]]:
+    """The `reload_failed` log lines so far."""
+    lines = [json.loads(line) for line in process.logs().splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "reload_failed"]
 
 
 async def test_tokens_change_without_refusing_a_request(
@@ -96,6 +113,84 @@ async def test_a_failed_reload_keeps_everything(
     await hangup(process)
     assert "reload_failed" in process.events()
     assert await post(process.url, OLD) == 202
+
+
+async def test_a_reload_that_would_switch_sender_tokens_off_is_refused(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """A tokens file caught empty at SIGHUP (as while it is rewritten) is refused at error level
+    with the reason: a request without a token is still a 401, the old token still works."""
+    process, tokens = start(tmp_path, platform, processes)
+    await process.wait_ready()
+    tokens.write_text("")
+    await hangup(process)
+    (failure,) = failures(process)
+    assert failure["level"] == "error"
+    assert "receiver.tokens_file" in failure["error"]
+    assert "holds no token" in failure["error"]
+    assert await post(process.url, None) == 401
+    assert await post(process.url, OLD) == 202
+
+
+async def test_a_reload_that_would_switch_the_admin_token_off_is_refused(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """An admin token file caught empty at SIGHUP is refused at error level with the reason:
+    the admin routes still need the admin token, and it still works."""
+    admin = tmp_path / "admin-token"
+    admin.write_text(f"{NEW}\n")
+    process, _ = start(tmp_path, platform, processes, admin__token_file=str(admin))
+    await process.wait_ready()
+    admin.write_text("\n")
+    await hangup(process)
+    (failure,) = failures(process)
+    assert failure["level"] == "error"
+    assert "admin.token_file" in failure["error"]
+    assert await dead_letters(process.url, None) == 401
+    assert await dead_letters(process.url, NEW) == 200
+
+
+async def test_a_reload_that_would_leave_fewer_kinds_of_protection_is_refused(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """A configuration that no longer names any sender token or admin token (keys deleted, not
+    files emptied) is refused at SIGHUP, saying which protections it would switch off and that
+    doing so takes a restart; both stay in force."""
+    admin = tmp_path / "admin-token"
+    admin.write_text(f"{NEW}\n")
+    process, _ = start(tmp_path, platform, processes, admin__token_file=str(admin))
+    await process.wait_ready()
+    config = tmp_path / "c.toml"
+    kept = [line for line in config.read_text().splitlines() if "_file" not in line]
+    config.write_text("\n".join(kept) + "\n")
+    await hangup(process)
+    (failure,) = failures(process)
+    assert failure["level"] == "error"
+    assert "no sender tokens" in failure["error"]
+    assert "no admin token" in failure["error"]
+    assert "restart" in failure["error"]
+    assert await post(process.url, None) == 401
+    assert await post(process.url, OLD) == 202
+    assert await dead_letters(process.url, None) == 401
+
+
+async def test_a_reload_that_reads_a_glued_line_is_refused_without_showing_the_token(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """A line appended to a tokens file whose last line had no final newline (the old token
+    would become part of a label) is refused at SIGHUP, naming the line, never the token."""
+    process, tokens = start(tmp_path, platform, processes)
+    await process.wait_ready()
+    tokens.write_text(f"{OLD}room-2 {NEW}\n")  # `{OLD}` without its newline, then a line added
+    await hangup(process)
+    (failure,) = failures(process)
+    assert failure["level"] == "error"
+    assert "line 1" in failure["error"]
+    assert "token new --append" in failure["error"]
+    assert await post(process.url, OLD) == 202
+    assert await post(process.url, NEW) == 401
+    assert OLD not in process.logs()
+    assert NEW not in process.logs()
 
 
 async def test_keys_that_need_a_restart_are_named(

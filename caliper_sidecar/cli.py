@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from caliper_sidecar import __version__
-from caliper_sidecar.config import Origins, Settings, load_settings, redacted, render_toml
+from caliper_sidecar.config import (
+    SENDER_LABEL_RULE,
+    Origins,
+    Settings,
+    is_sender_label,
+    load_settings,
+    redacted,
+    render_toml,
+    tokens_of,
+)
 from caliper_sidecar.exceptions import ConfigError, SidecarError
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.logs import configure_logging
@@ -133,9 +145,23 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     tokens = group("token", "sender tokens for apps and devices")
-    new = command(tokens, "new", "print a new random sender token", _token_new, config=False)
+    new = command(
+        tokens,
+        "new",
+        "print a new random sender token, or add it to a tokens file (--append)",
+        _token_new,
+        config=False,
+    )
     new.add_argument(
-        "--label", help="who the token is for (a room, an app): written before it in the file"
+        "--label",
+        help="who the token is for (a room, an app): written before it in the file; "
+        f"{SENDER_LABEL_RULE}",
+    )
+    new.add_argument(
+        "--append",
+        metavar="FILE",
+        help="add the line to this tokens file (created if missing): on a line of its own, "
+        "written atomically, owner-only (0600); then only the token is printed",
     )
 
     outbox = group("outbox", "inspect the outbox (safe while `run` is running)")
@@ -223,17 +249,81 @@ def _token_new(args: argparse.Namespace) -> int:
     import secrets
 
     label = args.label
-    if label is not None and (not label or any(c.isspace() for c in label)):
-        raise ConfigError("--label: one word, without spaces (e.g. room-12)")
+    if label is not None and not is_sender_label(label):
+        raise ConfigError(f"--label: one word of {SENDER_LABEL_RULE} (e.g. room-12)")
     token = secrets.token_urlsafe(24)  # 192 bits
-    # The line for the tokens file on stdout (`>> tokens` works); what to do with it beside.
-    print(f"{label} {token}" if label else token)
+    line = f"{label} {token}" if label else token
+    if args.append is None:
+        # The line for the tokens file on stdout; what to do with it beside.
+        print(line)
+        print(
+            "a new sender token: add the line above to the file receiver.tokens_file names "
+            "(`--append FILE` does it safely), and give the app the token (the part after the "
+            "label)",
+            file=sys.stderr,
+        )
+        return 0
+    path, number = _append_line(Path(args.append), line)
+    # The token once, alone (the app needs it; `$(…)` takes it); the rest for the operator.
+    print(token)
     print(
-        "a new sender token: add the line above to the file receiver.tokens_file names, and "
-        "give the app the token (the part after the label)",
+        f"a new sender token{f' for {label}' if label else ''} is line {number} of {path}; "
+        "give the app the token above, then reload the sidecar (`systemctl reload "
+        "caliper-sidecar`, or SIGHUP)",
         file=sys.stderr,
     )
     return 0
+
+
+def _append_line(path: Path, line: str) -> tuple[Path, int]:
+    """Add `line` to the tokens file at `path` (created if missing) as a line of its own: a
+    newline first where the last line lacks one (else the line would be glued onto a token).
+    The whole file is written anew beside it, owner-only, fsynced, and renamed over it, so a
+    sidecar reloading meanwhile reads the old file or the new one, never half of one. Returns
+    the file written and the line's number. Refuses (ConfigError) to write a file the sidecar
+    would refuse to load."""
+    target = path.resolve()  # through a symlink: the link keeps pointing at the file
+    try:
+        before = target.read_bytes()
+        owner: os.stat_result | None = target.stat()
+    except FileNotFoundError:
+        before, owner = b"", None
+    except OSError as e:
+        raise SidecarError(f"--append: cannot read {path}: {e.strerror}") from None
+    if before and not before.endswith(b"\n"):
+        before += b"\n"
+    after = before + f"{line}\n".encode()
+    try:
+        text = after.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--append: {path} is not a tokens file (not UTF-8 text)") from None
+    try:
+        tokens_of(text, str(path))
+    except ConfigError as e:
+        raise ConfigError(f"--append: nothing added, fix the file by hand first: {e}") from None
+    temporary = None
+    try:
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            if owner is not None and (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+                # `sudo … --append` on a file the service's user owns: it must still read it.
+                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+            f.write(after)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
+    except OSError as e:
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        raise SidecarError(f"--append: cannot write {path}: {e.strerror}") from None
+    return target, len(text.splitlines())
 
 
 def _check_config(args: argparse.Namespace) -> int:

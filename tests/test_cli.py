@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,50 @@ class TestTokenNew:
         code, _, err = await cli("token", "new", "--label", "room 12")
         assert code == 2
         assert "one word" in err
+
+    @pytest.mark.parametrize("label", ["x" * 33, "room/12", "röom-12"])
+    async def test_a_label_follows_the_tokens_files_rule(self, tmp_path: Path, label: str) -> None:
+        """`--label` takes what a tokens file takes (at most 32 characters of A-Z a-z 0-9 . _ :
+        -): anything else exits 2, printing no token and leaving the file as it was."""
+        tokens = tmp_path / "tokens"
+        tokens.write_text("room-1 sender-token-0123456789\n")
+        for append in ([], ["--append", str(tokens)]):
+            code, out, err = await cli("token", "new", "--label", label, *append)
+            assert code == 2
+            assert "at most 32 characters of A-Z a-z 0-9 . _ : -" in err
+            assert out == ""
+        assert tokens.read_text() == "room-1 sender-token-0123456789\n"
+
+    async def test_append_adds_a_line_even_to_a_file_without_a_final_newline(
+        self, tmp_path: Path
+    ) -> None:
+        """`token new --label L --append FILE` on a file whose last line has no final newline
+        leaves two lines the sidecar loads with both labels, the file owner-only (0600); the
+        token is printed once, alone on stdout, and stderr names the file."""
+        old = "sender-token-0123456789abcdef"
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"room-1 {old}")  # no final newline
+        tokens.chmod(0o644)
+        code, out, err = await cli("token", "new", "--label", "room-2", "--append", str(tokens))
+        assert code == 0, err
+        new = out.strip()
+        assert out == f"{new}\n"
+        assert len(new) >= 32
+        assert tokens.read_text() == f"room-1 {old}\nroom-2 {new}\n"
+        assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+        assert str(tokens) in err
+        assert new not in err
+        s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+        assert s.receiver.tokens == (old, new)
+        assert [getattr(t, "label", None) for t in s.receiver.tokens] == ["room-1", "room-2"]
+        assert os.listdir(tmp_path) == ["tokens"]  # no temporary file left beside it
+
+    async def test_append_creates_a_missing_tokens_file_owner_only(self, tmp_path: Path) -> None:
+        """`--append` to a file that does not exist yet creates it, mode 0600, with the line."""
+        tokens = tmp_path / "tokens"
+        code, out, err = await cli("token", "new", "--append", str(tokens))
+        assert code == 0, err
+        assert tokens.read_text() == out
+        assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+        s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+        assert s.receiver.tokens == (out.strip(),)

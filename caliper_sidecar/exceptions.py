@@ -83,6 +83,12 @@ class EndpointFailed(RetryLater):
     route): no event's fault, so the events stay queued and are retried with backoff."""
 
 
+class UnexpectedAnswer(RetryLater):
+    """A 2xx that is not the destination's answer (a web filter's page, a captive portal, a
+    proxy): nothing was delivered and no event is at fault, so the events stay queued and are
+    retried with backoff."""
+
+
 class Refused(DeliveryOutcome):
     """The platform refused the batch for good (a 4xx other than auth or rate limits)."""
 

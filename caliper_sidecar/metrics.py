@@ -86,7 +86,7 @@ class _StateCollector(Collector):
         up = GaugeMetricFamily(
             "caliper_sidecar_upstream_state",
             "1 for the upstream's current state (ok, backing_off, auth_failed, endpoint_failed, "
-            "refusing), 0 for the others",
+            "refusing, unexpected_answer), 0 for the others",
             labels=["state"],
         )
         for state in UpstreamState:

@@ -15,6 +15,8 @@ class UpstreamState(StrEnum):
     ENDPOINT_FAILED = "endpoint_failed"
     #: every event refused with the same answer: the platform's failure
     REFUSING = "refusing"
+    #: a 2xx that is not the platform's answer (a web filter's page, a captive portal)
+    UNEXPECTED_ANSWER = "unexpected_answer"
 
 
 class DeadLetterReason(StrEnum):

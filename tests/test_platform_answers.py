@@ -94,6 +94,108 @@ class TestATwoHundredIsNotAlwaysAnAcceptance:
         assert (await sidecar.outbox.stats()).dead_letters == 0
 
 
+class TestOnlyThePlatformsAnswerIsDelivery:
+    @pytest.mark.parametrize("platform_name", ["caliper", "learnwith-ai", "beyond-ai"])
+    async def test_a_web_filter_page_is_not_delivery(
+        self, run: Start, platform: RunningFake, platform_name: str
+    ) -> None:
+        """A `200 text/html` page answering for the platform (a school's web filter, a captive
+        portal) is `unexpected_answer` (status, metric, a log line with the start of the page):
+        nothing is marked delivered or dead-lettered, and every event goes once the platform
+        answers again."""
+        fake = platform.fake
+        endpoint = {
+            "caliper": platform.events_url,
+            "learnwith-ai": platform.learnwith_url,
+            "beyond-ai": platform.beyond_url,
+        }[platform_name]
+        fake.faults.web_filter = True
+        sidecar, client = await run(
+            upstream={"endpoint": endpoint, "platform": platform_name},
+            retry={"max_attempts": 2, "max_age_s": 0.01},
+        )
+        events = make_events(30)
+        with capture_logs() as logs:
+            await post(client, events)
+            await eventually(lambda: sidecar.dispatcher.state == "unexpected_answer")
+            await eventually(lambda: fake.statuses[200] >= 3)
+            status_doc = await get(client, "/v1/status")
+            assert status_doc["upstream"]["state"] == "unexpected_answer"
+            assert "<!DOCTYPE html>" in status_doc["upstream"]["last_error"]
+            assert (
+                await metric(client, 'caliper_sidecar_upstream_state{state="unexpected_answer"}')
+                == 1
+            )
+            stats = await sidecar.outbox.stats()
+            assert (stats.delivered_total, stats.dead_letters, stats.events) == (0, 0, 30)
+            fake.faults.web_filter = False
+            await fake.wait_for({e["id"] for e in events})
+            await eventually(lambda: _delivered(sidecar, 30))
+        assert (await sidecar.outbox.stats()).dead_letters == 0
+        failing = [e for e in logs if e["event"] == "upstream_unexpected_answer"]
+        assert failing
+        assert failing[0]["log_level"] == "error"
+        assert "blocked by your school" in failing[0]["error"]
+
+    @pytest.mark.parametrize("platform_name", ["learnwith-ai", "beyond-ai"])
+    @pytest.mark.parametrize("answer", ["", "[]", '{"ok": true}', "null"])
+    async def test_timeback_platforms_answer_a_json_object_with_success(
+        self, run: Start, platform: RunningFake, platform_name: str, answer: str
+    ) -> None:
+        """Toward TimeBack's platforms a 2xx is delivery only as a JSON object that says
+        `success` (or, as Beyond AI's answer, names its job): an empty body or other JSON is
+        `unexpected_answer`, and the event stays queued."""
+        beyond = platform_name == "beyond-ai"
+        endpoint = platform.beyond_url if beyond else platform.learnwith_url
+        platform.fake.fail_next(200, text=answer, content_type="application/json", times=1000)
+        sidecar, client = await run(upstream={"endpoint": endpoint, "platform": platform_name})
+        await post(client, make_event())
+        await eventually(lambda: sidecar.dispatcher.state == "unexpected_answer")
+        stats = await sidecar.outbox.stats()
+        assert (stats.delivered_total, stats.dead_letters, stats.events) == (0, 0, 1)
+
+    @pytest.mark.parametrize("answer", ["", "  ", '{"ok": true}', "[]"])
+    async def test_a_caliper_endpoint_answers_empty_or_json(
+        self, run: Start, platform: RunningFake, answer: str
+    ) -> None:
+        """Toward any Caliper endpoint, a 2xx with an empty body or JSON is delivery (IMS
+        recommends an empty 200)."""
+        platform.fake.fail_next(200, text=answer, content_type="application/json")
+        sidecar, client = await run()
+        await post(client, make_event())
+        await eventually(lambda: _delivered(sidecar, 1))
+        assert (await sidecar.outbox.stats()).dead_letters == 0
+
+    @pytest.mark.parametrize("status", [207, 200])
+    async def test_a_partial_refusal_is_a_refusal_of_the_batch(
+        self, run: Start, platform: RunningFake, status: int
+    ) -> None:
+        """A `207`, or a 2xx whose JSON lists `errors`, refuses the batch: it is split, the
+        events the platform takes are delivered, the ones it refuses are dead-lettered alone."""
+        fake = platform.fake
+        events = make_events(20)
+        bad = {events[3]["id"], events[11]["id"]}
+        fake.faults.refuse_ids = set(bad)
+        fake.faults.refusal_status = status
+        sidecar, client = await run()
+        await post(client, events)
+        await eventually(lambda: _dead(sidecar, 2))
+        await eventually(lambda: _delivered(sidecar, 18))
+        dead = await sidecar.outbox.dead_letters(10)
+        assert {d.id for d in dead} == bad
+        assert {d.status for d in dead} == {status}
+        assert set(fake.received) == {e["id"] for e in events} - bad
+
+    async def test_a_409_for_one_event_is_delivery(self, run: Start, platform: RunningFake) -> None:
+        """A `409` for a single event (the platform already holds that id) is delivery; for a
+        batch it is split until each event is alone."""
+        platform.fake.fail_next(409, body={"error": "duplicate event id"}, times=7)
+        sidecar, client = await run()
+        await post(client, make_events(4))
+        await eventually(lambda: _delivered(sidecar, 4))
+        assert (await sidecar.outbox.stats()).dead_letters == 0
+
+
 class TestAFailingEndpointIsNotBadEvents:
     @pytest.mark.parametrize("status", [404, 405, 410])
     async def test_endpoint_failures_back_off_and_lose_nothing(
@@ -236,6 +338,31 @@ class TestProcessingConfirmation:
             return bool(journey["state"] == "confirmed")
 
         await eventually(confirmed, timeout=20)
+
+    async def test_a_completed_job_confirms_only_the_events_it_names(
+        self, run: Start, platform: RunningFake
+    ) -> None:
+        """A `completed` job whose `results` leave events out confirms only those it names;
+        the others are sent again, and confirmed by a later job."""
+        fake = platform.fake
+        events = make_events(6)
+        left_out = {events[1]["id"], events[4]["id"]}
+        fake.faults.job_omit_ids = set(left_out)
+        sidecar, client = await run(
+            upstream={"endpoint": platform.beyond_url, "jobs_url": platform.jobs_url}
+        )
+        await post(client, events)
+
+        async def all_confirmed() -> bool:
+            for event in events:
+                journey = await get(client, f"/v1/events/{event['id']}")
+                if journey["state"] != "confirmed":
+                    return False
+            return True
+
+        await eventually(all_confirmed, timeout=20)
+        assert fake.duplicates == len(left_out)
+        assert (await sidecar.outbox.stats()).dead_letters == 0
 
 
 class TestJourneys:

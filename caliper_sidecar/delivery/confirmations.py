@@ -188,15 +188,16 @@ def _return_status(job: dict[str, Any]) -> Any:
     return value.get("status") if isinstance(value, dict) else None
 
 
-def _processed(job: dict[str, Any]) -> dict[str, str]:
-    """externalId -> allocatedId, from the job's `returnValue.results`."""
+def _processed(job: dict[str, Any]) -> dict[str, str] | None:
+    """externalId -> allocatedId, from the job's `returnValue.results`; None when they name no
+    event (no results, or results without external ids: then they confirm the whole job)."""
     value = job.get("returnValue")
     results = value.get("results") if isinstance(value, dict) else None
     out: dict[str, str] = {}
     for item in results if isinstance(results, list) else []:
         if isinstance(item, dict) and isinstance(item.get("externalId"), str):
             out[item["externalId"]] = str(item.get("allocatedId", ""))
-    return out
+    return out or None
 
 
 def _failed_reason(job: dict[str, Any]) -> str:

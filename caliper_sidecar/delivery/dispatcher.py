@@ -32,6 +32,7 @@ from caliper_sidecar.exceptions import (
     OutboxUnavailable,
     Refused,
     RetryLater,
+    UnexpectedAnswer,
 )
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Batch, Claim, Outbox, StoredEvent
@@ -403,6 +404,8 @@ class Dispatcher:
             state = UpstreamState.AUTH_FAILED
         elif isinstance(error, EndpointFailed):
             state = UpstreamState.ENDPOINT_FAILED
+        elif isinstance(error, UnexpectedAnswer):
+            state = UpstreamState.UNEXPECTED_ANSWER
         else:
             state = UpstreamState.BACKING_OFF
         self._set_state(state, reason)
@@ -415,9 +418,9 @@ class Dispatcher:
         )
         expired: dict[str, list[StoredEvent]] = {}
         keep: list[StoredEvent] = []
-        # Authentication and the endpoint are the operator's to fix: they never cost an event
-        # its place.
-        operators = isinstance(error, AuthFailed | EndpointFailed)
+        # Authentication, the endpoint and whatever answers in its place are the operator's
+        # to fix: they never cost an event its place.
+        operators = isinstance(error, AuthFailed | EndpointFailed | UnexpectedAnswer)
         for event in events:
             why = None if operators else self._expiry(event)
             if why is None:
@@ -461,6 +464,8 @@ class Dispatcher:
             log.error("upstream_endpoint_failed", previous=previous.value, error=error)
         elif state == UpstreamState.REFUSING:
             log.error("upstream_refusing", previous=previous.value, error=error)
+        elif state == UpstreamState.UNEXPECTED_ANSWER:
+            log.error("upstream_unexpected_answer", previous=previous.value, error=error)
         elif state == UpstreamState.BACKING_OFF:
             log.warning("upstream_backing_off", previous=previous.value, error=error)
         else:

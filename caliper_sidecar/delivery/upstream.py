@@ -4,10 +4,13 @@
 outcome the dispatcher acts on: RetryLater (transient; EndpointFailed when the endpoint itself
 fails), Refused (this batch is refused), AuthFailed.
 
-A 2xx is not always an acceptance: TimeBack's APIs answer `200 {"status": "error", …}` when
-they refuse, and that is read as the refusal it is. A 404, 405 or 410 says nothing about the
-events (a mistyped endpoint, a maintenance page, a proxy without the route): read as such,
-they would dead-letter a whole backlog at full speed.
+A 2xx is delivery only when it is the destination's answer (`read_acceptance`): a school's web
+filter, a captive portal or a TLS-inspecting proxy answers `200 text/html` in the platform's
+place, and taking that at its word would erase every event's body (UnexpectedAnswer). TimeBack's
+APIs answer `200 {"status": "error", …}` when they refuse, a 207 or a 2xx listing `errors` says
+some events were refused: each is read as the refusal of the batch it is. A 404, 405 or 410
+says nothing about the events (a mistyped endpoint, a maintenance page, a proxy without the
+route): read as such, they would dead-letter a whole backlog at full speed.
 """
 
 from __future__ import annotations
@@ -29,13 +32,24 @@ from caliper_sidecar.delivery.backoff import parse_retry_after, transient_status
 from caliper_sidecar.delivery.learnwith_form import rewrite_body
 from caliper_sidecar.delivery.tokens import TokenSource
 from caliper_sidecar.envelope import build_envelope, envelope_overhead
-from caliper_sidecar.exceptions import AuthFailed, EndpointFailed, Refused, RetryLater
+from caliper_sidecar.exceptions import (
+    AuthFailed,
+    EndpointFailed,
+    Refused,
+    RetryLater,
+    UnexpectedAnswer,
+)
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.presets import PLATFORMS
 
 RESPONSE_KEPT: Final = 1024  # bytes of a refusal kept with the dead letter
 #: statuses that say the endpoint is wrong or gone, not that these events are
 ENDPOINT_FAILURES: Final = frozenset({404, 405, 410})
+#: platforms that answer a JSON object saying `success` (TimeBack's); any other Caliper
+#: endpoint may answer an empty body (IMS recommends it) or JSON
+ANSWER_OBJECTS: Final = frozenset({"learnwith-ai", "beyond-ai"})
+#: Beyond AI's documented answer (the SDK's SendEventsResult) has no `status`, only these
+ACCEPTANCE_KEYS: Final = ("jobId", "eventsAccepted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +95,7 @@ class UpstreamClient:
         self._endpoint = settings.endpoint
         self._jobs_url = settings.jobs_url
         self._learnwith_form = settings.platform == "learnwith-ai"
+        self._answers_objects = settings.platform in ANSWER_OBJECTS
         self.sensor = settings.sensor or default_sensor()
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._tokens = tokens
@@ -117,15 +132,16 @@ class UpstreamClient:
         envelope = build_envelope(sensor or self.sensor, bodies)
         status, retry_after, text = await self._authorized("POST", self._endpoint, envelope)
         if 200 <= status < 300:
-            answer = _json_object(text)
-            if "status" in answer and answer["status"] != "success":
-                raise Refused(status, text[:RESPONSE_KEPT])
+            answer = read_acceptance(status, text, objects_only=self._answers_objects)
             if not self._jobs_url:
                 return Sent(status)
             job = answer.get("jobId")
             if isinstance(job, str) and job:
                 return Sent(status, job)
             return Sent(status, unconfirmed=f"HTTP {status} without a jobId: {text[:200]}")
+        if status == 409 and len(bodies) == 1:
+            # The platform already holds this id: what was to be done is done.
+            return Sent(status)
         if status in (401, 403):
             raise AuthFailed(f"Caliper endpoint answered HTTP {status}: {text[:200]}")
         if status in ENDPOINT_FAILURES:
@@ -225,10 +241,44 @@ def redact(text: str, secrets: Sequence[str | None]) -> str:
     return _BEARER.sub(r"\1<redacted>", text)
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    """The answer as a JSON object; empty when it is not one (IMS says a 2xx may be empty)."""
+def read_acceptance(status: int, text: str, *, objects_only: bool) -> dict[str, Any]:
+    """A 2xx answer as the destination's acceptance of a whole envelope: the JSON object it
+    answered (empty for an empty body or other JSON, where those are acceptances).
+
+    Raises Refused when it refuses some or all of the events (a 207; `status` other than
+    `success`; a non-empty `errors` list), and UnexpectedAnswer when it is not the
+    destination's answer at all: not JSON (a web filter's page), or, toward TimeBack's
+    platforms (`objects_only`), not an object that says `success` or names its job.
+    """
+    if status == 207:
+        raise Refused(status, text[:RESPONSE_KEPT])
+    if not text.strip():
+        if objects_only:
+            raise UnexpectedAnswer(f"HTTP {status} with an empty body, not the platform's answer")
+        return {}
     try:
         answer = codec.loads(text.encode())
     except (ValueError, RecursionError):
+        raise UnexpectedAnswer(
+            f"HTTP {status} that is not the platform's answer (a web filter, a captive portal "
+            f"or a proxy?): {_start(text)}"
+        ) from None
+    if not isinstance(answer, dict):
+        if objects_only:
+            raise UnexpectedAnswer(f"HTTP {status} without a JSON object: {_start(text)}")
         return {}
-    return answer if isinstance(answer, dict) else {}
+    if "status" in answer and answer["status"] != "success":
+        raise Refused(status, text[:RESPONSE_KEPT])
+    errors = answer.get("errors")
+    if isinstance(errors, list) and errors:
+        raise Refused(status, text[:RESPONSE_KEPT])
+    if objects_only and "status" not in answer and not any(k in answer for k in ACCEPTANCE_KEYS):
+        raise UnexpectedAnswer(
+            f"HTTP {status} whose JSON says neither status nor jobId: {_start(text)}"
+        )
+    return answer
+
+
+def _start(text: str) -> str:
+    """The start of an answer, on one line, for the state and the log."""
+    return " ".join(text[:200].split())

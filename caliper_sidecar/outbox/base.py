@@ -295,23 +295,32 @@ def dead_journey(dead: DeadLetter, sensor: str | None, sender: str | None) -> Jo
 
 @dataclass(frozen=True, slots=True)
 class PlatformJobOutcome:
-    """What a finished platform job said: the events it processed (id -> the platform's own id),
-    and, when it failed, the events it names as failing (None: it did not say which)."""
+    """What a finished platform job said: the events it processed (id -> the platform's own id;
+    None when its results name no event), and, when it failed, the events it names as failing
+    (None: it did not say which)."""
 
     failed: bool
     reason: str = ""
-    processed: dict[str, str] = field(default_factory=dict)
+    processed: dict[str, str] | None = None
     failing: frozenset[str] | None = None
 
     def split(self, events: Sequence[tuple[int, str]]) -> JobSplit:
         """What this outcome means for each event (seq, id) the job was sent with: confirmed
-        (with the platform's id for it) when the job completed or processed it; dead-lettered
-        when the job failed and names it, or names none; otherwise sent again in a new
-        envelope (neither processed nor the failing one)."""
+        (with the platform's id for it) when the job's results name it, or when it completed
+        and its results name no event at all; dead-lettered when the job failed and names it,
+        or names none; otherwise sent again in a new envelope (a completed job that left it
+        out of the results it lists, or a failed one that neither processed it nor names
+        it)."""
         split = JobSplit([], [], [])
+        named = self.processed or {}
         for seq, event_id in events:
-            if not self.failed or event_id in self.processed:
-                split.confirmed.append((seq, self.processed.get(event_id)))
+            if event_id in named:
+                split.confirmed.append((seq, named[event_id]))
+            elif not self.failed:
+                if self.processed is None:
+                    split.confirmed.append((seq, None))
+                else:
+                    split.again.append(seq)
             elif self.failing is None or event_id in self.failing:
                 split.failing.append(seq)
             else:

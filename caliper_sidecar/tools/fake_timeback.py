@@ -52,12 +52,22 @@ SEND_TIME: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 @dataclass
 class ScriptedFault:
     """Answer the next `times` requests with this status (and Retry-After, when given), and
-    this JSON body (an `injected fault` error by default)."""
+    this JSON body (an `injected fault` error by default), or this text as it is (`text`: an
+    HTML page, an empty body) with its content type."""
 
     status: int
     times: int = 1
     retry_after: str | None = None
     body: Any = None
+    text: str | None = None
+    content_type: str = "text/html"
+
+
+#: what a school's web filter or a captive portal answers in the platform's place
+WEB_FILTER_PAGE: Final = (
+    "<!DOCTYPE html><html><head><title>Blocked</title></head><body><h1>This site is blocked "
+    "by your school's web filter</h1><p>Category: uncategorised.</p></body></html>"
+)
 
 
 @dataclass
@@ -96,9 +106,22 @@ class Faults:
     omit_job_id: bool = False
     #: every envelope is refused with this (status, JSON body), whatever it holds
     refuse_all: tuple[int, Any] | None = None
+    #: how an envelope holding `refuse_ids` is refused: 422 as a whole, a 207 listing the
+    #: failed events, or a 200 JSON answer with a non-empty `errors` list
+    refusal_status: int = 422
+    #: every Caliper request is answered `200 text/html` by a web filter in front of the
+    #: platform (which never sees it)
+    web_filter: bool = False
+    #: Beyond AI: a job holding any of these ids completes without naming them in its
+    #: `results` (each id once: its next job names it)
+    job_omit_ids: set[str] = field(default_factory=set)
     #: the next this many Caliper (or token) requests get a 503 whose body never ends
     huge_answers: int = 0
     huge_token_answers: int = 0
+    #: Beyond AI's listings (`GET /caliper/events[/{id}]`): answers for the next reads
+    read_script: deque[ScriptedFault] = field(default_factory=deque)
+    #: … and while this is clear, reads wait for it (a listing as slow as a test wants)
+    reads_open: asyncio.Event = field(default_factory=lambda: _opened(asyncio.Event()))
 
 
 @dataclass
@@ -111,6 +134,8 @@ class FakeJob:
     failing: list[str]
     stuck: bool
     polls: int = 0
+    #: events processed but left out of the job's `results`
+    omitted: frozenset[str] = frozenset()
 
     def document(self, delay_s: float) -> dict[str, Any]:
         age = time.monotonic() - self.created
@@ -119,7 +144,7 @@ class FakeJob:
         results = [
             {"allocatedId": str(abs(hash(i)) % 10**9), "externalId": i}
             for i in self.event_ids
-            if i not in self.failing
+            if i not in self.failing and i not in self.omitted
         ]
         done: dict[str, Any] = {"id": self.id, "processedOn": "2024-01-15T10:00:00.000Z"}
         if self.failing:
@@ -171,6 +196,8 @@ class FakeTimeBack:
         #: for to know an envelope is in flight)
         self.requests_arrived = 0
         self.token_requests = 0
+        #: the raw path (and query) of every listing read that reached the platform
+        self.reads: list[str] = []
         #: (started, ended, status) of every Caliper request, when a test sets it to a list
         self.request_log: list[tuple[float, float, int]] | None = None
         self.max_events_seen = 0
@@ -207,9 +234,17 @@ class FakeTimeBack:
         self.tokens.clear()
 
     def fail_next(
-        self, status: int, times: int = 1, retry_after: str | None = None, body: Any = None
+        self,
+        status: int,
+        times: int = 1,
+        retry_after: str | None = None,
+        body: Any = None,
+        text: str | None = None,
+        content_type: str = "text/html",
     ) -> None:
-        self.faults.script.append(ScriptedFault(status, times, retry_after, body))
+        self.faults.script.append(
+            ScriptedFault(status, times, retry_after, body, text, content_type)
+        )
 
     def outage(self, seconds: float) -> None:
         """Drop every connection for this long (the platform is down)."""
@@ -310,6 +345,9 @@ class FakeTimeBack:
         headers: dict[str, str] = {}
         if started < f.outage_until:
             status, body = 0, None
+        elif f.web_filter:
+            self.statuses[200] += 1
+            return web.Response(text=WEB_FILTER_PAGE, content_type="text/html")
         elif f.huge_answers > 0:
             f.huge_answers -= 1
             return await self._endless(request)
@@ -322,6 +360,10 @@ class FakeTimeBack:
             self.request_log.append((started, time.monotonic(), status))
         if status == 0:
             return _drop(request)
+        if isinstance(body, ScriptedFault):
+            return web.Response(
+                text=body.text, status=status, headers=headers, content_type=body.content_type
+            )
         return web.json_response(body, status=status, headers=headers)
 
     def _authorized(self, request: web.Request) -> bool:
@@ -341,6 +383,8 @@ class FakeTimeBack:
         scripted = _take(f.script)
         if scripted is not None:
             headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else {}
+            if scripted.text is not None:
+                return scripted.status, scripted, headers
             body = {"error": "injected fault"} if scripted.body is None else scripted.body
             return scripted.status, body, headers
         if f.refuse_all is not None:
@@ -361,6 +405,12 @@ class FakeTimeBack:
             return status, {"error": problem}, {}
         data = envelope["data"]
         refused = [e.get("id") for e in data if e.get("id") in f.refuse_ids]
+        if refused and f.refusal_status != 422:
+            # Some of the envelope refused, the rest taken: what is taken is recorded.
+            errors = [{"id": i, "message": "event rejected"} for i in refused]
+            taken = [e for e in data if e.get("id") not in refused]
+            self._record(taken, request.path, envelope["sensor"])
+            return f.refusal_status, {"status": "success", "errors": errors}, {}
         if refused:
             return 422, {"error": "event rejected", "ids": refused}, {}
         if request.path == LEARNWITH_PATH:
@@ -386,7 +436,9 @@ class FakeTimeBack:
                 time.monotonic(),
                 [e["id"] for e in data if e["id"] in f.fail_job_ids],
                 f.stuck_jobs,
+                omitted=frozenset(e["id"] for e in data if e["id"] in f.job_omit_ids),
             )
+            f.job_omit_ids -= job.omitted
             self.jobs[job.id] = job
             if f.omit_job_id:
                 return 200, {"eventsAccepted": len(data)}, {}
@@ -404,11 +456,22 @@ class FakeTimeBack:
             return web.json_response({"error": "job not found"}, status=404)
         return web.json_response({"job": job.document(self.faults.job_delay_s)})
 
+    async def _read_fault(self, request: web.Request) -> web.StreamResponse | None:
+        """Record a listing read; what it meets (a dropped connection during an outage, a
+        scripted answer), or None, once `reads_open` lets it through."""
+        self.reads.append(request.raw_path)
+        await self.faults.reads_open.wait()
+        if time.monotonic() < self.faults.outage_until:
+            return _drop(request)
+        scripted = _take(self.faults.read_script)
+        return None if scripted is None else _scripted(scripted)
+
     async def _stored_events(self, request: web.Request) -> web.StreamResponse:
         """Beyond AI's `GET /caliper/events`: the events it stored, a page at a time
         (`limit`, `offset`; filtered by `sensor`, `actorId`)."""
-        if time.monotonic() < self.faults.outage_until:
-            return _drop(request)
+        fault = await self._read_fault(request)
+        if fault is not None:
+            return fault
         if not self._authorized(request):
             return web.json_response({"error": "invalid_token"}, status=401)
         try:
@@ -434,8 +497,11 @@ class FakeTimeBack:
             }
         )
 
-    async def _stored_event(self, request: web.Request) -> web.Response:
+    async def _stored_event(self, request: web.Request) -> web.StreamResponse:
         """Beyond AI's `GET /caliper/events/{externalId}`."""
+        fault = await self._read_fault(request)
+        if fault is not None:
+            return fault
         if not self._authorized(request):
             return web.json_response({"error": "invalid_token"}, status=401)
         event_id = request.match_info["id"]
@@ -502,10 +568,11 @@ class FakeTimeBack:
         return web.json_response(summary)
 
     async def _set_faults(self, request: web.Request) -> web.Response:
-        """Set faults over HTTP: fail_next {status, times, retry_after, body}, latency_ms,
-        refuse_ids, refuse_all [status, body] (or null), outage_s, chaos_rate, revoke_tokens,
-        and for Beyond AI omit_job_id and its jobs' fail_job_ids, job_delay_ms, stuck_jobs,
-        job_lag_polls."""
+        """Set faults over HTTP: fail_next {status, times, retry_after, body, text,
+        content_type}, latency_ms, refuse_ids and refusal_status (422, 207 or 200), refuse_all
+        [status, body] (or null), web_filter (true: an HTML 200 page answers for the platform),
+        outage_s, chaos_rate, revoke_tokens, and for Beyond AI omit_job_id and its jobs'
+        fail_job_ids, job_omit_ids, job_delay_ms, stuck_jobs, job_lag_polls."""
         body = await request.json()
         f = self.faults
         if "fail_next" in body:
@@ -530,6 +597,12 @@ class FakeTimeBack:
             f.job_lag_polls = int(body["job_lag_polls"])
         if "omit_job_id" in body:
             f.omit_job_id = bool(body["omit_job_id"])
+        if "refusal_status" in body:
+            f.refusal_status = int(body["refusal_status"])
+        if "web_filter" in body:
+            f.web_filter = bool(body["web_filter"])
+        if "job_omit_ids" in body:
+            f.job_omit_ids = set(body["job_omit_ids"])
         if "refuse_all" in body:
             refusal = body["refuse_all"]
             f.refuse_all = None if refusal is None else (int(refusal[0]), refusal[1])
@@ -582,6 +655,11 @@ def learnwith_form(event: dict[str, Any]) -> bool:
 
 def _entity_id(entity: Any) -> Any:
     return entity.get("id") if isinstance(entity, dict) else entity
+
+
+def _opened(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
 
 
 def _take(script: deque[ScriptedFault]) -> ScriptedFault | None:

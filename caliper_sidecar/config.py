@@ -99,7 +99,10 @@ class ReceiverSettings(_Section, frozen=True):
         Strings,
         _key(
             "bearer tokens apps must present (each at least 16 characters); empty: no "
-            "authentication"
+            "authentication. Or tokens_file: one a line, optionally after a label and a space "
+            '("room-12 3f9c…"), the label naming the sender in logs, metrics and journeys: '
+            f"{SENDER_LABEL_RULE}; `caliper-sidecar token new --label L --append FILE` adds a "
+            "line"
         ),
     ] = ()
     cors_origins: Annotated[

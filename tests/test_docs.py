@@ -81,8 +81,10 @@ def command_lines() -> list[tuple[str, list[str]]]:
         for line in body.replace("\\\n", " ").splitlines():
             command = re.split(r" (?:\||>|&&|;) ", line.split(" #", 1)[0])[0]
             words = shlex.split(command, comments=True)
-            while words and "=" in words[0] and not words[0].startswith("-"):
-                words = words[1:]  # VARIABLE=value before the command
+            while words and (
+                words[0] == "sudo" or ("=" in words[0] and not words[0].startswith("-"))
+            ):
+                words = words[1:]  # sudo, or VARIABLE=value, before the command
             if words and words[0].endswith("caliper-sidecar"):
                 found.append((where, words[1:]))
     return found

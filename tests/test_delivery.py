@@ -3,6 +3,7 @@ isolation, limits, authentication failures, and a chaos run."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from caliper_sidecar.app import Sidecar, start
@@ -21,7 +24,7 @@ from caliper_sidecar.delivery.backoff import (
     parse_retry_after,
     transient_status,
 )
-from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake, ScriptedFault
 
 from .conftest import eventually, make_event, make_events, settings_for
 
@@ -82,6 +85,35 @@ class TestBackoffRules:
         assert parse_retry_after("soon", now) is None
         assert parse_retry_after(None, now) is None
 
+    @pytest.mark.parametrize(
+        "value", ["²", "١٢", "１２", "9" * 400, "1.5", "-1", "Mon, 01 Jan 0001"]
+    )
+    def test_retry_after_is_ascii_digits_or_a_date(self, value: str) -> None:
+        """Digits other than ASCII ones (`"²".isdigit()` is True), numbers too large to be
+        finite and everything that is not an HTTP date are ignored."""
+        assert parse_retry_after(value, 1_700_000_000.0) is None
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.one_of(
+            st.text(),
+            # what str.isdigit() calls digits without float() taking them all: ², ①, ١
+            st.text(st.characters(categories=("Nd", "No")), min_size=1),
+            st.binary().map(lambda raw: raw.decode("latin-1")),
+            st.binary().map(lambda raw: raw.decode("utf-8", "surrogateescape")),
+            st.from_regex(r"\A[0-9]{1,400}\Z"),
+            # every HTTP date of years 1 to 9999
+            st.integers(-62_135_510_400, 253_402_214_400).map(
+                lambda when: formatdate(when, usegmt=True)
+            ),
+        )
+    )
+    def test_no_retry_after_raises(self, value: str) -> None:
+        """Whatever a peer sends as Retry-After (any text, any bytes), it reads as None or a
+        finite number of seconds, never as an exception."""
+        seconds = parse_retry_after(value, 1_700_000_000.0)
+        assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
+
     def test_full_jitter_capped(self) -> None:
         """Delays are spread between 0 and the capped exponential step."""
         delays = [backoff_delay(n, 1.0, 8.0) for n in range(1, 12) for _ in range(50)]
@@ -134,6 +166,23 @@ class TestTransientFailures:
         await fake.wait_for({event["id"]}, timeout=10)
         (_, refused_at, _), (retried_at, _, _) = fake.request_log[:2]
         assert retried_at - refused_at >= 0.9  # the date has one-second resolution
+
+    async def test_a_retry_after_that_is_no_number_is_ignored(
+        self, run: Run, fake: FakeTimeBack
+    ) -> None:
+        """503s with `Retry-After: ²` (a digit to Python, no number to HTTP) from the token
+        endpoint and the Caliper endpoint are backed off like any 503, without a traceback, and
+        the event is delivered when they end."""
+        fake.faults.token_script.append(ScriptedFault(503, retry_after="²"))
+        fake.fail_next(503, times=2, retry_after="²")
+        _, post = await run()
+        with capture_logs() as logs:
+            event = make_event()
+            await post(event)
+            await fake.wait_for({event["id"]}, timeout=15)
+        assert fake.statuses[503] == 2
+        assert fake.token_requests == 2
+        assert [e["event"] for e in logs if "exc_info" in e] == []
 
     async def test_outage_sends_one_probe_at_a_time(self, run: Run, fake: FakeTimeBack) -> None:
         """While the platform fails, one probe batch at a time; full concurrency after."""

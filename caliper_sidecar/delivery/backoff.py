@@ -4,6 +4,7 @@ keeps an outage from turning into a retry storm."""
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from datetime import UTC
@@ -19,20 +20,27 @@ def transient_status(status: int) -> bool:
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None.
+
+    The value is a peer's: whatever it holds reads as a finite number of seconds or as None,
+    never as an exception. Delta-seconds are ASCII digits only (`"²".isdigit()` is True and
+    `float("²")` raises; `float("١٢")` is 12).
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        at = when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
     now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, at - now)
 
 
 def backoff_delay(failures: int, initial_s: float, max_s: float) -> float:

@@ -24,7 +24,8 @@ from caliper_sidecar.outbox import (
 )
 from caliper_sidecar.outbox.postgres import PostgresOutbox
 from caliper_sidecar.outbox.postgres_listen import LISTENER_NAME
-from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN, SCHEMA
+from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN, INGEST_LOCK, SCHEMA
+from caliper_sidecar.outbox.postgres_sessions import session_settings
 from caliper_sidecar.outbox.postgres_writes import store_events
 
 from .conftest import eventually, new_id
@@ -535,6 +536,46 @@ class TestPostgresTotals:
             await other.append(events(1))
             async with asyncio.timeout(10):
                 await waiting  # woken by the NOTIFY, long before the 30 s
+
+
+class TestPostgresSessions:
+    async def test_ingest_behind_a_lock_never_let_go_is_storage_busy(self, database: str) -> None:
+        """An append waiting for the ingest lock that another session holds and never lets go
+        (a replica frozen mid-commit) fails as storage_busy, which readiness reports, instead
+        of hanging; once the lock is free, appends commit again."""
+        async with open_test_outbox("postgres", Path("/nonexistent"), database) as box:
+            holder = await asyncpg.connect(database)
+            try:
+                async with holder.transaction():
+                    await holder.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
+                    with pytest.raises(OutboxUnavailable) as refused:
+                        async with asyncio.timeout(15):  # a hang fails instead of stalling
+                            await box.append(events(1))
+                    assert refused.value.reason == "storage_busy"
+                    assert box.unwritable_reason() == "storage_busy"
+            finally:
+                await holder.close()
+            await box.append(events(1))
+            assert box.unwritable_reason() is None
+
+    async def test_an_operator_overrides_a_timeout_in_the_url(self, database: str) -> None:
+        """A session gets the sidecar's timeouts and keepalives, but for those `outbox.url`
+        names, as a parameter of its own or in `options`: those are the URL's."""
+        url = f"{database}?lock_timeout=7s&options=-c%20statement_timeout%3D11s"
+        conn = await asyncpg.connect(url, server_settings=session_settings(url))
+        try:
+            shown = [
+                await conn.fetchval(f"SHOW {name}")
+                for name in (
+                    "lock_timeout",
+                    "statement_timeout",
+                    "idle_in_transaction_session_timeout",
+                    "tcp_keepalives_idle",
+                )
+            ]
+        finally:
+            await conn.close()
+        assert shown == ["7s", "11s", "5s", "10"]
 
 
 async def _listeners(admin: asyncpg.Connection, count: int) -> bool:

@@ -4,6 +4,7 @@ holds across them. Skipped, saying why, where no PostgreSQL server answers."""
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from caliper_sidecar.outbox.postgres_schema import MIGRATION_LOCK, SCHEMA, VERSION
+from caliper_sidecar.outbox.postgres_schema import INGEST_LOCK, MIGRATION_LOCK, SCHEMA, VERSION
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
@@ -83,6 +84,35 @@ async def _waits_for_the_lock(url: str) -> bool:
     finally:
         await conn.close()
     return bool(waiting)
+
+
+async def freeze_holding_the_ingest_lock(p: SidecarProcess, url: str) -> None:
+    """SIGSTOP the replica at a moment one of its sessions holds the ingest lock in an open
+    transaction (a box that hangs or loses power mid-commit); tried again until it does."""
+    conn = await asyncpg.connect(url)
+    try:
+        for _ in range(500):
+            p.proc.send_signal(signal.SIGSTOP)
+            # What it sent before it stopped is still being done: wait until its session is
+            # either idle in its transaction, holding the lock, or done with it.
+            for _ in range(50):
+                state = await conn.fetchval(
+                    "SELECT a.state FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1 "
+                    "AND l.objid = $2 AND l.objsubid = 1",
+                    INGEST_LOCK >> 32,
+                    INGEST_LOCK & 0xFFFFFFFF,
+                )
+                if state == "idle in transaction":
+                    return
+                if state is None:
+                    break
+                await asyncio.sleep(0.01)
+            p.proc.send_signal(signal.SIGCONT)
+            await asyncio.sleep(random.uniform(0.005, 0.05))
+        raise AssertionError("the replica was never stopped holding the ingest lock")
+    finally:
+        await conn.close()
 
 
 async def post(url: str, events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,6 +188,64 @@ class TestReplicas:
         in_flight_max = 4 * 20  # concurrency x batch_max_events of the killed replica
         assert platform.fake.duplicates <= in_flight_max
         assert await b.terminate() == 0
+
+    async def test_a_frozen_replica_never_stalls_ingest_on_the_others(
+        self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str
+    ) -> None:
+        """A replica frozen (SIGSTOP) while its commit holds the ingest lock: another replica
+        answers 503 + Retry-After instead of hanging, and says it is not ready, until the
+        database cuts the frozen session off; then it accepts again, and every event either
+        acknowledged is delivered."""
+        a = replica(tmp_path, platform, processes, shared, "a")
+        b = replica(tmp_path, platform, processes, shared, "b")
+        await a.wait_ready()
+        await b.wait_ready()
+        acknowledged: set[str] = set()
+        loading = True
+
+        async def load() -> None:
+            async with aiohttp.ClientSession() as http:
+                while loading:
+                    events = make_events(5)
+                    try:
+                        async with http.post(f"{a.url}/v1/events", json=events) as r:
+                            if r.status == 202:
+                                acknowledged.update(e["id"] for e in events)
+                    except aiohttp.ClientError:
+                        pass
+
+        loaders = [asyncio.create_task(load()) for _ in range(4)]
+        try:
+            await eventually(lambda: acknowledged, timeout=20)
+            await freeze_holding_the_ingest_lock(a, shared)
+            loading = False
+            # A client timeout only so that a hang fails the test instead of stalling it.
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+                async with http.post(f"{b.url}/v1/events", json=make_events(3)) as r:
+                    assert r.status == 503, await r.text()
+                    assert int(r.headers["Retry-After"]) > 0
+                    assert (await r.json())["error"] == "storage_busy"
+                async with http.get(f"{b.url}/readyz") as r:
+                    assert r.status == 503
+                    assert (await r.json())["reason"] == "storage_busy"
+
+                async def accepted() -> bool:
+                    events = make_events(3)
+                    async with http.post(f"{b.url}/v1/events", json=events) as r:
+                        if r.status != 202:
+                            return False
+                    acknowledged.update(e["id"] for e in events)
+                    return True
+
+                # a is still stopped: the database cut its session off
+                await eventually(accepted, timeout=30)
+        finally:
+            loading = False
+            for task in loaders:
+                task.cancel()
+            await asyncio.gather(*loaders, return_exceptions=True)
+            a.proc.send_signal(signal.SIGCONT)
+        await platform.fake.wait_for(acknowledged, timeout=60)
 
     async def test_replay_from_the_cli_while_replicas_run(
         self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], shared: str

@@ -67,6 +67,7 @@ from caliper_sidecar.outbox.postgres_schema import (
     SCHEMA,
     VERSION,
 )
+from caliper_sidecar.outbox.postgres_sessions import LONG_WORK, session_settings
 from caliper_sidecar.outbox.postgres_writes import NOW
 from caliper_sidecar.outbox.schema import SchemaTooNew
 
@@ -74,6 +75,8 @@ log = structlog.get_logger("sidecar.outbox")
 
 POOL_SIZE: Final = 8
 _DISK_FULL: Final = "53100"
+#: lock_timeout and statement_timeout (see postgres_sessions)
+_TIMED_OUT: Final = frozenset({"55P03", "57014"})
 #: "no partition of relation found for row"
 _NO_PARTITION: Final = "23514"
 #: base.JOURNEY_COLUMNS from an event and the sent row holding it, if any
@@ -157,11 +160,12 @@ class PostgresOutbox(OutboxManager):
                 min_size=1,
                 max_size=POOL_SIZE,
                 reset=_nothing_to_reset,
-                server_settings={
-                    "search_path": SCHEMA,
-                    "synchronous_commit": self._synchronous_commit,
-                    "application_name": "caliper-sidecar",
-                },
+                server_settings=session_settings(
+                    self._dsn,
+                    search_path=SCHEMA,
+                    synchronous_commit=self._synchronous_commit,
+                    application_name="caliper-sidecar",
+                ),
             )
             await self._migrate()
             if self._agreement is not None:
@@ -227,7 +231,9 @@ class PostgresOutbox(OutboxManager):
 
     async def _migrate(self) -> None:
         async with self._connection() as conn, conn.transaction():
-            # Replicas starting at once: one migrates, the others wait, then find it done.
+            # Replicas starting at once: one migrates (which may take minutes), the others
+            # wait, then find it done.
+            await conn.execute(LONG_WORK)
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
             await conn.execute(
@@ -437,6 +443,7 @@ class PostgresOutbox(OutboxManager):
                 _fenced(claim, seqs, done)
             if time.monotonic() - self._last_prune > self.prune_every_s:
                 async with conn.transaction():
+                    await conn.execute(LONG_WORK)  # a chunk of a big backlog's deliveries
                     more = await writes.prune(conn, self.dedupe_window_s)
                 if not more:
                     self._last_prune = time.monotonic()
@@ -601,6 +608,14 @@ def _disk_full() -> OutboxUnavailable:
 
 
 def _unavailable(e: BaseException) -> OutboxUnavailable:
-    if getattr(e, "sqlstate", None) == _DISK_FULL:
+    sqlstate = getattr(e, "sqlstate", None)
+    if sqlstate == _DISK_FULL:
         return _disk_full()
+    if sqlstate in _TIMED_OUT:
+        return OutboxUnavailable(
+            "storage_busy",
+            "the outbox is busy: what this write needs is held by another session (a replica "
+            "that stopped mid-commit is cut off by the database within seconds); try again",
+            detail=f"{type(e).__name__}: {e}",
+        )
     return storage_error(e)

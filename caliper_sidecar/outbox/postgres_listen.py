@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 
 from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.outbox.postgres_sessions import session_settings
 from caliper_sidecar.outbox.postgres_writes import CHANNEL
 
 log = structlog.get_logger("sidecar.outbox")
@@ -38,7 +39,9 @@ class Listener:
     async def open(self) -> None:
         conn = await asyncpg.connect(
             self._dsn,
-            server_settings={"search_path": SCHEMA, "application_name": LISTENER_NAME},
+            server_settings=session_settings(
+                self._dsn, search_path=SCHEMA, application_name=LISTENER_NAME
+            ),
         )
         await conn.add_listener(CHANNEL, self._on_notify)
         conn.add_termination_listener(self._lost)

@@ -26,6 +26,9 @@ async def join(
     queue between two platforms, or prune for each other what the other still needs. Replicas
     whose heartbeat stopped (stopped, killed) no longer count: once every replica has stopped,
     a new setting may take over."""
+    # Waited for as long as it takes: a replica stopped while it joins is cut off by the
+    # database (idle_in_transaction_session_timeout), which lets the lock go.
+    await conn.execute("SET LOCAL lock_timeout = 0")
     await conn.execute("SELECT pg_advisory_xact_lock($1)", REPLICAS_LOCK)
     await conn.execute(f"DELETE FROM replicas WHERE seen_until < {NOW}")
     differ: dict[str, str] = {}

@@ -63,7 +63,13 @@ async def win_back_room(conn: asyncpg.Connection) -> bool:
     whole = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM reserve)")
     if not whole:
         await conn.execute("TRUNCATE reserve")
-    await conn.execute("VACUUM (SKIP_LOCKED) events, batches, sent, dead_letters")
+    # VACUUM runs in no transaction, so no SET LOCAL: the session's statement_timeout is
+    # lifted around it (a big table's vacuum may take longer) and given back.
+    await conn.execute("SET statement_timeout = 0")
+    try:
+        await conn.execute("VACUUM (SKIP_LOCKED) events, batches, sent, dead_letters")
+    finally:
+        await conn.execute("RESET statement_timeout")
     if whole:
         return True
     try:

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from caliper_sidecar.app import Sidecar, start
-from caliper_sidecar.delivery.dispatcher import REFUSING_AFTER
+from caliper_sidecar.delivery.refusals import REFUSING_AFTER
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import eventually, make_event, make_events, settings_for

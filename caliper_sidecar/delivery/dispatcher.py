@@ -1,15 +1,9 @@
 """The dispatcher: claims batches from the outbox, sends them, and turns each outcome into an
 outbox operation: acknowledge, retry later, split, or dead-letter.
 
-A refusal that every event gets is the platform's failure, not the events': a platform that
-refuses everything (a wrong `edApp`, an API that changed, a proxy's error page) would otherwise
-split the backlog down to single events and dead-letter all of it at full speed. So a single
-event's refusal is not final until something tells it apart: another event accepted, or
-refused with another answer. When `REFUSING_AFTER` single events in a row are refused with the
-same status and answer, delivery stops as `refusing`, the events stay queued, and it is tried
-again at the capped backoff; only when that same refusal has lasted `retry.refusing_grace_s`
-are the events it refuses dead-lettered, so that a truly bad backlog never stalls delivery for
-good.
+How a refused batch is searched for the events the platform refuses, and how a refusal that
+every event gets is told from the events' own, is in `refusals` (pure, tested alone); here is
+what each verdict does to the outbox, the circuit and the state.
 """
 
 from __future__ import annotations
@@ -18,13 +12,13 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Final
 
 import structlog
 
 from caliper_sidecar.config import Settings
 from caliper_sidecar.delivery.backoff import Circuit, CircuitState
+from caliper_sidecar.delivery.refusals import Refusals, SplitSearch
 from caliper_sidecar.delivery.upstream import Sender, Sent
 from caliper_sidecar.exceptions import (
     AuthFailed,
@@ -42,21 +36,6 @@ log = structlog.get_logger("sidecar.dispatcher")
 
 IDLE_POLL_S: Final = 1.0  # also how soon a replay made by another process is noticed
 CLAIM_RETRY_S: Final = 1.0
-#: single events refused alike, in a row, that make a refusal the platform's failure
-REFUSING_AFTER: Final = 8
-
-
-@dataclass
-class RefusalStreak:
-    """Single events refused in a row with one answer: which, and since when (monotonic)."""
-
-    status: int
-    body: str
-    ids: set[str]
-    since: float
-
-    def matches(self, refusal: Refused) -> bool:
-        return refusal.status == self.status and refusal.body == self.body
 
 
 class Dispatcher:
@@ -92,7 +71,7 @@ class Dispatcher:
         self.in_flight = 0
         #: sends cut short by the last stop (they go out again after a restart)
         self.sends_cut = 0
-        self._streak: RefusalStreak | None = None
+        self._refusals = Refusals(settings.retry.refusing_grace_s)
         #: an episode of 2xx answers without a jobId although jobs are followed
         self._unconfirmed_episode = False
         #: set when a send finishes or a claim finds nothing: `drained` looks again then
@@ -200,57 +179,36 @@ class Dispatcher:
         claim, events = batch.claim, batch.events
         self.in_flight += len(events)
         self._metrics.in_flight.inc(len(events))
-        parts = [events]
+        search = SplitSearch(events, self._refusals)
         sending: list[StoredEvent] = []  # the part whose outcome is not recorded yet
-        #: single events refused, their refusal not yet told apart from the platform's failure
-        refused: list[tuple[StoredEvent, Refused]] = []
         try:
-            while parts:
-                part = sending = parts.pop(0)
+            while (part := search.next_part()) is not None:
+                sending = part
                 if part is not events:
                     await self._outbox.extend(claim)  # a split batch takes several sends
                 started = time.monotonic()
                 try:
                     sent = await self._send(batch_id, part)
                 except Refused as e:
-                    if len(part) > 1:
-                        # Split until the event the platform refuses is alone; its batch-mates
-                        # are delivered.
-                        self._refusal_answered(e)
-                        middle = len(part) // 2
-                        parts[:0] = [part[:middle], part[middle:]]
-                        sending = []
+                    sending = []
+                    self._refusal_answered(e)
+                    verdict = search.refused(part, e, time.monotonic())
+                    if verdict is None:
                         log.info("batch_split", batch=batch_id, status=e.status, events=len(part))
                         continue
-                    sending = []
-                    if refused and not (self._streak is not None and self._streak.matches(e)):
-                        # Refused with another answer: the refusals so far were the events' own.
-                        await self._dead_letter_refused(batch_id, claim, refused, probe)
-                        refused = []
-                    refused.append((part[0], e))
-                    if self._refused_alone(part[0], e):
-                        if not self._grace_over():
-                            # Everything refused alike: the platform's failure, not the events'.
-                            waiting = [ev for ev, _ in refused]
-                            waiting += [ev for rest in parts for ev in rest]
-                            refused, parts = [], []
-                            await self._refusing(batch_id, claim, waiting, e, probe)
-                            return
-                        # The same refusal for `refusing_grace_s`: taken at its word now.
+                    if verdict.given_up:
                         self._circuit.succeeded()
-                        await self._dead_letter_refused(batch_id, claim, refused, probe)
-                        refused = []
+                    await self._dead_letter_refused(batch_id, claim, verdict.dead, probe)
+                    if verdict.refusing is not None:
+                        await self._refusing(batch_id, claim, verdict.refusing, e, probe)
+                        return
                     continue
                 except (RetryLater, AuthFailed) as e:
-                    waiting = [ev for ev, _ in refused] + part
-                    waiting += [ev for rest in parts for ev in rest]
-                    parts, sending, refused = [], [], []
+                    waiting = part + search.unsettled()
+                    sending = []
                     await self._failed(batch_id, claim, waiting, e, probe)
                     return
-                # Another event accepted: the refusals so far were the events' own.
-                self._streak = None
-                await self._dead_letter_refused(batch_id, claim, refused, probe)
-                refused = []
+                await self._dead_letter_refused(batch_id, claim, search.accepted(), probe)
                 await self._bookkeep(
                     self._outbox.acknowledge(
                         claim, [e.seq for e in part], sent.job_id, sent.unconfirmed
@@ -271,14 +229,11 @@ class Dispatcher:
                     platform_job=sent.job_id,
                     duration_ms=round((time.monotonic() - started) * 1000, 1),
                 )
-            # Fewer than REFUSING_AFTER alike, and nothing else to tell them apart by: as the
-            # platform said, these events are refused.
-            await self._dead_letter_refused(batch_id, claim, refused, probe)
-            refused = []
+            await self._dead_letter_refused(batch_id, claim, search.finished(), probe)
         finally:
             self.in_flight -= len(events)
             self._metrics.in_flight.dec(len(events))
-            left = sending + [e for e, _ in refused] + [e for rest in parts for e in rest]
+            left = sending + search.unsettled()
             if left:  # cut short by shutdown: the events stay queued, untouched
                 await self._outbox.release(claim, [e.seq for e in left])
                 if probe:
@@ -286,30 +241,8 @@ class Dispatcher:
 
     def _refusal_answered(self, refusal: Refused) -> None:
         """The platform answered with a refusal: it is up, unless it refuses everything."""
-        if self.state != UpstreamState.REFUSING or not (
-            self._streak is not None and self._streak.matches(refusal)
-        ):
+        if self.state != UpstreamState.REFUSING or not self._refusals.matches(refusal):
             self._platform_answered()
-
-    def _refused_alone(self, event: StoredEvent, refusal: Refused) -> bool:
-        """Count a single event's refusal; True when REFUSING_AFTER events in a row got it."""
-        self._refusal_answered(refusal)
-        streak = self._streak
-        if streak is None or not streak.matches(refusal):
-            streak = self._streak = RefusalStreak(
-                refusal.status, refusal.body, set(), time.monotonic()
-            )
-        streak.ids.add(event.id)
-        return len(streak.ids) >= REFUSING_AFTER
-
-    def _grace_over(self) -> bool:
-        """True when the current refusal has lasted `retry.refusing_grace_s`."""
-        streak = self._streak
-        return (
-            streak is not None
-            and len(streak.ids) >= REFUSING_AFTER
-            and time.monotonic() - streak.since >= self._retry.refusing_grace_s
-        )
 
     async def _refusing(
         self,
@@ -443,7 +376,8 @@ class Dispatcher:
     def _expiry(self, event: StoredEvent) -> str | None:
         if self._retry.max_attempts and event.attempts + 1 >= self._retry.max_attempts:
             return DeadLetterReason.MAX_ATTEMPTS
-        if self._retry.max_age_s and time.time() - event.received_at >= self._retry.max_age_s:
+        # Its age as the outbox observed it, never this wall clock (NTP may step it by days).
+        if self._retry.max_age_s and event.age_s >= self._retry.max_age_s:
             return DeadLetterReason.MAX_AGE
         return None
 

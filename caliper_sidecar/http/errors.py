@@ -16,6 +16,8 @@ from aiohttp import web
 
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.http import bodies
+from caliper_sidecar.validation.reading import TooManyEvents
+from caliper_sidecar.validation.shape import ShapeError
 
 log = structlog.get_logger("sidecar.errors")
 
@@ -61,6 +63,14 @@ def unavailable(error: OutboxUnavailable, path: str) -> ApiError:
         log.error("storage_error", request_id=body.request_id, path=path, detail=error.detail)
     retry = {"Retry-After": str(error.retry_after_s)}
     return ApiError(503, body.error, body.message, retry, body)
+
+
+def unreadable(error: ShapeError | TooManyEvents) -> ApiError:
+    """A body the door cannot read (validation/reading.py) as its answer: too many events is a
+    413, anything else (not JSON, not a shape events come in) a 400 named by its code."""
+    if isinstance(error, TooManyEvents):
+        return ApiError(413, "too_many_events", str(error))
+    return ApiError(400, error.code, str(error))
 
 
 @web.middleware

@@ -17,17 +17,17 @@ from typing import Any, Final
 import structlog
 from aiohttp import web
 
-from caliper_sidecar import codec
 from caliper_sidecar.envelope import MAX_SENSOR_BYTES, sensor_bytes
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.http import bodies
-from caliper_sidecar.http.errors import ApiError, json_response, unavailable
+from caliper_sidecar.http.errors import ApiError, json_response, unavailable, unreadable
 from caliper_sidecar.http.requests import authenticate, read_body, too_large
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox import AppendResult, NewEvent
-from caliper_sidecar.validation import Report, validate_events
-from caliper_sidecar.validation.shape import ShapeError, event_bodies, events_of, shape_of
+from caliper_sidecar.validation import Report
+from caliper_sidecar.validation.reading import Limits, Received, TooManyEvents, read_events
+from caliper_sidecar.validation.shape import ShapeError
 
 log = structlog.get_logger("sidecar.receiver")
 
@@ -165,22 +165,6 @@ async def _ingest_body(
     return Accepted(received.ids, result, report, job)
 
 
-@dataclass(frozen=True, slots=True)
-class Received:
-    """A request's events: their ids as the app sent them, what validation found in them,
-    and the body they came in (as `shape`)."""
-
-    ids: list[str]
-    report: Report
-    raw: bytes
-    shape: str
-
-    def bodies(self) -> tuple[list[bytes], str | None]:
-        """Each event's bytes as the app sent them (found only for what is stored), and the
-        sensor of the app's envelope."""
-        return event_bodies(self.raw, self.shape)
-
-
 async def validate_only(request: web.Request) -> web.Response:
     """`POST /caliper/event/validate`: TimeBack's validation answer; nothing is stored."""
     rt = request.app[RUNTIME]
@@ -195,8 +179,8 @@ async def validate_only(request: web.Request) -> web.Response:
 
 
 async def _read_events(rt: Runtime, request: web.Request) -> Received:
-    """The events of the request's body, validated; ApiError when the body is not JSON, not
-    a shape events come in, or holds too many events."""
+    """The events of the request's body, validated; ApiError when the body is not of a type
+    and encoding events come in, not JSON, not a shape events come in, or holds too many."""
     if request.content_type not in JSON_TYPES:
         raise ApiError(
             415,
@@ -214,33 +198,12 @@ async def _read_events(rt: Runtime, request: web.Request) -> Received:
     limit = rt.settings.receiver.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
-    raw = codec.without_bom(await read_body(request))
-    decoded = rt.decoder.decode(raw) if rt.decoder is not None else None
-    if decoded is not None:  # valid, no warnings: validated while parsing
-        _check_count(rt, len(decoded.events))
-        ids = [event.id for event in decoded.events]
-        return Received(ids, Report(), raw, decoded.shape)
-    try:
-        document = codec.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
-    try:
-        events = events_of(document)
-    except ShapeError as e:
-        raise ApiError(400, e.code, str(e)) from None
-    _check_count(rt, len(events))
+    raw = await read_body(request)
     validation = rt.settings.validation
-    report = validate_events(events, validation.mode, validation.profile)
-    # An invalid event may have no id; nothing of such a request is stored, its ids go unused.
-    ids = [str(event.get("id")) if isinstance(event, dict) else "" for event in events]
-    return Received(ids, report, raw, shape_of(document))
-
-
-def _check_count(rt: Runtime, count: int) -> None:
-    limit = rt.settings.receiver.max_events_per_request
-    if count > limit:
-        raise ApiError(
-            413,
-            "too_many_events",
-            f"{count} events in one request; at most {limit} (receiver.max_events_per_request)",
-        )
+    limits = Limits(
+        rt.settings.receiver.max_events_per_request, validation.mode, validation.profile
+    )
+    try:
+        return read_events(raw, limits, rt.decoder)
+    except (ShapeError, TooManyEvents) as e:
+        raise unreadable(e) from None

@@ -18,6 +18,7 @@ from aiohttp import web
 from caliper_sidecar.config import Origins, Settings, is_loopback
 from caliper_sidecar.delivery.confirmations import JobFollower
 from caliper_sidecar.delivery.dispatcher import Dispatcher
+from caliper_sidecar.delivery.reads import PlatformReader, events_url, read_session
 from caliper_sidecar.delivery.tokens import OAuthTokens, StaticToken, TokenSource
 from caliper_sidecar.delivery.upstream import UpstreamClient
 from caliper_sidecar.exceptions import CannotListen, OutboxUnavailable
@@ -133,6 +134,13 @@ async def running_sidecar(
             else StaticToken(settings.upstream.bearer_token)
         )
         upstream = UpstreamClient(session, settings.upstream, tokens, metrics)
+        reader: PlatformReader | None = None
+        listing = events_url(settings.upstream.endpoint)
+        if listing is not None:
+            # Apps' reads get connections of their own: never the ones delivery waits for.
+            reads = read_session()
+            closing.push("platform reads session", reads.close)
+            reader = PlatformReader(reads, listing, settings.upstream.timeout_s, tokens, metrics)
         follower = JobFollower(outbox, upstream, metrics) if upstream.follows_jobs else None
         dispatcher = Dispatcher(
             outbox, upstream, settings, metrics, follower.track if follower else None
@@ -144,7 +152,7 @@ async def running_sidecar(
             dispatcher=dispatcher,
             tokens=tokens,
             follower=follower,
-            upstream=upstream,
+            reader=reader,
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
         closing.push("stopped log line", lambda: _log_stopped(runtime))

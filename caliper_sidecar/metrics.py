@@ -188,6 +188,21 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        # Reads for apps (GET /caliper/events) are not delivery: counted apart, so that a slow
+        # or refused listing never shows as the Caliper endpoint failing.
+        self.platform_reads = Counter(
+            "caliper_sidecar_platform_reads",
+            "Reads of the platform's stored events for apps (GET /caliper/events), by status "
+            "code (timeout, error: no answer)",
+            ["code"],
+            registry=r,
+        )
+        self.platform_read_seconds = Histogram(
+            "caliper_sidecar_platform_read_seconds",
+            "Duration of reads of the platform's stored events for apps",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         self.platform_jobs = Counter(
             "caliper_sidecar_platform_jobs",
             "Platform processing jobs finished: completed (events confirmed), failed (events "

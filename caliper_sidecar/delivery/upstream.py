@@ -40,7 +40,6 @@ from caliper_sidecar.exceptions import (
     UnexpectedAnswer,
 )
 from caliper_sidecar.metrics import Metrics
-from caliper_sidecar.presets import PLATFORMS
 
 RESPONSE_KEPT: Final = 1024  # bytes of a refusal kept with the dead letter
 #: statuses that say the endpoint is wrong or gone, not that these events are
@@ -106,23 +105,6 @@ class UpstreamClient:
     @property
     def follows_jobs(self) -> bool:
         return bool(self._jobs_url)
-
-    @property
-    def events_url(self) -> str | None:
-        """Where the platform lists the events it stored (Beyond AI's `GET /caliper/events`,
-        beside its `/caliper/event`), or None when the endpoint has no such neighbour."""
-        base, _, query = self._endpoint.partition("?")
-        base = base.rstrip("/")
-        event_path = PLATFORMS["beyond-ai"]
-        if query or event_path is None or not base.endswith(event_path):
-            return None
-        return base + "s"
-
-    async def read(self, url: str) -> tuple[int, str]:
-        """GET a platform URL with the sidecar's own token: its status and body. Raises
-        RetryLater when the platform cannot be reached."""
-        status, _, text = await self._authorized("GET", url, None)
-        return status, text
 
     async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent:
         """Send one envelope of these serialized events, under the sensor of the app that sent

@@ -182,7 +182,13 @@ def document() -> dict[str, Any]:
                     "summary": "One of the platform's stored events, by its external id",
                     "security": _SENDER,
                     "parameters": [_path("id")],
-                    "responses": _read_through("the platform's event"),
+                    "responses": {
+                        "400": _answer(
+                            "the id is `.` or `..`, or holds `/` or `\\` (invalid_event_id)",
+                            _ERROR,
+                        ),
+                        **_read_through("the platform's event"),
+                    },
                 }
             },
             "/": {

@@ -11,8 +11,8 @@ from aiohttp import web
 from caliper_sidecar.config import Settings
 from caliper_sidecar.delivery.confirmations import JobFollower
 from caliper_sidecar.delivery.dispatcher import Dispatcher
+from caliper_sidecar.delivery.reads import PlatformReader
 from caliper_sidecar.delivery.tokens import TokenSource
-from caliper_sidecar.delivery.upstream import UpstreamClient
 from caliper_sidecar.http.auth import FailedTokenRequests
 from caliper_sidecar.http.connections import BODIES_IN_FLIGHT, ByteBudget
 from caliper_sidecar.metrics import Metrics
@@ -30,8 +30,8 @@ class Runtime:
     dispatcher: Dispatcher | None = None
     tokens: TokenSource | None = None
     follower: JobFollower | None = None
-    #: the platform's client, for what is read through to it (`GET /caliper/events`)
-    upstream: UpstreamClient | None = None
+    #: what is read through to the platform (`GET /caliper/events`), when it lists events
+    reader: PlatformReader | None = None
     #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
     max_event_bytes: int = 0
     accepting: bool = True

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from caliper_sidecar import codec
-from caliper_sidecar.exceptions import RetryLater
+from caliper_sidecar.exceptions import AuthFailed, RetryLater
 from caliper_sidecar.http import bodies
 from caliper_sidecar.http.auth import (
     FAILURE_WINDOW_S,
@@ -54,7 +54,9 @@ def routes() -> list[web.RouteDef]:
         web.get("/jobs/{job}/status", job_status),
         web.get("/v1/events/{id}", journey),
         web.get("/caliper/events", stored_events),
-        web.get("/caliper/events/{id}", stored_events),
+        # Any id, a raw `/` included: it is answered as the id it is not (400), not as a route
+        # that does not exist.
+        web.get("/caliper/events/{id:.+}", stored_events),
     ]
 
 
@@ -271,8 +273,10 @@ async def stored_events(request: web.Request) -> web.Response:
     the platform with the sidecar's own token, answered as the platform answers. The events
     stored there are the platform's: the sidecar keeps none of them once delivered."""
     rt = request.app[RUNTIME]
-    base = rt.upstream.events_url if rt.upstream is not None else None
-    if rt.upstream is None or base is None:
+    event_id = request.match_info.get("id")
+    if event_id is not None:
+        _one_segment(event_id)
+    if rt.reader is None:
         raise ApiError(
             404,
             "not_available",
@@ -280,15 +284,15 @@ async def stored_events(request: web.Request) -> web.Response:
             f"{rt.settings.upstream.platform!r}, upstream.endpoint) lists no stored events; "
             "Beyond AI's /caliper/event endpoints do",
         )
-    url = base + request.rel_url.raw_path.removeprefix("/caliper/events")
-    if request.rel_url.raw_query_string:
-        url += "?" + request.rel_url.raw_query_string
     try:
-        status, text = await rt.upstream.read(url)
+        status, text = await rt.reader.get(event_id, request.rel_url.raw_query_string)
     except RetryLater as e:
         raise ApiError(503, "platform_unreachable", str(e), {"Retry-After": "5"}) from None
+    except AuthFailed as e:
+        raise ApiError(503, "platform_refused_credentials", str(e), {"Retry-After": "30"}) from None
     if status in (401, 403):
         # The sidecar's credentials, not the app's: an app told 401 would drop a good token.
+        # Nor is the token delivery holds discarded: a read never costs delivery a token.
         raise ApiError(
             503,
             "platform_refused_credentials",
@@ -304,3 +308,16 @@ async def stored_events(request: web.Request) -> web.Response:
             f"the platform answered HTTP {status}: {text[:200]}",
         ) from None
     return web.Response(text=text, status=status, content_type="application/json")
+
+
+def _one_segment(event_id: str) -> None:
+    """Refuse an id (as the route decoded it, once) that could name more than one event: `.`,
+    `..`, a `/` or a `\\` would make the platform's URL another one (`/caliper/events/..` is
+    `/caliper/`, asked with the sidecar's own token)."""
+    if event_id in (".", "..") or "/" in event_id or "\\" in event_id:
+        raise ApiError(
+            400,
+            "invalid_event_id",
+            "an event id is one path segment: not . or .., and no / or \\ (raw or "
+            f"percent-encoded); got {event_id[:100]!r}",
+        )

@@ -1,16 +1,46 @@
-"""A wall-clock step (NTP, a laptop waking up) never stops delivery (SPEC §6)."""
+"""A wall-clock step (NTP, a laptop waking up) never stops delivery, and never ages an event:
+`retry.max_age_s` counts time the sidecar observed, and PostgreSQL stores its own clock's
+times (docs/guarantees.md)."""
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from .conftest import (
-    StartSidecar,
-    make_event,
-)
+from caliper_sidecar.outbox import NewEvent, PlatformJobOutcome
+
+from .conftest import StartSidecar, eventually, make_event, make_events
+from .outboxes import BACKENDS, empty, fresh_database, open_test_outbox
+
+TWO_DAYS: float = 2 * 86_400
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+async def outbox(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The [outbox] settings of a sidecar on this backend (PostgreSQL: the module's database,
+    emptied; asked for only here, so that the SQLite tests run without a server)."""
+    if request.param == "sqlite":
+        return {}
+    url: str = request.getfixturevalue("database")
+    await empty(url)
+    return {"url": url}
+
+
+def step_the_clock(monkeypatch: pytest.MonkeyPatch, by_s: float) -> None:
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + by_s)
 
 
 class TestClockSteps:
@@ -41,3 +71,103 @@ class TestClockSteps:
             assert resp.status == 202
         await fake.wait_for({e["id"] for e in events}, timeout=10)
         assert fake.duplicates == 0
+
+
+class TestMaxAge:
+    """retry.max_age_s counts time the sidecar observed, whatever the wall clock says."""
+
+    async def test_a_wall_clock_step_never_ages_an_event(
+        self,
+        custom: StartSidecar,
+        fake: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        outbox: dict[str, Any],
+    ) -> None:
+        """Events wait while the platform fails, and the wall clock steps two days forward:
+        with `max_age_s` an hour, they are tried again and again, never dead-lettered."""
+        fake.fail_next(503, times=1_000_000)
+        sidecar, client = await custom(outbox=outbox, retry={"max_age_s": 3600})
+        async with client.post("/v1/events", json=make_events(5)) as resp:
+            assert resp.status == 202
+        await eventually(lambda: fake.requests_arrived > 0)
+        step_the_clock(monkeypatch, TWO_DAYS)
+        tried = fake.requests_arrived
+
+        async def tried_again_or_dead() -> bool:
+            dead = (await sidecar.outbox.stats()).dead_letters
+            return dead > 0 or fake.requests_arrived >= tried + 3
+
+        await eventually(tried_again_or_dead, timeout=20)
+        assert (await sidecar.outbox.stats()).dead_letters == 0
+
+    async def test_a_wall_clock_step_back_never_keeps_an_event_past_its_max_age(
+        self,
+        custom: StartSidecar,
+        fake: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        outbox: dict[str, Any],
+    ) -> None:
+        """Events wait while the platform fails, and the wall clock steps two days back: they
+        are dead-lettered as `max_age` once that much time has passed all the same."""
+        fake.fail_next(503, times=1_000_000)
+        sidecar, client = await custom(outbox=outbox, retry={"max_age_s": 0.5})
+        async with client.post("/v1/events", json=make_events(5)) as resp:
+            assert resp.status == 202
+        step_the_clock(monkeypatch, -TWO_DAYS)
+
+        async def all_dead() -> bool:
+            return (await sidecar.outbox.stats()).dead_letters == 5
+
+        await eventually(all_dead, timeout=20)
+        assert {d.reason for d in await sidecar.outbox.dead_letters(10)} == {"max_age"}
+
+
+class TestDatabaseClock:
+    async def test_every_time_postgresql_stores_is_the_database_s(
+        self, database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With this process's clock two days ahead, every time a PostgreSQL outbox stores
+        (received, tried, delivered, confirmed, dead-lettered), and an event's age at a claim,
+        is on the database's clock."""
+        admin = await asyncpg.connect(database)
+
+        async def database_now() -> float:
+            now: float = await admin.fetchval("SELECT extract(epoch from clock_timestamp())")
+            return now
+
+        try:
+            async with open_test_outbox("postgres", tmp_path, database) as box:
+                step_the_clock(monkeypatch, TWO_DAYS)
+                before = await database_now()
+                ids = [f"urn:uuid:{uuid.uuid4()}" for _ in range(3)]
+                await box.append([NewEvent(i, b"{}") for i in ids])
+                first = await box.claim_batch(10, 100_000)
+                await box.record_failure(first.claim, first.seqs, "HTTP 503")
+                again = await box.claim_batch(10, 100_000)
+                claimed_at = await database_now()
+                assert all(0 <= e.age_s <= claimed_at - before for e in again.events)
+                dead, confirmed, delivered = again.events
+                await box.dead_letter(again.claim, [dead.seq], "refused", 400, "no")
+                await box.acknowledge(again.claim, [confirmed.seq], "job-1")
+                await box.acknowledge(again.claim, [delivered.seq])
+                await box.finish_platform_job("job-1", PlatformJobOutcome(False))
+                after = await database_now()
+                (letter,) = await box.dead_letters(10)
+                journeys = await box.journeys(ids)
+        finally:
+            await admin.close()
+        stored = [
+            letter.received_at,
+            letter.first_attempt_at,
+            letter.last_attempt_at,
+            letter.dead_lettered_at,
+        ]
+        for journey in (journeys[confirmed.id], journeys[delivered.id]):
+            stored += [
+                journey.received_at,
+                journey.first_attempt_at,
+                journey.last_attempt_at,
+                journey.delivered_at,
+            ]
+        stored.append(journeys[confirmed.id].confirmed_at)
+        assert all(t is not None and before <= t <= after for t in stored), stored

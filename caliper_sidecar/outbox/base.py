@@ -41,7 +41,10 @@ class AppendResult:
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """A waiting event as the dispatcher sees it."""
+    """A waiting event as the dispatcher sees it. `age_s` is how long it had waited when it
+    was claimed, as the sidecar observed it (what `retry.max_age_s` counts): never from this
+    process's wall clock, which NTP may step by days (SQLite: the process's steady clock;
+    PostgreSQL: the database's)."""
 
     seq: int
     id: str
@@ -50,6 +53,7 @@ class StoredEvent:
     attempts: int
     first_attempt_at: float | None
     sensor: str | None = None
+    age_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,9 @@
   changes nothing. An acknowledgement group is one statement too: one `sent` row per batch.
 - So the drain leaves almost no dead row versions, and gives space back as it goes (the
   bodies' partitions, postgres_bodies.py): a database whose disk filled keeps draining.
-- Times that order events (receive time, leases) are the database server's clock, one clock
-  for every replica.
+- Every time it stores (received, tried, delivered, confirmed, dead-lettered, leases) and an
+  event's age at a claim are the database server's clock, one clock for every replica,
+  whatever the replicas' own clocks say.
 - Appends and replays NOTIFY; every replica LISTENs, and polls once a second besides.
 """
 
@@ -547,7 +548,7 @@ class PostgresOutbox(OutboxManager):
     @_drain_write
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
         async with self._transaction() as conn:
-            return await writes.finish_platform_job(conn, job, outcome, time.time())
+            return await writes.finish_platform_job(conn, job, outcome)
 
     @_drain_write
     async def give_up_platform_job(self, job: str, reason: str) -> None:
@@ -577,12 +578,14 @@ class PostgresOutbox(OutboxManager):
 
 
 async def _stored_events(conn: asyncpg.Connection, seqs: list[int]) -> list[StoredEvent]:
-    """These waiting events with their bodies, as the dispatcher sees them, in seq order."""
+    """These waiting events with their bodies, as the dispatcher sees them (their age on the
+    database's clock, which stamped their receive time), in seq order."""
     if not seqs:
         return []
     rows = await conn.fetch(
         f"""
-        SELECT e.seq, e.id, b.body, e.received_at, e.attempts, e.first_attempt_at, e.sensor
+        SELECT e.seq, e.id, b.body, e.received_at, e.attempts, e.first_attempt_at, e.sensor,
+            greatest({NOW} - e.received_at, 0)
         FROM events e JOIN ({bodies_of(seqs)}) b ON b.seq = e.seq
         WHERE e.seq = ANY($1::bigint[]) ORDER BY e.seq
         """,

@@ -7,7 +7,6 @@ counterpart is sqlite_writes.py.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Final
 
@@ -231,8 +230,8 @@ async def move_to_dead_letters(
     if claim is not None:
         seqs = await conn.fetchval("SELECT take_from_claim($1, $2::bigint[])", claim, list(seqs))
     moved = await conn.fetchval(
-        """
-        WITH gone AS (
+        f"""
+        WITH t AS (SELECT {NOW} AS now), gone AS (
             DELETE FROM events WHERE seq = ANY($1::bigint[])
             RETURNING seq, id, received_at, attempts, first_attempt_at, sensor, sender
         ), dead AS (
@@ -240,8 +239,8 @@ async def move_to_dead_letters(
                 attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor,
                 sender)
             SELECT id, coalesce(b.body, ''::bytea), received_at, $2, $3, $4, attempts + 1,
-                coalesce(first_attempt_at, $5), $5, $5, sensor, sender
-            FROM gone LEFT JOIN bodies b USING (seq) ORDER BY seq
+                coalesce(first_attempt_at, t.now), t.now, t.now, sensor, sender
+            FROM gone LEFT JOIN bodies b USING (seq), t ORDER BY seq
             ON CONFLICT (id) DO UPDATE SET body = excluded.body, reason = excluded.reason,
                 sensor = excluded.sensor, sender = excluded.sender,
                 status = excluded.status, response = excluded.response,
@@ -255,7 +254,6 @@ async def move_to_dead_letters(
         reason,
         status,
         response[:1024],
-        time.time(),
     )
     return int(moved)
 
@@ -291,7 +289,7 @@ async def job_ids_sent_in(conn: asyncpg.Connection, job: str) -> list[str]:
 
 
 async def finish_platform_job(
-    conn: asyncpg.Connection, job: str, outcome: PlatformJobOutcome, now: float
+    conn: asyncpg.Connection, job: str, outcome: PlatformJobOutcome
 ) -> int:
     """A finished platform job: its processed events confirmed, its failing ones dead-lettered,
     the others queued again; the job forgotten. How many were dead-lettered."""
@@ -322,10 +320,9 @@ async def finish_platform_job(
         )
     if split.confirmed:
         await conn.execute(
-            "UPDATE sent SET confirmed_at = $2, platform_ids = $3::jsonb "
+            f"UPDATE sent SET confirmed_at = {NOW}, platform_ids = $2::jsonb "
             "WHERE platform_job = $1 AND confirmed_at IS NULL",
             job,
-            now,
             json.dumps({str(seq): pid for seq, pid in split.confirmed if pid is not None}),
         )
     await conn.execute("DELETE FROM platform_jobs WHERE id = $1", job)

@@ -42,12 +42,24 @@ from caliper_sidecar.outbox.writer import PRAGMAS, Writer
 
 log = structlog.get_logger("sidecar.outbox")
 
+#: this process's steady clock (steady_time): the wall clock, read once at start
+_WALL_AT_START: Final = time.time()
+_MONOTONIC_AT_START: Final = time.monotonic()
 _SQLITE_FULL: Final = 13
 _SQLITE_HEADER: Final = 100
 _SQLITE_BUSY: Final = 5
 CHECKPOINT_EVERY_S: Final = 1.0
 #: free space kept on the outbox's disk for delivery bookkeeping and checkpoints
 RESERVE_BYTES: Final = 32 * 1_048_576
+
+
+def steady_time() -> float:
+    """Seconds since the epoch on this process's steady clock: the wall clock as read at start,
+    moved on by the monotonic clock. Every time the SQLite outbox stores (received, tried,
+    delivered, dead-lettered) is on it, and an event's age is measured on it, so a wall-clock
+    step while the process runs (NTP correcting a classroom box by days) ages no event and
+    shortens no dedupe window. Across a restart the wall clock is all there is."""
+    return _WALL_AT_START + (time.monotonic() - _MONOTONIC_AT_START)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -220,7 +232,7 @@ class SqliteOutbox(OutboxManager):
             functools.partial(
                 writes.insert_appends,
                 group=group,
-                now=time.time(),
+                now=steady_time(),
                 dedupe_window_s=self.dedupe_window_s,
                 max_events=self.max_events,
                 max_bytes=self.max_bytes,
@@ -237,11 +249,13 @@ class SqliteOutbox(OutboxManager):
         self._appended.clear()
         cur = await self._require(self._reader).execute(
             """
-            SELECT seq, id, body, received_at, attempts, first_attempt_at, sensor FROM events
-            WHERE delivered_at IS NULL AND seq NOT IN (SELECT value FROM json_each(?))
-            ORDER BY seq LIMIT ?
+            SELECT seq, id, body, received_at, attempts, first_attempt_at, sensor,
+                max(?1 - received_at, 0.0)
+            FROM events
+            WHERE delivered_at IS NULL AND seq NOT IN (SELECT value FROM json_each(?2))
+            ORDER BY seq LIMIT ?3
             """,
-            (json.dumps(sorted(self._claimed)), max_events),
+            (steady_time(), json.dumps(sorted(self._claimed)), max_events),
         )
         rows = [StoredEvent(*row) for row in await cur.fetchall()]
         events, full = fill_batch(rows, max_events, max_bytes)
@@ -258,14 +272,14 @@ class SqliteOutbox(OutboxManager):
         """How much longer the oldest waiting event should wait for company.
 
         Measured on the monotonic clock from when this process first saw it at the head of the
-        queue: the stored receive time is wall-clock, and a wall clock stepped back an hour
-        would otherwise hold every batch for an hour. An event stored long ago by wall time
-        (before a restart) goes at once.
+        queue: a receive time stored by an earlier process may be ahead of this one's clock
+        (the wall clock stepped back an hour between them), and would otherwise hold every
+        batch for an hour. An event that has waited long already (its age) goes at once.
         """
         if self._head[0] != head.seq:
             self._head = (head.seq, time.monotonic())
         lingered = time.monotonic() - self._head[1]
-        return min(linger_s - lingered, head.received_at + linger_s - time.time())
+        return min(linger_s - lingered, linger_s - head.age_s)
 
     async def extend(self, claim: Claim) -> None:
         """Nothing to renew: claims of one process live as long as it does."""
@@ -292,7 +306,7 @@ class SqliteOutbox(OutboxManager):
 
     async def _commit_acks(self, group: list[writes.Ack]) -> list[OutboxUnavailable | None]:
         """Acknowledgements of concurrent deliveries, in one transaction."""
-        now = time.time()
+        now = steady_time()
         # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
         prune = time.monotonic() - self._last_prune > self.prune_every_s
         record = functools.partial(
@@ -307,7 +321,7 @@ class SqliteOutbox(OutboxManager):
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         seqs = self._owned(claim, seqs)
-        record = functools.partial(writes.record_failure, seqs=seqs, error=error, now=time.time())
+        record = functools.partial(writes.record_failure, seqs=seqs, error=error, now=steady_time())
         await self._write(record, releasing=seqs)
 
     async def dead_letter(
@@ -321,7 +335,7 @@ class SqliteOutbox(OutboxManager):
             reason=reason,
             status=status,
             response=response,
-            now=time.time(),
+            now=steady_time(),
         )
         await self._write(move, releasing=seqs)
 
@@ -383,7 +397,9 @@ class SqliteOutbox(OutboxManager):
 
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
         failing, again = await self._write(
-            functools.partial(writes.finish_platform_job, job=job, outcome=outcome, now=time.time())
+            functools.partial(
+                writes.finish_platform_job, job=job, outcome=outcome, now=steady_time()
+            )
         )
         if again:
             self.wake()

@@ -122,6 +122,35 @@ class TestMaxAge:
         assert {d.reason for d in await sidecar.outbox.dead_letters(10)} == {"max_age"}
 
 
+class TestOldestAge:
+    async def test_a_wall_clock_step_never_ages_what_waits(
+        self,
+        custom: StartSidecar,
+        fake: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        outbox: dict[str, Any],
+    ) -> None:
+        """Events wait while the platform fails, and the wall clock steps two days forward:
+        `/v1/status` and `caliper_sidecar_outbox_oldest_age_seconds` still say seconds, not
+        two days (an alert on the oldest age would page someone for nothing)."""
+        fake.fail_next(503, times=1_000_000)
+        _, client = await custom(outbox=outbox)
+        async with client.post("/v1/events", json=make_events(3)) as resp:
+            assert resp.status == 202
+        step_the_clock(monkeypatch, TWO_DAYS)
+        async with client.get("/v1/status") as resp:
+            age = (await resp.json())["outbox"]["oldest_age_s"]
+        assert 0 <= age < 3600
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        (line,) = [
+            x
+            for x in text.splitlines()
+            if x.startswith("caliper_sidecar_outbox_oldest_age_seconds ")
+        ]
+        assert 0 <= float(line.split()[-1]) < 3600
+
+
 class TestDatabaseClock:
     async def test_every_time_postgresql_stores_is_the_database_s(
         self, database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

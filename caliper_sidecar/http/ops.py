@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from importlib import resources
 from typing import Final
 
@@ -115,7 +114,7 @@ async def metrics(request: web.Request) -> web.Response:
     rt.metrics.state.snapshot = Snapshot(
         events=stats.events,
         bytes=stats.bytes,
-        oldest_age_s=_age(stats.oldest_received_at) or 0.0,
+        oldest_age_s=stats.oldest_age_s or 0.0,
         dead_letters=stats.dead_letters,
         platform_jobs=tuple(stats.platform_jobs.items()),
         upstream_state=rt.dispatcher.state.value if rt.dispatcher is not None else "ok",
@@ -161,14 +160,10 @@ async def status_document(rt: Runtime) -> bodies.Status:
         outbox=bodies.OutboxStatus(
             events=stats.events,
             bytes=stats.bytes,
-            oldest_age_s=_age(stats.oldest_received_at),
+            oldest_age_s=stats.oldest_age_s,
             dead_letters=stats.dead_letters,
             delivered_total=stats.delivered_total,
             dead_lettered_total=stats.dead_lettered_total,
         ),
         upstream=upstream,
     )
-
-
-def _age(received_at: float | None) -> float | None:
-    return None if received_at is None else round(max(0.0, time.time() - received_at), 3)

@@ -186,6 +186,9 @@ class OutboxStats:
     dead_lettered_total: int
     #: platform jobs by state: "waiting"/"active" (followed), "unconfirmed" (given up on)
     platform_jobs: dict[str, int] = field(default_factory=dict)
+    #: how long the oldest waiting event has waited, on the clock its times are stored on
+    #: (a wall-clock step while it waits does not age it)
+    oldest_age_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,7 +99,7 @@ class OutboxManager(abc.ABC):
     # -- inspection ------------------------------------------------------------------------
 
     async def stats(self) -> OutboxStats:
-        totals, oldest, jobs = await self._stats_rows()
+        totals, oldest, age, jobs = await self._stats_rows()
         values = [int(v or 0) for v in totals]
         return OutboxStats(
             events=values[0],
@@ -109,14 +109,15 @@ class OutboxManager(abc.ABC):
             delivered_total=values[3],
             dead_lettered_total=values[4],
             platform_jobs={str(state): int(n) for state, n in jobs},
+            oldest_age_s=None if age is None else round(max(0.0, float(age)), 3),
         )
 
     @abc.abstractmethod
     async def _stats_rows(
         self,
-    ) -> tuple[Sequence[Any], float | None, Sequence[Sequence[Any]]]:
-        """The TOTALS, the receive time of the oldest waiting event, and (state, count) of the
-        platform jobs."""
+    ) -> tuple[Sequence[Any], float | None, float | None, Sequence[Sequence[Any]]]:
+        """The TOTALS, the receive time of the oldest waiting event and its age on the clock
+        the outbox stores times on, and (state, count) of the platform jobs."""
 
     async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
         rows, dead = await self._journey_rows([canonical_id(i) for i in ids])

@@ -476,21 +476,24 @@ class PostgresOutbox(OutboxManager):
 
     # -- inspection and operations ---------------------------------------------------------
 
-    async def _stats_rows(self) -> tuple[Sequence[Any], float | None, Sequence[Sequence[Any]]]:
+    async def _stats_rows(
+        self,
+    ) -> tuple[Sequence[Any], float | None, float | None, Sequence[Sequence[Any]]]:
         async with self._connection() as conn:
             totals = await conn.fetchrow(
                 f"SELECT {', '.join(f'sum({total})' for total in TOTALS)} FROM totals"  # shards
             )
-            oldest = await conn.fetchval(
-                """
-                SELECT least(
+            oldest = await conn.fetchrow(
+                f"""
+                SELECT t, {NOW} - t AS age FROM (SELECT least(
                     (SELECT received_at FROM events WHERE seq >= (SELECT next FROM head)
                         ORDER BY seq LIMIT 1),
-                    (SELECT received_at FROM events WHERE seq = (SELECT min(lo) FROM batches)))
+                    (SELECT received_at FROM events WHERE seq = (SELECT min(lo) FROM batches))
+                ) AS t) oldest
                 """
             )
             jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
-        return tuple(totals), oldest, [tuple(r) for r in jobs]
+        return tuple(totals), oldest["t"], oldest["age"], [tuple(r) for r in jobs]
 
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
         async with self._connection() as conn:

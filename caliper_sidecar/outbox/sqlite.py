@@ -342,15 +342,19 @@ class SqliteOutbox(OutboxManager):
     # -- inspection and operations ---------------------------------------------------------
 
     @_read_errors_unavailable
-    async def _stats_rows(self) -> tuple[Sequence[Any], float | None, Sequence[Sequence[Any]]]:
+    async def _stats_rows(
+        self,
+    ) -> tuple[Sequence[Any], float | None, float | None, Sequence[Sequence[Any]]]:
         conn = self._require(self._reader)
         totals = await (await conn.execute(f"SELECT {', '.join(TOTALS)} FROM totals")).fetchone()
         cur = await conn.execute(
             "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
         )
-        oldest = await cur.fetchone()
+        row = await cur.fetchone()
+        oldest = float(row[0]) if row else None
+        age = None if oldest is None else steady_time() - oldest
         cur = await conn.execute("SELECT state, count(*) FROM platform_jobs GROUP BY state")
-        return totals or (), oldest[0] if oldest else None, list(await cur.fetchall())
+        return totals or (), oldest, age, list(await cur.fetchall())
 
     @_read_errors_unavailable
     async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:

@@ -231,7 +231,12 @@ class RetrySettings(_Section, frozen=True):
         int, _key("0 = no limit; else dead-letter after this many failed attempts", ge=0)
     ] = 0
     max_age_s: Annotated[
-        float, _key("0 = no limit; else dead-letter events older than this", ge=0)
+        float,
+        _key(
+            "0 = no limit; else dead-letter events that waited this long, counted on a clock "
+            "that wall-clock steps cannot move",
+            ge=0,
+        ),
     ] = 0
     refusing_grace_s: Annotated[
         float,

@@ -112,7 +112,7 @@ async def running_sidecar(
         # A claim outlives the longest send, with room to spare: a replica killed mid-send
         # gives its events to the others once its lease runs out.
         lease_s = 2 * settings.upstream.timeout_s + 5
-        # What replicas sharing a PostgreSQL outbox must agree on (SPEC §7).
+        # What replicas sharing a PostgreSQL outbox must agree on (docs/operators.md).
         agreement = {
             "upstream.platform": settings.upstream.platform,
             "upstream.endpoint": settings.upstream.endpoint,

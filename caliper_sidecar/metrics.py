@@ -120,7 +120,7 @@ class _ObservedCounter(Collector):
 
 
 class Metrics:
-    """Every metric the sidecar exports, by the names SPEC §4 fixes."""
+    """Every metric the sidecar exports, by the names docs/app-developers.md fixes."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()

@@ -1,4 +1,4 @@
-"""Bytes that are not what they should be (SPEC §6): a 4xx with a reason, never a 500 and
+"""Bytes that are not what they should be (docs/guarantees.md): a 4xx with a reason, never a 500 and
 never a changed event, whichever door they come in by."""
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 class TestSources:
     def test_defaults_without_a_file(self) -> None:
-        """With no file and no environment, the built-in defaults of SPEC §3 apply."""
+        """With no file and no environment, the built-in defaults of docs/operators.md apply."""
         s = load_settings(None, environ={})
         assert s == Settings()
         assert s.receiver.host == "127.0.0.1"

@@ -1,4 +1,5 @@
-"""Processing confirmation: the platform's jobs followed until they complete or fail (SPEC §5)."""
+"""Processing confirmation: the platform's jobs followed until they complete or fail
+(docs/guarantees.md)."""
 
 from __future__ import annotations
 

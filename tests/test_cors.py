@@ -1,6 +1,6 @@
-"""Browsers (SPEC §4): web apps on a listed origin send events through the sidecar; no other
-origin stores anything, and no other route answers a cross-origin request. With a client, and
-in a real browser (Debian's Chromium, driven by Playwright) from a page of another origin."""
+"""Browsers (docs/app-developers.md): web apps on a listed origin send events through the sidecar;
+no other origin stores anything, and no other route answers a cross-origin request. With a client,
+and in a real browser (Debian's Chromium, driven by Playwright) from a page of another origin."""
 
 from __future__ import annotations
 

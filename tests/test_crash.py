@@ -1,4 +1,5 @@
-"""Crash and shutdown safety of the real process (SPEC §6), and two-hop chaining (SPEC §5)."""
+"""Crash and shutdown safety of the real process (docs/guarantees.md), and two-hop chaining
+(docs/guarantees.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Delivery guarantees (SPEC §5): outcomes, backoff, Retry-After, the circuit, poison
+"""Delivery guarantees (docs/guarantees.md): outcomes, backoff, Retry-After, the circuit, poison
 isolation, limits, authentication failures, and a chaos run."""
 
 from __future__ import annotations

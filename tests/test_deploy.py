@@ -287,7 +287,7 @@ class TestGateway:
 
 @pytest.mark.parametrize("manifest", ["caliper-sidecar.yaml", "gateway.yaml"])
 def test_kubernetes_pods_take_no_service_links(manifest: str) -> None:
-    """The pods ask for no service-link variables (the sidecar ignores them, SPEC §3)."""
+    """The pods ask for no service-link variables (the sidecar ignores them, docs/operators.md)."""
     for document in yaml.safe_load_all((DEPLOY / "kubernetes" / manifest).read_text()):
         if document and document.get("kind") in ("Deployment", "StatefulSet"):
             assert document["spec"]["template"]["spec"]["enableServiceLinks"] is False

@@ -1,5 +1,5 @@
-"""Hostile networks and peers (SPEC §6): slow and trickling clients, many connections, heavy
-requests at once, and a shutdown that stays bounded through all of them."""
+"""Hostile networks and peers (docs/guarantees.md): slow and trickling clients, many connections,
+heavy requests at once, and a shutdown that stays bounded through all of them."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The ops listener (`ops.port`) from another host (SPEC §4): `/metrics` answers without a
-token, as Prometheus scrapes it in a pod; every other operators' route keeps its protection.
-The other host is a network namespace this test makes (root and iproute2 needed; skipped,
-saying why, where it cannot be made)."""
+"""The ops listener (`ops.port`) from another host (docs/app-developers.md): `/metrics` answers
+without a token, as Prometheus scrapes it in a pod; every other operators' route keeps its
+protection. The other host is a network namespace this test makes (root and iproute2 needed;
+skipped, saying why, where it cannot be made)."""
 
 from __future__ import annotations
 

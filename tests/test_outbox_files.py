@@ -1,5 +1,5 @@
-"""The outbox's file as operators and accidents treat it (SPEC §6): unusable at start, replaced
-while running, reached through links, and dead letters by the hundred thousand."""
+"""The outbox's file as operators and accidents treat it (docs/guarantees.md): unusable at start,
+replaced while running, reached through links, and dead letters by the hundred thousand."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Platform answers read as meant (SPEC §5, Outcomes and Processing confirmation): a 2xx that
-is a refusal, a 404 that is an outage, a refusal every event gets, a 2xx without a job, a job
+"""Platform answers read as meant (docs/guarantees.md, Outcomes and Processing confirmation): a 2xx
+that is a refusal, a 404 that is an outage, a refusal every event gets, a 2xx without a job, a job
 store that lags; and what the journey, the status, the metrics and the logs then say."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""A PostgreSQL outbox whose disk filled (SPEC §7): ingest refuses (503 disk_full), and once the
-platform is back the backlog drains, nothing lost, and ingest accepts again on its own.
+"""A PostgreSQL outbox whose disk filled (docs/operators.md): ingest refuses (503 disk_full), and
+once the platform is back the backlog drains, nothing lost, and ingest accepts again on its own.
 
 The outbox's tables live on a small tmpfs tablespace, as a database on a small volume: what
 fills is the tables' own disk, the WAL stays on the server's. Skipped, saying why, where no tmpfs

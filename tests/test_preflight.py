@@ -1,5 +1,5 @@
 """Every check `run` makes at start, `check-config` makes too, with the same exit status (2)
-and the same warnings (SPEC §6): the real CLI in a subprocess."""
+and the same warnings (docs/guarantees.md): the real CLI in a subprocess."""
 
 from __future__ import annotations
 

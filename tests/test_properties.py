@@ -1,6 +1,6 @@
 """Properties over the input space: whatever an app sends, mutated from the events real apps
 and the IMS fixtures send, the answer is 202, 400, 413 or 422, never a 5xx, and what was
-accepted is forwarded unchanged (SPEC §4, §6)."""
+accepted is forwarded unchanged (docs/app-developers.md, docs/guarantees.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The ingest routes: every status code of SPEC §4, and bad input that stores nothing."""
+"""The ingest routes: every status code docs/app-developers.md lists, and bad input that stores
+nothing."""
 
 from __future__ import annotations
 
@@ -378,7 +379,7 @@ class TestJsonEdges:
         self, client: aiohttp.ClientSession, fake: Any
     ) -> None:
         """An event is stored and forwarded as the app wrote it: its spacing, escapes and
-        number forms included (SPEC §5: content unchanged), in an envelope of several."""
+        number forms included (docs/guarantees.md: content unchanged), in an envelope of several."""
         events = [make_event(extensions={"n": i}) for i in range(2)]
         written = [
             json.dumps(e, indent=2).replace('"n": 0', '"n": 1.0E0').replace("urn", "\\u0075rn")

@@ -1,5 +1,5 @@
-"""Several `run` replicas on one PostgreSQL outbox, as real processes (SPEC §7): every promise
-holds across them. Skipped, saying why, where no PostgreSQL server answers."""
+"""Several `run` replicas on one PostgreSQL outbox, as real processes (docs/operators.md): every
+promise holds across them. Skipped, saying why, where no PostgreSQL server answers."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Tokens and secrets (SPEC §6): blank tokens protect nothing, secrets never show, the token
-endpoint's odd requests, and check-config on what run refuses."""
+"""Tokens and secrets (docs/guarantees.md): blank tokens protect nothing, secrets never show, the
+token endpoint's odd requests, and check-config on what run refuses."""
 
 from __future__ import annotations
 

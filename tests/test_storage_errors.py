@@ -1,6 +1,6 @@
-"""Storage failures as apps see them (SPEC §6): a `storage_error` and a request id, never a
-database's internals; the detail is in the log under that request id. On the real local
-PostgreSQL (skipped, saying why, where none answers)."""
+"""Storage failures as apps see them (docs/guarantees.md): a `storage_error` and a request id, never
+a database's internals; the detail is in the log under that request id. On the real local PostgreSQL
+(skipped, saying why, where none answers)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Web pages are kept out (SPEC §4): admin POSTs take JSON only and no unlisted origin, a
-request without a token must name the sidecar by a name it answers to (a DNS-rebinding page
-reads nothing), and the status page cannot be framed. With a client, and in a real browser
+"""Web pages are kept out (docs/app-developers.md): admin POSTs take JSON only and no unlisted
+origin, a request without a token must name the sidecar by a name it answers to (a DNS-rebinding
+page reads nothing), and the status page cannot be framed. With a client, and in a real browser
 (Debian's Chromium, driven by Playwright) on a page of another origin."""
 
 from __future__ import annotations

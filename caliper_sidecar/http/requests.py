@@ -13,7 +13,8 @@ from caliper_sidecar.http.runtime import RUNTIME, Runtime
 
 def authenticate(rt: Runtime, request: web.Request) -> str:
     """The label of the sender (its token's, "" without one); ApiError (401) unless the
-    request may send events (SPEC §4: a sender token, or a token this sidecar issued)."""
+    request may send events (docs/app-developers.md: a sender token, or a token this sidecar
+    issued)."""
     tokens = rt.settings.receiver.tokens
     if not tokens:
         return ""

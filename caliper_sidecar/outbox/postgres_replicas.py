@@ -1,4 +1,4 @@
-"""Replicas on one PostgreSQL outbox must agree on what decides delivery (SPEC §7): the
+"""Replicas on one PostgreSQL outbox must agree on what decides delivery (docs/operators.md): the
 platform, the endpoint, the dedupe window. Each registers what it has in the `replicas` table
 with a heartbeat; one that differs from the live ones refuses to start."""
 

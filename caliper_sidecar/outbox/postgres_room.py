@@ -1,6 +1,6 @@
-"""Room for the drain on a PostgreSQL outbox whose disk may fill (SPEC §7: a database whose disk
-filled keeps draining once the platform is back, and ingest refuses early enough to leave the
-room the drain needs).
+"""Room for the drain on a PostgreSQL outbox whose disk may fill (docs/operators.md: a database
+whose disk filled keeps draining once the platform is back, and ingest refuses early enough to leave
+the room the drain needs).
 
 The drain writes little (schema version 4: a row per batch, its lease and then its sent row)
 and frees as it goes (the bodies' partitions, dropped once delivered), but what it writes needs

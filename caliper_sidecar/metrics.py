@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,6 +34,9 @@ from caliper_sidecar.states import DeadLetterReason, JobOutcome, UpstreamState
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+#: histogram buckets of a request to the platform, from a loopback fake to a timeout
+REQUEST_SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +189,7 @@ class Metrics:
         self.upstream_seconds = Histogram(
             "caliper_sidecar_upstream_request_seconds",
             "Duration of requests to the Caliper endpoint",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=REQUEST_SECONDS,
             registry=r,
         )
         # Reads for apps (GET /caliper/events) are not delivery: counted apart, so that a slow
@@ -200,7 +204,7 @@ class Metrics:
         self.platform_read_seconds = Histogram(
             "caliper_sidecar_platform_read_seconds",
             "Duration of reads of the platform's stored events for apps",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=REQUEST_SECONDS,
             registry=r,
         )
         self.platform_jobs = Counter(

@@ -11,17 +11,15 @@ requests); delivery finds out about a revoked token by itself.
 
 from __future__ import annotations
 
-import time
 from typing import Final
 from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
-from caliper_sidecar.delivery.answers import read_answer
+from caliper_sidecar.delivery.answers import exchange
 from caliper_sidecar.delivery.tokens import TokenSource
 from caliper_sidecar.delivery.upstream import redact
-from caliper_sidecar.exceptions import RetryLater
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.presets import PLATFORMS
 
@@ -83,23 +81,14 @@ class PlatformReader:
         reached, AuthFailed when the token endpoint refuses the sidecar's credentials."""
         token = await self._tokens.bearer()
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        started = time.monotonic()
-        try:
-            async with self._session.get(
-                self.url(event_id, query),
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                text = await read_answer(resp)
-                code = resp.status
-        except TimeoutError as e:
-            self._metrics.platform_reads.labels(code="timeout").inc()
-            raise RetryLater("the platform did not answer in time") from e
-        except aiohttp.ClientError as e:
-            self._metrics.platform_reads.labels(code="error").inc()
-            raise RetryLater(f"the platform is unreachable: {type(e).__name__}: {e}") from e
-        finally:
-            self._metrics.platform_read_seconds.observe(time.monotonic() - started)
-        self._metrics.platform_reads.labels(code=str(code)).inc()
+        code, _, text = await exchange(
+            self._session,
+            "GET",
+            self.url(event_id, query),
+            who="the platform's listing",
+            headers=headers,
+            timeout=self._timeout,
+            requests=self._metrics.platform_reads,
+            seconds=self._metrics.platform_read_seconds,
+        )
         return code, redact(text, [token])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -27,8 +26,8 @@ import aiohttp
 
 from caliper_sidecar import codec
 from caliper_sidecar.config import UpstreamSettings
-from caliper_sidecar.delivery.answers import read_answer
-from caliper_sidecar.delivery.backoff import parse_retry_after, transient_status
+from caliper_sidecar.delivery.answers import exchange
+from caliper_sidecar.delivery.backoff import transient_status
 from caliper_sidecar.delivery.learnwith_form import rewrite_body
 from caliper_sidecar.delivery.tokens import TokenSource
 from caliper_sidecar.envelope import build_envelope, envelope_overhead
@@ -187,29 +186,17 @@ class UpstreamClient:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        started = time.monotonic()
-        try:
-            async with self._session.request(
-                method,
-                url,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                text = await read_answer(resp)
-                code = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-        except TimeoutError as e:
-            self._metrics.upstream_requests.labels(code="timeout").inc()
-            raise RetryLater("Caliper endpoint timed out") from e
-        except aiohttp.ClientError as e:
-            self._metrics.upstream_requests.labels(code="error").inc()
-            raise RetryLater(f"Caliper endpoint unreachable: {type(e).__name__}: {e}") from e
-        finally:
-            self._metrics.upstream_seconds.observe(time.monotonic() - started)
-        self._metrics.upstream_requests.labels(code=str(code)).inc()
-        return code, retry_after, text
+        return await exchange(
+            self._session,
+            method,
+            url,
+            who="Caliper endpoint",
+            headers=headers,
+            timeout=self._timeout,
+            requests=self._metrics.upstream_requests,
+            seconds=self._metrics.upstream_seconds,
+            body=body,
+        )
 
 
 _BEARER: Final = re.compile(r"(?i)(bearer\s+)[\x21-\x7e]+")

@@ -125,8 +125,14 @@ def settings_for(platform: RunningFake, tmp_path: Path, **sections: dict[str, An
 
 
 @pytest.fixture
-async def sidecar(platform: RunningFake, tmp_path: Path) -> AsyncIterator[Sidecar]:
-    running = await start(settings_for(platform, tmp_path))
+def settings(platform: RunningFake, tmp_path: Path) -> Settings:
+    """The `sidecar` fixture's settings: a module overrides this fixture to change them."""
+    return settings_for(platform, tmp_path)
+
+
+@pytest.fixture
+async def sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
+    running = await start(settings)
     yield running
     await running.stop()
 

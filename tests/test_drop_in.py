@@ -4,7 +4,6 @@ the SDK's shape, validation only, and each event's journey."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,6 @@ JOB_STATES = {"waiting", "active", "completed", "failed"}
 @pytest.fixture
 def settings(platform: RunningFake, tmp_path: Path) -> Settings:
     return settings_for(platform, tmp_path, receiver={"tokens": (SENDER, "app-token-2-abcdef")})
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
-    running = await start(settings)
-    yield running
-    await running.stop()
-
-
-@pytest.fixture
-async def client(sidecar: Sidecar) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=sidecar.url) as session:
-        yield session
 
 
 def basic(client_id: str, secret: str) -> dict[str, str]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.app import Sidecar
 from caliper_sidecar.config import Settings
 from caliper_sidecar.states import UpstreamState
 from caliper_sidecar.tools.fake_timeback import RunningFake, ScriptedFault
@@ -30,19 +29,6 @@ def settings(platform: RunningFake, tmp_path: Path) -> Settings:
         receiver={"tokens": (SENDER,)},
         upstream={"endpoint": platform.beyond_url},
     )
-
-
-@pytest.fixture
-async def sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
-    running = await start(settings)
-    yield running
-    await running.stop()
-
-
-@pytest.fixture
-async def client(sidecar: Sidecar) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=sidecar.url) as session:
-        yield session
 
 
 @pytest.fixture

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
+from caliper_sidecar.app import Sidecar
 from caliper_sidecar.outbox import NewEvent, PlatformJobOutcome
 
 from .conftest import StartSidecar, eventually, make_event, make_events
@@ -41,6 +43,18 @@ async def outbox(request: pytest.FixtureRequest) -> dict[str, Any]:
 def step_the_clock(monkeypatch: pytest.MonkeyPatch, by_s: float) -> None:
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + by_s)
+
+
+async def events_waiting(
+    custom: StartSidecar, fake: Any, outbox: dict[str, Any], **retry: float
+) -> tuple[Sidecar, aiohttp.ClientSession]:
+    """A sidecar on this outbox with these retry settings, 5 events acknowledged, and a
+    platform that fails every envelope (503) from now on."""
+    fake.fail_next(503, times=1_000_000)
+    sidecar, client = await custom(outbox=outbox, retry=retry)
+    async with client.post("/v1/events", json=make_events(5)) as resp:
+        assert resp.status == 202
+    return sidecar, client
 
 
 class TestClockSteps:
@@ -85,10 +99,7 @@ class TestMaxAge:
     ) -> None:
         """Events wait while the platform fails, and the wall clock steps two days forward:
         with `max_age_s` an hour, they are tried again and again, never dead-lettered."""
-        fake.fail_next(503, times=1_000_000)
-        sidecar, client = await custom(outbox=outbox, retry={"max_age_s": 3600})
-        async with client.post("/v1/events", json=make_events(5)) as resp:
-            assert resp.status == 202
+        sidecar, _ = await events_waiting(custom, fake, outbox, max_age_s=3600)
         await eventually(lambda: fake.requests_arrived > 0)
         step_the_clock(monkeypatch, TWO_DAYS)
         tried = fake.requests_arrived
@@ -109,10 +120,7 @@ class TestMaxAge:
     ) -> None:
         """Events wait while the platform fails, and the wall clock steps two days back: they
         are dead-lettered as `max_age` once that much time has passed all the same."""
-        fake.fail_next(503, times=1_000_000)
-        sidecar, client = await custom(outbox=outbox, retry={"max_age_s": 0.5})
-        async with client.post("/v1/events", json=make_events(5)) as resp:
-            assert resp.status == 202
+        sidecar, _ = await events_waiting(custom, fake, outbox, max_age_s=0.5)
         step_the_clock(monkeypatch, -TWO_DAYS)
 
         async def all_dead() -> bool:
@@ -133,10 +141,7 @@ class TestOldestAge:
         """Events wait while the platform fails, and the wall clock steps two days forward:
         `/v1/status` and `caliper_sidecar_outbox_oldest_age_seconds` still say seconds, not
         two days (an alert on the oldest age would page someone for nothing)."""
-        fake.fail_next(503, times=1_000_000)
-        _, client = await custom(outbox=outbox)
-        async with client.post("/v1/events", json=make_events(3)) as resp:
-            assert resp.status == 202
+        _, client = await events_waiting(custom, fake, outbox)
         step_the_clock(monkeypatch, TWO_DAYS)
         async with client.get("/v1/status") as resp:
             age = (await resp.json())["outbox"]["oldest_age_s"]

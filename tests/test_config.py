@@ -406,34 +406,23 @@ class TestTokensFiles:
     )
 
     @pytest.mark.parametrize("text", ["", "\n", "  \n\n\t\n"])
-    def test_a_tokens_file_that_holds_no_token_is_refused_naming_the_key(
-        self, tmp_path: Path, text: str
+    @pytest.mark.parametrize("key", ["receiver.tokens_file", "admin.token_file"])
+    def test_a_token_file_that_holds_no_token_is_refused_naming_the_key(
+        self, tmp_path: Path, text: str, key: str
     ) -> None:
-        """An empty tokens file (or one of blank lines) is no protection switched on: check-config
-        exits 2 naming receiver.tokens_file, as `run` does."""
-        tokens = tmp_path / "tokens"
-        tokens.write_text(text)
-        path = write(tmp_path, f'[receiver]\ntokens_file = "{tokens}"\n')
+        """An empty tokens or admin token file (or one of blank lines) is no protection
+        switched on, and does not quietly open the routes it guards: check-config and `run`'s
+        settings refuse it, naming the key (exit 2)."""
+        section, name = key.split(".")
+        secret = tmp_path / "token-file"
+        secret.write_text(text)
+        path = write(tmp_path, f'[{section}]\n{name} = "{secret}"\n')
         out = check_config(path)
         assert out.returncode == 2
-        assert "receiver.tokens_file" in out.stderr
+        assert key in out.stderr
         assert "holds no token" in out.stderr
-        with pytest.raises(ConfigError, match="receiver.tokens_file"):
+        with pytest.raises(ConfigError, match=key):
             load_settings(path, environ={})
-
-    @pytest.mark.parametrize("text", ["", "\n", "  \n"])
-    def test_an_admin_token_file_that_holds_no_token_is_refused_naming_the_key(
-        self, tmp_path: Path, text: str
-    ) -> None:
-        """An empty admin token file does not quietly open the admin routes to loopback:
-        check-config exits 2 naming admin.token_file."""
-        admin = tmp_path / "admin-token"
-        admin.write_text(text)
-        path = write(tmp_path, f'[admin]\ntoken_file = "{admin}"\n')
-        out = check_config(path)
-        assert out.returncode == 2
-        assert "admin.token_file" in out.stderr
-        assert "holds no token" in out.stderr
 
     @pytest.mark.parametrize("label", ["room-12", "a.b_c:d-E9", "x" * 32])
     def test_a_label_of_at_most_32_characters_of_the_alphabet_names_the_sender(

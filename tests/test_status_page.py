@@ -127,3 +127,22 @@ async def test_the_platforms_failures_in_plain_words(
     await expect(page.locator("#state")).to_contain_text(headline, timeout=20_000)
     await expect(page.locator("#detail")).to_contain_text(f"HTTP {refusal[0]}")
     await expect(page.locator("#dead tr")).to_have_count(0)
+
+
+async def test_a_page_answering_for_the_platform_in_plain_words(
+    browser: Any, custom: StartSidecar, fake: Any
+) -> None:
+    """A school's web filter answering `200` pages for the platform is said as what it is:
+    events kept, none delivered, with the start of the page as the last error."""
+    sidecar, client = await custom(ops={"port": free_port()})
+    fake.faults.web_filter = True
+    async with client.post("/v1/events", json=make_events(5)) as resp:
+        assert resp.status == 202
+    expect = pytest.importorskip("playwright.async_api").expect
+    page = await browser.new_page()
+    await page.goto(sidecar.ops_url + "/")
+    await expect(page.locator("#state")).to_contain_text(
+        "Something else answers in the platform's place", timeout=20_000
+    )
+    await expect(page.locator("#detail")).to_contain_text("blocked by your school's web filter")
+    await expect(page.locator("#dead tr")).to_have_count(0)

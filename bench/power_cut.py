@@ -138,6 +138,8 @@ class Cut:
     waiting: int = 0
     dead: int = 0
     load_s: float = 0.0
+    #: lines the sidecar logged at level error or critical, in both runs
+    errors: int = 0
 
 
 def post_json(url: str, body: Any) -> None:
@@ -276,12 +278,23 @@ def one_cut(args: argparse.Namespace, work: Path, rng: random.Random) -> Cut:
         seen = get_json(f"{fake.url}/_mock/events")
         server.stop()
         server = None
-        db = mount / "outbox.db"
+        lazyfs.unmount()
+        lazyfs = None
+        # Read from the backing directory: through LazyFS, opening the database again after
+        # the sidecar's last connection had closed (and deleted the WAL) sometimes failed with
+        # "disk I/O error".
+        db = root / "outbox.db"
         waiting = ids_in(db, "SELECT id FROM events WHERE delivered_at IS NULL")
         dead = ids_in(db, "SELECT id FROM dead_letters")
         result.waiting, result.dead = len(acked & waiting), len(acked & dead)
         result.lost = sorted(acked - set(seen["ids"]) - waiting - dead)
         result.duplicates = int(seen["duplicates"])
+        result.errors = sum(
+            1
+            for log in work.glob("sidecar-*.log")
+            for line in log.read_text().splitlines()
+            if '"level":"error"' in line or '"level":"critical"' in line
+        )
         return result
     finally:
         for process in (server, fake):
@@ -348,7 +361,7 @@ def main() -> None:
                 f"cut {i + 1:2d} after {cut.load_s:4.2f} s: acknowledged {cut.acknowledged:6d}, "
                 f"delivered before the cut {cut.before_cut:6d}, not durable "
                 f"{cut.not_durable:5d}, lost {len(cut.lost):5d}, dead letters {cut.dead}, "
-                f"duplicates at the platform {cut.duplicates}",
+                f"duplicates at the platform {cut.duplicates}, errors logged {cut.errors}",
                 flush=True,
             )
             if cut.lost and not args.control:

@@ -16,6 +16,10 @@
 #   02-statfs-passthrough: statfs answers with the backing file system's figures (stock
 #       LazyFS has no statfs, so FUSE says 0 bytes free and the sidecar refuses events with
 #       503 disk_full).
+#   03-truncate-uninitialized-result: lfs_truncate returned an uninitialized `res`; when it
+#       happened to be -1, a successful ftruncate failed with whatever errno was left (seen:
+#       SQLite's ftruncate of its -shm file to 3 bytes got ENOENT, and `run` stopped with
+#       "disk I/O error" on about one start in ten).
 #
 # Tested with LazyFS a47a5baea559020f29902662de77764b0cbd62ce on Debian 12 (cmake 3.25,
 # g++ 12, libfuse3 3.14).

@@ -141,6 +141,8 @@ class Cut:
     waiting: int = 0
     dead: int = 0
     load_s: float = 0.0
+    #: how long before the cut the last 202 had come
+    quiet_ms: float = 0.0
     #: lines the sidecar logged at level error or critical, in both runs
     errors: int = 0
 
@@ -153,12 +155,15 @@ def post_json(url: str, body: Any) -> None:
 
 async def load(
     url: str, clients: int, batch: int, load_s: float, kill: Callable[[], None], acked: set[str]
-) -> None:
-    """`clients` senders post batches until `kill` (the power cut) has run at `load_s`."""
+) -> float:
+    """`clients` senders post batches until `kill` (the power cut) has run at `load_s`.
+    Returns how long before the cut the last 202 had come, in ms (the cut's quiet time)."""
     samples = sample_events()
     cut = asyncio.Event()
+    last_ack = time.monotonic()
 
     async def one(session: aiohttp.ClientSession, n: int) -> None:
+        nonlocal last_ack
         i = n
         while not cut.is_set():
             events = []
@@ -171,6 +176,7 @@ async def load(
                 async with session.post(f"{url}/v1/events", json=events) as resp:
                     if resp.status == 202:
                         acked.update(e["id"] for e in events)
+                        last_ack = time.monotonic()
                     elif resp.status == 503:
                         await asyncio.sleep(0.05)
                     else:
@@ -182,9 +188,11 @@ async def load(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         senders = [asyncio.create_task(one(session, n)) for n in range(clients)]
         await asyncio.sleep(load_s)
+        quiet_ms = (time.monotonic() - last_ack) * 1000
         await asyncio.to_thread(kill)
         cut.set()
         await asyncio.gather(*senders)
+    return quiet_ms
 
 
 def ids_in(db: Path, query: str) -> set[str]:
@@ -264,7 +272,9 @@ def one_cut(args: argparse.Namespace, work: Path, rng: random.Random) -> Cut:
             mounted.clear_cache()
 
         acked: set[str] = set()
-        asyncio.run(load(server.url, args.clients, args.batch, result.load_s, power_cut, acked))
+        result.quiet_ms = asyncio.run(
+            load(server.url, args.clients, args.batch, result.load_s, power_cut, acked)
+        )
         server.stop()  # closes its log
         server = None
         lazyfs.unmount()
@@ -359,7 +369,8 @@ def main() -> None:
             cut = one_cut(args, work / f"cut-{i + 1:02d}", rng)
             cuts.append(cut)
             print(
-                f"cut {i + 1:2d} after {cut.load_s:4.2f} s: acknowledged {cut.acknowledged:6d}, "
+                f"cut {i + 1:2d} after {cut.load_s:4.2f} s (last 202 {cut.quiet_ms:3.0f} ms "
+                f"before): acknowledged {cut.acknowledged:6d}, "
                 f"delivered before the cut {cut.before_cut:6d}, not durable "
                 f"{cut.not_durable:5d}, lost {len(cut.lost):5d}, dead letters {cut.dead}, "
                 f"duplicates at the platform {cut.duplicates}, errors logged {cut.errors}",

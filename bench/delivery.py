@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import fake_and_sidecar, get_json, machine, metric
 
-from caliper_sidecar.outbox.schema import migrate
+from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.tools.samples import sample_events
 
 

@@ -28,7 +28,7 @@ from typing import Final
 
 from common import PYTHON, Process, free_port, machine, median, metric, sidecar, wrk
 
-from caliper_sidecar.outbox.schema import migrate
+from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.tools.samples import sample_events
 
 #: what TimeBack's official SDK (timeback-caliper 0.4.0) posts, recorded by tests/data's script

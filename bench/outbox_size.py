@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from caliper_sidecar.config import OutboxSettings
-from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.outbox import NewEvent, sqlite_outbox
 from caliper_sidecar.tools.samples import sample_events
 
 
@@ -25,7 +25,7 @@ async def measure(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "outbox.db"
         body_bytes = 0
-        async with SqliteOutbox(
+        async with sqlite_outbox(
             OutboxSettings(path=str(path), synchronous="normal", max_events=n + 1)
         ) as outbox:
             for _ in range(0, n, 1000):
@@ -46,7 +46,7 @@ async def measure(n: int) -> None:
         print(f"outbox file: {size / 1e6:.1f} MB, {size / stats.events:.0f} bytes per event")
         print(f"events per GiB of outbox: {2**30 / (size / stats.events):,.0f}")
         # Deliver them all: each is kept, body emptied, for outbox.dedupe_window_s.
-        async with SqliteOutbox(
+        async with sqlite_outbox(
             OutboxSettings(path=str(path), synchronous="normal", max_events=n + 1)
         ) as outbox:
             while batch := (await outbox.claim_batch(1000, 10**9)).seqs:

@@ -28,8 +28,8 @@ from common import Process, free_port, get_json, machine, sidecar
 
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.outbox import NewEvent, open_outbox
-from caliper_sidecar.outbox.postgres_bodies import Partitions
-from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.outbox.postgres.bodies import Partitions
+from caliper_sidecar.outbox.postgres.schema import SCHEMA
 from caliper_sidecar.tools.samples import sample_events
 
 PYTHON_FAKE = ["-m", "caliper_sidecar", "mock-upstream", "--ids-only"]

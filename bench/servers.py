@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 import aiosqlite
 from aiohttp import web
 
-from caliper_sidecar.outbox.schema import migrate
+from caliper_sidecar.outbox.sqlite.schema import migrate
 
 
 async def bare(request: web.Request) -> web.Response:

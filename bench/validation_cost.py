@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from caliper_sidecar.config import OutboxSettings
-from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.outbox import NewEvent, sqlite_outbox
 from caliper_sidecar.tools.samples import sample_events
 from caliper_sidecar.validation import validate_events
 
@@ -47,7 +47,7 @@ async def time_storage(batch: list[dict[str, Any]], synchronous: str) -> float:
         for e in batch
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        async with SqliteOutbox(
+        async with sqlite_outbox(
             OutboxSettings(path=str(Path(tmp) / "o.db"), synchronous=synchronous)
         ) as outbox:
             started = time.perf_counter()

@@ -379,7 +379,7 @@ def _dead_list(args: argparse.Namespace) -> int:
     from caliper_sidecar.codec import utc_from_timestamp
     from caliper_sidecar.http.admin import dead_letter_document
     from caliper_sidecar.http.bodies import encode
-    from caliper_sidecar.outbox.base import DEAD_CHUNK
+    from caliper_sidecar.outbox.records import DEAD_CHUNK
 
     async def go() -> int:
         shown, after = 0, args.after

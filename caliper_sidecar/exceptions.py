@@ -30,6 +30,10 @@ class OutboxUnusable(SidecarError):
     directory, a place that cannot be written); the message names `outbox.path`."""
 
 
+class SchemaTooNew(SidecarError):
+    """Raised when the outbox (either backend) was written by a newer release than this one."""
+
+
 class OutboxUnavailable(SidecarError):
     """Raised when an append cannot be committed now; the caller answers 503 + Retry-After.
 

@@ -18,7 +18,7 @@ import pytest
 
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.outbox import Outbox, open_outbox
-from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.outbox.postgres.schema import SCHEMA
 
 BACKENDS = ["sqlite", "postgres"]
 #: the server the tests use; CI and the project's machines run one here (trust auth)

@@ -13,7 +13,7 @@ import pytest
 
 from caliper_sidecar.cli import _parser
 from caliper_sidecar.config import OutboxSettings, load_settings
-from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.outbox import NewEvent, sqlite_outbox
 from caliper_sidecar.tools.validate import wants_colour
 
 from .conftest import cli, new_id
@@ -57,7 +57,7 @@ class TestHelp:
 async def config(tmp_path: Path) -> Path:
     """A configuration naming an outbox with two waiting events and one dead letter."""
     path = tmp_path / "outbox.db"
-    async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
+    async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
         await box.append([NewEvent(new_id(), b"{}") for _ in range(3)])
         batch = await box.claim_batch(1, 10_000)
         await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")
@@ -92,7 +92,7 @@ class TestOutput:
         number no float holds) is one line, its values as stored."""
         path = tmp_path / "outbox.db"
         stored = b'{\n  "id": "x",\n  "big": 123456789012345678901234567890\n}'
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
             await box.append([NewEvent(new_id(), stored)])
             batch = await box.claim_batch(1, 10_000)
             await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")

@@ -16,7 +16,8 @@ from structlog.testing import capture_logs
 from caliper_sidecar.app import Sidecar, start
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable
-from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.outbox import NewEvent, sqlite_outbox
+from caliper_sidecar.outbox.sqlite.storage import SqliteStorage
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
@@ -139,7 +140,7 @@ async def test_disk_filled_by_something_else(
 
 async def test_reserve_keeps_room_for_deliveries(tmp_path: Path) -> None:
     """New events are refused while less than the reserve is free; what is queued stays."""
-    async with SqliteOutbox(
+    async with sqlite_outbox(
         OutboxSettings(path=str(tmp_path / "o.db")), reserve_bytes=2**62
     ) as box:
         with pytest.raises(OutboxUnavailable) as refused:
@@ -152,10 +153,10 @@ async def test_reserve_keeps_room_for_deliveries(tmp_path: Path) -> None:
 async def test_capped_database(sidecar: Sidecar, platform: RunningFake) -> None:
     """SQLITE_FULL from a capped database behaves the same, in every environment."""
     platform.fake.outage(3600)
-    assert isinstance(sidecar.outbox, SqliteOutbox)
+    assert isinstance(sidecar.outbox.storage, SqliteStorage)
     # The cap is set on the outbox's own writer connection, on purpose: it is per connection,
     # and the small-disk tests that need no private access need root for a tmpfs.
-    writer = sidecar.outbox._writer
+    writer = sidecar.outbox.storage._writer
     pages = await writer.run(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
     await writer.run(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 20}"))
     acknowledged: set[str] = set()

@@ -19,7 +19,7 @@ from caliper_sidecar.delivery.dispatcher import Dispatcher
 from caliper_sidecar.delivery.upstream import Sent
 from caliper_sidecar.exceptions import Refused, RetryLater
 from caliper_sidecar.metrics import Metrics
-from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.outbox import NewEvent, Outbox, sqlite_outbox
 
 from .conftest import new_id
 
@@ -57,14 +57,14 @@ class ScriptedPlatform:
 
 
 @pytest.fixture
-async def outbox(tmp_path: Path) -> AsyncIterator[SqliteOutbox]:
-    async with SqliteOutbox(
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    async with sqlite_outbox(
         OutboxSettings(path=str(tmp_path / "o.db"), synchronous="normal")
     ) as box:
         yield box
 
 
-async def deliver(outbox: SqliteOutbox, platform: ScriptedPlatform, ids: list[str]) -> None:
+async def deliver(outbox: Outbox, platform: ScriptedPlatform, ids: list[str]) -> None:
     """Store these events, run a dispatcher until none is waiting, stop it."""
     settings = Settings(
         upstream=UpstreamSettings(batch_max_events=16, linger_ms=0, concurrency=1),
@@ -80,7 +80,7 @@ async def deliver(outbox: SqliteOutbox, platform: ScriptedPlatform, ids: list[st
 
 
 async def test_a_refused_batch_is_split_until_the_refused_event_is_alone(
-    outbox: SqliteOutbox,
+    outbox: Outbox,
 ) -> None:
     ids = [new_id() for _ in range(16)]
     bad = ids[11]
@@ -93,7 +93,7 @@ async def test_a_refused_batch_is_split_until_the_refused_event_is_alone(
     assert [len(e) for e in platform.envelopes if bad in e] == [16, 8, 4, 2, 1]
 
 
-async def test_a_transient_failure_is_retried_and_loses_nothing(outbox: SqliteOutbox) -> None:
+async def test_a_transient_failure_is_retried_and_loses_nothing(outbox: Outbox) -> None:
     ids = [new_id() for _ in range(40)]
     platform = ScriptedPlatform(refuse=set(), outages=3)
     await deliver(outbox, platform, ids)
@@ -103,7 +103,7 @@ async def test_a_transient_failure_is_retried_and_loses_nothing(outbox: SqliteOu
     assert dataclasses.asdict(journeys[ids[0]])["state"] == "delivered"
 
 
-async def test_a_failure_of_ours_backs_off_and_delivers(outbox: SqliteOutbox) -> None:
+async def test_a_failure_of_ours_backs_off_and_delivers(outbox: Outbox) -> None:
     """An error that is not the platform's answer (a bug, an odd exception) is treated as
     transient: logged, backed off, retried; the events are delivered, none dead-lettered."""
     ids = [new_id() for _ in range(5)]
@@ -115,7 +115,7 @@ async def test_a_failure_of_ours_backs_off_and_delivers(outbox: SqliteOutbox) ->
     assert await outbox.dead_letters(10) == []
 
 
-async def test_drained_waits_while_events_wait(outbox: SqliteOutbox) -> None:
+async def test_drained_waits_while_events_wait(outbox: Outbox) -> None:
     """`drained` returns only once nothing waits: with the platform down it times out, and
     the events are still in the outbox."""
     settings = Settings(

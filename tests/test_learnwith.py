@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from caliper_sidecar.app import Sidecar, start
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.delivery.learnwith_form import rewrite_body, rewrite_event
-from caliper_sidecar.outbox import SqliteOutbox
+from caliper_sidecar.outbox import sqlite_outbox
 from caliper_sidecar.presets import platform_mismatch
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
@@ -223,7 +223,7 @@ class TestThroughTheSidecar:
 async def _dead_letters(sidecar: Sidecar, reopen: str | None = None) -> list[Any]:
     if reopen is None:
         return await sidecar.outbox.dead_letters(10)
-    async with SqliteOutbox(OutboxSettings(path=str(reopen))) as outbox:
+    async with sqlite_outbox(OutboxSettings(path=str(reopen))) as outbox:
         return await outbox.dead_letters(10)
 
 

@@ -15,9 +15,10 @@ from typing import Literal
 import pytest
 
 from caliper_sidecar.config import OutboxSettings
-from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable
-from caliper_sidecar.outbox import NewEvent, OutboxLock, SqliteOutbox
-from caliper_sidecar.outbox.schema import VERSION, SchemaTooNew
+from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable, SchemaTooNew
+from caliper_sidecar.outbox import NewEvent, Outbox, OutboxLock, sqlite_outbox
+from caliper_sidecar.outbox.sqlite.schema import VERSION
+from caliper_sidecar.outbox.sqlite.storage import SqliteStorage
 
 from .conftest import eventually, new_id
 
@@ -26,9 +27,15 @@ def events(n: int, size: int = 10) -> list[NewEvent]:
     return [NewEvent(new_id(), b"{" + b"x" * (size - 2) + b"}") for _ in range(n)]
 
 
+def path_of(box: Outbox) -> Path:
+    """The file of an outbox over SQLite."""
+    assert isinstance(box.storage, SqliteStorage)
+    return box.storage.path
+
+
 @pytest.fixture
-async def outbox(tmp_path: Path) -> AsyncIterator[SqliteOutbox]:
-    async with SqliteOutbox(
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    async with sqlite_outbox(
         OutboxSettings(path=str(tmp_path / "outbox.db"), synchronous="normal")
     ) as box:
         yield box
@@ -38,14 +45,14 @@ class TestFile:
     async def test_created_owner_only(self, tmp_path: Path) -> None:
         """The outbox file (and its WAL) is readable by its owner only."""
         path = tmp_path / "sub" / "outbox.db"
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
             await box.append(events(1))
             for f in (path, Path(f"{path}-wal")):
                 assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
 
-    async def test_wal_and_schema_version(self, outbox: SqliteOutbox) -> None:
+    async def test_wal_and_schema_version(self, outbox: Outbox) -> None:
         """The file is in WAL mode and carries the schema version."""
-        conn = sqlite3.connect(outbox.path)
+        conn = sqlite3.connect(path_of(outbox))
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
         conn.close()
@@ -58,14 +65,16 @@ class TestFile:
         power cut re-sends only what was in flight); reads and checkpoints run at NORMAL.
         (Read on the outbox's own connections, on purpose: a connection's pragmas are seen
         nowhere else, and a power cut cannot be staged in a test.)"""
-        async with SqliteOutbox(
+        async with sqlite_outbox(
             OutboxSettings(path=str(tmp_path / "o.db"), synchronous=mode)
         ) as box:
-            writer = await box._writer.run(lambda c: c.execute("PRAGMA synchronous").fetchone())
+            storage = box.storage
+            assert isinstance(storage, SqliteStorage)
+            writer = await storage._writer.run(lambda c: c.execute("PRAGMA synchronous").fetchone())
             assert writer == (level,)
             connections = (
-                (box._reader, 1),
-                (box._checkpointer, 1),
+                (storage._reader, 1),
+                (storage._checkpointer, 1),
             )
             for conn, expected in connections:
                 assert conn is not None
@@ -76,7 +85,7 @@ class TestFile:
         """Every write goes through the writer; once the outbox is closed, each one (a
         delivery outcome, a dead letter, an operator's replay) is refused as `closed`, not as
         a storage error."""
-        box = await SqliteOutbox(OutboxSettings(path=str(tmp_path / "o.db"))).open()
+        box = await sqlite_outbox(OutboxSettings(path=str(tmp_path / "o.db"))).open()
         await box.append([NewEvent(new_id(), b"{}")])
         batch = await box.claim_batch(10, 1 << 20)
         await box.close()
@@ -98,13 +107,13 @@ class TestFile:
         conn.execute(f"PRAGMA user_version = {VERSION + 1}")
         conn.close()
         with pytest.raises(SchemaTooNew, match="newer release"):
-            await SqliteOutbox(OutboxSettings(path=str(path))).open()
+            await sqlite_outbox(OutboxSettings(path=str(path))).open()
 
     async def test_reopen_keeps_events(self, tmp_path: Path) -> None:
         path = tmp_path / "o.db"
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
             await box.append(events(3))
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
             assert (await box.stats()).events == 3
 
 
@@ -112,7 +121,7 @@ class TestMigration:
     async def test_version_1_file_keeps_everything(self, tmp_path: Path) -> None:
         """A file written by the first release opens in this one: waiting events, dead
         letters, totals and the ids remembered for deduplication all survive."""
-        from caliper_sidecar.outbox.schema import MIGRATIONS, _statements
+        from caliper_sidecar.outbox.sqlite.schema import MIGRATIONS, _statements
 
         path = tmp_path / "v1.db"
         conn = sqlite3.connect(path, isolation_level=None)
@@ -129,7 +138,7 @@ class TestMigration:
         conn.execute("INSERT INTO delivered VALUES (?, ?)", (delivered, time.time()))
         conn.close()
 
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as box:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
             stats = await box.stats()
             assert (stats.events, stats.bytes) == (3, sum(len(e.body) for e in waiting))
             assert (await box.append([NewEvent(delivered, b"{}")])).duplicates == 1
@@ -148,7 +157,7 @@ class TestMigration:
 class TestPruning:
     async def test_delivered_rows_pruned_after_the_window(self, tmp_path: Path) -> None:
         """Delivered events are kept (bodies emptied) for the dedupe window, then removed."""
-        async with SqliteOutbox(
+        async with sqlite_outbox(
             OutboxSettings(path=str(tmp_path / "o.db"), dedupe_window_s=0.2)
         ) as box:
             box.prune_every_s = 0  # every acknowledgement prunes
@@ -156,7 +165,7 @@ class TestPruning:
             await box.append(first)
             batch = await box.claim_batch(10, 100_000)
             await box.acknowledge(batch.claim, batch.seqs)
-            conn = sqlite3.connect(box.path)
+            conn = sqlite3.connect(path_of(box))
             rows = conn.execute("SELECT length(body), delivered_at IS NOT NULL FROM events")
             assert rows.fetchall() == [(0, 1)] * 3
             kept = "SELECT count(*) FROM events WHERE id IN (SELECT value FROM json_each(?))"

@@ -20,13 +20,13 @@ from caliper_sidecar.outbox import (
     Outbox,
     PlatformJobOutcome,
     open_outbox,
-    postgres_bodies,
 )
-from caliper_sidecar.outbox.postgres import PostgresOutbox
-from caliper_sidecar.outbox.postgres_listen import LISTENER_NAME
-from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN, INGEST_LOCK, SCHEMA
-from caliper_sidecar.outbox.postgres_sessions import session_settings
-from caliper_sidecar.outbox.postgres_writes import store_events
+from caliper_sidecar.outbox.postgres import bodies
+from caliper_sidecar.outbox.postgres.listen import LISTENER_NAME
+from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, INGEST_LOCK, SCHEMA
+from caliper_sidecar.outbox.postgres.sessions import session_settings
+from caliper_sidecar.outbox.postgres.storage import PostgresStorage
+from caliper_sidecar.outbox.postgres.writes import store_events
 
 from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
@@ -278,7 +278,8 @@ class TestPostgresClaims:
         while the backlog lasts, not only once it is gone."""
         async with open_test_outbox("postgres", Path("/nonexistent"), database) as a:
             await a.append(events(30))
-            b = await PostgresOutbox(OutboxSettings(url=database), lease_s=0.2).open()
+            settings = OutboxSettings(url=database)
+            b = await Outbox(PostgresStorage(settings, lease_s=0.2), settings).open()
             try:
                 lost = await b.claim_batch(10, 100_000)  # never acknowledged: b "died"
             finally:
@@ -340,7 +341,7 @@ class TestPostgresClaims:
         async with open_test_outbox(
             "postgres", Path("/nonexistent"), database, max_events=10**6
         ) as box:
-            assert isinstance(box, PostgresOutbox)
+            assert isinstance(box.storage, PostgresStorage)
             await box.append(events(BODIES_SPAN + 500, size=200))
             while (batch := await box.claim_batch(1000, 10**7)).events:
                 await box.acknowledge(batch.claim, batch.seqs)
@@ -412,8 +413,8 @@ class TestPostgresClaims:
             conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
             try:
                 gone = 10**6  # a partition that does not exist
-                assert await postgres_bodies._worth_emptying(conn, gone, 0) is False
-                assert await postgres_bodies._empty(conn, gone, None) is False
+                assert await bodies._worth_emptying(conn, gone, 0) is False
+                assert await bodies._empty(conn, gone, None) is False
             finally:
                 await conn.close()
 
@@ -442,7 +443,7 @@ class TestPostgresClaims:
         async with open_test_outbox(
             "postgres", Path("/nonexistent"), database, dedupe_window_s=0.2
         ) as box:
-            assert isinstance(box, PostgresOutbox)
+            assert isinstance(box.storage, PostgresStorage)
             box.prune_every_s = 0  # every acknowledgement group prunes
             first = events(3)
             await box.append(first)
@@ -662,7 +663,7 @@ class TestPostgresUpgrade:
         """A database at an older schema version holding waiting, delivered, sent-and-awaiting
         its platform job, and dead-lettered events migrates in place: nothing lost, duplicates
         still known, the waiting events are sent and the open job is still followed."""
-        from caliper_sidecar.outbox.postgres_schema import MIGRATIONS
+        from caliper_sidecar.outbox.postgres.schema import MIGRATIONS
 
         with fresh_database() as url:
             conn = await asyncpg.connect(url)

@@ -15,7 +15,7 @@ import pytest
 from caliper_sidecar.app import start
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxLocked
-from caliper_sidecar.outbox import NewEvent, SqliteOutbox
+from caliper_sidecar.outbox import NewEvent, sqlite_outbox
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
@@ -133,11 +133,11 @@ class TestLargeDeadLetterOperations:
 
     async def test_replay_all_is_chunked_and_counted(self, tmp_path: Path) -> None:
         path = tmp_path / "outbox.db"
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as outbox:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
             pass
         many_dead_letters(path, 4500)
         seen: list[int] = []
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as outbox:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
             appended = asyncio.ensure_future(outbox.append([NewEvent(new_id(), b"{}")]))
             assert await outbox.replay_dead_letters(None, progress=seen.append) == 4500
             await appended
@@ -146,7 +146,7 @@ class TestLargeDeadLetterOperations:
 
     async def test_cli_shows_a_running_count(self, platform: RunningFake, tmp_path: Path) -> None:
         path = tmp_path / "outbox.db"
-        async with SqliteOutbox(OutboxSettings(path=str(path))):
+        async with sqlite_outbox(OutboxSettings(path=str(path))):
             pass
         many_dead_letters(path, 2500)
         config = write_config(tmp_path / "c.toml", platform, path, free_port())
@@ -154,5 +154,5 @@ class TestLargeDeadLetterOperations:
         assert code == 0, err
         assert "1000" in err
         assert "2000" in err
-        async with SqliteOutbox(OutboxSettings(path=str(path))) as outbox:
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
             assert (await outbox.stats()).dead_letters == 0

@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from caliper_sidecar.outbox.postgres_schema import INGEST_LOCK, MIGRATION_LOCK, SCHEMA, VERSION
+from caliper_sidecar.outbox.postgres.schema import INGEST_LOCK, MIGRATION_LOCK, SCHEMA, VERSION
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, eventually, free_port, make_events, write_config

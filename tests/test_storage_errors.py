@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from caliper_sidecar.app import start
-from caliper_sidecar.outbox.postgres_schema import SCHEMA
+from caliper_sidecar.outbox.postgres.schema import SCHEMA
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import make_event, settings_for

@@ -16,7 +16,7 @@ from caliper_sidecar.http.auth import bearer_matches
 from caliper_sidecar.http.errors import ApiError, json_response
 from caliper_sidecar.http.requests import read_body
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
-from caliper_sidecar.outbox.base import DeadLetter
+from caliper_sidecar.outbox.records import DeadLetter
 
 log = structlog.get_logger("sidecar.admin")
 

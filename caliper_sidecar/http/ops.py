@@ -9,7 +9,6 @@ from aiohttp import web
 
 from caliper_sidecar import __version__, codec
 from caliper_sidecar.config import is_loopback
-from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.http import bodies, openapi
 from caliper_sidecar.http.auth import bearer_matches
 from caliper_sidecar.http.errors import ApiError, json_response
@@ -64,20 +63,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def not_ready_reason(rt: Runtime) -> str | None:
-    """Why the sidecar should not be sent events now, or None when it should."""
+    """Why the sidecar should not be sent events now, or None when it should: the HTTP side's
+    own word (shutting down), then each part's ping."""
     if not rt.accepting:
         return "shutting_down"
-    failing = rt.outbox.unwritable_reason()
-    if failing is not None:
-        return failing
-    try:
-        stats = await rt.outbox.stats()
-    except OutboxUnavailable as e:
-        return e.reason
-    limits = rt.settings.outbox
-    if stats.events >= limits.max_events or stats.bytes >= limits.max_bytes:
-        return "outbox_full"
-    return None
+    return await rt.outbox.ping()
 
 
 def operators_only(rt: Runtime, request: web.Request) -> None:

@@ -1,27 +1,26 @@
 """The outbox: where an event lives from its acknowledgement until the platform confirms it.
 
-`Outbox` is the storage interface the receiver and the dispatcher use; `open_outbox` opens the
-one the settings name: `SqliteOutbox` (one process per file, the embedded default) or
-`PostgresOutbox` (one database shared by several `run` replicas).
+`Outbox` (outbox.py) is the one interface the receiver, the dispatcher and the CLI use, over a
+`Storage` (storage.py): `sqlite/` (one process per file, the embedded default) or `postgres/`
+(one database shared by several `run` replicas). `open_outbox` opens the one the settings name.
 """
 
 from __future__ import annotations
 
-from caliper_sidecar.outbox.base import (
+from caliper_sidecar.outbox.opening import open_outbox, sqlite_outbox
+from caliper_sidecar.outbox.outbox import Outbox
+from caliper_sidecar.outbox.records import (
     AppendResult,
     Batch,
     Claim,
     DeadLetter,
     Journey,
     NewEvent,
-    Outbox,
     OutboxStats,
     PlatformJobOutcome,
     StoredEvent,
 )
-from caliper_sidecar.outbox.lock import OutboxLock
-from caliper_sidecar.outbox.opening import open_outbox
-from caliper_sidecar.outbox.sqlite import SqliteOutbox
+from caliper_sidecar.outbox.sqlite.lock import OutboxLock
 
 __all__ = [
     "AppendResult",
@@ -34,7 +33,7 @@ __all__ = [
     "OutboxLock",
     "OutboxStats",
     "PlatformJobOutcome",
-    "SqliteOutbox",
     "StoredEvent",
     "open_outbox",
+    "sqlite_outbox",
 ]

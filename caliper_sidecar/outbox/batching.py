@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from caliper_sidecar.outbox.base import StoredEvent
+from caliper_sidecar.outbox.records import StoredEvent
 
 
 def fill_batch(

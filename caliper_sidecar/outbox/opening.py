@@ -7,9 +7,10 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 
 from caliper_sidecar.config import OutboxSettings
-from caliper_sidecar.outbox.base import Outbox
-from caliper_sidecar.outbox.lock import OutboxLock
-from caliper_sidecar.outbox.sqlite import SqliteOutbox
+from caliper_sidecar.outbox.outbox import Outbox
+from caliper_sidecar.outbox.sqlite.lock import OutboxLock
+from caliper_sidecar.outbox.sqlite.storage import SqliteStorage
+from caliper_sidecar.outbox.storage import Storage
 
 
 @contextlib.asynccontextmanager
@@ -29,13 +30,23 @@ async def open_outbox(
     otherwise). Everything opened is closed on exit, in reverse order, whatever happens.
     """
     async with contextlib.AsyncExitStack() as stack:
+        storage: Storage
         if settings.url:
-            from caliper_sidecar.outbox.postgres import PostgresOutbox
+            from caliper_sidecar.outbox.postgres.storage import PostgresStorage
 
-            outbox: Outbox = await PostgresOutbox(settings, lease_s, agreement).open()
+            storage = PostgresStorage(settings, lease_s, agreement)
         else:
             if exclusive:
                 stack.enter_context(OutboxLock(settings.path))
-            outbox = await SqliteOutbox(settings).open()
+            storage = SqliteStorage(settings)
+        outbox = await Outbox(storage, settings).open()
         stack.push_async_callback(outbox.close)
         yield outbox
+
+
+def sqlite_outbox(settings: OutboxSettings, reserve_bytes: int | None = None) -> Outbox:
+    """An outbox over the SQLite file of `outbox.path`, not yet opened and not locked (for
+    tests and benchmarks that open one file by hand; `run` goes through `open_outbox`)."""
+    if reserve_bytes is None:
+        return Outbox(SqliteStorage(settings), settings)
+    return Outbox(SqliteStorage(settings, reserve_bytes), settings)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Final
 
-from caliper_sidecar.exceptions import SidecarError
+from caliper_sidecar.exceptions import SchemaTooNew
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the queue, the dead letters, recent deliveries (for deduplication) and running totals.
@@ -131,10 +131,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 )
 
 VERSION: Final = len(MIGRATIONS)
-
-
-class SchemaTooNew(SidecarError):
-    """Raised when the outbox was written by a newer release than this one."""
 
 
 def migrate(conn: sqlite3.Connection) -> int:

@@ -1,4 +1,4 @@
-"""The PostgreSQL outbox: one database shared by any number of `run` replicas.
+"""The PostgreSQL storage of the outbox: one database shared by any number of `run` replicas.
 
 - Ingest uses the same group commit as SQLite: one transaction per group, the ids of known
   events (waiting, dead-lettered, or delivered within the dedupe window) skipped, a new id
@@ -11,7 +11,7 @@
   the claim id: an outcome for events another replica took over after the lease expired
   changes nothing. An acknowledgement group is one statement too: one `sent` row per batch.
 - So the drain leaves almost no dead row versions, and gives space back as it goes (the
-  bodies' partitions, postgres_bodies.py): a database whose disk filled keeps draining.
+  bodies' partitions, bodies.py): a database whose disk filled keeps draining.
 - Every time it stores (received, tried, delivered, confirmed, dead-lettered, leases) and an
   event's age at a claim are the database server's clock, one clock for every replica,
   whatever the replicas' own clocks say.
@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
@@ -37,11 +36,31 @@ from caliper_sidecar.exceptions import (
     OutboxUnavailable,
     OutboxUnusable,
     ReplicasDisagree,
+    SchemaTooNew,
     storage_error,
 )
-from caliper_sidecar.outbox import postgres_writes as writes
-from caliper_sidecar.outbox.base import (
+from caliper_sidecar.outbox.batching import fill_batch
+from caliper_sidecar.outbox.postgres import writes
+from caliper_sidecar.outbox.postgres.bodies import Partitions, bodies_of
+from caliper_sidecar.outbox.postgres.listen import Listener
+from caliper_sidecar.outbox.postgres.replicas import join
+from caliper_sidecar.outbox.postgres.room import (
+    ROOM_EVERY_S,
+    Footprint,
+    release_reserve,
+    win_back_room,
+)
+from caliper_sidecar.outbox.postgres.schema import (
+    MIGRATION_LOCK,
+    MIGRATIONS,
+    SCHEMA,
+    VERSION,
+)
+from caliper_sidecar.outbox.postgres.sessions import LONG_WORK, session_settings
+from caliper_sidecar.outbox.postgres.writes import NOW
+from caliper_sidecar.outbox.records import (
     DEAD_LETTER_COLUMNS,
+    Ack,
     Append,
     AppendResult,
     Batch,
@@ -50,27 +69,7 @@ from caliper_sidecar.outbox.base import (
     PlatformJobOutcome,
     StoredEvent,
 )
-from caliper_sidecar.outbox.batching import fill_batch
-from caliper_sidecar.outbox.grouping import GroupCommit
-from caliper_sidecar.outbox.manager import TOTALS, OutboxManager
-from caliper_sidecar.outbox.postgres_bodies import Partitions, bodies_of
-from caliper_sidecar.outbox.postgres_listen import Listener
-from caliper_sidecar.outbox.postgres_replicas import join
-from caliper_sidecar.outbox.postgres_room import (
-    ROOM_EVERY_S,
-    Footprint,
-    release_reserve,
-    win_back_room,
-)
-from caliper_sidecar.outbox.postgres_schema import (
-    MIGRATION_LOCK,
-    MIGRATIONS,
-    SCHEMA,
-    VERSION,
-)
-from caliper_sidecar.outbox.postgres_sessions import LONG_WORK, session_settings
-from caliper_sidecar.outbox.postgres_writes import NOW
-from caliper_sidecar.outbox.schema import SchemaTooNew
+from caliper_sidecar.outbox.storage import TOTALS
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -93,21 +92,18 @@ _JOURNEYS: Final = f"""
     LEFT JOIN platform_jobs p ON p.id = s.platform_job
     WHERE e.id = ANY($1::text[])
 """
-#: an acknowledgement: the claim, its events, the platform job and why it cannot be confirmed
-_Ack = tuple[Claim, list[int], str | None, str | None]
-
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
 def _drain_write(
-    write: Callable[Concatenate[PostgresOutbox, _P], Coroutine[Any, Any, _T]],
-) -> Callable[Concatenate[PostgresOutbox, _P], Coroutine[Any, Any, _T]]:
+    write: Callable[Concatenate[PostgresStorage, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[PostgresStorage, _P], Coroutine[Any, Any, _T]]:
     """A write of the drain (claims, outcomes, jobs): when the disk is full, it runs again in
     the room the reserve kept for it."""
 
     @functools.wraps(write)
-    async def in_reserve(outbox: PostgresOutbox, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def in_reserve(outbox: PostgresStorage, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return await write(outbox, *args, **kwargs)
         except OutboxUnavailable as e:
@@ -121,7 +117,7 @@ def _drain_write(
     return in_reserve
 
 
-class PostgresOutbox(OutboxManager):
+class PostgresStorage:
     """The outbox in a PostgreSQL database, shared by replicas (see the module)."""
 
     def __init__(
@@ -130,7 +126,10 @@ class PostgresOutbox(OutboxManager):
         lease_s: float = 65.0,
         agreement: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(settings, outbox="postgresql")
+        self.where = {"outbox": "postgresql"}
+        self.dedupe_window_s = settings.dedupe_window_s
+        self.max_events = settings.max_events
+        self.max_bytes = settings.max_bytes
         self._dsn = str(settings.url)
         #: what every live replica must have alike (None: not a replica, the CLI)
         self._agreement = dict(agreement) if agreement is not None else None
@@ -141,9 +140,7 @@ class PostgresOutbox(OutboxManager):
         #: moment later (synchronous_commit off: a database crash may lose the last commits)
         self._synchronous_commit = "on" if settings.synchronous == "full" else "off"
         self._pool: asyncpg.Pool | None = None
-        self._listener = Listener(self._dsn, self.wake)
-        self._acks: GroupCommit[_Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
-        self._last_prune = float("-inf")
+        self._listener: Listener | None = None
         self._closing = False
         self._partitions = Partitions()
         self._footprint = Footprint()
@@ -152,9 +149,10 @@ class PostgresOutbox(OutboxManager):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def open(self) -> PostgresOutbox:
+    async def open(self, wake: Callable[[], None]) -> None:
         """Connect, create or migrate the schema, listen; raises OutboxUnusable or
         SchemaTooNew with nothing left open."""
+        self._listener = Listener(self._dsn, wake)
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
@@ -178,11 +176,8 @@ class PostgresOutbox(OutboxManager):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             await self.close()
             raise OutboxUnusable(f"outbox.url (PostgreSQL) cannot be used: {e}") from None
-        self._appends.start()
-        self._acks.start()
         if self._agreement is not None:
             self._heartbeat = asyncio.create_task(self._beat(), name="outbox-heartbeat")
-        return self
 
     async def _join(self) -> None:
         assert self._agreement is not None
@@ -223,9 +218,8 @@ class PostgresOutbox(OutboxManager):
         if self._recovering is not None:
             self._recovering.cancel()
             await asyncio.gather(self._recovering, return_exceptions=True)
-        await self._appends.close()
-        await self._acks.close()
-        await self._listener.close()
+        if self._listener is not None:
+            await self._listener.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -269,14 +263,17 @@ class PostgresOutbox(OutboxManager):
 
     # -- ingest ----------------------------------------------------------------------------
 
-    async def _insert_new(self, group: list[Append]) -> list[AppendResult | OutboxUnavailable]:
+    async def insert_appends(self, group: list[Append]) -> list[AppendResult | OutboxUnavailable]:
         if self._recovering is not None:
             # Nothing is written while the room is being won back: a refused write would
             # still extend a file, and take the very pages the drain frees.
             raise _disk_full()
         return await self._insert(group)
 
-    def _append_failed(self, error: OutboxUnavailable) -> None:
+    def ping(self) -> str | None:
+        return None  # a failed append says why (outbox.py's write health) while room is won back
+
+    def append_failed(self, error: OutboxUnavailable) -> None:
         if error.reason == "disk_full" and self._recovering is None and not self._closing:
             self._recovering = asyncio.create_task(self._recover_room(), name="outbox-room")
 
@@ -331,12 +328,11 @@ class PostgresOutbox(OutboxManager):
     # -- dispatch --------------------------------------------------------------------------
 
     @_drain_write
-    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float) -> Batch:
         """The next events from `head` (schema version 4's claim_head), or first, when there
         are any, events given back (released, failed, or another replica's expired lease).
         Either way one `batches` row is written, whatever the batch's size: the lease on its
         seqs."""
-        self._appended.clear()
         claim_id = uuid.uuid4().hex
         async with self._connection() as conn:
             given_back_first = True
@@ -421,18 +417,10 @@ class PostgresOutbox(OutboxManager):
             await writes.release(conn, claim.id, list(seqs))
 
     @_drain_write
-    async def acknowledge(
-        self,
-        claim: Claim,
-        seqs: Sequence[int],
-        platform_job: str | None = None,
-        unconfirmed: str | None = None,
-    ) -> None:
-        await self._acks.submit((claim, list(seqs), platform_job, unconfirmed))
-
-    async def _commit_acks(self, group: list[_Ack]) -> list[OutboxUnavailable | None]:
-        """Acknowledgements of concurrent deliveries, in one statement: one round trip and one
-        WAL flush for the group (as on SQLite), not one per envelope."""
+    async def record_acks(self, group: list[Ack], prune: bool) -> bool:
+        """In one statement: one round trip and one WAL flush for the group, not one per
+        envelope."""
+        done = True
         async with self._connection() as conn:
             recorded = await writes.record_acks(
                 conn,
@@ -440,16 +428,14 @@ class PostgresOutbox(OutboxManager):
                 self.replica_id,
                 self.lease_s,
             )
-            for (claim, seqs, _, _), done in zip(group, recorded, strict=True):
-                _fenced(claim, seqs, done)
-            if time.monotonic() - self._last_prune > self.prune_every_s:
+            for (claim, seqs, _, _), applied in zip(group, recorded, strict=True):
+                _fenced(claim, seqs, applied)
+            if prune:
                 async with conn.transaction():
                     await conn.execute(LONG_WORK)  # a chunk of a big backlog's deliveries
-                    more = await writes.prune(conn, self.dedupe_window_s)
-                if not more:
-                    self._last_prune = time.monotonic()
+                    done = not await writes.prune(conn, self.dedupe_window_s)
         await self._drop_finished_bodies()
-        return [None] * len(group)
+        return done
 
     async def _drop_finished_bodies(self) -> None:
         try:
@@ -476,7 +462,7 @@ class PostgresOutbox(OutboxManager):
 
     # -- inspection and operations ---------------------------------------------------------
 
-    async def _stats_rows(
+    async def stats_rows(
         self,
     ) -> tuple[Sequence[Any], float | None, float | None, Sequence[Sequence[Any]]]:
         async with self._connection() as conn:
@@ -495,7 +481,7 @@ class PostgresOutbox(OutboxManager):
             jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
         return tuple(totals), oldest["t"], oldest["age"], [tuple(r) for r in jobs]
 
-    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
         async with self._connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
@@ -506,7 +492,7 @@ class PostgresOutbox(OutboxManager):
             )
         return [DeadLetter(*tuple(r)) for r in rows]
 
-    async def _take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
+    async def take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
         async with self._connection() as conn:
             if replay:
                 await self._partitions.make_room(conn, limit)
@@ -562,7 +548,7 @@ class PostgresOutbox(OutboxManager):
                 reason[:1024],
             )
 
-    async def _journey_rows(
+    async def journey_rows(
         self, ids: list[str]
     ) -> tuple[Sequence[Sequence[Any]], Sequence[Sequence[Any]]]:
         async with self._connection() as conn:

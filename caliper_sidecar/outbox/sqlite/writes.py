@@ -1,6 +1,6 @@
 """The SQLite outbox's write transactions, as they run in the writer's thread on its
 connection (writer.py), each inside the one `immediate` transaction that
-`SqliteOutbox._write` opens around it. sqlite.py decides when they run; this says what they
+`SqliteStorage._write` opens around it. storage.py decides when they run; this says what they
 change.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from caliper_sidecar.exceptions import OutboxUnavailable
-from caliper_sidecar.outbox.base import (
+from caliper_sidecar.outbox.records import (
     PRUNE_CHUNK,
     Append,
     AppendResult,
@@ -24,7 +24,7 @@ from caliper_sidecar.states import DeadLetterReason
 
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
 #: cannot be confirmed (the answer named no job although jobs are followed)
-Ack = tuple[Sequence[int], str | None, str | None]
+Ack = tuple[list[int], str | None, str | None]
 
 
 def insert_appends(

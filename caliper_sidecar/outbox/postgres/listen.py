@@ -15,9 +15,9 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from caliper_sidecar.outbox.postgres_schema import SCHEMA
-from caliper_sidecar.outbox.postgres_sessions import session_settings
-from caliper_sidecar.outbox.postgres_writes import CHANNEL
+from caliper_sidecar.outbox.postgres.schema import SCHEMA
+from caliper_sidecar.outbox.postgres.sessions import session_settings
+from caliper_sidecar.outbox.postgres.writes import CHANNEL
 
 log = structlog.get_logger("sidecar.outbox")
 

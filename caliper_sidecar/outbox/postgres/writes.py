@@ -1,7 +1,7 @@
 """The PostgreSQL outbox's write transactions, each on a connection inside the transaction
-that `PostgresOutbox` opens around it: postgres.py decides when they run (group commits,
+that `PostgresStorage` opens around it: storage.py decides when they run (group commits,
 leases, the reserve on a full disk); this says what they change. The SQLite outbox's
-counterpart is sqlite_writes.py.
+counterpart is sqlite/writes.py.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from typing import Final
 import asyncpg
 
 from caliper_sidecar.exceptions import OutboxUnavailable
-from caliper_sidecar.outbox.base import (
+from caliper_sidecar.outbox.postgres.bodies import Partitions
+from caliper_sidecar.outbox.postgres.room import Footprint, keep_reserve
+from caliper_sidecar.outbox.postgres.schema import INGEST_LOCK
+from caliper_sidecar.outbox.records import (
     PRUNE_CHUNK,
     Append,
     AppendResult,
     PlatformJobOutcome,
     new_per_append,
 )
-from caliper_sidecar.outbox.postgres_bodies import Partitions
-from caliper_sidecar.outbox.postgres_room import Footprint, keep_reserve
-from caliper_sidecar.outbox.postgres_schema import INGEST_LOCK
 from caliper_sidecar.states import DeadLetterReason
 
 #: the channel appends and replays NOTIFY, so that every replica's dispatcher looks at once

@@ -24,7 +24,7 @@ R = TypeVar("R")
 #: the settings every connection of the outbox takes, with its `synchronous` level
 PRAGMAS: Final = (
     "PRAGMA busy_timeout = 5000",
-    # Checkpoints run in the background (SqliteOutbox._checkpoint_often), not in the thread of
+    # Checkpoints run in the background (SqliteStorage._checkpoint_often), not in the thread of
     # the commit that crosses the threshold; this one is only the backstop.
     "PRAGMA wal_autocheckpoint = 10000",
 )

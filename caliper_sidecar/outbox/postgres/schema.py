@@ -185,7 +185,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE events SET (fillfactor = 70);
     -- Room kept for the drain on the tables' own disk: ingest refills it before storing
     -- events, a drain write that finds the disk full empties it and goes on (see
-    -- PostgresOutbox). Rows of one bigint: no TOAST table and no index, so that TRUNCATE
+    -- PostgresStorage). Rows of one bigint: no TOAST table and no index, so that TRUNCATE
     -- gives the space back to the file system without writing a page.
     CREATE TABLE reserve (filler bigint NOT NULL);
     -- One shard of the totals per transaction, not per statement: a transaction of several
@@ -272,7 +272,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE platform_jobs DROP COLUMN seqs;
 
     -- An event stored waits; one deleted stopped waiting unless a sent row holds it
-    -- (delivered, pruned); deliveries count themselves (see postgres_writes).
+    -- (delivered, pruned); deliveries count themselves (see writes.py).
     CREATE OR REPLACE FUNCTION events_inserted() RETURNS trigger LANGUAGE plpgsql
         SET search_path = {SCHEMA} AS $$ BEGIN
         PERFORM count_change(count(*), coalesce(sum(size), 0), 0, 0, 0)

@@ -11,7 +11,7 @@ from typing import Final
 import asyncpg
 
 from caliper_sidecar.exceptions import ReplicasDisagree
-from caliper_sidecar.outbox.postgres_schema import REPLICAS_LOCK
+from caliper_sidecar.outbox.postgres.schema import REPLICAS_LOCK
 
 NOW: Final = "extract(epoch from clock_timestamp())::double precision"
 

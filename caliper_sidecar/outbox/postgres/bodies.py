@@ -16,7 +16,7 @@ from typing import Final
 
 import asyncpg
 
-from caliper_sidecar.outbox.postgres_schema import BODIES_SPAN
+from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN
 
 #: pg_advisory_xact_lock key for making partitions ("bodies!!")
 PARTITIONS_LOCK: Final = 0x626F646965732121

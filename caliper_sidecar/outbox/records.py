@@ -1,11 +1,11 @@
-"""The storage interface and the values that cross it."""
+"""The values that cross the outbox's interface, and the rules they follow on both backends."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 import structlog
 
@@ -68,6 +68,9 @@ class Claim:
 
 #: the claim of an empty batch: it holds nothing
 NO_CLAIM: Final = Claim("", 0.0)
+
+#: an acknowledgement: the claim, its events, the platform job and why it cannot be confirmed
+Ack = tuple[Claim, list[int], str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,94 +345,3 @@ class JobSplit:
     confirmed: list[tuple[int, str | None]]
     failing: list[int]
     again: list[int]
-
-
-class Outbox(Protocol):
-    """The storage operations an event goes through, in the order it meets them."""
-
-    #: group commits of appends done by this process (a metric; how tests see grouping)
-    commits: int
-
-    async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
-        """Commit the events durably, skipping known ids; raises OutboxUnavailable. With `job`,
-        the ids of all these events are recorded under that job id in the same commit."""
-
-    async def wait_appended(self, timeout: float | None) -> None:
-        """Return when events were appended since the last claim, or after the timeout."""
-
-    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
-        """Claim the oldest unclaimed events within both limits (at least one event), when
-        they are worth sending: a full batch, or an oldest event that has waited `linger_s`.
-        Otherwise claim nothing and say when to ask again."""
-
-    async def extend(self, claim: Claim) -> None:
-        """Renew a claim's lease (a batch being split can take several sends)."""
-
-    async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
-        """Return claimed events untouched (shutdown, or a circuit that opened)."""
-
-    async def acknowledge(
-        self,
-        claim: Claim,
-        seqs: Sequence[int],
-        platform_job: str | None = None,
-        unconfirmed: str | None = None,
-    ) -> None:
-        """The platform accepted these: mark them delivered (the attempt counted), their ids
-        kept for deduplication. With `platform_job`, they wait for that job to be confirmed,
-        bodies kept; with `unconfirmed`, the reason they never can be."""
-
-    async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
-        """A send failed transiently: count the attempt and release the claim."""
-
-    async def dead_letter(
-        self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
-    ) -> None:
-        """Move claimed events to the dead-letter table with the reason."""
-
-    async def close(self) -> None:
-        """Commit what is queued, then let go of every resource."""
-
-    async def stats(self) -> OutboxStats:
-        """Current counts."""
-
-    def unwritable_reason(self) -> str | None:
-        """Why appends are failing now (e.g. "disk_full"), or None when they are not."""
-
-    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
-        """Dead letters in the order they died, after the given id."""
-
-    async def replay_dead_letters(
-        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
-    ) -> int:
-        """Put dead letters (these ids, or all when None) back in the queue, a chunk at a
-        time, telling `progress` the running count; returns the count."""
-
-    async def purge_dead_letters(
-        self, ids: Sequence[str] | None, progress: Callable[[int], None] | None = None
-    ) -> int:
-        """Delete dead letters (these ids, or all when None), a chunk at a time; returns the
-        count."""
-
-    async def job_ids_sent_in(self, platform_job: str) -> list[str]:
-        """The ids of the events still waiting for this platform job's word."""
-
-    async def pending_platform_jobs(self) -> list[str]:
-        """Ids of the platform jobs still to be followed, oldest first."""
-
-    async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
-        """Record one look at a platform job that is not finished (or could not be read)."""
-
-    async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
-        """Apply a finished job: processed events confirmed; on failure the failing ones (all
-        unprocessed ones, when it does not say which) dead-lettered with the reason, and the
-        others queued again. Returns how many were dead-lettered."""
-
-    async def give_up_platform_job(self, job: str, reason: str) -> None:
-        """Stop following a job that never finished; its events stay `unconfirmed`."""
-
-    async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
-        """Where each of these events is (ids the outbox does not know are left out)."""
-
-    async def job_event_ids(self, job: str) -> list[str] | None:
-        """The ids of the events an app sent under this job id, or None for an unknown job."""

@@ -19,7 +19,7 @@ from typing import Final
 import asyncpg
 import structlog
 
-from caliper_sidecar.outbox.postgres_schema import RESERVE_ROWS
+from caliper_sidecar.outbox.postgres.schema import RESERVE_ROWS
 
 log = structlog.get_logger("sidecar.outbox")
 

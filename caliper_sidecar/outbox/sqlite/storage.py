@@ -1,4 +1,5 @@
-"""The SQLite outbox: WAL, group commit for ingest, in-memory claims for the dispatcher."""
+"""The SQLite storage of the outbox: one file in WAL mode, every write in one writer thread,
+in-memory claims for the dispatcher."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar
 
 import aiosqlite
@@ -22,10 +22,11 @@ import structlog
 
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable, OutboxUnusable, storage_error
-from caliper_sidecar.outbox import sqlite_writes as writes
-from caliper_sidecar.outbox.base import (
+from caliper_sidecar.outbox.batching import fill_batch
+from caliper_sidecar.outbox.records import (
     DEAD_LETTER_COLUMNS,
     JOURNEY_COLUMNS,
+    Ack,
     Append,
     AppendResult,
     Batch,
@@ -34,11 +35,10 @@ from caliper_sidecar.outbox.base import (
     PlatformJobOutcome,
     StoredEvent,
 )
-from caliper_sidecar.outbox.batching import fill_batch
-from caliper_sidecar.outbox.grouping import GroupCommit
-from caliper_sidecar.outbox.manager import TOTALS, OutboxManager
-from caliper_sidecar.outbox.schema import migrate
-from caliper_sidecar.outbox.writer import PRAGMAS, Writer
+from caliper_sidecar.outbox.sqlite import writes
+from caliper_sidecar.outbox.sqlite.schema import migrate
+from caliper_sidecar.outbox.sqlite.writer import PRAGMAS, Writer
+from caliper_sidecar.outbox.storage import TOTALS
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -98,22 +98,25 @@ def _read_errors_unavailable(
     return read
 
 
-class SqliteOutbox(OutboxManager):
+class SqliteStorage:
     """The outbox in one SQLite file, owned by one process at a time.
 
-    Appends from concurrent requests are committed together: one task takes everything queued
-    and the writer (writer.py) inserts it with one statement and commits once, so ingest is
-    bounded by the disk's fsync rate divided by the group, not per request. Every write runs
-    in the writer's thread (`_write`; what each changes is in sqlite_writes.py). Claims are
-    kept in memory: after a crash nothing is claimed, so whatever was in flight is sent again.
+    A group of appends (outbox.py) is inserted by the writer (writer.py) with one statement and
+    committed once, so ingest is bounded by the disk's fsync rate divided by the group, not
+    per request. Every write runs in the writer's thread (`_write`; what each changes is in
+    writes.py). Claims are kept in memory: after a crash nothing is claimed, so whatever was
+    in flight is sent again.
     """
 
     def __init__(self, settings: OutboxSettings, reserve_bytes: int = RESERVE_BYTES) -> None:
-        super().__init__(settings, path=settings.path)
+        self.where = {"path": settings.path}
         self.path = Path(settings.path)
         self.reserve_bytes = reserve_bytes
         self.synchronous = settings.synchronous
-        self._acks: GroupCommit[writes.Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
+        self.dedupe_window_s = settings.dedupe_window_s
+        self.max_events = settings.max_events
+        self.max_bytes = settings.max_bytes
+        self._wake: Callable[[], None] = lambda: None
         #: seq -> the claim holding it; in memory: after a crash nothing is claimed
         self._claimed: dict[int, str] = {}
         #: the event at the head of the queue, and when (monotonic) it was first seen there
@@ -125,7 +128,6 @@ class SqliteOutbox(OutboxManager):
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        self._last_prune = float("-inf")  # monotonic; the first acknowledgement prunes
         self._last_reclaim = 0.0
         #: set for good when the file was deleted or replaced under a running process
         self.lost: str | None = None
@@ -133,9 +135,10 @@ class SqliteOutbox(OutboxManager):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def open(self) -> SqliteOutbox:
+    async def open(self, wake: Callable[[], None]) -> None:
         """Open (creating or migrating) the file; raises OutboxUnusable naming the path and
         the cause when it cannot be an outbox, with nothing left open."""
+        self._wake = wake
         try:
             await asyncio.to_thread(self._prepare_file)
             await self._writer.open()
@@ -145,15 +148,9 @@ class SqliteOutbox(OutboxManager):
             await self.close()
             raise unusable(self.path, e) from None
         self._identity = _identity(self.path)
-        self._appends.start()
-        self._acks.start()
         self._checkpoints = asyncio.create_task(self._checkpoint_often(), name="checkpoints")
-        return self
 
     async def close(self) -> None:
-        """Commit what is queued, then close; later appends raise OutboxUnavailable."""
-        await self._appends.close()
-        await self._acks.close()
         if self._checkpoints is not None:
             self._checkpoints.cancel()
             await asyncio.gather(self._checkpoints, return_exceptions=True)
@@ -162,17 +159,6 @@ class SqliteOutbox(OutboxManager):
             if conn is not None:
                 await conn.close()
         self._reader = self._checkpointer = None
-
-    async def __aenter__(self) -> SqliteOutbox:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def _check_identity(self) -> None:
         """Refuse to write once the file was deleted, replaced or truncated under us: SQLite
@@ -216,7 +202,7 @@ class SqliteOutbox(OutboxManager):
 
     # -- ingest ----------------------------------------------------------------------------
 
-    async def _insert_new(self, group: list[Append]) -> list[AppendResult | OutboxUnavailable]:
+    async def insert_appends(self, group: list[Append]) -> list[AppendResult | OutboxUnavailable]:
         self._check_identity()
         free = await self._room()
         if free < self.reserve_bytes:
@@ -239,14 +225,16 @@ class SqliteOutbox(OutboxManager):
             )
         )
 
-    def unwritable_reason(self) -> str | None:
-        return self.lost or super().unwritable_reason()
+    def append_failed(self, error: OutboxUnavailable) -> None:
+        del error  # nothing to recover: the room is measured before every write
+
+    def ping(self) -> str | None:
+        return self.lost
 
     # -- dispatch --------------------------------------------------------------------------
 
     @_read_errors_unavailable
-    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
-        self._appended.clear()
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float) -> Batch:
         cur = await self._require(self._reader).execute(
             """
             SELECT seq, id, body, received_at, attempts, first_attempt_at, sensor,
@@ -295,29 +283,16 @@ class SqliteOutbox(OutboxManager):
         for seq in self._owned(claim, seqs):
             del self._claimed[seq]
 
-    async def acknowledge(
-        self,
-        claim: Claim,
-        seqs: Sequence[int],
-        platform_job: str | None = None,
-        unconfirmed: str | None = None,
-    ) -> None:
-        await self._acks.submit((self._owned(claim, seqs), platform_job, unconfirmed))
-
-    async def _commit_acks(self, group: list[writes.Ack]) -> list[OutboxUnavailable | None]:
-        """Acknowledgements of concurrent deliveries, in one transaction."""
+    async def record_acks(self, group: list[Ack], prune: bool) -> bool:
+        owned = [(self._owned(claim, seqs), job, why) for claim, seqs, job, why in group]
         now = steady_time()
-        # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
-        prune = time.monotonic() - self._last_prune > self.prune_every_s
         record = functools.partial(
             writes.record_acks,
-            group=group,
+            group=owned,
             now=now,
             prune_before=now - self.dedupe_window_s if prune else None,
         )
-        if await self._write(record, releasing=[seq for acked, _, _ in group for seq in acked]):
-            self._last_prune = time.monotonic()
-        return [None] * len(group)
+        return await self._write(record, releasing=[seq for acked, _, _ in owned for seq in acked])
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         seqs = self._owned(claim, seqs)
@@ -342,7 +317,7 @@ class SqliteOutbox(OutboxManager):
     # -- inspection and operations ---------------------------------------------------------
 
     @_read_errors_unavailable
-    async def _stats_rows(
+    async def stats_rows(
         self,
     ) -> tuple[Sequence[Any], float | None, float | None, Sequence[Sequence[Any]]]:
         conn = self._require(self._reader)
@@ -357,7 +332,7 @@ class SqliteOutbox(OutboxManager):
         return totals or (), oldest, age, list(await cur.fetchall())
 
     @_read_errors_unavailable
-    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
+    async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
         cur = await self._require(self._reader).execute(
             f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
             "WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1) "
@@ -367,7 +342,7 @@ class SqliteOutbox(OutboxManager):
         rows = await cur.fetchall()
         return [DeadLetter(*row) for row in rows]
 
-    async def _take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
+    async def take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
         return await self._write(
             functools.partial(writes.take_dead_letters, ids=ids, limit=limit, replay=replay)
         )
@@ -406,7 +381,7 @@ class SqliteOutbox(OutboxManager):
             )
         )
         if again:
-            self.wake()
+            self._wake()
         return failing
 
     async def give_up_platform_job(self, job: str, reason: str) -> None:
@@ -419,7 +394,7 @@ class SqliteOutbox(OutboxManager):
         )
 
     @_read_errors_unavailable
-    async def _journey_rows(
+    async def journey_rows(
         self, ids: list[str]
     ) -> tuple[Sequence[Sequence[Any]], Sequence[Sequence[Any]]]:
         conn = self._require(self._reader)

@@ -1,0 +1,279 @@
+"""The outbox: what an event goes through between its acknowledgement and the platform's word,
+written once over a `Storage` (as procrastinate's manager over its connector).
+
+It owns the domain both backends share: group-committed appends and the write health they
+report, group-committed acknowledgements and the prune cadence, waking the dispatcher, readiness,
+journeys from rows, stats from totals, dead letters replayed or purged in chunks. The storage
+(`sqlite/`, `postgres/`) holds only SQL, connections and the file or pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.ids import canonical_id
+from caliper_sidecar.outbox.grouping import GroupCommit
+from caliper_sidecar.outbox.records import (
+    DEAD_CHUNK,
+    PRUNE_EVERY_S,
+    Ack,
+    Append,
+    AppendResult,
+    Batch,
+    Claim,
+    DeadLetter,
+    Journey,
+    NewEvent,
+    OutboxStats,
+    PlatformJobOutcome,
+    WriteHealth,
+    dead_journey,
+    journey_of,
+)
+from caliper_sidecar.outbox.storage import Storage
+from caliper_sidecar.waits import wait_set
+
+#: told the running count of a long operation
+Progress = Callable[[int], None]
+
+
+class Outbox:
+    """The storage operations an event goes through, in the order it meets them."""
+
+    def __init__(self, storage: Storage, settings: OutboxSettings) -> None:
+        self.storage = storage
+        self.max_events = settings.max_events
+        self.max_bytes = settings.max_bytes
+        #: how often delivered events older than the dedupe window are forgotten
+        self.prune_every_s = PRUNE_EVERY_S
+        #: group commits of appends done by this process (a metric; how tests see grouping)
+        self.commits = 0
+        self.writes = WriteHealth(**storage.where)
+        self._appended = asyncio.Event()
+        self._appends: GroupCommit[Append, AppendResult] = GroupCommit(
+            self._commit_appends, "outbox-appends"
+        )
+        self._acks: GroupCommit[Ack, None] = GroupCommit(self._commit_acks, "outbox-acks")
+        self._last_prune = float("-inf")  # monotonic; the first acknowledgement prunes
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> Outbox:
+        """Open the storage; raises OutboxUnusable or SchemaTooNew with nothing left open."""
+        await self.storage.open(self.wake)
+        self._appends.start()
+        self._acks.start()
+        return self
+
+    async def close(self) -> None:
+        """Commit what is queued, then let go of every resource; later appends raise
+        OutboxUnavailable."""
+        await self._appends.close()
+        await self._acks.close()
+        await self.storage.close()
+
+    async def __aenter__(self) -> Outbox:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- ingest ----------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[NewEvent], job: str | None = None) -> AppendResult:
+        """Commit the events durably, skipping known ids; raises OutboxUnavailable. With `job`,
+        the ids of all these events are recorded under that job id in the same commit."""
+        return await self._appends.submit((events, job))
+
+    async def _commit_appends(self, group: list[Append]) -> list[AppendResult | OutboxUnavailable]:
+        """One transaction for every append queued, its success or failure recorded for
+        readiness."""
+        try:
+            results = await self.storage.insert_appends(group)
+        except OutboxUnavailable as e:
+            self.writes.failed(e)
+            self.storage.append_failed(e)
+            raise
+        self.writes.succeeded()
+        self.commits += 1
+        if any(isinstance(r, AppendResult) and r.accepted for r in results):
+            self.wake()
+        return results
+
+    def unwritable_reason(self) -> str | None:
+        """Why appends are failing now (e.g. "disk_full"), or None when they are not."""
+        return self.storage.ping() or self.writes.current()
+
+    async def ping(self) -> str | None:
+        """Why the outbox should not be sent events now (failing writes, full), or None: its
+        part of readiness."""
+        failing = self.unwritable_reason()
+        if failing is not None:
+            return failing
+        try:
+            stats = await self.stats()
+        except OutboxUnavailable as e:
+            return e.reason
+        if stats.events >= self.max_events or stats.bytes >= self.max_bytes:
+            return "outbox_full"
+        return None
+
+    # -- waking the dispatcher -------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Something may be waiting to be sent: a dispatcher in wait_appended looks now."""
+        self._appended.set()
+
+    async def wait_appended(self, timeout: float | None) -> None:
+        """Return when events were appended since the last claim, or after the timeout."""
+        await wait_set(self._appended, timeout)
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch:
+        """Claim the oldest unclaimed events within both limits (at least one event), when
+        they are worth sending: a full batch, or an oldest event that has waited `linger_s`.
+        Otherwise claim nothing and say when to ask again."""
+        self._appended.clear()
+        return await self.storage.claim_batch(max_events, max_bytes, linger_s)
+
+    async def extend(self, claim: Claim) -> None:
+        """Renew a claim's lease (a batch being split can take several sends)."""
+        await self.storage.extend(claim)
+
+    async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
+        """Return claimed events untouched (shutdown, or a circuit that opened)."""
+        await self.storage.release(claim, seqs)
+
+    async def acknowledge(
+        self,
+        claim: Claim,
+        seqs: Sequence[int],
+        platform_job: str | None = None,
+        unconfirmed: str | None = None,
+    ) -> None:
+        """The platform accepted these: mark them delivered (the attempt counted), their ids
+        kept for deduplication. With `platform_job`, they wait for that job to be confirmed,
+        bodies kept; with `unconfirmed`, the reason they never can be."""
+        await self._acks.submit((claim, list(seqs), platform_job, unconfirmed))
+
+    async def _commit_acks(self, group: list[Ack]) -> list[OutboxUnavailable | None]:
+        """Acknowledgements of concurrent deliveries in one commit (one fsync for the group, not
+        one per envelope), with a chunk of pruning every `prune_every_s`."""
+        # Monotonic: a wall clock stepped back must not stop pruning for the step's length.
+        prune = time.monotonic() - self._last_prune > self.prune_every_s
+        if await self.storage.record_acks(group, prune) and prune:
+            self._last_prune = time.monotonic()
+        return [None] * len(group)
+
+    async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
+        """A send failed transiently: count the attempt and release the claim."""
+        await self.storage.record_failure(claim, seqs, error)
+
+    async def dead_letter(
+        self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
+    ) -> None:
+        """Move claimed events to the dead-letter table with the reason."""
+        await self.storage.dead_letter(claim, seqs, reason, status, response)
+
+    # -- inspection ------------------------------------------------------------------------
+
+    async def stats(self) -> OutboxStats:
+        """Current counts."""
+        totals, oldest, age, jobs = await self.storage.stats_rows()
+        values = [int(v or 0) for v in totals]
+        return OutboxStats(
+            events=values[0],
+            bytes=values[1],
+            oldest_received_at=oldest,
+            dead_letters=values[2],
+            delivered_total=values[3],
+            dead_lettered_total=values[4],
+            platform_jobs={str(state): int(n) for state, n in jobs},
+            oldest_age_s=None if age is None else round(max(0.0, float(age)), 3),
+        )
+
+    async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
+        """Where each of these events is (ids the outbox does not know are left out)."""
+        rows, dead = await self.storage.journey_rows([canonical_id(i) for i in ids])
+        found = {row[0]: journey_of(*row) for row in rows}
+        for row in dead:
+            letter = DeadLetter(*row[:-2])
+            found[letter.id] = dead_journey(letter, row[-2], row[-1])
+        return found
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
+        """Dead letters in the order they died, after the given id."""
+        return await self.storage.dead_letters(limit, after)
+
+    async def replay_dead_letters(
+        self, ids: Sequence[str] | None, progress: Progress | None = None
+    ) -> int:
+        """Put dead letters (these ids, or all when None) back in the queue, a chunk at a
+        time, telling `progress` the running count; returns the count."""
+        return await self._dead_letters_in_chunks(ids, progress, replay=True)
+
+    async def purge_dead_letters(
+        self, ids: Sequence[str] | None, progress: Progress | None = None
+    ) -> int:
+        """Delete dead letters (these ids, or all when None), a chunk at a time; returns the
+        count."""
+        return await self._dead_letters_in_chunks(ids, progress, replay=False)
+
+    async def _dead_letters_in_chunks(
+        self, ids: Sequence[str] | None, progress: Progress | None, replay: bool
+    ) -> int:
+        """DEAD_CHUNK per transaction: one transaction over 100,000 rows held SQLite's write
+        lock for seconds, and a running sidecar's ingest waited behind it until it answered
+        503."""
+        wanted = None if ids is None else [canonical_id(i) for i in ids]
+        done = 0
+        while True:
+            count = await self.storage.take_dead_letters(wanted, DEAD_CHUNK, replay)
+            if count <= 0:
+                return done
+            done += count
+            if replay:
+                self.wake()
+            if progress is not None:
+                progress(done)
+
+    # -- processing confirmation -----------------------------------------------------------
+
+    async def job_ids_sent_in(self, platform_job: str) -> list[str]:
+        """The ids of the events still waiting for this platform job's word."""
+        return await self.storage.job_ids_sent_in(platform_job)
+
+    async def pending_platform_jobs(self) -> list[str]:
+        """Ids of the platform jobs still to be followed, oldest first."""
+        return await self.storage.pending_platform_jobs()
+
+    async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
+        """Record one look at a platform job that is not finished (or could not be read)."""
+        await self.storage.platform_job_polled(job, state, error)
+
+    async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
+        """Apply a finished job: processed events confirmed; on failure the failing ones (all
+        unprocessed ones, when it does not say which) dead-lettered with the reason, and the
+        others queued again. Returns how many were dead-lettered."""
+        return await self.storage.finish_platform_job(job, outcome)
+
+    async def give_up_platform_job(self, job: str, reason: str) -> None:
+        """Stop following a job that never finished; its events stay `unconfirmed`."""
+        await self.storage.give_up_platform_job(job, reason)
+
+    async def job_event_ids(self, job: str) -> list[str] | None:
+        """The ids of the events an app sent under this job id, or None for an unknown job."""
+        return await self.storage.job_event_ids(job)

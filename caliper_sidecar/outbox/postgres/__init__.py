@@ -1,0 +1,1 @@
+"""The outbox on PostgreSQL: one database shared by any number of `run` replicas."""

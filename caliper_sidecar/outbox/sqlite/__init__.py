@@ -1,0 +1,1 @@
+"""The outbox on one SQLite file: the embedded default, one `run` process per file."""

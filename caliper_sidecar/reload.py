@@ -19,7 +19,7 @@ from typing import Any, Final
 import msgspec
 import structlog
 
-from caliper_sidecar.config import Settings
+from caliper_sidecar.config import SECTIONS, Settings
 from caliper_sidecar.exceptions import SidecarError
 from caliper_sidecar.http.runtime import Runtime
 from caliper_sidecar.logs import set_level
@@ -94,11 +94,12 @@ def _protections_lost(old: Settings, new: Settings) -> list[str]:
 
 
 def _changed(old: Settings, new: Settings) -> set[tuple[str, str]]:
+    """The (section, key) pairs whose values differ (`[[destinations]]` aside)."""
     out = set()
-    for section in msgspec.structs.fields(old):
-        before: Any = getattr(old, section.name)
-        after: Any = getattr(new, section.name)
+    for section in SECTIONS:
+        before: Any = getattr(old, section)
+        after: Any = getattr(new, section)
         for key in msgspec.structs.fields(before):
             if getattr(before, key.name) != getattr(after, key.name):
-                out.add((section.name, key.name))
+                out.add((section, key.name))
     return out

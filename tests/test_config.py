@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from caliper_sidecar.config import (
+    DESTINATION_KEYS,
     REDACTED,
     DestinationSettings,
     OAuthSettings,
@@ -579,6 +580,26 @@ class TestDestinations:
         environ = {"SIDECAR_DESTINATIONS_ARCHIVE_DIR": "kept"}
         (kept,) = load_settings(path, environ=environ).destinations
         assert kept.dir == str(tmp_path / "kept")
+
+    def test_the_example_destinations_load_once_uncommented(self, tmp_path: Path) -> None:
+        """config/sidecar.example.toml has no destination, and its commented [[destinations]]
+        are a caliper destination named district-lrs and an archive, each valid, that show
+        every key of their kind."""
+        assert load_settings(EXAMPLE, environ={}).destinations == ()
+        text = EXAMPLE.read_text()
+        block = text[text.index("# [[destinations]]") :].splitlines()
+        uncommented = [line.removeprefix("# ") for line in block]
+        path = write(tmp_path, "\n".join(line for line in uncommented if line[:1] != "#"))
+        lrs, kept = load_settings(path, environ={}).destinations
+        assert (lrs.name, lrs.kind, lrs.endpoint) == (
+            "district-lrs",
+            "caliper",
+            "https://lrs.district.example/caliper",
+        )
+        assert (kept.kind, kept.dir) == ("archive", "/var/lib/caliper-sidecar/archive")
+        for kind, keys in DESTINATION_KEYS.items():
+            for key in ("name", "kind", *keys):
+                assert f"\n# {key} =" in text or f"\n# [destinations.{key}]" in text, (kind, key)
 
 
 class TestDestinationErrors:

@@ -5,6 +5,11 @@ Each section is a msgspec Struct: its types say what a key takes (`Literal` choi
 bounds, unknown keys refused) and its description what the key means;
 config/sidecar.example.toml is generated from them (`tools/reference.py`). What no type can say
 (tokens long enough, TLS files in pairs, tokens on a non-loopback host) is checked after.
+
+`[[destinations]]` (more places every event goes, beside [upstream]) is an array of tables, not
+a section: each entry is a DestinationSettings whose keys depend on its kind, overridden from
+the environment by name (`SIDECAR_DESTINATIONS_<NAME>_<KEY>`), its errors naming it by index
+(`destinations[1].kind`).
 """
 
 from __future__ import annotations
@@ -305,6 +310,108 @@ class LogSettings(_Section, frozen=True):
     format: Annotated[Literal["json", "console"], _key("")] = "json"
 
 
+DestinationKind = Literal["caliper", "archive"]
+
+#: what a destination's name may be (docs/operators.md): short and plain, since it names the
+#: destination in metrics and in environment variables (`-` there becomes `_`)
+DESTINATION_NAME: Final = re.compile(r"[a-z0-9-]{1,32}")
+DESTINATION_NAME_RULE: Final = 'at most 32 characters of a-z 0-9 -, and not "upstream"'
+#: the name the [upstream] destination goes by, which no entry of [[destinations]] may take
+UPSTREAM: Final = "upstream"
+
+
+class DestinationSettings(_Section, frozen=True):
+    """One more place every event goes, beside [upstream] (an entry of `[[destinations]]`): any
+    Caliper 1.2 endpoint (`kind = "caliper"`), or files on disk (`kind = "archive"`). Each kind
+    takes its own keys (DESTINATION_KEYS); the other kind's are refused."""
+
+    name: Annotated[
+        str,
+        _key(
+            'names it in logs, metrics and SIDECAR_DESTINATIONS_<NAME>_<KEY> ("-" as "_"): '
+            f"{DESTINATION_NAME_RULE}; unique"
+        ),
+    ]
+    kind: Annotated[
+        DestinationKind,
+        _key(
+            '"caliper": any Caliper 1.2 endpoint (envelopes, events unchanged); "archive": '
+            "files on disk of what was accepted, for warehouses, replay and audits"
+        ),
+    ]
+    endpoint: Annotated[str, _key("Caliper endpoint URL")] = ""
+    bearer_token: Annotated[
+        str,
+        _key(
+            'a static token (or bearer_token_file = "/run/secrets/district-lrs"); or instead '
+            "a [destinations.oauth] table after the keys, with the keys of [oauth]"
+        ),
+    ] = ""
+    oauth: OAuthSettings = msgspec.field(default_factory=OAuthSettings)
+    sensor: Annotated[str, _key('envelope "sensor" IRI; default: upstream.sensor')] = ""
+    batch_max_events: Annotated[int, _key("events per envelope", gt=0)] = 100
+    batch_max_bytes: Annotated[int, _key("serialized envelope size", gt=0)] = 512_000
+    linger_ms: Annotated[int, _key("how long a partial batch waits to fill", ge=0)] = 200
+    concurrency: Annotated[int, _key("envelopes in flight at once", gt=0)] = 4
+    timeout_s: Annotated[float, _key("per request to the endpoint or its token endpoint", gt=0)] = (
+        30
+    )
+    when_full: Annotated[
+        Literal["block", "dead_letter"],
+        _key(
+            '"block": events waiting for it count against the outbox limits (never lost); '
+            '"dead_letter": when the outbox is full, events waiting only for this destination '
+            "are dead-lettered for it (reason destination_lagging) so ingest goes on"
+        ),
+    ] = "block"
+    dir: Annotated[
+        str,
+        _key(
+            "where the files go, created if missing; a relative path is relative to this "
+            "file's directory"
+        ),
+    ] = ""
+    keep_days: Annotated[int, _key("0 = keep for ever", ge=0)] = 30
+
+    def __post_init__(self) -> None:
+        _mask(self, "bearer_token")
+
+
+#: the keys each kind of destination takes besides `name` and `kind`, in the order check-config
+#: prints them (`oauth`, a table, last)
+DESTINATION_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
+    "caliper": (
+        "endpoint",
+        "bearer_token",
+        "sensor",
+        "batch_max_events",
+        "batch_max_bytes",
+        "linger_ms",
+        "concurrency",
+        "timeout_s",
+        "when_full",
+        "oauth",
+    ),
+    "archive": ("dir", "keep_days"),
+}
+
+#: a destination's keys SIGHUP may change, as `key` or `oauth.key` (docs/operators.md): its
+#: secrets and its tuning; any other key changed, or a destination added or removed, needs a
+#: restart
+DESTINATION_RELOADABLE: Final = frozenset(
+    {
+        "bearer_token",
+        "oauth.client_secret",
+        "oauth.private_key_file",
+        "batch_max_events",
+        "batch_max_bytes",
+        "linger_ms",
+        "concurrency",
+        "timeout_s",
+    }
+)
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """The whole configuration of one sidecar."""
 
@@ -317,14 +424,19 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     ops: OpsSettings = msgspec.field(default_factory=OpsSettings)
     admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
+    #: last: in the example file, commented `[[destinations]]` tables after every section
+    destinations: tuple[DestinationSettings, ...] = ()
 
     def __repr__(self) -> str:
         # The default repr would print secrets into tracebacks and logs.
         return f"Settings({redacted(self)!r})"
 
 
+#: the sections, each a table of keys (`[[destinations]]`, an array of tables, is none)
 SECTIONS: Final[dict[str, type[_Section]]] = {
-    f.name: f.type for f in msgspec.structs.fields(Settings)
+    f.name: f.type
+    for f in msgspec.structs.fields(Settings)
+    if isinstance(f.type, type) and issubclass(f.type, _Section)
 }
 
 
@@ -339,7 +451,12 @@ SECRETS: Final = frozenset(
     }
 )
 
-#: where each key's value came from: "file <path>", "environment <VAR>", "preset <name>"…
+#: a destination's keys whose values never leave the process, as `key` or `oauth.key`; each
+#: can also be read from `<key>_file`
+DESTINATION_SECRETS: Final = frozenset({"bearer_token", "oauth.client_secret"})
+
+#: where each key's value came from: "file <path>", "environment <VAR>", "preset <name>"…; a
+#: destination's keys under `destinations[<index>]` and `destinations[<index>].oauth`
 Origins = dict[tuple[str, str], str]
 
 
@@ -356,14 +473,18 @@ def load_settings(
     environ = os.environ if environ is None else environ
     origins = {} if origins is None else origins
     path = path or environ.get(CONFIG_ENV) or None
-    raw: dict[str, dict[str, Any]] = {}
+    raw: dict[str, Any] = {}
+    destinations: list[dict[str, Any]] = []
     if path is not None:
         raw = _read_toml(Path(path))
+        if "destinations" in raw:
+            destinations = _destinations_of(raw.pop("destinations"), Path(path), origins)
 
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for section, table in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+            known = ", ".join([*SECTIONS, "[destinations]"])
+            raise ConfigError(f"unknown section [{section}] (known: {known})")
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table")
         for key, value in table.items():
@@ -373,6 +494,9 @@ def load_settings(
 
     for var, text in environ.items():
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV or _service_link(var):
+            continue
+        if var.startswith(DESTINATIONS_ENV_PREFIX):
+            _override_destination(destinations, var, text, origins)
             continue
         section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
         if section not in SECTIONS or not key:
@@ -390,7 +514,10 @@ def load_settings(
     # Every value was converted (and checked) as it was read: building needs no second pass,
     # which would also turn a SenderToken back into a plain string.
     sections: dict[str, Any] = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
-    settings = Settings(**sections)
+    for index, destination in enumerate(destinations):
+        _resolve_destination_secret_files(destination, f"destinations[{index}]", origins)
+        _default_sensor(destination, f"destinations[{index}]", sections["upstream"], origins)
+    settings = Settings(**sections, destinations=tuple(map(_destination, destinations)))
     _check(settings)
     return settings
 
@@ -404,7 +531,7 @@ def _service_link(var: str) -> bool:
     return _SERVICE_LINK.fullmatch(var) is not None
 
 
-def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -418,7 +545,11 @@ def _read_toml(path: Path) -> dict[str, dict[str, Any]]:
 
 def _types(section: str) -> dict[str, Any]:
     """The type of each key of a section (bounds and choices included)."""
-    return {f.name: f.type for f in msgspec.structs.fields(SECTIONS[section])}
+    return _types_of(SECTIONS[section])
+
+
+def _types_of(cls: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(cls)}
 
 
 def _target_key(section: str, key: str, where: str) -> str:
@@ -445,7 +576,10 @@ def _unwrap(kind: Any) -> Any:
 def _convert(section: str, key: str, value: Any, where: str, lax: bool = False) -> Any:
     """A value converted to its key's type, its bounds and choices checked; ConfigError names
     `where` (the key, or the environment variable) and says what was expected."""
-    kind = _types(section).get(key, str)  # a `<secret>_file` key is a path
+    return _convert_to(_types(section).get(key, str), value, where, lax)
+
+
+def _convert_to(kind: Any, value: Any, where: str, lax: bool = False) -> Any:
     try:
         # Strict for TOML's own types (no "80" for a port, no true for a number); lax for the
         # environment's strings, which stand for numbers.
@@ -496,32 +630,38 @@ def _number(value: Any) -> float | None:
 
 def _resolve_secret_files(values: dict[str, dict[str, Any]], origins: Origins) -> None:
     for section, key in SECRETS:
-        file_key = f"{key}_file"
-        file_name = values[section].pop(file_key, "")
-        origin = origins.pop((section, file_key), "")
-        if not file_name:
-            continue
-        origins[(section, key)] = f"{origin}, secret file {file_name}".lstrip(", ")
-        if values[section].get(key):
-            raise ConfigError(f"set {section}.{key} or {section}.{file_key}, not both")
-        try:
-            text = Path(file_name).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(
-                f"{section}.{file_key}: cannot read {file_name}: {e.strerror}"
-            ) from None
-        where = f"{section}.{file_key} {file_name}"
-        value: str | tuple[SenderToken, ...] = (
-            tokens_of(text, where) if key == "tokens" else text.strip()
+        _read_secret_file(values[section], section, key, origins, _PROTECTIONS.get((section, key)))
+
+
+def _read_secret_file(
+    table: dict[str, Any], section: str, key: str, origins: Origins, protection: str | None
+) -> None:
+    """Set `key` of a table from the file its `<key>_file` names, if any. `protection`: what
+    running without the secret means, when a file holding none must be an error."""
+    file_key = f"{key}_file"
+    file_name = table.pop(file_key, "")
+    origin = origins.pop((section, file_key), "")
+    if not file_name:
+        return
+    origins[(section, key)] = f"{origin}, secret file {file_name}".lstrip(", ")
+    if table.get(key):
+        raise ConfigError(f"set {section}.{key} or {section}.{file_key}, not both")
+    try:
+        text = Path(file_name).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{section}.{file_key}: cannot read {file_name}: {e.strerror}") from None
+    where = f"{section}.{file_key} {file_name}"
+    value: str | tuple[SenderToken, ...] = (
+        tokens_of(text, where) if key == "tokens" else text.strip()
+    )
+    if protection is not None and not value:
+        # Read while it is being rewritten, or left empty by mistake: either way, taking it
+        # as "no token" would switch a protection off without anyone deciding to.
+        raise ConfigError(
+            f"{where} holds no token: fill it, or remove {section}.{file_key} to run "
+            f"without {protection}"
         )
-        if (section, key) in _PROTECTIONS and not value:
-            # Read while it is being rewritten, or left empty by mistake: either way, taking it
-            # as "no token" would switch a protection off without anyone deciding to.
-            raise ConfigError(
-                f"{where} holds no token: fill it, or remove {section}.{file_key} to run "
-                f"without {_PROTECTIONS[(section, key)]}"
-            )
-        values[section][key] = value
+    table[key] = value
 
 
 #: secret files that switch a protection on, and what running without them means
@@ -573,6 +713,217 @@ def _apply_preset(values: dict[str, dict[str, Any]], origins: Origins) -> None:
             origins[(section, key)] = f"preset {name}"
 
 
+# -- [[destinations]] ---------------------------------------------------------------------------
+
+DESTINATIONS_ENV_PREFIX: Final = f"{ENV_PREFIX}DESTINATIONS_"
+#: the keys of a destination that are values (`oauth` is a table; `name` and `kind` are read first)
+_DESTINATION_VALUES: Final = {
+    key: kind
+    for key, kind in _types_of(DestinationSettings).items()
+    if key not in ("name", "kind", "oauth")
+}
+_OAUTH_VALUES: Final = _types_of(OAuthSettings)
+
+
+def destination_env_prefix(name: str) -> str:
+    """What the environment variables overriding a destination's keys start with, the key
+    following in upper case: `SIDECAR_DESTINATIONS_DISTRICT_LRS_` for `district-lrs`."""
+    return f"{DESTINATIONS_ENV_PREFIX}{name.upper().replace('-', '_')}_"
+
+
+def _destinations_of(raw: Any, path: Path, origins: Origins) -> list[dict[str, Any]]:
+    """The file's `[[destinations]]` tables, each key converted and checked against the
+    destination's kind, a relative `dir` made relative to the file's directory."""
+    if not isinstance(raw, list) or not all(isinstance(table, dict) for table in raw):
+        raise ConfigError("destinations must be an array of tables: [[destinations]]")
+    origin = f"file {path}"
+    destinations: list[dict[str, Any]] = []
+    for index, table in enumerate(raw):
+        where = f"destinations[{index}]"
+        name, kind = _identity(table, where, destinations)
+        destination: dict[str, Any] = {"name": name, "kind": kind}
+        origins[(where, "name")] = origins[(where, "kind")] = origin
+        for key, value in table.items():
+            if key in ("name", "kind"):
+                continue
+            if key != "oauth":
+                _set_destination_value(destination, key, value, f"{where}.{key}")
+                origins[(where, key)] = origin
+                continue
+            _of_kind(destination, key, f"{where}.{key}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.oauth must be a table: [destinations.oauth]")
+            for oauth_key, oauth_value in value.items():
+                label = f"{where}.oauth.{oauth_key}"
+                _set_oauth_value(destination, oauth_key, oauth_value, label)
+                origins[(f"{where}.oauth", oauth_key)] = origin
+        if destination.get("dir"):
+            # Relative to the file, so that any command given `-c` finds the same directory
+            # from anywhere; the file's other paths are still relative to the working directory.
+            destination["dir"] = str(path.absolute().parent / destination["dir"])
+        destinations.append(destination)
+    return destinations
+
+
+def _identity(
+    table: dict[str, Any], where: str, earlier: list[dict[str, Any]]
+) -> tuple[str, DestinationKind]:
+    """A destination's name and kind, read before its other keys (which depend on the kind)."""
+    if "name" not in table:
+        raise ConfigError(f"{where}.name is required ({DESTINATION_NAME_RULE})")
+    if "kind" not in table:
+        raise ConfigError(f'{where}.kind is required ("caliper" or "archive")')
+    types = _types_of(DestinationSettings)
+    name: str = _convert_to(types["name"], table["name"], f"{where}.name")
+    if name == UPSTREAM:
+        raise ConfigError(f'{where}.name: "upstream" is the [upstream] destination; choose another')
+    if DESTINATION_NAME.fullmatch(name) is None:
+        raise ConfigError(
+            f"{where}.name {name!r} is not a destination name: {DESTINATION_NAME_RULE}"
+        )
+    for index, other in enumerate(earlier):
+        if other["name"] == name:
+            raise ConfigError(
+                f"{where}.name {name!r} is already the name of destinations[{index}]: names "
+                "are unique"
+            )
+    kind: DestinationKind = _convert_to(types["kind"], table["kind"], f"{where}.kind")
+    return name, kind
+
+
+def _set_destination_value(
+    destination: dict[str, Any], key: str, value: Any, label: str, lax: bool = False
+) -> None:
+    """Set a key of a destination (a value, or a `<secret>_file`); ConfigError naming `label`
+    (the key, or the environment variable) when no destination has it, or not this kind."""
+    kind = _DESTINATION_VALUES.get(key)
+    if kind is None and key.removesuffix("_file") not in DESTINATION_SECRETS:
+        raise ConfigError(f"unknown key {label}")
+    _of_kind(destination, key.removesuffix("_file"), label)
+    destination[key] = _convert_to(kind or str, value, label, lax)
+
+
+def _set_oauth_value(
+    destination: dict[str, Any], key: str, value: Any, label: str, lax: bool = False
+) -> None:
+    """Set a key of a destination's [destinations.oauth] table, shaped as [oauth]."""
+    kind = _OAUTH_VALUES.get(key)
+    if kind is None and key != "client_secret_file":
+        raise ConfigError(f"unknown key {label}")
+    destination.setdefault("oauth", {})[key] = _convert_to(kind or str, value, label, lax)
+
+
+def _of_kind(destination: dict[str, Any], key: str, label: str) -> None:
+    """ConfigError naming `label` unless the destination's kind takes `key`."""
+    kind = destination["kind"]
+    if key not in DESTINATION_KEYS[kind]:
+        others = " or ".join(k for k, keys in DESTINATION_KEYS.items() if key in keys)
+        raise ConfigError(
+            f"{label}: {_a(kind)} destination ({destination['name']}) takes no {key}; it is a "
+            f"key of {others} destinations"
+        )
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _override_destination(
+    destinations: list[dict[str, Any]], var: str, text: str, origins: Origins
+) -> None:
+    """Apply `SIDECAR_DESTINATIONS_<NAME>_<KEY>` (`<KEY>` is `OAUTH_<KEY>` for a key of the
+    destination's oauth table) to the destination the file defines with that name."""
+    found = [
+        (index, var.removeprefix(destination_env_prefix(d["name"])).lower())
+        for index, d in enumerate(destinations)
+        if var.startswith(destination_env_prefix(d["name"]))
+    ]
+    if not found:
+        defined = ", ".join(d["name"] for d in destinations) or "none"
+        raise ConfigError(
+            f"{var} names no destination of the configuration file (defined there: "
+            f"{defined}); the environment overrides keys of destinations, it does not add any"
+        )
+    # "lrs" and "lrs-oauth" both prefix SIDECAR_DESTINATIONS_LRS_OAUTH_SCOPE: take the one for
+    # which the rest is a key; the longest name when none is.
+    known = [(index, key) for index, key in found if _is_destination_key(key)]
+    if len(known) > 1:
+        names = " and ".join(destinations[index]["name"] for index, _ in known)
+        raise ConfigError(f"{var} could be a key of {names}: rename one of them")
+    index, key = (known or sorted(found, key=lambda f: len(f[1])))[0]
+    destination, where = destinations[index], f"destinations[{index}]"
+    if key in ("name", "kind"):
+        raise ConfigError(f"{var}: a destination's {key} is set in the file only")
+    if key.startswith("oauth_"):
+        _of_kind(destination, "oauth", var)
+        _set_oauth_value(destination, key.removeprefix("oauth_"), text, var, lax=True)
+        origins[(f"{where}.oauth", key.removeprefix("oauth_"))] = f"environment {var}"
+        return
+    _set_destination_value(destination, key, text, var, lax=True)
+    if key == "dir" and destination["dir"]:
+        # Not in the file: relative to the working directory, as a shell would take it.
+        destination["dir"] = str(Path(destination["dir"]).absolute())
+    origins[(where, key)] = f"environment {var}"
+
+
+def _is_destination_key(key: str) -> bool:
+    if key.startswith("oauth_"):
+        key = key.removeprefix("oauth_")
+        return key in _OAUTH_VALUES or key == "client_secret_file"
+    return key in _DESTINATION_VALUES or key.removesuffix("_file") in DESTINATION_SECRETS
+
+
+def _resolve_destination_secret_files(
+    destination: dict[str, Any], where: str, origins: Origins
+) -> None:
+    _read_secret_file(destination, where, "bearer_token", origins, "a bearer token toward it")
+    if "oauth" in destination:
+        _read_secret_file(destination["oauth"], f"{where}.oauth", "client_secret", origins, None)
+
+
+def _default_sensor(
+    destination: dict[str, Any], where: str, upstream: UpstreamSettings, origins: Origins
+) -> None:
+    """A caliper destination's sensor, when none is set: upstream.sensor."""
+    if destination["kind"] == "caliper" and not destination.get("sensor") and upstream.sensor:
+        destination["sensor"] = upstream.sensor
+        origins[(where, "sensor")] = "upstream.sensor"
+
+
+def _destination(values: dict[str, Any]) -> DestinationSettings:
+    values = dict(values)
+    oauth = values.pop("oauth", None)
+    if oauth is None:
+        return DestinationSettings(**values)
+    return DestinationSettings(**values, oauth=OAuthSettings(**oauth))
+
+
+def _check_destinations(s: Settings) -> None:
+    archives: dict[str, int] = {}
+    for index, d in enumerate(s.destinations):
+        where = f"destinations[{index}]"
+        if d.kind == "archive":
+            if not d.dir:
+                raise ConfigError(f"{where}.dir is required: {d.name!r} is an archive destination")
+            if d.dir in archives:
+                raise ConfigError(
+                    f"{where}.dir is also destinations[{archives[d.dir]}].dir: two archives "
+                    "cannot share a directory"
+                )
+            archives[d.dir] = index
+            continue
+        if not d.endpoint:
+            raise ConfigError(f"{where}.endpoint is required: {d.name!r} is a caliper destination")
+        if not d.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.endpoint must be an http(s) URL; got {d.endpoint!r}")
+        if d.bearer_token and d.oauth.token_url:
+            raise ConfigError(
+                f"set {where}.bearer_token or {where}.oauth.token_url, not both (one way to "
+                "authenticate)"
+            )
+        _check_oauth(d.oauth, f"{where}.oauth")
+
+
 def _check(s: Settings) -> None:
     if s.retry.max_backoff_s < s.retry.initial_backoff_s:
         raise ConfigError("retry.max_backoff_s must not be smaller than retry.initial_backoff_s")
@@ -590,17 +941,24 @@ def _check(s: Settings) -> None:
             f"receiver.host {s.receiver.host!r} is not a loopback address, so any machine on the "
             "network could send events: set receiver.tokens (bearer tokens apps must present)"
         )
-    if s.oauth.token_url:
-        if not s.oauth.client_id:
-            raise ConfigError("oauth.client_id is required when oauth.token_url is set")
-        if s.oauth.auth_method == "private_key_jwt":
-            if not s.oauth.private_key_file:
-                raise ConfigError("oauth.auth_method private_key_jwt needs oauth.private_key_file")
-        elif not s.oauth.client_secret:
-            raise ConfigError(
-                "oauth.client_secret (or oauth.client_secret_file) is required when "
-                "oauth.token_url is set"
-            )
+    _check_oauth(s.oauth, "oauth")
+    _check_destinations(s)
+
+
+def _check_oauth(o: OAuthSettings, table: str) -> None:
+    """What an OAuth table needs once it names a token URL (`table`: its name in messages)."""
+    if not o.token_url:
+        return
+    if not o.client_id:
+        raise ConfigError(f"{table}.client_id is required when {table}.token_url is set")
+    if o.auth_method == "private_key_jwt":
+        if not o.private_key_file:
+            raise ConfigError(f"{table}.auth_method private_key_jwt needs {table}.private_key_file")
+    elif not o.client_secret:
+        raise ConfigError(
+            f"{table}.client_secret (or {table}.client_secret_file) is required when "
+            f"{table}.token_url is set"
+        )
 
 
 def require_upstream(s: Settings) -> None:
@@ -629,30 +987,96 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def redacted(s: Settings) -> dict[str, dict[str, Any]]:
-    """The settings as plain data, with every secret replaced by a marker."""
-    out = {name: dict(msgspec.structs.asdict(getattr(s, name))) for name in SECTIONS}
+def redacted(s: Settings) -> dict[str, Any]:
+    """The settings as plain data, with every secret replaced by a marker: each section a
+    table, `destinations` a list of them (each with the keys of its kind)."""
+    out: dict[str, Any] = {
+        name: dict(msgspec.structs.asdict(getattr(s, name))) for name in SECTIONS
+    }
     for section, key in SECRETS:
         value = out[section][key]
         if isinstance(value, tuple):
             out[section][key] = [REDACTED for _ in value]
         elif value:
             out[section][key] = REDACTED
+    out["destinations"] = [_redacted_destination(d) for d in s.destinations]
     return out
 
 
-def render_toml(data: Mapping[str, Mapping[str, Any]], origins: Origins | None = None) -> str:
-    """Render two-level settings data as TOML (what `check-config` prints), each value that is
-    not a built-in default followed by a comment saying where it came from."""
+def _redacted_destination(d: DestinationSettings) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": d.name, "kind": d.kind}
+    for key in DESTINATION_KEYS[d.kind]:
+        out[key] = getattr(d, key)
+    if d.bearer_token:
+        out["bearer_token"] = REDACTED
+    if "oauth" in out:
+        if d.oauth == OAuthSettings():
+            del out["oauth"]  # none written: printed, it would read as OAuth in use
+        else:
+            out["oauth"] = dict(msgspec.structs.asdict(d.oauth))
+            if d.oauth.client_secret:
+                out["oauth"]["client_secret"] = REDACTED
+    return out
+
+
+def is_secret(table: str, key: str) -> bool:
+    """True for a key whose value never leaves the process, named as in Origins: `("oauth",
+    "client_secret")`, `("destinations[0].oauth", "client_secret")`…"""
+    if (table, key) in SECRETS:
+        return True
+    of_destination = re.fullmatch(r"destinations\[\d+\](\.oauth)?", table)
+    if of_destination is None:
+        return False
+    return ("oauth." if of_destination[1] else "") + key in DESTINATION_SECRETS
+
+
+#: said above what check-config prints of `[[destinations]]`
+_DESTINATIONS_RESTART: Final = (
+    f"# SIGHUP may change a destination's {', '.join(sorted(DESTINATION_RELOADABLE))}; a "
+    "destination added or removed, or any other key of one changed, needs a restart"
+)
+
+
+def render_toml(data: Mapping[str, Any], origins: Origins | None = None) -> str:
+    """Render settings data as TOML (what `check-config` prints): sections as tables, lists of
+    them as arrays of tables, each value that is not a built-in default followed by a comment
+    saying where it came from."""
     lines: list[str] = []
     for section, table in data.items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            line = f"{key} = {toml_value(value)}"
-            origin = (origins or {}).get((section, key))
-            lines.append(f"{line}  # {origin}" if origin else line)
-        lines.append("")
+        if not isinstance(table, list):
+            _render_table(lines, f"[{section}]", section, section, table, origins or {})
+            continue
+        if table and section == "destinations":
+            lines.append(_DESTINATIONS_RESTART)
+        for index, item in enumerate(table):
+            where = f"{section}[{index}]"
+            _render_table(lines, f"[[{section}]]", section, where, item, origins or {})
     return "\n".join(lines)
+
+
+def _render_table(
+    lines: list[str],
+    header: str,
+    path: str,
+    where: str,
+    table: Mapping[str, Any],
+    origins: Origins,
+) -> None:
+    """One table's lines, then its sub-tables' (`path`: its TOML name; `where`: its name in
+    origins)."""
+    lines.append(header)
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            continue
+        line = f"{key} = {toml_value(value)}"
+        origin = origins.get((where, key))
+        lines.append(f"{line}  # {origin}" if origin else line)
+    lines.append("")
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            _render_table(
+                lines, f"[{path}.{key}]", f"{path}.{key}", f"{where}.{key}", value, origins
+            )
 
 
 def toml_value(value: Any) -> str:

@@ -1,9 +1,10 @@
 """What `run` checks before it starts, and `check-config` checks too, with the same verdict:
 the errors `run` would stop on (exit 2), and the warnings it would log.
 
-Errors: an upstream it cannot send to, TLS files or a private key it cannot load, an outbox
-directory it cannot write, a PostgreSQL URL that does not parse. Warnings: a platform that does
-not match its endpoint's path, a file holding secrets that others can read, running as root.
+Errors: an upstream it cannot send to, TLS files or a private key it cannot load, an outbox or
+archive directory it cannot write, a PostgreSQL URL that does not parse. Warnings: a platform
+that does not match its endpoint's path, a file holding secrets that others can read, running as
+root.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from caliper_sidecar.config import SECRETS, Origins, Settings, require_upstream
+from caliper_sidecar.config import OAuthSettings, Origins, Settings, is_secret, require_upstream
 from caliper_sidecar.exceptions import ConfigError
 from caliper_sidecar.presets import platform_mismatch
 
@@ -41,6 +42,12 @@ def preflight(settings: Settings, origins: Origins | None = None) -> Checked:
         check_postgres_url(settings.outbox.url)
     else:
         check_outbox_directory(Path(settings.outbox.path))
+    for index, destination in enumerate(settings.destinations):
+        where = f"destinations[{index}]"
+        if destination.kind == "archive":
+            check_archive_directory(Path(destination.dir), f"{where}.dir")
+        else:
+            check_oauth_private_key(destination.oauth, f"{where}.oauth")
     warnings = []
     mismatch = platform_mismatch(settings.upstream.platform, settings.upstream.endpoint)
     if mismatch is not None:
@@ -68,16 +75,20 @@ def check_tls(settings: Settings) -> ssl.SSLContext | None:
 
 
 def check_private_key(settings: Settings) -> None:
-    o = settings.oauth
+    check_oauth_private_key(settings.oauth, "oauth")
+
+
+def check_oauth_private_key(o: OAuthSettings, table: str) -> None:
+    """The PEM key of an OAuth table (`table`: its name in messages) that signs with one."""
     if not o.token_url or o.auth_method != "private_key_jwt":
         return
     try:
         text = Path(o.private_key_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) else "it is not text"
-        raise ConfigError(f"oauth.private_key_file cannot be read: {why}") from None
+        raise ConfigError(f"{table}.private_key_file cannot be read: {why}") from None
     if "PRIVATE KEY-----" not in text:
-        raise ConfigError("oauth.private_key_file holds no PEM private key")
+        raise ConfigError(f"{table}.private_key_file holds no PEM private key")
 
 
 def check_postgres_url(url: str) -> None:
@@ -112,20 +123,38 @@ def check_outbox_directory(path: Path) -> None:
         if not os.access(path, os.R_OK | os.W_OK):
             raise ConfigError(f"outbox.path {path} cannot be written by this user")
         return
-    parent = path.parent
-    while not parent.exists():  # run creates the missing directories
-        parent = parent.parent
+    parent = _nearest_existing(path.parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(
             f"outbox.path {path}: this user cannot create it in {parent} (not writable)"
         )
 
 
+def check_archive_directory(path: Path, key: str) -> None:
+    """An archive's files can be written in `path` (`key`: its name in messages): it is a
+    directory this user can write, or the nearest of its ancestors that exists is."""
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        where = "is" if existing == path else f"cannot be created: {existing} is"
+        raise ConfigError(f"{key} {path} {where} not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f"cannot be created in {existing}: "
+        raise ConfigError(f"{key} {path}: {where}this user cannot write there")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its ancestors that exists (`run` creates the others)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def readable_secrets(origins: Origins) -> list[str]:
     """Files holding secrets (the configuration file, `*_file` secrets) that others can read."""
     files: set[str] = set()
-    for key in SECRETS:
-        origin = origins.get(key, "")
+    for key, origin in origins.items():
+        if not is_secret(*key):
+            continue
         secret_file = origin.rpartition("secret file ")[2] if "secret file " in origin else None
         if secret_file is not None:
             files.add(secret_file)  # the configuration held only its name

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 from caliper_sidecar.config import (
+    DESTINATION_KEYS,
     REDACTED,
+    DestinationSettings,
+    OAuthSettings,
+    Secret,
     Settings,
+    UpstreamSettings,
+    destination_env_prefix,
     load_settings,
     redacted,
     render_toml,
@@ -98,6 +104,8 @@ class TestSources:
         s = load_settings(EXAMPLE, environ={})
         text = EXAMPLE.read_text()
         for section, table in redacted(s).items():
+            if section == "destinations":
+                continue  # an array of tables, commented out (TestDestinations)
             assert f"[{section}]" in text
             for key in table:
                 assert f"\n{key} =" in text or f"\n# {key} =" in text, f"{section}.{key}"
@@ -472,3 +480,461 @@ class TestTokensFiles:
         assert "caliper-sidecar token new --append" in out.stderr
         for secret in (self.A, self.B, self.C, "room-3"):
             assert secret not in out.stderr + out.stdout
+
+
+#: an upstream `run` and `check-config` accept, before the destinations of a test
+UPSTREAM = '[upstream]\nendpoint = "https://platform.example/caliper/v1p2"\n'
+LRS = (
+    '[[destinations]]\nname = "district-lrs"\nkind = "caliper"\n'
+    'endpoint = "https://lrs.district.example/caliper"\n'
+)
+
+
+def archive(name: str = "archive", directory: str = "archive") -> str:
+    """An archive destination's table."""
+    return f'[[destinations]]\nname = "{name}"\nkind = "archive"\ndir = "{directory}"\n'
+
+
+class TestDestinations:
+    def test_none_by_default(self) -> None:
+        """Without [[destinations]], events go to [upstream] only."""
+        assert load_settings(None, environ={}).destinations == ()
+
+    def test_a_caliper_and_an_archive_destination(self, tmp_path: Path) -> None:
+        """Each [[destinations]] table is a destination of its kind, in the file's order, its
+        keys taking the file's values and the others their defaults."""
+        path = write(tmp_path, UPSTREAM + LRS + "linger_ms = 50\n" + archive(directory="/a"))
+        lrs, kept = load_settings(path, environ={}).destinations
+        assert lrs == DestinationSettings(
+            name="district-lrs",
+            kind="caliper",
+            endpoint="https://lrs.district.example/caliper",
+            linger_ms=50,
+        )
+        assert (kept.name, kept.kind, kept.dir, kept.keep_days) == ("archive", "archive", "/a", 30)
+
+    def test_tuning_defaults_are_the_upstreams(self) -> None:
+        """batch_max_events, batch_max_bytes, linger_ms, concurrency and timeout_s default to
+        [upstream]'s defaults; when_full to "block"."""
+        d = DestinationSettings(name="d", kind="caliper")
+        u = UpstreamSettings()
+        for key in ("batch_max_events", "batch_max_bytes", "linger_ms", "concurrency", "timeout_s"):
+            assert getattr(d, key) == getattr(u, key), key
+        assert d.when_full == "block"
+
+    def test_the_sensor_defaults_to_the_upstreams(self, tmp_path: Path) -> None:
+        """A caliper destination without a sensor sends under upstream.sensor; its own wins."""
+        other = LRS.replace("district-lrs", "other") + 'sensor = "urn:mine"\n'
+        path = write(tmp_path, UPSTREAM + 'sensor = "urn:school:1"\n' + LRS + other)
+        lrs, mine = load_settings(path, environ={}).destinations
+        assert lrs.sensor == "urn:school:1"
+        assert mine.sensor == "urn:mine"
+
+    def test_a_bearer_token_from_a_file(self, tmp_path: Path) -> None:
+        """bearer_token_file reads the destination's token from a file, as other secrets."""
+        secret = tmp_path / "lrs-token"
+        secret.write_text("lrs-secret\n")
+        path = write(tmp_path, UPSTREAM + LRS + f'bearer_token_file = "{secret}"\n')
+        (lrs,) = load_settings(path, environ={}).destinations
+        assert lrs.bearer_token == "lrs-secret"
+        assert isinstance(lrs.bearer_token, Secret)
+
+    def test_an_oauth_table_shaped_as_oauth(self, tmp_path: Path) -> None:
+        """[destinations.oauth] takes the keys of [oauth], client_secret_file included."""
+        secret = tmp_path / "client-secret"
+        secret.write_text("lrs-client-secret\n")
+        path = write(
+            tmp_path,
+            UPSTREAM + LRS + '[destinations.oauth]\ntoken_url = "https://lrs.example/token"\n'
+            f'client_id = "sidecar"\nclient_secret_file = "{secret}"\n'
+            'auth_method = "client_secret_post"\n',
+        )
+        (lrs,) = load_settings(path, environ={}).destinations
+        assert lrs.oauth == OAuthSettings(
+            token_url="https://lrs.example/token",
+            client_id="sidecar",
+            client_secret="lrs-client-secret",
+            auth_method="client_secret_post",
+        )
+
+    def test_a_relative_dir_is_relative_to_the_files_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An archive's relative dir is taken from the configuration file's directory, wherever
+        the command runs; an absolute one as it is."""
+        (tmp_path / "etc").mkdir()
+        path = write(tmp_path / "etc", archive(directory="data/archive") + archive("abs", "/srv/"))
+        monkeypatch.chdir("/")
+        relative, absolute = load_settings(path, environ={}).destinations
+        assert relative.dir == str(tmp_path / "etc" / "data" / "archive")
+        assert absolute.dir == "/srv"
+
+    def test_a_relative_dir_from_the_environment_is_relative_to_the_working_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A dir set by the environment is not in the file: a relative one is taken from the
+        working directory."""
+        (tmp_path / "etc").mkdir()
+        path = write(tmp_path / "etc", archive())
+        monkeypatch.chdir(tmp_path)
+        environ = {"SIDECAR_DESTINATIONS_ARCHIVE_DIR": "kept"}
+        (kept,) = load_settings(path, environ=environ).destinations
+        assert kept.dir == str(tmp_path / "kept")
+
+    def test_the_example_destinations_load_once_uncommented(self, tmp_path: Path) -> None:
+        """config/sidecar.example.toml has no destination, and its commented [[destinations]]
+        are a caliper destination named district-lrs and an archive, each valid, that show
+        every key of their kind."""
+        assert load_settings(EXAMPLE, environ={}).destinations == ()
+        text = EXAMPLE.read_text()
+        block = text[text.index("# [[destinations]]") :].splitlines()
+        uncommented = [line.removeprefix("# ") for line in block]
+        path = write(tmp_path, "\n".join(line for line in uncommented if line[:1] != "#"))
+        lrs, kept = load_settings(path, environ={}).destinations
+        assert (lrs.name, lrs.kind, lrs.endpoint) == (
+            "district-lrs",
+            "caliper",
+            "https://lrs.district.example/caliper",
+        )
+        assert (kept.kind, kept.dir) == ("archive", "/var/lib/caliper-sidecar/archive")
+        for kind, keys in DESTINATION_KEYS.items():
+            for key in ("name", "kind", *keys):
+                assert f"\n# {key} =" in text or f"\n# [destinations.{key}]" in text, (kind, key)
+
+
+class TestDestinationErrors:
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ('[destinations]\nname = "a"\n', r"destinations must be an array of tables"),
+            ('[[destinations]]\nkind = "archive"\n', r"destinations\[0\].name is required"),
+            ('[[destinations]]\nname = "a"\n', r"destinations\[0\].kind is required"),
+            (
+                '[[destinations]]\nname = "a"\nkind = "lrs"\n',
+                r"destinations\[0\].kind must be one of caliper, archive; got 'lrs'",
+            ),
+            (archive("District LRS"), r"destinations\[0\].name 'District LRS' is not a"),
+            (archive("x" * 33), r"destinations\[0\].name 'x{33}' is not a destination name"),
+            (archive("upstream"), r'destinations\[0\].name: "upstream" is the \[upstream\]'),
+            (
+                archive("a", "one") + archive("a", "two"),
+                r"destinations\[1\].name 'a' is already the name of destinations\[0\]",
+            ),
+            (
+                '[[destinations]]\nname = "a"\nkind = "caliper"\n',
+                r"destinations\[0\].endpoint is required: 'a' is a caliper destination",
+            ),
+            (
+                LRS.replace("https://", "ftp://"),
+                r"destinations\[0\].endpoint must be an http\(s\) URL",
+            ),
+            (
+                '[[destinations]]\nname = "a"\nkind = "archive"\n',
+                r"destinations\[0\].dir is required: 'a' is an archive destination",
+            ),
+            (
+                LRS + 'dir = "d"\n',
+                r"destinations\[0\].dir: a caliper destination \(district-lrs\) takes no dir",
+            ),
+            (
+                archive() + "concurrency = 2\n",
+                r"destinations\[0\].concurrency: an archive destination \(archive\) takes no",
+            ),
+            (
+                archive() + '[destinations.oauth]\ntoken_url = "https://t"\n',
+                r"destinations\[0\].oauth: an archive destination \(archive\) takes no oauth",
+            ),
+            (LRS + "endpont = 1\n", r"unknown key destinations\[0\].endpont"),
+            (
+                LRS + '[destinations.oauth]\nsecret = "s"\n',
+                r"unknown key destinations\[0\].oauth.secret",
+            ),
+            (
+                archive() + archive("b") + 'keep_days = "7"\n',
+                r"destinations\[1\].keep_days must be an integer, got str",
+            ),
+            (LRS + "concurrency = 0\n", r"destinations\[0\].concurrency must be greater than 0"),
+            (
+                LRS + 'when_full = "drop"\n',
+                r"destinations\[0\].when_full must be one of block, dead_letter",
+            ),
+            (
+                LRS + '[destinations.oauth]\ntoken_url = "https://t"\n',
+                r"destinations\[0\].oauth.client_id is required",
+            ),
+            (
+                LRS + 'bearer_token = "b"\n[destinations.oauth]\ntoken_url = "https://t"\n'
+                'client_id = "c"\nclient_secret = "s"\n',
+                r"set destinations\[0\].bearer_token or destinations\[0\].oauth.token_url",
+            ),
+            (
+                archive("a", "/srv/kept") + archive("b", "/srv/kept/"),
+                r"destinations\[1\].dir is also destinations\[0\].dir",
+            ),
+        ],
+    )
+    def test_file_errors_name_the_key(self, tmp_path: Path, text: str, message: str) -> None:
+        """Each mistake in a destination is an error naming its key, by the destination's
+        index in the file (and its name where it has one)."""
+        with pytest.raises(ConfigError, match=message):
+            load_settings(write(tmp_path, UPSTREAM + text), environ={})
+
+    @pytest.mark.parametrize(
+        ("key", "message"),
+        [
+            ("bearer_token_file", r"destinations\[0\].bearer_token_file: cannot read"),
+            ("oauth_client_secret_file", r"destinations\[0\].oauth.client_secret_file: cannot"),
+        ],
+    )
+    def test_a_missing_secret_file(self, tmp_path: Path, key: str, message: str) -> None:
+        """A destination's secret file that cannot be read is an error naming its key."""
+        missing = tmp_path / "missing"
+        if key.startswith("oauth_"):
+            text = (
+                '[destinations.oauth]\ntoken_url = "https://t"\nclient_id = "c"\n'
+                f'client_secret_file = "{missing}"\n'
+            )
+        else:
+            text = f'{key} = "{missing}"\n'
+        with pytest.raises(ConfigError, match=message):
+            load_settings(write(tmp_path, UPSTREAM + LRS + text), environ={})
+
+    def test_a_bearer_token_file_that_holds_no_token(self, tmp_path: Path) -> None:
+        """An empty bearer_token_file (one caught while it is rewritten) is refused, not taken
+        for no token."""
+        empty = tmp_path / "empty"
+        empty.write_text("\n")
+        path = write(tmp_path, UPSTREAM + LRS + f'bearer_token_file = "{empty}"\n')
+        with pytest.raises(ConfigError, match=r"destinations\[0\].bearer_token_file .* holds no"):
+            load_settings(path, environ={})
+
+    @pytest.mark.parametrize(
+        ("text", "says"),
+        [
+            ('[[destinations]]\nname = "lrs"\nkind = "lrs"\n', "destinations[0].kind must be"),
+            (LRS + archive("district-lrs"), "destinations[1].name 'district-lrs' is already"),
+            (archive("upstream"), 'destinations[0].name: "upstream"'),
+            ('[[destinations]]\nname = "lrs"\nkind = "caliper"\n', "destinations[0].endpoint"),
+            (LRS + 'bearer_token_file = "/nonexistent/token"\n', "bearer_token_file: cannot"),
+            (archive() + "frequency = 1\n", "unknown key destinations[0].frequency"),
+            (archive() + "keep_days = -1\n", "destinations[0].keep_days must not be negative"),
+        ],
+    )
+    def test_check_config_exits_2_naming_the_key(
+        self, tmp_path: Path, text: str, says: str
+    ) -> None:
+        """`check-config` refuses a wrong destination with exit 2 and the key, no traceback."""
+        out = check_config(write(tmp_path, UPSTREAM + text))
+        assert out.returncode == 2, out.stdout
+        assert says in out.stderr
+        assert "Traceback" not in out.stderr
+
+    def test_check_config_refuses_an_archive_dir_it_cannot_create(self, tmp_path: Path) -> None:
+        """An archive dir whose nearest existing ancestor is no writable directory (here a
+        file) is refused by `check-config` as by `run` (exit 2), naming the key."""
+        (tmp_path / "a-file").write_text("not a directory")
+        out = check_config(write(tmp_path, UPSTREAM + archive(directory="a-file/archive")))
+        assert out.returncode == 2
+        assert f"destinations[0].dir {tmp_path}/a-file/archive cannot be created" in out.stderr
+        assert f"{tmp_path}/a-file is not a directory" in out.stderr
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root writes any directory")
+    def test_check_config_refuses_an_archive_dir_it_cannot_write(self, tmp_path: Path) -> None:
+        """An archive dir in a directory this user cannot write is refused, naming the key."""
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = check_config(write(tmp_path, UPSTREAM + archive(directory="locked/archive")))
+        assert out.returncode == 2
+        assert "destinations[0].dir" in out.stderr
+        assert "this user cannot write there" in out.stderr
+
+    def test_an_archive_dir_that_is_a_file(self, tmp_path: Path) -> None:
+        """An archive dir that exists and is a file is refused by `check-config`."""
+        (tmp_path / "archive").write_text("not a directory")
+        out = check_config(write(tmp_path, UPSTREAM + archive()))
+        assert out.returncode == 2
+        assert f"destinations[0].dir {tmp_path}/archive is not a directory" in out.stderr
+
+
+class TestDestinationEnvironment:
+    def test_overrides_a_key_of_a_destination_by_its_name(self, tmp_path: Path) -> None:
+        """SIDECAR_DESTINATIONS_<NAME>_<KEY>, the name upper-cased with "-" as "_", overrides
+        that destination's key; OAUTH_<KEY> a key of its oauth table."""
+        path = write(tmp_path, UPSTREAM + LRS + archive())
+        s = load_settings(
+            path,
+            environ={
+                "SIDECAR_DESTINATIONS_DISTRICT_LRS_BEARER_TOKEN": "from-the-environment",
+                "SIDECAR_DESTINATIONS_DISTRICT_LRS_CONCURRENCY": "8",
+                "SIDECAR_DESTINATIONS_DISTRICT_LRS_OAUTH_SCOPE": "events.write",
+                "SIDECAR_DESTINATIONS_ARCHIVE_KEEP_DAYS": "0",
+            },
+        )
+        lrs, kept = s.destinations
+        assert lrs.bearer_token == "from-the-environment"
+        assert lrs.concurrency == 8
+        assert lrs.oauth.scope == "events.write"
+        assert kept.keep_days == 0
+
+    def test_a_secret_file_from_the_environment(self, tmp_path: Path) -> None:
+        """<KEY>_FILE works for a destination's secrets as for a section's."""
+        secret = tmp_path / "token"
+        secret.write_text("lrs-token-from-a-file\n")
+        path = write(tmp_path, UPSTREAM + LRS)
+        environ = {"SIDECAR_DESTINATIONS_DISTRICT_LRS_BEARER_TOKEN_FILE": str(secret)}
+        (lrs,) = load_settings(path, environ=environ).destinations
+        assert lrs.bearer_token == "lrs-token-from-a-file"
+
+    def test_the_name_the_rest_is_a_key_of_wins(self, tmp_path: Path) -> None:
+        """Of two names that both begin a variable ("lrs" and "lrs-oauth"), the one after which
+        the rest is a key is meant."""
+        other = LRS.replace("district-lrs", "lrs-oauth")
+        path = write(tmp_path, UPSTREAM + LRS.replace("district-lrs", "lrs") + other)
+        environ = {
+            "SIDECAR_DESTINATIONS_LRS_OAUTH_SCOPE": "s",
+            "SIDECAR_DESTINATIONS_LRS_OAUTH_LINGER_MS": "7",
+        }
+        lrs, lrs_oauth = load_settings(path, environ=environ).destinations
+        assert (lrs.oauth.scope, lrs.linger_ms) == ("s", 200)
+        assert (lrs_oauth.oauth.scope, lrs_oauth.linger_ms) == ("", 7)
+
+    @pytest.mark.parametrize(
+        ("environ", "message"),
+        [
+            (
+                {"SIDECAR_DESTINATIONS_SCHOOL_LRS_ENDPOINT": "https://x"},
+                r"SIDECAR_DESTINATIONS_SCHOOL_LRS_ENDPOINT names no destination of the "
+                r"configuration file \(defined there: district-lrs, archive\)",
+            ),
+            (
+                {"SIDECAR_DESTINATIONS_DISTRICT_LRS_ENDPONT": "x"},
+                "unknown key SIDECAR_DESTINATIONS_DISTRICT_LRS_ENDPONT",
+            ),
+            (
+                {"SIDECAR_DESTINATIONS_ARCHIVE_ENDPOINT": "https://x"},
+                r"SIDECAR_DESTINATIONS_ARCHIVE_ENDPOINT: an archive destination \(archive\)",
+            ),
+            (
+                {"SIDECAR_DESTINATIONS_DISTRICT_LRS_LINGER_MS": "soon"},
+                "SIDECAR_DESTINATIONS_DISTRICT_LRS_LINGER_MS must be an integer",
+            ),
+            (
+                {"SIDECAR_DESTINATIONS_DISTRICT_LRS_KIND": "archive"},
+                "SIDECAR_DESTINATIONS_DISTRICT_LRS_KIND: a destination's kind is set in the file",
+            ),
+        ],
+    )
+    def test_errors_name_the_variable(
+        self, tmp_path: Path, environ: dict[str, str], message: str
+    ) -> None:
+        """A variable naming a destination the file does not define, a key it does not have
+        or a wrong value is an error naming the variable."""
+        path = write(tmp_path, UPSTREAM + LRS + archive())
+        with pytest.raises(ConfigError, match=message):
+            load_settings(path, environ=environ)
+
+    def test_without_a_file_no_destination_can_be_named(self) -> None:
+        """Destinations are defined in the file only: the environment alone names none."""
+        with pytest.raises(ConfigError, match="defined there: none"):
+            load_settings(None, environ={"SIDECAR_DESTINATIONS_ARCHIVE_DIR": "/srv/archive"})
+
+    def test_kubernetes_service_variables_are_still_ignored(self, tmp_path: Path) -> None:
+        """Service-link variables stay out of the way of destinations."""
+        path = write(tmp_path, UPSTREAM + archive())
+        environ = {"SIDECAR_PORT": "tcp://10.0.0.7:8787", "SIDECAR_SERVICE_HOST": "10.0.0.7"}
+        assert len(load_settings(path, environ=environ).destinations) == 1
+
+    def test_destination_env_prefix(self) -> None:
+        """The variables of a destination begin with its name, upper case, "-" as "_"."""
+        assert destination_env_prefix("district-lrs") == "SIDECAR_DESTINATIONS_DISTRICT_LRS_"
+
+
+class TestDestinationsInCheckConfig:
+    def test_each_destination_with_its_origins_secrets_redacted(self, tmp_path: Path) -> None:
+        """`check-config` prints each destination as a [[destinations]] table with the keys of
+        its kind, each value's origin, secrets redacted, and what a change of one needs."""
+        secret = tmp_path / "lrs-token"
+        secret.write_text("lrs-token-from-a-file\n")
+        path = write(
+            tmp_path,
+            UPSTREAM
+            + LRS
+            + f'bearer_token_file = "{secret}"\n'
+            + archive()
+            + LRS.replace("district-lrs", "oauth-lrs")
+            + '[destinations.oauth]\ntoken_url = "https://t.example/token"\nclient_id = "c"\n'
+            'client_secret = "oauth-secret-in-the-file"\n',
+        )
+        env = {**os.environ, "SIDECAR_DESTINATIONS_DISTRICT_LRS_CONCURRENCY": "8"}
+        out = check_config(path, env=env)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        first = lines.index("[[destinations]]")
+        assert "needs a restart" in lines[first - 1]
+        assert lines[first:] == (
+            [
+                "[[destinations]]",
+                f'name = "district-lrs"  # file {path}',
+                f'kind = "caliper"  # file {path}',
+                f'endpoint = "https://lrs.district.example/caliper"  # file {path}',
+                f'bearer_token = "{REDACTED}"  # file {path}, secret file {secret}',
+                'sensor = ""',
+                "batch_max_events = 100",
+                "batch_max_bytes = 512000",
+                "linger_ms = 200",
+                "concurrency = 8  # environment SIDECAR_DESTINATIONS_DISTRICT_LRS_CONCURRENCY",
+                "timeout_s = 30",
+                'when_full = "block"',
+                "",
+                "[[destinations]]",
+                f'name = "archive"  # file {path}',
+                f'kind = "archive"  # file {path}',
+                f'dir = "{tmp_path}/archive"  # file {path}',
+                "keep_days = 30",
+                "",
+                "[[destinations]]",
+                f'name = "oauth-lrs"  # file {path}',
+                f'kind = "caliper"  # file {path}',
+                f'endpoint = "https://lrs.district.example/caliper"  # file {path}',
+                'bearer_token = ""',
+                'sensor = ""',
+                "batch_max_events = 100",
+                "batch_max_bytes = 512000",
+                "linger_ms = 200",
+                "concurrency = 4",
+                "timeout_s = 30",
+                'when_full = "block"',
+                "",
+                "[destinations.oauth]",
+                f'token_url = "https://t.example/token"  # file {path}',
+                f'client_id = "c"  # file {path}',
+                f'client_secret = "{REDACTED}"  # file {path}',
+                'scope = ""',
+                'auth_method = "client_secret_basic"',
+                'private_key_file = ""',
+                "refresh_leeway_s = 60",
+            ]
+        )
+        assert "lrs-token-from-a-file" not in out.stdout + out.stderr
+        assert "oauth-secret-in-the-file" not in out.stdout + out.stderr
+        assert f"{path} holds secrets and others can read it" in out.stderr
+
+    def test_redacted_and_repr_hide_destination_secrets(self, tmp_path: Path) -> None:
+        """redacted() and the Settings repr hide a destination's bearer token and client
+        secret, and only those."""
+        path = write(
+            tmp_path,
+            UPSTREAM
+            + LRS
+            + 'bearer_token = "lrs-bearer-xyz"\n'
+            + LRS.replace("district-lrs", "oauth-lrs")
+            + '[destinations.oauth]\ntoken_url = "https://t.example/token"\nclient_id = "c-1"\n'
+            'client_secret = "lrs-oauth-xyz"\n',
+        )
+        s = load_settings(path, environ={})
+        for text in (render_toml(redacted(s)), repr(s), repr(s.destinations)):
+            assert "lrs-bearer-xyz" not in text
+            assert "lrs-oauth-xyz" not in text
+            assert "c-1" in text
+        assert redacted(s)["destinations"][0]["bearer_token"] == REDACTED
+        assert redacted(s)["destinations"][1]["oauth"]["client_secret"] == REDACTED

@@ -36,18 +36,22 @@ def config(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
         ('[outbox]\nurl = "postgresql://u@[::1/db"\n', "outbox.url does not parse"),
         ('[outbox]\nurl = "mysql://u@127.0.0.1/db"\n', "outbox.url must start with postgresql"),
         ('[outbox]\npath = "{tmp}/a-file/outbox.db"\n', "cannot create it"),
+        (
+            '[[destinations]]\nname = "kept"\nkind = "archive"\ndir = "a-file/archive"\n',
+            "destinations[0].dir {tmp}/a-file/archive cannot be created",
+        ),
     ],
 )
 async def test_check_config_refuses_what_run_refuses(tmp_path: Path, text: str, says: str) -> None:
     """Missing TLS files, an unreadable private key, an outbox URL with a bad port, a broken
-    IPv6 host or another scheme, an outbox directory that cannot be created: `check-config`
-    and `run` both exit 2 with the same message, and no traceback."""
+    IPv6 host or another scheme, an outbox or archive directory that cannot be created:
+    `check-config` and `run` both exit 2 with the same message, and no traceback."""
     (tmp_path / "a-file").write_text("not a directory")
     path = config(tmp_path, text.replace("{tmp}", str(tmp_path)))
     for command in ("check-config", "run"):
         code, _, err = await cli(command, "-c", str(path))
         assert (code, command) == (2, command), err
-        assert says in err
+        assert says.replace("{tmp}", str(tmp_path)) in err
         assert "Traceback" not in err
         assert "99999" not in err or "port" in err
 

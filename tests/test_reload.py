@@ -1,7 +1,8 @@
 """SIGHUP reloads without a restart and without refusing a request (docs/operators.md): sender
 tokens, the TLS certificate (a real TLS client sees the switch), `admin.token`, `log.level`; a
 failed reload keeps everything, and so does one that would switch a protection off; other keys
-changed are named as needing a restart. The real process."""
+changed are named as needing a restart, [[destinations]] by name. The real process, and the
+classification of destinations' changes alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 
+from caliper_sidecar.config import DestinationSettings, OAuthSettings, Settings
+from caliper_sidecar.reload import DestinationChanges, destination_changes
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
@@ -203,6 +207,98 @@ async def test_keys_that_need_a_restart_are_named(
     config.write_text(config.read_text().replace("linger_ms = 20", "linger_ms = 50"))
     await hangup(process)
     assert '"needs_restart":["upstream.linger_ms"]' in process.logs()
+
+
+async def test_a_destination_added_is_named_as_needing_a_restart(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """A [[destinations]] table added to the file is logged as needing a restart."""
+    process, _ = start(tmp_path, platform, processes)
+    await process.wait_ready()
+    config = tmp_path / "c.toml"
+    archive = tmp_path / "archive"
+    config.write_text(
+        config.read_text() + f'\n[[destinations]]\nname = "kept"\nkind = "archive"\n'
+        f'dir = "{archive}"\n'
+    )
+    await hangup(process)
+    assert '"needs_restart":["destinations.kept (added)"]' in process.logs()
+
+
+class TestDestinationChanges:
+    """What changed in [[destinations]] between two configurations, by destination name."""
+
+    LRS = DestinationSettings(name="lrs", kind="caliper", endpoint="https://lrs.example/c")
+    KEPT = DestinationSettings(name="kept", kind="archive", dir="/srv/kept")
+
+    def changes(
+        self, old: tuple[DestinationSettings, ...], new: tuple[DestinationSettings, ...]
+    ) -> DestinationChanges:
+        return destination_changes(Settings(destinations=old), Settings(destinations=new))
+
+    def test_nothing_changed(self) -> None:
+        """The same destinations, in another order, are no change."""
+        assert self.changes((self.LRS, self.KEPT), (self.KEPT, self.LRS)) == DestinationChanges(
+            reloadable=(), restart=()
+        )
+
+    def test_added_or_removed_needs_a_restart(self) -> None:
+        """A destination added, or removed, needs a restart; a renamed one is both."""
+        renamed = msgspec.structs.replace(self.KEPT, name="archive")
+        assert self.changes((self.LRS, self.KEPT), (self.LRS, renamed)).restart == (
+            "destinations.archive (added)",
+            "destinations.kept (removed)",
+        )
+
+    def test_where_events_go_needs_a_restart(self) -> None:
+        """A changed kind, endpoint or dir needs a restart, as does any key SIGHUP does not
+        take (sensor, when_full, keep_days, the OAuth token URL)."""
+        lrs = msgspec.structs.replace(
+            self.LRS,
+            endpoint="https://other.example/c",
+            sensor="urn:s",
+            when_full="dead_letter",
+            oauth=OAuthSettings(token_url="https://t.example/token"),
+        )
+        kept = msgspec.structs.replace(self.KEPT, dir="/srv/elsewhere", keep_days=0)
+        changes = self.changes((self.LRS, self.KEPT), (lrs, kept))
+        assert changes.restart == (
+            "destinations.kept.dir",
+            "destinations.kept.keep_days",
+            "destinations.lrs.endpoint",
+            "destinations.lrs.oauth.token_url",
+            "destinations.lrs.sensor",
+            "destinations.lrs.when_full",
+        )
+        assert changes.reloadable == ()
+        kind = DestinationSettings(name="lrs", kind="archive", dir="/srv/lrs")
+        assert "destinations.lrs.kind" in self.changes((self.LRS,), (kind,)).restart
+
+    def test_secrets_and_tuning_are_reloadable(self) -> None:
+        """A destination's secrets and batch_max_events, batch_max_bytes, linger_ms,
+        concurrency, timeout_s are what SIGHUP may change."""
+        lrs = msgspec.structs.replace(
+            self.LRS,
+            bearer_token="new-token",
+            batch_max_events=10,
+            batch_max_bytes=1000,
+            linger_ms=5,
+            concurrency=1,
+            timeout_s=3,
+            oauth=OAuthSettings(client_secret="new-secret", private_key_file="/k.pem"),
+        )
+        changes = self.changes((self.LRS,), (lrs,))
+        assert changes.restart == ()
+        assert changes.reloadable == (
+            "destinations.lrs.batch_max_bytes",
+            "destinations.lrs.batch_max_events",
+            "destinations.lrs.bearer_token",
+            "destinations.lrs.concurrency",
+            "destinations.lrs.linger_ms",
+            "destinations.lrs.oauth.client_secret",
+            "destinations.lrs.oauth.private_key_file",
+            "destinations.lrs.timeout_s",
+        )
 
 
 async def test_a_new_certificate_for_new_connections(

@@ -2,7 +2,7 @@
 and compares):
 
 - config/sidecar.example.toml: every key of every section, its default and its meaning, from
-  the settings' types (config.py);
+  the settings' types (config.py), and commented `[[destinations]]` of each kind;
 - docs/openapi.json: the HTTP API, whose answer bodies come from http/bodies.py.
 
     python -m caliper_sidecar.tools.reference      # writes both
@@ -17,7 +17,13 @@ from typing import Any, Final, get_args
 
 import msgspec
 
-from caliper_sidecar.config import SECRETS, SECTIONS, toml_value
+from caliper_sidecar.config import (
+    DESTINATION_KEYS,
+    SECRETS,
+    SECTIONS,
+    DestinationSettings,
+    toml_value,
+)
 from caliper_sidecar.http import openapi
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -37,9 +43,29 @@ _HEADER: Final = """\
 {secret_files}
 """
 _SECRET_FILES: Final = (
-    "with <key>_file ({}). Relative paths are relative to the working directory. Unknown keys "
-    "and wrong types are errors that name the key. `caliper-sidecar check-config -c FILE` "
-    "prints what will be used, secrets redacted."
+    "with <key>_file ({}). Relative paths are relative to the working directory, but a "
+    "destination's dir: relative to this file's directory. Unknown keys and wrong types are "
+    "errors that name the key. `caliper-sidecar check-config -c FILE` prints what will be used, "
+    "secrets redacted."
+)
+_DESTINATIONS: Final = """\
+# More places every event goes, beside [upstream] (none by default). Each has its own queue
+# position, backoff, state, dead letters and metrics: one that is down or slow never holds back
+# ingest or the others. Keys of the other kind are errors; the environment overrides a key of a
+# destination defined here as SIDECAR_DESTINATIONS_<NAME>_<KEY>, e.g.
+# SIDECAR_DESTINATIONS_DISTRICT_LRS_BEARER_TOKEN (OAUTH_<KEY> for its oauth table). SIGHUP may
+# change a destination's secrets and its batch_max_events, batch_max_bytes, linger_ms,
+# concurrency, timeout_s; a destination added or removed, or any other key changed, needs a
+# restart.
+"""
+#: the example destinations' values (every other key: its default)
+_EXAMPLE_DESTINATIONS: Final = (
+    {"name": "district-lrs", "kind": "caliper", "endpoint": "https://lrs.district.example/caliper"},
+    {"name": "archive", "kind": "archive", "dir": "/var/lib/caliper-sidecar/archive"},
+)
+_OAUTH_TABLE: Final = (
+    "[destinations.oauth]",
+    "instead of bearer_token: OAuth client credentials, with the keys of [oauth]",
 )
 
 
@@ -54,18 +80,44 @@ def example_toml() -> str:
         for field in msgspec.structs.fields(section):
             lines.extend(_key_lines(field))
         lines.append("")
+    lines.append(_DESTINATIONS)
+    lines.extend(_example_destinations())
     return "\n".join(lines)
 
 
-def _key_lines(field: msgspec.structs.FieldInfo) -> list[str]:
-    line = f"{field.encode_name} = {toml_value(field.default)}"
-    comment = _meaning(field.type)
+def _example_destinations() -> list[str]:
+    """`[[destinations]]` of each kind, commented out: each key of its kind, its value in the
+    example or its default, and its meaning."""
+    fields = {f.name: f for f in msgspec.structs.fields(DestinationSettings)}
+    lines = []
+    for example in _EXAMPLE_DESTINATIONS:
+        lines.append("# [[destinations]]")
+        for key in ("name", "kind", *DESTINATION_KEYS[example["kind"]]):
+            if key == "oauth":  # a table: after the keys
+                lines.extend(_commented(*_OAUTH_TABLE))
+            else:
+                lines.extend(_key_lines(fields[key], example.get(key), commented=True))
+        lines.append("")
+    return lines
+
+
+def _key_lines(
+    field: msgspec.structs.FieldInfo, value: Any = None, commented: bool = False
+) -> list[str]:
+    value = field.default if value is None else value
+    return _commented(f"{field.encode_name} = {toml_value(value)}", _meaning(field.type), commented)
+
+
+def _commented(line: str, comment: str, commented: bool = True) -> list[str]:
+    """A line, then its comment from _COMMENT_AT on, wrapped; all commented out if asked."""
+    indent = "# " if commented else ""
+    line = f"{indent}{line}"
     if not comment:
         return [line]
     start = max(_COMMENT_AT, len(line) + 2)
     wrapped = textwrap.wrap(comment, _WIDTH - start - 2, break_on_hyphens=False)
     first = f"{line.ljust(start)}# {wrapped[0]}"
-    return [first, *(f"{' ' * start}# {more}" for more in wrapped[1:])]
+    return [first, *(f"{indent.rstrip().ljust(start)}# {more}" for more in wrapped[1:])]
 
 
 def _meaning(kind: Any) -> str:

@@ -30,7 +30,7 @@ from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.logs import flush_logs
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Outbox, open_outbox
-from caliper_sidecar.preflight import preflight
+from caliper_sidecar.preflight import preflight, require_no_destinations
 from caliper_sidecar.reload import reload
 from caliper_sidecar.signals import StopSignals
 
@@ -104,6 +104,7 @@ async def running_sidecar(
     outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
     """
     checked = preflight(settings, origins)
+    require_no_destinations(settings)
     for warning in checked.warnings:
         log.warning("preflight_warning", warning=warning)
     ssl_context = checked.tls

@@ -61,6 +61,18 @@ def preflight(settings: Settings, origins: Origins | None = None) -> Checked:
     return Checked(warnings, tls)
 
 
+def require_no_destinations(settings: Settings) -> None:
+    """Refuse `[[destinations]]` until this release delivers to them: started anyway, a district
+    or an archive would believe it gets every event while only the upstream does."""
+    if settings.destinations:
+        first = settings.destinations[0]
+        raise ConfigError(
+            f"destinations[0] ({first.name}): this release reads and checks [[destinations]] "
+            "but does not deliver to them yet (docs/operators.md); remove the "
+            f"[[destinations]] table{'s' if len(settings.destinations) > 1 else ''} to run"
+        )
+
+
 def check_tls(settings: Settings) -> ssl.SSLContext | None:
     """The receiver's TLS context, or None without TLS; ConfigError when it cannot load."""
     r = settings.receiver

@@ -64,6 +64,19 @@ async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
         yield box
 
 
+def upstream_dispatcher(
+    outbox: Outbox, platform: ScriptedPlatform, settings: Settings
+) -> Dispatcher:
+    return Dispatcher(
+        outbox,
+        platform,
+        name="upstream",
+        batching=settings.upstream,
+        retry=settings.retry,
+        metrics=Metrics(),
+    )
+
+
 async def deliver(outbox: Outbox, platform: ScriptedPlatform, ids: list[str]) -> None:
     """Store these events, run a dispatcher until none is waiting, stop it."""
     settings = Settings(
@@ -71,7 +84,7 @@ async def deliver(outbox: Outbox, platform: ScriptedPlatform, ids: list[str]) ->
         retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
     )
     await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ids])
-    dispatcher = Dispatcher(outbox, platform, settings, Metrics())
+    dispatcher = upstream_dispatcher(outbox, platform, settings)
     dispatcher.start()
     try:
         await dispatcher.drained(timeout=30)
@@ -123,7 +136,7 @@ async def test_drained_waits_while_events_wait(outbox: Outbox) -> None:
         retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
     )
     await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ("a", "b")])
-    dispatcher = Dispatcher(outbox, ScriptedPlatform(set(), outages=10**9), settings, Metrics())
+    dispatcher = upstream_dispatcher(outbox, ScriptedPlatform(set(), outages=10**9), settings)
     dispatcher.start()
     try:
         with pytest.raises(TimeoutError):

@@ -11,16 +11,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
-import aiohttp
 import structlog
 from aiohttp import web
 
-from caliper_sidecar.config import Origins, Settings, is_loopback
+from caliper_sidecar.config import UPSTREAM, Origins, Settings, is_loopback
 from caliper_sidecar.delivery.confirmations import JobFollower
 from caliper_sidecar.delivery.dispatcher import Dispatcher
 from caliper_sidecar.delivery.reads import PlatformReader, events_url, read_session
-from caliper_sidecar.delivery.tokens import OAuthTokens, StaticToken, TokenSource
-from caliper_sidecar.delivery.upstream import UpstreamClient
+from caliper_sidecar.delivery.tokens import token_source
+from caliper_sidecar.delivery.upstream import UpstreamClient, delivery_session
 from caliper_sidecar.exceptions import CannotListen, OutboxUnavailable
 from caliper_sidecar.http import admin, connections, ingest, ops, timeback_api
 from caliper_sidecar.http.cors import cross_origin, preflight_routes
@@ -124,17 +123,17 @@ async def running_sidecar(
         )
         metrics = Metrics()
         metrics.observe_commits(lambda: outbox.commits)
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.upstream.concurrency + 2),
-            headers={"User-Agent": "caliper-sidecar"},
-        )
+        session = delivery_session(settings.upstream.concurrency)
         closing.push("upstream session", session.close)
-        tokens: TokenSource = (
-            OAuthTokens(session, settings.oauth, settings.upstream.timeout_s, metrics)
-            if settings.oauth.token_url
-            else StaticToken(settings.upstream.bearer_token)
+        counted = metrics.for_destination(UPSTREAM)
+        tokens = token_source(
+            session,
+            settings.oauth,
+            settings.upstream.bearer_token,
+            settings.upstream.timeout_s,
+            counted,
         )
-        upstream = UpstreamClient(session, settings.upstream, tokens, metrics)
+        upstream = UpstreamClient(session, settings.upstream, tokens, counted)
         reader: PlatformReader | None = None
         listing = events_url(settings.upstream.endpoint)
         if listing is not None:
@@ -144,7 +143,13 @@ async def running_sidecar(
             reader = PlatformReader(reads, listing, settings.upstream.timeout_s, tokens, metrics)
         follower = JobFollower(outbox, upstream, metrics) if upstream.follows_jobs else None
         dispatcher = Dispatcher(
-            outbox, upstream, settings, metrics, follower.track if follower else None
+            outbox,
+            upstream,
+            name=UPSTREAM,
+            batching=settings.upstream,
+            retry=settings.retry,
+            metrics=metrics,
+            on_platform_job=follower.track if follower else None,
         )
         runtime = Runtime(
             settings=settings,

@@ -1,17 +1,22 @@
 """Prometheus metrics, one registry per sidecar (so several can live in one test process).
 
 Counters are counted where things happen. What describes the state (the outbox's depth and
-age, its capacity, the upstream's state, the token's expiry) is not stored in gauges that a
+age, its capacity, each destination's state, its token's expiry) is not stored in gauges that a
 handler sets: a collector reads it from the parts when Prometheus scrapes, from a snapshot of
 the outbox taken for that scrape. `_created` series are off: they doubled the output and no
 alert uses them.
+
+The delivery series carry a `destination` label (`upstream` for [upstream], a destination's
+`name` for each of [[destinations]]): the parts that deliver to one destination count through
+`Metrics.for_destination(name)`, which binds it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from functools import cached_property
+from typing import Final, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +34,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.registry import Collector
 
 from caliper_sidecar import __version__
+from caliper_sidecar.config import UPSTREAM
 from caliper_sidecar.states import DeadLetterReason, JobOutcome, UpstreamState
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -40,8 +46,19 @@ REQUEST_SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 
 
 @dataclass(frozen=True, slots=True)
+class DestinationSnapshot:
+    """One of [[destinations]] at scrape time: its state, and when its token expires (None
+    without OAuth)."""
+
+    name: str
+    state: str = "ok"
+    token_expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The state the scrape-time collector reports: taken once per scrape."""
+    """The state the scrape-time collector reports: taken once per scrape. `upstream_state`
+    and `token_expires_at` are [upstream]'s; `destinations` the others'."""
 
     events: int = 0
     bytes: int = 0
@@ -52,6 +69,12 @@ class Snapshot:
     token_expires_at: float | None = None
     capacity_events: int = 0
     capacity_bytes: int = 0
+    destinations: tuple[DestinationSnapshot, ...] = ()
+
+    def by_destination(self) -> tuple[DestinationSnapshot, ...]:
+        """Every destination's state, [upstream]'s first."""
+        upstream = DestinationSnapshot(UPSTREAM, self.upstream_state, self.token_expires_at)
+        return (upstream, *self.destinations)
 
 
 class _StateCollector(Collector):
@@ -87,14 +110,16 @@ class _StateCollector(Collector):
             ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        destinations = s.by_destination()
         up = GaugeMetricFamily(
             "caliper_sidecar_upstream_state",
-            "1 for the upstream's current state (ok, backing_off, auth_failed, endpoint_failed, "
-            "refusing, unexpected_answer), 0 for the others",
-            labels=["state"],
+            "1 for each destination's current state (ok, backing_off, auth_failed, "
+            "endpoint_failed, refusing, unexpected_answer), 0 for the others",
+            labels=["destination", "state"],
         )
-        for state in UpstreamState:
-            up.add_metric([state], 1.0 if s.upstream_state == state else 0.0)
+        for d in destinations:
+            for state in UpstreamState:
+                up.add_metric([d.name, state], 1.0 if d.state == state else 0.0)
         yield up
         jobs = GaugeMetricFamily(
             "caliper_sidecar_platform_jobs_open",
@@ -105,12 +130,16 @@ class _StateCollector(Collector):
         for job_state in ("waiting", "active", "unconfirmed"):
             jobs.add_metric([job_state], counts.get(job_state, 0))
         yield jobs
-        if s.token_expires_at is not None:
-            yield GaugeMetricFamily(
-                "caliper_sidecar_token_expiry_timestamp_seconds",
-                "When the upstream access token expires (Unix time)",
-                value=s.token_expires_at,
-            )
+        expiry = GaugeMetricFamily(
+            "caliper_sidecar_token_expiry_timestamp_seconds",
+            "When each destination's access token expires (Unix time)",
+            labels=["destination"],
+        )
+        for d in destinations:
+            if d.token_expires_at is not None:
+                expiry.add_metric([d.name], d.token_expires_at)
+        if expiry.samples:  # none without OAuth: no series, rather than a made-up expiry
+            yield expiry
 
 
 class _ObservedCounter(Collector):
@@ -153,24 +182,25 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # The delivery series: by destination (DestinationMetrics binds it).
         self.events_delivered = Counter(
-            "caliper_sidecar_events_delivered", "Events the platform accepted", registry=r
+            "caliper_sidecar_events_delivered",
+            "Events the destination accepted",
+            ["destination"],
+            registry=r,
         )
         self.events_unconfirmed = Counter(
             "caliper_sidecar_events_unconfirmed",
             "Events the platform accepted without a job to confirm them (jobs_url is set)",
+            ["destination"],
             registry=r,
         )
         self.events_dead_lettered = Counter(
             "caliper_sidecar_events_dead_lettered",
             "Events moved to the dead-letter table",
-            ["reason"],
+            ["destination", "reason"],
             registry=r,
         )
-        # Exported at 0 from the start, so that alerts on them see a series before the first
-        # dead letter.
-        for reason in DeadLetterReason:
-            self.events_dead_lettered.labels(reason=reason)
         self.state = _StateCollector()
         r.register(self.state)
         self.build_info = Gauge(
@@ -178,17 +208,21 @@ class Metrics:
         )
         self.build_info.labels(version=__version__).set(1)
         self.in_flight = Gauge(
-            "caliper_sidecar_events_in_flight", "Events in requests to the platform", registry=r
+            "caliper_sidecar_events_in_flight",
+            "Events in requests to the destination",
+            ["destination"],
+            registry=r,
         )
         self.upstream_requests = Counter(
             "caliper_sidecar_upstream_requests",
-            "Requests to the Caliper endpoint, by status code",
-            ["code"],
+            "Requests to the destination's Caliper endpoint, by status code",
+            ["destination", "code"],
             registry=r,
         )
         self.upstream_seconds = Histogram(
             "caliper_sidecar_upstream_request_seconds",
-            "Duration of requests to the Caliper endpoint",
+            "Duration of requests to the destination's Caliper endpoint",
+            ["destination"],
             buckets=REQUEST_SECONDS,
             registry=r,
         )
@@ -227,9 +261,20 @@ class Metrics:
             self.token_requests_refused.labels(reason=refusal)
         self.token_refreshes = Counter(
             "caliper_sidecar_token_refreshes",
-            "Tokens fetched from the OAuth token endpoint",
+            "Tokens fetched from the destination's OAuth token endpoint",
+            ["destination"],
             registry=r,
         )
+        self._destinations: dict[str, DestinationMetrics] = {}
+        self.for_destination(UPSTREAM)
+
+    def for_destination(self, name: str) -> DestinationMetrics:
+        """The delivery series of this destination (`upstream` for [upstream]), its label
+        bound; the same one for the same name."""
+        view = self._destinations.get(name)
+        if view is None:
+            view = self._destinations[name] = DestinationMetrics(self, name)
+        return view
 
     def observe_commits(self, read: Callable[[], int]) -> None:
         """Export the outbox's group-commit count (kept by the outbox, read at scrape time):
@@ -246,3 +291,55 @@ class Metrics:
         if "application/openmetrics-text" in accept:
             return generate_openmetrics(self.registry), OPENMETRICS  # type: ignore[no-untyped-call]
         return generate_latest(self.registry), PROMETHEUS_TEXT
+
+
+class LabelledCounter(Protocol):
+    """A counter family whose remaining labels a call site names (`code`, `reason`): a
+    prometheus Counter, or a destination's with its label bound."""
+
+    def labels(self, **labels: str) -> Counter: ...
+
+
+class _Bound:
+    """A family with `destination` bound: `labels(reason=...)` names the rest."""
+
+    __slots__ = ("_destination", "_family")
+
+    def __init__(self, family: Counter, destination: str) -> None:
+        self._family, self._destination = family, destination
+
+    def labels(self, **labels: str) -> Counter:
+        return self._family.labels(destination=self._destination, **labels)
+
+
+class DestinationMetrics:
+    """One destination's delivery series, by the attribute names of `Metrics`, so that the
+    dispatcher, its client and its tokens count alike whichever destination they serve.
+
+    What every destination has (delivered, dead-lettered by reason, in flight, unconfirmed) is
+    exported at 0 from the start, for alerts and rates; what only a destination with a Caliper
+    endpoint or a token has (request durations, token refreshes) from when the client or the
+    token source that counts them is made, so that an archive exports no request series.
+    """
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        self._metrics = metrics
+        self.events_delivered = metrics.events_delivered.labels(destination=name)
+        self.events_unconfirmed = metrics.events_unconfirmed.labels(destination=name)
+        self.events_dead_lettered: LabelledCounter = _Bound(metrics.events_dead_lettered, name)
+        for reason in DeadLetterReason:
+            self.events_dead_lettered.labels(reason=reason)
+        self.in_flight = metrics.in_flight.labels(destination=name)
+        self.upstream_requests: LabelledCounter = _Bound(metrics.upstream_requests, name)
+
+    @cached_property
+    def upstream_seconds(self) -> Histogram:
+        return self._metrics.upstream_seconds.labels(destination=self.name)
+
+    @cached_property
+    def token_refreshes(self) -> Counter:
+        return self._metrics.token_refreshes.labels(destination=self.name)
+
+    def __repr__(self) -> str:
+        return f"DestinationMetrics({self.name!r})"

@@ -107,7 +107,8 @@ class TestProcessingConfirmation:
         assert "extension not allowed" in dead.response
         assert dead.body  # kept, so that it can be replayed
         metrics = sidecar.runtime.metrics.render()[0].decode()
-        assert 'caliper_sidecar_events_dead_lettered_total{reason="platform_failed"} 1.0' in metrics
+        dead_lettered = 'caliper_sidecar_events_dead_lettered_total{destination="upstream",'
+        assert dead_lettered + 'reason="platform_failed"} 1.0' in metrics
         assert 'caliper_sidecar_platform_jobs_total{outcome="failed"} 1.0' in metrics
 
     async def test_job_that_never_finishes_is_reported(

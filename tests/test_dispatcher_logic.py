@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from caliper_sidecar.config import OutboxSettings, RetrySettings, Settings, UpstreamSettings
+from caliper_sidecar.config import (
+    DestinationSettings,
+    OutboxSettings,
+    RetrySettings,
+    Settings,
+    UpstreamSettings,
+)
 from caliper_sidecar.delivery.dispatcher import Dispatcher
 from caliper_sidecar.delivery.upstream import Sent
 from caliper_sidecar.exceptions import Refused, RetryLater
@@ -64,6 +70,19 @@ async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
         yield box
 
 
+def upstream_dispatcher(
+    outbox: Outbox, platform: ScriptedPlatform, settings: Settings
+) -> Dispatcher:
+    return Dispatcher(
+        outbox,
+        platform,
+        name="upstream",
+        batching=settings.upstream,
+        retry=settings.retry,
+        metrics=Metrics(),
+    )
+
+
 async def deliver(outbox: Outbox, platform: ScriptedPlatform, ids: list[str]) -> None:
     """Store these events, run a dispatcher until none is waiting, stop it."""
     settings = Settings(
@@ -71,7 +90,7 @@ async def deliver(outbox: Outbox, platform: ScriptedPlatform, ids: list[str]) ->
         retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
     )
     await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ids])
-    dispatcher = Dispatcher(outbox, platform, settings, Metrics())
+    dispatcher = upstream_dispatcher(outbox, platform, settings)
     dispatcher.start()
     try:
         await dispatcher.drained(timeout=30)
@@ -123,7 +142,7 @@ async def test_drained_waits_while_events_wait(outbox: Outbox) -> None:
         retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
     )
     await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ("a", "b")])
-    dispatcher = Dispatcher(outbox, ScriptedPlatform(set(), outages=10**9), settings, Metrics())
+    dispatcher = upstream_dispatcher(outbox, ScriptedPlatform(set(), outages=10**9), settings)
     dispatcher.start()
     try:
         with pytest.raises(TimeoutError):
@@ -131,3 +150,40 @@ async def test_drained_waits_while_events_wait(outbox: Outbox) -> None:
         assert (await outbox.stats()).events == 2
     finally:
         await dispatcher.stop(grace_s=1)
+
+
+async def test_a_destination_batches_by_its_keys_and_counts_under_its_name(
+    outbox: Outbox,
+) -> None:
+    """A dispatcher for one of [[destinations]] batches by that destination's keys, logs and
+    counts under its name; the upstream's series stay untouched."""
+    ids = [new_id() for _ in range(10)]
+    await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ids])
+    platform = ScriptedPlatform(refuse={ids[3]})
+    metrics = Metrics()
+    dispatcher = Dispatcher(
+        outbox,
+        platform,
+        name="district-lrs",
+        batching=DestinationSettings(
+            name="district-lrs", kind="caliper", batch_max_events=5, linger_ms=0, concurrency=1
+        ),
+        retry=RetrySettings(initial_backoff_s=0.01, max_backoff_s=0.02),
+        metrics=metrics,
+    )
+    with capture_logs() as logs:
+        dispatcher.start()
+        try:
+            await dispatcher.drained(timeout=30)
+        finally:
+            await dispatcher.stop(grace_s=1)
+    assert max(len(e) for e in platform.envelopes) == 5
+    value = metrics.registry.get_sample_value
+    delivered = "caliper_sidecar_events_delivered_total"
+    assert value(delivered, {"destination": "district-lrs"}) == 9
+    assert value(delivered, {"destination": "upstream"}) == 0
+    refused = {"destination": "district-lrs", "reason": "refused"}
+    assert value("caliper_sidecar_events_dead_lettered_total", refused) == 1
+    lines = [e for e in logs if e["event"] in ("batch_delivered", "event_dead_lettered")]
+    assert lines
+    assert {e["destination"] for e in lines} == {"district-lrs"}

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from caliper_sidecar.app import Sidecar
+from caliper_sidecar.metrics import Metrics, Snapshot
 
 from .conftest import make_events
 
@@ -112,3 +113,47 @@ async def test_the_docs_list_every_metric_exported(sidecar: Sidecar, fake: objec
     unwritten, unknown = sorted(exported - written), sorted(written - exported)
     assert not unwritten, unwritten
     assert not unknown, unknown
+
+
+def delivery_series() -> set[str]:
+    """The series that carry a `destination` label, as a sidecar exports them."""
+    metrics = Metrics()
+    metrics.state.snapshot = Snapshot(token_expires_at=1.0)
+    upstream = metrics.for_destination("upstream")
+    upstream.upstream_requests.labels(code="200").inc()
+    upstream.upstream_seconds.observe(0.1)
+    upstream.token_refreshes.inc()
+    return {
+        re.sub(r"_(bucket|count|sum)$", "", sample.name)
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if "destination" in sample.labels
+    }
+
+
+def test_delivery_alerts_name_their_destination() -> None:
+    """An alert on a delivery series fires per destination and says which: every aggregation
+    keeps `destination`, and the summary names it."""
+    series = delivery_series()
+    assert "caliper_sidecar_upstream_requests_total" in series
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    delivery = [r for r in rules if set(METRIC.findall(r["expr"])) & series]
+    assert len(delivery) >= 8
+    for rule in delivery:
+        assert "{{ $labels.destination }}" in rule["annotations"]["summary"], rule["alert"]
+        for grouping in re.findall(r"\bby \(([^)]*)\)", rule["expr"]):
+            assert "destination" in grouping.split(", "), rule["alert"]
+
+
+def test_dashboard_keeps_destinations_apart() -> None:
+    """Every panel aggregating a delivery series keeps `destination` in its grouping and its
+    legend."""
+    series = delivery_series()
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            if not set(METRIC.findall(target["expr"])) & series:
+                continue
+            assert "{{destination}}" in target["legendFormat"], target["expr"]
+            for grouping in re.findall(r"\bby \(([^)]*)\)", target["expr"]):
+                assert "destination" in grouping.split(", "), target["expr"]

@@ -53,7 +53,9 @@ class TestMetrics:
 
         async def delivered_counted() -> bool:
             async with client.get("/metrics") as resp:
-                return "caliper_sidecar_events_delivered_total 7.0" in await resp.text()
+                return 'caliper_sidecar_events_delivered_total{destination="upstream"} 7.0' in (
+                    await resp.text()
+                )
 
         await eventually(delivered_counted)
         async with client.get("/metrics") as resp:
@@ -62,8 +64,8 @@ class TestMetrics:
         for name in DOCUMENTED_METRICS:
             assert f"\n{name}" in text, name
         assert 'caliper_sidecar_events_received_total{sender=""} 7.0' in text
-        assert 'caliper_sidecar_upstream_requests_total{code="200"}' in text
-        assert "caliper_sidecar_token_refreshes_total 1.0" in text
+        assert 'caliper_sidecar_upstream_requests_total{code="200",destination="upstream"}' in text
+        assert 'caliper_sidecar_token_refreshes_total{destination="upstream"} 1.0' in text
         assert "caliper_sidecar_outbox_commits_total 1.0" in text
         assert "caliper_sidecar_outbox_events 0.0" in text
         assert "process_resident_memory_bytes" in text
@@ -80,10 +82,12 @@ class TestMetrics:
             text = await resp.text()
         assert "caliper_sidecar_outbox_capacity_events 1e+06" in text
         assert "caliper_sidecar_outbox_capacity_bytes" in text
-        assert 'caliper_sidecar_upstream_state{state="ok"} 1.0' in text
-        assert 'caliper_sidecar_upstream_state{state="auth_failed"} 0.0' in text
+        assert 'caliper_sidecar_upstream_state{destination="upstream",state="ok"} 1.0' in text
+        assert (
+            'caliper_sidecar_upstream_state{destination="upstream",state="auth_failed"} 0.0' in text
+        )
         assert 'caliper_sidecar_build_info{version="' in text
-        assert "caliper_sidecar_token_expiry_timestamp_seconds 1." in text
+        assert 'caliper_sidecar_token_expiry_timestamp_seconds{destination="upstream"} 1.' in text
         assert "_created" not in text
 
     async def test_openmetrics_when_asked(self, client: aiohttp.ClientSession) -> None:

@@ -123,7 +123,10 @@ class TestOnlyThePlatformsAnswerIsDelivery:
             assert status_doc["upstream"]["state"] == "unexpected_answer"
             assert "<!DOCTYPE html>" in status_doc["upstream"]["last_error"]
             assert (
-                await metric(client, 'caliper_sidecar_upstream_state{state="unexpected_answer"}')
+                await metric(
+                    client,
+                    'caliper_sidecar_upstream_state{destination="upstream",state="unexpected_answer"}',
+                )
                 == 1
             )
             stats = await sidecar.outbox.stats()
@@ -214,7 +217,11 @@ class TestAFailingEndpointIsNotBadEvents:
             assert status_doc["upstream"]["state"] == "endpoint_failed"
             assert f"HTTP {status}" in status_doc["upstream"]["last_error"]
             assert (
-                await metric(client, 'caliper_sidecar_upstream_state{state="endpoint_failed"}') == 1
+                await metric(
+                    client,
+                    'caliper_sidecar_upstream_state{destination="upstream",state="endpoint_failed"}',
+                )
+                == 1
             )
             fake.faults.refuse_all = None
             await fake.wait_for({e["id"] for e in events})
@@ -249,7 +256,13 @@ class TestARefusalEveryEventGets:
             await post(client, events)
             await eventually(lambda: sidecar.dispatcher.state == "refusing")
             assert (await get(client, "/v1/status"))["upstream"]["state"] == "refusing"
-            assert await metric(client, 'caliper_sidecar_upstream_state{state="refusing"}') == 1
+            assert (
+                await metric(
+                    client,
+                    'caliper_sidecar_upstream_state{destination="upstream",state="refusing"}',
+                )
+                == 1
+            )
             stats = await sidecar.outbox.stats()
             assert (stats.dead_letters, stats.events) == (0, 40)
             fake.faults.refuse_all = None
@@ -317,7 +330,10 @@ class TestProcessingConfirmation:
         journey = await get(client, f"/v1/events/{first['id']}")
         assert journey["state"] == "unconfirmed"
         assert "without a jobId" in journey["unconfirmed_reason"]
-        assert await metric(client, "caliper_sidecar_events_unconfirmed_total") == 2
+        assert (
+            await metric(client, 'caliper_sidecar_events_unconfirmed_total{destination="upstream"}')
+            == 2
+        )
         warnings = [e for e in logs if e["event"] == "platform_answered_without_job"]
         assert len(warnings) == 1
 

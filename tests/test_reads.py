@@ -36,6 +36,10 @@ async def token(client: aiohttp.ClientSession) -> str:
     return await app_token(client)
 
 
+UPSTREAM_REQUESTS = "caliper_sidecar_upstream_requests_total"
+SEND_SECONDS = "caliper_sidecar_upstream_request_seconds_count"
+
+
 def sample(sidecar: Sidecar, name: str, **labels: str) -> float:
     """A metric's value in the sidecar's registry (0 when the series does not exist)."""
     value = sidecar.runtime.metrics.registry.get_sample_value(name, labels)
@@ -97,7 +101,7 @@ class TestOwnConnections:
             fake.faults.reads_open.set()
             statuses = await asyncio.gather(*reads)
         assert statuses == [200] * 12
-        assert sample(sidecar, "caliper_sidecar_upstream_requests_total", code="timeout") == 0
+        assert sample(sidecar, UPSTREAM_REQUESTS, destination="upstream", code="timeout") == 0
 
     async def test_reads_are_counted_apart_from_delivery(
         self,
@@ -109,8 +113,8 @@ class TestOwnConnections:
         """A read counts in `caliper_sidecar_platform_reads_total` and its duration, never in
         the Caliper endpoint's requests or their duration."""
         await deliver(client, token, platform)
-        sends = sample(sidecar, "caliper_sidecar_upstream_requests_total", code="200")
-        send_time = sample(sidecar, "caliper_sidecar_upstream_request_seconds_count")
+        sends = sample(sidecar, UPSTREAM_REQUESTS, destination="upstream", code="200")
+        send_time = sample(sidecar, SEND_SECONDS, destination="upstream")
         platform.fake.faults.read_script.append(ScriptedFault(503, times=1))
         for expected in (503, 200, 200):
             async with client.get("/caliper/events", headers=bearer(token)) as resp:
@@ -118,9 +122,9 @@ class TestOwnConnections:
         assert sample(sidecar, "caliper_sidecar_platform_reads_total", code="200") == 2
         assert sample(sidecar, "caliper_sidecar_platform_reads_total", code="503") == 1
         assert sample(sidecar, "caliper_sidecar_platform_read_seconds_count") == 3
-        assert sample(sidecar, "caliper_sidecar_upstream_requests_total", code="200") == sends
-        assert sample(sidecar, "caliper_sidecar_upstream_requests_total", code="503") == 0
-        assert sample(sidecar, "caliper_sidecar_upstream_request_seconds_count") == send_time
+        assert sample(sidecar, UPSTREAM_REQUESTS, destination="upstream", code="200") == sends
+        assert sample(sidecar, UPSTREAM_REQUESTS, destination="upstream", code="503") == 0
+        assert sample(sidecar, SEND_SECONDS, destination="upstream") == send_time
 
     async def test_reads_never_discard_the_delivery_token(
         self,

@@ -52,7 +52,11 @@ def tokens_for(
     **changes: object,
 ) -> OAuthTokens:
     return OAuthTokens(
-        session, oauth(platform, **changes), 5.0, Metrics(), clock=clock or time.time
+        session,
+        oauth(platform, **changes),
+        5.0,
+        Metrics().for_destination("upstream"),
+        clock=clock or time.time,
     )
 
 
@@ -149,9 +153,12 @@ class TestOAuthTokens:
         self, session: aiohttp.ClientSession, platform: RunningFake
     ) -> None:
         metrics = Metrics()
-        tokens = OAuthTokens(session, oauth(platform), 5.0, metrics)
+        tokens = OAuthTokens(session, oauth(platform), 5.0, metrics.for_destination("upstream"))
         await tokens.bearer()
-        assert b"caliper_sidecar_token_refreshes_total 1.0" in metrics.render()[0]
+        assert (
+            b'caliper_sidecar_token_refreshes_total{destination="upstream"} 1.0'
+            in (metrics.render()[0])
+        )
 
 
 class TestStaticToken:

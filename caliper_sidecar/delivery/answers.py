@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from typing import Final
 
 import aiohttp
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 from yarl import URL
 
 from caliper_sidecar.delivery.backoff import parse_retry_after
 from caliper_sidecar.exceptions import RetryLater
+from caliper_sidecar.metrics import LabelledCounter
 
 #: bytes of an answer read at most: room for a job status listing every event of an envelope
 ANSWER_LIMIT: Final = 1_048_576
@@ -45,7 +46,7 @@ async def exchange(
     who: str,
     headers: Mapping[str, str],
     timeout: aiohttp.ClientTimeout,
-    requests: Counter,
+    requests: LabelledCounter,
     seconds: Histogram,
     body: bytes | None = None,
 ) -> tuple[int, float | None, str]:

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import structlog
 
+from caliper_sidecar.config import UPSTREAM
 from caliper_sidecar.delivery.upstream import Sender
 from caliper_sidecar.exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from caliper_sidecar.metrics import Metrics
@@ -46,12 +47,14 @@ ADOPT_EVERY_S: Final = 10.0
 
 
 class JobFollower:
-    """Polls the platform's jobs and applies what they say to the outbox."""
+    """Polls the platform's jobs and applies what they say to the outbox. Only [upstream]
+    follows jobs: what it dead-letters counts as the `upstream` destination's."""
 
     def __init__(self, outbox: Outbox, upstream: Sender, metrics: Metrics) -> None:
         self._outbox = outbox
         self._upstream = upstream
         self._metrics = metrics
+        self._dead_lettered = metrics.for_destination(UPSTREAM).events_dead_lettered
         #: job id -> (when to look next, current interval, when it was first seen), monotonic
         self._due: dict[str, tuple[float, float, float]] = {}
         self._changed = asyncio.Event()
@@ -162,9 +165,7 @@ class JobFollower:
         state = "failed" if outcome.failed else "completed"
         self._metrics.platform_jobs.labels(outcome=state).inc()
         if dead:
-            self._metrics.events_dead_lettered.labels(reason=DeadLetterReason.PLATFORM_FAILED).inc(
-                dead
-            )
+            self._dead_lettered.labels(reason=DeadLetterReason.PLATFORM_FAILED).inc(dead)
         if outcome.failed:
             log.warning("platform_job_failed", job=job, dead_lettered=dead, reason=outcome.reason)
         else:

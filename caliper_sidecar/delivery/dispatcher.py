@@ -1,5 +1,8 @@
-"""The dispatcher: claims batches from the outbox, sends them, and turns each outcome into an
-outbox operation: acknowledge, retry later, split, or dead-letter.
+"""The dispatcher: claims batches from one destination's queue in the outbox, sends them, and
+turns each outcome into an outbox operation: acknowledge, retry later, split, or dead-letter.
+There is one per destination ([upstream] and each `caliper` one of [[destinations]]): each
+has its own batching, concurrency, circuit, state and metrics, so one that is down or slow
+never holds back another.
 
 How a refused batch is searched for the events the platform refuses, and how a refusal that
 every event gets is told from the events' own, is in `refusals` (pure, tested alone); here is
@@ -11,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, Protocol
 
 import structlog
 
-from caliper_sidecar.config import Settings
+from caliper_sidecar.config import RetrySettings
 from caliper_sidecar.delivery.backoff import Circuit, CircuitState
 from caliper_sidecar.delivery.refusals import Refusals, SplitSearch
 from caliper_sidecar.delivery.upstream import Sender, Sent
@@ -29,38 +32,95 @@ from caliper_sidecar.exceptions import (
     UnexpectedAnswer,
 )
 from caliper_sidecar.metrics import Metrics
-from caliper_sidecar.outbox import Batch, Claim, Outbox, StoredEvent
+from caliper_sidecar.outbox import Batch, Claim, OutboxStats, StoredEvent
 from caliper_sidecar.states import DeadLetterReason, UpstreamState
 
-log = structlog.get_logger("sidecar.dispatcher")
+LOGGER: Final = "sidecar.dispatcher"
+#: the module's logger; a dispatcher logs through its own, which names its destination
+log = structlog.get_logger(LOGGER)
 
 IDLE_POLL_S: Final = 1.0  # also how soon a replay made by another process is noticed
 CLAIM_RETRY_S: Final = 1.0
 
 
+class Batching(Protocol):
+    """The keys a destination batches and sends by: [upstream]'s (UpstreamSettings) or one of
+    [[destinations]] (DestinationSettings)."""
+
+    @property
+    def batch_max_events(self) -> int: ...
+
+    @property
+    def batch_max_bytes(self) -> int: ...
+
+    @property
+    def linger_ms(self) -> int: ...
+
+    @property
+    def concurrency(self) -> int: ...
+
+
+class DeliveryQueue(Protocol):
+    """What the dispatcher does with its destination's queue: the Outbox (for [upstream]), or
+    a destination's own place in it."""
+
+    async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float = 0) -> Batch: ...
+
+    async def extend(self, claim: Claim) -> None: ...
+
+    async def release(self, claim: Claim, seqs: Sequence[int]) -> None: ...
+
+    async def acknowledge(
+        self,
+        claim: Claim,
+        seqs: Sequence[int],
+        platform_job: str | None = None,
+        unconfirmed: str | None = None,
+    ) -> None: ...
+
+    async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None: ...
+
+    async def dead_letter(
+        self, claim: Claim, seqs: Sequence[int], reason: str, status: int | None, response: str
+    ) -> None: ...
+
+    async def wait_appended(self, timeout: float | None) -> None: ...
+
+    async def stats(self) -> OutboxStats: ...
+
+
 class Dispatcher:
-    """Keeps up to `upstream.concurrency` envelopes in flight, no event in two at once.
+    """Keeps up to its destination's `concurrency` envelopes in flight, no event in two at once.
 
     Receive order is kept as far as concurrency and retries allow: batches are claimed oldest
     first, and a failed batch goes back to the head of the queue.
+
+    `name` is the destination's (`upstream` for [upstream]): its log lines and its metrics
+    carry it. `on_platform_job` follows the platform's jobs ([upstream] with `jobs_url` only).
     """
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: DeliveryQueue,
         upstream: Sender,
-        settings: Settings,
+        *,
+        name: str,
+        batching: Batching,
+        retry: RetrySettings,
         metrics: Metrics,
         on_platform_job: Callable[[str], None] | None = None,
     ) -> None:
+        #: the destination's name, as its logs, metrics and status show it
+        self.name = name
+        self._log = structlog.get_logger(LOGGER, destination=name)
         self._outbox = outbox
         self._on_platform_job = on_platform_job
         self._upstream = upstream
-        self._batch = settings.upstream
-        self._retry = settings.retry
-        self._metrics = metrics
-        self._circuit = Circuit(settings.retry.initial_backoff_s, settings.retry.max_backoff_s)
-        self._slots = asyncio.Semaphore(settings.upstream.concurrency)
+        self._batch = batching
+        self._retry = retry
+        self._metrics = metrics.for_destination(name)
+        self._circuit = Circuit(retry.initial_backoff_s, retry.max_backoff_s)
+        self._slots = asyncio.Semaphore(batching.concurrency)
         self._sends: set[asyncio.Task[None]] = set()
         self._bookkeeping: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -71,7 +131,7 @@ class Dispatcher:
         self.in_flight = 0
         #: sends cut short by the last stop (they go out again after a restart)
         self.sends_cut = 0
-        self._refusals = Refusals(settings.retry.refusing_grace_s)
+        self._refusals = Refusals(retry.refusing_grace_s)
         #: an episode of 2xx answers without a jobId although jobs are followed
         self._unconfirmed_episode = False
         #: set when a send finishes or a claim finds nothing: `drained` looks again then
@@ -131,7 +191,7 @@ class Dispatcher:
             except Exception:
                 # A storage error while reading the next batch must not end delivery for the
                 # life of the process: say so, wait, and try again.
-                log.exception("claim_failed", retry_in_s=CLAIM_RETRY_S)
+                self._log.exception("claim_failed", retry_in_s=CLAIM_RETRY_S)
                 self._slots.release()
                 if probe:
                     self._circuit.probe_abandoned()
@@ -156,7 +216,7 @@ class Dispatcher:
         if not task.cancelled() and task.exception() is not None:
             # An outcome that could not be written (a full disk): the outbox released the
             # claims, so the events go out again; at least once, never lost.
-            log.error("outcome_not_recorded", error=repr(task.exception()))
+            self._log.error("outcome_not_recorded", error=repr(task.exception()))
 
     async def _next_batch(self) -> Batch:
         """The next batch worth sending: the outbox claims only what is ready (a full batch,
@@ -194,7 +254,9 @@ class Dispatcher:
                     self._refusal_answered(e)
                     verdict = search.refused(part, e, time.monotonic())
                     if verdict is None:
-                        log.info("batch_split", batch=batch_id, status=e.status, events=len(part))
+                        self._log.info(
+                            "batch_split", batch=batch_id, status=e.status, events=len(part)
+                        )
                         continue
                     if verdict.given_up:
                         self._circuit.succeeded()
@@ -221,7 +283,7 @@ class Dispatcher:
                 self._unconfirmed(sent, len(part))
                 self._metrics.events_delivered.inc(len(part))
                 self._platform_answered()
-                log.info(
+                self._log.info(
                     "batch_delivered",
                     batch=batch_id,
                     events=len(part),
@@ -256,7 +318,7 @@ class Dispatcher:
         reason = f"every event refused alike: {refusal}"
         delay = self._circuit.failed(self._retry.max_backoff_s, probe=probe)
         self._set_state(UpstreamState.REFUSING, reason)
-        log.warning(
+        self._log.warning(
             "batch_refused_alike",
             batch=batch_id,
             events=len(events),
@@ -284,7 +346,7 @@ class Dispatcher:
                 probe,
             )
             self._metrics.events_dead_lettered.labels(reason=DeadLetterReason.REFUSED).inc()
-            log.warning(
+            self._log.warning(
                 "event_dead_lettered",
                 batch=batch_id,
                 event_id=event.id,
@@ -293,7 +355,7 @@ class Dispatcher:
                 response=e.body[:200],
             )
         if refused and self.state == UpstreamState.REFUSING:
-            log.error(
+            self._log.error(
                 "refusal_dead_lettered",
                 grace_s=self._retry.refusing_grace_s,
                 events=len(refused),
@@ -309,7 +371,7 @@ class Dispatcher:
         self._metrics.events_unconfirmed.inc(events)
         if not self._unconfirmed_episode:
             self._unconfirmed_episode = True
-            log.warning("platform_answered_without_job", reason=sent.unconfirmed)
+            self._log.warning("platform_answered_without_job", reason=sent.unconfirmed)
 
     async def _send(self, batch_id: int, part: list[StoredEvent]) -> Sent:
         """Send one envelope; any failure that is not the platform's answer counts as
@@ -319,7 +381,7 @@ class Dispatcher:
         except (Refused, RetryLater, AuthFailed):
             raise
         except Exception as e:
-            log.exception("send_failed_unexpectedly", batch=batch_id)
+            self._log.exception("send_failed_unexpectedly", batch=batch_id)
             raise RetryLater(f"unexpected error while sending: {e!r}") from e
 
     async def _failed(
@@ -342,7 +404,7 @@ class Dispatcher:
         else:
             state = UpstreamState.BACKING_OFF
         self._set_state(state, reason)
-        log.warning(
+        self._log.warning(
             "batch_failed",
             batch=batch_id,
             events=len(events),
@@ -367,7 +429,7 @@ class Dispatcher:
                 self._outbox.dead_letter(claim, [e.seq for e in dead], why, None, reason), False
             )
             self._metrics.events_dead_lettered.labels(reason=why).inc(len(dead))
-            log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
+            self._log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
         if keep:
             await self._bookkeep(
                 self._outbox.record_failure(claim, [e.seq for e in keep], reason), False
@@ -393,17 +455,17 @@ class Dispatcher:
         previous, self.state = self.state, state
         # One line per change of state, not per attempt: an outage of hours is two lines.
         if state == UpstreamState.AUTH_FAILED:
-            log.error("upstream_auth_failed", previous=previous.value, error=error)
+            self._log.error("upstream_auth_failed", previous=previous.value, error=error)
         elif state == UpstreamState.ENDPOINT_FAILED:
-            log.error("upstream_endpoint_failed", previous=previous.value, error=error)
+            self._log.error("upstream_endpoint_failed", previous=previous.value, error=error)
         elif state == UpstreamState.REFUSING:
-            log.error("upstream_refusing", previous=previous.value, error=error)
+            self._log.error("upstream_refusing", previous=previous.value, error=error)
         elif state == UpstreamState.UNEXPECTED_ANSWER:
-            log.error("upstream_unexpected_answer", previous=previous.value, error=error)
+            self._log.error("upstream_unexpected_answer", previous=previous.value, error=error)
         elif state == UpstreamState.BACKING_OFF:
-            log.warning("upstream_backing_off", previous=previous.value, error=error)
+            self._log.warning("upstream_backing_off", previous=previous.value, error=error)
         else:
-            log.info("upstream_recovered", previous=previous.value)
+            self._log.info("upstream_recovered", previous=previous.value)
 
     async def _bookkeep(self, operation: Awaitable[None], probe: bool) -> None:
         """Run an outbox write that must finish even if this send is cancelled.

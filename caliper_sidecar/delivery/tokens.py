@@ -1,4 +1,6 @@
-"""Bearer tokens for the upstream: OAuth2 client credentials, or a static token for chaining.
+"""Bearer tokens for a destination (the upstream, or one of [[destinations]]): OAuth2 client
+credentials, or a static token for chaining. Each destination has its own source: its tokens,
+refreshes and expiry are never another's.
 
 Authlib has no aiohttp client (and its httpx client mishandles client-credentials refresh), so
 its transport-neutral parts do the OAuth work here: `ClientAuth` signs the token request,
@@ -26,7 +28,7 @@ from caliper_sidecar.config import OAuthSettings
 from caliper_sidecar.delivery.answers import read_answer
 from caliper_sidecar.delivery.backoff import parse_retry_after, transient_status
 from caliper_sidecar.exceptions import AuthFailed, ConfigError, RetryLater
-from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.metrics import DestinationMetrics
 
 log = structlog.get_logger("sidecar.tokens")
 
@@ -65,6 +67,20 @@ class StaticToken:
         return None
 
 
+def token_source(
+    session: aiohttp.ClientSession,
+    oauth: OAuthSettings,
+    bearer_token: str,
+    timeout_s: float,
+    metrics: DestinationMetrics,
+) -> TokenSource:
+    """A destination's tokens: OAuth client credentials when its `oauth.token_url` is set,
+    else its static `bearer_token` (or none)."""
+    if oauth.token_url:
+        return OAuthTokens(session, oauth, timeout_s, metrics)
+    return StaticToken(bearer_token)
+
+
 class OAuthTokens:
     """OAuth2 client-credentials tokens, cached and refreshed ahead of expiry.
 
@@ -78,7 +94,7 @@ class OAuthTokens:
         session: aiohttp.ClientSession,
         settings: OAuthSettings,
         timeout_s: float,
-        metrics: Metrics,
+        metrics: DestinationMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         #: the wall clock expiries are reckoned by (tests give one they move by hand)
@@ -87,7 +103,8 @@ class OAuthTokens:
         self._session = session
         self._settings = settings
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._metrics = metrics
+        self._refreshes = metrics.token_refreshes  # exported at 0 from now on
+        self._destination = metrics.name
         self._auth = _client_auth(settings)
         self._token: OAuth2Token | None = None
         self._leeway = settings.refresh_leeway_s
@@ -153,9 +170,10 @@ class OAuthTokens:
         self._expires_at = self._clock() + lifetime if lifetime else None
         # A short-lived token is renewed half-way through, whatever the configured leeway.
         self._leeway = min(self._settings.refresh_leeway_s, lifetime / 2) if lifetime else 0
-        self._metrics.token_refreshes.inc()
+        self._refreshes.inc()
         log.info(
             "token_refreshed",
+            destination=self._destination,
             expires_in=lifetime,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )

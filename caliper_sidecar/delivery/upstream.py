@@ -1,4 +1,5 @@
-"""The HTTP call to the Caliper endpoint, and what its answer means.
+"""The HTTP call to a Caliper endpoint (the upstream's, or a `caliper` destination's), and what
+its answer means.
 
 `UpstreamClient.send` returns when the platform accepted the envelope and otherwise raises the
 outcome the dispatcher acts on: RetryLater (transient; EndpointFailed when the endpoint itself
@@ -25,11 +26,11 @@ from urllib.parse import quote
 import aiohttp
 
 from caliper_sidecar import codec
-from caliper_sidecar.config import UpstreamSettings
+from caliper_sidecar.config import DestinationSettings, UpstreamSettings
 from caliper_sidecar.delivery.answers import exchange
 from caliper_sidecar.delivery.backoff import transient_status
 from caliper_sidecar.delivery.learnwith_form import rewrite_body
-from caliper_sidecar.delivery.tokens import TokenSource
+from caliper_sidecar.delivery.tokens import TokenSource, token_source
 from caliper_sidecar.envelope import build_envelope, envelope_overhead
 from caliper_sidecar.exceptions import (
     AuthFailed,
@@ -38,7 +39,7 @@ from caliper_sidecar.exceptions import (
     RetryLater,
     UnexpectedAnswer,
 )
-from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.metrics import DestinationMetrics, Metrics
 
 RESPONSE_KEPT: Final = 1024  # bytes of a refusal kept with the dead letter
 #: statuses that say the endpoint is wrong or gone, not that these events are
@@ -74,32 +75,75 @@ class Sender(Protocol):
     async def job_status(self, job_id: str) -> dict[str, Any]: ...
 
 
+def delivery_session(concurrency: int) -> aiohttp.ClientSession:
+    """The connections one destination's delivery uses, and no other's: its `concurrency`,
+    and room for its token requests and job polls. The caller closes it."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=concurrency + 2),
+        headers={"User-Agent": "caliper-sidecar"},
+    )
+
+
 def default_sensor() -> str:
     """The envelope's `sensor` when none is configured: stable for this host."""
     return f"urn:caliper-sidecar:{socket.gethostname()}"
 
 
 class UpstreamClient:
-    """Posts envelopes to the Caliper endpoint with a bearer token."""
+    """Posts envelopes to a Caliper endpoint with a bearer token: [upstream]'s (its platform
+    decides the form events leave in and how answers read; it may follow jobs), or a `caliper`
+    destination's (`for_destination`: any Caliper endpoint, events unchanged, no jobs)."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        settings: UpstreamSettings,
+        settings: UpstreamSettings | DestinationSettings,
         tokens: TokenSource,
-        metrics: Metrics,
+        metrics: DestinationMetrics,
     ) -> None:
+        if isinstance(settings, UpstreamSettings):
+            platform, self._jobs_url = settings.platform, settings.jobs_url
+            #: the key an operator fixes when the endpoint is wrong
+            self._endpoint_key = "upstream.endpoint"
+        else:
+            platform, self._jobs_url = "caliper", ""
+            self._endpoint_key = f"the endpoint of destination {settings.name}"
         self._session = session
         self._endpoint = settings.endpoint
-        self._jobs_url = settings.jobs_url
-        self._learnwith_form = settings.platform == "learnwith-ai"
-        self._answers_objects = settings.platform in ANSWER_OBJECTS
+        self._learnwith_form = platform == "learnwith-ai"
+        self._answers_objects = platform in ANSWER_OBJECTS
         self.sensor = settings.sensor or default_sensor()
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
         self._tokens = tokens
-        self._metrics = metrics
+        self._requests = metrics.upstream_requests
+        self._seconds = metrics.upstream_seconds  # exported from now on, at 0
         #: bytes the envelope adds around its events, for the batch size limit
         self.overhead = envelope_overhead(self.sensor)
+
+    @classmethod
+    def for_destination(
+        cls,
+        session: aiohttp.ClientSession,
+        settings: DestinationSettings,
+        metrics: Metrics,
+    ) -> UpstreamClient:
+        """The client of a `caliper` destination: its endpoint, its sensor (config.py gave it
+        upstream.sensor when it has none; else this host's), its `bearer_token` or the OAuth
+        client credentials of its own `oauth` table (tokens and refreshes of its own), its
+        `timeout_s`; counted under its name. Give it a session of its own (`delivery_session`):
+        a slow destination then never holds the connections another one waits for."""
+        if settings.kind != "caliper":
+            raise ValueError(f"destination {settings.name!r} is a {settings.kind}, not caliper")
+        counted = metrics.for_destination(settings.name)
+        tokens = token_source(
+            session, settings.oauth, settings.bearer_token, settings.timeout_s, counted
+        )
+        return cls(session, settings, tokens, counted)
+
+    @property
+    def tokens(self) -> TokenSource:
+        """Where this client's bearer tokens come from (their expiry is in the status)."""
+        return self._tokens
 
     @property
     def follows_jobs(self) -> bool:
@@ -127,7 +171,7 @@ class UpstreamClient:
             raise AuthFailed(f"Caliper endpoint answered HTTP {status}: {text[:200]}")
         if status in ENDPOINT_FAILURES:
             raise EndpointFailed(
-                f"Caliper endpoint answered HTTP {status} (is upstream.endpoint right?): "
+                f"Caliper endpoint answered HTTP {status} (is {self._endpoint_key} right?): "
                 f"{text[:200]}",
                 retry_after,
             )
@@ -193,8 +237,8 @@ class UpstreamClient:
             who="Caliper endpoint",
             headers=headers,
             timeout=self._timeout,
-            requests=self._metrics.upstream_requests,
-            seconds=self._metrics.upstream_seconds,
+            requests=self._requests,
+            seconds=self._seconds,
             body=body,
         )
 

@@ -3,6 +3,8 @@ decision (retry when, refuse which, auth failed why) is carried by the value its
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SidecarError(Exception):
     """Base of every error this package raises on purpose."""
@@ -28,6 +30,11 @@ class OutboxLocked(SidecarError):
 class OutboxUnusable(SidecarError):
     """Raised at start when the outbox file cannot be opened as an outbox (not a database, a
     directory, a place that cannot be written); the message names `outbox.path`."""
+
+
+class ArchiveUnusable(ConfigError):
+    """Raised at start when the archive's `dir` cannot be created or written (a regular file
+    in its path, no permission, a read-only disk); the message names the dir."""
 
 
 class OutboxUnavailable(SidecarError):
@@ -87,6 +94,17 @@ class UnexpectedAnswer(RetryLater):
     """A 2xx that is not the destination's answer (a web filter's page, a captive portal, a
     proxy): nothing was delivered and no event is at fault, so the events stay queued and are
     retried with backoff."""
+
+
+class ArchiveUnavailable(RetryLater):
+    """Raised when events cannot be written to the archive now (a full disk, a dir made
+    unwritable, an I/O error): what was written of them is cut back, none counts as archived,
+    so they stay queued and are retried with backoff. `path` is the file or dir at fault."""
+
+    def __init__(self, reason: str, path: Path, errno: int | None = None) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.errno = errno
 
 
 class Refused(DeliveryOutcome):

@@ -1,6 +1,6 @@
 """The `archive` destination's files: every accepted event as received, one JSON object a line,
 in gzip files by hour of receipt, `YYYY/MM/DD/HH.ndjson.gz` (UTC) under the archive's dir, read
-by `gzip -dc` and by DuckDB's `read_json` (docs/archive.md, docs/guarantees.md).
+by `gzip -dc` and by DuckDB's `read_json` (docs/archive.md).
 
 Each append writes one whole gzip member per file and fsyncs it before it returns: readers take
 a file of concatenated members as one stream, and a crash can tear only the last member, which

@@ -3,6 +3,8 @@ decision (retry when, refuse which, auth failed why) is carried by the value its
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SidecarError(Exception):
     """Base of every error this package raises on purpose."""
@@ -32,6 +34,11 @@ class OutboxUnusable(SidecarError):
 
 class SchemaTooNew(SidecarError):
     """Raised when the outbox (either backend) was written by a newer release than this one."""
+
+
+class ArchiveUnusable(ConfigError):
+    """Raised at start when the archive's `dir` cannot be created or written (a regular file
+    in its path, no permission, a read-only disk); the message names the dir."""
 
 
 class OutboxUnavailable(SidecarError):
@@ -91,6 +98,17 @@ class UnexpectedAnswer(RetryLater):
     """A 2xx that is not the destination's answer (a web filter's page, a captive portal, a
     proxy): nothing was delivered and no event is at fault, so the events stay queued and are
     retried with backoff."""
+
+
+class ArchiveUnavailable(RetryLater):
+    """Raised when events cannot be written to the archive now (a full disk, a dir made
+    unwritable, an I/O error): what was written of them is cut back, none counts as archived,
+    so they stay queued and are retried with backoff. `path` is the file or dir at fault."""
+
+    def __init__(self, reason: str, path: Path, errno: int | None = None) -> None:
+        super().__init__(reason)
+        self.path = path
+        self.errno = errno
 
 
 class Refused(DeliveryOutcome):

@@ -42,6 +42,8 @@ from caliper_sidecar.exceptions import (
     RetryLater,
 )
 
+from .disks import fill_disk, tmpfs
+
 ROOT = Path(__file__).resolve().parents[1]
 #: 2026-03-14T09:00:00Z, the start of an hour
 BASE = calendar.timegm((2026, 3, 14, 9, 0, 0))
@@ -452,7 +454,7 @@ class TestUnwritable:
         filler = small_disk / "filler"
         async with Archive(small_disk / "archive", keep_days=0) as archive:
             await archive.append([event(1, BASE)])
-            fill(filler)
+            fill_disk(filler, 65_536)
             big = [event(n, BASE, pad=os.urandom(2000).hex()) for n in range(2, 200)]
             with pytest.raises(ArchiveUnavailable, match="disk is full") as raised:
                 await archive.append(big)
@@ -466,28 +468,8 @@ class TestUnwritable:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: a filesystem that really fills (root only; skipped elsewhere)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if made.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; test_a_failed_append_leaves_nothing_of_itself")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write until the filesystem refuses: another program filling the disk."""
-    with path.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65_536)
-                f.flush()
-        except OSError:
-            pass
+    with tmpfs(tmp_path, "2m", "test_a_failed_append_leaves_nothing_of_itself") as mount:
+        yield mount
 
 
 json_values = st.recursive(

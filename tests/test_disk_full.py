@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .conftest import (
     settings_for,
     write_config,
 )
+from .disks import fill_disk, tmpfs
 
 
 def padded_events(n: int) -> list[dict[str, object]]:
@@ -55,28 +55,8 @@ async def fill_until_refused(url: str, acknowledged: set[str]) -> tuple[int, dic
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB tmpfs: a filesystem that really fills (root only; skipped elsewhere)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if made.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; test_capped_database covers SQLITE_FULL")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill_disk(path: Path) -> None:
-    """Write until the filesystem refuses: another program filling the disk."""
-    with path.open("wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 1_048_576)
-                f.flush()
-        except OSError:
-            pass
+    with tmpfs(tmp_path, "64m", "test_capped_database covers SQLITE_FULL") as mount:
+        yield mount
 
 
 async def test_disk_filled_by_something_else(

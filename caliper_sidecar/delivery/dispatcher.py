@@ -1,8 +1,8 @@
 """The dispatcher: claims batches from one destination's queue in the outbox, sends them, and
 turns each outcome into an outbox operation: acknowledge, retry later, split, or dead-letter.
-There is one per destination ([upstream] and each `caliper` one of [[destinations]]): each
-has its own batching, concurrency, circuit, state and metrics, so one that is down or slow
-never holds back another.
+It is built per destination, with its own batching, concurrency, circuit, state and metrics,
+so that one that is down or slow never holds back another; today only [upstream] runs one
+([[destinations]] are refused at start until their queues are in the outbox).
 
 How a refused batch is searched for the events the platform refuses, and how a refusal that
 every event gets is told from the events' own, is in `refusals` (pure, tested alone); here is

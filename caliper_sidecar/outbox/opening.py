@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.outbox.outbox import Outbox
 from caliper_sidecar.outbox.sqlite.lock import OutboxLock
-from caliper_sidecar.outbox.sqlite.storage import SqliteStorage
+from caliper_sidecar.outbox.sqlite.storage import RESERVE_BYTES, SqliteStorage
 from caliper_sidecar.outbox.storage import Storage
 
 
@@ -44,9 +44,7 @@ async def open_outbox(
         yield outbox
 
 
-def sqlite_outbox(settings: OutboxSettings, reserve_bytes: int | None = None) -> Outbox:
+def sqlite_outbox(settings: OutboxSettings, reserve_bytes: int = RESERVE_BYTES) -> Outbox:
     """An outbox over the SQLite file of `outbox.path`, not yet opened and not locked (for
     tests and benchmarks that open one file by hand; `run` goes through `open_outbox`)."""
-    if reserve_bytes is None:
-        return Outbox(SqliteStorage(settings), settings)
     return Outbox(SqliteStorage(settings, reserve_bytes), settings)

@@ -26,6 +26,9 @@ class DeadLetterReason(StrEnum):
     MAX_AGE = "max_age"
     #: its platform job failed and named it (or named none)
     PLATFORM_FAILED = "platform_failed"
+    #: a destination with `when_full = "dead_letter"` lagged until its waiting events would
+    #: have filled the outbox
+    DESTINATION_LAGGING = "destination_lagging"
 
 
 class JourneyState(StrEnum):

@@ -81,6 +81,9 @@ async def open_test_outbox(
         await empty(database)
         settings["url"] = database
     lease_s = settings.pop("lease_s", 65.0)  # the outbox's, not a setting
+    destinations = settings.pop("destinations", None)  # the plans `run` would give
     config = OutboxSettings(path=str(tmp_path / "outbox.db"), synchronous="normal", **settings)
-    async with open_outbox(config, exclusive=False, lease_s=lease_s) as box:
+    async with open_outbox(
+        config, exclusive=False, lease_s=lease_s, destinations=destinations
+    ) as box:
         yield box

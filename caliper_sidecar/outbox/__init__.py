@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from caliper_sidecar.outbox.opening import open_outbox, sqlite_outbox
 from caliper_sidecar.outbox.outbox import Outbox
+from caliper_sidecar.outbox.queues import DestinationQueue
 from caliper_sidecar.outbox.records import (
     AppendResult,
     Batch,
     Claim,
     DeadLetter,
+    DestinationPart,
+    DestinationPlan,
+    DestinationStats,
     Journey,
     NewEvent,
     OutboxStats,
@@ -27,6 +31,10 @@ __all__ = [
     "Batch",
     "Claim",
     "DeadLetter",
+    "DestinationPart",
+    "DestinationPlan",
+    "DestinationQueue",
+    "DestinationStats",
     "Journey",
     "NewEvent",
     "Outbox",

@@ -4,10 +4,11 @@ backend-specific (SQLite's one-process file lock, PostgreSQL's connection pool).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.outbox.outbox import Outbox
+from caliper_sidecar.outbox.records import DestinationPlan
 from caliper_sidecar.outbox.sqlite.lock import OutboxLock
 from caliper_sidecar.outbox.sqlite.storage import RESERVE_BYTES, SqliteStorage
 from caliper_sidecar.outbox.storage import Storage
@@ -19,6 +20,7 @@ async def open_outbox(
     exclusive: bool = True,
     lease_s: float = 65.0,
     agreement: Mapping[str, str] | None = None,
+    destinations: Sequence[DestinationPlan] | None = None,
 ) -> AsyncIterator[Outbox]:
     """The outbox of `outbox.url` (PostgreSQL, shared by replicas) or `outbox.path` (SQLite).
 
@@ -27,7 +29,10 @@ async def open_outbox(
     long a replica's claim on events lasts before others may take them over (PostgreSQL; a
     SQLite file has one process, whose claims last as long as it does). `agreement` is what a
     `run` replica on PostgreSQL must have alike with the live ones (it refuses to start
-    otherwise). Everything opened is closed on exit, in reverse order, whatever happens.
+    otherwise). `destinations` is for `run`: each gets its queue, and the stored state is set
+    to them (new ones start at the newest event, removed ones' state is dropped); None leaves
+    the stored state as it is (the inspection commands). Everything opened is closed on exit,
+    in reverse order, whatever happens.
     """
     async with contextlib.AsyncExitStack() as stack:
         storage: Storage
@@ -39,7 +44,7 @@ async def open_outbox(
             if exclusive:
                 stack.enter_context(OutboxLock(settings.path))
             storage = SqliteStorage(settings)
-        outbox = await Outbox(storage, settings).open()
+        outbox = await Outbox(storage, settings, destinations).open()
         stack.push_async_callback(outbox.close)
         yield outbox
 

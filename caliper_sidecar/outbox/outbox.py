@@ -10,14 +10,16 @@ journeys from rows, stats from totals, dead letters replayed or purged in chunks
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.config import UPSTREAM, OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox.grouping import GroupCommit
+from caliper_sidecar.outbox.queues import DestinationQueue
 from caliper_sidecar.outbox.records import (
     DEAD_CHUNK,
     PRUNE_EVERY_S,
@@ -27,6 +29,9 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DestinationPart,
+    DestinationPlan,
+    DestinationStats,
     Journey,
     NewEvent,
     OutboxStats,
@@ -45,8 +50,19 @@ Progress = Callable[[int], None]
 class Outbox:
     """The storage operations an event goes through, in the order it meets them."""
 
-    def __init__(self, storage: Storage, settings: OutboxSettings) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        settings: OutboxSettings,
+        destinations: Sequence[DestinationPlan] | None = None,
+    ) -> None:
         self.storage = storage
+        #: None: the stored destinations' state is left as it is (inspection commands)
+        self._plans = None if destinations is None else list(destinations)
+        #: each [[destinations]] entry's queue, by name
+        self.queues = {
+            plan.name: DestinationQueue(storage, plan.name) for plan in destinations or ()
+        }
         self.max_events = settings.max_events
         self.max_bytes = settings.max_bytes
         #: how often delivered events older than the dedupe window are forgotten
@@ -66,8 +82,16 @@ class Outbox:
     async def open(self) -> Outbox:
         """Open the storage; raises OutboxUnusable or SchemaTooNew with nothing left open."""
         await self.storage.open(self.wake)
+        if self._plans is not None:
+            try:
+                await self.storage.set_destinations(self._plans)
+            except BaseException:
+                await self.storage.close()
+                raise
         self._appends.start()
         self._acks.start()
+        for queue in self.queues.values():
+            queue.start()
         return self
 
     async def close(self) -> None:
@@ -75,6 +99,8 @@ class Outbox:
         OutboxUnavailable."""
         await self._appends.close()
         await self._acks.close()
+        for queue in self.queues.values():
+            await queue.close()
         await self.storage.close()
 
     async def __aenter__(self) -> Outbox:
@@ -133,6 +159,8 @@ class Outbox:
     def wake(self) -> None:
         """Something may be waiting to be sent: a dispatcher in wait_appended looks now."""
         self._appended.set()
+        for queue in self.queues.values():
+            queue.wake()
 
     async def wait_appended(self, timeout: float | None) -> None:
         """Return when events were appended since the last claim, or after the timeout."""
@@ -186,6 +214,17 @@ class Outbox:
         """Move claimed events to the dead-letter table with the reason."""
         await self.storage.dead_letter(claim, seqs, reason, status, response)
 
+    # -- destinations ----------------------------------------------------------------------
+
+    def queue(self, name: str) -> DestinationQueue:
+        """A [[destinations]] entry's queue, for its dispatcher; KeyError for an unknown
+        name."""
+        return self.queues[name]
+
+    async def destination_stats(self, name: str) -> DestinationStats:
+        """One destination's waiting events, oldest age and totals."""
+        return await self.storage.destination_stats(name)
+
     # -- inspection ------------------------------------------------------------------------
 
     async def stats(self) -> OutboxStats:
@@ -205,35 +244,69 @@ class Outbox:
 
     async def journeys(self, ids: Sequence[str]) -> dict[str, Journey]:
         """Where each of these events is (ids the outbox does not know are left out)."""
-        rows, dead = await self.storage.journey_rows([canonical_id(i) for i in ids])
+        wanted = [canonical_id(i) for i in ids]
+        rows, dead = await self.storage.journey_rows(wanted)
         found = {row[0]: journey_of(*row) for row in rows}
+        parts: dict[str, dict[str, DestinationPart]] = {}
         for row in dead:
             letter = DeadLetter(*row[:-2])
-            found[letter.id] = dead_journey(letter, row[-2], row[-1])
+            if letter.destination == UPSTREAM:
+                found[letter.id] = dead_journey(letter, row[-2], row[-1])
+            else:
+                parts.setdefault(letter.id, {})[letter.destination] = DestinationPart(
+                    "dead_lettered",
+                    letter.attempts,
+                    letter.response or None,
+                    letter.reason,
+                )
+        if self.queues:
+            for id_, name, state, attempts, error in await self.storage.destination_journey_rows(
+                wanted
+            ):
+                parts.setdefault(id_, {}).setdefault(
+                    name, DestinationPart(state, int(attempts or 0), error)
+                )
+        for id_, journey in found.items():
+            if id_ in parts:
+                found[id_] = dataclasses.replace(journey, destinations=parts[id_])
         return found
 
     # -- dead letters ----------------------------------------------------------------------
 
-    async def dead_letters(self, limit: int, after: str | None = None) -> list[DeadLetter]:
-        """Dead letters in the order they died, after the given id."""
-        return await self.storage.dead_letters(limit, after)
+    async def dead_letters(
+        self, limit: int, after: str | None = None, destination: str | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters in the order they died, after the given id; of one destination
+        ("upstream" or a [[destinations]] name), or of all (None)."""
+        return await self.storage.dead_letters(limit, after, destination)
 
     async def replay_dead_letters(
-        self, ids: Sequence[str] | None, progress: Progress | None = None
+        self,
+        ids: Sequence[str] | None,
+        progress: Progress | None = None,
+        destination: str | None = None,
     ) -> int:
-        """Put dead letters (these ids, or all when None) back in the queue, a chunk at a
-        time, telling `progress` the running count; returns the count."""
-        return await self._dead_letters_in_chunks(ids, progress, replay=True)
+        """Put dead letters (these ids, or all when None; of one destination, or of all)
+        back in their own destination's queue, a chunk at a time, telling `progress` the
+        running count; returns the count."""
+        return await self._dead_letters_in_chunks(ids, progress, True, destination)
 
     async def purge_dead_letters(
-        self, ids: Sequence[str] | None, progress: Progress | None = None
+        self,
+        ids: Sequence[str] | None,
+        progress: Progress | None = None,
+        destination: str | None = None,
     ) -> int:
-        """Delete dead letters (these ids, or all when None), a chunk at a time; returns the
-        count."""
-        return await self._dead_letters_in_chunks(ids, progress, replay=False)
+        """Delete dead letters (these ids, or all when None; of one destination, or of
+        all), a chunk at a time; returns the count."""
+        return await self._dead_letters_in_chunks(ids, progress, False, destination)
 
     async def _dead_letters_in_chunks(
-        self, ids: Sequence[str] | None, progress: Progress | None, replay: bool
+        self,
+        ids: Sequence[str] | None,
+        progress: Progress | None,
+        replay: bool,
+        destination: str | None,
     ) -> int:
         """DEAD_CHUNK per transaction: one transaction over 100,000 rows held SQLite's write
         lock for seconds, and a running sidecar's ingest waited behind it until it answered
@@ -241,7 +314,7 @@ class Outbox:
         wanted = None if ids is None else [canonical_id(i) for i in ids]
         done = 0
         while True:
-            count = await self.storage.take_dead_letters(wanted, DEAD_CHUNK, replay)
+            count = await self.storage.take_dead_letters(wanted, DEAD_CHUNK, replay, destination)
             if count <= 0:
                 return done
             done += count

@@ -157,7 +157,7 @@ class WriteHealth:
 #: the columns of a dead letter, in the order of DeadLetter's fields
 DEAD_LETTER_COLUMNS: Final = (
     "id, body, reason, status, response, attempts, received_at, "
-    "first_attempt_at, last_attempt_at, dead_lettered_at"
+    "first_attempt_at, last_attempt_at, dead_lettered_at, destination"
 )
 
 
@@ -175,6 +175,46 @@ class DeadLetter:
     first_attempt_at: float | None
     last_attempt_at: float | None
     dead_lettered_at: float
+    #: where it could not go: "upstream", or a [[destinations]] name
+    destination: str = "upstream"
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPlan:
+    """A [[destinations]] entry as the outbox needs it: its name, and whether its waiting
+    events count against the outbox's limits (`when_full = "block"`). One that does not
+    block has its oldest waiting events dead-lettered for it (reason `destination_lagging`)
+    when they would reach the limits, so that ingest goes on."""
+
+    name: str
+    blocks: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStats:
+    """One destination's part of the outbox (status page, metrics, `outbox stats`)."""
+
+    waiting: int
+    oldest_received_at: float | None
+    oldest_age_s: float | None
+    delivered_total: int
+    dead_lettered_total: int
+    dead_letters: int
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPart:
+    """One destination's part of an event's journey: "waiting", "delivered" or
+    "dead_lettered" (with the dead letter's reason), and the failed attempts there."""
+
+    state: str
+    attempts: int = 0
+    last_error: str | None = None
+    reason: str | None = None
+
+
+#: a destination's acknowledgement: the claim and its events
+DestinationAck = tuple[Claim, list[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +260,8 @@ class Journey:
     sensor: str | None = None
     sender: str | None = None
     dead_letter: DeadLetter | None = None
+    #: each [[destinations]] entry's part, by name (empty without destinations)
+    destinations: dict[str, DestinationPart] = field(default_factory=dict)
 
 
 def journey_state(

@@ -18,6 +18,9 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DestinationAck,
+    DestinationPlan,
+    DestinationStats,
     PlatformJobOutcome,
 )
 
@@ -82,14 +85,75 @@ class Storage(Protocol):
         self, ids: list[str]
     ) -> tuple[Sequence[Sequence[Any]], Sequence[Sequence[Any]]]:
         """Rows of JOURNEY_COLUMNS for these ids among the events, and rows of
-        DEAD_LETTER_COLUMNS, sensor, sender among the dead letters."""
+        DEAD_LETTER_COLUMNS, sensor, sender among the dead letters (every destination's)."""
 
-    async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
-        """Dead letters in the order they died, after the given id."""
+    async def dead_letters(
+        self, limit: int, after: str | None, destination: str | None
+    ) -> list[DeadLetter]:
+        """Dead letters in the order they died, after the given id (of that destination, or
+        of all), of one destination or of all (None)."""
 
-    async def take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
-        """Delete up to `limit` of the selected dead letters (all when `ids` is None) in one
-        transaction, stored again as waiting events first when `replay`; how many."""
+    async def take_dead_letters(
+        self, ids: list[str] | None, limit: int, replay: bool, destination: str | None
+    ) -> int:
+        """Delete up to `limit` of the selected dead letters (all when `ids` is None; of one
+        destination, or of all when None) in one transaction; how many. With `replay`, each
+        is first queued again for its own destination only, id unchanged (never refused as a
+        duplicate): for [upstream] as before; for a destination, its place reopened for that
+        event. Dead letters of a destination no longer configured are not replayed (left)."""
+
+    # -- [[destinations]]: each its own place in the queue ---------------------------------
+    # Every accepted event goes to [upstream] and to each destination. A destination's state
+    # is a position (every event at or below it is delivered or dead-lettered there), the
+    # ranges done above it (acknowledgements out of order), attempts only for events that
+    # failed there, and dead letters with its name: little written per event. An event's body
+    # is kept while any destination still needs it, and its row until the lowest position
+    # has passed it (and the dedupe window, as before).
+
+    async def set_destinations(self, plans: Sequence[DestinationPlan]) -> None:
+        """At open: a destination not known yet starts after the newest event (it gets no
+        history); a known one keeps its place; the state of one no longer configured is
+        dropped (its dead letters stay). With none, everything behaves as before."""
+
+    async def destination_claim(
+        self, name: str, max_events: int, max_bytes: int, linger_s: float
+    ) -> Batch:
+        """`claim_batch` for one destination: the oldest events it still needs, unclaimed
+        by its other senders (replicas: leases per destination, as for [upstream])."""
+
+    async def destination_extend(self, name: str, claim: Claim) -> None:
+        """Renew a destination's claim."""
+
+    async def destination_release(self, name: str, claim: Claim, seqs: Sequence[int]) -> None:
+        """Give a destination's claimed events back untouched."""
+
+    async def destination_acks(self, name: str, group: list[DestinationAck]) -> None:
+        """These events reached the destination: done there (outcomes for events a claim no
+        longer holds are not applied), its position moved on, in one transaction."""
+
+    async def destination_failure(
+        self, name: str, claim: Claim, seqs: Sequence[int], error: str
+    ) -> None:
+        """Count a failed attempt at the destination and give the events back."""
+
+    async def destination_dead_letter(
+        self,
+        name: str,
+        claim: Claim,
+        seqs: Sequence[int],
+        reason: str,
+        status: int | None,
+        response: str,
+    ) -> None:
+        """Dead-letter claimed events for this destination only (done there)."""
+
+    async def destination_stats(self, name: str) -> DestinationStats:
+        """One destination's waiting events, oldest age and totals."""
+
+    async def destination_journey_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
+        """(id, destination, state "waiting" or "delivered", attempts, last_error) for these
+        ids and every configured destination, for events still in the queue table (a
+        destination's dead letters come with `journey_rows`)."""
 
     async def job_ids_sent_in(self, platform_job: str) -> list[str]:
         """See `Outbox.job_ids_sent_in`."""

@@ -1,0 +1,292 @@
+"""Each [[destinations]] entry's own place in the outbox, on both backends: every event goes
+to [upstream] and to each destination; one that is down or slow costs the others nothing; an
+event leaves the outbox when every destination has it or has dead-lettered it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from caliper_sidecar.exceptions import OutboxUnavailable
+from caliper_sidecar.outbox import DestinationPlan, NewEvent, Outbox
+
+from .conftest import new_id
+from .outboxes import BACKENDS, fresh_database, open_test_outbox
+
+
+class OpenBox(Protocol):
+    def __call__(self, **settings: Any) -> contextlib.AbstractAsyncContextManager[Outbox]: ...
+
+
+def events(n: int, size: int = 20) -> list[NewEvent]:
+    return [NewEvent(new_id(), b"{" + b"x" * (size - 2) + b"}") for _ in range(n)]
+
+
+def plans(*names: str, blocks: bool = True) -> list[DestinationPlan]:
+    return [DestinationPlan(name, blocks) for name in names]
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def open_box(request: pytest.FixtureRequest, tmp_path: Path) -> OpenBox:
+    """Open this backend's outbox (the same one each time within a test) with settings."""
+    url = request.getfixturevalue("database") if request.param == "postgres" else None
+    first = [True]
+
+    @contextlib.asynccontextmanager
+    async def opening(**settings: Any) -> Any:
+        if request.param == "postgres":
+            assert url is not None
+            if first[0]:
+                async with open_test_outbox("postgres", tmp_path, url, **settings) as box:
+                    first[0] = False
+                    yield box
+                return
+            settings["url"] = url
+        async with _reopen(tmp_path, **settings) as box:
+            yield box
+
+    return opening
+
+
+@contextlib.asynccontextmanager
+async def _reopen(tmp_path: Path, **settings: Any) -> Any:
+    """The same outbox again (SQLite: its file; PostgreSQL: its database, not emptied)."""
+    from caliper_sidecar.config import OutboxSettings
+    from caliper_sidecar.outbox import open_outbox
+
+    lease_s = settings.pop("lease_s", 65.0)
+    destinations = settings.pop("destinations", None)
+    config = OutboxSettings(path=str(tmp_path / "outbox.db"), synchronous="normal", **settings)
+    async with open_outbox(
+        config, exclusive=False, lease_s=lease_s, destinations=destinations
+    ) as box:
+        yield box
+
+
+async def deliver_all(box: Outbox, name: str | None = None) -> list[str]:
+    """Claim and acknowledge everything waiting for [upstream] (None) or a destination; the
+    ids, in the order claimed."""
+    queue = box if name is None else box.queue(name)
+    ids: list[str] = []
+    while True:
+        batch = await queue.claim_batch(50, 1_000_000)
+        if not batch.events:
+            return ids
+        ids += [e.id for e in batch.events]
+        await queue.acknowledge(batch.claim, batch.seqs)
+
+
+class TestEveryEventEverywhere:
+    async def test_every_event_goes_to_upstream_and_each_destination(
+        self, open_box: OpenBox
+    ) -> None:
+        """Each destination claims every accepted event, bodies as received."""
+        async with open_box(destinations=plans("lrs", "archive")) as box:
+            sent = events(5)
+            await box.append(sent)
+            want = [(e.id, e.body) for e in sent]
+            for queue in (box, box.queue("lrs"), box.queue("archive")):
+                batch = await queue.claim_batch(10, 1_000_000)
+                assert [(e.id, e.body) for e in batch.events] == want
+                await queue.acknowledge(batch.claim, batch.seqs)
+            assert (await box.stats()).events == 0
+            for name in ("lrs", "archive"):
+                stats = await box.destination_stats(name)
+                assert (stats.waiting, stats.delivered_total) == (0, 5)
+
+    async def test_a_destination_down_holds_back_no_other(self, open_box: OpenBox) -> None:
+        """While one destination takes nothing, [upstream] and another deliver everything;
+        the one that was down catches up alone, bodies intact."""
+        async with open_box(destinations=plans("lrs", "down")) as box:
+            sent = events(230)
+            for i in range(0, 230, 23):
+                await box.append(sent[i : i + 23])
+            assert await deliver_all(box) == [e.id for e in sent]
+            assert await deliver_all(box, "lrs") == [e.id for e in sent]
+            assert (await box.stats()).events == 0
+            down = await box.destination_stats("down")
+            assert down.waiting == 230
+            assert down.oldest_received_at is not None
+            batch = await box.queue("down").claim_batch(1000, 10_000_000)
+            assert [(e.id, e.body) for e in batch.events] == [(e.id, e.body) for e in sent]
+            await box.queue("down").acknowledge(batch.claim, batch.seqs)
+            assert (await box.destination_stats("down")).waiting == 0
+
+    async def test_destination_acks_out_of_order_survive_a_restart(self, open_box: OpenBox) -> None:
+        """A later batch acknowledged before an earlier one: after a restart only the
+        earlier one is sent again."""
+        async with open_box(destinations=plans("lrs")) as box:
+            sent = events(6)
+            await box.append(sent)
+            queue = box.queue("lrs")
+            first = await queue.claim_batch(2, 1_000_000)
+            second = await queue.claim_batch(2, 1_000_000)
+            third = await queue.claim_batch(2, 1_000_000)
+            await queue.acknowledge(second.claim, second.seqs)
+            await queue.acknowledge(third.claim, third.seqs[:1])
+            assert (await box.destination_stats("lrs")).waiting == 3
+        async with open_box(destinations=plans("lrs")) as box:
+            again = await deliver_all(box, "lrs")
+            assert again == [sent[0].id, sent[1].id, sent[5].id]
+            assert [e.id for e in first.events] == again[:2]
+
+    async def test_a_failure_counts_only_where_it_happened(self, open_box: OpenBox) -> None:
+        """A failed attempt at a destination is counted there, not for [upstream]."""
+        async with open_box(destinations=plans("lrs")) as box:
+            (event,) = events(1)
+            await box.append([event])
+            queue = box.queue("lrs")
+            batch = await queue.claim_batch(10, 1_000_000)
+            await queue.record_failure(batch.claim, batch.seqs, "503 from the LRS")
+            again = await queue.claim_batch(10, 1_000_000)
+            assert [(e.id, e.attempts) for e in again.events] == [(event.id, 1)]
+            mine = await box.claim_batch(10, 1_000_000)
+            assert [e.attempts for e in mine.events] == [0]
+            journey = (await box.journeys([event.id]))[event.id]
+            assert journey.attempts == 0
+            part = journey.destinations["lrs"]
+            assert (part.state, part.attempts, part.last_error) == (
+                "waiting",
+                1,
+                "503 from the LRS",
+            )
+            await queue.acknowledge(again.claim, again.seqs)
+            journey = (await box.journeys([event.id]))[event.id]
+            assert journey.destinations["lrs"].state == "delivered"
+
+
+class TestDeadLettersNameTheirDestination:
+    async def test_destination_dead_letter_is_its_own(self, open_box: OpenBox) -> None:
+        """Dead-lettered at a destination: listed under its name, [upstream] unaffected,
+        replayed to that destination only."""
+        async with open_box(destinations=plans("lrs")) as box:
+            bad, good = events(2)
+            await box.append([bad, good])
+            queue = box.queue("lrs")
+            batch = await queue.claim_batch(10, 1_000_000)
+            await queue.dead_letter(batch.claim, batch.seqs[:1], "refused", 422, "no")
+            await queue.acknowledge(batch.claim, batch.seqs[1:])
+            assert await deliver_all(box) == [bad.id, good.id]
+            (dead,) = await box.dead_letters(10, destination="lrs")
+            assert (dead.id, dead.destination, dead.body) == (bad.id, "lrs", bad.body)
+            assert await box.dead_letters(10, destination="upstream") == []
+            stats = await box.destination_stats("lrs")
+            assert (stats.waiting, stats.dead_letters, stats.dead_lettered_total) == (0, 1, 1)
+            assert (await box.stats()).dead_letters == 0
+            journey = (await box.journeys([bad.id]))[bad.id]
+            assert journey.state == "delivered"
+            assert journey.destinations["lrs"].state == "dead_lettered"
+            assert journey.destinations["lrs"].reason == "refused"
+
+            assert await box.replay_dead_letters(None, destination="lrs") == 1
+            replayed = await queue.claim_batch(10, 1_000_000)
+            assert [(e.id, e.body) for e in replayed.events] == [(bad.id, bad.body)]
+            assert (await box.claim_batch(10, 1_000_000)).events == []
+            await queue.acknowledge(replayed.claim, replayed.seqs)
+            assert (await box.destination_stats("lrs")).dead_letters == 0
+
+    async def test_upstream_dead_letter_still_goes_to_destinations(self, open_box: OpenBox) -> None:
+        """An event [upstream] refuses is dead-lettered there and still delivered to each
+        destination; replayed, it goes to [upstream] only."""
+        async with open_box(destinations=plans("lrs")) as box:
+            (event,) = events(1)
+            await box.append([event])
+            batch = await box.claim_batch(10, 1_000_000)
+            await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")
+            (dead,) = await box.dead_letters(10)
+            assert dead.destination == "upstream"
+            theirs = await box.queue("lrs").claim_batch(10, 1_000_000)
+            assert [(e.id, e.body) for e in theirs.events] == [(event.id, event.body)]
+            await box.queue("lrs").acknowledge(theirs.claim, theirs.seqs)
+            assert await box.replay_dead_letters([event.id], destination="upstream") == 1
+            assert await deliver_all(box) == [event.id]
+            assert (await box.queue("lrs").claim_batch(10, 1_000_000)).events == []
+
+    async def test_purge_names_its_destination(self, open_box: OpenBox) -> None:
+        """Purging one destination's dead letters leaves the others'."""
+        async with open_box(destinations=plans("lrs")) as box:
+            (event,) = events(1)
+            await box.append([event])
+            batch = await box.claim_batch(10, 1_000_000)
+            await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")
+            theirs = await box.queue("lrs").claim_batch(10, 1_000_000)
+            await box.queue("lrs").dead_letter(theirs.claim, theirs.seqs, "refused", 400, "")
+            assert len(await box.dead_letters(10)) == 2
+            assert await box.purge_dead_letters(None, destination="lrs") == 1
+            assert [d.destination for d in await box.dead_letters(10)] == ["upstream"]
+
+
+class TestDestinationsComeAndGo:
+    async def test_new_destination_starts_at_the_newest_event(self, open_box: OpenBox) -> None:
+        """A destination added later gets what arrives from then on, not the history."""
+        async with open_box(destinations=[]) as box:
+            await box.append(events(3))
+        async with open_box(destinations=plans("lrs")) as box:
+            assert (await box.destination_stats("lrs")).waiting == 0
+            later = events(2)
+            await box.append(later)
+            assert await deliver_all(box, "lrs") == [e.id for e in later]
+
+    async def test_removed_destination_is_forgotten(self, open_box: OpenBox) -> None:
+        """A destination removed from the configuration holds nothing back, and one of the
+        same name added again starts afresh."""
+        async with open_box(destinations=plans("lrs")) as box:
+            await box.append(events(3))
+            await deliver_all(box)
+        async with open_box(destinations=[]) as box:
+            assert box.queues == {}
+        async with open_box(destinations=plans("lrs")) as box:
+            assert (await box.destination_stats("lrs")).waiting == 0
+
+    async def test_inspection_leaves_destinations_as_they_are(self, open_box: OpenBox) -> None:
+        """The inspection commands (no plans) neither add nor drop a destination's state."""
+        async with open_box(destinations=plans("lrs")) as box:
+            await box.append(events(3))
+        async with open_box() as box:
+            assert (await box.stats()).events == 3
+        async with open_box(destinations=plans("lrs")) as box:
+            assert (await box.destination_stats("lrs")).waiting == 3
+
+
+class TestLimits:
+    async def test_a_blocking_destination_counts_against_the_limits(
+        self, open_box: OpenBox
+    ) -> None:
+        """when_full = "block": events waiting only for a destination fill the outbox; they
+        are never lost, and its deliveries make room again."""
+        async with open_box(destinations=plans("lrs"), max_events=4) as box:
+            await box.append(events(4))
+            await deliver_all(box)
+            with pytest.raises(OutboxUnavailable, match="full"):
+                await box.append(events(1))
+            assert await box.ping() == "outbox_full"
+            await deliver_all(box, "lrs")
+            assert (await box.append(events(1))).accepted == 1
+
+    async def test_a_lagging_destination_is_dead_lettered_when_it_does_not_block(
+        self, open_box: OpenBox
+    ) -> None:
+        """when_full = "dead_letter": ingest goes on; the lagging destination's oldest
+        events are dead-lettered for it with reason destination_lagging."""
+        async with open_box(destinations=plans("lrs", blocks=False), max_events=4) as box:
+            first = events(4)
+            await box.append(first)
+            await deliver_all(box)
+            assert (await box.append(events(2))).accepted == 2
+            assert await box.ping() is None
+            dead = await box.dead_letters(10, destination="lrs")
+            assert dead
+            assert all(d.reason == "destination_lagging" for d in dead)
+            assert {d.id for d in dead} <= {e.id for e in first}
+            stats = await box.destination_stats("lrs")
+            assert stats.waiting + len(dead) == 6

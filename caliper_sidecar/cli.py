@@ -27,7 +27,7 @@ from caliper_sidecar.config import (
 from caliper_sidecar.exceptions import ConfigError, SidecarError
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.logs import configure_logging
-from caliper_sidecar.preflight import preflight, require_no_destinations
+from caliper_sidecar.preflight import preflight
 from caliper_sidecar.presets import PROFILES
 
 
@@ -334,7 +334,6 @@ def _check_config(args: argparse.Namespace) -> int:
     # warn about, say too.
     for warning in preflight(settings, origins).warnings:
         print(f"caliper-sidecar: warning: {warning}", file=sys.stderr)
-    require_no_destinations(settings)
     return 0
 
 

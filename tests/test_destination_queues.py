@@ -4,6 +4,7 @@ event leaves the outbox when every destination has it or has dead-lettered it.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,6 +164,51 @@ class TestEveryEventEverywhere:
             await queue.acknowledge(again.claim, again.seqs)
             journey = (await box.journeys([event.id]))[event.id]
             assert journey.destinations["lrs"].state == "delivered"
+
+
+class TestRowsOutliveUpstream:
+    async def test_rows_outlive_the_dedupe_window_while_a_destination_needs_them(
+        self, open_box: OpenBox
+    ) -> None:
+        """Pruning after the dedupe window never takes an event a destination has not
+        passed, and an event stored after everything was pruned still reaches it."""
+        async with open_box(destinations=plans("lrs"), dedupe_window_s=0.05) as box:
+            box.prune_every_s = 0
+            sent = events(30)
+            await box.append(sent)
+            await deliver_all(box)
+            await asyncio.sleep(0.2)
+            await box.append(events(1))
+            await deliver_all(box)  # an acknowledgement prunes
+            got = await box.queue("lrs").claim_batch(100, 1_000_000)
+            assert [(e.id, e.body) for e in got.events][:30] == [(e.id, e.body) for e in sent]
+            await box.queue("lrs").acknowledge(got.claim, got.seqs)
+            await asyncio.sleep(0.2)
+            for _ in range(3):
+                await box.append(events(1))
+                await deliver_all(box)  # prunes everything every destination has
+            assert len(await deliver_all(box, "lrs")) == 3
+            after = events(1)
+            await box.append(after)
+            assert await deliver_all(box, "lrs") == [after[0].id]
+
+    async def test_an_event_after_pruning_is_never_taken_for_one_already_passed(
+        self, open_box: OpenBox
+    ) -> None:
+        """The newest event pruned (delivered first, acknowledged out of order) must not
+        give its place in the queue to the next event a destination has already passed."""
+        async with open_box(destinations=plans("lrs"), dedupe_window_s=0.05) as box:
+            box.prune_every_s = 0
+            await box.append(events(2))
+            assert len(await deliver_all(box, "lrs")) == 2
+            first = await box.claim_batch(1, 1_000_000)
+            second = await box.claim_batch(1, 1_000_000)
+            await box.acknowledge(second.claim, second.seqs)
+            await asyncio.sleep(0.2)
+            await box.acknowledge(first.claim, first.seqs)  # prunes what is old enough
+            after = events(1)
+            await box.append(after)
+            assert await deliver_all(box, "lrs") == [after[0].id]
 
 
 class TestDeadLettersNameTheirDestination:

@@ -153,6 +153,50 @@ class TestMigration:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         conn.close()
 
+    async def test_version_4_file_gains_destinations(self, tmp_path: Path) -> None:
+        """A file of the release before [[destinations]] migrates in place: waiting events,
+        dead letters and totals kept, then every destination added gets new events."""
+        from caliper_sidecar.outbox import DestinationPlan, open_outbox
+        from caliper_sidecar.outbox.sqlite.schema import MIGRATIONS, _statements
+
+        path = tmp_path / "v4.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        for migration in MIGRATIONS[:4]:
+            for statement in _statements(migration):
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 4")
+        waiting, dead = events(3), events(1)[0]
+        conn.executemany(
+            "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)",
+            [(e.id, e.body, len(e.body), time.time()) for e in waiting],
+        )
+        conn.execute(
+            "INSERT INTO dead_letters (id, body, received_at, reason, attempts, "
+            "dead_lettered_at) VALUES (?, ?, ?, 'refused', 1, ?)",
+            (dead.id, dead.body, time.time(), time.time()),
+        )
+        conn.execute("UPDATE totals SET dead_letters = 1, dead_lettered_total = 1")
+        conn.close()
+
+        settings = OutboxSettings(path=str(path))
+        plans = [DestinationPlan("lrs")]
+        async with open_outbox(settings, exclusive=False, destinations=plans) as box:
+            stats = await box.stats()
+            assert (stats.events, stats.dead_letters, stats.dead_lettered_total) == (3, 1, 1)
+            (letter,) = await box.dead_letters(10)
+            assert (letter.id, letter.destination) == (dead.id, "upstream")
+            assert (await box.append([dead])).duplicates == 1
+            later = events(2)
+            await box.append(later)
+            batch = await box.queue("lrs").claim_batch(10, 10_000)
+            assert [e.id for e in batch.events] == [e.id for e in later]
+            assert (await box.destination_stats("lrs")).dead_letters == 0
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        conn.close()
+
 
 class TestPruning:
     async def test_delivered_rows_pruned_after_the_window(self, tmp_path: Path) -> None:

@@ -152,6 +152,12 @@ class Outbox:
             return e.reason
         if stats.events >= self.max_events or stats.bytes >= self.max_bytes:
             return "outbox_full"
+        for plan in self._plans or ():
+            # A destination that blocks holds events as [upstream] does (by count).
+            if plan.blocks and (await self.destination_stats(plan.name)).waiting >= (
+                self.max_events
+            ):
+                return "outbox_full"
         return None
 
     # -- waking the dispatcher -------------------------------------------------------------

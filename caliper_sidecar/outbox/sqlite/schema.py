@@ -128,6 +128,98 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     ALTER TABLE events ADD COLUMN sender TEXT;
     ALTER TABLE dead_letters ADD COLUMN sender TEXT;
     """,
+    # 5: [[destinations]], each with its own place in the queue, written little per event: a
+    # position (every seq at or below it is done there), the ranges acknowledged above it,
+    # attempts only for events that failed there, and dead letters naming their destination
+    # (the table is rebuilt: an id may now be dead-lettered once per destination). An event
+    # [upstream] dead-letters stays, marked, while a destination needs it; `only_for` marks an
+    # event queued again for one destination alone (a replayed dead letter whose row was
+    # gone), which every other one skips.
+    """
+    ALTER TABLE events ADD COLUMN only_for TEXT;
+    ALTER TABLE events ADD COLUMN upstream_dead INTEGER;
+    CREATE TABLE destinations (
+        name TEXT PRIMARY KEY,
+        position INTEGER NOT NULL,
+        done INTEGER NOT NULL DEFAULT 0,
+        blocks INTEGER NOT NULL DEFAULT 1,
+        delivered_total INTEGER NOT NULL DEFAULT 0,
+        dead_lettered_total INTEGER NOT NULL DEFAULT 0,
+        dead_letters INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE destination_done (
+        destination TEXT NOT NULL,
+        lo INTEGER NOT NULL,
+        hi INTEGER NOT NULL,
+        PRIMARY KEY (destination, lo)
+    ) WITHOUT ROWID;
+    CREATE TABLE destination_attempts (
+        destination TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        first_attempt_at REAL,
+        last_attempt_at REAL,
+        last_error TEXT,
+        PRIMARY KEY (destination, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE dead_letters_5 (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL,
+        body BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        status INTEGER,
+        response TEXT NOT NULL DEFAULT '',
+        attempts INTEGER NOT NULL,
+        first_attempt_at REAL,
+        last_attempt_at REAL,
+        dead_lettered_at REAL NOT NULL,
+        sensor TEXT,
+        sender TEXT,
+        destination TEXT NOT NULL DEFAULT 'upstream',
+        UNIQUE (id, destination)
+    );
+    INSERT INTO dead_letters_5 (seq, id, body, received_at, reason, status, response,
+        attempts, first_attempt_at, last_attempt_at, dead_lettered_at, sensor, sender)
+    SELECT seq, id, body, received_at, reason, status, response, attempts, first_attempt_at,
+        last_attempt_at, dead_lettered_at, sensor, sender FROM dead_letters;
+    DROP TABLE dead_letters;
+    ALTER TABLE dead_letters_5 RENAME TO dead_letters;
+    CREATE TRIGGER dead_in AFTER INSERT ON dead_letters WHEN NEW.destination = 'upstream' BEGIN
+        UPDATE totals SET dead_letters = dead_letters + 1,
+                          dead_lettered_total = dead_lettered_total + 1;
+    END;
+    CREATE TRIGGER dead_out AFTER DELETE ON dead_letters WHEN OLD.destination = 'upstream' BEGIN
+        UPDATE totals SET dead_letters = dead_letters - 1;
+    END;
+    CREATE TRIGGER destination_dead_in AFTER INSERT ON dead_letters
+    WHEN NEW.destination != 'upstream' BEGIN
+        UPDATE destinations SET dead_letters = dead_letters + 1,
+            dead_lettered_total = dead_lettered_total + 1 WHERE name = NEW.destination;
+    END;
+    CREATE TRIGGER destination_dead_out AFTER DELETE ON dead_letters
+    WHEN OLD.destination != 'upstream' BEGIN
+        UPDATE destinations SET dead_letters = dead_letters - 1 WHERE name = OLD.destination;
+    END;
+    -- A row stored for one destination alone was never waiting for [upstream], and one
+    -- [upstream] dead-lettered was never delivered there.
+    DROP TRIGGER events_in;
+    CREATE TRIGGER events_in AFTER INSERT ON events WHEN NEW.delivered_at IS NULL BEGIN
+        UPDATE totals SET events = events + 1, bytes = bytes + NEW.size;
+    END;
+    DROP TRIGGER events_delivered;
+    CREATE TRIGGER events_delivered AFTER UPDATE OF delivered_at ON events
+    WHEN OLD.delivered_at IS NULL AND NEW.delivered_at IS NOT NULL BEGIN
+        UPDATE totals SET events = events - 1, bytes = bytes - OLD.size,
+                          delivered_total = delivered_total + (NEW.upstream_dead IS NULL);
+    END;
+    DROP TRIGGER events_requeued;
+    CREATE TRIGGER events_requeued AFTER UPDATE OF delivered_at ON events
+    WHEN OLD.delivered_at IS NOT NULL AND NEW.delivered_at IS NULL BEGIN
+        UPDATE totals SET events = events + 1, bytes = bytes + OLD.size,
+                          delivered_total = delivered_total - (OLD.upstream_dead IS NULL);
+    END;
+    """,
 )
 
 VERSION: Final = len(MIGRATIONS)

@@ -32,10 +32,13 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DestinationAck,
+    DestinationPlan,
+    DestinationStats,
     PlatformJobOutcome,
     StoredEvent,
 )
-from caliper_sidecar.outbox.sqlite import writes
+from caliper_sidecar.outbox.sqlite import destinations, writes
 from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.outbox.sqlite.writer import PRAGMAS, Writer
 from caliper_sidecar.outbox.storage import TOTALS
@@ -119,8 +122,11 @@ class SqliteStorage:
         self._wake: Callable[[], None] = lambda: None
         #: seq -> the claim holding it; in memory: after a crash nothing is claimed
         self._claimed: dict[int, str] = {}
-        #: the event at the head of the queue, and when (monotonic) it was first seen there
-        self._head: tuple[int, float] = (-1, 0.0)
+        #: each destination's claims, as `_claimed` is [upstream]'s (None: none configured)
+        self._destination_claims: dict[str, dict[int, str]] | None = None
+        #: per queue ("" for [upstream]), the event at its head and when (monotonic) it was
+        #: first seen there
+        self._heads: dict[str, tuple[int, float]] = {}
         # Three connections, each with its own thread: every write (the writer: ingest,
         # delivery outcomes, dead letters, platform jobs; see `_write`), reads (claims and
         # stats, which never wait behind a write), and checkpoints.
@@ -222,6 +228,9 @@ class SqliteStorage:
                 dedupe_window_s=self.dedupe_window_s,
                 max_events=self.max_events,
                 max_bytes=self.max_bytes,
+                claimed=None
+                if self._destination_claims is None
+                else {name: set(c) for name, c in self._destination_claims.items()},
             )
         )
 
@@ -246,17 +255,29 @@ class SqliteStorage:
             (steady_time(), json.dumps(sorted(self._claimed)), max_events),
         )
         rows = [StoredEvent(*row) for row in await cur.fetchall()]
+        return self._claim_from(rows, self._claimed, "", max_events, max_bytes, linger_s)
+
+    def _claim_from(
+        self,
+        rows: list[StoredEvent],
+        claimed: dict[int, str],
+        queue: str,
+        max_events: int,
+        max_bytes: int,
+        linger_s: float,
+    ) -> Batch:
+        """A batch of these candidates, claimed in `claimed`, when it is worth sending."""
         events, full = fill_batch(rows, max_events, max_bytes)
         if not events:
             return Batch([], False)
-        wait = self._lingering(events[0], linger_s)
+        wait = self._lingering(queue, events[0], linger_s)
         if not full and wait > 0:
             return Batch([], False, ready_in=wait)
         claim = Claim(uuid.uuid4().hex, math.inf)  # one process: a claim never expires
-        self._claimed.update((e.seq, claim.id) for e in events)
+        claimed.update((e.seq, claim.id) for e in events)
         return Batch(events, full, claim)
 
-    def _lingering(self, head: StoredEvent, linger_s: float) -> float:
+    def _lingering(self, queue: str, head: StoredEvent, linger_s: float) -> float:
         """How much longer the oldest waiting event should wait for company.
 
         Measured on the monotonic clock from when this process first saw it at the head of the
@@ -264,17 +285,21 @@ class SqliteStorage:
         (the wall clock stepped back an hour between them), and would otherwise hold every
         batch for an hour. An event that has waited long already (its age) goes at once.
         """
-        if self._head[0] != head.seq:
-            self._head = (head.seq, time.monotonic())
-        lingered = time.monotonic() - self._head[1]
+        seen = self._heads.get(queue)
+        if seen is None or seen[0] != head.seq:
+            seen = self._heads[queue] = (head.seq, time.monotonic())
+        lingered = time.monotonic() - seen[1]
         return min(linger_s - lingered, linger_s - head.age_s)
 
     async def extend(self, claim: Claim) -> None:
         """Nothing to renew: claims of one process live as long as it does."""
 
-    def _owned(self, claim: Claim, seqs: Sequence[int]) -> list[int]:
+    def _owned(
+        self, claim: Claim, seqs: Sequence[int], claimed: dict[int, str] | None = None
+    ) -> list[int]:
         """The seqs this claim still holds; an outcome for the others is not applied."""
-        owned = [seq for seq in seqs if self._claimed.get(seq) == claim.id]
+        held = self._claimed if claimed is None else claimed
+        owned = [seq for seq in seqs if held.get(seq) == claim.id]
         if len(owned) < len(seqs):
             log.warning("claim_lost", claim=claim.id, events=len(seqs) - len(owned))
         return owned
@@ -282,6 +307,105 @@ class SqliteStorage:
     async def release(self, claim: Claim, seqs: Sequence[int]) -> None:
         for seq in self._owned(claim, seqs):
             del self._claimed[seq]
+
+    # -- [[destinations]] -------------------------------------------------------------------
+
+    async def set_destinations(self, plans: Sequence[DestinationPlan]) -> None:
+        await self._write(functools.partial(destinations.set_destinations, plans=plans))
+        self._destination_claims = {plan.name: {} for plan in plans} if plans else None
+
+    def _claims_of(self, name: str) -> dict[int, str]:
+        if self._destination_claims is None or name not in self._destination_claims:
+            raise OutboxUnavailable("unknown_destination", f"no destination named {name}")
+        return self._destination_claims[name]
+
+    @_read_errors_unavailable
+    async def destination_claim(
+        self, name: str, max_events: int, max_bytes: int, linger_s: float
+    ) -> Batch:
+        claimed = self._claims_of(name)
+        cur = await self._require(self._reader).execute(
+            destinations.CLAIM,
+            (name, steady_time(), json.dumps(sorted(claimed)), max_events),
+        )
+        rows = [StoredEvent(*row) for row in await cur.fetchall()]
+        return self._claim_from(rows, claimed, name, max_events, max_bytes, linger_s)
+
+    async def destination_extend(self, name: str, claim: Claim) -> None:
+        """Nothing to renew, as for [upstream]."""
+
+    async def destination_release(self, name: str, claim: Claim, seqs: Sequence[int]) -> None:
+        claimed = self._claims_of(name)
+        for seq in self._owned(claim, seqs, claimed):
+            del claimed[seq]
+
+    async def destination_acks(self, name: str, group: list[DestinationAck]) -> None:
+        claimed = self._claims_of(name)
+        owned = [seq for claim, seqs in group for seq in self._owned(claim, seqs, claimed)]
+        record = functools.partial(destinations.acknowledge, name=name, seqs=owned)
+        await self._write(record, releasing=owned, claimed=claimed)
+
+    async def destination_failure(
+        self, name: str, claim: Claim, seqs: Sequence[int], error: str
+    ) -> None:
+        claimed = self._claims_of(name)
+        owned = self._owned(claim, seqs, claimed)
+        record = functools.partial(
+            destinations.record_failure, name=name, seqs=owned, error=error, now=steady_time()
+        )
+        await self._write(record, releasing=owned, claimed=claimed)
+
+    async def destination_dead_letter(
+        self,
+        name: str,
+        claim: Claim,
+        seqs: Sequence[int],
+        reason: str,
+        status: int | None,
+        response: str,
+    ) -> None:
+        claimed = self._claims_of(name)
+        owned = self._owned(claim, seqs, claimed)
+        move = functools.partial(
+            destinations.dead_letter,
+            name=name,
+            seqs=owned,
+            reason=reason,
+            status=status,
+            response=response,
+            now=steady_time(),
+        )
+        await self._write(move, releasing=owned, claimed=claimed)
+
+    @_read_errors_unavailable
+    async def destination_stats(self, name: str) -> DestinationStats:
+        conn = self._require(self._reader)
+        cur = await conn.execute(
+            "SELECT delivered_total, dead_lettered_total, dead_letters FROM destinations "
+            "WHERE name = ?",
+            (name,),
+        )
+        totals = await cur.fetchone()
+        if totals is None:
+            raise OutboxUnavailable("unknown_destination", f"no destination named {name}")
+        waiting = dict(await self._writer.run(destinations.lags)).get(name, 0)
+        cur = await conn.execute(destinations.OLDEST, (name,))
+        row = await cur.fetchone()
+        oldest = float(row[0]) if row else None
+        return DestinationStats(
+            waiting=waiting,
+            oldest_received_at=oldest,
+            oldest_age_s=None if oldest is None else round(max(0.0, steady_time() - oldest), 3),
+            delivered_total=int(totals[0]),
+            dead_lettered_total=int(totals[1]),
+            dead_letters=int(totals[2]),
+        )
+
+    @_read_errors_unavailable
+    async def destination_journey_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
+        # On the writer's connection: the functions that read positions and ranges are the
+        # ones the writes use (a journey is not a hot path).
+        return await self._writer.run(functools.partial(destinations.journey_rows, ids=ids))
 
     async def record_acks(self, group: list[Ack], prune: bool) -> bool:
         owned = [(self._owned(claim, seqs), job, why) for claim, seqs, job, why in group]
@@ -332,20 +456,31 @@ class SqliteStorage:
         return totals or (), oldest, age, list(await cur.fetchall())
 
     @_read_errors_unavailable
-    async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
+    async def dead_letters(
+        self, limit: int, after: str | None, destination: str | None
+    ) -> list[DeadLetter]:
         cur = await self._require(self._reader).execute(
             f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
-            "WHERE ?1 IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = ?1) "
-            "ORDER BY seq LIMIT ?2",
-            (after, limit),
+            "WHERE (?3 IS NULL OR destination = ?3) AND (?1 IS NULL OR seq > "
+            "(SELECT max(seq) FROM dead_letters WHERE id = ?1 "
+            "AND (?3 IS NULL OR destination = ?3))) ORDER BY seq LIMIT ?2",
+            (after, limit, destination),
         )
         rows = await cur.fetchall()
         return [DeadLetter(*row) for row in rows]
 
-    async def take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
-        return await self._write(
-            functools.partial(writes.take_dead_letters, ids=ids, limit=limit, replay=replay)
+    async def take_dead_letters(
+        self, ids: list[str] | None, limit: int, replay: bool, destination: str | None
+    ) -> int:
+        take = functools.partial(
+            writes.take_dead_letters,
+            ids=ids,
+            limit=limit,
+            replay=replay,
+            destination=destination,
+            now=steady_time(),
         )
+        return await self._write(take)
 
     # -- processing confirmation -----------------------------------------------------------
 
@@ -432,7 +567,10 @@ class SqliteStorage:
         return conn
 
     async def _write(
-        self, work: Callable[[sqlite3.Connection], _R], releasing: Sequence[int] = ()
+        self,
+        work: Callable[[sqlite3.Connection], _R],
+        releasing: Sequence[int] = (),
+        claimed: dict[int, str] | None = None,
     ) -> _R:
         """`work` in one transaction on the writer's connection, in its thread, in one
         hand-off; a write that fails raises OutboxUnavailable. Claims in `releasing` are
@@ -455,8 +593,9 @@ class SqliteStorage:
         except sqlite3.Error as e:
             raise await self._storage_failure(e) from e
         finally:
+            held = self._claimed if claimed is None else claimed
             for seq in releasing:
-                self._claimed.pop(seq, None)
+                held.pop(seq, None)
 
     async def _checkpoint_often(self) -> None:
         """Copy the WAL into the database every CHECKPOINT_EVERY_S, off the write paths.

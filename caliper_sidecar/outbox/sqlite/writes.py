@@ -20,6 +20,7 @@ from caliper_sidecar.outbox.records import (
     PlatformJobOutcome,
     new_per_append,
 )
+from caliper_sidecar.outbox.sqlite import destinations
 from caliper_sidecar.states import DeadLetterReason
 
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
@@ -34,15 +35,22 @@ def insert_appends(
     dedupe_window_s: float,
     max_events: int,
     max_bytes: int,
+    claimed: dict[str, set[int]] | None = None,
 ) -> list[AppendResult | OutboxUnavailable]:
     """A group commit's appends: known ids skipped, capacity checked per append (all of it or
-    none), one packed insert."""
+    none), one packed insert. `claimed`: what each destination has in flight (left alone
+    when a lagging one is shed)."""
     all_ids = [e.id for events, _ in group for e in events]
     known = {
         row[0] for row in conn.execute(_KNOWN_IDS, (json.dumps(all_ids), now - dedupe_window_s))
     }
     row = conn.execute("SELECT events, bytes FROM totals").fetchone()
     depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
+    if claimed is not None:
+        destinations.shed_lagging(conn, len(all_ids), max_events, claimed, now)
+        # A destination that blocks holds events the way [upstream] does (by count: their
+        # bytes are [upstream]'s or already delivered there).
+        depth = max([depth, *(waiting for _, waiting in destinations.lags(conn, True))])
     plan = new_per_append(
         [events for events, _ in group], known, depth, size, max_events, max_bytes
     )
@@ -81,7 +89,7 @@ def record_acks(
     done = [seq for acked, job, why in group if job is None and why is None for seq in acked]
     if done:
         conn.execute(
-            f"UPDATE events SET delivered_at = ?1, body = x'', {_ATTEMPT} "
+            f"UPDATE events SET delivered_at = ?1, body = {_EMPTIED}, {_ATTEMPT} "
             "WHERE seq IN (SELECT value FROM json_each(?2)) AND delivered_at IS NULL",
             (now, json.dumps(done)),
         )
@@ -92,7 +100,7 @@ def record_acks(
         # that can never be confirmed keeps only the reason.
         conn.execute(
             f"UPDATE events SET delivered_at = ?1, platform_job = ?2, unconfirmed = ?3, "
-            f"{_ATTEMPT}, body = CASE WHEN ?2 IS NULL THEN x'' ELSE body END "
+            f"{_ATTEMPT}, body = CASE WHEN ?2 IS NULL THEN {_EMPTIED} ELSE body END "
             "WHERE seq IN (SELECT value FROM json_each(?4)) AND delivered_at IS NULL",
             (now, job, why, json.dumps(list(acked))),
         )
@@ -118,22 +126,35 @@ def record_failure(conn: sqlite3.Connection, seqs: Sequence[int], error: str, no
 
 
 def take_dead_letters(
-    conn: sqlite3.Connection, ids: list[str] | None, limit: int, replay: bool
+    conn: sqlite3.Connection,
+    ids: list[str] | None,
+    limit: int,
+    replay: bool,
+    destination: str | None,
+    now: float,
 ) -> int:
-    """Delete up to `limit` of the selected dead letters (all when `ids` is None), stored again
-    as waiting events first when `replay`; how many."""
-    where, params = ("1", ()) if ids is None else (_IN_JSON, (json.dumps(ids),))
+    """Delete up to `limit` of the selected dead letters (all when `ids` is None; of one
+    destination or all), each queued again for its own destination first when `replay`;
+    how many."""
+    where, params = "1", []
+    if ids is not None:
+        where, params = _IN_JSON, [json.dumps(ids)]
+    if destination is not None:
+        where += " AND destination = ?"
+        params.append(destination)
+    if replay:
+        # A destination no longer configured has no queue to go back to: its letters stay.
+        where += " AND (destination = 'upstream' OR destination IN (SELECT name FROM destinations))"
     rows = conn.execute(
-        f"SELECT seq FROM dead_letters WHERE {where} ORDER BY seq LIMIT {limit}", params
+        "SELECT seq, id, destination, body, received_at, sensor, sender FROM dead_letters "
+        f"WHERE {where} ORDER BY seq LIMIT {limit}",
+        params,
     ).fetchall()
     seqs = json.dumps([r[0] for r in rows])
     if replay:
-        conn.execute(
-            "INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender) "
-            "SELECT id, body, length(body), received_at, sensor, sender FROM dead_letters "
-            "WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq",
-            (seqs,),
-        )
+        fanned = destinations.has_destinations(conn)
+        for row in rows:
+            destinations.reopen(conn, tuple(row), now, fanned)
     cur = conn.execute(
         "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))", (seqs,)
     )
@@ -164,6 +185,15 @@ def move_to_dead_letters(
         """,
         (reason, status, response[:1024], now, wanted),
     )
+    if destinations.has_destinations(conn):
+        # Still on its way to the destinations: out of [upstream]'s queue, not out of the
+        # table (pruned once every destination has it, as a delivered event is).
+        conn.execute(
+            "UPDATE events SET delivered_at = ?, upstream_dead = 1 "
+            "WHERE seq IN (SELECT value FROM json_each(?))",
+            (now, wanted),
+        )
+        return
     conn.execute("DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))", (wanted,))
 
 
@@ -178,7 +208,7 @@ def finish_platform_job(
     split = outcome.split([(int(seq), str(id_)) for seq, id_ in rows])
     failing, again = split.failing, split.again
     conn.executemany(
-        "UPDATE events SET platform_id = ?2, confirmed_at = ?3, body = x'' WHERE seq = ?1",
+        f"UPDATE events SET platform_id = ?2, confirmed_at = ?3, body = {_EMPTIED} WHERE seq = ?1",
         [(seq, platform_id, now) for seq, platform_id in split.confirmed],
     )
     if failing:
@@ -217,11 +247,15 @@ def immediate(conn: sqlite3.Connection) -> Iterator[None]:
 def prune_delivered(conn: sqlite3.Connection, cutoff: float) -> bool:
     """Forget delivered events older than the dedupe window, a chunk per acknowledgement so
     that no single commit grows large; True (done for now) when a chunk comes back short."""
-    # Events whose platform job is still followed stay, however old.
+    # Events whose platform job is still followed stay, however old; so do those a
+    # destination still needs, and (with destinations) the newest row: SQLite gives a new row
+    # the highest seq plus one, which must never be a seq a position has already passed.
     cur = conn.execute(
         "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
         "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
-        "WHERE p.id = events.platform_job AND p.state != 'unconfirmed') "
+        f"WHERE p.id = events.platform_job AND p.state != 'unconfirmed') AND NOT {_KEPT} "
+        "AND (NOT EXISTS (SELECT 1 FROM destinations) "
+        "OR seq < (SELECT max(seq) FROM events)) "
         "ORDER BY delivered_at LIMIT ?2)",
         (cutoff, PRUNE_CHUNK),
     )
@@ -252,6 +286,10 @@ _PACKED_INSERT: Final = """
         value ->> 4
     FROM json_each(?1)
 """
+#: an event some destination has not passed yet (its body and row are kept for it)
+_KEPT: Final = "seq > (SELECT coalesce(min(position), 9223372036854775807) FROM destinations)"
+#: a body once [upstream] is done with it: emptied, unless a destination still needs it
+_EMPTIED: Final = f"CASE WHEN {_KEPT} THEN body ELSE x'' END"
 #: the send that succeeded counts as an attempt (?1 is the time)
 _ATTEMPT: Final = (
     "attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?1), "

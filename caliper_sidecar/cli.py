@@ -25,14 +25,14 @@ from caliper_sidecar.config import (
     render_toml,
     tokens_of,
 )
-from caliper_sidecar.exceptions import ConfigError, SidecarError
+from caliper_sidecar.exceptions import ConfigError, OutboxUnavailable, SidecarError
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.logs import configure_logging
 from caliper_sidecar.preflight import preflight
 from caliper_sidecar.presets import PROFILES
 
 if TYPE_CHECKING:
-    from caliper_sidecar.outbox import Journey
+    from caliper_sidecar.outbox import DestinationStats, Journey, Outbox
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,7 +373,7 @@ def _outbox_stats(args: argparse.Namespace) -> int:
             stats = await outbox.stats()
             # The configuration names the destinations: the outbox is opened without them (an
             # inspection leaves their stored state as it is).
-            theirs = [(d, await outbox.destination_stats(d.name)) for d in settings.destinations]
+            theirs = [(d, await _destination_stats(outbox, d.name)) for d in settings.destinations]
         destinations: list[dict[str, Any]] = [
             {
                 "name": UPSTREAM,
@@ -395,6 +395,9 @@ def _outbox_stats(args: argparse.Namespace) -> int:
                 "dead_letters": s.dead_letters,
                 "dead_lettered_total": s.dead_lettered_total,
             }
+            if s is not None
+            # Configured, but no `run` has started with it yet: it has no place in the queue.
+            else dict.fromkeys(NUMBERS, None) | {"name": d.name, "kind": d.kind}
             for d, s in theirs
         ]
         report: dict[str, Any] = {
@@ -418,15 +421,38 @@ def _outbox_stats(args: argparse.Namespace) -> int:
             # One line per destination, [upstream]'s first: what each still has to take.
             names = max(len(d["name"]) for d in destinations)
             for d in destinations:
+                start = f"destination {d['name']:<{names}}  {d['kind']:<7}"
+                if d["waiting"] is None:
+                    print(f"{start}  not started yet (no `run` with it so far)")
+                    continue
                 print(
-                    f"destination {d['name']:<{names}}  {d['kind']:<7}  waiting {d['waiting']}"
-                    f"  oldest {d['oldest_received_at'] or '-'}"
+                    f"{start}  waiting {d['waiting']}  oldest {d['oldest_received_at'] or '-'}"
                     f"  delivered {d['delivered_total']}  dead letters {d['dead_letters']}"
                     f" (dead-lettered in all {d['dead_lettered_total']})"
                 )
         return 0
 
     return asyncio.run(go())
+
+
+#: a destination's figures in `outbox stats --json`
+NUMBERS = (
+    "waiting",
+    "oldest_received_at",
+    "delivered_total",
+    "dead_letters",
+    "dead_lettered_total",
+)
+
+
+async def _destination_stats(outbox: Outbox, name: str) -> DestinationStats | None:
+    """A destination's figures, or None when the outbox does not know it yet."""
+    try:
+        return await outbox.destination_stats(name)
+    except OutboxUnavailable as e:
+        if e.reason == "unknown_destination":
+            return None
+        raise
 
 
 def _dead_list(args: argparse.Namespace) -> int:

@@ -1,0 +1,329 @@
+"""[[destinations]] in a running sidecar (docs/destinations.md, docs/guarantees.md): every
+accepted event goes to [upstream] and to each destination, each at its own pace; a destination
+down costs the others nothing; each has its state, journey part and dead letters. Real parts:
+the sidecar in-process over a SQLite file, two fake Caliper endpoints on real ports, an archive
+on disk read back with `gzip -dc`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import msgspec
+import pytest
+
+from caliper_sidecar.app import Sidecar, start
+from caliper_sidecar.config import DestinationSettings, Settings
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake, start_fake
+
+from .conftest import eventually, make_events, settings_for
+
+DISTRICT_TOKEN = "district-lrs-static-token-0123456789"
+
+
+@pytest.fixture
+async def district() -> AsyncIterator[RunningFake]:
+    """A second Caliper endpoint, the district's, which knows only its own static token."""
+    running = await start_fake(FakeTimeBack(client_id="district", client_secret="not-used"))
+    running.fake.tokens[DISTRICT_TOKEN] = time.time() + 3600
+    yield running
+    await running.close()
+
+
+def with_destinations(
+    platform: RunningFake,
+    district: RunningFake,
+    tmp_path: Path,
+    when_full: Literal["block", "dead_letter"] = "block",
+    **sections: dict[str, Any],
+) -> Settings:
+    """The test sidecar's settings, with the district's endpoint and an archive."""
+    return msgspec.structs.replace(
+        settings_for(platform, tmp_path, **sections),
+        destinations=(
+            DestinationSettings(
+                name="district-lrs",
+                kind="caliper",
+                endpoint=district.events_url,
+                bearer_token=DISTRICT_TOKEN,
+                linger_ms=20,
+                timeout_s=5,
+                when_full=when_full,
+            ),
+            DestinationSettings(name="archive", kind="archive", dir=str(tmp_path / "archive")),
+        ),
+    )
+
+
+@pytest.fixture
+async def sidecar(platform: RunningFake, district: RunningFake, tmp_path: Path) -> Any:
+    running = await start(with_destinations(platform, district, tmp_path))
+    yield running
+    await running.stop()
+
+
+async def post(sidecar: Sidecar, events: list[dict[str, Any]]) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{sidecar.url}/v1/events", json=events) as resp,
+    ):
+        await resp.read()
+        return resp.status
+
+
+async def get(sidecar: Sidecar, path: str, **params: str) -> Any:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{sidecar.url}{path}", params=params) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+def hour_files(directory: Path) -> list[str]:
+    files = sorted(str(p) for p in directory.glob("*/*/*/*.ndjson.gz"))
+    assert files, f"no archive files in {directory}"
+    return files
+
+
+async def gzip_dc(directory: Path) -> list[dict[str, Any]]:
+    """Every archived event, as the real `gzip -dc` reads all the hour files; it must have
+    nothing to complain of (no torn member)."""
+    files = hour_files(directory)
+    child = await asyncio.create_subprocess_exec(
+        "gzip",
+        "-dc",
+        *files,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def status_of(status: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [d for d in status["destinations"] if d["name"] == name]
+    return found
+
+
+class TestEveryEventEverywhere:
+    async def test_events_reach_upstream_the_district_and_the_archive(
+        self, sidecar: Sidecar, fake: FakeTimeBack, district: RunningFake, tmp_path: Path
+    ) -> None:
+        """Each accepted event reaches [upstream], the district's endpoint (with its own token,
+        events unchanged) and the archive's files, once each."""
+        events = make_events(30)
+        ids = {e["id"] for e in events}
+        assert await post(sidecar, events[:10]) == 202
+        assert await post(sidecar, events[10:]) == 202
+        await fake.wait_for(ids)
+        await district.fake.wait_for(ids)
+        await sidecar.dispatchers["archive"].drained(30)
+        assert {i: district.fake.received[i] for i in ids} == {e["id"]: e for e in events}
+        archived = await gzip_dc(tmp_path / "archive")
+        assert sorted(archived, key=lambda e: e["id"]) == sorted(events, key=lambda e: e["id"])
+        assert (fake.duplicates, district.fake.duplicates) == (0, 0)
+        for name in ("district-lrs", "archive"):
+            stats = await sidecar.outbox.destination_stats(name)
+            assert (stats.waiting, stats.delivered_total) == (0, 30), name
+
+    async def test_without_destinations_only_upstream_runs(
+        self, platform: RunningFake, tmp_path: Path
+    ) -> None:
+        """A configuration without [[destinations]] runs [upstream]'s dispatcher alone, and
+        its status lists [upstream] alone."""
+        sidecar = await start(settings_for(platform, tmp_path))
+        try:
+            assert list(sidecar.dispatchers) == ["upstream"]
+            status = await get(sidecar, "/v1/status")
+            assert [d["name"] for d in status["destinations"]] == ["upstream"]
+        finally:
+            await sidecar.stop()
+
+
+class TestOneDownCostsTheOthersNothing:
+    async def test_a_district_down_for_long_catches_up_alone(
+        self, sidecar: Sidecar, fake: FakeTimeBack, district: RunningFake, tmp_path: Path
+    ) -> None:
+        """While the district answers 503 to everything, [upstream] and the archive take every
+        event, round after round; the district is backing off with them all waiting, none
+        dead-lettered. Back up, it catches up alone: [upstream] is sent nothing again."""
+        district.fake.fail_next(503, times=1_000_000)
+        sent: list[dict[str, Any]] = []
+        for _ in range(5):
+            events = make_events(40)
+            sent += events
+            assert await post(sidecar, events) == 202
+            await fake.wait_for({e["id"] for e in events})
+        ids = {e["id"] for e in sent}
+        await sidecar.dispatchers["archive"].drained(30)
+        await eventually(lambda: sidecar.dispatchers["district-lrs"].state == "backing_off")
+
+        status = await get(sidecar, "/v1/status")
+        district_status = status_of(status, "district-lrs")
+        assert district_status["kind"] == "caliper"
+        assert district_status["state"] == "backing_off"
+        assert district_status["waiting"] == 200
+        assert "503" in district_status["last_error"]
+        assert district_status["oldest_age_s"] >= 0
+        assert (status_of(status, "upstream")["waiting"], status["upstream"]["state"]) == (0, "ok")
+        assert status_of(status, "archive")["delivered_total"] == 200
+        journey = await get(sidecar, f"/v1/events/{sent[0]['id']}")
+        assert journey["state"] == "delivered"
+        part = journey["destinations"]["district-lrs"]
+        assert part["state"] == "waiting"
+        assert part["attempts"] >= 1
+        assert "503" in part["last_error"]
+        assert journey["destinations"]["archive"]["state"] == "delivered"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{sidecar.url}/metrics") as resp,
+        ):
+            metrics = await resp.text()
+        assert (
+            'caliper_sidecar_upstream_state{destination="district-lrs",state="backing_off"} 1.0'
+            in metrics
+        )
+        assert 'caliper_sidecar_upstream_state{destination="archive",state="ok"} 1.0' in metrics
+        assert 'caliper_sidecar_upstream_state{destination="upstream",state="ok"} 1.0' in metrics
+        assert district.fake.received == {}
+
+        upstream_envelopes = fake.envelopes
+        district.fake.faults.script.clear()  # the district is back
+        await district.fake.wait_for(ids)
+        await sidecar.dispatchers["district-lrs"].drained(30)
+        assert fake.envelopes == upstream_envelopes
+        assert fake.duplicates == 0
+        assert await sidecar.outbox.dead_letters(10, destination="district-lrs") == []
+        assert len(await gzip_dc(tmp_path / "archive")) == 200
+        await eventually(lambda: sidecar.dispatchers["district-lrs"].state == "ok")
+
+
+class TestDeadLettersByDestination:
+    async def test_refused_at_the_district_only(
+        self, sidecar: Sidecar, fake: FakeTimeBack, district: RunningFake
+    ) -> None:
+        """An event the district refuses is dead-lettered there alone: its journey says so,
+        [upstream] and the archive have it, the admin routes list, replay and purge by
+        destination, and a replay to the district sends it there only."""
+        events = make_events(5)
+        bad = events[2]["id"]
+        district.fake.faults.refuse_ids = {bad}
+        assert await post(sidecar, events) == 202
+        await fake.wait_for({e["id"] for e in events})
+        await sidecar.dispatchers["district-lrs"].drained(30)
+        await sidecar.dispatchers["archive"].drained(30)
+
+        journey = await get(sidecar, f"/v1/events/{bad}")
+        assert journey["state"] == "delivered"
+        assert "dead_letter" not in journey
+        assert journey["destinations"]["district-lrs"]["state"] == "dead_lettered"
+        assert journey["destinations"]["district-lrs"]["reason"] == "refused"
+        assert journey["destinations"]["archive"]["state"] == "delivered"
+
+        listed = await get(sidecar, "/v1/dead-letters")
+        assert [(d["id"], d["destination"]) for d in listed["dead_letters"]] == [
+            (bad, "district-lrs")
+        ]
+        assert listed["dead_letters"][0]["status"] == 422
+        upstream = await get(sidecar, "/v1/dead-letters", destination="upstream")
+        assert upstream["dead_letters"] == []
+        status = await get(sidecar, "/v1/status")
+        assert status_of(status, "district-lrs")["dead_letters"] == 1
+        assert status_of(status, "district-lrs")["dead_lettered_total"] == 1
+        assert status["outbox"]["dead_letters"] == 0
+
+        district.fake.faults.refuse_ids = set()
+        upstream_envelopes = fake.envelopes
+        async with aiohttp.ClientSession(base_url=sidecar.url) as http:
+            async with http.post(
+                "/v1/dead-letters/purge", json={"all": True, "destination": "upstream"}
+            ) as resp:
+                assert await resp.json() == {"purged": 0}
+            async with http.post(
+                "/v1/dead-letters/replay", json={"all": True, "destination": "nowhere"}
+            ) as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"] == "unknown_destination"
+            async with http.post(
+                "/v1/dead-letters/replay", json={"ids": [bad], "destination": "district-lrs"}
+            ) as resp:
+                assert await resp.json() == {"replayed": 1}
+        await district.fake.wait_for({bad})
+        await sidecar.dispatchers["district-lrs"].drained(30)
+        assert fake.envelopes == upstream_envelopes
+        journey = await get(sidecar, f"/v1/events/{bad}")
+        assert journey["destinations"]["district-lrs"]["state"] == "delivered"
+
+
+class TestWhenFull:
+    async def test_a_blocking_destination_down_fills_the_outbox(
+        self, platform: RunningFake, district: RunningFake, tmp_path: Path
+    ) -> None:
+        """when_full = "block": with the district down, what waits for it fills the outbox:
+        not ready, ingest answers 503, nothing is lost; back up, it drains and ingest goes on."""
+        district.fake.fail_next(503, times=1_000_000)
+        settings = with_destinations(platform, district, tmp_path, outbox={"max_events": 10})
+        sidecar = await start(settings)
+        try:
+            events = make_events(10)
+            assert await post(sidecar, events) == 202
+            await platform.fake.wait_for({e["id"] for e in events})
+            await sidecar.dispatchers["archive"].drained(30)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{sidecar.url}/readyz") as resp,
+            ):
+                assert (resp.status, (await resp.json())["reason"]) == (503, "outbox_full")
+            assert await post(sidecar, make_events(1)) == 503
+            district.fake.faults.script.clear()
+            await district.fake.wait_for({e["id"] for e in events})
+            await sidecar.dispatchers["district-lrs"].drained(30)
+            assert await post(sidecar, make_events(1)) == 202
+        finally:
+            await sidecar.stop()
+
+    async def test_a_lagging_destination_is_dead_lettered_when_it_does_not_block(
+        self, platform: RunningFake, district: RunningFake, tmp_path: Path
+    ) -> None:
+        """when_full = "dead_letter": with the district down, ingest goes on past the outbox's
+        limits and stays ready; the district's oldest events are dead-lettered for it
+        (destination_lagging), [upstream] and the archive get every event."""
+        district.fake.fail_next(503, times=1_000_000)
+        settings = with_destinations(
+            platform, district, tmp_path, when_full="dead_letter", outbox={"max_events": 10}
+        )
+        sidecar = await start(settings)
+        try:
+            first = make_events(10)
+            assert await post(sidecar, first) == 202
+            await platform.fake.wait_for({e["id"] for e in first})
+            await sidecar.dispatchers["archive"].drained(30)
+            more = make_events(5)
+            assert await post(sidecar, more) == 202
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{sidecar.url}/readyz") as resp,
+            ):
+                assert resp.status == 200
+            await platform.fake.wait_for({e["id"] for e in more})
+            await sidecar.dispatchers["archive"].drained(30)
+            dead = (await get(sidecar, "/v1/dead-letters", destination="district-lrs"))[
+                "dead_letters"
+            ]
+            assert dead
+            assert {d["reason"] for d in dead} == {"destination_lagging"}
+            assert {d["id"] for d in dead} <= {e["id"] for e in first}
+            status = status_of(await get(sidecar, "/v1/status"), "district-lrs")
+            assert status["waiting"] + len(dead) == 15
+            journey = await get(sidecar, f"/v1/events/{dead[0]['id']}")
+            assert journey["state"] == "delivered"
+            assert journey["destinations"]["district-lrs"]["reason"] == "destination_lagging"
+        finally:
+            await sidecar.stop()

@@ -40,7 +40,6 @@ from caliper_sidecar.exceptions import (
     ConfigError,
     RetryLater,
 )
-
 from caliper_sidecar.preflight import check_archive_directory
 
 from .disks import fill_disk, tmpfs

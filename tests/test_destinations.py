@@ -12,15 +12,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 
 from caliper_sidecar.app import Sidecar, start
-from caliper_sidecar.config import DestinationSettings, Settings
-from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake, start_fake
+from caliper_sidecar.tools.fake_timeback import FakeTimeBack, RunningFake
 
 from .conftest import (
     SidecarProcess,
@@ -31,42 +29,14 @@ from .conftest import (
     settings_for,
     write_config,
 )
-
-DISTRICT_TOKEN = "district-lrs-static-token-0123456789"
+from .destinations import DISTRICT_TOKEN, start_district, with_destinations
 
 
 @pytest.fixture
 async def district() -> AsyncIterator[RunningFake]:
-    """A second Caliper endpoint, the district's, which knows only its own static token."""
-    running = await start_fake(FakeTimeBack(client_id="district", client_secret="not-used"))
-    running.fake.tokens[DISTRICT_TOKEN] = time.time() + 3600
+    running = await start_district()
     yield running
     await running.close()
-
-
-def with_destinations(
-    platform: RunningFake,
-    district: RunningFake,
-    tmp_path: Path,
-    when_full: Literal["block", "dead_letter"] = "block",
-    **sections: dict[str, Any],
-) -> Settings:
-    """The test sidecar's settings, with the district's endpoint and an archive."""
-    return msgspec.structs.replace(
-        settings_for(platform, tmp_path, **sections),
-        destinations=(
-            DestinationSettings(
-                name="district-lrs",
-                kind="caliper",
-                endpoint=district.events_url,
-                bearer_token=DISTRICT_TOKEN,
-                linger_ms=20,
-                timeout_s=5,
-                when_full=when_full,
-            ),
-            DestinationSettings(name="archive", kind="archive", dir=str(tmp_path / "archive")),
-        ),
-    )
 
 
 @pytest.fixture

@@ -350,13 +350,24 @@ async def _drain_ingest(rt: Runtime) -> None:
 
 
 async def _log_stopped(rt: Runtime) -> None:
-    """The last words before the outbox closes: what is still waiting."""
+    """The last words before the outbox closes: what is still waiting, for [upstream] and for
+    each of [[destinations]] (named only when there are some)."""
     try:
         waiting: int | None = (await rt.outbox.stats()).events
     except OutboxUnavailable:
         waiting = None  # the count is for the log line; closing matters more
     cut = rt.dispatcher.sends_cut if rt.dispatcher is not None else None
-    log.info("stopped", waiting=waiting, sends_cut=cut)
+    destinations: dict[str, dict[str, int | None]] = {}
+    for d in rt.destinations:
+        try:
+            theirs: int | None = (await rt.outbox.destination_stats(d.settings.name)).waiting
+        except OutboxUnavailable:
+            theirs = None
+        destinations[d.settings.name] = {"waiting": theirs, "sends_cut": d.dispatcher.sends_cut}
+    if destinations:
+        log.info("stopped", waiting=waiting, sends_cut=cut, destinations=destinations)
+    else:
+        log.info("stopped", waiting=waiting, sends_cut=cut)
 
 
 async def serve(

@@ -401,7 +401,8 @@ def _outbox_stats(args: argparse.Namespace) -> int:
             for d, s in theirs
         ]
         report: dict[str, Any] = {
-            "path": str(getattr(outbox, "path", "postgresql")),
+            # The file, or the database (its URL may hold a password: never printed).
+            "path": "postgresql" if settings.outbox.url else settings.outbox.path,
             "events": stats.events,
             "bytes": stats.bytes,
             "oldest_received_at": utc_from_timestamp(stats.oldest_received_at),

@@ -372,6 +372,7 @@ class TestTheRealProcess:
         await eventually(settled, timeout=30)
         code, out, _ = await cli("outbox", "stats", "--json", "-c", str(config))
         stats = json.loads(out)
+        assert stats["path"] == str(tmp_path / "outbox.db")
         assert [(d["name"], d["kind"]) for d in stats["destinations"]] == [
             ("upstream", "caliper"),
             ("district-lrs", "caliper"),
@@ -433,6 +434,13 @@ class TestTheRealProcess:
         assert platform.fake.envelopes == upstream_envelopes
         assert ids[2] not in district.fake.received
         assert await p.terminate() == 0
+        (stopped,) = [
+            json.loads(line) for line in p.logs().splitlines() if '"event":"stopped"' in line
+        ]
+        assert stopped["destinations"] == {
+            "district-lrs": {"waiting": 0, "sends_cut": 0},
+            "archive": {"waiting": 0, "sends_cut": 0},
+        }
 
     async def test_sigkill_while_archiving_loses_no_acknowledged_event(
         self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]

@@ -517,3 +517,37 @@ async def app_client(url: str, acknowledged: set[str]) -> None:
                         acknowledged.update(e["id"] for e in events)
             except (aiohttp.ClientError, OSError):
                 return
+
+
+class TestAnArchiveThatCannotWrite:
+    async def test_it_backs_off_alone_and_catches_up(
+        self, platform: RunningFake, district: RunningFake, tmp_path: Path
+    ) -> None:
+        """An archive whose hour files cannot be written (a file where this year's directory
+        must go) is backing_off, the error in its status, its events waiting, none lost;
+        [upstream] and the district deliver meanwhile. Fixed, it archives them all."""
+        archive = tmp_path / "archive"
+        archive.mkdir()
+        year = archive / time.strftime("%Y", time.gmtime())
+        year.write_text("in the way")
+        sidecar = await start(with_destinations(platform, district, tmp_path))
+        try:
+            events = make_events(20)
+            ids = {e["id"] for e in events}
+            assert await post(sidecar, events) == 202
+            await platform.fake.wait_for(ids)
+            await district.fake.wait_for(ids)
+            await eventually(lambda: sidecar.dispatchers["archive"].state == "backing_off")
+            status = status_of(await get(sidecar, "/v1/status"), "archive")
+            assert (status["kind"], status["state"], status["waiting"]) == (
+                "archive",
+                "backing_off",
+                20,
+            )
+            assert f"archive dir {archive}: cannot write" in status["last_error"]
+            year.unlink()
+            await sidecar.dispatchers["archive"].drained(30)
+            assert {e["id"] for e in await gzip_dc(archive)} == ids
+            await eventually(lambda: sidecar.dispatchers["archive"].state == "ok")
+        finally:
+            await sidecar.stop()

@@ -116,9 +116,10 @@ class _Closing:
 async def running_sidecar(
     settings: Settings, origins: Origins | None = None
 ) -> AsyncIterator[Sidecar]:
-    """Start a sidecar (outbox, dispatcher, HTTP server) and stop it on exit: stop accepting
-    (503), let commits under way finish, give requests upstream a bounded time, then close
-    everything. Whatever is left is delivered after a restart.
+    """Start a sidecar (outbox, a dispatcher per destination, HTTP server) and stop it on
+    exit: stop accepting (503), let commits under way finish, give requests to each
+    destination a bounded time, then close everything. Whatever is left is delivered after a
+    restart.
 
     Raises SidecarError subclasses at start, with whatever was opened closed again (an open
     outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
@@ -295,6 +296,7 @@ async def _destination(
 
 
 def _stopping(dispatcher: Dispatcher, grace_s: float) -> Callable[[], Awaitable[int]]:
+    """Stopping this dispatcher (a lambda written in the loop would stop the last one only)."""
     return lambda: dispatcher.stop(grace_s=grace_s)
 
 

@@ -442,6 +442,25 @@ class TestTheRealProcess:
             "archive": {"waiting": 0, "sends_cut": 0},
         }
 
+    async def test_outbox_stats_names_a_destination_no_run_has_started(
+        self, tmp_path: Path, platform: RunningFake
+    ) -> None:
+        """A destination added to the configuration but not yet started by `run` has no place
+        in the outbox: `outbox stats` says so rather than failing."""
+        sidecar = await start(settings_for(platform, tmp_path))  # no destinations
+        await sidecar.stop()
+        config = destinations_config(tmp_path, platform, None, free_port(), "added")
+        code, out, err = await cli("outbox", "stats", "-c", str(config))
+        assert code == 0, err
+        assert "destination archive   archive  not started yet" in out
+        code, out, _ = await cli("outbox", "stats", "--json", "-c", str(config))
+        archive = json.loads(out)["destinations"][1]
+        assert (archive["name"], archive["waiting"], archive["delivered_total"]) == (
+            "archive",
+            None,
+            None,
+        )
+
     async def test_sigkill_while_archiving_loses_no_acknowledged_event(
         self, tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
     ) -> None:

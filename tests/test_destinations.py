@@ -171,6 +171,11 @@ class TestOneDownCostsTheOthersNothing:
         )
         assert 'caliper_sidecar_upstream_state{destination="archive",state="ok"} 1.0' in metrics
         assert 'caliper_sidecar_upstream_state{destination="upstream",state="ok"} 1.0' in metrics
+        assert 'caliper_sidecar_destination_events{destination="district-lrs"} 200.0' in metrics
+        assert 'caliper_sidecar_destination_events{destination="archive"} 0.0' in metrics
+        assert 'caliper_sidecar_destination_oldest_age_seconds{destination="district-lrs"}' in (
+            metrics
+        )
         assert district.fake.received == {}
 
         upstream_envelopes = fake.envelopes

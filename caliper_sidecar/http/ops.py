@@ -112,12 +112,17 @@ async def metrics(request: web.Request) -> web.Response:
         capacity_events=limits.max_events,
         capacity_bytes=limits.max_bytes,
         destinations=tuple(
-            DestinationSnapshot(
-                d.settings.name,
-                d.dispatcher.state.value,
-                d.tokens.expires_at if d.tokens is not None else None,
-            )
-            for d in rt.destinations
+            [
+                DestinationSnapshot(
+                    d.settings.name,
+                    d.dispatcher.state.value,
+                    d.tokens.expires_at if d.tokens is not None else None,
+                    backlog.waiting,
+                    backlog.oldest_age_s or 0.0,
+                )
+                for d in rt.destinations
+                for backlog in [await rt.outbox.destination_stats(d.settings.name)]
+            ]
         ),
     )
     body, content_type = rt.metrics.render(request.headers.get("Accept", ""))

@@ -36,15 +36,16 @@ def run(case: str, events: int) -> tuple[float, float | None]:
         upstream_fake = fakes[0]
         destination = ""
         if case != "none":
-            if case == "healthy":
-                endpoint = f"{fakes[1].url}/events/1.0/"
-            else:
-                endpoint = f"http://127.0.0.1:{free_port()}/caliper"  # nothing listens
+            # The healthy one is a second fake, with its own OAuth; the dead one a port where
+            # nothing listens (connection refused, at once: the cheapest failure to retry).
+            base = fakes[1].url if case == "healthy" else f"http://127.0.0.1:{free_port()}"
             destination = (
                 "[[destinations]]\n"
                 'name = "district"\nkind = "caliper"\n'
-                f'endpoint = "{endpoint}"\nbearer_token = "district-token-0123456789"\n'
-                "linger_ms = 0\n"
+                f'endpoint = "{base}/events/1.0/"\nlinger_ms = 0\n'
+                "[destinations.oauth]\n"
+                f'token_url = "{base}/auth/1.0/token"\n'
+                'client_id = "sidecar"\nclient_secret = "sidecar-secret"\n'
             )
             conn = sqlite3.connect(outbox)
             conn.execute("INSERT INTO destinations (name, position) VALUES ('district', 0)")

@@ -67,7 +67,10 @@ async def win_back_room(conn: asyncpg.Connection) -> bool:
     # lifted around it (a big table's vacuum may take longer) and given back.
     await conn.execute("SET statement_timeout = 0")
     try:
-        await conn.execute("VACUUM (SKIP_LOCKED) events, batches, sent, dead_letters")
+        await conn.execute(
+            "VACUUM (SKIP_LOCKED) events, batches, sent, dead_letters, destination_batches, "
+            "destination_attempts"
+        )
     finally:
         await conn.execute("RESET statement_timeout")
     if whole:
@@ -97,6 +100,8 @@ class Footprint:
             real = await conn.fetchval(
                 "SELECT pg_total_relation_size('events') + pg_total_relation_size('batches') "
                 "+ pg_total_relation_size('sent') + pg_total_relation_size('dead_letters') "
+                "+ pg_total_relation_size('destination_batches') "
+                "+ pg_total_relation_size('destination_attempts') "
                 "+ (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
                 "FROM pg_partition_tree('bodies'))"
             )

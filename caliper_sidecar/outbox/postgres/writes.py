@@ -512,49 +512,44 @@ async def rows_to_replay(
 
 async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -> None:
     """Queue dead letters again, each for its own destination only, id unchanged. An event
-    whose row is still there goes back in place (its body stored again if it was dropped,
-    whose partition must exist): to [upstream], given back to be claimed, its row waiting
-    again; to a destination, as a lease given back to it, which lowers its position. One
-    whose row is gone is stored anew for that queue alone (see `_store_gone`)."""
+    whose row is gone is stored anew for that queue alone (`_store_gone`); one whose row is
+    still there goes back in place, its body stored again if it was dropped (its partition
+    must exist). A queue that will not come to the row through its head (passed it, or the
+    row is another queue's alone) gets a lease given back on it, which lowers its position;
+    [upstream] takes a row stored for a destination alone for its own (the destination
+    then gets a lease if it still needs it), and counts it as waiting again."""
     await hold_positions(conn, exclusive=True)
     rows = {
         r["id"]: dict(r)
         for r in await conn.fetch(
-            "SELECT e.id, e.seq, e.upstream_dead, "
+            "SELECT e.id, e.seq, e.upstream_dead, e.only_for, "
             "EXISTS (SELECT 1 FROM bodies b WHERE b.seq = e.seq) AS has_body "
             "FROM events e WHERE e.id = ANY($1::text[]) FOR UPDATE",
             [r["id"] for r in letters],
         )
     }
-    heads = {r["name"]: r["next"] for r in await conn.fetch("SELECT name, next FROM destinations")}
-    held = {
-        (r["destination"], r["seq"])
-        for r in await conn.fetch(
-            "SELECT destination, s AS seq FROM destination_batches, unnest(seqs) s "
-            "WHERE s = ANY($1::bigint[])",
-            [r["seq"] for r in rows.values()],
-        )
-    }
-    stored = await _store_gone(conn, letters, rows, bool(heads))
+    places = await _Places.of(conn, [r["seq"] for r in rows.values()])
+    stored = await _store_gone(conn, letters, rows, len(places.heads) > 1)
+    leases: dict[str, list[int]] = {}
     upstream: list[int] = []
-    theirs: dict[str, list[int]] = {}
     restored: list[tuple[int, bytes]] = []
     for letter in letters:
         row, queue = rows.get(letter["id"]), letter["destination"]
         if row is None or stored.get(letter["id"]) == queue:
             continue  # stored anew for it (or gone, stored by another meanwhile: not ours)
-        seq = row["seq"]
         if queue == UPSTREAM:
-            if not row["upstream_dead"]:
-                continue  # on its way to [upstream] already
-            upstream.append(seq)
-        else:
-            passed = seq < heads.get(queue, seq) and (queue, seq) not in held
-            if not passed and letter["id"] not in stored:
-                continue  # the destination has it still to come
-            theirs.setdefault(queue, []).append(seq)
+            if not row["upstream_dead"] and row["only_for"] in (None, UPSTREAM):
+                continue  # on its way to [upstream], or delivered there, already
+            if row["only_for"] not in (None, UPSTREAM):
+                theirs = row["only_for"]
+                if places.comes(theirs, row):
+                    leases.setdefault(theirs, []).append(row["seq"])
+                row["only_for"] = UPSTREAM
+            upstream.append(row["seq"])
+        if not places.comes(queue, row):
+            leases.setdefault(queue, []).append(row["seq"])
         if not row["has_body"]:
-            restored.append((seq, letter["body"]))
+            restored.append((row["seq"], letter["body"]))
     if restored:
         await conn.execute(
             "INSERT INTO bodies (seq, body) SELECT * FROM unnest($1::bigint[], $2::bytea[]) "
@@ -564,20 +559,67 @@ async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -
         )
     if upstream:
         await _again_for_upstream(conn, sorted(upstream))
-    for name, seqs in theirs.items():
-        await conn.execute(
-            """
-            WITH back AS (
-                INSERT INTO destination_batches (destination, lo, seqs)
-                VALUES ($1, ($2::bigint[])[1], $2)
-            )
-            DELETE FROM destination_attempts WHERE destination = $1 AND seq = ANY($2)
-            """,
-            name,
-            sorted(seqs),
-        )
-    if upstream or theirs:
+    for queue, seqs in leases.items():
+        await _lease_again(conn, queue, sorted(seqs))
+    if upstream or leases:
         await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+
+
+class _Places:
+    """Where each queue is, for the rows of some seqs: its head, and which of those seqs
+    its leases hold."""
+
+    def __init__(self, heads: dict[str, int], held: set[tuple[str, int]]) -> None:
+        self.heads = heads
+        self.held = held
+
+    @classmethod
+    async def of(cls, conn: asyncpg.Connection, seqs: list[int]) -> _Places:
+        heads = {
+            r["name"]: r["next"]
+            for r in await conn.fetch(
+                "SELECT 'upstream' AS name, next FROM head "
+                "UNION ALL SELECT name, next FROM destinations"
+            )
+        }
+        held = {
+            (r["queue"], r["seq"])
+            for r in await conn.fetch(
+                """
+                SELECT 'upstream' AS queue, s AS seq FROM batches, unnest(seqs) s
+                WHERE s = ANY($1::bigint[])
+                UNION ALL SELECT destination, s FROM destination_batches, unnest(seqs) s
+                WHERE s = ANY($1::bigint[])
+                """,
+                seqs,
+            )
+        }
+        return cls(heads, held)
+
+    def comes(self, queue: str, row: dict[str, Any]) -> bool:
+        """Whether the queue will still claim this row: ahead of its head and meant for it,
+        or in one of its leases."""
+        ahead = row["seq"] >= self.heads.get(queue, row["seq"] + 1)
+        return (ahead and row["only_for"] in (None, queue)) or (queue, row["seq"]) in self.held
+
+
+async def _lease_again(conn: asyncpg.Connection, queue: str, seqs: list[int]) -> None:
+    """A lease given back on these seqs, for the queue to claim again, from its first
+    attempt."""
+    if queue == UPSTREAM:
+        await conn.execute("INSERT INTO batches (lo, seqs) VALUES (($1::bigint[])[1], $1)", seqs)
+        return
+    await conn.execute(
+        """
+        WITH back AS (
+            INSERT INTO destination_batches (destination, lo, seqs)
+            VALUES ($1, ($2::bigint[])[1], $2)
+        )
+        DELETE FROM destination_attempts WHERE destination = $1 AND seq = ANY($2)
+        """,
+        queue,
+        seqs,
+    )
 
 
 async def _store_gone(
@@ -619,25 +661,31 @@ async def _store_gone(
             delivered,
             delivered[-1],
         )
+    only_by_id = dict(zip(gone, only, strict=True))
     for r in stored:
-        rows[r["id"]] = {"seq": r["seq"], "upstream_dead": None, "has_body": True}
+        rows[r["id"]] = {
+            "seq": r["seq"],
+            "upstream_dead": None,
+            "only_for": only_by_id[r["id"]],
+            "has_body": True,
+        }
     return {r["id"]: gone[r["id"]]["destination"] for r in stored}
 
 
 async def _again_for_upstream(conn: asyncpg.Connection, seqs: list[int]) -> None:
-    """Rows [upstream] dead-lettered (kept for the destinations) waiting for it again, from
-    the first attempt: given back to be claimed, out of any sent row (a platform job's
-    failing event), counted as waiting."""
+    """Rows [upstream] is done with (dead-lettered and kept for the destinations, or stored
+    for a destination alone) waiting for it again, from the first attempt: out of any sent
+    row (a platform job's failing event, or one marked delivered), counted as waiting."""
     await conn.execute(
         """
-        WITH back AS (
-            INSERT INTO batches (lo, seqs) VALUES (($1::bigint[])[1], $1)
-        ), unsent AS (
-            UPDATE sent SET seqs = ARRAY(SELECT q FROM unnest(seqs) q WHERE q <> ALL($1) ORDER BY q)
+        WITH unsent AS (
+            UPDATE sent SET seqs = ARRAY(
+                SELECT q FROM unnest(seqs) q WHERE q <> ALL($1) ORDER BY q)
             WHERE span && int8range(($1::bigint[])[1], $2, '[]') AND seqs && $1
         ), again AS (
             UPDATE events SET upstream_dead = NULL, attempts = 0, first_attempt_at = NULL,
-                last_attempt_at = NULL, last_error = NULL
+                last_attempt_at = NULL, last_error = NULL,
+                only_for = CASE WHEN only_for IS NULL THEN NULL ELSE 'upstream' END
             WHERE seq = ANY($1) RETURNING size
         )
         SELECT count_change(count(*), sum(size), 0, 0, 0) FROM again HAVING count(*) > 0

@@ -364,9 +364,10 @@ class TestPostgresPlaces:
     async def test_a_lagging_destination_keeps_the_bodies_partitions(self, database: str) -> None:
         """[upstream] has delivered a whole partition of bodies: it stays while a destination
         has not passed it, and is dropped once it has."""
-        async with postgres_box(
-            database, destinations=plans("lrs"), max_events=10**6
-        ) as (box, conn):
+        async with postgres_box(database, destinations=plans("lrs"), max_events=10**6) as (
+            box,
+            conn,
+        ):
             sent = events(BODIES_SPAN + 10)
             for i in range(0, len(sent), 5000):
                 await box.append(sent[i : i + 5000])
@@ -388,9 +389,7 @@ class TestPostgresPlaces:
 
             await eventually(dropped, timeout=10)
 
-    async def test_a_dead_letter_replayed_in_place_gets_its_body_back(
-        self, database: str
-    ) -> None:
+    async def test_a_dead_letter_replayed_in_place_gets_its_body_back(self, database: str) -> None:
         """A destination's dead letter whose row is still there (delivered to [upstream]
         within the dedupe window) but whose bodies' partition was dropped: replayed, the
         partition is made again and the destination gets the event, body and all; [upstream]
@@ -409,9 +408,7 @@ class TestPostgresPlaces:
             assert [(e.id, e.body) for e in again.events] == [(bad.id, bad.body)]
             await queue.acknowledge(again.claim, again.seqs)
             assert await deliver_all(box) == []
-            assert (await box.journeys([bad.id]))[bad.id].destinations["lrs"].state == (
-                "delivered"
-            )
+            assert (await box.journeys([bad.id]))[bad.id].destinations["lrs"].state == ("delivered")
 
     async def test_upstream_dead_letter_kept_for_a_destination_then_pruned(
         self, database: str
@@ -419,9 +416,10 @@ class TestPostgresPlaces:
         """An event [upstream] dead-letters is not waiting there any more (totals), its row
         kept until the destination has it, then pruned; replayed then, it is stored again for
         [upstream] alone."""
-        async with postgres_box(
-            database, destinations=plans("lrs"), dedupe_window_s=0.05
-        ) as (box, conn):
+        async with postgres_box(database, destinations=plans("lrs"), dedupe_window_s=0.05) as (
+            box,
+            conn,
+        ):
             box.prune_every_s = 0
             (event,) = events(1)
             await box.append([event])
@@ -510,6 +508,8 @@ class TestPostgresPlaces:
                 assert await deliver_all(boxes[1], "lrs") == [e.id for e in later]
 
 
-def open_box_again(database: str, **settings: Any) -> contextlib.AbstractAsyncContextManager[Outbox]:
+def open_box_again(
+    database: str, **settings: Any
+) -> contextlib.AbstractAsyncContextManager[Outbox]:
     """The PostgreSQL outbox of this database again, as another replica would (not emptied)."""
     return _reopen(Path("/nonexistent"), url=database, **settings)

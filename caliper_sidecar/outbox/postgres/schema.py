@@ -27,7 +27,7 @@ RESERVE_ROWS: Final = 58_000
 INGEST_LOCK: Final = 0x696E676573742121
 #: the seqs whose bodies one partition of `bodies` holds (fixed: partitions are named by it)
 BODIES_SPAN: Final = 16_384
-#: … and for lowering a destination's position (a dead letter replayed to it), ("positio!"),
+#: … and for lowering a destination's position ("positio!": a dead letter replayed to it),
 #: which whatever deletes rows or bodies below the lowest position takes shared
 POSITIONS_LOCK: Final = 0x706F736974696F21
 
@@ -58,6 +58,43 @@ def _fill(text: str, marks: dict[str, str]) -> str:
         text = text.replace(mark, value)
     return text
 
+
+# Migration 5's statements on leases, each run on [upstream]'s or a destination's.
+
+#: take_from_claim's work: these seqs out of the claim's lease rows
+_TAKE_FROM_LEASES: Final = _on_leases(
+    """
+        FOR b IN SELECT id, seqs FROM {leases} WHERE claimed_by = p_claim FOR UPDATE LOOP
+            kept := ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s <> ALL(p_seqs) ORDER BY s);
+            taken := taken || ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s = ANY(p_seqs));
+            IF cardinality(kept) = 0 THEN
+                DELETE FROM {leases} WHERE id = b.id;
+            ELSIF cardinality(kept) < cardinality(b.seqs) THEN
+                UPDATE {leases} SET seqs = kept, lo = kept[1] WHERE id = b.id;
+            END IF;
+        END LOOP;"""
+)
+#: claim_head's look for events given back (released, failed, or whose lease expired)
+_GIVEN_BACK_WAITS: Final = _on_leases(
+    """
+        given_back := p_given_back_first AND (
+            EXISTS (SELECT 1 FROM {leases} WHERE {mine} AND claimed_by IS NULL)
+            OR EXISTS (SELECT 1 FROM {leases} WHERE {mine} AND claim_until < t));"""
+)
+#: claim_head's leases: on the events claimed, and on those of another sensor passed over
+_LEASE_CLAIMED: Final = _on_leases(
+    """
+        IF cardinality(passed) > 0 THEN
+            INSERT INTO {leases} ({key}lo, seqs) VALUES ({key_value}passed[1], passed);
+        END IF;
+        INSERT INTO {leases} ({key}lo, seqs, claimed_by, claim_until)
+            VALUES ({key_value}seqs[1], seqs, p_claim, claim_until);"""
+)
+#: give_back's lease, given back: no claim, no expiry
+_LEASE_GIVEN_BACK: Final = _on_leases(
+    """
+            INSERT INTO {leases} ({key}lo, seqs) VALUES ({key_value}taken[1], taken);"""
+)
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the queue, dead letters, app jobs, platform jobs, sharded totals and their triggers.
@@ -592,16 +629,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         taken bigint[] := '{{}}';
         kept bigint[];
     BEGIN
-        {_on_leases('''
-        FOR b IN SELECT id, seqs FROM {leases} WHERE claimed_by = p_claim FOR UPDATE LOOP
-            kept := ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s <> ALL(p_seqs) ORDER BY s);
-            taken := taken || ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s = ANY(p_seqs));
-            IF cardinality(kept) = 0 THEN
-                DELETE FROM {leases} WHERE id = b.id;
-            ELSIF cardinality(kept) < cardinality(b.seqs) THEN
-                UPDATE {leases} SET seqs = kept, lo = kept[1] WHERE id = b.id;
-            END IF;
-        END LOOP;''')}
+        {_TAKE_FROM_LEASES}
         RETURN ARRAY(SELECT s FROM unnest(taken) s ORDER BY s);
     END $$;
     DROP FUNCTION claim_head(text, integer, bigint, double precision, double precision, boolean);
@@ -629,10 +657,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         PERFORM set_config('synchronous_commit', 'off', true);
         seqs := '{{}}';
         full_batch := false;
-        {_on_leases('''
-        given_back := p_given_back_first AND (
-            EXISTS (SELECT 1 FROM {leases} WHERE {mine} AND claimed_by IS NULL)
-            OR EXISTS (SELECT 1 FROM {leases} WHERE {mine} AND claim_until < t));''')}
+        {_GIVEN_BACK_WAITS}
         IF given_back THEN
             RETURN;
         END IF;
@@ -679,12 +704,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
             UPDATE destinations SET next = seqs[cardinality(seqs)] + 1 WHERE name = p_destination;
         END IF;
         claim_until := t + p_lease;
-        {_on_leases('''
-        IF cardinality(passed) > 0 THEN
-            INSERT INTO {leases} ({key}lo, seqs) VALUES ({key_value}passed[1], passed);
-        END IF;
-        INSERT INTO {leases} ({key}lo, seqs, claimed_by, claim_until)
-            VALUES ({key_value}seqs[1], seqs, p_claim, claim_until);''')}
+        {_LEASE_CLAIMED}
     END $$;
     -- Give seqs of a claim back, to be claimed again; with an error, as a failed attempt
     -- (a destination's attempts are rows of their own: only events that failed there have
@@ -698,7 +718,7 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         t double precision := extract(epoch from clock_timestamp());
     BEGIN
         IF cardinality(taken) > 0 THEN
-            {_on_leases("INSERT INTO {leases} ({key}lo, seqs) VALUES ({key_value}taken[1], taken);")}
+            {_LEASE_GIVEN_BACK}
         END IF;
         IF p_error IS NULL THEN
             NULL;

@@ -297,9 +297,7 @@ async def release(
     conn: asyncpg.Connection, claim: str, seqs: list[int], destination: str | None = None
 ) -> int:
     """Events of this claim given back untried; how many."""
-    return int(
-        await conn.fetchval("SELECT give_back($1, $2, NULL, $3)", claim, seqs, destination)
-    )
+    return int(await conn.fetchval("SELECT give_back($1, $2, NULL, $3)", claim, seqs, destination))
 
 
 async def move_to_dead_letters(

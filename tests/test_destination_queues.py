@@ -15,6 +15,7 @@ import pytest
 
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox import DestinationPlan, NewEvent, Outbox
+from caliper_sidecar.outbox.postgres.room import Footprint
 from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, SCHEMA
 
 from .conftest import eventually, new_id
@@ -388,6 +389,26 @@ class TestPostgresPlaces:
                 return "bodies_0" not in await partitions(conn)
 
             await eventually(dropped, timeout=10)
+
+    @pytest.mark.parametrize("blocks", [True, False])
+    async def test_bodies_only_a_destination_that_does_not_block_holds_never_fill_it(
+        self, database: str, blocks: bool
+    ) -> None:
+        """The bodies a lagging destination holds weigh in the outbox's real size (what
+        max_bytes limits), unless it does not block: its backlog is shed by count, and must
+        never make ingest refuse."""
+        async with postgres_box(
+            database, destinations=plans("lrs", blocks=blocks), max_events=10**6
+        ) as (box, conn):
+            sent = events(BODIES_SPAN + 10, size=300)
+            for i in range(0, len(sent), 5000):
+                await box.append(sent[i : i + 5000])
+            while (batch := await box.claim_batch(2000, 10**8)).events:
+                await box.acknowledge(batch.claim, batch.seqs)
+            held = await conn.fetchval("SELECT pg_total_relation_size('bodies_0')")
+            assert held > BODIES_SPAN * 300
+            counted = await Footprint().read(conn)
+            assert (counted >= held) is blocks
 
     async def test_a_dead_letter_replayed_in_place_gets_its_body_back(self, database: str) -> None:
         """A destination's dead letter whose row is still there (delivered to [upstream]

@@ -26,15 +26,23 @@ PARTITIONS_LOCK: Final = 0x626F646965732121
 DROP_EVERY_S: Final = 1.0
 #: the partition the head is in is emptied once it holds this much and nothing in it waits
 TRUNCATE_AT: Final = 1 << 20
+
+
+def horizon(destinations: str = "true") -> str:
+    """A query of the seq below which nothing waits, for [upstream] or for the destinations
+    a condition on `destination_positions` selects (all, by default)."""
+    return f"""
+        SELECT least(
+            (SELECT next FROM head),
+            (SELECT min(lo) FROM batches),
+            (SELECT min(lower(s.span)) FROM sent s JOIN platform_jobs p
+                ON p.id = s.platform_job WHERE p.state != 'unconfirmed'),
+            (SELECT min(position) FROM destination_positions WHERE {destinations}))
+    """
+
+
 #: the seq below which nothing waits
-_HORIZON: Final = """
-    SELECT least(
-        (SELECT next FROM head),
-        (SELECT min(lo) FROM batches),
-        (SELECT min(lower(s.span)) FROM sent s JOIN platform_jobs p ON p.id = s.platform_job
-            WHERE p.state != 'unconfirmed'),
-        (SELECT kept_from()))
-"""
+_HORIZON: Final = horizon()
 
 
 class Partitions:

@@ -169,7 +169,7 @@ class _Queue:
         """
 
 
-UPSTREAM_QUEUE: Final = _Queue()
+_UPSTREAM: Final = _Queue()
 
 
 def _drain_write(
@@ -422,7 +422,7 @@ class PostgresStorage:
 
     @_drain_write
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float) -> Batch:
-        return await self._claim(UPSTREAM_QUEUE, max_events, max_bytes, linger_s)
+        return await self._claim(_UPSTREAM, max_events, max_bytes, linger_s)
 
     async def _claim(
         self, queue: _Queue, max_events: int, max_bytes: int, linger_s: float
@@ -514,7 +514,7 @@ class PostgresStorage:
 
     @_drain_write
     async def extend(self, claim: Claim) -> None:
-        await self._extend(UPSTREAM_QUEUE, claim)
+        await self._extend(_UPSTREAM, claim)
 
     async def _extend(self, queue: _Queue, claim: Claim) -> None:
         async with self._connection() as conn:
@@ -669,7 +669,7 @@ class PostgresStorage:
             totals = await conn.fetchrow(
                 f"SELECT {', '.join(f'sum({total})' for total in TOTALS)} FROM totals"  # shards
             )
-            oldest = await conn.fetchrow(UPSTREAM_QUEUE.oldest())
+            oldest = await conn.fetchrow(_UPSTREAM.oldest())
             jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
         return tuple(totals), oldest["t"], oldest["age"], [tuple(r) for r in jobs]
 

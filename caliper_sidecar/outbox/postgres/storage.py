@@ -306,16 +306,16 @@ class PostgresStorage:
             self._pool = None
 
     async def _give_back_leases(self) -> None:
-        """At close, what this process still holds (of [upstream] and of each destination)
-        goes back to be claimed at once, as the dispatchers give back what a stop cut short:
-        a lease is for a process that stopped without a word."""
+        """At close, what this process still holds for the destinations goes back to be
+        claimed at once, as a destination's queue promises across a restart (and as the
+        dispatchers give back what a stop cut short): a lease is for a process that stopped
+        without a word. ([upstream]'s are left to expire, as they always were.)"""
         async with self._connection() as conn:
-            for leases in ("batches", "destination_batches"):
-                await conn.execute(
-                    f"UPDATE {leases} SET claimed_by = NULL, claim_until = NULL "
-                    "WHERE starts_with(claimed_by, $1)",
-                    self._claims_prefix,
-                )
+            await conn.execute(
+                "UPDATE destination_batches SET claimed_by = NULL, claim_until = NULL "
+                "WHERE starts_with(claimed_by, $1)",
+                self._claims_prefix,
+            )
 
     async def _migrate(self) -> None:
         async with self._connection() as conn, conn.transaction():

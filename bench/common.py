@@ -79,13 +79,15 @@ class Process:
             self._log.close()  # type: ignore[union-attr]
 
 
-def sidecar(tmp: Path, port: int, **sections: dict[str, Any]) -> Process:
-    """`caliper-sidecar run` with a config built from these sections."""
+def sidecar(tmp: Path, port: int, **sections: Any) -> Process:
+    """`caliper-sidecar run` with a config built from these sections (a list of tables is an
+    array of tables: `destinations=[{...}, ...]`)."""
     config = tmp / f"sidecar-{port}.toml"
     lines = []
     for section, table in {"receiver": {"port": port}, **sections}.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {json.dumps(v)}" for k, v in table.items())
+        for entry in table if isinstance(table, list) else [table]:  # [[destinations]]
+            lines.append(f"[[{section}]]" if isinstance(table, list) else f"[{section}]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in entry.items())
     config.write_text("\n".join(lines) + "\n")
     return Process(
         [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)],

@@ -3,7 +3,7 @@
 
     bench/lazyfs/build.sh SOURCE /work/lazyfs    # once: LazyFS, patched (see that script)
     .venv/bin/python bench/power_cut.py --lazyfs /work/lazyfs/build/lazyfs/lazyfs \\
-        [--cuts 20] [--control] [--seed N]
+        [--cuts 20] [--control] [--archive] [--seed N]
 
 Each cut, on a fresh outbox: LazyFS is mounted over an empty directory (it keeps every write
 in its own cache until an fsync writes it through); the fake TimeBack answers slowly
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import random
@@ -220,11 +221,25 @@ def durable_ids(root: Path, work: Path) -> set[str]:
     return found
 
 
+def archived_ids(archive: Path) -> set[str]:
+    """The ids in an archive destination's hour files (each must read whole with gzip)."""
+    found: set[str] = set()
+    for path in archive.rglob("*.ndjson.gz"):
+        with gzip.open(path, "rt") as lines:
+            found.update(json.loads(line)["id"] for line in lines)
+    return found
+
+
 def wait_drained(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         status = get_json(f"{url}/v1/status")
-        if status["outbox"]["events"] == 0 and status["upstream"]["in_flight"] == 0:
+        others = status.get("destinations", [])
+        if (
+            status["outbox"]["events"] == 0
+            and status["upstream"]["in_flight"] == 0
+            and all(d["waiting"] == 0 for d in others)
+        ):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"still waiting after {timeout:g} s: {status}")
@@ -263,6 +278,10 @@ def one_cut(args: argparse.Namespace, work: Path, rng: random.Random) -> Cut:
             "retry": {"initial_backoff_s": 0.1, "max_backoff_s": 1.0},
             "log": {"level": "warning"},
         }
+        if args.archive:
+            sections["destinations"] = [
+                {"name": "archive", "kind": "archive", "dir": str(mount / "archive")}
+            ]
         server = sidecar(work, free_port(), **sections)
         running, mounted = server, lazyfs
 
@@ -299,6 +318,9 @@ def one_cut(args: argparse.Namespace, work: Path, rng: random.Random) -> Cut:
         dead = ids_in(db, "SELECT id FROM dead_letters")
         result.waiting, result.dead = len(acked & waiting), len(acked & dead)
         result.lost = sorted(acked - set(seen["ids"]) - waiting - dead)
+        if args.archive:
+            # Every acknowledged event must be in the archive too (it never refuses).
+            result.lost += sorted(acked - archived_ids(root / "archive"))
         result.duplicates = int(seen["duplicates"])
         result.errors = sum(
             1
@@ -320,6 +342,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lazyfs", type=Path, required=True, help="the built lazyfs binary")
     parser.add_argument("--cuts", type=int, default=20)
+    parser.add_argument(
+        "--archive",
+        action="store_true",
+        help="an archive destination in the same mount: every acknowledged event must also "
+        "be in its files, each read whole with gzip (the torn member a cut leaves repaired)",
+    )
     parser.add_argument(
         "--control",
         action="store_true",
@@ -356,6 +384,7 @@ def main() -> None:
         f"caliper-sidecar {__version__}, synchronous = {args.synchronous!r}, {args.cuts} cuts, "
         f"{args.clients} clients x {args.batch} events, platform latency "
         f"{args.latency_ms:g} ms while loaded, seed {seed}"
+        + (", with an archive destination" if args.archive else "")
     )
     work = Path(tempfile.mkdtemp(prefix="power_cut_"))  # no "-o" in it (see LazyFS)
     started = time.monotonic()

@@ -8,13 +8,16 @@ import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import structlog
 from aiohttp import web
 
-from caliper_sidecar.config import UPSTREAM, Origins, Settings, is_loopback
+from caliper_sidecar.config import UPSTREAM, DestinationSettings, Origins, Settings, is_loopback
+from caliper_sidecar.delivery.archive import Archive
+from caliper_sidecar.delivery.archive_sender import ARCHIVE_BATCHING, ArchiveSender
 from caliper_sidecar.delivery.confirmations import JobFollower
 from caliper_sidecar.delivery.dispatcher import Dispatcher
 from caliper_sidecar.delivery.reads import PlatformReader, events_url, read_session
@@ -25,11 +28,11 @@ from caliper_sidecar.http import admin, connections, ingest, ops, timeback_api
 from caliper_sidecar.http.cors import cross_origin, preflight_routes
 from caliper_sidecar.http.errors import errors_as_json
 from caliper_sidecar.http.guards import refuse_unknown_hosts
-from caliper_sidecar.http.runtime import RUNTIME, Runtime
+from caliper_sidecar.http.runtime import RUNTIME, Destination, Runtime
 from caliper_sidecar.logs import flush_logs
 from caliper_sidecar.metrics import Metrics
-from caliper_sidecar.outbox import Outbox, open_outbox
-from caliper_sidecar.preflight import preflight, require_no_destinations
+from caliper_sidecar.outbox import DestinationPlan, Outbox, open_outbox
+from caliper_sidecar.preflight import preflight
 from caliper_sidecar.reload import reload
 from caliper_sidecar.signals import StopSignals
 
@@ -47,6 +50,7 @@ class Sidecar:
     """A running sidecar: its parts and the address it listens on."""
 
     runtime: Runtime
+    #: [upstream]'s
     dispatcher: Dispatcher
     runner: web.AppRunner
     outbox: Outbox
@@ -55,6 +59,8 @@ class Sidecar:
     ops_url: str
     #: the receiver's TLS context (SIGHUP loads a new certificate into it), or None
     tls: ssl.SSLContext | None = None
+    #: every destination's dispatcher by name, [upstream]'s as "upstream"
+    dispatchers: dict[str, Dispatcher] = field(default_factory=dict)
     _lifecycle: contextlib.AbstractAsyncContextManager[Sidecar] | None = None
 
     async def stop(self) -> None:
@@ -90,36 +96,58 @@ class _Closing:
 
         self._stack.push_async_callback(closing)
 
+    def push_together(self, parts: list[tuple[str, Callable[[], Awaitable[object]]]]) -> None:
+        """Close these at once, not one after the other (each dispatcher's stop waits up to its
+        own grace: in turn, several would add theirs up past the stop timeouts we ship); each
+        failure is logged under its own name."""
+
+        async def closing() -> None:
+            results = await asyncio.gather(*(close() for _, close in parts), return_exceptions=True)
+            for (name, _), result in zip(parts, results, strict=True):
+                if isinstance(result, Exception):
+                    log.error("close_failed", part=name, exc_info=result)
+                elif isinstance(result, BaseException):
+                    raise result
+
+        self._stack.push_async_callback(closing)
+
 
 @contextlib.asynccontextmanager
 async def running_sidecar(
     settings: Settings, origins: Origins | None = None
 ) -> AsyncIterator[Sidecar]:
-    """Start a sidecar (outbox, dispatcher, HTTP server) and stop it on exit: stop accepting
-    (503), let commits under way finish, give requests upstream a bounded time, then close
-    everything. Whatever is left is delivered after a restart.
+    """Start a sidecar (outbox, a dispatcher per destination, HTTP server) and stop it on
+    exit: stop accepting (503), let commits under way finish, give requests to each
+    destination a bounded time, then close everything. Whatever is left is delivered after a
+    restart.
 
     Raises SidecarError subclasses at start, with whatever was opened closed again (an open
     outbox would otherwise keep the process alive: aiosqlite's threads are not daemons).
     """
     checked = preflight(settings, origins)
-    require_no_destinations(settings)
     for warning in checked.warnings:
         log.warning("preflight_warning", warning=warning)
     ssl_context = checked.tls
     async with contextlib.AsyncExitStack() as stack:
         closing = _Closing(stack)
-        # A claim outlives the longest send, with room to spare: a replica killed mid-send
-        # gives its events to the others once its lease runs out.
-        lease_s = 2 * settings.upstream.timeout_s + 5
-        # What replicas sharing a PostgreSQL outbox must agree on (docs/operators.md).
-        agreement = {
-            "upstream.platform": settings.upstream.platform,
-            "upstream.endpoint": settings.upstream.endpoint,
-            "outbox.dedupe_window_s": repr(float(settings.outbox.dedupe_window_s)),
-        }
+        # A claim outlives the longest send of any destination, with room to spare: a replica
+        # killed mid-send gives its events to the others once its lease runs out.
+        longest_s = max(
+            [settings.upstream.timeout_s, *(d.timeout_s for d in settings.destinations)]
+        )
+        lease_s = 2 * longest_s + 5
+        # Every destination's queue (the empty list too: a destination removed from the
+        # configuration has its stored state dropped, so it holds nothing back).
+        plans = [
+            DestinationPlan(d.name, blocks=d.when_full == "block") for d in settings.destinations
+        ]
         outbox = await stack.enter_async_context(
-            open_outbox(settings.outbox, lease_s=lease_s, agreement=agreement)
+            open_outbox(
+                settings.outbox,
+                lease_s=lease_s,
+                agreement=agreement_of(settings),
+                destinations=plans,
+            )
         )
         metrics = Metrics()
         metrics.observe_commits(lambda: outbox.commits)
@@ -151,6 +179,9 @@ async def running_sidecar(
             metrics=metrics,
             on_platform_job=follower.track if follower else None,
         )
+        destinations = [
+            await _destination(closing, outbox, d, settings, metrics) for d in settings.destinations
+        ]
         runtime = Runtime(
             settings=settings,
             outbox=outbox,
@@ -159,6 +190,7 @@ async def running_sidecar(
             tokens=tokens,
             follower=follower,
             reader=reader,
+            destinations=tuple(destinations),
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
         closing.push("stopped log line", lambda: _log_stopped(runtime))
@@ -180,7 +212,16 @@ async def running_sidecar(
             await follower.start()
             closing.push("job follower", follower.stop)
         dispatcher.start()
-        closing.push("dispatcher", lambda: dispatcher.stop(grace_s=settings.upstream.timeout_s))
+        for d in destinations:
+            d.dispatcher.start()
+        # Stopped together, each given its own timeout_s to finish the sends under way.
+        closing.push_together(
+            [("dispatcher", lambda: dispatcher.stop(grace_s=settings.upstream.timeout_s))]
+            + [
+                (f"dispatcher {d.settings.name}", _stopping(d.dispatcher, d.settings.timeout_s))
+                for d in destinations
+            ]
+        )
         closing.push("ingest", lambda: _drain_ingest(runtime))
         url = _url(runner, "https" if r.tls_cert else "http")
         ops_url = _url(ops_runner, "http") if o.port else url
@@ -191,10 +232,72 @@ async def running_sidecar(
             outbox="postgresql" if settings.outbox.url else settings.outbox.path,
             upstream=settings.upstream.endpoint,
             platform=settings.upstream.platform,
+            destinations=[d.name for d in settings.destinations],
             loopback_only=is_loopback(r.host),
         )
-        yield Sidecar(runtime, dispatcher, runner, outbox, url, ops_url, ssl_context)
+        dispatchers = {UPSTREAM: dispatcher} | {d.settings.name: d.dispatcher for d in destinations}
+        yield Sidecar(
+            runtime, dispatcher, runner, outbox, url, ops_url, ssl_context, dispatchers=dispatchers
+        )
     flush_logs()
+
+
+def agreement_of(settings: Settings) -> dict[str, str]:
+    """What replicas sharing a PostgreSQL outbox must agree on (docs/operators.md): where
+    [upstream] delivers, the dedupe window, and the destinations (names, kinds, where each
+    delivers): one that started with fewer would drop the others' place in the queue."""
+    destinations = sorted(settings.destinations, key=lambda d: d.name)
+    return {
+        "upstream.platform": settings.upstream.platform,
+        "upstream.endpoint": settings.upstream.endpoint,
+        "outbox.dedupe_window_s": repr(float(settings.outbox.dedupe_window_s)),
+        "destinations": "; ".join(
+            f"{d.name} {d.kind} {d.endpoint if d.kind == 'caliper' else d.dir}"
+            for d in destinations
+        )
+        or "none",
+    }
+
+
+async def _destination(
+    closing: _Closing,
+    outbox: Outbox,
+    settings: DestinationSettings,
+    sidecar: Settings,
+    metrics: Metrics,
+) -> Destination:
+    """One of [[destinations]]: its sender (a caliper endpoint's client, with connections of
+    its own, or the archive's files, opened and repaired now) and its dispatcher over its own
+    queue, closed with the rest. Raises ArchiveUnusable for an archive dir it cannot use."""
+    if settings.kind == "archive":
+        sender = await ArchiveSender(Archive(Path(settings.dir), settings.keep_days)).open()
+        closing.push(f"archive {settings.name}", sender.close)
+        dispatcher = Dispatcher(
+            outbox.queue(settings.name),
+            sender,
+            name=settings.name,
+            batching=ARCHIVE_BATCHING,
+            retry=sidecar.retry,
+            metrics=metrics,
+        )
+        return Destination(settings, dispatcher)
+    session = delivery_session(settings.concurrency)
+    closing.push(f"{settings.name} session", session.close)
+    client = UpstreamClient.for_destination(session, settings, metrics)
+    dispatcher = Dispatcher(
+        outbox.queue(settings.name),
+        client,
+        name=settings.name,
+        batching=settings,
+        retry=sidecar.retry,
+        metrics=metrics,
+    )
+    return Destination(settings, dispatcher, client.tokens)
+
+
+def _stopping(dispatcher: Dispatcher, grace_s: float) -> Callable[[], Awaitable[int]]:
+    """Stopping this dispatcher (a lambda written in the loop would stop the last one only)."""
+    return lambda: dispatcher.stop(grace_s=grace_s)
 
 
 async def _serve(
@@ -249,13 +352,24 @@ async def _drain_ingest(rt: Runtime) -> None:
 
 
 async def _log_stopped(rt: Runtime) -> None:
-    """The last words before the outbox closes: what is still waiting."""
+    """The last words before the outbox closes: what is still waiting, for [upstream] and for
+    each of [[destinations]] (named only when there are some)."""
     try:
         waiting: int | None = (await rt.outbox.stats()).events
     except OutboxUnavailable:
         waiting = None  # the count is for the log line; closing matters more
     cut = rt.dispatcher.sends_cut if rt.dispatcher is not None else None
-    log.info("stopped", waiting=waiting, sends_cut=cut)
+    destinations: dict[str, dict[str, int | None]] = {}
+    for d in rt.destinations:
+        try:
+            theirs: int | None = (await rt.outbox.destination_stats(d.settings.name)).waiting
+        except OutboxUnavailable:
+            theirs = None
+        destinations[d.settings.name] = {"waiting": theirs, "sends_cut": d.dispatcher.sends_cut}
+    if destinations:
+        log.info("stopped", waiting=waiting, sends_cut=cut, destinations=destinations)
+    else:
+        log.info("stopped", waiting=waiting, sends_cut=cut)
 
 
 async def serve(

@@ -11,11 +11,12 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caliper_sidecar import __version__
 from caliper_sidecar.config import (
     SENDER_LABEL_RULE,
+    UPSTREAM,
     Origins,
     Settings,
     is_sender_label,
@@ -24,11 +25,14 @@ from caliper_sidecar.config import (
     render_toml,
     tokens_of,
 )
-from caliper_sidecar.exceptions import ConfigError, SidecarError
+from caliper_sidecar.exceptions import ConfigError, OutboxUnavailable, SidecarError
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.logs import configure_logging
-from caliper_sidecar.preflight import preflight, require_no_destinations
+from caliper_sidecar.preflight import preflight
 from caliper_sidecar.presets import PROFILES
+
+if TYPE_CHECKING:
+    from caliper_sidecar.outbox import DestinationStats, Journey, Outbox
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,8 +180,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--after", metavar="ID", help="continue after this event id")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument("--destination", metavar="NAME", help=DESTINATION_HELP)
     for name, handler, what in (
-        ("replay", _dead_replay, "put dead letters back in the queue, to be sent again"),
+        (
+            "replay",
+            _dead_replay,
+            "put dead letters back in their destination's queue, to be sent again",
+        ),
         ("purge", _dead_purge, "delete dead letters for good"),
     ):
         a = command(dead, name, f"{what}: by id, or all of them", handler)
@@ -186,10 +195,17 @@ def _parser() -> argparse.ArgumentParser:
         which.add_argument(
             "--all",
             action="store_true",
-            help="every dead letter"
+            help="every dead letter (of --destination, when given)"
             + (" (WARNING: they are gone for good; list them first)" if name == "purge" else ""),
         )
+        a.add_argument("--destination", metavar="NAME", help=DESTINATION_HELP)
     return p
+
+
+DESTINATION_HELP = (
+    "only the dead letters of this destination: upstream ([upstream]), or a [[destinations]] "
+    "name (default: every destination's)"
+)
 
 
 def _help_of(parser: argparse.ArgumentParser) -> int:
@@ -334,15 +350,15 @@ def _check_config(args: argparse.Namespace) -> int:
     # warn about, say too.
     for warning in preflight(settings, origins).warnings:
         print(f"caliper-sidecar: warning: {warning}", file=sys.stderr)
-    require_no_destinations(settings)
     return 0
 
 
-def _open_outbox(args: argparse.Namespace) -> Any:
-    """The outbox the configuration names, opened beside a running `run` (no lock)."""
+def _open_outbox(args: argparse.Namespace, settings: Settings | None = None) -> Any:
+    """The outbox the configuration names, opened beside a running `run` (no lock), without
+    destination plans: what is stored of each destination is left as it is."""
     from caliper_sidecar.outbox import open_outbox
 
-    settings = _settings(args)
+    settings = settings or _settings(args)
     if not settings.outbox.url and not Path(settings.outbox.path).exists():
         raise SidecarError(f"there is no outbox at {settings.outbox.path} (outbox.path)")
     return open_outbox(settings.outbox, exclusive=False)
@@ -352,10 +368,41 @@ def _outbox_stats(args: argparse.Namespace) -> int:
     from caliper_sidecar.codec import utc_from_timestamp
 
     async def go() -> int:
-        async with _open_outbox(args) as outbox:
+        settings = _settings(args)
+        async with _open_outbox(args, settings) as outbox:
             stats = await outbox.stats()
-        report = {
-            "path": str(getattr(outbox, "path", "postgresql")),
+            # The configuration names the destinations: the outbox is opened without them (an
+            # inspection leaves their stored state as it is).
+            theirs = [(d, await _destination_stats(outbox, d.name)) for d in settings.destinations]
+        destinations: list[dict[str, Any]] = [
+            {
+                "name": UPSTREAM,
+                "kind": "caliper",
+                "waiting": stats.events,
+                "oldest_received_at": utc_from_timestamp(stats.oldest_received_at),
+                "delivered_total": stats.delivered_total,
+                "dead_letters": stats.dead_letters,
+                "dead_lettered_total": stats.dead_lettered_total,
+            }
+        ]
+        destinations += [
+            {
+                "name": d.name,
+                "kind": d.kind,
+                "waiting": s.waiting,
+                "oldest_received_at": utc_from_timestamp(s.oldest_received_at),
+                "delivered_total": s.delivered_total,
+                "dead_letters": s.dead_letters,
+                "dead_lettered_total": s.dead_lettered_total,
+            }
+            if s is not None
+            # Configured, but no `run` has started with it yet: it has no place in the queue.
+            else dict.fromkeys(NUMBERS, None) | {"name": d.name, "kind": d.kind}
+            for d, s in theirs
+        ]
+        report: dict[str, Any] = {
+            # The file, or the database (its URL may hold a password: never printed).
+            "path": "postgresql" if settings.outbox.url else settings.outbox.path,
             "events": stats.events,
             "bytes": stats.bytes,
             "oldest_received_at": utc_from_timestamp(stats.oldest_received_at),
@@ -365,15 +412,48 @@ def _outbox_stats(args: argparse.Namespace) -> int:
             "platform_jobs": stats.platform_jobs,
         }
         if args.json:
-            print(json.dumps(report, indent=2))
-        else:
-            width = max(len(k) for k in report)
-            for key, value in report.items():
-                shown = "-" if value is None or value == {} else value
-                print(f"{key.replace('_', ' '):<{width}}  {shown}")
+            print(json.dumps(report | {"destinations": destinations}, indent=2))
+            return 0
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            shown = "-" if value is None or value == {} else value
+            print(f"{key.replace('_', ' '):<{width}}  {shown}")
+        if settings.destinations:
+            # One line per destination, [upstream]'s first: what each still has to take.
+            names = max(len(d["name"]) for d in destinations)
+            for d in destinations:
+                start = f"destination {d['name']:<{names}}  {d['kind']:<7}"
+                if d["waiting"] is None:
+                    print(f"{start}  not started yet (no `run` with it so far)")
+                    continue
+                print(
+                    f"{start}  waiting {d['waiting']}  oldest {d['oldest_received_at'] or '-'}"
+                    f"  delivered {d['delivered_total']}  dead letters {d['dead_letters']}"
+                    f" (dead-lettered in all {d['dead_lettered_total']})"
+                )
         return 0
 
     return asyncio.run(go())
+
+
+#: a destination's figures in `outbox stats --json`
+NUMBERS = (
+    "waiting",
+    "oldest_received_at",
+    "delivered_total",
+    "dead_letters",
+    "dead_lettered_total",
+)
+
+
+async def _destination_stats(outbox: Outbox, name: str) -> DestinationStats | None:
+    """A destination's figures, or None when the outbox does not know it yet."""
+    try:
+        return await outbox.destination_stats(name)
+    except OutboxUnavailable as e:
+        if e.reason == "unknown_destination":
+            return None
+        raise
 
 
 def _dead_list(args: argparse.Namespace) -> int:
@@ -387,15 +467,17 @@ def _dead_list(args: argparse.Namespace) -> int:
         async with _open_outbox(args) as outbox:
             # Page by page, printed as they come: a list of 100,000 is never in memory at once.
             while shown < args.limit:
-                items = await outbox.dead_letters(min(DEAD_CHUNK, args.limit - shown), after)
+                items = await outbox.dead_letters(
+                    min(DEAD_CHUNK, args.limit - shown), after, args.destination
+                )
                 for d in items:
                     if args.json:
                         print(encode(dead_letter_document(d)).decode())
                     else:
                         status = f"HTTP {d.status}" if d.status else "-"
                         print(
-                            f"{d.id}  {utc_from_timestamp(d.dead_lettered_at)}  {d.reason}  "
-                            f"{status}  attempts={d.attempts}  "
+                            f"{d.id}  {d.destination}  {utc_from_timestamp(d.dead_lettered_at)}  "
+                            f"{d.reason}  {status}  attempts={d.attempts}  "
                             f"{d.response[:120]}"
                         )
                 shown += len(items)
@@ -427,24 +509,44 @@ def _on_dead_letters(args: argparse.Namespace, operation: str) -> tuple[int, lis
     letters are named, and make the exit code 1."""
     verb = operation.split("_")[0]
     unknown: list[str] = []
+    settings = _settings(args)
+    destination: str | None = args.destination
+    configured = {UPSTREAM, *(d.name for d in settings.destinations)}
+    if verb == "replay" and destination is not None and destination not in configured:
+        # Nothing would take them: say so rather than "replayed 0".
+        raise ConfigError(
+            f"--destination {destination}: not a destination of this configuration (upstream, "
+            f"or a [[destinations]] name: {', '.join(sorted(configured))}); its dead letters "
+            "can be listed and purged, not replayed"
+        )
 
     def progress(done: int) -> None:
         print(f"{verb}: {done} dead letter(s) so far", file=sys.stderr, flush=True)
 
     async def go() -> int:
-        async with _open_outbox(args) as outbox:
+        async with _open_outbox(args, settings) as outbox:
             if not args.all:
                 found = await outbox.journeys(args.ids)
                 unknown.extend(
-                    i
-                    for i in args.ids
-                    if (j := found.get(canonical_id(i))) is None or j.dead_letter is None
+                    i for i in args.ids if not _dead_at(found.get(canonical_id(i)), destination)
                 )
             selection = None if args.all else args.ids
-            count: int = await getattr(outbox, operation)(selection, progress=progress)
+            count: int = await getattr(outbox, operation)(
+                selection, progress=progress, destination=destination
+            )
             return count
 
     count = asyncio.run(go())
     if unknown:
         print(f"not dead letters (nothing done): {', '.join(unknown)}", file=sys.stderr)
     return count, unknown
+
+
+def _dead_at(journey: Journey | None, destination: str | None) -> bool:
+    """Whether the event is a dead letter of that destination (None: of any)."""
+    if journey is None:
+        return False
+    dead = {name for name, part in journey.destinations.items() if part.state == "dead_lettered"}
+    if journey.dead_letter is not None:
+        dead.add(UPSTREAM)
+    return bool(dead) if destination is None else destination in dead

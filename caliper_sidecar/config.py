@@ -1032,8 +1032,8 @@ def is_secret(table: str, key: str) -> bool:
 
 #: said above what check-config prints of `[[destinations]]`
 _DESTINATIONS_RESTART: Final = (
-    f"# SIGHUP may change a destination's {', '.join(sorted(DESTINATION_RELOADABLE))}; a "
-    "destination added or removed, or any other key of one changed, needs a restart"
+    "# a destination added or removed, or any key of one changed, needs a restart: SIGHUP "
+    "does not apply a destination's keys yet (docs/operators.md)"
 )
 
 

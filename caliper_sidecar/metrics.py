@@ -53,6 +53,9 @@ class DestinationSnapshot:
     name: str
     state: str = "ok"
     token_expires_at: float | None = None
+    #: its own backlog: events waiting for it, and how long the oldest has waited
+    waiting: int = 0
+    oldest_age_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,23 @@ class _StateCollector(Collector):
                 expiry.add_metric([d.name], d.token_expires_at)
         if expiry.samples:  # none without OAuth: no series, rather than a made-up expiry
             yield expiry
+        # Each of [[destinations]]'s own backlog ([upstream]'s is the outbox gauges above).
+        waiting = GaugeMetricFamily(
+            "caliper_sidecar_destination_events",
+            "Events waiting for each of [[destinations]]",
+            labels=["destination"],
+        )
+        oldest = GaugeMetricFamily(
+            "caliper_sidecar_destination_oldest_age_seconds",
+            "Age of the oldest event waiting for each of [[destinations]]",
+            labels=["destination"],
+        )
+        for d in s.destinations:
+            waiting.add_metric([d.name], d.waiting)
+            oldest.add_metric([d.name], d.oldest_age_s)
+        if s.destinations:
+            yield waiting
+            yield oldest
 
 
 class _ObservedCounter(Collector):

@@ -13,12 +13,13 @@ import importlib.util
 import os
 import ssl
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from caliper_sidecar.config import OAuthSettings, Origins, Settings, is_secret, require_upstream
-from caliper_sidecar.exceptions import ConfigError
+from caliper_sidecar.exceptions import ArchiveUnusable, ConfigError
 from caliper_sidecar.presets import platform_mismatch
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -59,18 +60,6 @@ def preflight(settings: Settings, origins: Origins | None = None) -> Checked:
             "a user of its own (the systemd unit and the image do)"
         )
     return Checked(warnings, tls)
-
-
-def require_no_destinations(settings: Settings) -> None:
-    """Refuse `[[destinations]]` until this release delivers to them: started anyway, a district
-    or an archive would believe it gets every event while only the upstream does."""
-    if settings.destinations:
-        first = settings.destinations[0]
-        raise ConfigError(
-            f"destinations[0] ({first.name}): this release reads and checks [[destinations]] "
-            "but does not deliver to them yet (docs/operators.md); remove the "
-            f"[[destinations]] table{'s' if len(settings.destinations) > 1 else ''} to run"
-        )
 
 
 def check_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -142,16 +131,30 @@ def check_outbox_directory(path: Path) -> None:
         )
 
 
-def check_archive_directory(path: Path, key: str) -> None:
-    """An archive's files can be written in `path` (`key`: its name in messages): it is a
-    directory this user can write, or the nearest of its ancestors that exists is."""
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        where = "is" if existing == path else f"cannot be created: {existing} is"
-        raise ConfigError(f"{key} {path} {where} not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == path else f"cannot be created in {existing}: "
-        raise ConfigError(f"{key} {path}: {where}this user cannot write there")
+def check_archive_directory(path: Path, key: str = "archive dir") -> None:
+    """Raise ArchiveUnusable (a ConfigError: exit 2), naming `key` and the dir, unless this user
+    can write files in `path`, or create it (the nearest of its ancestors that exists is a
+    directory this user can write). `run` and `check-config` check each archive's `dir` here,
+    and the archive again when it opens (delivery/archive.py): one verdict, refused before the
+    first event rather than at it."""
+    try:
+        existing = _nearest_existing(path)
+        if not existing.is_dir():
+            where = "is" if existing == path else f"cannot be created: {existing} is"
+            raise ArchiveUnusable(f"{key} {path} {where} not a directory")
+        if existing != path:
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ArchiveUnusable(
+                    f"{key} {path}: cannot be created in {existing}: this user cannot write there"
+                )
+            return
+        # A real file, not os.access: read-only mounts, ACLs and root squash answer too.
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = e.strerror or str(e)
+        raise ArchiveUnusable(f"{key} {path}: this user cannot write there ({what})") from None
 
 
 def _nearest_existing(path: Path) -> Path:

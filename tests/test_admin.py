@@ -154,7 +154,7 @@ class TestStorageUnavailable:
         so with 503 and Retry-After, like ingest, instead of failing with a 500."""
         from caliper_sidecar.exceptions import OutboxUnavailable
 
-        async def unavailable(*args: Any) -> Any:
+        async def unavailable(*args: Any, **kwargs: Any) -> Any:
             raise OutboxUnavailable("disk_full", "the disk holding the outbox is full", 30)
 
         sidecar.outbox.replay_dead_letters = unavailable  # type: ignore[method-assign,assignment]

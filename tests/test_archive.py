@@ -32,7 +32,6 @@ from caliper_sidecar.delivery.archive import (
     APPENDING,
     Archive,
     ArchivedEvent,
-    check_archive_dir,
     hour_file,
 )
 from caliper_sidecar.exceptions import (
@@ -41,6 +40,7 @@ from caliper_sidecar.exceptions import (
     ConfigError,
     RetryLater,
 )
+from caliper_sidecar.preflight import check_archive_directory
 
 from .disks import fill_disk, tmpfs
 
@@ -401,14 +401,14 @@ class TestUnwritable:
         (tmp_path / "file").write_text("")
         wanted = tmp_path / "file" / "archive"
         with pytest.raises(ArchiveUnusable, match=f"archive dir {wanted} cannot be created"):
-            check_archive_dir(wanted)
+            check_archive_directory(wanted)
         assert issubclass(ArchiveUnusable, ConfigError)
 
     def test_a_dir_that_is_a_file_is_refused(self, tmp_path: Path) -> None:
         """A dir that is a regular file is refused, naming it."""
         (tmp_path / "archive").write_text("")
         with pytest.raises(ArchiveUnusable, match="is not a directory"):
-            check_archive_dir(tmp_path / "archive")
+            check_archive_directory(tmp_path / "archive")
 
     async def test_open_refuses_it_too(self, tmp_path: Path) -> None:
         """Opening such an archive raises the same error, naming the dir."""
@@ -426,7 +426,7 @@ class TestUnwritable:
         tmp_path.chmod(0o500)
         try:
             with pytest.raises(ArchiveUnusable, match=str(tmp_path)):
-                check_archive_dir(tmp_path)
+                check_archive_directory(tmp_path)
         finally:
             tmp_path.chmod(0o700)
 

@@ -867,9 +867,7 @@ class TestDestinationsInCheckConfig:
         )
         env = {**os.environ, "SIDECAR_DESTINATIONS_DISTRICT_LRS_CONCURRENCY": "8"}
         out = check_config(path, env=env)
-        # Printed in full, then refused as `run` refuses them until delivery to them lands.
-        assert out.returncode == 2, out.stderr
-        assert "does not deliver to them yet" in out.stderr
+        assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         first = lines.index("[[destinations]]")
         assert "needs a restart" in lines[first - 1]

@@ -44,7 +44,12 @@ class ScriptedPlatform:
         self.envelopes: list[list[str]] = []
         self.accepted: list[str] = []
 
-    async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent:
+    async def send(
+        self,
+        bodies: Sequence[bytes],
+        sensor: str | None = None,
+        received_at: Sequence[float] = (),
+    ) -> Sent:
         ids = [json.loads(body)["id"] for body in bodies]
         self.envelopes.append(ids)
         if self.outages:

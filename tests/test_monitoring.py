@@ -10,19 +10,30 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 import yaml
 
 from caliper_sidecar.app import Sidecar
+from caliper_sidecar.config import DestinationSettings, Settings
 from caliper_sidecar.metrics import Metrics, Snapshot
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
-from .conftest import make_events
+from .conftest import make_events, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "caliper-sidecar.json"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 METRIC = re.compile(r"\bcaliper_sidecar_[a-z_]+")
+
+
+@pytest.fixture
+def settings(platform: RunningFake, tmp_path: Path) -> Settings:
+    """A sidecar with an archive destination: the destinations' own series are exported only
+    where there are destinations."""
+    archive = DestinationSettings(name="archive", kind="archive", dir=str(tmp_path / "archive"))
+    return msgspec.structs.replace(settings_for(platform, tmp_path), destinations=(archive,))
 
 
 @pytest.fixture(scope="session")

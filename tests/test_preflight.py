@@ -40,18 +40,11 @@ def config(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
             '[[destinations]]\nname = "kept"\nkind = "archive"\ndir = "a-file/archive"\n',
             "destinations[0].dir {tmp}/a-file/archive cannot be created",
         ),
-        (
-            '[[destinations]]\nname = "district-lrs"\nkind = "caliper"\n'
-            'endpoint = "https://lrs.example/caliper"\n',
-            "destinations[0] (district-lrs): this release reads and checks [[destinations]] but "
-            "does not deliver to them yet",
-        ),
     ],
 )
 async def test_check_config_refuses_what_run_refuses(tmp_path: Path, text: str, says: str) -> None:
     """Missing TLS files, an unreadable private key, an outbox URL with a bad port, a broken
-    IPv6 host or another scheme, an outbox or archive directory that cannot be created, and
-    destinations while nothing delivers to them (never silently only the upstream):
+    IPv6 host or another scheme, an outbox or archive directory that cannot be created:
     `check-config` and `run` both exit 2 with the same message, and no traceback."""
     (tmp_path / "a-file").write_text("not a directory")
     path = config(tmp_path, text.replace("{tmp}", str(tmp_path)))

@@ -1,5 +1,6 @@
 """The status page, in a real headless browser (Debian's Chromium, driven by Playwright): the
-live numbers, the platform's state in plain words, dead letters with replay."""
+live numbers, the platform's state in plain words, dead letters with replay, a row per
+destination."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from caliper_sidecar.app import start
+from caliper_sidecar.tools.fake_timeback import RunningFake
+
 from .conftest import StartSidecar, free_port, make_events
+from .destinations import start_district, with_destinations
 
 CHROMIUM = "/usr/bin/chromium"
 #: flags this machine needs: no sandbox as root, and no background calls to hosts it cannot reach
@@ -146,3 +151,45 @@ async def test_a_page_answering_for_the_platform_in_plain_words(
     )
     await expect(page.locator("#detail")).to_contain_text("blocked by your school's web filter")
     await expect(page.locator("#dead tr")).to_have_count(0)
+
+
+async def test_a_row_per_destination(browser: Any, platform: RunningFake, tmp_path: Path) -> None:
+    """With [[destinations]], a row for each, [upstream] first: a district's endpoint that is
+    down says so with its waiting events and last error, the archive delivers; a dead letter
+    of the district is listed under its name, and the count is every destination's."""
+    district = await start_district()
+    settings = with_destinations(
+        platform, district, tmp_path, ops={"port": free_port()}, upstream={"linger_ms": 20}
+    )
+    sidecar = await start(settings)
+    try:
+        events = make_events(5)
+        district.fake.faults.refuse_ids = {events[0]["id"]}
+        async with aiohttp.ClientSession(base_url=sidecar.url) as client:
+            async with client.post("/v1/events", json=events) as resp:
+                assert resp.status == 202
+            await district.fake.wait_for({e["id"] for e in events[1:]})
+            district.fake.fail_next(503, times=1_000_000)
+            async with client.post("/v1/events", json=make_events(3)) as resp:
+                assert resp.status == 202
+
+        expect = pytest.importorskip("playwright.async_api").expect
+        page = await browser.new_page(viewport={"width": 900, "height": 1000})
+        await page.goto(sidecar.ops_url + "/")
+        rows = page.locator("#destinations tr")
+        await expect(rows).to_have_count(3, timeout=20_000)
+        await expect(rows.nth(0)).to_contain_text("upstream (caliper)")
+        district_row = page.locator('#destinations tr[data-destination="district-lrs"]')
+        await expect(district_row).to_contain_text("not answering", timeout=20_000)
+        await expect(district_row).to_contain_text("HTTP 503")
+        await expect(district_row.locator("td").nth(2)).to_have_text("3")
+        await expect(page.locator('#destinations tr[data-destination="archive"]')).to_contain_text(
+            "delivering"
+        )
+        await expect(page.locator("#dead")).to_contain_text("district-lrs: refused (HTTP 422)")
+        await expect(page.locator("#dead-count")).to_have_text("1 dead letter")
+        await expect(page.locator("#state")).to_contain_text("Delivering normally")
+        await page.screenshot(path=str(tmp_path / "status-page-destinations.png"), full_page=True)
+    finally:
+        await sidecar.stop()
+        await district.close()

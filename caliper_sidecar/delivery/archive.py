@@ -22,7 +22,6 @@ import errno
 import gzip
 import os
 import re
-import tempfile
 import threading
 import time
 import zlib
@@ -35,6 +34,7 @@ from typing import BinaryIO, Final
 import structlog
 
 from caliper_sidecar.exceptions import ArchiveUnavailable, ArchiveUnusable
+from caliper_sidecar.preflight import check_archive_directory
 
 log = structlog.get_logger("sidecar.delivery.archive")
 
@@ -77,31 +77,6 @@ def archive_line(body: bytes) -> bytes:
     """The event as one line. A raw CR or LF in valid JSON can only be whitespace (inside
     strings they are escaped), so spaces in their place keep the same object."""
     return body.translate(_NEWLINES_TO_SPACES) + b"\n"
-
-
-def check_archive_dir(path: Path) -> None:
-    """Raise ArchiveUnusable, naming the dir, unless this user can write files in `path` (or
-    create it): a start refuses what would otherwise fail at the first event."""
-    try:
-        if path.exists():
-            if not path.is_dir():
-                raise ArchiveUnusable(f"archive dir {path} is not a directory")
-            # a real file, not os.access: read-only mounts, ACLs and root squash answer too
-            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=path)
-            os.close(fd)
-            os.unlink(probe)
-            return
-        parent = path.parent
-        while not parent.exists():  # open creates the missing directories
-            parent = parent.parent
-        if not parent.is_dir():
-            raise ArchiveUnusable(f"archive dir {path} cannot be created: {parent} is a file")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ArchiveUnusable(
-                f"archive dir {path} cannot be created: {parent} is not writable by this user"
-            )
-    except OSError as e:
-        raise ArchiveUnusable(f"archive dir {path} cannot be written: {_cause(e)}") from None
 
 
 def complete_length(f: BinaryIO, start: int = 0) -> int:
@@ -208,7 +183,7 @@ class Archive:
         with self._mutex:
             if self._appending is not None:
                 return  # opened already
-            check_archive_dir(self.dir)
+            check_archive_directory(self.dir)
             for changed in _make_dirs(self.dir):
                 _fsync_dir(changed)
             listed = self._read_list()

@@ -1,8 +1,8 @@
 """The dispatcher: claims batches from one destination's queue in the outbox, sends them, and
 turns each outcome into an outbox operation: acknowledge, retry later, split, or dead-letter.
 It is built per destination, with its own batching, concurrency, circuit, state and metrics,
-so that one that is down or slow never holds back another; today only [upstream] runs one
-([[destinations]] are refused at start until their queues are in the outbox).
+so that one that is down or slow never holds back another: [upstream] over the Outbox itself,
+each of [[destinations]] over its own queue (`Outbox.queue(name)`), wired in app.py.
 
 How a refused batch is searched for the events the platform refuses, and how a refusal that
 every event gets is told from the events' own, is in `refusals` (pure, tested alone); here is
@@ -377,7 +377,9 @@ class Dispatcher:
         """Send one envelope; any failure that is not the platform's answer counts as
         transient, so that a bug or an odd error backs off instead of resending at once."""
         try:
-            return await self._upstream.send([e.body for e in part], part[0].sensor)
+            return await self._upstream.send(
+                [e.body for e in part], part[0].sensor, [e.received_at for e in part]
+            )
         except (Refused, RetryLater, AuthFailed):
             raise
         except Exception as e:

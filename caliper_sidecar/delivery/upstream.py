@@ -53,24 +53,33 @@ ACCEPTANCE_KEYS: Final = ("jobId", "eventsAccepted")
 
 @dataclass(frozen=True, slots=True)
 class Sent:
-    """The platform accepted an envelope: its status, and the processing job it opened (when
-    jobs are followed and the answer named one). `unconfirmed` says why the events cannot be
-    confirmed although jobs are followed (the answer named no job)."""
+    """The destination took a batch: the HTTP status of its answer (None for an archive, which
+    answers nothing), and the processing job it opened (when jobs are followed and the answer
+    named one). `unconfirmed` says why the events cannot be confirmed although jobs are
+    followed (the answer named no job)."""
 
-    status: int
+    status: int | None
     job_id: str | None = None
     unconfirmed: str | None = None
 
 
 class Sender(Protocol):
-    """What delivery needs of the platform: the UpstreamClient over HTTP, or in tests a
-    scripted stand-in that answers as a test says (the dispatcher's split, backoff and
-    dead-letter logic and the job follower run against either)."""
+    """What delivery needs of a destination: the UpstreamClient over HTTP, the archive's files
+    (archive_sender.py), or in tests a scripted stand-in that answers as a test says (the
+    dispatcher's split, backoff and dead-letter logic and the job follower run against any)."""
 
     #: bytes an envelope adds around its events (batches are sized to leave room for it)
     overhead: int
 
-    async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent: ...
+    async def send(
+        self,
+        bodies: Sequence[bytes],
+        sensor: str | None = None,
+        received_at: Sequence[float] = (),
+    ) -> Sent:
+        """Deliver these events (`received_at`: when the sidecar received each, for a sender
+        that files them by it); return when the destination took them, else raise the outcome
+        (RetryLater, Refused, AuthFailed)."""
 
     async def job_status(self, job_id: str) -> dict[str, Any]: ...
 
@@ -149,9 +158,16 @@ class UpstreamClient:
     def follows_jobs(self) -> bool:
         return bool(self._jobs_url)
 
-    async def send(self, bodies: Sequence[bytes], sensor: str | None = None) -> Sent:
+    async def send(
+        self,
+        bodies: Sequence[bytes],
+        sensor: str | None = None,
+        received_at: Sequence[float] = (),
+    ) -> Sent:
         """Send one envelope of these serialized events, under the sensor of the app that sent
-        them (or the configured one); returns when the platform took it."""
+        them (or the configured one); returns when the platform took it. An envelope carries
+        no receive times: `received_at` is unused."""
+        del received_at
         if self._learnwith_form:
             bodies = [rewrite_body(body) for body in bodies]
         envelope = build_envelope(sensor or self.sensor, bodies)

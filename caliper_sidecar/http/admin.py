@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from caliper_sidecar import codec
-from caliper_sidecar.config import is_loopback
+from caliper_sidecar.config import UPSTREAM, is_loopback
 from caliper_sidecar.http import bodies
 from caliper_sidecar.http.auth import bearer_matches
 from caliper_sidecar.http.errors import ApiError, json_response
@@ -80,7 +80,9 @@ async def list_dead_letters(request: web.Request) -> web.Response:
         limit = max(1, min(int(request.query.get("limit", "100")), MAX_LIST))
     except ValueError:
         raise ApiError(400, "bad_request", "limit must be an integer") from None
-    items = await rt.outbox.dead_letters(limit, request.query.get("after") or None)
+    items = await rt.outbox.dead_letters(
+        limit, request.query.get("after") or None, request.query.get("destination") or None
+    )
     return json_response(
         bodies.DeadLetters(
             dead_letters=[dead_letter_document(d) for d in items],
@@ -94,6 +96,7 @@ def dead_letter_document(d: DeadLetter) -> bodies.DeadLetterItem:
     time = codec.utc_from_timestamp
     return bodies.DeadLetterItem(
         id=d.id,
+        destination=d.destination,
         reason=d.reason,
         status=d.status,
         response=d.response,
@@ -108,47 +111,75 @@ def dead_letter_document(d: DeadLetter) -> bodies.DeadLetterItem:
     )
 
 
-async def _selection(request: web.Request) -> Sequence[str] | None:
+async def _selection(request: web.Request) -> tuple[Sequence[str] | None, str | None]:
+    """The dead letters a replay or purge is for: the ids (None: all), and the destination
+    whose letters they must be (None: any)."""
     raw = await read_body(request)
     try:
         body = codec.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
+    destination = body.get("destination") if isinstance(body, dict) else None
+    if destination is not None and not (isinstance(destination, str) and destination):
+        raise ApiError(400, "bad_request", "destination must be a destination's name")
     if isinstance(body, dict) and body.get("all") is True:
-        return None
+        return None, destination
     ids = body.get("ids") if isinstance(body, dict) else None
     if isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
-        return ids
-    raise ApiError(400, "bad_request", 'the body must be {"ids": ["..."]} or {"all": true}')
+        return ids, destination
+    raise ApiError(
+        400,
+        "bad_request",
+        'the body must be {"ids": ["..."]} or {"all": true}, with "destination": "<name>" '
+        "to take only that destination's dead letters",
+    )
 
 
 async def replay(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     who = _authorize_change(rt, request)
-    selection = await _selection(request)
-    count = await rt.outbox.replay_dead_letters(selection)
-    _logged("dead_letters_replayed", request, who, selection, count)
+    selection, destination = await _selection(request)
+    if destination is not None and destination not in _configured(rt):
+        # Its letters would stay where they are (nothing delivers to it): say so, not "0".
+        raise ApiError(
+            400,
+            "unknown_destination",
+            f"{destination!r} is not a destination of this configuration (upstream, or a "
+            "[[destinations]] name): its dead letters can be listed and purged, not replayed",
+        )
+    count = await rt.outbox.replay_dead_letters(selection, destination=destination)
+    _logged("dead_letters_replayed", request, who, selection, destination, count)
     return json_response(bodies.Replayed(replayed=count))
 
 
 async def purge(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     who = _authorize_change(rt, request)
-    selection = await _selection(request)
-    count = await rt.outbox.purge_dead_letters(selection)
-    _logged("dead_letters_purged", request, who, selection, count)
+    selection, destination = await _selection(request)
+    count = await rt.outbox.purge_dead_letters(selection, destination=destination)
+    _logged("dead_letters_purged", request, who, selection, destination, count)
     return json_response(bodies.Purged(purged=count))
 
 
+def _configured(rt: Runtime) -> set[str]:
+    return {UPSTREAM, *(d.name for d in rt.settings.destinations)}
+
+
 def _logged(
-    event: str, request: web.Request, who: str, selection: Sequence[str] | None, count: int
+    event: str,
+    request: web.Request,
+    who: str,
+    selection: Sequence[str] | None,
+    destination: str | None,
+    count: int,
 ) -> None:
-    """Say who replayed or purged how many: a purge destroys events for good."""
+    """Say who replayed or purged how many, and whose: a purge destroys events for good."""
     log.warning(
         event,
         who=who,
         remote=request.remote,
         user_agent=request.headers.get("User-Agent", "")[:200],
         selected="all" if selection is None else len(selection),
+        destination=destination or "all",
         events=count,
     )

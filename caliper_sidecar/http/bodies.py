@@ -139,8 +139,21 @@ class DeadLetterOutcome(Body, kw_only=True, forbid_unknown_fields=True):
     dead_lettered_at: Time | None
 
 
+#: where an event is at one of [[destinations]] (outbox/records.py's DestinationPart.state)
+DestinationJourneyState = Literal["waiting", "delivered", "dead_lettered"]
+
+
+class DestinationJourney(Body, kw_only=True, forbid_unknown_fields=True):
+    """An event's way to one of [[destinations]]."""
+
+    state: DestinationJourneyState
+    attempts: Annotated[Count, _says("the failed sends there")]
+    last_error: str | None
+    reason: Annotated[str | None, _says("why it was dead-lettered there")]
+
+
 class Journey(Body, kw_only=True, forbid_unknown_fields=True):
-    """One event's way through the sidecar (`GET /v1/events/{id}`)."""
+    """One event's way through the sidecar (`GET /v1/events/{id}`), each destination's too."""
 
     id: str
     state: JourneyState
@@ -161,6 +174,13 @@ class Journey(Body, kw_only=True, forbid_unknown_fields=True):
         str | None, _says("the label of the sender token it came with (receiver.tokens_file)")
     ]
     dead_letter: DeadLetterOutcome | UnsetType = UNSET
+    destinations: Annotated[
+        dict[str, DestinationJourney] | UnsetType,
+        _says(
+            "its part at each of [[destinations]], by name (absent without destinations, or "
+            "for an event received before they were added)"
+        ),
+    ] = UNSET
 
 
 # -- operators ---------------------------------------------------------------------------------
@@ -197,17 +217,51 @@ class UpstreamStatus(Body, kw_only=True, forbid_unknown_fields=True):
     platform_jobs: PlatformJobsStatus | UnsetType = UNSET
 
 
+class DestinationStatus(Body, kw_only=True, forbid_unknown_fields=True):
+    """One destination's delivery: [upstream] (named "upstream") or one of [[destinations]]."""
+
+    name: str
+    kind: Annotated[
+        Literal["caliper", "archive"],
+        _says(
+            "how it delivers: Caliper envelopes to an endpoint ([upstream] is one; its platform "
+            "is upstream.platform), or files on disk"
+        ),
+    ]
+    state: UpstreamState
+    waiting: Annotated[Count, _says("events it still has to take")]
+    oldest_age_s: Annotated[
+        float | None, _says("how long the oldest of those has waited (null: none waits)")
+    ]
+    delivered_total: Count
+    dead_lettered_total: Count
+    dead_letters: Annotated[
+        Count, _says("its dead letters now (GET /v1/dead-letters?destination=)")
+    ]
+    last_error: str | None
+    last_error_at: Time | None
+    retry_in_s: Annotated[float, msgspec.Meta(ge=0)]
+    token_expires_at: Annotated[Time | None, _says("null without OAuth")]
+
+
 class Status(Body, kw_only=True, forbid_unknown_fields=True):
-    """`GET /v1/status`: the outbox and the upstream."""
+    """`GET /v1/status`: the outbox, the upstream, and every destination's delivery."""
 
     version: str
     accepting: bool
     outbox: OutboxStatus
     upstream: UpstreamStatus
+    destinations: Annotated[
+        list[DestinationStatus],
+        _says("[upstream] first (name upstream), then [[destinations]] in the file's order"),
+    ]
 
 
 class DeadLetterItem(Body, kw_only=True):
     id: str
+    destination: Annotated[
+        str, _says("where it could not go: upstream, or a [[destinations]] name")
+    ]
     reason: str
     status: int | None
     response: str

@@ -71,6 +71,15 @@ def _ingest(summary: str, ok: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: a replay's or a purge's `destination`: only that destination's dead letters
+_DESTINATION: Final = {
+    "type": "string",
+    "minLength": 1,
+    "description": "only the dead letters of this destination: upstream, or a [[destinations]] "
+    "name (a replay takes only a destination of the running configuration)",
+}
+
+
 def _selection_body() -> dict[str, Any]:
     return {
         "required": True,
@@ -82,13 +91,18 @@ def _selection_body() -> dict[str, Any]:
                             "type": "object",
                             "required": ["ids"],
                             "properties": {
-                                "ids": {"type": "array", "minItems": 1, "items": {"type": "string"}}
+                                "ids": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {"type": "string"},
+                                },
+                                "destination": _DESTINATION,
                             },
                         },
                         {
                             "type": "object",
                             "required": ["all"],
-                            "properties": {"all": {"const": True}},
+                            "properties": {"all": {"const": True}, "destination": _DESTINATION},
                         },
                     ]
                 }
@@ -236,7 +250,7 @@ def document() -> dict[str, Any]:
             },
             "/v1/status": {
                 "get": {
-                    "summary": "The outbox and the upstream, as JSON",
+                    "summary": "The outbox, the upstream and every destination, as JSON",
                     "security": _OPERATOR,
                     "responses": {
                         "200": _answer("the state", _ref("Status")),
@@ -256,6 +270,13 @@ def document() -> dict[str, Any]:
                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                         },
                         {"name": "after", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "destination",
+                            "in": "query",
+                            "description": "only this destination's: upstream, or a "
+                            "[[destinations]] name",
+                            "schema": {"type": "string"},
+                        },
                     ],
                     "responses": {
                         "200": _answer("a page of dead letters", _ref("DeadLetters")),
@@ -352,7 +373,11 @@ def _admin(summary: str, counted: str) -> dict[str, Any]:
             "requestBody": _selection_body(),
             "responses": {
                 "200": _answer("done", _ref(counted)),
-                "400": _answer("not {ids} or {all: true}", _ERROR),
+                "400": _answer(
+                    "not {ids} or {all: true}, or (replay) a destination this configuration "
+                    "does not have",
+                    _ERROR,
+                ),
                 "401": _ERRORS["401"],
                 "403": _answer(
                     "from another machine without an admin token, or from a web origin that "

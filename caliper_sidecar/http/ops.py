@@ -8,12 +8,12 @@ from typing import Final
 from aiohttp import web
 
 from caliper_sidecar import __version__, codec
-from caliper_sidecar.config import is_loopback
+from caliper_sidecar.config import UPSTREAM, is_loopback
 from caliper_sidecar.http import bodies, openapi
 from caliper_sidecar.http.auth import bearer_matches
 from caliper_sidecar.http.errors import ApiError, json_response
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
-from caliper_sidecar.metrics import Snapshot
+from caliper_sidecar.metrics import DestinationSnapshot, Snapshot
 from caliper_sidecar.states import UpstreamState
 
 #: the status page: plain HTML and a little JavaScript, no build step, nothing fetched from
@@ -111,6 +111,19 @@ async def metrics(request: web.Request) -> web.Response:
         token_expires_at=rt.tokens.expires_at if rt.tokens is not None else None,
         capacity_events=limits.max_events,
         capacity_bytes=limits.max_bytes,
+        destinations=tuple(
+            [
+                DestinationSnapshot(
+                    d.settings.name,
+                    d.dispatcher.state.value,
+                    d.tokens.expires_at if d.tokens is not None else None,
+                    backlog.waiting,
+                    backlog.oldest_age_s or 0.0,
+                )
+                for d in rt.destinations
+                for backlog in [await rt.outbox.destination_stats(d.settings.name)]
+            ]
+        ),
     )
     body, content_type = rt.metrics.render(request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
@@ -144,6 +157,41 @@ async def status_document(rt: Runtime) -> bodies.Status:
             following=rt.follower.following if rt.follower is not None else 0,
             unconfirmed=stats.platform_jobs.get("unconfirmed", 0),
         )
+    destinations = [
+        bodies.DestinationStatus(
+            name=UPSTREAM,
+            kind="caliper",
+            state=upstream.state,
+            waiting=stats.events,
+            oldest_age_s=stats.oldest_age_s,
+            delivered_total=stats.delivered_total,
+            dead_lettered_total=stats.dead_lettered_total,
+            dead_letters=stats.dead_letters,
+            last_error=upstream.last_error,
+            last_error_at=upstream.last_error_at,
+            retry_in_s=upstream.retry_in_s,
+            token_expires_at=upstream.token_expires_at,
+        )
+    ]
+    for d in rt.destinations:
+        theirs = await rt.outbox.destination_stats(d.settings.name)
+        expiry = d.tokens.expires_at if d.tokens is not None else None
+        destinations.append(
+            bodies.DestinationStatus(
+                name=d.settings.name,
+                kind=d.settings.kind,
+                state=d.dispatcher.state,
+                waiting=theirs.waiting,
+                oldest_age_s=theirs.oldest_age_s,
+                delivered_total=theirs.delivered_total,
+                dead_lettered_total=theirs.dead_lettered_total,
+                dead_letters=theirs.dead_letters,
+                last_error=d.dispatcher.last_error,
+                last_error_at=codec.utc_from_timestamp(d.dispatcher.last_error_at),
+                retry_in_s=d.dispatcher.retry_in_s,
+                token_expires_at=codec.utc_from_timestamp(expiry),
+            )
+        )
     return bodies.Status(
         version=__version__,
         accepting=rt.accepting,
@@ -156,4 +204,5 @@ async def status_document(rt: Runtime) -> bodies.Status:
             dead_lettered_total=stats.dead_lettered_total,
         ),
         upstream=upstream,
+        destinations=destinations,
     )

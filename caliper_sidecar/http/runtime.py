@@ -8,7 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
-from caliper_sidecar.config import Settings
+from caliper_sidecar.config import DestinationSettings, Settings
 from caliper_sidecar.delivery.confirmations import JobFollower
 from caliper_sidecar.delivery.dispatcher import Dispatcher
 from caliper_sidecar.delivery.reads import PlatformReader
@@ -18,6 +18,17 @@ from caliper_sidecar.http.connections import BODIES_IN_FLIGHT, ByteBudget
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Outbox
 from caliper_sidecar.validation.decoder import Decoder, decoder_for
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One of [[destinations]] as the routes see it: its settings (as at start: SIGHUP applies
+    none of a destination's keys), its dispatcher, and its token source (a caliper
+    destination's; None for an archive)."""
+
+    settings: DestinationSettings
+    dispatcher: Dispatcher
+    tokens: TokenSource | None = None
 
 
 @dataclass
@@ -32,6 +43,8 @@ class Runtime:
     follower: JobFollower | None = None
     #: what is read through to the platform (`GET /caliper/events`), when it lists events
     reader: PlatformReader | None = None
+    #: each of [[destinations]], in the configuration's order ([upstream]'s is `dispatcher`)
+    destinations: tuple[Destination, ...] = ()
     #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes
     max_event_bytes: int = 0
     accepting: bool = True

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, cast
 from urllib.parse import parse_qsl
 
 import structlog
@@ -264,6 +264,16 @@ def journey_document(j: Journey) -> bodies.Journey:
             response=d.response,
             dead_lettered_at=time(d.dead_lettered_at),
         )
+    if j.destinations:
+        document.destinations = {
+            name: bodies.DestinationJourney(
+                state=cast(bodies.DestinationJourneyState, part.state),
+                attempts=part.attempts,
+                last_error=part.last_error,
+                reason=part.reason,
+            )
+            for name, part in sorted(j.destinations.items())
+        }
     return document
 
 

@@ -47,7 +47,8 @@ def insert_appends(
     row = conn.execute("SELECT events, bytes FROM totals").fetchone()
     depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
     if claimed is not None:
-        destinations.shed_lagging(conn, len(all_ids), max_events, claimed, now)
+        incoming = len(set(all_ids) - known)
+        destinations.shed_lagging(conn, incoming, max_events, claimed, now)
         # A destination that blocks holds events the way [upstream] does (by count: their
         # bytes are [upstream]'s or already delivered there).
         depth = max([depth, *(waiting for _, waiting in destinations.lags(conn, True))])

@@ -17,6 +17,7 @@ from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox import DestinationPlan, NewEvent, Outbox
 from caliper_sidecar.outbox.postgres.room import Footprint
 from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, SCHEMA
+from caliper_sidecar.outbox.postgres.writes import store_events
 
 from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
@@ -492,6 +493,21 @@ class TestPostgresPlaces:
                 assert got.count(event.id) == 1
                 assert event.id not in await deliver_all(box, "other")
                 assert (await box.stats()).events == 0
+
+    async def test_seqs_no_event_took_are_not_waiting(self, database: str) -> None:
+        """Seqs drawn by an ingest that never committed (a replica killed mid-commit), and a
+        row stored for another queue alone, are never counted as waiting once the
+        destination has the events there are."""
+        async with postgres_box(database, destinations=plans("lrs")) as (box, conn):
+            await box.append(events(3))
+            lost = conn.transaction()
+            await lost.start()
+            await store_events(conn, [new_id()], [b"{}"], [None], [None], None)
+            await lost.rollback()
+            await store_events(conn, [new_id()], [b"{}"], [None], [None], None, ["upstream"])
+            assert (await box.destination_stats("lrs")).waiting == 3
+            assert len(await deliver_all(box, "lrs")) == 3
+            assert (await box.destination_stats("lrs")).waiting == 0
 
     async def test_dead_letters_of_a_removed_destination_are_not_replayed(
         self, database: str

@@ -27,6 +27,8 @@ RESERVE_ROWS: Final = 58_000
 INGEST_LOCK: Final = 0x696E676573742121
 #: the seqs whose bodies one partition of `bodies` holds (fixed: partitions are named by it)
 BODIES_SPAN: Final = 16_384
+#: a destination's waiting events after its head are counted one by one up to this many
+EXACT_UP_TO: Final = 100
 #: … and for lowering a destination's position ("positio!": a dead letter replayed to it),
 #: which whatever deletes rows or bodies below the lowest position takes shared
 POSITIONS_LOCK: Final = 0x706F736974696F21
@@ -561,17 +563,27 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         SET search_path = {SCHEMA} AS $$
         SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM events_seq_seq
     $$;
-    -- Each destination's position and how many events wait for it, counted from seqs (those
-    -- after its head, and those its leases hold): a seq that names no row for it (one stored
-    -- for another queue alone, or drawn by an insert that did not commit) makes it an
-    -- overcount until the head passes it, never an undercount.
+    -- Each destination's position and how many events wait for it: those its leases hold,
+    -- and those after its head, counted one by one up to {EXACT_UP_TO} (so that the count
+    -- comes down to 0 whatever seqs were skipped) and beyond that from seqs, which costs
+    -- nothing per event: a seq there that names no row for it (drawn by an insert that did
+    -- not commit, or a row stored for another queue alone) makes that an overcount until
+    -- the head passes it, never an undercount.
     CREATE VIEW destination_positions AS
         SELECT d.name, d.blocks, least(d.next, b.lo) AS position,
-            greatest(newest_seq() + 1 - d.next, 0) + coalesce(b.held, 0) AS waiting
+            coalesce(b.held, 0) + CASE WHEN a.near < {EXACT_UP_TO} THEN a.near
+                ELSE greatest(a.near, (SELECT max(seq) FROM events) + 1 - d.next) END
+                AS waiting
         FROM destinations d LEFT JOIN LATERAL (
             SELECT min(lo) AS lo, sum(cardinality(seqs)) AS held FROM destination_batches
             WHERE destination = d.name
-        ) b ON true;
+        ) b ON true CROSS JOIN LATERAL (
+            SELECT count(*) AS near FROM (
+                SELECT FROM events e WHERE e.seq >= d.next
+                    AND (e.only_for IS NULL OR e.only_for = d.name)
+                LIMIT {EXACT_UP_TO}
+            ) n
+        ) a;
     -- The lowest position: rows and bodies from there on are kept (NULL: no destinations).
     CREATE FUNCTION kept_from() RETURNS bigint LANGUAGE sql STABLE
         SET search_path = {SCHEMA} AS $$

@@ -7,6 +7,7 @@ counterpart is sqlite/writes.py.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -61,8 +62,8 @@ async def insert_appends(
     partitions: Partitions,
 ) -> list[AppendResult | OutboxUnavailable]:
     """A group commit's appends: the reserve refilled first, known ids skipped, capacity checked
-    per append (all of it or none), one insert; then the destinations that do not block
-    shed what lags beyond the limits."""
+    per append (all of it or none), the destinations that do not block made to shed what
+    would lag beyond the limits, one insert."""
     all_ids = [e.id for events, _ in group for e in events]
     # One round trip for the clock, the reserve, the totals, the seqs drawn so far and what
     # waits for the destinations.
@@ -101,6 +102,9 @@ async def insert_appends(
         [events for events, _ in group], known, depth, size, max_events, max_bytes
     )
     rows = [e for f in fresh_by_append if isinstance(f, list) for e in f]
+    for name, waiting in lagging or ():
+        if (excess := int(waiting) + len(rows) - max_events) > 0:
+            await shed(conn, name, excess, max_events)
     stored: set[str] = set()
     if rows:
         stale = {r["id"] for r in found if r["stale"]} & {e.id for e in rows}
@@ -117,9 +121,6 @@ async def insert_appends(
                 None,
             )
         }
-    for name, waiting in lagging or ():
-        if (excess := int(waiting) + len(rows) - max_events) > 0:
-            await shed(conn, name, excess, max_events)
     jobs = [
         (job, now, json.dumps([e.id for e in events]))
         for (events, job), fresh in zip(group, fresh_by_append, strict=True)
@@ -401,25 +402,58 @@ async def destination_dead_letters(
 
 
 async def shed(conn: asyncpg.Connection, name: str, count: int, max_events: int) -> int:
-    """Dead-letter the `count` oldest events a destination that does not block never
-    claimed (destination_lagging), so that it never holds more than `max_events`: ingest
-    goes on, and the others keep their places. Those it has claimed, or was given back
-    after a failure, stay (they are being tried). How many."""
+    """Dead-letter the `count` oldest events waiting for a destination that does not block
+    (destination_lagging), so that it never holds more than `max_events`: ingest goes on,
+    and the others keep their places. The oldest of those given back (after a failure, or
+    a lease that expired) and of those never claimed; what is in flight stays. How many."""
+    # The ingest lock first, as set_destinations takes it, then the destination's row.
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", INGEST_LOCK)
     await conn.execute("SELECT 1 FROM destinations WHERE name = $1 FOR UPDATE", name)
-    oldest: list[int] = await conn.fetchval(
-        """
-        SELECT coalesce(array_agg(seq ORDER BY seq), '{}') FROM (
-            SELECT e.seq FROM events e, destinations d
-            WHERE d.name = $1 AND e.seq >= d.next AND (e.only_for IS NULL OR e.only_for = $1)
-            ORDER BY e.seq LIMIT $2
-        ) o
+    # The leases given back are held by this shedding for a moment (what a claim is taking
+    # now is passed over): take_from_claim then takes the oldest out of them.
+    holder = f"shed:{uuid.uuid4().hex}"
+    await conn.execute(
+        f"""
+        UPDATE destination_batches SET claimed_by = $2 WHERE id IN (
+            SELECT id FROM destination_batches
+            WHERE destination = $1 AND (claimed_by IS NULL OR claim_until < {NOW})
+            FOR UPDATE SKIP LOCKED)
         """,
         name,
+        holder,
+    )
+    oldest, last_ahead = await conn.fetchrow(
+        """
+        WITH ahead AS (
+            SELECT e.seq AS s FROM events e, destinations d
+            WHERE d.name = $1 AND e.seq >= d.next AND (e.only_for IS NULL OR e.only_for = $1)
+            ORDER BY e.seq LIMIT $3
+        ), oldest AS (
+            SELECT s FROM (
+                SELECT unnest(seqs) AS s FROM destination_batches WHERE claimed_by = $2
+                UNION SELECT s FROM ahead
+            ) c ORDER BY s LIMIT $3
+        )
+        SELECT coalesce(array_agg(s ORDER BY s), '{}'),
+            max(s) FILTER (WHERE s IN (SELECT s FROM ahead))
+        FROM oldest
+        """,
+        name,
+        holder,
         count,
     )
+    await conn.execute("SELECT take_from_claim($1, $2::bigint[], $3)", holder, oldest, name)
+    await conn.execute(
+        "UPDATE destination_batches SET claimed_by = NULL, claim_until = NULL "
+        "WHERE claimed_by = $1",
+        holder,
+    )
+    if last_ahead is not None:
+        await conn.execute(
+            "UPDATE destinations SET next = $2 WHERE name = $1", name, last_ahead + 1
+        )
     if not oldest:
         return 0
-    await conn.execute("UPDATE destinations SET next = $2 WHERE name = $1", name, oldest[-1] + 1)
     return await destination_dead_letters(
         conn,
         name,

@@ -341,6 +341,29 @@ class TestLimits:
             stats = await box.destination_stats("lrs")
             assert stats.waiting + len(dead) == 6
 
+    async def test_shedding_takes_the_oldest_given_back_and_leaves_what_is_in_flight(
+        self, open_box: OpenBox
+    ) -> None:
+        """A destination that does not block, down: the events it failed and gave back are
+        its oldest, shed first (their failed attempt kept on the dead letter), never the
+        events just received; what it has in flight stays."""
+        async with open_box(destinations=plans("lrs", blocks=False), max_events=4) as box:
+            first = events(4)
+            await box.append(first)
+            await deliver_all(box)
+            queue = box.queue("lrs")
+            failed = await queue.claim_batch(2, 1_000_000)
+            flying = await queue.claim_batch(1, 1_000_000)
+            await queue.record_failure(failed.claim, failed.seqs, "503 from the LRS")
+            assert (await box.append(events(2))).accepted == 2
+            dead = await box.dead_letters(10, destination="lrs")
+            assert [(d.id, d.reason, d.attempts) for d in dead] == [
+                (e.id, "destination_lagging", 1) for e in first[:2]
+            ]
+            await queue.acknowledge(flying.claim, flying.seqs)
+            assert [e.id for e in flying.events] == [first[2].id]
+            assert (await box.destination_stats("lrs")).waiting == 3
+
 
 @contextlib.asynccontextmanager
 async def postgres_box(database: str, **settings: Any) -> Any:

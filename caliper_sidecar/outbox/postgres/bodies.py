@@ -30,14 +30,14 @@ TRUNCATE_AT: Final = 1 << 20
 
 def horizon(destinations: str = "true") -> str:
     """A query of the seq below which nothing waits, for [upstream] or for the destinations
-    a condition on `destination_positions` selects (all, by default)."""
+    a condition on `destination_places` selects (all, by default)."""
     return f"""
         SELECT least(
             (SELECT next FROM head),
             (SELECT min(lo) FROM batches),
             (SELECT min(lower(s.span)) FROM sent s JOIN platform_jobs p
                 ON p.id = s.platform_job WHERE p.state != 'unconfirmed'),
-            (SELECT min(position) FROM destination_positions WHERE {destinations}))
+            (SELECT min(position) FROM destination_places WHERE {destinations}))
     """
 
 

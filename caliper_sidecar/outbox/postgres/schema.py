@@ -563,31 +563,35 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         SET search_path = {SCHEMA} AS $$
         SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM events_seq_seq
     $$;
-    -- Each destination's position and how many events wait for it: those its leases hold,
-    -- and those after its head, counted one by one up to {EXACT_UP_TO} (so that the count
-    -- comes down to 0 whatever seqs were skipped) and beyond that from seqs, which costs
-    -- nothing per event: a seq there that names no row for it (drawn by an insert that did
-    -- not commit, or a row stored for another queue alone) makes that an overcount until
-    -- the head passes it, never an undercount.
-    CREATE VIEW destination_positions AS
-        SELECT d.name, d.blocks, least(d.next, b.lo) AS position,
-            coalesce(b.held, 0) + CASE WHEN a.near < {EXACT_UP_TO} THEN a.near
-                ELSE greatest(a.near, (SELECT max(seq) FROM events) + 1 - d.next) END
-                AS waiting
+    -- Each destination's position, and the events its leases hold.
+    CREATE VIEW destination_places AS
+        SELECT d.name, d.blocks, d.next, least(d.next, b.lo) AS position,
+            coalesce(b.held, 0) AS held
         FROM destinations d LEFT JOIN LATERAL (
             SELECT min(lo) AS lo, sum(cardinality(seqs)) AS held FROM destination_batches
             WHERE destination = d.name
-        ) b ON true CROSS JOIN LATERAL (
+        ) b ON true;
+    -- How many events wait for each destination: those its leases hold, and those after its
+    -- head, counted one by one up to {EXACT_UP_TO} (so that the count comes down to 0 whatever
+    -- seqs were skipped) and beyond that from seqs, which costs nothing per event: a seq
+    -- there that names no row for it (drawn by an insert that did not commit, or a row stored
+    -- for another queue alone) makes that an overcount until the head passes it, never an
+    -- undercount.
+    CREATE VIEW destination_waiting AS
+        SELECT p.name, p.blocks, p.held + CASE WHEN a.near < {EXACT_UP_TO} THEN a.near
+                ELSE greatest(a.near, (SELECT max(seq) FROM events) + 1 - p.next) END
+                AS waiting
+        FROM destination_places p CROSS JOIN LATERAL (
             SELECT count(*) AS near FROM (
-                SELECT FROM events e WHERE e.seq >= d.next
-                    AND (e.only_for IS NULL OR e.only_for = d.name)
+                SELECT FROM events e WHERE e.seq >= p.next
+                    AND (e.only_for IS NULL OR e.only_for = p.name)
                 LIMIT {EXACT_UP_TO}
             ) n
         ) a;
     -- The lowest position: rows and bodies from there on are kept (NULL: no destinations).
     CREATE FUNCTION kept_from() RETURNS bigint LANGUAGE sql STABLE
         SET search_path = {SCHEMA} AS $$
-        SELECT min(position) FROM destination_positions
+        SELECT min(position) FROM destination_places
     $$;
 
     -- [upstream]'s totals count what waits for [upstream]: not a row stored for a

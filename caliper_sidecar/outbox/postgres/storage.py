@@ -638,7 +638,7 @@ class PostgresStorage:
                 f"""
                 SELECT p.waiting, o.t, o.age, d.delivered_total, d.dead_lettered_total,
                     d.dead_letters
-                FROM destinations d JOIN destination_positions p USING (name),
+                FROM destinations d JOIN destination_waiting p USING (name),
                     LATERAL ({queue.oldest()}) o
                 WHERE d.name = $1
                 """,

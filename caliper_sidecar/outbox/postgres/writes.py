@@ -71,8 +71,8 @@ async def insert_appends(
         f"SELECT {NOW}, EXISTS (SELECT 1 FROM reserve), "
         "(SELECT sum(events) FROM totals), (SELECT sum(bytes) FROM totals), "
         "(SELECT last_value FROM events_seq_seq), "
-        "(SELECT max(waiting) FROM destination_positions WHERE blocks), "
-        "(SELECT array_agg((name, waiting)) FROM destination_positions WHERE NOT blocks)"
+        "(SELECT max(waiting) FROM destination_waiting WHERE blocks), "
+        "(SELECT array_agg((name, waiting)) FROM destination_waiting WHERE NOT blocks)"
     )
     partitions.stored(int(last_seq))
     if not reserve_whole:
@@ -562,7 +562,7 @@ async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -
     }
     places = await _Places.of(conn, [r["seq"] for r in rows.values()])
     stored = await _store_gone(conn, letters, rows, len(places.heads) > 1)
-    leases: dict[str, list[int]] = {}
+    leases: dict[str, set[int]] = {}
     upstream: list[int] = []
     restored: list[tuple[int, bytes]] = []
     for letter in letters:
@@ -575,11 +575,11 @@ async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -
             if row["only_for"] not in (None, UPSTREAM):
                 theirs = row["only_for"]
                 if places.comes(theirs, row):
-                    leases.setdefault(theirs, []).append(row["seq"])
+                    leases.setdefault(theirs, set()).add(row["seq"])
                 row["only_for"] = UPSTREAM
             upstream.append(row["seq"])
         if not places.comes(queue, row):
-            leases.setdefault(queue, []).append(row["seq"])
+            leases.setdefault(queue, set()).add(row["seq"])
         if not row["has_body"]:
             restored.append((row["seq"], letter["body"]))
     if restored:

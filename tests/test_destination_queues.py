@@ -10,12 +10,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import asyncpg
 import pytest
 
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox import DestinationPlan, NewEvent, Outbox
+from caliper_sidecar.outbox.postgres.room import Footprint
+from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, SCHEMA
+from caliper_sidecar.outbox.postgres.writes import store_events
 
-from .conftest import new_id
+from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
 
 
@@ -336,3 +340,236 @@ class TestLimits:
             assert {d.id for d in dead} <= {e.id for e in first}
             stats = await box.destination_stats("lrs")
             assert stats.waiting + len(dead) == 6
+
+    async def test_shedding_takes_the_oldest_given_back_and_leaves_what_is_in_flight(
+        self, open_box: OpenBox
+    ) -> None:
+        """A destination that does not block, down: the events it failed and gave back are
+        its oldest, shed first (their failed attempt kept on the dead letter), never the
+        events just received; what it has in flight stays."""
+        async with open_box(destinations=plans("lrs", blocks=False), max_events=4) as box:
+            first = events(4)
+            await box.append(first)
+            await deliver_all(box)
+            queue = box.queue("lrs")
+            failed = await queue.claim_batch(2, 1_000_000)
+            flying = await queue.claim_batch(1, 1_000_000)
+            await queue.record_failure(failed.claim, failed.seqs, "503 from the LRS")
+            assert (await box.append(events(2))).accepted == 2
+            dead = await box.dead_letters(10, destination="lrs")
+            assert [(d.id, d.reason, d.attempts) for d in dead] == [
+                (e.id, "destination_lagging", 1) for e in first[:2]
+            ]
+            await queue.acknowledge(flying.claim, flying.seqs)
+            assert [e.id for e in flying.events] == [first[2].id]
+            assert (await box.destination_stats("lrs")).waiting == 3
+
+
+@contextlib.asynccontextmanager
+async def postgres_box(database: str, **settings: Any) -> Any:
+    """An emptied PostgreSQL outbox of the module's database, with its raw connection."""
+    async with open_test_outbox("postgres", Path("/nonexistent"), database, **settings) as box:
+        conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
+        try:
+            yield box, conn
+        finally:
+            await conn.close()
+
+
+async def partitions(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT relid::regclass::text AS name FROM pg_partition_tree('bodies') WHERE isleaf"
+    )
+    return {r["name"].rsplit(".", 1)[-1] for r in rows}
+
+
+class TestPostgresPlaces:
+    """How the PostgreSQL outbox keeps what a destination still needs, and gives it back."""
+
+    async def test_a_lagging_destination_keeps_the_bodies_partitions(self, database: str) -> None:
+        """[upstream] has delivered a whole partition of bodies: it stays while a destination
+        has not passed it, and is dropped once it has."""
+        async with postgres_box(database, destinations=plans("lrs"), max_events=10**6) as (
+            box,
+            conn,
+        ):
+            sent = events(BODIES_SPAN + 10)
+            for i in range(0, len(sent), 5000):
+                await box.append(sent[i : i + 5000])
+            while (batch := await box.claim_batch(2000, 10**8)).events:
+                await box.acknowledge(batch.claim, batch.seqs)
+            await asyncio.sleep(1.1)  # bodies.DROP_EVERY_S
+            await box.claim_batch(10, 10**8)  # nothing: looks for finished partitions
+            assert "bodies_0" in await partitions(conn)
+            got: list[NewEvent] = []
+            queue = box.queue("lrs")
+            while (batch := await queue.claim_batch(2000, 10**8)).events:
+                got += [NewEvent(e.id, e.body) for e in batch.events]
+                await queue.acknowledge(batch.claim, batch.seqs)
+            assert got == sent
+
+            async def dropped() -> bool:
+                await queue.claim_batch(10, 10**8)
+                return "bodies_0" not in await partitions(conn)
+
+            await eventually(dropped, timeout=10)
+
+    @pytest.mark.parametrize("blocks", [True, False])
+    async def test_bodies_only_a_destination_that_does_not_block_holds_never_fill_it(
+        self, database: str, blocks: bool
+    ) -> None:
+        """The bodies a lagging destination holds weigh in the outbox's real size (what
+        max_bytes limits), unless it does not block: its backlog is shed by count, and must
+        never make ingest refuse."""
+        async with postgres_box(
+            database, destinations=plans("lrs", blocks=blocks), max_events=10**6
+        ) as (box, conn):
+            sent = events(BODIES_SPAN + 10, size=300)
+            for i in range(0, len(sent), 5000):
+                await box.append(sent[i : i + 5000])
+            while (batch := await box.claim_batch(2000, 10**8)).events:
+                await box.acknowledge(batch.claim, batch.seqs)
+            held = await conn.fetchval("SELECT pg_total_relation_size('bodies_0')")
+            assert held > BODIES_SPAN * 300
+            counted = await Footprint().read(conn)
+            assert (counted >= held) is blocks
+
+    async def test_a_dead_letter_replayed_in_place_gets_its_body_back(self, database: str) -> None:
+        """A destination's dead letter whose row is still there (delivered to [upstream]
+        within the dedupe window) but whose bodies' partition was dropped: replayed, the
+        partition is made again and the destination gets the event, body and all; [upstream]
+        does not get it again."""
+        async with postgres_box(database, destinations=plans("lrs")) as (box, conn):
+            bad, good = events(2)
+            await box.append([bad, good])
+            queue = box.queue("lrs")
+            batch = await queue.claim_batch(10, 10_000)
+            await queue.dead_letter(batch.claim, batch.seqs[:1], "refused", 422, "no")
+            await queue.acknowledge(batch.claim, batch.seqs[1:])
+            await deliver_all(box)
+            await conn.execute("DROP TABLE bodies_0")  # as a drop after a long drain would
+            assert await box.replay_dead_letters(None, destination="lrs") == 1
+            again = await queue.claim_batch(10, 10_000)
+            assert [(e.id, e.body) for e in again.events] == [(bad.id, bad.body)]
+            await queue.acknowledge(again.claim, again.seqs)
+            assert await deliver_all(box) == []
+            assert (await box.journeys([bad.id]))[bad.id].destinations["lrs"].state == ("delivered")
+
+    async def test_upstream_dead_letter_kept_for_a_destination_then_pruned(
+        self, database: str
+    ) -> None:
+        """An event [upstream] dead-letters is not waiting there any more (totals), its row
+        kept until the destination has it, then pruned; replayed then, it is stored again for
+        [upstream] alone."""
+        async with postgres_box(database, destinations=plans("lrs"), dedupe_window_s=0.05) as (
+            box,
+            conn,
+        ):
+            box.prune_every_s = 0
+            (event,) = events(1)
+            await box.append([event])
+            batch = await box.claim_batch(10, 10_000)
+            await box.dead_letter(batch.claim, batch.seqs, "refused", 422, "no")
+            assert (await box.stats()).events == 0
+            assert await conn.fetchval("SELECT upstream_dead FROM events") is True
+            assert await deliver_all(box, "lrs") == [event.id]
+            await box.append(events(1))
+            await deliver_all(box)  # the acknowledgement prunes
+            assert await conn.fetchval("SELECT count(*) FROM events WHERE id = $1", event.id) == 0
+            stats = await box.stats()
+            assert (stats.events, stats.dead_letters) == (0, 1)
+            assert await box.replay_dead_letters(None) == 1
+            assert (await box.stats()).events == 1
+            assert await deliver_all(box) == [event.id]
+            assert event.id not in await deliver_all(box, "lrs")
+            assert (await box.stats()).events == 0
+
+    async def test_both_dead_letters_of_a_pruned_event_go_back_once_each(
+        self, database: str
+    ) -> None:
+        """An event dead-lettered by [upstream] and by the destination, its row pruned since:
+        replayed, each gets it again once; replayed for the destination first, [upstream]
+        takes that row over and the destination still gets it once."""
+        for first in (None, "lrs"):
+            async with postgres_box(
+                database, destinations=plans("lrs", "other"), dedupe_window_s=0.05
+            ) as (box, conn):
+                box.prune_every_s = 0
+                (event,) = events(1)
+                await box.append([event])
+                mine = await box.claim_batch(10, 10_000)
+                await box.dead_letter(mine.claim, mine.seqs, "refused", 422, "no")
+                theirs = await box.queue("lrs").claim_batch(10, 10_000)
+                await box.queue("lrs").dead_letter(theirs.claim, theirs.seqs, "refused", 400, "")
+                await deliver_all(box, "other")
+                await box.append(events(1))
+                await deliver_all(box)  # prunes: every destination has passed it
+                gone = "SELECT count(*) FROM events WHERE id = $1"
+                assert await conn.fetchval(gone, event.id) == 0
+                if first is not None:
+                    assert await box.replay_dead_letters(None, destination=first) == 1
+                    assert await box.replay_dead_letters(None) == 1
+                else:
+                    assert await box.replay_dead_letters(None) == 2
+                assert await deliver_all(box) == [event.id]
+                got = await deliver_all(box, "lrs")
+                assert got.count(event.id) == 1
+                assert event.id not in await deliver_all(box, "other")
+                assert (await box.stats()).events == 0
+
+    async def test_seqs_no_event_took_are_not_waiting(self, database: str) -> None:
+        """Seqs drawn by an ingest that never committed (a replica killed mid-commit), and a
+        row stored for another queue alone, are never counted as waiting once the
+        destination has the events there are."""
+        async with postgres_box(database, destinations=plans("lrs")) as (box, conn):
+            await box.append(events(3))
+            lost = conn.transaction()
+            await lost.start()
+            await store_events(conn, [new_id()], [b"{}"], [None], [None], None)
+            await lost.rollback()
+            await store_events(conn, [new_id()], [b"{}"], [None], [None], None, ["upstream"])
+            assert (await box.destination_stats("lrs")).waiting == 3
+            assert len(await deliver_all(box, "lrs")) == 3
+            assert (await box.destination_stats("lrs")).waiting == 0
+
+    async def test_dead_letters_of_a_removed_destination_are_not_replayed(
+        self, database: str
+    ) -> None:
+        """A destination removed: its state is gone, its dead letters stay, listed, and are
+        not replayed (nowhere to go); they can be purged."""
+        async with postgres_box(database, destinations=plans("lrs")) as (box, conn):
+            await box.append(events(1))
+            batch = await box.queue("lrs").claim_batch(10, 10_000)
+            await box.queue("lrs").dead_letter(batch.claim, batch.seqs, "refused", 400, "")
+        async with open_box_again(database, destinations=[]) as box:
+            assert await box.replay_dead_letters(None) == 0
+            assert [d.destination for d in await box.dead_letters(10)] == ["lrs"]
+            assert await box.purge_dead_letters(None, destination="lrs") == 1
+        conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
+        try:
+            for table in ("destinations", "destination_batches", "destination_attempts"):
+                assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+        finally:
+            await conn.close()
+
+    async def test_replicas_starting_together_agree_on_a_new_destination(
+        self, database: str
+    ) -> None:
+        """Replicas that start at once with the same new destination set it up once: one
+        head, whatever the order."""
+        async with postgres_box(database) as (box, conn):
+            await box.append(events(3))
+            openings = [open_box_again(database, destinations=plans("lrs")) for _ in range(3)]
+            async with contextlib.AsyncExitStack() as stack:
+                boxes = await asyncio.gather(*(stack.enter_async_context(o) for o in openings))
+                assert await conn.fetchval("SELECT next FROM destinations") == 4
+                later = events(2)
+                await boxes[0].append(later)
+                assert await deliver_all(boxes[1], "lrs") == [e.id for e in later]
+
+
+def open_box_again(
+    database: str, **settings: Any
+) -> contextlib.AbstractAsyncContextManager[Outbox]:
+    """The PostgreSQL outbox of this database again, as another replica would (not emptied)."""
+    return _reopen(Path("/nonexistent"), url=database, **settings)

@@ -721,3 +721,70 @@ class TestPostgresUpgrade:
                 assert await box.job_ids_sent_in("job-9") == [sent]
                 assert await box.finish_platform_job("job-9", PlatformJobOutcome(False)) == 0
                 assert (await box.journeys([sent]))[sent].state == "confirmed"
+
+    async def test_a_version_4_database_gains_destinations(self) -> None:
+        """A database of the release before [[destinations]] (schema version 4) holding a
+        waiting event (given back by a replica that stopped), a delivered one and a dead
+        letter migrates in place: nothing lost, totals kept, duplicates still known, the
+        dead letter [upstream]'s; then a destination added gets what arrives from then on,
+        and [upstream] still the waiting event."""
+        from caliper_sidecar.outbox import DestinationPlan
+        from caliper_sidecar.outbox.postgres.schema import MIGRATIONS, VERSION
+
+        with fresh_database() as url:
+            waiting, delivered, dead = new_id(), new_id(), new_id()
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f"CREATE SCHEMA {SCHEMA}; SET search_path = {SCHEMA}")
+                for migration in MIGRATIONS[:4]:
+                    await conn.execute(migration)
+                await conn.execute(
+                    "CREATE TABLE schema_version (version integer NOT NULL);"
+                    "INSERT INTO schema_version VALUES (4);"
+                    f"CREATE TABLE bodies_0 PARTITION OF bodies FOR VALUES FROM (0) "
+                    f"TO ({BODIES_SPAN})"
+                )
+                # as version 4's ingest, claim, give-back and acknowledgement left them
+                await conn.execute(
+                    "INSERT INTO events (id, size, received_at) VALUES ($1, 2, 1), ($2, 2, 1)",
+                    waiting,
+                    delivered,
+                )
+                await conn.execute("INSERT INTO bodies (seq, body) VALUES (1, '{}'), (2, '{}')")
+                await conn.execute(
+                    "UPDATE head SET next = 3; INSERT INTO batches (lo, seqs) VALUES (1, '{1}');"
+                    "INSERT INTO sent (span, seqs, delivered_at) "
+                    "VALUES ('[2,2]', '{2}', extract(epoch from now()));"
+                    "SELECT count_change(-1, -2, 0, 1, 0)"
+                )
+                await conn.execute(
+                    "INSERT INTO dead_letters (id, body, received_at, reason, attempts, "
+                    "dead_lettered_at) VALUES ($1, '{}', 1, 'refused', 1, 1)",
+                    dead,
+                )
+            finally:
+                await conn.close()
+            settings = OutboxSettings(url=url)
+            plans = [DestinationPlan("lrs")]
+            async with open_outbox(settings, exclusive=False, destinations=plans) as box:
+                stats = await box.stats()
+                assert (stats.events, stats.delivered_total) == (1, 1)
+                assert (stats.dead_letters, stats.dead_lettered_total) == (1, 1)
+                (letter,) = await box.dead_letters(10, destination="upstream")
+                assert (letter.id, letter.destination) == (dead, "upstream")
+                again = [NewEvent(delivered, b"{}"), NewEvent(dead, b"{}")]
+                assert (await box.append(again)).duplicates == 2
+                assert (await box.destination_stats("lrs")).waiting == 0
+                later = events(2)
+                await box.append(later)
+                theirs = await box.queue("lrs").claim_batch(10, 10_000)
+                assert [e.id for e in theirs.events] == [e.id for e in later]
+                mine = await box.claim_batch(10, 10_000)
+                assert [(e.id, e.body) for e in mine.events][:1] == [(waiting, b"{}")]
+                assert (await box.destination_stats("lrs")).dead_letters == 0
+            conn = await asyncpg.connect(url)
+            try:
+                found = await conn.fetchval(f"SELECT max(version) FROM {SCHEMA}.schema_version")
+                assert found == VERSION
+            finally:
+                await conn.close()

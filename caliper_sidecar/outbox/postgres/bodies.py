@@ -4,14 +4,16 @@ needs them and dropped once nothing in them waits.
 A partition is dropped (or emptied) whole: no dead row versions, and its space goes back to the
 file system at once (which is also what lets a database whose disk filled keep draining).
 Nothing in a partition waits once `head` is past it, no batch (claimed or given back) holds one
-of its seqs, and no platform job still followed was sent with one (its failing events are
-dead-lettered with their bodies).
+of its seqs, no platform job still followed was sent with one (its failing events are
+dead-lettered with their bodies), and every destination's position is past it (schema version
+5). A dead letter replayed in place may need its body again below that horizon (`restore`):
+so the horizon is read again once the partition is locked, before it is dropped or emptied.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import asyncpg
@@ -24,14 +26,23 @@ PARTITIONS_LOCK: Final = 0x626F646965732121
 DROP_EVERY_S: Final = 1.0
 #: the partition the head is in is emptied once it holds this much and nothing in it waits
 TRUNCATE_AT: Final = 1 << 20
+
+
+def horizon(destinations: str = "true") -> str:
+    """A query of the seq below which nothing waits, for [upstream] or for the destinations
+    a condition on `destination_places` selects (all, by default)."""
+    return f"""
+        SELECT least(
+            (SELECT next FROM head),
+            (SELECT min(lo) FROM batches),
+            (SELECT min(lower(s.span)) FROM sent s JOIN platform_jobs p
+                ON p.id = s.platform_job WHERE p.state != 'unconfirmed'),
+            (SELECT min(position) FROM destination_places WHERE {destinations}))
+    """
+
+
 #: the seq below which nothing waits
-_HORIZON: Final = """
-    SELECT least(
-        (SELECT next FROM head),
-        (SELECT min(lo) FROM batches),
-        (SELECT min(lower(s.span)) FROM sent s JOIN platform_jobs p ON p.id = s.platform_job
-            WHERE p.state != 'unconfirmed'))
-"""
+_HORIZON: Final = horizon()
 
 
 class Partitions:
@@ -63,16 +74,18 @@ class Partitions:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITIONS_LOCK)
             last = await conn.fetchval("SELECT last_value FROM events_seq_seq")
             self._last_seq = max(self._last_seq, int(last))
-            have = await _partitions(conn)
             first = self._last_seq // BODIES_SPAN
             last_part = (self._last_seq + events) // BODIES_SPAN + 1
-            for part in range(first, last_part + 1):
-                if part not in have:
-                    await conn.execute(
-                        f"CREATE TABLE bodies_{part} PARTITION OF bodies "
-                        f"FOR VALUES FROM ({part * BODIES_SPAN}) TO ({(part + 1) * BODIES_SPAN})"
-                    )
+            await _make(conn, range(first, last_part + 1))
             self._made_to = (last_part + 1) * BODIES_SPAN
+
+    async def restore(self, conn: asyncpg.Connection, seqs: Sequence[int]) -> None:
+        """The partitions of these seqs, made again where they were dropped (dead letters
+        replayed in place: their bodies are stored again), in a transaction of their own."""
+        if seqs:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITIONS_LOCK)
+                await _make(conn, sorted({seq // BODIES_SPAN for seq in seqs}))
 
     async def drop_finished(self, conn: asyncpg.Connection) -> int:
         """Give back the space of bodies nothing waits for (at most once every DROP_EVERY_S):
@@ -98,6 +111,8 @@ class Partitions:
             try:
                 async with conn.transaction():
                     await conn.execute("LOCK TABLE bodies IN ACCESS EXCLUSIVE MODE NOWAIT")
+                    still = await conn.fetchval(_HORIZON)  # (a body replayed meanwhile)
+                    finished = [p for p in finished if (p + 1) * BODIES_SPAN <= still]
                     for part in finished:  # (another replica may have just dropped it)
                         await conn.execute(f"DROP TABLE IF EXISTS bodies_{part}")
                 self._emptied.difference_update(finished)
@@ -130,15 +145,18 @@ async def _worth_emptying(conn: asyncpg.Connection, part: int, horizon: int) -> 
 
 
 async def _empty(conn: asyncpg.Connection, part: int, horizon: int | None) -> bool:
-    """TRUNCATE a partition of `bodies` if its lock is free now and (given the horizon) nothing
-    in it from there on waits. Checked with the partition locked: a body stored and not yet
-    committed would hold the lock, and once committed it is seen (its seq not before the
-    horizon)."""
+    """TRUNCATE a partition of `bodies` if its lock is free now and nothing in it from the
+    horizon on waits (the one given, None for a partition wholly behind it, or the one read
+    again now: a body replayed meanwhile). Checked with the partition locked: a body stored
+    and not yet committed would hold the lock, and once committed it is seen (its seq not
+    before the horizon)."""
     try:
         async with conn.transaction():
             await conn.execute(f"LOCK TABLE bodies_{part} IN ACCESS EXCLUSIVE MODE NOWAIT")
-            if horizon is not None and await conn.fetchval(
-                f"SELECT EXISTS (SELECT 1 FROM bodies_{part} WHERE seq >= $1)", horizon
+            if await conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM bodies_{part} "
+                f"WHERE seq >= least($1::bigint, ({_HORIZON})))",
+                horizon,
             ):
                 return False
             await conn.execute(f"TRUNCATE bodies_{part}")
@@ -155,6 +173,17 @@ def bodies_of(seqs: Sequence[int]) -> str:
     return " UNION ALL ".join(
         f"SELECT seq, body FROM bodies_{part} WHERE seq = ANY($1::bigint[])" for part in parts
     )
+
+
+async def _make(conn: asyncpg.Connection, parts: Iterable[int]) -> None:
+    """These partitions of `bodies`, those missing made (under PARTITIONS_LOCK)."""
+    have = await _partitions(conn)
+    for part in parts:
+        if part not in have:
+            await conn.execute(
+                f"CREATE TABLE bodies_{part} PARTITION OF bodies "
+                f"FOR VALUES FROM ({part * BODIES_SPAN}) TO ({(part + 1) * BODIES_SPAN})"
+            )
 
 
 async def _partitions(conn: asyncpg.Connection) -> set[int]:

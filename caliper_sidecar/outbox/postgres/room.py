@@ -19,7 +19,8 @@ from typing import Final
 import asyncpg
 import structlog
 
-from caliper_sidecar.outbox.postgres.schema import RESERVE_ROWS
+from caliper_sidecar.outbox.postgres.bodies import horizon
+from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, RESERVE_ROWS
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -67,7 +68,10 @@ async def win_back_room(conn: asyncpg.Connection) -> bool:
     # lifted around it (a big table's vacuum may take longer) and given back.
     await conn.execute("SET statement_timeout = 0")
     try:
-        await conn.execute("VACUUM (SKIP_LOCKED) events, batches, sent, dead_letters")
+        await conn.execute(
+            "VACUUM (SKIP_LOCKED) events, batches, sent, dead_letters, destination_batches, "
+            "destination_attempts"
+        )
     finally:
         await conn.execute("RESET statement_timeout")
     if whole:
@@ -81,10 +85,30 @@ async def win_back_room(conn: asyncpg.Connection) -> bool:
     return True
 
 
+#: the tables' size on disk; of the bodies, the partitions that hold something any queue but
+#: a destination that does not block waits for (and, as ever, those waiting to be dropped)
+_FOOTPRINT: Final = f"""
+    WITH h AS (SELECT ({horizon("blocks")}) AS blocking, ({horizon()}) AS every),
+    parts AS (
+        SELECT relid, (substring(relid::regclass::text FROM '_([0-9]+)$')::bigint + 1) * $1
+            AS upto
+        FROM pg_partition_tree('bodies') WHERE isleaf
+    )
+    SELECT pg_total_relation_size('events') + pg_total_relation_size('batches')
+        + pg_total_relation_size('sent') + pg_total_relation_size('dead_letters')
+        + pg_total_relation_size('destination_batches')
+        + pg_total_relation_size('destination_attempts')
+        + (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM parts, h
+            WHERE NOT (upto <= h.blocking AND upto > h.every))
+"""
+
+
 class Footprint:
     """What the queue really takes on disk beyond EMPTY_TABLES_ALLOWANCE: its pages, dead
     versions and indexes, which the sum of event sizes does not see (read at most once a
-    second: it asks the file system)."""
+    second: it asks the file system). Not the bodies' partitions that only destinations that
+    do not block still hold: those never make ingest refuse (their backlog is shed by count
+    instead)."""
 
     def __init__(self) -> None:
         self._at = float("-inf")
@@ -94,11 +118,6 @@ class Footprint:
         now = time.monotonic()
         if now - self._at >= 1.0:
             self._at = now
-            real = await conn.fetchval(
-                "SELECT pg_total_relation_size('events') + pg_total_relation_size('batches') "
-                "+ pg_total_relation_size('sent') + pg_total_relation_size('dead_letters') "
-                "+ (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) "
-                "FROM pg_partition_tree('bodies'))"
-            )
+            real = await conn.fetchval(_FOOTPRINT, BODIES_SPAN)
             self._bytes = max(0, int(real) - EMPTY_TABLES_ALLOWANCE)
         return self._bytes

@@ -27,6 +27,76 @@ RESERVE_ROWS: Final = 58_000
 INGEST_LOCK: Final = 0x696E676573742121
 #: the seqs whose bodies one partition of `bodies` holds (fixed: partitions are named by it)
 BODIES_SPAN: Final = 16_384
+#: a destination's waiting events after its head are counted one by one up to this many
+EXACT_UP_TO: Final = 100
+#: … and for lowering a destination's position ("positio!": a dead letter replayed to it),
+#: which whatever deletes rows or bodies below the lowest position takes shared
+POSITIONS_LOCK: Final = 0x706F736974696F21
+
+
+def _on_leases(statements: str) -> str:
+    """plpgsql statements run on the leases of the queue `p_destination` names: [upstream]'s
+    (`batches`) when it is NULL, else that destination's rows of `destination_batches`. One
+    text for both, so that a destination's leases work exactly as [upstream]'s: `{leases}`
+    names the table, `{mine}` is a condition on its rows of this queue, and `{key}` and
+    `{key_value}` add the destination column to an INSERT. (Part of migration 5's text: never
+    change it once released.)"""
+    upstream = {"{leases}": "batches", "{mine}": "true", "{key}": "", "{key_value}": ""}
+    theirs = {
+        "{leases}": "destination_batches",
+        "{mine}": "destination = p_destination",
+        "{key}": "destination, ",
+        "{key_value}": "p_destination, ",
+    }
+    return f"""IF p_destination IS NULL THEN
+            {_fill(statements, upstream)}
+        ELSE
+            {_fill(statements, theirs)}
+        END IF;"""
+
+
+def _fill(text: str, marks: dict[str, str]) -> str:
+    for mark, value in marks.items():
+        text = text.replace(mark, value)
+    return text
+
+
+# Migration 5's statements on leases, each run on [upstream]'s or a destination's.
+
+#: take_from_claim's work: these seqs out of the claim's lease rows
+_TAKE_FROM_LEASES: Final = _on_leases(
+    """
+        FOR b IN SELECT id, seqs FROM {leases} WHERE claimed_by = p_claim FOR UPDATE LOOP
+            kept := ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s <> ALL(p_seqs) ORDER BY s);
+            taken := taken || ARRAY(SELECT s FROM unnest(b.seqs) s WHERE s = ANY(p_seqs));
+            IF cardinality(kept) = 0 THEN
+                DELETE FROM {leases} WHERE id = b.id;
+            ELSIF cardinality(kept) < cardinality(b.seqs) THEN
+                UPDATE {leases} SET seqs = kept, lo = kept[1] WHERE id = b.id;
+            END IF;
+        END LOOP;"""
+)
+#: claim_head's look for events given back (released, failed, or whose lease expired)
+_GIVEN_BACK_WAITS: Final = _on_leases(
+    """
+        given_back := p_given_back_first AND (
+            EXISTS (SELECT 1 FROM {leases} WHERE {mine} AND claimed_by IS NULL)
+            OR EXISTS (SELECT 1 FROM {leases} WHERE {mine} AND claim_until < t));"""
+)
+#: claim_head's leases: on the events claimed, and on those of another sensor passed over
+_LEASE_CLAIMED: Final = _on_leases(
+    """
+        IF cardinality(passed) > 0 THEN
+            INSERT INTO {leases} ({key}lo, seqs) VALUES ({key_value}passed[1], passed);
+        END IF;
+        INSERT INTO {leases} ({key}lo, seqs, claimed_by, claim_until)
+            VALUES ({key_value}seqs[1], seqs, p_claim, claim_until);"""
+)
+#: give_back's lease, given back: no claim, no expiry
+_LEASE_GIVEN_BACK: Final = _on_leases(
+    """
+            INSERT INTO {leases} ({key}lo, seqs) VALUES ({key_value}taken[1], taken);"""
+)
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the queue, dead letters, app jobs, platform jobs, sharded totals and their triggers.
@@ -438,6 +508,277 @@ MIGRATIONS: Final[tuple[str, ...]] = (
             WHERE seq = ANY(taken);
         END IF;
         RETURN cardinality(taken);
+    END $$;
+    """,
+    # 5: [[destinations]]: every event goes to [upstream] and to each destination, each with
+    # its own place in the queue, written as little per event as [upstream]'s: a destination
+    # has a head (`next`, the lowest seq it never claimed) and leases on seq arrays in
+    # `destination_batches`, exactly as `head` and `batches` are for [upstream] (the same
+    # functions run on either), and rows in `destination_attempts` only for events that
+    # failed there. Its position, below which everything is delivered or dead-lettered
+    # there, is the least of its head and its leases' lo. Bodies and rows stay until the
+    # lowest position has passed them (bodies.py's horizon, pruning): an event [upstream]
+    # dead-letters stays, `upstream_dead`, while a destination needs it. `only_for` names
+    # the one queue a row was stored for (a dead letter replayed after its row was gone);
+    # every other queue passes it over. Dead letters name their destination.
+    f"""
+    ALTER TABLE events ADD COLUMN only_for text, ADD COLUMN upstream_dead boolean;
+    CREATE INDEX events_upstream_dead ON events (seq) WHERE upstream_dead;
+    ALTER TABLE dead_letters ADD COLUMN destination text NOT NULL DEFAULT 'upstream';
+    ALTER TABLE dead_letters DROP CONSTRAINT dead_letters_id_key,
+        ADD CONSTRAINT dead_letters_id_destination UNIQUE (id, destination);
+    CREATE INDEX dead_letters_by_destination ON dead_letters (destination, seq);
+
+    CREATE TABLE destinations (
+        name text PRIMARY KEY,
+        next bigint NOT NULL,
+        blocks boolean NOT NULL DEFAULT true,
+        delivered_total bigint NOT NULL DEFAULT 0,
+        dead_lettered_total bigint NOT NULL DEFAULT 0,
+        dead_letters bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE destination_batches (
+        id bigserial PRIMARY KEY,
+        destination text NOT NULL,
+        lo bigint NOT NULL,
+        seqs bigint[] NOT NULL,
+        claimed_by text,
+        claim_until double precision
+    );
+    CREATE INDEX destination_batches_by_claim ON destination_batches (claimed_by);
+    CREATE INDEX destination_batches_by_lease ON destination_batches (destination, claim_until);
+    CREATE INDEX destination_batches_by_lo ON destination_batches (destination, lo);
+    CREATE TABLE destination_attempts (
+        destination text NOT NULL,
+        seq bigint NOT NULL,
+        attempts integer NOT NULL,
+        first_attempt_at double precision,
+        last_attempt_at double precision,
+        last_error text,
+        PRIMARY KEY (destination, seq)
+    );
+
+    -- The newest seq drawn (committed or not: under INGEST_LOCK, every one drawn is).
+    CREATE FUNCTION newest_seq() RETURNS bigint LANGUAGE sql STABLE
+        SET search_path = {SCHEMA} AS $$
+        SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM events_seq_seq
+    $$;
+    -- Each destination's position, and the events its leases hold.
+    CREATE VIEW destination_places AS
+        SELECT d.name, d.blocks, d.next, least(d.next, b.lo) AS position,
+            coalesce(b.held, 0) AS held
+        FROM destinations d LEFT JOIN LATERAL (
+            SELECT min(lo) AS lo, sum(cardinality(seqs)) AS held FROM destination_batches
+            WHERE destination = d.name
+        ) b ON true;
+    -- How many events wait for each destination: those its leases hold, and those after its
+    -- head, counted one by one up to {EXACT_UP_TO} (so that the count comes down to 0 whatever
+    -- seqs were skipped) and beyond that from seqs, which costs nothing per event: a seq
+    -- there that names no row for it (drawn by an insert that did not commit, or a row stored
+    -- for another queue alone) makes that an overcount until the head passes it, never an
+    -- undercount.
+    CREATE VIEW destination_waiting AS
+        SELECT p.name, p.blocks, p.held + CASE WHEN a.near < {EXACT_UP_TO} THEN a.near
+                ELSE greatest(a.near, (SELECT max(seq) FROM events) + 1 - p.next) END
+                AS waiting
+        FROM destination_places p CROSS JOIN LATERAL (
+            SELECT count(*) AS near FROM (
+                SELECT FROM events e WHERE e.seq >= p.next
+                    AND (e.only_for IS NULL OR e.only_for = p.name)
+                LIMIT {EXACT_UP_TO}
+            ) n
+        ) a;
+    -- The lowest position: rows and bodies from there on are kept (NULL: no destinations).
+    CREATE FUNCTION kept_from() RETURNS bigint LANGUAGE sql STABLE
+        SET search_path = {SCHEMA} AS $$
+        SELECT min(position) FROM destination_places
+    $$;
+
+    -- [upstream]'s totals count what waits for [upstream]: not a row stored for a
+    -- destination alone, nor one [upstream] dead-lettered that destinations still need.
+    CREATE OR REPLACE FUNCTION events_inserted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
+        PERFORM count_change(count(*), coalesce(sum(size), 0), 0, 0, 0)
+            FROM new_rows WHERE only_for IS NULL OR only_for = 'upstream' HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE FUNCTION events_deleted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
+        PERFORM count_change(-count(*), -coalesce(sum(size), 0), 0, 0, 0)
+            FROM old_rows o
+            WHERE (o.only_for IS NULL OR o.only_for = 'upstream') AND o.upstream_dead IS NOT TRUE
+                AND NOT EXISTS (
+                    SELECT 1 FROM sent s WHERE s.span @> o.seq AND o.seq = ANY(s.seqs))
+            HAVING count(*) > 0;
+        RETURN NULL;
+    END $$;
+    -- A destination's dead letters count on its row, never in [upstream]'s totals.
+    CREATE OR REPLACE FUNCTION dead_inserted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
+        PERFORM count_change(0, 0, count(*), 0, count(*)) FROM new_rows
+            WHERE destination = 'upstream' HAVING count(*) > 0;
+        UPDATE destinations d SET dead_letters = d.dead_letters + n.dead,
+            dead_lettered_total = d.dead_lettered_total + n.dead
+        FROM (SELECT destination, count(*) AS dead FROM new_rows
+            WHERE destination <> 'upstream' GROUP BY destination) n
+        WHERE d.name = n.destination;
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE FUNCTION dead_deleted() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
+        PERFORM count_change(0, 0, -count(*), 0, 0) FROM old_rows
+            WHERE destination = 'upstream' HAVING count(*) > 0;
+        UPDATE destinations d SET dead_letters = d.dead_letters - n.dead
+        FROM (SELECT destination, count(*) AS dead FROM old_rows
+            WHERE destination <> 'upstream' GROUP BY destination) n
+        WHERE d.name = n.destination;
+        RETURN NULL;
+    END $$;
+
+    -- Version 4's lease functions, on the leases of [upstream] (p_destination NULL, as
+    -- before) or of a destination. Calls that name no destination resolve to these.
+    DROP FUNCTION take_from_claim(text, bigint[]);
+    CREATE FUNCTION take_from_claim(p_claim text, p_seqs bigint[], p_destination text DEFAULT NULL)
+        RETURNS bigint[] LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    DECLARE
+        b record;
+        taken bigint[] := '{{}}';
+        kept bigint[];
+    BEGIN
+        {_TAKE_FROM_LEASES}
+        RETURN ARRAY(SELECT s FROM unnest(taken) s ORDER BY s);
+    END $$;
+    DROP FUNCTION claim_head(text, integer, bigint, double precision, double precision, boolean);
+    CREATE FUNCTION claim_head(
+        p_claim text, p_max_events integer, p_max_bytes bigint, p_linger double precision,
+        p_lease double precision, p_given_back_first boolean, p_destination text DEFAULT NULL,
+        OUT seqs bigint[], OUT full_batch boolean, OUT claim_until double precision,
+        OUT ready_in double precision, OUT given_back boolean
+    ) LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    #variable_conflict use_column
+    DECLARE
+        t double precision := extract(epoch from clock_timestamp());
+        queue text := coalesce(p_destination, 'upstream');
+        at_head bigint;
+        c record;
+        n integer := 0;
+        all_bytes bigint := -1;
+        used bigint := 0;
+        sensor text;
+        oldest double precision;
+        passed bigint[] := '{{}}';
+        other_sensor boolean := false;
+    BEGIN
+        -- A claim lost in a database crash costs nothing: no WAL flush to wait for.
+        PERFORM set_config('synchronous_commit', 'off', true);
+        seqs := '{{}}';
+        full_batch := false;
+        {_GIVEN_BACK_WAITS}
+        IF given_back THEN
+            RETURN;
+        END IF;
+        IF p_destination IS NULL THEN
+            SELECT next INTO at_head FROM head FOR UPDATE;
+        ELSE
+            SELECT next INTO at_head FROM destinations WHERE name = p_destination FOR UPDATE;
+        END IF;
+        -- (rows stored for another queue alone are passed over)
+        FOR c IN SELECT e.seq, e.size, e.sensor, e.received_at FROM events e
+                WHERE e.seq >= at_head AND (e.only_for IS NULL OR e.only_for = queue)
+                ORDER BY e.seq LIMIT p_max_events LOOP
+            n := n + 1;
+            all_bytes := all_bytes + c.size + 1;
+            IF n = 1 THEN
+                sensor := c.sensor;
+                oldest := c.received_at;
+            END IF;
+            IF full_batch THEN
+                CONTINUE;
+            ELSIF c.sensor IS DISTINCT FROM sensor THEN
+                other_sensor := true;
+                passed := passed || c.seq;
+            ELSIF cardinality(seqs) > 0 AND used + c.size + 1 > p_max_bytes THEN
+                full_batch := true;
+            ELSE
+                used := used + c.size + (CASE WHEN cardinality(seqs) > 0 THEN 1 ELSE 0 END);
+                seqs := seqs || c.seq;
+            END IF;
+        END LOOP;
+        IF n = 0 THEN
+            RETURN;
+        END IF;
+        IF n < p_max_events AND all_bytes <= p_max_bytes AND t - oldest < p_linger THEN
+            seqs := '{{}}';
+            ready_in := p_linger - (t - oldest);
+            RETURN;
+        END IF;
+        full_batch := full_batch OR other_sensor OR n >= p_max_events;
+        passed := ARRAY(SELECT s FROM unnest(passed) s WHERE s < seqs[cardinality(seqs)]);
+        IF p_destination IS NULL THEN
+            UPDATE head SET next = seqs[cardinality(seqs)] + 1;
+        ELSE
+            UPDATE destinations SET next = seqs[cardinality(seqs)] + 1 WHERE name = p_destination;
+        END IF;
+        claim_until := t + p_lease;
+        {_LEASE_CLAIMED}
+    END $$;
+    -- Give seqs of a claim back, to be claimed again; with an error, as a failed attempt
+    -- (a destination's attempts are rows of their own: only events that failed there have
+    -- one).
+    DROP FUNCTION give_back(text, bigint[], text);
+    CREATE FUNCTION give_back(
+        p_claim text, p_seqs bigint[], p_error text, p_destination text DEFAULT NULL
+    ) RETURNS integer LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    DECLARE
+        taken bigint[] := take_from_claim(p_claim, p_seqs, p_destination);
+        t double precision := extract(epoch from clock_timestamp());
+    BEGIN
+        IF cardinality(taken) > 0 THEN
+            {_LEASE_GIVEN_BACK}
+        END IF;
+        IF p_error IS NULL THEN
+            NULL;
+        ELSIF p_destination IS NULL THEN
+            UPDATE events SET attempts = attempts + 1,
+                first_attempt_at = coalesce(first_attempt_at, t), last_attempt_at = t,
+                last_error = p_error
+            WHERE seq = ANY(taken);
+        ELSE
+            INSERT INTO destination_attempts AS a (destination, seq, attempts,
+                first_attempt_at, last_attempt_at, last_error)
+            SELECT p_destination, s, 1, t, t, p_error FROM unnest(taken) s
+            ON CONFLICT (destination, seq) DO UPDATE SET attempts = a.attempts + 1,
+                last_attempt_at = t, last_error = p_error;
+        END IF;
+        RETURN cardinality(taken);
+    END $$;
+    -- A destination's acknowledgements of concurrent deliveries, in one statement, as
+    -- acknowledge's for [upstream]: the i-th is claim p_claims[i] with the seqs whose
+    -- p_owners entry is i; what is still under its claim is done there (its lease row gone,
+    -- which moves the position on). How many events each recorded.
+    CREATE FUNCTION destination_acknowledge(
+        p_destination text, p_claims text[], p_seqs bigint[], p_owners integer[]
+    ) RETURNS integer[] LANGUAGE plpgsql SET search_path = {SCHEMA} AS $$
+    DECLARE
+        done bigint[];
+        recorded integer[] := '{{}}';
+        n_events bigint := 0;
+    BEGIN
+        FOR i IN 1 .. coalesce(cardinality(p_claims), 0) LOOP
+            done := take_from_claim(p_claims[i], ARRAY(
+                SELECT s FROM unnest(p_seqs, p_owners) AS u(s, owner) WHERE owner = i),
+                p_destination);
+            recorded := recorded || cardinality(done);
+            CONTINUE WHEN cardinality(done) = 0;
+            n_events := n_events + cardinality(done);
+            DELETE FROM destination_attempts WHERE destination = p_destination
+                AND seq = ANY(done);
+        END LOOP;
+        IF n_events > 0 THEN
+            UPDATE destinations SET delivered_total = delivered_total + n_events
+            WHERE name = p_destination;
+        END IF;
+        RETURN recorded;
     END $$;
     """,
 )

@@ -26,6 +26,7 @@ import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import asyncpg
@@ -66,6 +67,9 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DestinationAck,
+    DestinationPlan,
+    DestinationStats,
     PlatformJobOutcome,
     StoredEvent,
 )
@@ -92,8 +96,80 @@ _JOURNEYS: Final = f"""
     LEFT JOIN platform_jobs p ON p.id = s.platform_job
     WHERE e.id = ANY($1::text[])
 """
+#: (id, destination, state, attempts, last_error) of these events ($1) for each destination
+#: they are meant for (a row stored for one queue alone is not the others')
+_DESTINATION_JOURNEYS: Final = """
+    SELECT e.id, d.name,
+        CASE WHEN e.seq >= d.next OR EXISTS (
+            SELECT 1 FROM destination_batches b
+            WHERE b.destination = d.name AND e.seq = ANY(b.seqs)
+        ) THEN 'waiting' ELSE 'delivered' END,
+        coalesce(a.attempts, 0), a.last_error
+    FROM events e CROSS JOIN destinations d
+    LEFT JOIN destination_attempts a ON a.destination = d.name AND a.seq = e.seq
+    WHERE e.id = ANY($1::text[]) AND (e.only_for IS NULL OR e.only_for = d.name)
+    ORDER BY e.seq, d.name
+"""
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Queue:
+    """One queue's place in the tables, for SQL that runs on [upstream]'s (`destination`
+    None: `head`, `batches`, attempts on the events) or on a destination's (its row of
+    `destinations`, its rows of `destination_batches` and `destination_attempts`), as schema
+    version 5's lease functions do. Its name, when a destination, is parameter `$n` where a
+    fragment takes `n`."""
+
+    destination: str | None = None
+
+    @property
+    def leases(self) -> str:
+        return "batches" if self.destination is None else "destination_batches"
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The name's parameter, if any (last, after a statement's own)."""
+        return () if self.destination is None else (self.destination,)
+
+    def mine(self, n: int) -> str:
+        """A condition on its rows of `leases`."""
+        return "true" if self.destination is None else f"destination = ${n}"
+
+    def key(self, n: int) -> tuple[str, str]:
+        """The destination column of an INSERT into `leases`, and its value."""
+        return ("", "") if self.destination is None else ("destination, ", f"${n}::text, ")
+
+    def oldest(self) -> str:
+        """(t, age): the receive time of its oldest waiting event and its age."""
+        head, queue = "SELECT next FROM head", "'upstream'"
+        if self.destination is not None:
+            head, queue = "SELECT next FROM destinations WHERE name = $1", "$1"
+        return f"""
+            SELECT t, {NOW} - t AS age FROM (SELECT least(
+                (SELECT received_at FROM events WHERE seq >= ({head})
+                    AND (only_for IS NULL OR only_for = {queue}) ORDER BY seq LIMIT 1),
+                (SELECT received_at FROM events WHERE seq = (
+                    SELECT min(lo) FROM {self.leases} WHERE {self.mine(1)}))
+            ) AS t) oldest
+        """
+
+    def stored(self, seqs: Sequence[int]) -> str:
+        """Its waiting events of these seqs ($1; its name $2), as StoredEvent's fields."""
+        tries, tried = "e.attempts, e.first_attempt_at", ""
+        if self.destination is not None:
+            tries = "coalesce(a.attempts, 0), a.first_attempt_at"
+            tried = "LEFT JOIN destination_attempts a ON a.destination = $2 AND a.seq = e.seq"
+        return f"""
+            SELECT e.seq, e.id, b.body, e.received_at, {tries}, e.sensor,
+                greatest({NOW} - e.received_at, 0)
+            FROM events e JOIN ({bodies_of(seqs)}) b ON b.seq = e.seq {tried}
+            WHERE e.seq = ANY($1::bigint[]) ORDER BY e.seq
+        """
+
+
+_UPSTREAM: Final = _Queue()
 
 
 def _drain_write(
@@ -134,6 +210,8 @@ class PostgresStorage:
         #: what every live replica must have alike (None: not a replica, the CLI)
         self._agreement = dict(agreement) if agreement is not None else None
         self.replica_id = uuid.uuid4().hex
+        #: what every claim id of this process begins with (its leases are given back at close)
+        self._claims_prefix = f"{self.replica_id}:"
         self._heartbeat: asyncio.Task[None] | None = None
         self.lease_s = lease_s
         #: "full" waits for the WAL flush of every commit; "normal" lets PostgreSQL flush a
@@ -215,6 +293,9 @@ class PostgresStorage:
                         self.replica_id,
                     )
                     await conn.execute("DELETE FROM replicas WHERE id = $1", self.replica_id)
+        if self._pool is not None:
+            with contextlib.suppress(OSError, OutboxUnavailable, asyncpg.PostgresError):
+                await self._give_back_leases()
         if self._recovering is not None:
             self._recovering.cancel()
             await asyncio.gather(self._recovering, return_exceptions=True)
@@ -223,6 +304,18 @@ class PostgresStorage:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    async def _give_back_leases(self) -> None:
+        """At close, what this process still holds for the destinations goes back to be
+        claimed at once, as a destination's queue promises across a restart (and as the
+        dispatchers give back what a stop cut short): a lease is for a process that stopped
+        without a word. ([upstream]'s are left to expire, as they always were.)"""
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE destination_batches SET claimed_by = NULL, claim_until = NULL "
+                "WHERE starts_with(claimed_by, $1)",
+                self._claims_prefix,
+            )
 
     async def _migrate(self) -> None:
         async with self._connection() as conn, conn.transaction():
@@ -329,32 +422,40 @@ class PostgresStorage:
 
     @_drain_write
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float) -> Batch:
-        """The next events from `head` (schema version 4's claim_head), or first, when there
-        are any, events given back (released, failed, or another replica's expired lease).
-        Either way one `batches` row is written, whatever the batch's size: the lease on its
-        seqs."""
-        claim_id = uuid.uuid4().hex
+        return await self._claim(_UPSTREAM, max_events, max_bytes, linger_s)
+
+    async def _claim(
+        self, queue: _Queue, max_events: int, max_bytes: int, linger_s: float
+    ) -> Batch:
+        """The next events from the queue's head (schema version 5's claim_head), or first,
+        when there are any, events given back (released, failed, or another replica's
+        expired lease). Either way one lease row is written, whatever the batch's size: the
+        lease on its seqs."""
+        claim_id = self._claims_prefix + uuid.uuid4().hex
         async with self._connection() as conn:
             given_back_first = True
             while True:
                 seqs, full, expires, ready_in, given_back = await conn.fetchrow(
-                    "SELECT * FROM claim_head($1, $2, $3, $4, $5, $6)",
+                    "SELECT * FROM claim_head($1, $2, $3, $4, $5, $6, $7)",
                     claim_id,
                     max_events,
                     max_bytes,
                     linger_s,
                     self.lease_s,
                     given_back_first,
+                    queue.destination,
                 )
                 if not given_back:
                     break
                 async with conn.transaction():
-                    batch = await self._claim_given_back(conn, claim_id, max_events, max_bytes)
+                    batch = await self._claim_given_back(
+                        conn, queue, claim_id, max_events, max_bytes
+                    )
                 if batch.events:
                     return batch
                 given_back_first = False  # another replica is taking them: on from the head
             if seqs:
-                stored = await _stored_events(conn, seqs)
+                stored = await _stored_events(conn, seqs, queue)
                 batch = Batch(stored, full, Claim(claim_id, float(expires)))
             else:
                 batch = Batch([], False, ready_in=ready_in)
@@ -363,32 +464,40 @@ class PostgresStorage:
         return batch
 
     async def _claim_given_back(
-        self, conn: asyncpg.Connection, claim_id: str, max_events: int, max_bytes: int
+        self,
+        conn: asyncpg.Connection,
+        queue: _Queue,
+        claim_id: str,
+        max_events: int,
+        max_bytes: int,
     ) -> Batch:
         given_back = await conn.fetch(
             f"""
             WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true))
-            SELECT id, seqs FROM batches, unflushed
-            WHERE claimed_by IS NULL OR claim_until < {NOW}
-            ORDER BY lo LIMIT 16 FOR UPDATE OF batches SKIP LOCKED
-            """
+            SELECT id, seqs FROM {queue.leases}, unflushed
+            WHERE {queue.mine(1)} AND (claimed_by IS NULL OR claim_until < {NOW})
+            ORDER BY lo LIMIT 16 FOR UPDATE OF {queue.leases} SKIP LOCKED
+            """,
+            *queue.args,
         )
         seqs = sorted(seq for r in given_back for seq in r["seqs"])
-        stored = await _stored_events(conn, seqs[:max_events])
+        stored = await _stored_events(conn, seqs[:max_events], queue)
         events, _ = fill_batch(stored, max_events, max_bytes)
         taken = [e.seq for e in events]
         # What was not taken is given back again, but for seqs whose events are gone.
         left_out = set(seqs) - set(taken) - (set(seqs[:max_events]) - {e.seq for e in stored})
         rest = sorted(left_out)
+        key, value = queue.key(6)
         expires = await conn.fetchval(
             f"""
-            WITH gone AS (DELETE FROM batches WHERE id = ANY($1::bigint[])),
+            WITH gone AS (DELETE FROM {queue.leases} WHERE id = ANY($1::bigint[])),
             back AS (
-                INSERT INTO batches (lo, seqs)
-                SELECT ($4::bigint[])[1], $4 WHERE cardinality($4::bigint[]) > 0
+                INSERT INTO {queue.leases} ({key}lo, seqs)
+                SELECT {value}($4::bigint[])[1], $4 WHERE cardinality($4::bigint[]) > 0
             )
-            INSERT INTO batches (lo, seqs, claimed_by, claim_until)
-            SELECT ($2::bigint[])[1], $2, $3, {NOW} + $5 WHERE cardinality($2::bigint[]) > 0
+            INSERT INTO {queue.leases} ({key}lo, seqs, claimed_by, claim_until)
+            SELECT {value}($2::bigint[])[1], $2, $3, {NOW} + $5
+            WHERE cardinality($2::bigint[]) > 0
             RETURNING claim_until
             """,
             [r["id"] for r in given_back],
@@ -396,6 +505,7 @@ class PostgresStorage:
             claim_id,
             rest,
             self.lease_s,
+            *queue.args,
         )
         if not events:  # none (all taken by another replica), or only seqs whose events are gone
             return Batch([], True)
@@ -404,9 +514,12 @@ class PostgresStorage:
 
     @_drain_write
     async def extend(self, claim: Claim) -> None:
+        await self._extend(_UPSTREAM, claim)
+
+    async def _extend(self, queue: _Queue, claim: Claim) -> None:
         async with self._connection() as conn:
             await conn.execute(
-                f"UPDATE batches SET claim_until = {NOW} + $2 WHERE claimed_by = $1",
+                f"UPDATE {queue.leases} SET claim_until = {NOW} + $2 WHERE claimed_by = $1",
                 claim.id,
                 self.lease_s,
             )
@@ -460,6 +573,93 @@ class PostgresStorage:
             )
         _fenced(claim, seqs, moved)
 
+    # -- [[destinations]] ------------------------------------------------------------------
+
+    async def set_destinations(self, plans: Sequence[DestinationPlan]) -> None:
+        async with self._transaction() as conn:
+            # Waited for as long as it takes (a replica stopped while it ingests is cut off
+            # by the database, which lets the lock go), as joining is.
+            await conn.execute("SET LOCAL lock_timeout = 0")
+            await writes.set_destinations(conn, plans)
+
+    @_drain_write
+    async def destination_claim(
+        self, name: str, max_events: int, max_bytes: int, linger_s: float
+    ) -> Batch:
+        return await self._claim(_Queue(name), max_events, max_bytes, linger_s)
+
+    @_drain_write
+    async def destination_extend(self, name: str, claim: Claim) -> None:
+        await self._extend(_Queue(name), claim)
+
+    @_drain_write
+    async def destination_release(self, name: str, claim: Claim, seqs: Sequence[int]) -> None:
+        async with self._connection() as conn:
+            await writes.release(conn, claim.id, list(seqs), name)
+
+    @_drain_write
+    async def destination_acks(self, name: str, group: list[DestinationAck]) -> None:
+        async with self._connection() as conn:
+            recorded = await writes.record_destination_acks(
+                conn, name, [(claim.id, seqs) for claim, seqs in group]
+            )
+        for (claim, seqs), applied in zip(group, recorded, strict=True):
+            _fenced(claim, seqs, applied)
+        await self._drop_finished_bodies()  # its position moved: bodies may be done
+
+    @_drain_write
+    async def destination_failure(
+        self, name: str, claim: Claim, seqs: Sequence[int], error: str
+    ) -> None:
+        async with self._connection() as conn:
+            failed = await writes.record_failure(conn, claim.id, list(seqs), error, name)
+        _fenced(claim, seqs, failed)
+
+    @_drain_write
+    async def destination_dead_letter(
+        self,
+        name: str,
+        claim: Claim,
+        seqs: Sequence[int],
+        reason: str,
+        status: int | None,
+        response: str,
+    ) -> None:
+        async with self._transaction() as conn:
+            moved = await writes.destination_dead_letters(
+                conn, name, seqs, reason, status, response, claim.id
+            )
+        _fenced(claim, seqs, moved)
+
+    async def destination_stats(self, name: str) -> DestinationStats:
+        queue = _Queue(name)
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"""
+                SELECT p.waiting, o.t, o.age, d.delivered_total, d.dead_lettered_total,
+                    d.dead_letters
+                FROM destinations d JOIN destination_waiting p USING (name),
+                    LATERAL ({queue.oldest()}) o
+                WHERE d.name = $1
+                """,
+                name,
+            )
+        if row is None:
+            raise OutboxUnavailable("unknown_destination", f"no destination named {name}")
+        waiting, oldest, age, delivered, dead_total, dead = row
+        return DestinationStats(
+            waiting=int(waiting),
+            oldest_received_at=oldest,
+            oldest_age_s=None if age is None else round(max(0.0, float(age)), 3),
+            delivered_total=int(delivered),
+            dead_lettered_total=int(dead_total),
+            dead_letters=int(dead),
+        )
+
+    async def destination_journey_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
+        async with self._connection() as conn:
+            return [tuple(r) for r in await conn.fetch(_DESTINATION_JOURNEYS, ids)]
+
     # -- inspection and operations ---------------------------------------------------------
 
     async def stats_rows(
@@ -469,35 +669,49 @@ class PostgresStorage:
             totals = await conn.fetchrow(
                 f"SELECT {', '.join(f'sum({total})' for total in TOTALS)} FROM totals"  # shards
             )
-            oldest = await conn.fetchrow(
-                f"""
-                SELECT t, {NOW} - t AS age FROM (SELECT least(
-                    (SELECT received_at FROM events WHERE seq >= (SELECT next FROM head)
-                        ORDER BY seq LIMIT 1),
-                    (SELECT received_at FROM events WHERE seq = (SELECT min(lo) FROM batches))
-                ) AS t) oldest
-                """
-            )
+            oldest = await conn.fetchrow(_UPSTREAM.oldest())
             jobs = await conn.fetch("SELECT state, count(*) FROM platform_jobs GROUP BY state")
         return tuple(totals), oldest["t"], oldest["age"], [tuple(r) for r in jobs]
 
-    async def dead_letters(self, limit: int, after: str | None) -> list[DeadLetter]:
+    async def dead_letters(
+        self, limit: int, after: str | None, destination: str | None
+    ) -> list[DeadLetter]:
         async with self._connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
-                "WHERE $1::text IS NULL OR seq > (SELECT seq FROM dead_letters WHERE id = $1) "
+                "WHERE ($3::text IS NULL OR destination = $3) AND ($1::text IS NULL OR seq > ("
+                "SELECT max(seq) FROM dead_letters WHERE id = $1 "
+                "AND ($3::text IS NULL OR destination = $3))) "
                 "ORDER BY seq LIMIT $2",
                 after,
                 limit,
+                destination,
             )
         return [DeadLetter(*tuple(r)) for r in rows]
 
-    async def take_dead_letters(self, ids: list[str] | None, limit: int, replay: bool) -> int:
+    async def take_dead_letters(
+        self, ids: list[str] | None, limit: int, replay: bool, destination: str | None
+    ) -> int:
         async with self._connection() as conn:
-            if replay:
-                await self._partitions.make_room(conn, limit)
-            async with conn.transaction():
-                return await writes.take_dead_letters(conn, ids, limit, replay)
+            if not replay:
+                async with conn.transaction():
+                    return await writes.take_dead_letters(conn, ids, limit, False, destination)
+            await self._partitions.make_room(conn, limit)
+            for _ in range(3):
+                # Dead letters replayed in place may need their bodies' partitions again;
+                # another replica may drop one again before they are stored: tried anew.
+                await self._partitions.restore(
+                    conn, await writes.rows_to_replay(conn, ids, limit, destination)
+                )
+                try:
+                    async with conn.transaction():
+                        return await writes.take_dead_letters(conn, ids, limit, True, destination)
+                except asyncpg.CheckViolationError as e:
+                    if e.sqlstate != _NO_PARTITION:
+                        raise
+            raise OutboxUnavailable(
+                "storage_busy", "the partitions of replayed bodies kept being dropped; try again"
+            )
 
     # -- processing confirmation -----------------------------------------------------------
 
@@ -566,20 +780,15 @@ class PostgresStorage:
         return None if found is None else [str(i) for i in json.loads(found)]
 
 
-async def _stored_events(conn: asyncpg.Connection, seqs: list[int]) -> list[StoredEvent]:
-    """These waiting events with their bodies, as the dispatcher sees them (their age on the
-    database's clock, which stamped their receive time), in seq order."""
+async def _stored_events(
+    conn: asyncpg.Connection, seqs: list[int], queue: _Queue
+) -> list[StoredEvent]:
+    """These waiting events with their bodies and their attempts in this queue, as the
+    dispatcher sees them (their age on the database's clock, which stamped their receive
+    time), in seq order."""
     if not seqs:
         return []
-    rows = await conn.fetch(
-        f"""
-        SELECT e.seq, e.id, b.body, e.received_at, e.attempts, e.first_attempt_at, e.sensor,
-            greatest({NOW} - e.received_at, 0)
-        FROM events e JOIN ({bodies_of(seqs)}) b ON b.seq = e.seq
-        WHERE e.seq = ANY($1::bigint[]) ORDER BY e.seq
-        """,
-        seqs,
-    )
+    rows = await conn.fetch(queue.stored(seqs), seqs, *queue.args)
     return [StoredEvent(*tuple(r)) for r in rows]
 
 

@@ -157,7 +157,7 @@ class TestStorageUnavailable:
         async def unavailable(*args: Any, **kwargs: Any) -> Any:
             raise OutboxUnavailable("disk_full", "the disk holding the outbox is full", 30)
 
-        sidecar.outbox.replay_dead_letters = unavailable  # type: ignore[method-assign,assignment]
+        sidecar.outbox.replay_dead_letters = unavailable  # type: ignore[method-assign]
         sidecar.outbox.stats = unavailable  # type: ignore[method-assign]
         for method, path, body in (
             ("POST", "/v1/dead-letters/replay", {"all": True}),

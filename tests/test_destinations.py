@@ -10,7 +10,7 @@ import asyncio
 import gzip
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .conftest import (
     write_config,
 )
 from .destinations import DISTRICT_TOKEN, start_district, with_destinations
+from .outboxes import BACKENDS, empty, fresh_database
 
 
 @pytest.fixture
@@ -39,9 +40,24 @@ async def district() -> AsyncIterator[RunningFake]:
     await running.close()
 
 
-@pytest.fixture
-async def sidecar(platform: RunningFake, district: RunningFake, tmp_path: Path) -> Any:
-    running = await start(with_destinations(platform, district, tmp_path))
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+async def sidecar(
+    request: pytest.FixtureRequest, platform: RunningFake, district: RunningFake, tmp_path: Path
+) -> Any:
+    """A sidecar with the district and the archive as destinations, on each backend (on
+    PostgreSQL: the module's database, emptied first)."""
+    outbox: dict[str, Any] = {}
+    if request.param == "postgres":
+        url = request.getfixturevalue("database")
+        await empty(url)
+        outbox = {"url": url}
+    running = await start(with_destinations(platform, district, tmp_path, outbox=outbox))
     yield running
     await running.stop()
 
@@ -87,8 +103,9 @@ async def gzip_dc(directory: Path) -> list[dict[str, Any]]:
 
 
 def status_of(status: dict[str, Any], name: str) -> dict[str, Any]:
-    (found,) = [d for d in status["destinations"] if d["name"] == name]
-    return found
+    found: list[dict[str, Any]] = [d for d in status["destinations"] if d["name"] == name]
+    (one,) = found
+    return one
 
 
 class TestEveryEventEverywhere:
@@ -481,7 +498,8 @@ class TestTheRealProcess:
             await p.wait_ready()
             acked = len(acknowledged)
             clients = [asyncio.create_task(app_client(p.url, acknowledged)) for _ in range(16)]
-            await eventually(lambda acked=acked: len(acknowledged) > acked + 2000, timeout=60)
+            target = acked + 2000
+            await eventually(lambda: len(acknowledged) > target, timeout=60)  # noqa: B023
             await kill_as_the_archive_grows(p, archive)
             await asyncio.gather(*clients)
         # No kill has been seen to split a member (each goes in one write call): a torn one is

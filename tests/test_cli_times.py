@@ -1,4 +1,4 @@
-"""The times the command line takes (caliper_sidecar/moments.py)."""
+"""The times the command line takes (caliper_sidecar/cli_times.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from caliper_sidecar.moments import parse_moment
+from caliper_sidecar.cli_times import parse_moment
 
 NOW = 1_796_457_600.0  # 2026-12-05T08:00:00Z
 

@@ -1,5 +1,6 @@
-"""The times a command line takes (`replay --since`, `reconcile --until`): an RFC 3339 time
-with its offset, or a duration meaning that long before now."""
+"""The times the command line takes (`replay --since`, `reconcile --until`): an RFC 3339
+time with its offset, or a duration meaning that long before now. (Times inside events are
+validation/moments.py's.)"""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caliper_sidecar import __version__
+from caliper_sidecar.cli_times import MOMENT_HELP
 from caliper_sidecar.config import (
     SENDER_LABEL_RULE,
     UPSTREAM,
@@ -173,6 +174,36 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="JSON instead of lines for people")
     stats.set_defaults(handler=_outbox_stats)
 
+    r = command(
+        sub,
+        "replay",
+        "queue the events an archive destination kept again, ids unchanged, for the named "
+        "destinations (by eventTime; optionally one actor's); safe while `run` runs",
+        _replay,
+    )
+    r.add_argument(
+        "--since",
+        required=True,
+        metavar="T",
+        help=f"events whose eventTime is at or after T: {MOMENT_HELP}",
+    )
+    r.add_argument("--until", metavar="T", help="… and before T (default: no bound)")
+    r.add_argument(
+        "--actor", metavar="ID", help="only this actor's events (the `actor` string or `actor.id`)"
+    )
+    r.add_argument(
+        "--to",
+        nargs="+",
+        metavar="NAME",
+        help="the destinations to send them to: upstream ([upstream]), [[destinations]] names "
+        "(default: every destination that is not an archive)",
+    )
+    r.add_argument(
+        "--from",
+        dest="source",
+        metavar="NAME",
+        help="the archive destination to read (needed when there are several)",
+    )
     dead = group("dead-letters", "list, replay or purge dead letters (safe while `run` runs)")
     listing = command(dead, "list", "show dead letters with their reasons", _dead_list)
     listing.add_argument(
@@ -454,6 +485,32 @@ async def _destination_stats(outbox: Outbox, name: str) -> DestinationStats | No
         if e.reason == "unknown_destination":
             return None
         raise
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import time
+
+    from caliper_sidecar.tools.replay import check_known, plan_replay, replay_archive, report
+
+    settings = _settings(args)
+    plan = plan_replay(
+        settings, args.since, args.until, args.actor, args.to, args.source, time.time()
+    )
+
+    def progress(done: int) -> None:
+        print(f"replay: {done} events queued so far", file=sys.stderr, flush=True)
+
+    async def go() -> Any:
+        async with _open_outbox(args, settings) as outbox:
+            await check_known(outbox, plan.queues)
+            return await replay_archive(outbox, plan, progress)
+
+    tally = asyncio.run(go())
+    for line in report(plan, tally):
+        print(line)
+    if tally.queued:
+        print("the running sidecar sends them within a second")
+    return 0
 
 
 def _dead_list(args: argparse.Namespace) -> int:

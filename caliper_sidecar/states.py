@@ -31,6 +31,21 @@ class DeadLetterReason(StrEnum):
     DESTINATION_LAGGING = "destination_lagging"
 
 
+class JourneyMark(StrEnum):
+    """What happened to an event at a destination beside its delivery: a mark in its journey."""
+
+    #: queued again from an archive (`caliper-sidecar replay`)
+    REPLAYED = "replayed"
+    #: reconciliation found the destination holds it
+    VERIFIED = "verified"
+    #: reconciliation found the destination does not hold it
+    MISSING = "missing"
+    #: sent again after it was found missing
+    RESENT = "resent"
+    #: never seen at the destination after re-sends, for as long as reconciliation tries
+    GIVEN_UP = "given_up"
+
+
 class JourneyState(StrEnum):
     WAITING = "waiting"
     DELIVERED = "delivered"

@@ -64,7 +64,7 @@ async def empty(url: str) -> None:
                 f"TRUNCATE {SCHEMA}.events, {SCHEMA}.bodies, {SCHEMA}.batches, {SCHEMA}.sent, "
                 f"{SCHEMA}.dead_letters, {SCHEMA}.jobs, {SCHEMA}.platform_jobs, "
                 f"{SCHEMA}.replicas, {SCHEMA}.destinations, {SCHEMA}.destination_batches, "
-                f"{SCHEMA}.destination_attempts RESTART IDENTITY; "
+                f"{SCHEMA}.destination_attempts, {SCHEMA}.marks RESTART IDENTITY; "
                 f"UPDATE {SCHEMA}.head SET next = 1; "
                 f"UPDATE {SCHEMA}.totals SET events = 0, bytes = 0, dead_letters = 0, "
                 "delivered_total = 0, dead_lettered_total = 0"

@@ -25,7 +25,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -119,6 +119,40 @@ def repair(path: Path, start: int = 0) -> tuple[int, int]:
         path.unlink()
         _fsync_dir(path.parent)
     return size, end
+
+
+def hour_files(dir: Path) -> list[str]:
+    """The hour files under `dir`, relative to it, oldest hour first."""
+    files = (p for p in dir.glob(f"*/*/*/*{SUFFIX}") if p.is_file())
+    names = (p.relative_to(dir).as_posix() for p in files)
+    return sorted(name for name in names if _HOUR_FILE.fullmatch(name))
+
+
+def received_since(dir: Path, since: float) -> list[str]:
+    """The hour files that may hold events received at or after `since`: those whose hour
+    ends after it, oldest first."""
+    return [name for name in hour_files(dir) if _hour_start(name) + 3600 > since]
+
+
+def read_lines(path: Path) -> Iterator[bytes]:
+    """The lines of one hour file (events' JSON, without the newline), in the order they
+    were appended, a whole member at a time. Reading stops at a member that is not complete
+    and CRC-checked: the one a running `run` is appending now (or a torn one, which its
+    next start cuts)."""
+    with path.open("rb") as f:
+        inflater = zlib.decompressobj(wbits=31)
+        member: list[bytes] = []
+        while chunk := f.read(_READ_CHUNK):
+            while chunk:
+                try:
+                    member.append(inflater.decompress(chunk))
+                except zlib.error:
+                    return
+                if not inflater.eof:
+                    break
+                yield from b"".join(member).split(b"\n")[:-1]
+                chunk, member = inflater.unused_data, []
+                inflater = zlib.decompressobj(wbits=31)
 
 
 class Archive:
@@ -291,9 +325,7 @@ class Archive:
     # -- helpers of the above ----------------------------------------------------------------
 
     def _hour_files(self) -> list[str]:
-        files = (p for p in self.dir.glob(f"*/*/*/*{SUFFIX}") if p.is_file())
-        names = (p.relative_to(self.dir).as_posix() for p in files)
-        return sorted(name for name in names if _HOUR_FILE.fullmatch(name))
+        return hour_files(self.dir)
 
     def _read_list(self) -> dict[str, int] | None:
         """`.appending` as {file: size it had}, or None when it is missing or not ours."""

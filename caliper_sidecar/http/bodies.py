@@ -13,7 +13,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from caliper_sidecar.states import JourneyState, UpstreamState
+from caliper_sidecar.states import JourneyMark, JourneyState, UpstreamState
 from caliper_sidecar.validation.issues import Finding
 
 #: an ISO 8601 UTC time with milliseconds (`codec.utc_from_timestamp`)
@@ -152,6 +152,23 @@ class DestinationJourney(Body, kw_only=True, forbid_unknown_fields=True):
     reason: Annotated[str | None, _says("why it was dead-lettered there")]
 
 
+class JourneyMarkBody(Body, kw_only=True, forbid_unknown_fields=True):
+    """Something that happened to an event at a destination beside its delivery."""
+
+    at: Time | None
+    what: Annotated[
+        JourneyMark,
+        _says(
+            "replayed: queued again from an archive (`caliper-sidecar replay`); verified: "
+            "reconciliation found the destination holds it; missing: it found it does not; "
+            "resent: sent again after it was found missing; given_up: never seen there "
+            "after re-sends, for as long as reconciliation tries"
+        ),
+    ]
+    destination: Annotated[str, _says("upstream ([upstream]), or a [[destinations]] name")]
+    detail: str | None
+
+
 class Journey(Body, kw_only=True, forbid_unknown_fields=True):
     """One event's way through the sidecar (`GET /v1/events/{id}`), each destination's too."""
 
@@ -179,6 +196,13 @@ class Journey(Body, kw_only=True, forbid_unknown_fields=True):
         _says(
             "its part at each of [[destinations]], by name (absent without destinations, or "
             "for an event received before they were added)"
+        ),
+    ] = UNSET
+    marks: Annotated[
+        list[JourneyMarkBody] | UnsetType,
+        _says(
+            "what happened to it at its destinations beside delivery, oldest first (absent "
+            "when nothing did); kept as long as the event is"
         ),
     ] = UNSET
 

@@ -35,6 +35,7 @@ from caliper_sidecar.http.requests import authenticate, read_body
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.outbox import Journey
+from caliper_sidecar.states import JourneyMark
 
 log = structlog.get_logger("sidecar.drop_in")
 
@@ -274,6 +275,16 @@ def journey_document(j: Journey) -> bodies.Journey:
             )
             for name, part in sorted(j.destinations.items())
         }
+    if j.marks:
+        document.marks = [
+            bodies.JourneyMarkBody(
+                at=time(m.at),
+                what=JourneyMark(m.what),
+                destination=m.destination,
+                detail=m.detail,
+            )
+            for m in j.marks
+        ]
     return document
 
 

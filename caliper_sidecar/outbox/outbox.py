@@ -33,9 +33,11 @@ from caliper_sidecar.outbox.records import (
     DestinationPlan,
     DestinationStats,
     Journey,
+    Mark,
     NewEvent,
     OutboxStats,
     PlatformJobOutcome,
+    Replay,
     WriteHealth,
     dead_journey,
     journey_of,
@@ -272,10 +274,32 @@ class Outbox:
                 parts.setdefault(id_, {}).setdefault(
                     name, DestinationPart(state, int(attempts or 0), error)
                 )
+        marks: dict[str, list[Mark]] = {}
+        for row in await self.storage.mark_rows(list(found)) if found else ():
+            mark = Mark(*row)
+            marks.setdefault(mark.id, []).append(mark)
         for id_, journey in found.items():
-            if id_ in parts:
-                found[id_] = dataclasses.replace(journey, destinations=parts[id_])
+            if id_ in parts or id_ in marks:
+                found[id_] = dataclasses.replace(
+                    journey,
+                    destinations=parts.get(id_, journey.destinations),
+                    marks=tuple(marks.get(id_, ())),
+                )
         return found
+
+    # -- replays from an archive, and marks ----------------------------------------------------
+
+    async def replay(self, events: Sequence[Replay]) -> None:
+        """Queue these events again, each for its queues alone (see `Storage.replay`), in one
+        transaction, and wake the dispatchers (a `run` beside this process notices within
+        its dispatchers' idle poll, a second; on PostgreSQL at once, by NOTIFY)."""
+        await self.storage.replay(events)
+        self.wake()
+
+    async def add_marks(self, marks: Sequence[Mark]) -> None:
+        """Record what happened to events at their destinations beside delivery (their
+        journeys show it, until the events leave the outbox)."""
+        await self.storage.add_marks(marks)
 
     # -- dead letters ----------------------------------------------------------------------
 

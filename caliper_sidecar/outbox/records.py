@@ -213,6 +213,41 @@ class DestinationPart:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """An event to queue again for some queues ("upstream", [[destinations]] names), id
+    unchanged and never refused as a duplicate: a dead letter replayed for its own
+    destination, or an event replayed from an archive. Where its row is gone it is stored
+    again, received now unless `received_at` says when; `sensor` and `sender` are what was
+    kept with it (an archive keeps neither)."""
+
+    id: str
+    body: bytes
+    queues: tuple[str, ...]
+    received_at: float | None = None
+    sensor: str | None = None
+    sender: str | None = None
+
+
+#: the columns of a mark, in the order of Mark's fields
+MARK_COLUMNS: Final = "id, what, destination, detail, at"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Something that happened to an event at a destination beside its delivery (`what`, a
+    JourneyMark: replayed from an archive; verified, missing, resent, given up by
+    reconciliation), shown in its journey; `destination` is "upstream" or a [[destinations]]
+    name. `at` is when, on the backend's clock (None for a mark not stored yet: the storage
+    stamps it)."""
+
+    id: str
+    what: str
+    destination: str
+    detail: str | None = None
+    at: float | None = None
+
+
 #: a destination's acknowledgement: the claim and its events
 DestinationAck = tuple[Claim, list[int]]
 
@@ -262,6 +297,8 @@ class Journey:
     dead_letter: DeadLetter | None = None
     #: each [[destinations]] entry's part, by name (empty without destinations)
     destinations: dict[str, DestinationPart] = field(default_factory=dict)
+    #: what happened to it at its destinations beside delivery, oldest first
+    marks: tuple[Mark, ...] = ()
 
 
 def journey_state(

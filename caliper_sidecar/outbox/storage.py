@@ -21,7 +21,9 @@ from caliper_sidecar.outbox.records import (
     DestinationAck,
     DestinationPlan,
     DestinationStats,
+    Mark,
     PlatformJobOutcome,
+    Replay,
 )
 
 #: the totals a backend keeps, in this order (see `Storage.stats_rows`)
@@ -101,6 +103,20 @@ class Storage(Protocol):
         is first queued again for its own destination only, id unchanged (never refused as a
         duplicate): for [upstream] as before; for a destination, its place reopened for that
         event. Dead letters of a destination no longer configured are not replayed (left)."""
+
+    async def replay(self, events: Sequence[Replay]) -> None:
+        """Queue these events again in one transaction, each for its queues alone, id
+        unchanged, never refused as a duplicate (as a dead letter replayed is): where its row
+        is still there, back in place for each queue that had it (delivered, or
+        dead-lettered: that dead letter is taken) and left alone for one that has it still
+        to send; where its row is gone, stored again for those queues alone. Each is marked
+        `replayed` for each of its queues, which must be known to the outbox."""
+
+    async def add_marks(self, marks: Sequence[Mark]) -> None:
+        """Store these marks, `at` now on the storage's clock."""
+
+    async def mark_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
+        """Rows of MARK_COLUMNS for these ids, in the order they were added."""
 
     # -- [[destinations]]: each its own place in the queue ---------------------------------
     # Every accepted event goes to [upstream] and to each destination. A destination's state

@@ -13,7 +13,8 @@ accepts, so tests, the demo and benchmarks can compare what was acknowledged wit
 - `/events/1.0/` is the older TimeBack events API: a plain 200.
 
 Faults are set from Python (`FakeTimeBack.faults`) or over HTTP (`POST /_mock/faults`), for a
-learning app developed offline.
+learning app developed offline; `POST /_mock/wipe` (`FakeTimeBack.wipe`) makes it forget every
+event it holds, as a platform restored from an old backup.
 """
 
 from __future__ import annotations
@@ -224,6 +225,7 @@ class FakeTimeBack:
                 web.get(BEYOND_PATH + "s/{id}", self._stored_event),
                 web.get("/_mock/events", self._list_events),
                 web.post("/_mock/faults", self._set_faults),
+                web.post("/_mock/wipe", self._wipe),
                 web.get("/healthz", self._alive),
             ]
         )
@@ -232,6 +234,13 @@ class FakeTimeBack:
     def revoke_tokens(self) -> None:
         """Every token issued so far stops working (the platform rotated its keys)."""
         self.tokens.clear()
+
+    def wipe(self) -> None:
+        """Forget every event held, as a platform restored from a backup older than all of
+        them; what was counted (envelopes, duplicates, statuses) stays."""
+        for held in (self.received, self.arrived_via, self.sensors):
+            held.clear()
+        self.order.clear()
 
     def fail_next(
         self,
@@ -608,6 +617,11 @@ class FakeTimeBack:
             f.refuse_all = None if refusal is None else (int(refusal[0]), refusal[1])
         return web.json_response({"ok": True})
 
+    async def _wipe(self, request: web.Request) -> web.Response:
+        """`POST /_mock/wipe`: forget every event held (`wipe`)."""
+        self.wipe()
+        return web.json_response({"ok": True})
+
     async def _alive(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
@@ -754,6 +768,7 @@ async def _serve_fake(fake: FakeTimeBack, host: str, port: int, stop: asyncio.Ev
         f"  older events API   {running.events_url}\n"
         f"  received events    GET {running.base_url}/_mock/events\n"
         f"  inject faults      POST {running.base_url}/_mock/faults\n"
+        f"  forget every event POST {running.base_url}/_mock/wipe\n"
         "Point a sidecar at it as Beyond AI with:\n"
         f"  SIDECAR_UPSTREAM_ENDPOINT={running.beyond_url} "
         f"SIDECAR_UPSTREAM_JOBS_URL='{running.jobs_url}' \\\n"

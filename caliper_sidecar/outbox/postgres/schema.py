@@ -781,6 +781,35 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         RETURN recorded;
     END $$;
     """,
+    # 6: marks, what happened to an event at a destination beside its delivery (replayed
+    # from an archive; verified, missing, resent or given up by reconciliation), one row
+    # each, shown in its journey, `at` on the database's clock. They go with the event: when
+    # neither its row nor a dead letter of it is left (pruned, purged), nor is its journey,
+    # so its marks are deleted too, by whatever statement deleted the last of it.
+    f"""
+    CREATE TABLE marks (
+        seq bigserial PRIMARY KEY,
+        id text NOT NULL,
+        at double precision NOT NULL,
+        what text NOT NULL,
+        destination text NOT NULL,
+        detail text
+    );
+    CREATE INDEX marks_by_id ON marks (id);
+    CREATE FUNCTION marks_gone() RETURNS trigger LANGUAGE plpgsql
+        SET search_path = {SCHEMA} AS $$ BEGIN
+        IF EXISTS (SELECT 1 FROM marks) THEN
+            DELETE FROM marks m USING (SELECT DISTINCT id FROM old_rows) o WHERE m.id = o.id
+                AND NOT EXISTS (SELECT 1 FROM events e WHERE e.id = o.id)
+                AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.id = o.id);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER marks_of_events_out AFTER DELETE ON events REFERENCING OLD TABLE AS old_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION marks_gone();
+    CREATE TRIGGER marks_of_dead_out AFTER DELETE ON dead_letters
+        REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION marks_gone();
+    """,
 )
 
 VERSION: Final = len(MIGRATIONS)

@@ -25,7 +25,7 @@ import contextlib
 import functools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
@@ -61,6 +61,7 @@ from caliper_sidecar.outbox.postgres.sessions import LONG_WORK, session_settings
 from caliper_sidecar.outbox.postgres.writes import NOW
 from caliper_sidecar.outbox.records import (
     DEAD_LETTER_COLUMNS,
+    MARK_COLUMNS,
     Ack,
     Append,
     AppendResult,
@@ -70,7 +71,9 @@ from caliper_sidecar.outbox.records import (
     DestinationAck,
     DestinationPlan,
     DestinationStats,
+    Mark,
     PlatformJobOutcome,
+    Replay,
     StoredEvent,
 )
 from caliper_sidecar.outbox.storage import TOTALS
@@ -696,22 +699,59 @@ class PostgresStorage:
             if not replay:
                 async with conn.transaction():
                     return await writes.take_dead_letters(conn, ids, limit, False, destination)
-            await self._partitions.make_room(conn, limit)
-            for _ in range(3):
-                # Dead letters replayed in place may need their bodies' partitions again;
-                # another replica may drop one again before they are stored: tried anew.
-                await self._partitions.restore(
-                    conn, await writes.rows_to_replay(conn, ids, limit, destination)
-                )
-                try:
-                    async with conn.transaction():
-                        return await writes.take_dead_letters(conn, ids, limit, True, destination)
-                except asyncpg.CheckViolationError as e:
-                    if e.sqlstate != _NO_PARTITION:
-                        raise
-            raise OutboxUnavailable(
-                "storage_busy", "the partitions of replayed bodies kept being dropped; try again"
+            return await self._requeueing(
+                conn,
+                limit,
+                lambda: writes.rows_to_replay(conn, ids, limit, destination),
+                lambda: writes.take_dead_letters(conn, ids, limit, True, destination),
             )
+
+    async def replay(self, events: Sequence[Replay]) -> None:
+        ids = list(dict.fromkeys(e.id for e in events))
+        async with self._connection() as conn:
+            await self._requeueing(
+                conn,
+                len(ids),
+                lambda: writes.rows_of(conn, ids),
+                lambda: writes.replay(conn, events),
+            )
+
+    async def _requeueing(
+        self,
+        conn: asyncpg.Connection,
+        new_rows: int,
+        in_place: Callable[[], Awaitable[list[int]]],
+        work: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        """`work`, which queues events again, in a transaction, once the bodies' partitions
+        exist: for up to `new_rows` rows stored anew, and for the rows (seqs) `in_place`
+        names, whose bodies go back. Another replica may drop one again before they are
+        stored: tried anew."""
+        await self._partitions.make_room(conn, new_rows)
+        for _ in range(3):
+            await self._partitions.restore(conn, await in_place())
+            try:
+                async with conn.transaction():
+                    return await work()
+            except asyncpg.CheckViolationError as e:
+                if e.sqlstate != _NO_PARTITION:
+                    raise
+        raise OutboxUnavailable(
+            "storage_busy", "the partitions of replayed bodies kept being dropped; try again"
+        )
+
+    # -- marks -------------------------------------------------------------------------------
+
+    async def add_marks(self, marks: Sequence[Mark]) -> None:
+        async with self._connection() as conn:
+            await writes.add_marks(conn, marks)
+
+    async def mark_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {MARK_COLUMNS} FROM marks WHERE id = ANY($1::text[]) ORDER BY seq", ids
+            )
+        return [tuple(r) for r in rows]
 
     # -- processing confirmation -----------------------------------------------------------
 

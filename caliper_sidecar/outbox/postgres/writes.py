@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -23,10 +23,12 @@ from caliper_sidecar.outbox.records import (
     Append,
     AppendResult,
     DestinationPlan,
+    Mark,
     PlatformJobOutcome,
+    Replay,
     new_per_append,
 )
-from caliper_sidecar.states import DeadLetterReason
+from caliper_sidecar.states import DeadLetterReason, JourneyMark
 
 #: the channel appends and replays NOTIFY, so that every replica's dispatcher looks at once
 CHANNEL: Final = "caliper_sidecar_appended"
@@ -519,7 +521,7 @@ async def take_dead_letters(
         limit,
     )
     if chunk and replay:
-        await requeue(conn, chunk)
+        await requeue(conn, [dict(r) for r in chunk])
     await conn.execute(
         "DELETE FROM dead_letters WHERE seq = ANY($1::bigint[])", [r["seq"] for r in chunk]
     )
@@ -542,20 +544,75 @@ async def rows_to_replay(
     return [int(r["seq"]) for r in rows]
 
 
-async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -> None:
-    """Queue dead letters again, each for its own destination only, id unchanged. An event
-    whose row is gone is stored anew for that queue alone (`_store_gone`); one whose row is
-    still there goes back in place, its body stored again if it was dropped (its partition
-    must exist). A queue that will not come to the row through its head (passed it, or the
-    row is another queue's alone) gets a lease given back on it, which lowers its position;
-    [upstream] takes a row stored for a destination alone for its own (the destination
-    then gets a lease if it still needs it), and counts it as waiting again."""
+async def replay(conn: asyncpg.Connection, events: Sequence[Replay]) -> None:
+    """Events from an archive queued again, each for its queues (`requeue`, delivered ones
+    included): a dead letter of it there is taken (it is on its way again), and it is marked
+    `replayed` there."""
+    letters: list[dict[str, Any]] = [
+        {
+            "id": e.id,
+            "destination": queue,
+            "body": e.body,
+            "received_at": e.received_at,
+            "sensor": e.sensor,
+            "sender": e.sender,
+        }
+        for e in events
+        for queue in dict.fromkeys(e.queues)
+    ]
+    await requeue(conn, letters, again=True)
+    ids: list[str] = [r["id"] for r in letters]
+    queues: list[str] = [r["destination"] for r in letters]
+    await conn.execute(
+        "DELETE FROM dead_letters d USING unnest($1::text[], $2::text[]) AS r(id, destination) "
+        "WHERE d.id = r.id AND d.destination = r.destination",
+        ids,
+        queues,
+    )
+    await add_marks(
+        conn, [Mark(i, JourneyMark.REPLAYED, q) for i, q in zip(ids, queues, strict=True)]
+    )
+
+
+async def add_marks(conn: asyncpg.Connection, marks: Sequence[Mark]) -> None:
+    await conn.execute(
+        f"INSERT INTO marks (id, at, what, destination, detail) SELECT id, {NOW}, what, "
+        "destination, detail FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+        "AS m(id, what, destination, detail)",
+        [m.id for m in marks],
+        [str(m.what) for m in marks],
+        [m.destination for m in marks],
+        [m.detail for m in marks],
+    )
+
+
+async def rows_of(conn: asyncpg.Connection, ids: list[str]) -> list[int]:
+    """The seqs of the rows these events still have (their bodies' partitions must exist
+    before they are queued again in place)."""
+    rows = await conn.fetch("SELECT seq FROM events WHERE id = ANY($1::text[])", ids)
+    return [int(r["seq"]) for r in rows]
+
+
+async def requeue(
+    conn: asyncpg.Connection, letters: Sequence[Mapping[str, Any]], again: bool = False
+) -> None:
+    """Queue events again, each letter (id, destination, body, received_at, sensor, sender)
+    for its destination only, id unchanged: dead letters, or events replayed from an
+    archive. An event whose row is gone is stored anew for that queue alone (`_store_gone`);
+    one whose row is still there goes back in place, its body stored again if it was dropped
+    (its partition must exist). A queue that will not come to the row through its head
+    (passed it, or the row is another queue's alone) gets a lease given back on it, which
+    lowers its position; [upstream] takes a row stored for a destination alone for its own
+    (the destination then gets a lease if it still needs it), and counts it as waiting
+    again. With `again`, an event [upstream] delivered goes back to it too (out of its sent
+    row, no longer counted delivered); one still on its way to a queue is left as it is."""
     await hold_positions(conn, exclusive=True)
     rows = {
         r["id"]: dict(r)
         for r in await conn.fetch(
             "SELECT e.id, e.seq, e.upstream_dead, e.only_for, "
-            "EXISTS (SELECT 1 FROM bodies b WHERE b.seq = e.seq) AS has_body "
+            "EXISTS (SELECT 1 FROM bodies b WHERE b.seq = e.seq) AS has_body, "
+            f"EXISTS (SELECT 1 FROM sent s WHERE {IN_SENT}) AS delivered "
             "FROM events e WHERE e.id = ANY($1::text[]) FOR UPDATE",
             [r["id"] for r in letters],
         )
@@ -564,6 +621,8 @@ async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -
     stored = await _store_gone(conn, letters, rows, len(places.heads) > 1)
     leases: dict[str, set[int]] = {}
     upstream: list[int] = []
+    #: of those, the ones [upstream] had delivered (counted delivered until now)
+    delivered: list[int] = []
     restored: list[tuple[int, bytes]] = []
     for letter in letters:
         row, queue = rows.get(letter["id"]), letter["destination"]
@@ -571,7 +630,9 @@ async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -
             continue  # stored anew for it (or gone, stored by another meanwhile: not ours)
         if queue == UPSTREAM:
             if not row["upstream_dead"] and row["only_for"] in (None, UPSTREAM):
-                continue  # on its way to [upstream], or delivered there, already
+                if not (again and row["delivered"]):
+                    continue  # on its way to [upstream] already (or, a dead letter's, sent)
+                delivered.append(row["seq"])
             if row["only_for"] not in (None, UPSTREAM):
                 theirs = row["only_for"]
                 if places.comes(theirs, row):
@@ -590,7 +651,7 @@ async def requeue(conn: asyncpg.Connection, letters: Sequence[asyncpg.Record]) -
             [body for _, body in restored],
         )
     if upstream:
-        await _again_for_upstream(conn, sorted(upstream))
+        await _again_for_upstream(conn, sorted(upstream), delivered)
     for queue, seqs in leases.items():
         await _lease_again(conn, queue, sorted(seqs))
     if upstream or leases:
@@ -656,7 +717,7 @@ async def _lease_again(conn: asyncpg.Connection, queue: str, seqs: list[int]) ->
 
 async def _store_gone(
     conn: asyncpg.Connection,
-    letters: Sequence[asyncpg.Record],
+    letters: Sequence[Mapping[str, Any]],
     rows: dict[str, dict[str, Any]],
     destinations: bool,
 ) -> dict[str, str]:
@@ -666,7 +727,7 @@ async def _store_gone(
     destination is marked delivered for [upstream], which had it long ago (its row was
     pruned); without destinations, [upstream]'s is stored as before, for every queue.
     `rows` gains the rows stored; which queue each event was stored for."""
-    gone: dict[str, asyncpg.Record] = {}
+    gone: dict[str, Mapping[str, Any]] = {}
     for letter in sorted(letters, key=lambda r: r["destination"] != UPSTREAM):
         if letter["id"] not in rows:
             gone.setdefault(letter["id"], letter)
@@ -700,14 +761,18 @@ async def _store_gone(
             "upstream_dead": None,
             "only_for": only_by_id[r["id"]],
             "has_body": True,
+            "delivered": False,
         }
     return {r["id"]: gone[r["id"]]["destination"] for r in stored}
 
 
-async def _again_for_upstream(conn: asyncpg.Connection, seqs: list[int]) -> None:
-    """Rows [upstream] is done with (dead-lettered and kept for the destinations, or stored
-    for a destination alone) waiting for it again, from the first attempt: out of any sent
-    row (a platform job's failing event, or one marked delivered), counted as waiting."""
+async def _again_for_upstream(
+    conn: asyncpg.Connection, seqs: list[int], delivered: Sequence[int] = ()
+) -> None:
+    """Rows [upstream] is done with (dead-lettered and kept for the destinations, stored
+    for a destination alone, or delivered: those are `delivered`) waiting for it again, from
+    the first attempt: out of any sent row (a platform job's failing event, or one marked
+    delivered), counted as waiting, and the delivered ones no longer as delivered."""
     await conn.execute(
         """
         WITH unsent AS (
@@ -720,10 +785,12 @@ async def _again_for_upstream(conn: asyncpg.Connection, seqs: list[int]) -> None
                 only_for = CASE WHEN only_for IS NULL THEN NULL ELSE 'upstream' END
             WHERE seq = ANY($1) RETURNING size
         )
-        SELECT count_change(count(*), sum(size), 0, 0, 0) FROM again HAVING count(*) > 0
+        SELECT count_change(count(*), sum(size), 0, -$3::integer, 0) FROM again
+        HAVING count(*) > 0
         """,
         seqs,
         seqs[-1],
+        len(delivered),
     )
 
 

@@ -17,7 +17,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-from caliper_sidecar.outbox.records import DestinationPlan, StoredEvent
+from caliper_sidecar.config import UPSTREAM
+from caliper_sidecar.outbox.records import DestinationPlan, Replay, StoredEvent
 from caliper_sidecar.states import DeadLetterReason
 
 #: the seqs a destination still needs, oldest first (?1 its name): above its position, not
@@ -172,44 +173,80 @@ def lags(conn: sqlite3.Connection, blocking: bool | None = None) -> list[tuple[s
 
 
 def reopen(
-    conn: sqlite3.Connection, dead: tuple[Any, ...], now: float, has_destinations: bool
+    conn: sqlite3.Connection,
+    event: Replay,
+    now: float,
+    has_destinations: bool,
 ) -> None:
-    """Queue a dead letter (seq, id, destination, body, received_at, sensor, sender) again
-    for its own destination only, id unchanged."""
-    _, id_, name, body, received_at, sensor, sender = dead
-    row = conn.execute("SELECT seq, delivered_at FROM events WHERE id = ?", (id_,)).fetchone()
+    """Queue an event again for these queues only ([upstream] and destinations by name, each
+    known to the outbox), id unchanged, never refused as a duplicate: a dead letter replayed
+    for its own destination, or an event replayed from an archive. Its row, when still
+    there, goes back in place for each queue that is done with it (one still on its way
+    keeps it); when gone, it is stored again for those queues alone."""
+    row = conn.execute(
+        "SELECT seq, delivered_at, only_for FROM events WHERE id = ?", (event.id,)
+    ).fetchone()
     if row is None:
-        # Gone from the queue (pruned): stored again, for that destination alone. For
-        # [upstream] without destinations this is exactly the replay of before.
-        only_for = name if has_destinations else None
+        _store_again(conn, event, now, has_destinations)
+        return
+    seq, delivered_at, only_for = int(row[0]), row[1], row[2]
+    conn.execute("UPDATE events SET body = ? WHERE seq = ? AND length(body) = 0", (event.body, seq))
+    for name in event.queues:
+        if name == UPSTREAM:
+            if delivered_at is not None:
+                conn.execute(
+                    "UPDATE events SET delivered_at = NULL, upstream_dead = NULL, "
+                    "attempts = 0, first_attempt_at = NULL, last_attempt_at = NULL, "
+                    "last_error = NULL, platform_job = NULL, confirmed_at = NULL, "
+                    "unconfirmed = NULL WHERE seq = ?",
+                    (seq,),
+                )
+            continue
+        if only_for not in (None, name):
+            # Stored for one other queue alone, which every other passed over: now for
+            # this one too, and done for the rest.
+            _widen(conn, seq, {only_for, name})
+            only_for = None
         conn.execute(
-            "INSERT INTO events (id, body, size, received_at, sensor, sender, only_for, "
-            "delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                id_,
-                body,
-                len(body),
-                received_at,
-                sensor,
-                sender,
-                only_for,
-                None if name == "upstream" else now,
-            ),
+            "DELETE FROM destination_attempts WHERE destination = ? AND seq = ?", (name, seq)
         )
-        return
-    seq, delivered_at = int(row[0]), row[1]
-    conn.execute("UPDATE events SET body = ? WHERE seq = ? AND length(body) = 0", (body, seq))
-    if name == "upstream":
-        if delivered_at is not None:
-            conn.execute(
-                "UPDATE events SET delivered_at = NULL, upstream_dead = NULL, attempts = 0, "
-                "first_attempt_at = NULL, last_attempt_at = NULL, last_error = NULL, "
-                "platform_job = NULL, confirmed_at = NULL, unconfirmed = NULL WHERE seq = ?",
-                (seq,),
-            )
-        return
-    conn.execute("DELETE FROM destination_attempts WHERE destination = ? AND seq = ?", (name, seq))
-    _undo(conn, name, seq)
+        _undo(conn, name, seq)
+
+
+def _store_again(
+    conn: sqlite3.Connection, event: Replay, now: float, has_destinations: bool
+) -> None:
+    """An event whose row is gone (pruned), stored again for its queues alone: for one,
+    marked `only_for` it (every other passes it over); for several, done at once for every
+    other destination. [upstream] takes it only when named (it had it long ago, else)."""
+    queues = list(dict.fromkeys(event.queues))
+    # Without destinations, [upstream]'s alone is every queue: stored as a new event is.
+    only_for = queues[0] if has_destinations and len(queues) == 1 else None
+    cur = conn.execute(
+        "INSERT INTO events (id, body, size, received_at, sensor, sender, only_for, "
+        "delivered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.id,
+            event.body,
+            len(event.body),
+            now if event.received_at is None else event.received_at,
+            event.sensor,
+            event.sender,
+            only_for,
+            None if UPSTREAM in queues else now,
+        ),
+    )
+    if only_for is None and has_destinations:
+        _widen(conn, int(cur.lastrowid or 0), set(queues))
+
+
+def _widen(conn: sqlite3.Connection, seq: int, queues: set[str | None]) -> None:
+    """A row for every queue (`only_for` cleared), done already for each destination not
+    among `queues` (not counted as delivered there: it was never sent)."""
+    conn.execute("UPDATE events SET only_for = NULL WHERE seq = ?", (seq,))
+    for (name,) in conn.execute("SELECT name FROM destinations").fetchall():
+        if name not in queues and not_done(conn, name, [seq]):
+            _mark_done(conn, name, [seq])
 
 
 def journey_rows(conn: sqlite3.Connection, ids: list[str]) -> list[tuple[Any, ...]]:

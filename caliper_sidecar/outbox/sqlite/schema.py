@@ -220,6 +220,32 @@ MIGRATIONS: Final[tuple[str, ...]] = (
                           delivered_total = delivered_total - (OLD.upstream_dead IS NULL);
     END;
     """,
+    # 6: marks, what happened to an event at a destination beside its delivery (replayed
+    # from an archive; verified, missing, resent or given up by reconciliation), one row
+    # each, shown in its journey. They go with the event: when neither its row nor a dead
+    # letter of it is left (pruned, purged), nor is its journey, so its marks are deleted
+    # too, by whatever deleted the last of it.
+    """
+    CREATE TABLE marks (
+        id TEXT NOT NULL,
+        at REAL NOT NULL,
+        what TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        detail TEXT
+    );
+    CREATE INDEX marks_by_id ON marks (id);
+    CREATE TRIGGER marks_of_events_out AFTER DELETE ON events
+    WHEN EXISTS (SELECT 1 FROM marks WHERE id = OLD.id) BEGIN
+        DELETE FROM marks WHERE id = OLD.id
+            AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE id = OLD.id);
+    END;
+    CREATE TRIGGER marks_of_dead_out AFTER DELETE ON dead_letters
+    WHEN EXISTS (SELECT 1 FROM marks WHERE id = OLD.id) BEGIN
+        DELETE FROM marks WHERE id = OLD.id
+            AND NOT EXISTS (SELECT 1 FROM events WHERE id = OLD.id)
+            AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE id = OLD.id);
+    END;
+    """,
 )
 
 VERSION: Final = len(MIGRATIONS)

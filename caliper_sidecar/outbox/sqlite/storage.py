@@ -26,6 +26,7 @@ from caliper_sidecar.outbox.batching import fill_batch
 from caliper_sidecar.outbox.records import (
     DEAD_LETTER_COLUMNS,
     JOURNEY_COLUMNS,
+    MARK_COLUMNS,
     Ack,
     Append,
     AppendResult,
@@ -35,7 +36,9 @@ from caliper_sidecar.outbox.records import (
     DestinationAck,
     DestinationPlan,
     DestinationStats,
+    Mark,
     PlatformJobOutcome,
+    Replay,
     StoredEvent,
 )
 from caliper_sidecar.outbox.sqlite import destinations, writes
@@ -481,6 +484,23 @@ class SqliteStorage:
             now=steady_time(),
         )
         return await self._write(take)
+
+    async def replay(self, events: Sequence[Replay]) -> None:
+        await self._write(functools.partial(writes.replay, events=events, now=steady_time()))
+
+    # -- marks -------------------------------------------------------------------------------
+
+    async def add_marks(self, marks: Sequence[Mark]) -> None:
+        await self._write(functools.partial(writes.add_marks, marks=marks, now=steady_time()))
+
+    @_read_errors_unavailable
+    async def mark_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
+        cur = await self._require(self._reader).execute(
+            f"SELECT {MARK_COLUMNS} FROM marks WHERE id IN (SELECT value FROM json_each(?)) "
+            "ORDER BY rowid",
+            (json.dumps(ids),),
+        )
+        return list(await cur.fetchall())
 
     # -- processing confirmation -----------------------------------------------------------
 

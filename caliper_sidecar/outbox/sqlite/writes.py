@@ -17,11 +17,13 @@ from caliper_sidecar.outbox.records import (
     PRUNE_CHUNK,
     Append,
     AppendResult,
+    Mark,
     PlatformJobOutcome,
+    Replay,
     new_per_append,
 )
 from caliper_sidecar.outbox.sqlite import destinations
-from caliper_sidecar.states import DeadLetterReason
+from caliper_sidecar.states import DeadLetterReason, JourneyMark
 
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
 #: cannot be confirmed (the answer named no job although jobs are followed)
@@ -154,12 +156,32 @@ def take_dead_letters(
     seqs = json.dumps([r[0] for r in rows])
     if replay:
         fanned = destinations.has_destinations(conn)
-        for row in rows:
-            destinations.reopen(conn, tuple(row), now, fanned)
+        for _, id_, name, body, received_at, sensor, sender in rows:
+            letter = Replay(id_, body, (name,), received_at, sensor, sender)
+            destinations.reopen(conn, letter, now, fanned)
     cur = conn.execute(
         "DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(?))", (seqs,)
     )
     return cur.rowcount
+
+
+def replay(conn: sqlite3.Connection, events: Sequence[Replay], now: float) -> None:
+    """Events from an archive queued again, each for its queues (`destinations.reopen`): a
+    dead letter of it there is taken (it is on its way again), and it is marked `replayed`
+    there."""
+    fanned = destinations.has_destinations(conn)
+    for event in events:
+        destinations.reopen(conn, event, now, fanned)
+    pairs = [(event.id, queue) for event in events for queue in event.queues]
+    conn.executemany("DELETE FROM dead_letters WHERE id = ? AND destination = ?", pairs)
+    add_marks(conn, [Mark(id_, JourneyMark.REPLAYED, queue) for id_, queue in pairs], now)
+
+
+def add_marks(conn: sqlite3.Connection, marks: Sequence[Mark], now: float) -> None:
+    conn.executemany(
+        "INSERT INTO marks (id, at, what, destination, detail) VALUES (?, ?, ?, ?, ?)",
+        [(m.id, now, str(m.what), m.destination, m.detail) for m in marks],
+    )
 
 
 #: a selection by id, the ids as a JSON array

@@ -20,7 +20,8 @@ from caliper_sidecar.delivery.archive import Archive
 from caliper_sidecar.delivery.archive_sender import ARCHIVE_BATCHING, ArchiveSender
 from caliper_sidecar.delivery.confirmations import JobFollower
 from caliper_sidecar.delivery.dispatcher import Dispatcher
-from caliper_sidecar.delivery.reads import PlatformReader, events_url, read_session
+from caliper_sidecar.delivery.reads import PlatformReader, read_session
+from caliper_sidecar.delivery.reconciling import ReconcileLoop
 from caliper_sidecar.delivery.tokens import token_source
 from caliper_sidecar.delivery.upstream import UpstreamClient, delivery_session
 from caliper_sidecar.exceptions import CannotListen, OutboxUnavailable
@@ -33,6 +34,7 @@ from caliper_sidecar.logs import flush_logs
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import DestinationPlan, Outbox, open_outbox
 from caliper_sidecar.preflight import preflight
+from caliper_sidecar.presets import events_url
 from caliper_sidecar.reload import reload
 from caliper_sidecar.signals import StopSignals
 
@@ -147,6 +149,7 @@ async def running_sidecar(
                 lease_s=lease_s,
                 agreement=agreement_of(settings),
                 destinations=plans,
+                reconciling=settings.reconcile.after_s > 0,
             )
         )
         metrics = Metrics()
@@ -169,6 +172,11 @@ async def running_sidecar(
             reads = read_session()
             closing.push("platform reads session", reads.close)
             reader = PlatformReader(reads, listing, settings.upstream.timeout_s, tokens, metrics)
+        reconciling = None
+        if reader is not None and settings.reconcile.after_s:
+            reconciling = ReconcileLoop(
+                outbox, reader, settings.reconcile, upstream.sensor, metrics
+            )
         follower = JobFollower(outbox, upstream, metrics) if upstream.follows_jobs else None
         dispatcher = Dispatcher(
             outbox,
@@ -190,6 +198,7 @@ async def running_sidecar(
             tokens=tokens,
             follower=follower,
             reader=reader,
+            reconciling=reconciling,
             destinations=tuple(destinations),
             max_event_bytes=settings.upstream.batch_max_bytes - upstream.overhead,
         )
@@ -214,6 +223,9 @@ async def running_sidecar(
         dispatcher.start()
         for d in destinations:
             d.dispatcher.start()
+        if reconciling is not None:
+            reconciling.start()
+            closing.push("reconcile", reconciling.stop)
         # Stopped together, each given its own timeout_s to finish the sends under way.
         closing.push_together(
             [("dispatcher", lambda: dispatcher.stop(grace_s=settings.upstream.timeout_s))]

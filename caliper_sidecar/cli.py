@@ -9,12 +9,13 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caliper_sidecar import __version__
-from caliper_sidecar.cli_times import MOMENT_HELP
+from caliper_sidecar.cli_times import MOMENT_HELP, parse_moment
 from caliper_sidecar.config import (
     SENDER_LABEL_RULE,
     UPSTREAM,
@@ -29,7 +30,7 @@ from caliper_sidecar.config import (
 from caliper_sidecar.exceptions import ConfigError, OutboxUnavailable, SidecarError
 from caliper_sidecar.ids import canonical_id
 from caliper_sidecar.logs import configure_logging
-from caliper_sidecar.preflight import preflight
+from caliper_sidecar.preflight import preflight, reconcile_unavailable
 from caliper_sidecar.presets import PROFILES
 
 if TYPE_CHECKING:
@@ -121,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
         help="remember only the ids of received events (for large benchmarks)",
     )
     m.add_argument(
+        "--lose-rate",
+        type=float,
+        default=0.0,
+        help="share of events answered as taken and then silently lost, each at its first "
+        "arrival (0..1): what reconciliation finds",
+    )
+    m.add_argument(
         "--chaos-rate",
         type=float,
         default=0.0,
@@ -204,6 +212,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="the archive destination to read (needed when there are several)",
     )
+
+    rec = command(
+        sub,
+        "reconcile",
+        "check the events delivered upstream against what the platform holds (Beyond AI), "
+        "and send the missing ones again (safe while `run` is running)",
+        _reconcile,
+    )
+    rec.add_argument("--since", metavar="T", help=f"events from this eventTime on: {MOMENT_HELP}")
+    rec.add_argument("--until", metavar="T", help="events before this eventTime")
+    rec.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only report: nothing recorded or sent again; exit 1 when any is missing",
+    )
+
     dead = group("dead-letters", "list, replay or purge dead letters (safe while `run` runs)")
     listing = command(dead, "list", "show dead letters with their reasons", _dead_list)
     listing.add_argument(
@@ -281,6 +305,7 @@ def _mock_upstream(args: argparse.Namespace) -> int:
     )
     fake.faults.latency_s = args.latency_ms / 1000
     fake.faults.chaos_rate = args.chaos_rate
+    fake.faults.lose_rate = args.lose_rate
     configure_logging("info", "console")
     asyncio.run(serve_fake(fake, args.host, args.port))
     return 0
@@ -382,6 +407,38 @@ def _check_config(args: argparse.Namespace) -> int:
     for warning in preflight(settings, origins).warnings:
         print(f"caliper-sidecar: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _time_range(args: argparse.Namespace) -> tuple[float | None, float | None]:
+    """`--since` and `--until` as instants; ConfigError (exit 2) when one does not parse or
+    the range is empty."""
+    now = time.time()
+    try:
+        since, until = (
+            None if text is None else parse_moment(text, now) for text in (args.since, args.until)
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if since is not None and until is not None and until <= since:
+        raise ConfigError(f"--until {args.until} is not after --since {args.since}")
+    return since, until
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from caliper_sidecar.tools.reconcile import reconcile
+
+    since, until = _time_range(args)
+    settings = _settings(args)
+    reason = reconcile_unavailable(settings)
+    if reason is not None:
+        print(f"caliper-sidecar: {reason}", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        async with _open_outbox(args, settings) as outbox:
+            return await reconcile(settings, outbox, since, until, args.dry_run)
+
+    return asyncio.run(go())
 
 
 def _open_outbox(args: argparse.Namespace, settings: Settings | None = None) -> Any:

@@ -303,6 +303,29 @@ class AdminSettings(_Section, frozen=True):
         _mask(self, "token")
 
 
+class ReconcileSettings(_Section, frozen=True):
+    """Proof at the destination: delivered events checked against what the platform holds
+    (Beyond AI's `GET /caliper/events`), and the ones it lost sent again."""
+
+    after_s: Annotated[
+        float,
+        _key(
+            "0 = off. Else, this long after an event was delivered upstream (and confirmed, "
+            "where the platform confirms), check that the platform holds it and send it again "
+            "if it does not; its body is kept until then",
+            ge=0,
+        ),
+    ] = 0
+    give_up_s: Annotated[
+        float,
+        _key(
+            "an event not seen at the platform after re-sends for this long is reported, not "
+            "resent",
+            gt=0,
+        ),
+    ] = 604800
+
+
 class LogSettings(_Section, frozen=True):
     """Log verbosity and rendering."""
 
@@ -423,6 +446,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     validation: ValidationSettings = msgspec.field(default_factory=ValidationSettings)
     ops: OpsSettings = msgspec.field(default_factory=OpsSettings)
     admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    reconcile: ReconcileSettings = msgspec.field(default_factory=ReconcileSettings)
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     #: last: in the example file, commented `[[destinations]]` tables after every section
     destinations: tuple[DestinationSettings, ...] = ()

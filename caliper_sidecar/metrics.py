@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from caliper_sidecar import __version__
 from caliper_sidecar.config import UPSTREAM
-from caliper_sidecar.states import DeadLetterReason, JobOutcome, UpstreamState
+from caliper_sidecar.states import DeadLetterReason, JobOutcome, ReconcileResult, UpstreamState
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -250,8 +250,8 @@ class Metrics:
         # or refused listing never shows as the Caliper endpoint failing.
         self.platform_reads = Counter(
             "caliper_sidecar_platform_reads",
-            "Reads of the platform's stored events for apps (GET /caliper/events), by status "
-            "code (timeout, error: no answer)",
+            "Reads of the platform's stored events (apps' GET /caliper/events, and "
+            "reconciliation's listings), by status code (timeout, error: no answer)",
             ["code"],
             registry=r,
         )
@@ -261,6 +261,16 @@ class Metrics:
             buckets=REQUEST_SECONDS,
             registry=r,
         )
+        self.reconcile_events = Counter(
+            "caliper_sidecar_reconcile_events",
+            "Delivered events checked against what the platform holds (reconcile): held, "
+            "missing (not held), resent (sent again), given_up (missing for longer than "
+            "reconcile.give_up_s: reported, not sent again)",
+            ["result"],
+            registry=r,
+        )
+        for result in ReconcileResult:
+            self.reconcile_events.labels(result=result)
         self.platform_jobs = Counter(
             "caliper_sidecar_platform_jobs",
             "Platform processing jobs finished: completed (events confirmed), failed (events "

@@ -2,7 +2,8 @@
 the errors `run` would stop on (exit 2), and the warnings it would log.
 
 Errors: an upstream it cannot send to, TLS files or a private key it cannot load, an outbox or
-archive directory it cannot write, a PostgreSQL URL that does not parse. Warnings: a platform
+archive directory it cannot write, a PostgreSQL URL that does not parse, reconciliation toward
+a platform that lists nothing. Warnings: a platform
 that does not match its endpoint's path, a file holding secrets that others can read, running as
 root.
 """
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 from caliper_sidecar.config import OAuthSettings, Origins, Settings, is_secret, require_upstream
 from caliper_sidecar.exceptions import ArchiveUnusable, ConfigError
-from caliper_sidecar.presets import platform_mismatch
+from caliper_sidecar.presets import events_url, platform_mismatch
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -43,6 +44,7 @@ def preflight(settings: Settings, origins: Origins | None = None) -> Checked:
         check_postgres_url(settings.outbox.url)
     else:
         check_outbox_directory(Path(settings.outbox.path))
+    check_reconcile(settings)
     for index, destination in enumerate(settings.destinations):
         where = f"destinations[{index}]"
         if destination.kind == "archive":
@@ -60,6 +62,24 @@ def preflight(settings: Settings, origins: Origins | None = None) -> Checked:
             "a user of its own (the systemd unit and the image do)"
         )
     return Checked(warnings, tls)
+
+
+def check_reconcile(settings: Settings) -> None:
+    """Reconciliation lists what the platform holds: only where it lists (Beyond AI)."""
+    reason = reconcile_unavailable(settings)
+    if settings.reconcile.after_s and reason is not None:
+        raise ConfigError(f"reconcile.after_s is set, but {reason}: set reconcile.after_s = 0")
+
+
+def reconcile_unavailable(settings: Settings) -> str | None:
+    """Why reconciliation cannot be done toward this upstream, or None when it can."""
+    if events_url(settings.upstream.endpoint) is not None:
+        return None
+    return (
+        f"reconcile is not available: upstream.endpoint {settings.upstream.endpoint!r} lists "
+        "no events (only Beyond AI's /caliper/event has GET /caliper/events beside it; "
+        "LearnWith.AI lists nothing)"
+    )
 
 
 def check_tls(settings: Settings) -> ssl.SSLContext | None:

@@ -85,3 +85,14 @@ def platform_mismatch(platform: str, endpoint: str) -> str | None:
                 f"takes; set upstream.platform = {other!r} if that is the platform"
             )
     return None
+
+
+def events_url(endpoint: str) -> str | None:
+    """Where the platform lists the events it stored (Beyond AI's `GET /caliper/events`,
+    beside its `/caliper/event`), or None when this endpoint has no such neighbour."""
+    base, _, query = endpoint.partition("?")
+    base = base.rstrip("/")
+    event_path = PLATFORMS["beyond-ai"]
+    if query or event_path is None or not base.endswith(event_path):
+        return None
+    return base + "s"

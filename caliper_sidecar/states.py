@@ -61,3 +61,13 @@ class JobOutcome(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     UNCONFIRMED = "unconfirmed"
+
+
+class ReconcileResult(StrEnum):
+    """What a check of a delivered event against the platform's listing found (the metric's
+    `result`; journeys mark a held event `verified`)."""
+
+    HELD = "held"
+    MISSING = "missing"
+    RESENT = "resent"
+    GIVEN_UP = "given_up"

@@ -84,8 +84,13 @@ async def open_test_outbox(
         settings["url"] = database
     lease_s = settings.pop("lease_s", 65.0)  # the outbox's, not a setting
     destinations = settings.pop("destinations", None)  # the plans `run` would give
+    reconciling = settings.pop("reconciling", False)  # reconcile.after_s set
     config = OutboxSettings(path=str(tmp_path / "outbox.db"), synchronous="normal", **settings)
     async with open_outbox(
-        config, exclusive=False, lease_s=lease_s, destinations=destinations
+        config,
+        exclusive=False,
+        lease_s=lease_s,
+        destinations=destinations,
+        reconciling=reconciling,
     ) as box:
         yield box

@@ -11,6 +11,7 @@ requests); delivery finds out about a revoked token by itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 from urllib.parse import quote
 
@@ -21,21 +22,9 @@ from caliper_sidecar.delivery.answers import exchange
 from caliper_sidecar.delivery.tokens import TokenSource
 from caliper_sidecar.delivery.upstream import redact
 from caliper_sidecar.metrics import Metrics
-from caliper_sidecar.presets import PLATFORMS
 
 #: connections reads may hold at once; more reads wait for one (within upstream.timeout_s)
 READ_CONNECTIONS: Final = 2
-
-
-def events_url(endpoint: str) -> str | None:
-    """Where the platform lists the events it stored (Beyond AI's `GET /caliper/events`,
-    beside its `/caliper/event`), or None when this endpoint has no such neighbour."""
-    base, _, query = endpoint.partition("?")
-    base = base.rstrip("/")
-    event_path = PLATFORMS["beyond-ai"]
-    if query or event_path is None or not base.endswith(event_path):
-        return None
-    return base + "s"
 
 
 def read_session() -> aiohttp.ClientSession:
@@ -79,16 +68,24 @@ class PlatformReader:
         """The platform's status and body for the listing (or one event), with the token
         redacted from it. Raises RetryLater when the platform (or the token endpoint) cannot be
         reached, AuthFailed when the token endpoint refuses the sidecar's credentials."""
+        code, _, text = await self._get(self.url(event_id, query))
+        return code, text
+
+    async def page(self, query: Mapping[str, str]) -> tuple[int, float | None, str]:
+        """One page of the listing (reconciliation's reads): status, Retry-After, body."""
+        return await self._get(URL(self.events_url).with_query(query))
+
+    async def _get(self, url: URL) -> tuple[int, float | None, str]:
         token = await self._tokens.bearer()
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        code, _, text = await exchange(
+        code, retry_after, text = await exchange(
             self._session,
             "GET",
-            self.url(event_id, query),
+            url,
             who="the platform's listing",
             headers=headers,
             timeout=self._timeout,
             requests=self._metrics.platform_reads,
             seconds=self._metrics.platform_read_seconds,
         )
-        return code, redact(text, [token])
+        return code, retry_after, redact(text, [token])

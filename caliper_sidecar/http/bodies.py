@@ -268,6 +268,25 @@ class DestinationStatus(Body, kw_only=True, forbid_unknown_fields=True):
     token_expires_at: Annotated[Time | None, _says("null without OAuth")]
 
 
+class ReconcileStatus(Body, kw_only=True, forbid_unknown_fields=True):
+    """Proof at the destination ([reconcile]): what this process's checks found."""
+
+    state: Annotated[
+        Literal["ok", "unavailable"],
+        _says("unavailable: the platform's listing failed; the next round tries again"),
+    ]
+    after_s: float
+    give_up_s: float
+    held_total: Annotated[Count, _says("events the platform was found to hold")]
+    missing_total: Annotated[Count, _says("events it was found not to hold")]
+    resent_total: Annotated[Count, _says("missing events queued to be sent again")]
+    given_up_total: Annotated[
+        Count, _says("missing for longer than give_up_s: reported (journeys), not resent")
+    ]
+    last_round_at: Time | None
+    last_error: str | None
+
+
 class Status(Body, kw_only=True, forbid_unknown_fields=True):
     """`GET /v1/status`: the outbox, the upstream, and every destination's delivery."""
 
@@ -279,6 +298,9 @@ class Status(Body, kw_only=True, forbid_unknown_fields=True):
         list[DestinationStatus],
         _says("[upstream] first (name upstream), then [[destinations]] in the file's order"),
     ]
+    reconcile: Annotated[
+        ReconcileStatus | None, _says("null: reconciliation is off (reconcile.after_s = 0)")
+    ] = None
 
 
 class DeadLetterItem(Body, kw_only=True):

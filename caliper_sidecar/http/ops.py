@@ -192,6 +192,20 @@ async def status_document(rt: Runtime) -> bodies.Status:
                 token_expires_at=codec.utc_from_timestamp(expiry),
             )
         )
+    reconcile = None
+    if rt.reconciling is not None:
+        totals, settings = rt.reconciling.totals, rt.settings.reconcile
+        reconcile = bodies.ReconcileStatus(
+            state=totals.state,
+            after_s=settings.after_s,
+            give_up_s=settings.give_up_s,
+            held_total=totals.held,
+            missing_total=totals.missing,
+            resent_total=totals.resent,
+            given_up_total=totals.given_up,
+            last_round_at=codec.utc_from_timestamp(totals.last_round_at),
+            last_error=totals.last_error,
+        )
     return bodies.Status(
         version=__version__,
         accepting=rt.accepting,
@@ -205,4 +219,5 @@ async def status_document(rt: Runtime) -> bodies.Status:
         ),
         upstream=upstream,
         destinations=destinations,
+        reconcile=reconcile,
     )

@@ -12,6 +12,7 @@ from caliper_sidecar.config import DestinationSettings, Settings
 from caliper_sidecar.delivery.confirmations import JobFollower
 from caliper_sidecar.delivery.dispatcher import Dispatcher
 from caliper_sidecar.delivery.reads import PlatformReader
+from caliper_sidecar.delivery.reconciling import ReconcileLoop
 from caliper_sidecar.delivery.tokens import TokenSource
 from caliper_sidecar.http.auth import FailedTokenRequests
 from caliper_sidecar.http.connections import BODIES_IN_FLIGHT, ByteBudget
@@ -43,6 +44,8 @@ class Runtime:
     follower: JobFollower | None = None
     #: what is read through to the platform (`GET /caliper/events`), when it lists events
     reader: PlatformReader | None = None
+    #: reconciliation's rounds (`reconcile.after_s` set), whose totals the status shows
+    reconciling: ReconcileLoop | None = None
     #: each of [[destinations]], in the configuration's order ([upstream]'s is `dispatcher`)
     destinations: tuple[Destination, ...] = ()
     #: per-event serialized size limit, from batch_max_bytes minus the envelope's own bytes

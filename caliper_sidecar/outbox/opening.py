@@ -21,6 +21,7 @@ async def open_outbox(
     lease_s: float = 65.0,
     agreement: Mapping[str, str] | None = None,
     destinations: Sequence[DestinationPlan] | None = None,
+    reconciling: bool = False,
 ) -> AsyncIterator[Outbox]:
     """The outbox of `outbox.url` (PostgreSQL, shared by replicas) or `outbox.path` (SQLite).
 
@@ -31,8 +32,9 @@ async def open_outbox(
     `run` replica on PostgreSQL must have alike with the live ones (it refuses to start
     otherwise). `destinations` is for `run`: each gets its queue, and the stored state is set
     to them (new ones start at the newest event, removed ones' state is dropped); None leaves
-    the stored state as it is (the inspection commands). Everything opened is closed on exit,
-    in reverse order, whatever happens.
+    the stored state as it is (the inspection commands). `reconciling` (`reconcile.after_s`
+    set) keeps a delivered event's body until reconciliation has checked it. Everything opened
+    is closed on exit, in reverse order, whatever happens.
     """
     async with contextlib.AsyncExitStack() as stack:
         storage: Storage
@@ -43,7 +45,7 @@ async def open_outbox(
         else:
             if exclusive:
                 stack.enter_context(OutboxLock(settings.path))
-            storage = SqliteStorage(settings)
+            storage = SqliteStorage(settings, keep_delivered_bodies=reconciling)
         outbox = await Outbox(storage, settings, destinations).open()
         stack.push_async_callback(outbox.close)
         yield outbox

@@ -29,6 +29,7 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DeliveredUpstream,
     DestinationPart,
     DestinationPlan,
     DestinationStats,
@@ -43,6 +44,7 @@ from caliper_sidecar.outbox.records import (
     journey_of,
 )
 from caliper_sidecar.outbox.storage import Storage
+from caliper_sidecar.states import JourneyMark
 from caliper_sidecar.waits import wait_set
 
 #: told the running count of a long operation
@@ -289,11 +291,11 @@ class Outbox:
 
     # -- replays from an archive, and marks ----------------------------------------------------
 
-    async def replay(self, events: Sequence[Replay]) -> None:
+    async def replay(self, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED) -> None:
         """Queue these events again, each for its queues alone (see `Storage.replay`), in one
         transaction, and wake the dispatchers (a `run` beside this process notices within
         its dispatchers' idle poll, a second; on PostgreSQL at once, by NOTIFY)."""
-        await self.storage.replay(events)
+        await self.storage.replay(events, mark)
         self.wake()
 
     async def add_marks(self, marks: Sequence[Mark]) -> None:
@@ -354,6 +356,30 @@ class Outbox:
                 progress(done)
 
     # -- processing confirmation -----------------------------------------------------------
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    async def delivered_upstream(
+        self, older_than_s: float, unchecked_only: bool, limit: int, after_seq: int = 0
+    ) -> list[DeliveredUpstream]:
+        """See `Storage.delivered_upstream`."""
+        return await self.storage.delivered_upstream(older_than_s, unchecked_only, limit, after_seq)
+
+    async def record_reconciled(
+        self,
+        held: Sequence[str],
+        missing: Sequence[DeliveredUpstream],
+        given_up: Sequence[str],
+    ) -> int:
+        """Record what a check found, and queue the missing events again for [upstream]
+        (marked `resent`); returns how many were queued again."""
+        await self.storage.reconciled(held, [e.id for e in missing], given_up)
+        if missing:
+            await self.replay(
+                [Replay(e.id, e.body, (UPSTREAM,), sensor=e.sensor) for e in missing],
+                JourneyMark.RESENT,
+            )
+        return len(missing)
 
     async def job_ids_sent_in(self, platform_job: str) -> list[str]:
         """The ids of the events still waiting for this platform job's word."""

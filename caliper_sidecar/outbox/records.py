@@ -248,6 +248,19 @@ class Mark:
     at: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveredUpstream:
+    """An event delivered upstream (and confirmed, where the platform confirms), as
+    reconciliation checks it: the sensor its envelope carried (None: upstream.sensor), and how
+    long ago a check first found it missing (None: never), on the outbox's clock."""
+
+    seq: int
+    id: str
+    body: bytes
+    sensor: str | None
+    missing_for_s: float | None = None
+
+
 #: a destination's acknowledgement: the claim and its events
 DestinationAck = tuple[Claim, list[int]]
 

@@ -18,6 +18,7 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DeliveredUpstream,
     DestinationAck,
     DestinationPlan,
     DestinationStats,
@@ -25,6 +26,7 @@ from caliper_sidecar.outbox.records import (
     PlatformJobOutcome,
     Replay,
 )
+from caliper_sidecar.states import JourneyMark
 
 #: the totals a backend keeps, in this order (see `Storage.stats_rows`)
 TOTALS = ("events", "bytes", "dead_letters", "delivered_total", "dead_lettered_total")
@@ -104,13 +106,14 @@ class Storage(Protocol):
         duplicate): for [upstream] as before; for a destination, its place reopened for that
         event. Dead letters of a destination no longer configured are not replayed (left)."""
 
-    async def replay(self, events: Sequence[Replay]) -> None:
+    async def replay(self, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED) -> None:
         """Queue these events again in one transaction, each for its queues alone, id
         unchanged, never refused as a duplicate (as a dead letter replayed is): where its row
         is still there, back in place for each queue that had it (delivered, or
         dead-lettered: that dead letter is taken) and left alone for one that has it still
         to send; where its row is gone, stored again for those queues alone. Each is marked
-        `replayed` for each of its queues, which must be known to the outbox."""
+        (`replayed` from an archive, `resent` by reconciliation) for each of its queues, which
+        must be known to the outbox."""
 
     async def add_marks(self, marks: Sequence[Mark]) -> None:
         """Store these marks, `at` now on the storage's clock."""
@@ -188,3 +191,19 @@ class Storage(Protocol):
 
     async def job_event_ids(self, job: str) -> list[str] | None:
         """See `Outbox.job_event_ids`."""
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    async def delivered_upstream(
+        self, older_than_s: float, unchecked_only: bool, limit: int, after_seq: int = 0
+    ) -> list[DeliveredUpstream]:
+        """Events delivered upstream at least `older_than_s` ago (and confirmed, or given up on
+        being confirmed, where the platform confirms), whose bodies are kept, in seq order
+        after `after_seq`; with `unchecked_only`, only those reconciliation has neither
+        verified nor given up on."""
+
+    async def reconciled(
+        self, held: Sequence[str], missing: Sequence[str], given_up: Sequence[str]
+    ) -> None:
+        """Mark what a check found (`verified`, `missing`, `given_up`, for [upstream]); the
+        bodies of the held and given-up events go unless a destination still needs them."""

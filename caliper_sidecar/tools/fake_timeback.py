@@ -27,6 +27,7 @@ import secrets
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
@@ -119,6 +120,12 @@ class Faults:
     #: the next this many Caliper (or token) requests get a 503 whose body never ends
     huge_answers: int = 0
     huge_token_answers: int = 0
+    #: the share of events answered as taken and then silently lost (a platform restored from
+    #: a backup, a store that drops writes): each at its first arrival, so one sent again stays
+    lose_rate: float = 0.0
+    #: events answered as taken and lost at every arrival: never held however often sent
+    lose_ids: set[str] = field(default_factory=set)
+    lose_rng: random.Random = field(default_factory=lambda: random.Random(2))
     #: Beyond AI's listings (`GET /caliper/events[/{id}]`): answers for the next reads
     read_script: deque[ScriptedFault] = field(default_factory=deque)
     #: … and while this is clear, reads wait for it (a listing as slow as a test wants)
@@ -188,6 +195,10 @@ class FakeTimeBack:
         self.sensors: dict[str, str] = {}  # event id -> the sensor of its first envelope
         self.jobs: dict[str, FakeJob] = {}
         self.order: list[str] = []  # event ids in the order first received
+        #: ids answered as taken and lost (`Faults.lose_rate`, `lose_ids`): not in `received`
+        self.lost: set[str] = set()
+        #: how often each lost id arrived and was lost
+        self.lost_arrivals: Counter[str] = Counter()
         self.duplicates = 0
         self.envelopes = 0
         #: the bytes of the last envelope accepted (what a test compares byte for byte)
@@ -477,7 +488,8 @@ class FakeTimeBack:
 
     async def _stored_events(self, request: web.Request) -> web.StreamResponse:
         """Beyond AI's `GET /caliper/events`: the events it stored, a page at a time
-        (`limit`, `offset`; filtered by `sensor`, `actorId`)."""
+        (`limit`, `offset`; filtered by `sensor`, `actorId`, and `startDate`/`endDate` on
+        `eventTime`)."""
         fault = await self._read_fault(request)
         if fault is not None:
             return fault
@@ -491,7 +503,16 @@ class FakeTimeBack:
         stored = [self._stored(i, event_id) for i, event_id in enumerate(self.order)]
         for key, field_name in (("sensor", "sensor"), ("actorId", "actor")):
             if key in request.query:
-                stored = [e for e in stored if _entity_id(e[field_name]) == request.query[key]]
+                stored = [e for e in stored if _entity_id(e.get(field_name)) == request.query[key]]
+        try:
+            since, until = (_moment(request.query.get(k)) for k in ("startDate", "endDate"))
+        except ValueError:
+            return web.json_response(
+                {"error": "startDate and endDate must be ISO 8601 times"}, status=400
+            )
+        if since is not None or until is not None:
+            # Both bounds inclusive, on the event's own time.
+            stored = [e for e in stored if _within(_moment(e["eventTime"]), since, until)]
         page = stored[offset : offset + limit]
         pages = -(-len(stored) // limit) if limit > 0 else 0
         return web.json_response(
@@ -554,6 +575,13 @@ class FakeTimeBack:
         for event in events:
             if event["id"] in self.received:
                 self.duplicates += 1
+            elif event["id"] in self.faults.lose_ids or (
+                self.faults.lose_rate
+                and event["id"] not in self.lost
+                and self.faults.lose_rng.random() < self.faults.lose_rate
+            ):
+                self.lost.add(event["id"])
+                self.lost_arrivals[event["id"]] += 1
             else:
                 self.received[event["id"]] = event if self.keep_events else _NOT_KEPT
                 if self.keep_events:
@@ -580,7 +608,9 @@ class FakeTimeBack:
         """Set faults over HTTP: fail_next {status, times, retry_after, body, text,
         content_type}, latency_ms, refuse_ids and refusal_status (422, 207 or 200), refuse_all
         [status, body] (or null), web_filter (true: an HTML 200 page answers for the platform),
-        outage_s, chaos_rate, revoke_tokens, and for Beyond AI omit_job_id and its jobs'
+        outage_s, chaos_rate, lose_rate (the share of events answered as taken and lost),
+        lose_ids (events lost however often sent),
+        revoke_tokens, and for Beyond AI omit_job_id and its jobs'
         fail_job_ids, job_omit_ids, job_delay_ms, stuck_jobs, job_lag_polls."""
         body = await request.json()
         f = self.faults
@@ -594,6 +624,10 @@ class FakeTimeBack:
             self.outage(float(body["outage_s"]))
         if "chaos_rate" in body:
             f.chaos_rate = float(body["chaos_rate"])
+        if "lose_rate" in body:
+            f.lose_rate = float(body["lose_rate"])
+        if "lose_ids" in body:
+            f.lose_ids = set(body["lose_ids"])
         if body.get("revoke_tokens"):
             self.revoke_tokens()
         if "fail_job_ids" in body:
@@ -665,6 +699,20 @@ def learnwith_form(event: dict[str, Any]) -> bool:
         for item in items
         if isinstance(item, dict) and item.get("type") in ("ActivityMetric", "TimeSpentMetric")
     )
+
+
+def _moment(text: str | None) -> datetime | None:
+    """An ISO 8601 time (a date alone is its midnight, UTC), or None; raises ValueError."""
+    if not text:
+        return None
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _within(moment: datetime | None, since: datetime | None, until: datetime | None) -> bool:
+    if moment is None:
+        return False
+    return (since is None or moment >= since) and (until is None or moment <= until)
 
 
 def _entity_id(entity: Any) -> Any:

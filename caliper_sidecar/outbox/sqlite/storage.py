@@ -33,6 +33,7 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DeliveredUpstream,
     DestinationAck,
     DestinationPlan,
     DestinationStats,
@@ -41,10 +42,11 @@ from caliper_sidecar.outbox.records import (
     Replay,
     StoredEvent,
 )
-from caliper_sidecar.outbox.sqlite import destinations, writes
+from caliper_sidecar.outbox.sqlite import destinations, reconciling, writes
 from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.outbox.sqlite.writer import PRAGMAS, Writer
 from caliper_sidecar.outbox.storage import TOTALS
+from caliper_sidecar.states import JourneyMark
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -114,8 +116,15 @@ class SqliteStorage:
     in flight is sent again.
     """
 
-    def __init__(self, settings: OutboxSettings, reserve_bytes: int = RESERVE_BYTES) -> None:
+    def __init__(
+        self,
+        settings: OutboxSettings,
+        reserve_bytes: int = RESERVE_BYTES,
+        keep_delivered_bodies: bool = False,
+    ) -> None:
         self.where = {"path": settings.path}
+        #: reconciliation is on: a delivered event's body stays until it is checked
+        self.keep_delivered_bodies = keep_delivered_bodies
         self.path = Path(settings.path)
         self.reserve_bytes = reserve_bytes
         self.synchronous = settings.synchronous
@@ -418,8 +427,38 @@ class SqliteStorage:
             group=owned,
             now=now,
             prune_before=now - self.dedupe_window_s if prune else None,
+            keep=self.keep_delivered_bodies,
         )
         return await self._write(record, releasing=[seq for acked, _, _ in owned for seq in acked])
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    @_read_errors_unavailable
+    async def delivered_upstream(
+        self, older_than_s: float, unchecked_only: bool, limit: int, after_seq: int = 0
+    ) -> list[DeliveredUpstream]:
+        now = steady_time()
+        read = functools.partial(
+            reconciling.delivered_rows,
+            now=now,
+            delivered_before=now - older_than_s,
+            after_seq=after_seq,
+            unchecked_only=unchecked_only,
+            limit=limit,
+        )
+        rows = await self._writer.run(read)
+        return [
+            DeliveredUpstream(int(seq), str(id_), bytes(body), sensor, missing_for)
+            for seq, id_, body, sensor, missing_for in rows
+        ]
+
+    async def reconciled(
+        self, held: Sequence[str], missing: Sequence[str], given_up: Sequence[str]
+    ) -> None:
+        record = functools.partial(
+            reconciling.checked, held=held, missing=missing, given_up=given_up, now=steady_time()
+        )
+        await self._write(record)
 
     async def record_failure(self, claim: Claim, seqs: Sequence[int], error: str) -> None:
         seqs = self._owned(claim, seqs)
@@ -485,8 +524,9 @@ class SqliteStorage:
         )
         return await self._write(take)
 
-    async def replay(self, events: Sequence[Replay]) -> None:
-        await self._write(functools.partial(writes.replay, events=events, now=steady_time()))
+    async def replay(self, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED) -> None:
+        replay = functools.partial(writes.replay, events=events, now=steady_time(), mark=mark)
+        await self._write(replay)
 
     # -- marks -------------------------------------------------------------------------------
 
@@ -532,7 +572,11 @@ class SqliteStorage:
     async def finish_platform_job(self, job: str, outcome: PlatformJobOutcome) -> int:
         failing, again = await self._write(
             functools.partial(
-                writes.finish_platform_job, job=job, outcome=outcome, now=steady_time()
+                writes.finish_platform_job,
+                job=job,
+                outcome=outcome,
+                now=steady_time(),
+                keep=self.keep_delivered_bodies,
             )
         )
         if again:

@@ -85,14 +85,20 @@ def insert_appends(
 
 
 def record_acks(
-    conn: sqlite3.Connection, group: list[Ack], now: float, prune_before: float | None
+    conn: sqlite3.Connection,
+    group: list[Ack],
+    now: float,
+    prune_before: float | None,
+    keep: bool = False,
 ) -> bool:
     """The acknowledgements, and a chunk of pruning when `prune_before` is given; True
-    when pruning is done for now."""
+    when pruning is done for now. `keep`: delivered bodies stay until reconciliation has
+    checked them (reconciling.py)."""
+    emptied = _emptied(keep)
     done = [seq for acked, job, why in group if job is None and why is None for seq in acked]
     if done:
         conn.execute(
-            f"UPDATE events SET delivered_at = ?1, body = {_EMPTIED}, {_ATTEMPT} "
+            f"UPDATE events SET delivered_at = ?1, body = {emptied}, {_ATTEMPT} "
             "WHERE seq IN (SELECT value FROM json_each(?2)) AND delivered_at IS NULL",
             (now, json.dumps(done)),
         )
@@ -103,7 +109,7 @@ def record_acks(
         # that can never be confirmed keeps only the reason.
         conn.execute(
             f"UPDATE events SET delivered_at = ?1, platform_job = ?2, unconfirmed = ?3, "
-            f"{_ATTEMPT}, body = CASE WHEN ?2 IS NULL THEN {_EMPTIED} ELSE body END "
+            f"{_ATTEMPT}, body = CASE WHEN ?2 IS NULL THEN {emptied} ELSE body END "
             "WHERE seq IN (SELECT value FROM json_each(?4)) AND delivered_at IS NULL",
             (now, job, why, json.dumps(list(acked))),
         )
@@ -113,7 +119,7 @@ def record_acks(
             "INSERT OR IGNORE INTO platform_jobs (id, sent_at, state) VALUES (?, ?, 'waiting')",
             (job, now),
         )
-    return prune_before is not None and prune_delivered(conn, prune_before)
+    return prune_before is not None and prune_delivered(conn, prune_before, keep)
 
 
 def record_failure(conn: sqlite3.Connection, seqs: Sequence[int], error: str, now: float) -> None:
@@ -165,16 +171,21 @@ def take_dead_letters(
     return cur.rowcount
 
 
-def replay(conn: sqlite3.Connection, events: Sequence[Replay], now: float) -> None:
-    """Events from an archive queued again, each for its queues (`destinations.reopen`): a
-    dead letter of it there is taken (it is on its way again), and it is marked `replayed`
-    there."""
+def replay(
+    conn: sqlite3.Connection,
+    events: Sequence[Replay],
+    now: float,
+    mark: str = JourneyMark.REPLAYED,
+) -> None:
+    """Events queued again, each for its queues (`destinations.reopen`): a dead letter of it
+    there is taken (it is on its way again), and it is marked there (`replayed` from an
+    archive, `resent` by reconciliation)."""
     fanned = destinations.has_destinations(conn)
     for event in events:
         destinations.reopen(conn, event, now, fanned)
     pairs = [(event.id, queue) for event in events for queue in event.queues]
     conn.executemany("DELETE FROM dead_letters WHERE id = ? AND destination = ?", pairs)
-    add_marks(conn, [Mark(id_, JourneyMark.REPLAYED, queue) for id_, queue in pairs], now)
+    add_marks(conn, [Mark(id_, mark, queue) for id_, queue in pairs], now)
 
 
 def add_marks(conn: sqlite3.Connection, marks: Sequence[Mark], now: float) -> None:
@@ -221,7 +232,7 @@ def move_to_dead_letters(
 
 
 def finish_platform_job(
-    conn: sqlite3.Connection, job: str, outcome: PlatformJobOutcome, now: float
+    conn: sqlite3.Connection, job: str, outcome: PlatformJobOutcome, now: float, keep: bool = False
 ) -> tuple[int, bool]:
     """The platform's verdict on a job: processed events confirmed, the failing ones
     dead-lettered, the others queued again; (how many failed, whether any were queued)."""
@@ -231,7 +242,8 @@ def finish_platform_job(
     split = outcome.split([(int(seq), str(id_)) for seq, id_ in rows])
     failing, again = split.failing, split.again
     conn.executemany(
-        f"UPDATE events SET platform_id = ?2, confirmed_at = ?3, body = {_EMPTIED} WHERE seq = ?1",
+        f"UPDATE events SET platform_id = ?2, confirmed_at = ?3, body = {_emptied(keep)} "
+        "WHERE seq = ?1",
         [(seq, platform_id, now) for seq, platform_id in split.confirmed],
     )
     if failing:
@@ -267,9 +279,10 @@ def immediate(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def prune_delivered(conn: sqlite3.Connection, cutoff: float) -> bool:
+def prune_delivered(conn: sqlite3.Connection, cutoff: float, keep: bool = False) -> bool:
     """Forget delivered events older than the dedupe window, a chunk per acknowledgement so
-    that no single commit grows large; True (done for now) when a chunk comes back short."""
+    that no single commit grows large; True (done for now) when a chunk comes back short.
+    `keep`: not those whose check by reconciliation is still to come."""
     # Events whose platform job is still followed stay, however old; so do those a
     # destination still needs, and (with destinations) the newest row: SQLite gives a new row
     # the highest seq plus one, which must never be a seq a position has already passed.
@@ -277,7 +290,8 @@ def prune_delivered(conn: sqlite3.Connection, cutoff: float) -> bool:
         "DELETE FROM events WHERE seq IN (SELECT seq FROM events "
         "WHERE delivered_at < ?1 AND NOT EXISTS (SELECT 1 FROM platform_jobs p "
         f"WHERE p.id = events.platform_job AND p.state != 'unconfirmed') AND NOT {_KEPT} "
-        "AND (NOT EXISTS (SELECT 1 FROM destinations) "
+        + (f"AND NOT ({AWAITING_CHECK}) " if keep else "")
+        + "AND (NOT EXISTS (SELECT 1 FROM destinations) "
         "OR seq < (SELECT max(seq) FROM events)) "
         "ORDER BY delivered_at LIMIT ?2)",
         (cutoff, PRUNE_CHUNK),
@@ -313,6 +327,22 @@ _PACKED_INSERT: Final = """
 _KEPT: Final = "seq > (SELECT coalesce(min(position), 9223372036854775807) FROM destinations)"
 #: a body once [upstream] is done with it: emptied, unless a destination still needs it
 _EMPTIED: Final = f"CASE WHEN {_KEPT} THEN body ELSE x'' END"
+#: a delivered event reconciliation has still to check: sent upstream (not stored again for
+#: a destination alone, not dead there), its body kept, neither verified nor given up
+AWAITING_CHECK: Final = (
+    "length(events.body) > 0 AND events.upstream_dead IS NULL "
+    "AND (events.only_for IS NULL OR events.only_for = 'upstream') "
+    "AND NOT EXISTS (SELECT 1 FROM marks m WHERE m.id = events.id "
+    "AND m.destination = 'upstream' AND m.what IN ('verified', 'given_up'))"
+)
+
+
+def _emptied(keep: bool) -> str:
+    """The body once [upstream] took the event: kept for reconciliation's check (`keep`),
+    else emptied unless a destination still needs it."""
+    return "body" if keep else _EMPTIED
+
+
 #: the send that succeeded counts as an attempt (?1 is the time)
 _ATTEMPT: Final = (
     "attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, ?1), "

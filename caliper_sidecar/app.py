@@ -256,13 +256,16 @@ async def running_sidecar(
 
 def agreement_of(settings: Settings) -> dict[str, str]:
     """What replicas sharing a PostgreSQL outbox must agree on (docs/operators.md): where
-    [upstream] delivers, the dedupe window, and the destinations (names, kinds, where each
-    delivers): one that started with fewer would drop the others' place in the queue."""
+    [upstream] delivers, the dedupe window, whether they reconcile, and the destinations
+    (names, kinds, where each delivers): one that started with fewer would drop the others'
+    place in the queue."""
     destinations = sorted(settings.destinations, key=lambda d: d.name)
     return {
         "upstream.platform": settings.upstream.platform,
         "upstream.endpoint": settings.upstream.endpoint,
         "outbox.dedupe_window_s": repr(float(settings.outbox.dedupe_window_s)),
+        # a replica that does not reconcile would let go of what the others keep to check
+        "reconcile": "on" if settings.reconcile.after_s else "off",
         "destinations": "; ".join(
             f"{d.name} {d.kind} {d.endpoint if d.kind == 'caliper' else d.dir}"
             for d in destinations

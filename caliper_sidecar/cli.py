@@ -449,7 +449,7 @@ def _open_outbox(args: argparse.Namespace, settings: Settings | None = None) -> 
     settings = settings or _settings(args)
     if not settings.outbox.url and not Path(settings.outbox.path).exists():
         raise SidecarError(f"there is no outbox at {settings.outbox.path} (outbox.path)")
-    return open_outbox(settings.outbox, exclusive=False)
+    return open_outbox(settings.outbox, exclusive=False, reconciling=settings.reconcile.after_s > 0)
 
 
 def _outbox_stats(args: argparse.Namespace) -> int:

@@ -148,9 +148,7 @@ async def test_reconcile_on_demand_resends_what_the_platform_lost(
     assert "re-sent  0" in out
     assert not lost & platform.fake.received.keys()
 
-    code, out, err = await cli(
-        "reconcile", "--since", "2000-01-01T00:00:00Z", "-c", str(config)
-    )
+    code, out, err = await cli("reconcile", "--since", "2000-01-01T00:00:00Z", "-c", str(config))
     assert code == 0, (out, err)
     assert _counts(out)["missing"] == len(lost)
     assert f"re-sent  {len(lost)}" in out

@@ -1,19 +1,23 @@
 """What the outbox keeps for reconciliation, on both backends: a delivered event's body stays
-until a check verified it or gave up on it (its row too, past the dedupe window), the checks
-are marked in its journey, and a missing one goes back in [upstream]'s queue, id unchanged."""
+until a check verified it or gave up on it (its row too, past the dedupe window; on
+PostgreSQL, its whole sent row's), the checks are marked in its journey, and a missing one goes
+back in [upstream]'s queue, id unchanged."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from caliper_sidecar.outbox import NewEvent, Outbox
+from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, SCHEMA
 
-from .conftest import new_id
+from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
 
 
@@ -52,9 +56,11 @@ async def test_bodies_wait_for_their_check_only_while_reconciling(
         assert all(r.missing_for_s is None for r in rows)
         # not yet due: delivered less than an hour ago
         assert await box.delivered_upstream(older_than_s=3600, unchecked_only=True, limit=9) == []
+    # without reconciliation nothing waits for a check (SQLite empties the bodies at once;
+    # PostgreSQL lets them go with their partition)
     async with _open(backend, tmp_path / "off", request) as box:
         await deliver(box, 3)
-        assert await box.delivered_upstream(older_than_s=0, unchecked_only=False, limit=9) == []
+        assert await box.delivered_upstream(older_than_s=0, unchecked_only=True, limit=9) == []
 
 
 async def test_a_check_marks_the_journey_and_lets_the_bodies_go(
@@ -63,11 +69,9 @@ async def test_a_check_marks_the_journey_and_lets_the_bodies_go(
     async with _open(backend, tmp_path, request, reconciling=True) as box:
         held, lost, gone = await deliver(box, 3)
         await box.storage.reconciled([held.id], [lost.id], [gone.id])
-        left = await box.delivered_upstream(older_than_s=0, unchecked_only=False, limit=9)
-        # held and given up: done with, their bodies gone; missing: kept, to be sent again
-        assert [r.id for r in left] == [lost.id]
-        assert left[0].missing_for_s is not None
-        assert left[0].missing_for_s >= 0
+        left = await box.delivered_upstream(older_than_s=0, unchecked_only=True, limit=9)
+        # held and given up: done with, never checked again
+        assert not {held.id, gone.id} & {r.id for r in left}
         journeys = await box.journeys([held.id, lost.id, gone.id])
         marks = {i: [m.what for m in j.marks] for i, j in journeys.items()}
         assert marks == {held.id: ["verified"], lost.id: ["missing"], gone.id: ["given_up"]}
@@ -87,8 +91,11 @@ async def test_a_missing_event_goes_back_to_upstream_alone(
         batch = await box.claim_batch(100, 1_000_000)
         assert [(e.id, e.body) for e in batch.events] == [(lost.id, lost.body)]
         await box.acknowledge(batch.claim, batch.seqs)
+        # delivered again, it waits for a check again, which knows since when it was missing
         again = await box.delivered_upstream(older_than_s=0, unchecked_only=True, limit=9)
         assert [r.id for r in again] == [lost.id]
+        assert again[0].missing_for_s is not None
+        assert again[0].missing_for_s >= 0
         journey = (await box.journeys([lost.id]))[lost.id]
         assert [m.what for m in journey.marks] == ["missing", "resent"]
 
@@ -106,5 +113,49 @@ async def test_rows_awaiting_their_check_outlive_the_dedupe_window(
         await deliver(box, 1)
         left = await box.delivered_upstream(older_than_s=0, unchecked_only=True, limit=99)
         assert {e.id for e in first[2:]} <= {r.id for r in left}
-        journeys = await box.journeys([e.id for e in first])
-        assert set(journeys) == {e.id for e in first[2:]}
+        assert set(await box.journeys([e.id for e in first[2:]])) == {e.id for e in first[2:]}
+        # once every one is checked, they go as delivered events do
+        await box.storage.reconciled([e.id for e in first[2:]], [], [])
+        await asyncio.sleep(0.05)
+        await deliver(box, 1)
+        await asyncio.sleep(0.05)
+        await deliver(box, 1)
+        assert await box.journeys([e.id for e in first]) == {}
+
+
+async def test_bodies_partitions_wait_for_the_checks_on_postgres(database: str) -> None:
+    """[upstream] has delivered a whole partition of bodies: while reconciliation has not
+    checked it, it stays (the bodies are what is sent again); checked, it is dropped."""
+    async with (
+        open_test_outbox(
+            "postgres", Path("/nonexistent"), database, reconciling=True, max_events=10**6
+        ) as box,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        conn = await asyncpg.connect(database, server_settings={"search_path": SCHEMA})
+        stack.push_async_callback(conn.close)
+        sent = [NewEvent(new_id(), b"{}") for _ in range(BODIES_SPAN + 10)]
+        for i in range(0, len(sent), 5000):
+            await box.append(sent[i : i + 5000])
+        while (batch := await box.claim_batch(2000, 10**8)).events:
+            await box.acknowledge(batch.claim, batch.seqs)
+        await asyncio.sleep(1.1)  # bodies.DROP_EVERY_S
+        await box.claim_batch(10, 10**8)  # nothing: looks for finished partitions
+        assert "bodies_0" in await partitions(conn)
+        after = 0
+        while rows := await box.delivered_upstream(0, True, 5000, after):
+            await box.storage.reconciled([r.id for r in rows], [], [])
+            after = rows[-1].seq
+
+        async def dropped() -> bool:
+            await box.claim_batch(10, 10**8)
+            return "bodies_0" not in await partitions(conn)
+
+        await eventually(dropped, timeout=10)
+
+
+async def partitions(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT relid::regclass::text AS name FROM pg_partition_tree('bodies') WHERE isleaf"
+    )
+    return {r["name"].rsplit(".", 1)[-1] for r in rows}

@@ -96,6 +96,9 @@ async def check(
     if resend:
         by_id = {r.id: r for r in rows}
         missing = [by_id[i] for i in found.missing]
+        # One without a time cannot be looked up (only where validation let it in): given up
+        # on, rather than kept for a check that can never come.
+        found.given_up += found.unreadable
         resent = await outbox.record_reconciled(found.held, missing, found.given_up)
     counts = {
         ReconcileResult.HELD: len(found.held),

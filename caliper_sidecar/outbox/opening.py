@@ -41,7 +41,9 @@ async def open_outbox(
         if settings.url:
             from caliper_sidecar.outbox.postgres.storage import PostgresStorage
 
-            storage = PostgresStorage(settings, lease_s, agreement)
+            storage = PostgresStorage(
+                settings, lease_s, agreement, keep_delivered_bodies=reconciling
+            )
         else:
             if exclusive:
                 stack.enter_context(OutboxLock(settings.path))

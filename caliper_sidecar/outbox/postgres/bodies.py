@@ -5,9 +5,11 @@ A partition is dropped (or emptied) whole: no dead row versions, and its space g
 file system at once (which is also what lets a database whose disk filled keep draining).
 Nothing in a partition waits once `head` is past it, no batch (claimed or given back) holds one
 of its seqs, no platform job still followed was sent with one (its failing events are
-dead-lettered with their bodies), and every destination's position is past it (schema version
-5). A dead letter replayed in place may need its body again below that horizon (`restore`):
-so the horizon is read again once the partition is locked, before it is dropped or emptied.
+dead-lettered with their bodies), every destination's position is past it (schema version
+5), and, where reconciliation is on, no sent row still waiting for its check holds one of its
+seqs (schema version 7). A dead letter replayed in place may need its body again below that
+horizon (`restore`): so the horizon is read again once the partition is locked, before it is
+dropped or emptied.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Final
 
 import asyncpg
 
-from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN
+from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, RECONCILING
 
 #: pg_advisory_xact_lock key for making partitions ("bodies!!")
 PARTITIONS_LOCK: Final = 0x626F646965732121
@@ -37,7 +39,8 @@ def horizon(destinations: str = "true") -> str:
             (SELECT min(lo) FROM batches),
             (SELECT min(lower(s.span)) FROM sent s JOIN platform_jobs p
                 ON p.id = s.platform_job WHERE p.state != 'unconfirmed'),
-            (SELECT min(position) FROM destination_places WHERE {destinations}))
+            (SELECT min(position) FROM destination_places WHERE {destinations}),
+            (SELECT min(lower(span)) FROM sent WHERE checked_at IS NULL AND {RECONCILING}))
     """
 
 

@@ -98,6 +98,11 @@ _LEASE_GIVEN_BACK: Final = _on_leases(
             INSERT INTO {leases} ({key}lo, seqs) VALUES ({key_value}taken[1], taken);"""
 )
 
+#: the session setting a replica that reconciles (reconcile.after_s) connects with
+RECONCILING_SETTING: Final = "caliper_sidecar.reconciling"
+#: true in such a session
+RECONCILING: Final = f"coalesce(current_setting('{RECONCILING_SETTING}', true), '') = 'on'"
+
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the queue, dead letters, app jobs, platform jobs, sharded totals and their triggers.
     f"""
@@ -809,6 +814,18 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         FOR EACH STATEMENT EXECUTE FUNCTION marks_gone();
     CREATE TRIGGER marks_of_dead_out AFTER DELETE ON dead_letters
         REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION marks_gone();
+    """,
+    # 7: reconciliation. A sent row's `checked_at` is when reconciliation was done with its
+    # events (each verified, given up, or found missing and sent again); NULL while that is
+    # still to come, which holds the row, its events and their bodies (bodies.horizon,
+    # pruning). A row is born NULL only in a session of a replica that reconciles
+    # (RECONCILING); rows sent before, or without reconciliation, have nothing to wait for.
+    f"""
+    ALTER TABLE sent ADD COLUMN checked_at double precision;
+    UPDATE sent SET checked_at = delivered_at;
+    ALTER TABLE sent ALTER COLUMN checked_at SET DEFAULT
+        CASE WHEN {RECONCILING} THEN NULL ELSE extract(epoch from clock_timestamp()) END;
+    CREATE INDEX sent_unchecked ON sent (lower(span)) WHERE checked_at IS NULL;
     """,
 )
 

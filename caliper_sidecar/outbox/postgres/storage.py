@@ -41,7 +41,7 @@ from caliper_sidecar.exceptions import (
     storage_error,
 )
 from caliper_sidecar.outbox.batching import fill_batch
-from caliper_sidecar.outbox.postgres import writes
+from caliper_sidecar.outbox.postgres import reconciling, writes
 from caliper_sidecar.outbox.postgres.bodies import Partitions, bodies_of
 from caliper_sidecar.outbox.postgres.listen import Listener
 from caliper_sidecar.outbox.postgres.replicas import join
@@ -54,6 +54,7 @@ from caliper_sidecar.outbox.postgres.room import (
 from caliper_sidecar.outbox.postgres.schema import (
     MIGRATION_LOCK,
     MIGRATIONS,
+    RECONCILING_SETTING,
     SCHEMA,
     VERSION,
 )
@@ -68,6 +69,7 @@ from caliper_sidecar.outbox.records import (
     Batch,
     Claim,
     DeadLetter,
+    DeliveredUpstream,
     DestinationAck,
     DestinationPlan,
     DestinationStats,
@@ -205,8 +207,12 @@ class PostgresStorage:
         settings: OutboxSettings,
         lease_s: float = 65.0,
         agreement: Mapping[str, str] | None = None,
+        keep_delivered_bodies: bool = False,
     ) -> None:
         self.where = {"outbox": "postgresql"}
+        #: reconciliation is on: sent rows (and their bodies) wait for their check; the
+        #: sessions say so to the SQL (schema.RECONCILING)
+        self.keep_delivered_bodies = keep_delivered_bodies
         self.dedupe_window_s = settings.dedupe_window_s
         self.max_events = settings.max_events
         self.max_bytes = settings.max_bytes
@@ -246,6 +252,7 @@ class PostgresStorage:
                     search_path=SCHEMA,
                     synchronous_commit=self._synchronous_commit,
                     application_name="caliper-sidecar",
+                    **{RECONCILING_SETTING: "on" if self.keep_delivered_bodies else "off"},
                 ),
             )
             await self._migrate()
@@ -753,6 +760,26 @@ class PostgresStorage:
                 f"SELECT {MARK_COLUMNS} FROM marks WHERE id = ANY($1::text[]) ORDER BY seq", ids
             )
         return [tuple(r) for r in rows]
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    async def delivered_upstream(
+        self, older_than_s: float, unchecked_only: bool, limit: int, after_seq: int = 0
+    ) -> list[DeliveredUpstream]:
+        async with self._connection() as conn:
+            rows = await reconciling.delivered_rows(
+                conn, older_than_s, unchecked_only, limit, after_seq
+            )
+        return [
+            DeliveredUpstream(r["seq"], r["id"], bytes(r["body"]), r["sensor"], r["missing_for"])
+            for r in rows
+        ]
+
+    async def reconciled(
+        self, held: Sequence[str], missing: Sequence[str], given_up: Sequence[str]
+    ) -> None:
+        async with self._transaction() as conn:
+            await reconciling.checked(conn, held, missing, given_up)
 
     # -- processing confirmation -----------------------------------------------------------
 

@@ -17,7 +17,7 @@ from caliper_sidecar.config import UPSTREAM
 from caliper_sidecar.exceptions import OutboxUnavailable
 from caliper_sidecar.outbox.postgres.bodies import Partitions
 from caliper_sidecar.outbox.postgres.room import Footprint, keep_reserve
-from caliper_sidecar.outbox.postgres.schema import INGEST_LOCK, POSITIONS_LOCK
+from caliper_sidecar.outbox.postgres.schema import INGEST_LOCK, POSITIONS_LOCK, RECONCILING
 from caliper_sidecar.outbox.records import (
     PRUNE_CHUNK,
     Append,
@@ -241,7 +241,8 @@ async def hold_positions(conn: asyncpg.Connection, exclusive: bool = False) -> N
 
 async def prune(conn: asyncpg.Connection, dedupe_window_s: float) -> bool:
     """Forget sent rows older than the dedupe window, and their events (not those of a
-    platform job still followed, nor those a destination has not passed), about PRUNE_CHUNK
+    platform job still followed, nor those a destination has not passed, nor, where
+    reconciliation is on, those still to be checked), about PRUNE_CHUNK
     events at a time (a sent row holds a batch), and events [upstream] dead-lettered that
     every destination has passed; True when more are left."""
     await hold_positions(conn)
@@ -252,6 +253,7 @@ async def prune(conn: asyncpg.Connection, dedupe_window_s: float) -> bool:
             SELECT 1 FROM platform_jobs p
             WHERE p.id = s.platform_job AND p.state != 'unconfirmed')
             AND upper(s.span) <= {_KEPT_FROM}
+            AND (s.checked_at IS NOT NULL OR NOT {RECONCILING})
         ORDER BY delivered_at LIMIT $2
         """,
         cutoff,
@@ -749,8 +751,9 @@ async def _store_gone(
     delivered = sorted(r["seq"] for r in stored if gone[r["id"]]["destination"] != UPSTREAM)
     if delivered:
         await conn.execute(
-            f"INSERT INTO sent (span, seqs, delivered_at) "
-            f"VALUES (int8range(($1::bigint[])[1], $2, '[]'), $1, {NOW})",
+            # never sent upstream: nothing for reconciliation to check
+            f"INSERT INTO sent (span, seqs, delivered_at, checked_at) "
+            f"VALUES (int8range(($1::bigint[])[1], $2, '[]'), $1, {NOW}, {NOW})",
             delivered,
             delivered[-1],
         )

@@ -429,6 +429,8 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     since, until = _time_range(args)
     settings = _settings(args)
+    # What went wrong is said to stderr; token refreshes and the like are not news here.
+    configure_logging("warning", "console")
     reason = reconcile_unavailable(settings)
     if reason is not None:
         print(f"caliper-sidecar: {reason}", file=sys.stderr)

@@ -83,8 +83,8 @@ async def reconcile(
         except (ListingUnavailable, AuthFailed) as e:
             print(f"caliper-sidecar: the platform cannot list now: {e}", file=sys.stderr)
             return 2
-    span = f"{_when(since)} to {_when(until)}"
-    print(f"events delivered upstream with eventTime from {span}, kept in the outbox", file=out)
+    span = "" if since is None and until is None else f", eventTime {_span(since, until)}"
+    print(f"events delivered upstream and kept in the outbox{span}, against {listing}", file=out)
     print(f"checked  {report.checked}", file=out)
     print(f"held     {report.held}", file=out)
     print(f"missing  {report.missing}", file=out)
@@ -98,7 +98,11 @@ async def reconcile(
     return 1 if dry_run and report.missing else 0
 
 
-def _when(t: float | None) -> str:
-    if t is None:
-        return "any time"
-    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+def _span(since: float | None, until: float | None) -> str:
+    first = "" if since is None else f"from {_when(since)}"
+    last = "" if until is None else f"before {_when(until)}"
+    return " ".join(part for part in (first, last) if part)
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

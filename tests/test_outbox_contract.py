@@ -788,3 +788,45 @@ class TestPostgresUpgrade:
                 assert found == VERSION
             finally:
                 await conn.close()
+
+    async def test_a_version_6_database_has_nothing_to_reconcile(self) -> None:
+        """What a release before reconciliation sent (schema version 6) waits for no check
+        once migrated, even when reconciliation is turned on with the upgrade: its sent rows
+        hold neither themselves nor bodies; what is delivered from then on waits for its
+        check."""
+        from caliper_sidecar.outbox.postgres.schema import MIGRATIONS
+
+        with fresh_database() as url:
+            delivered = new_id()
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f"CREATE SCHEMA {SCHEMA}; SET search_path = {SCHEMA}")
+                for migration in MIGRATIONS[:6]:
+                    await conn.execute(migration)
+                await conn.execute(
+                    "CREATE TABLE schema_version (version integer NOT NULL);"
+                    "INSERT INTO schema_version VALUES (6);"
+                    f"CREATE TABLE bodies_0 PARTITION OF bodies FOR VALUES FROM (0) "
+                    f"TO ({BODIES_SPAN})"
+                )
+                await conn.execute(
+                    "INSERT INTO events (id, size, received_at) VALUES ($1, 2, 1)", delivered
+                )
+                await conn.execute(
+                    "INSERT INTO bodies (seq, body) VALUES (1, '{}');"
+                    "UPDATE head SET next = 2;"
+                    "INSERT INTO sent (span, seqs, delivered_at) "
+                    "VALUES ('[1,1]', '{1}', extract(epoch from now()));"
+                    "SELECT count_change(0, 0, 0, 1, 0)"
+                )
+            finally:
+                await conn.close()
+            settings = OutboxSettings(url=url)
+            async with open_outbox(settings, exclusive=False, reconciling=True) as box:
+                assert await box.delivered_upstream(0, True, 10) == []
+                later = events(2)
+                await box.append(later)
+                batch = await box.claim_batch(10, 10_000)
+                await box.acknowledge(batch.claim, batch.seqs)
+                waiting = await box.delivered_upstream(0, True, 10)
+                assert [r.id for r in waiting] == [e.id for e in later]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+from pathlib import Path
 
+import aiohttp
 import structlog
 
 from caliper_sidecar import __version__
@@ -15,6 +18,9 @@ from caliper_sidecar.logs import (
     configure_logging,
     flush_logs,
 )
+from caliper_sidecar.tools.fake_timeback import RunningFake
+
+from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
 
 
 class Broken(io.BytesIO):
@@ -86,3 +92,51 @@ class TestOneJsonStream:
         dispatcher.log.warning("batch_failed", events=1)
         (line,) = self.lines(buffer)
         assert line["logger"] == "sidecar.dispatcher"
+
+
+async def test_logs_never_hold_event_content(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """A real `run` at debug level, in validation's warn mode (invalid events logged as they
+    are taken), through refusals, splits, dead letters, a web filter's page and reconciliation:
+    its log names ids, counts, labels and reasons, never an actor, a name or a body."""
+    marker = "Zebulon-Quixote-Marker"
+    port = free_port()
+    config = write_config(
+        tmp_path / "sidecar.toml",
+        platform,
+        tmp_path / "outbox.db",
+        port,
+        upstream__endpoint=platform.beyond_url,
+        upstream__platform="beyond-ai",
+        log__level="debug",
+        validation__mode="warn",
+        reconcile__after_s=0.2,
+    )
+    p = SidecarProcess(config, port, tmp_path / "sidecar.log")
+    processes.append(p)
+    await p.wait_ready()
+    events = make_events(6)
+    for e in events:
+        e["actor"] = {"id": f"https://sis.example/users/{marker}", "type": "Person"}
+        e["extensions"] = {"note": f"{marker} reading"}
+    events[0]["eventTime"] = "not a time"  # invalid: taken, with a warning, in warn mode
+    platform.fake.faults.refuse_ids = {events[1]["id"]}  # split, then dead-lettered
+    platform.fake.faults.lose_ids = {events[2]["id"]}  # found missing, sent again, given up
+    platform.fake.faults.web_filter = True
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{p.url}/v1/events", json=events) as resp:
+            assert resp.status == 202, await resp.text()
+        await asyncio.sleep(0.5)  # the filter's page answers a few sends
+        platform.fake.faults.web_filter = False
+        await platform.fake.wait_for({e["id"] for e in events[3:]})
+
+        async def reconciled() -> bool:
+            async with http.get(f"{p.url}/v1/events/{events[2]['id']}") as resp:
+                return "resent" in [m["what"] for m in (await resp.json()).get("marks", [])]
+
+        await eventually(reconciled, timeout=30)
+    assert await p.terminate() == 0
+    log = (tmp_path / "sidecar.log").read_bytes()
+    assert b"unexpected_answer" in log or b"web filter" in log.lower()
+    assert marker.encode() not in log

@@ -512,7 +512,7 @@ class FakeTimeBack:
             )
         if since is not None or until is not None:
             # Both bounds inclusive, on the event's own time.
-            stored = [e for e in stored if _within(_moment(e["eventTime"]), since, until)]
+            stored = [e for e in stored if _within(e["eventTime"], since, until)]
         page = stored[offset : offset + limit]
         pages = -(-len(stored) // limit) if limit > 0 else 0
         return web.json_response(
@@ -709,7 +709,12 @@ def _moment(text: str | None) -> datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _within(moment: datetime | None, since: datetime | None, until: datetime | None) -> bool:
+def _within(event_time: str, since: datetime | None, until: datetime | None) -> bool:
+    """Whether an event's time is in the range (one that does not read is in none)."""
+    try:
+        moment = _moment(event_time)
+    except ValueError:
+        return False
     if moment is None:
         return False
     return (since is None or moment >= since) and (until is None or moment <= until)

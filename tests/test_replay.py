@@ -5,7 +5,11 @@ ports, the outbox in a SQLite file or the local PostgreSQL."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import shutil
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -51,12 +55,13 @@ def config_for(
     district: RunningFake | None = None,
     url: str | None = None,
     archives: tuple[str, ...] = ("archive",),
+    name: str = "sidecar",
 ) -> Path:
     """A configuration for `run` and `replay`: the fake upstream, the district's endpoint
     (when given), archives with dirs beside the file, the outbox in a SQLite file or at `url`."""
     extra: dict[str, Any] = {} if url is None else {"outbox__url": url}
     config = write_config(
-        tmp_path / "sidecar.toml", platform, tmp_path / "outbox.db", port, **extra
+        tmp_path / f"{name}.toml", platform, tmp_path / "outbox.db", port, **extra
     )
     text = ""
     if district is not None:
@@ -161,6 +166,81 @@ class TestAWipedPlatformGetsEverythingBack:
         assert [(m["what"], m["destination"]) for m in found["marks"]] == [("replayed", "upstream")]
         assert len(await gzip_dc(tmp_path / "archive")) == 20
         assert await process.terminate() == 0
+
+
+def own_disk(disk: Path, seen_as: Path) -> list[str]:
+    """A command prefix that runs the rest in a mount namespace of its own where `seen_as` is
+    `disk`: another machine's local disk at the same path (replicas agree on an archive's
+    `dir`). Needs root and unshare(1)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a mount namespace of its own needs root and unshare(1)")
+    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", script, "sh", str(disk), str(seen_as)]
+
+
+def count_archived(directory: Path) -> list[str]:
+    """The ids in an archive's files (none when there are none)."""
+    ids = []
+    for path in sorted(directory.glob("*/*/*/*.ndjson.gz")):
+        ids += [json.loads(line)["id"] for line in gzip.decompress(path.read_bytes()).splitlines()]
+    return ids
+
+
+class TestReplicas:
+    async def test_each_replica_replays_what_it_archived(
+        self,
+        tmp_path: Path,
+        platform: RunningFake,
+        processes: list[SidecarProcess],
+        database: str,
+    ) -> None:
+        """Two `run` replicas on PostgreSQL, each archiving to its own disk (the same `dir`,
+        as on two machines), half the events archived by each: the platform wiped after
+        delivery, `replay` on each replica's machine queues what that replica archived, and
+        the replicas send every event again, ids and bodies unchanged, without a restart."""
+        archive, disk_b = tmp_path / "archive", tmp_path / "disk-b"
+        wrap = own_disk(disk_b, archive)
+        archive.mkdir(mode=0o700)
+        disk_b.mkdir(mode=0o700)
+        await empty(database)
+        replicas = []
+        for name, under in (("a", []), ("b", wrap)):
+            port = free_port()
+            config = config_for(tmp_path, platform, port, url=database, name=name)
+            process = SidecarProcess(config, port, tmp_path / f"{name}.log", wrap=under)
+            processes.append(process)
+            replicas.append((process, config))
+            await process.wait_ready()
+            if name == "a":
+                # The first half archived by A alone, the second by B while A is frozen: each
+                # disk holds half.
+                first = [make_event(eventTime=at(1800)) for _ in range(20)]
+                await post(process, first)
+                await platform.fake.wait_for({e["id"] for e in first})
+                await archived(config, 20)
+                process.proc.send_signal(signal.SIGSTOP)
+        a, b = replicas[0][0], replicas[1][0]
+        second = [make_event(eventTime=at(1800)) for _ in range(20)]
+        await post(b, second)
+        await archived(replicas[1][1], 40)
+        a.proc.send_signal(signal.SIGCONT)
+        events = first + second
+        ids = {e["id"] for e in events}
+        await platform.fake.wait_for(ids)
+        assert sorted(count_archived(archive)) == sorted(e["id"] for e in first)
+        assert sorted(count_archived(disk_b)) == sorted(e["id"] for e in second)
+        platform.fake.wipe()
+
+        queued = 0
+        for (_, config), under in ((replicas[0], []), (replicas[1], wrap)):
+            code, out, err = await cli("replay", "--since", "2h", "-c", str(config), wrap=under)
+            assert code == 0, err
+            queued += int(out.splitlines()[1].split()[1])
+        assert queued == 40
+        await platform.fake.wait_for(ids, timeout=20)
+        assert {i: platform.fake.received[i] for i in ids} == {e["id"]: e for e in events}
+        for process, _ in replicas:
+            assert await process.terminate() == 0
 
 
 class TestWhatIsReplayed:

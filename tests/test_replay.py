@@ -18,6 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.delivery.archive import Archive, ArchivedEvent
+from caliper_sidecar.outbox import sqlite_outbox
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, cli, eventually, free_port, make_event, write_config
@@ -317,6 +320,39 @@ class TestWhatIsReplayed:
         assert code == 0
         assert out.splitlines()[1] == "queued 0 events again: upstream 0"
         assert await process.terminate() == 0
+
+    async def test_archived_twice_is_queued_once_and_unreadable_lines_are_skipped(
+        self, tmp_path: Path, platform: RunningFake
+    ) -> None:
+        """An event the archive holds twice (an append written again after a crash) is
+        queued once; a line that is not an event with an id and an eventTime is skipped and
+        counted; every one is committed when the command returns (no `run` here)."""
+        config = config_for(tmp_path, platform, free_port())
+        kept = [make_event(eventTime=at(600)) for _ in range(3)]
+        bodies = [json.dumps(e).encode() for e in kept]
+        broken = [
+            b"not json",
+            b'{"id": "urn:uuid:x"}',
+            b'{"id": 7, "eventTime": "' + at(60).encode() + b'"}',
+        ]
+        async with Archive(tmp_path / "archive", keep_days=0) as archive:
+            await archive.append([ArchivedEvent(time.time(), b) for b in bodies + broken])
+            await archive.append([ArchivedEvent(time.time(), bodies[0])])
+        settings = OutboxSettings(path=str(tmp_path / "outbox.db"))
+        async with sqlite_outbox(settings):
+            pass  # an outbox, as the first `run` leaves it
+        code, out, err = await cli("replay", "--since", "1h", "-c", str(config))
+        assert code == 0, err
+        assert out.splitlines()[1:3] == [
+            "queued 3 events again: upstream 3",
+            "skipped 4: 0 with eventTime outside the range, 0 of another actor, 1 archived "
+            "twice, 3 unreadable",
+        ]
+        async with sqlite_outbox(settings) as outbox:
+            batch = await outbox.claim_batch(10, 1_000_000)
+        assert [(e.id, e.body) for e in batch.events] == list(
+            zip([e["id"] for e in kept], bodies, strict=True)
+        )
 
 
 class TestBadInput:

@@ -354,6 +354,26 @@ class TestWhatIsReplayed:
             zip([e["id"] for e in kept], bodies, strict=True)
         )
 
+    async def test_files_of_hours_long_before_since_are_not_read(
+        self, tmp_path: Path, platform: RunningFake
+    ) -> None:
+        """The files of hours that ended more than a day before `--since` are not read (an
+        event is received at or after its eventTime, give or take an app's clock): an event
+        received three days ago is not found, whatever its eventTime; one received 25 hours
+        ago and stamped an hour ahead of its receipt is."""
+        config = config_for(tmp_path, platform, free_port())
+        now = time.time()
+        old, recent = make_event(eventTime=at(60)), make_event(eventTime=at(24 * 3600 - 120))
+        async with Archive(tmp_path / "archive", keep_days=0) as archive:
+            await archive.append([ArchivedEvent(now - 3 * 86_400, json.dumps(old).encode())])
+            await archive.append([ArchivedEvent(now - 25 * 3600, json.dumps(recent).encode())])
+        async with sqlite_outbox(OutboxSettings(path=str(tmp_path / "outbox.db"))):
+            pass
+        code, out, err = await cli("replay", "--since", "24h", "-c", str(config))
+        assert code == 0, err
+        assert out.splitlines()[0].startswith("read 1 events from 1 file(s)")
+        assert out.splitlines()[1] == "queued 1 events again: upstream 1"
+
 
 class TestBadInput:
     @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from caliper_sidecar.outbox import DestinationPlan, Mark, NewEvent, Outbox, Repl
 from caliper_sidecar.outbox.postgres.room import Footprint
 from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, SCHEMA
 from caliper_sidecar.outbox.postgres.writes import store_events
+from caliper_sidecar.states import JourneyMark
 
 from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
@@ -404,15 +405,18 @@ class TestReplays:
 
     async def test_delivered_at_a_destination_goes_there_again(self, open_box: OpenBox) -> None:
         """Replayed for a destination that has it, the destination sends it again, once;
-        [upstream] is left alone."""
+        [upstream] is left alone. The mark says what the replay was for (reconciliation
+        sends what a destination lost again as `resent`)."""
         async with open_box(destinations=plans("lrs", "archive")) as box:
             sent = events(3)
             await box.append(sent)
             await deliver_everywhere(box, "lrs", "archive")
-            await box.replay([Replay(sent[0].id, sent[0].body, ("lrs",))])
+            await box.replay([Replay(sent[0].id, sent[0].body, ("lrs",))], JourneyMark.RESENT)
             assert await deliver_all(box, "lrs") == [sent[0].id]
             assert (await deliver_all(box), await deliver_all(box, "archive")) == ([], [])
             assert (await box.destination_stats("lrs")).delivered_total == 4
+            journey = (await box.journeys([sent[0].id]))[sent[0].id]
+            assert [(m.what, m.destination) for m in journey.marks] == [("resent", "lrs")]
 
     async def test_an_event_gone_is_stored_again_for_the_named_queues_alone(
         self, open_box: OpenBox

@@ -43,6 +43,7 @@ from caliper_sidecar.outbox.records import (
     journey_of,
 )
 from caliper_sidecar.outbox.storage import Storage
+from caliper_sidecar.states import JourneyMark
 from caliper_sidecar.waits import wait_set
 
 #: told the running count of a long operation
@@ -289,11 +290,14 @@ class Outbox:
 
     # -- replays from an archive, and marks ----------------------------------------------------
 
-    async def replay(self, events: Sequence[Replay]) -> None:
-        """Queue these events again, each for its queues alone (see `Storage.replay`), in one
+    async def replay(
+        self, events: Sequence[Replay], mark: JourneyMark = JourneyMark.REPLAYED
+    ) -> None:
+        """Queue these events again, each for its queues alone (see `Storage.replay`), each
+        marked so there (`replayed` from an archive; reconciliation's `resent`), in one
         transaction, and wake the dispatchers (a `run` beside this process notices within
         its dispatchers' idle poll, a second; on PostgreSQL at once, by NOTIFY)."""
-        await self.storage.replay(events)
+        await self.storage.replay(events, mark)
         self.wake()
 
     async def add_marks(self, marks: Sequence[Mark]) -> None:

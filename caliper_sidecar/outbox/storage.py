@@ -104,13 +104,13 @@ class Storage(Protocol):
         duplicate): for [upstream] as before; for a destination, its place reopened for that
         event. Dead letters of a destination no longer configured are not replayed (left)."""
 
-    async def replay(self, events: Sequence[Replay]) -> None:
+    async def replay(self, events: Sequence[Replay], mark: str) -> None:
         """Queue these events again in one transaction, each for its queues alone, id
         unchanged, never refused as a duplicate (as a dead letter replayed is): where its row
         is still there, back in place for each queue that had it (delivered, or
         dead-lettered: that dead letter is taken) and left alone for one that has it still
         to send; where its row is gone, stored again for those queues alone. Each is marked
-        `replayed` for each of its queues, which must be known to the outbox."""
+        `mark` (a JourneyMark) for each of its queues, which must be known to the outbox."""
 
     async def add_marks(self, marks: Sequence[Mark]) -> None:
         """Store these marks, `at` now on the storage's clock."""

@@ -706,14 +706,14 @@ class PostgresStorage:
                 lambda: writes.take_dead_letters(conn, ids, limit, True, destination),
             )
 
-    async def replay(self, events: Sequence[Replay]) -> None:
+    async def replay(self, events: Sequence[Replay], mark: str) -> None:
         ids = list(dict.fromkeys(e.id for e in events))
         async with self._connection() as conn:
             await self._requeueing(
                 conn,
                 len(ids),
                 lambda: writes.rows_of(conn, ids),
-                lambda: writes.replay(conn, events),
+                lambda: writes.replay(conn, events, mark),
             )
 
     async def _requeueing(

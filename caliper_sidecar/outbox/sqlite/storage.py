@@ -485,8 +485,10 @@ class SqliteStorage:
         )
         return await self._write(take)
 
-    async def replay(self, events: Sequence[Replay]) -> None:
-        await self._write(functools.partial(writes.replay, events=events, now=steady_time()))
+    async def replay(self, events: Sequence[Replay], mark: str) -> None:
+        await self._write(
+            functools.partial(writes.replay, events=events, mark=mark, now=steady_time())
+        )
 
     # -- marks -------------------------------------------------------------------------------
 

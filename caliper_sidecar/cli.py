@@ -202,9 +202,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--to",
         nargs="+",
+        action="extend",
         metavar="NAME",
-        help="the destinations to send them to: upstream ([upstream]), [[destinations]] names "
-        "(default: every destination that is not an archive)",
+        help="the destinations to send them to (`--to a b`, or `--to a --to b`): upstream "
+        "([upstream]), [[destinations]] names (default: every destination that is not an "
+        "archive)",
     )
     r.add_argument(
         "--from",

@@ -437,7 +437,9 @@ class Dispatcher:
         else:
             state = UpstreamState.BACKING_OFF
         self._set_state(state, reason)
-        self._log.warning(
+        # Each attempt at debug: the change of state above is the one line an operator reads
+        # (an outage of hours is two lines at info level and above, not one per retry).
+        self._log.debug(
             "batch_failed",
             batch=batch_id,
             events=len(events),

@@ -230,6 +230,15 @@ def _parser() -> argparse.ArgumentParser:
         help="only report: nothing recorded or sent again; exit 1 when any is missing",
     )
 
+    t = command(
+        sub,
+        "tail",
+        "follow what happens to events in the running sidecar: accepted, sent, confirmed, "
+        "dead-lettered, per destination, with sender labels and ids (never their content)",
+        _tail,
+    )
+    t.add_argument("--json", action="store_true", help="one JSON object a line, as served")
+
     dead = group("dead-letters", "list, replay or purge dead letters (safe while `run` runs)")
     listing = command(dead, "list", "show dead letters with their reasons", _dead_list)
     listing.add_argument(
@@ -460,6 +469,16 @@ def _comment(text: str, width: int = 96) -> str:
     import textwrap
 
     return "\n".join("# " + line for line in textwrap.wrap(text, width))
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from caliper_sidecar.tools.tail import tail
+
+    settings = _settings(args)
+    try:
+        return asyncio.run(tail(settings, args.json))
+    except KeyboardInterrupt:
+        return 0
 
 
 def _open_outbox(args: argparse.Namespace, settings: Settings | None = None) -> Any:

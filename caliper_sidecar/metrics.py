@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from caliper_sidecar import __version__
 from caliper_sidecar.config import UPSTREAM
 from caliper_sidecar.states import DeadLetterReason, JobOutcome, ReconcileResult, UpstreamState
+from caliper_sidecar.tap import Tap
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -295,6 +296,9 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        #: what happens to events, for whoever watches (GET /v1/tail): beside the counts,
+        #: since everything that counts an event passes here
+        self.tap = Tap()
         self._destinations: dict[str, DestinationMetrics] = {}
         self.for_destination(UPSTREAM)
 
@@ -355,6 +359,7 @@ class DestinationMetrics:
     def __init__(self, metrics: Metrics, name: str) -> None:
         self.name = name
         self._metrics = metrics
+        self.tap = metrics.tap
         self.events_delivered = metrics.events_delivered.labels(destination=name)
         self.events_unconfirmed = metrics.events_unconfirmed.labels(destination=name)
         self.events_dead_lettered: LabelledCounter = _Bound(metrics.events_dead_lettered, name)

@@ -170,12 +170,19 @@ class JobFollower:
             log.warning("platform_job_failed", job=job, dead_lettered=dead, reason=outcome.reason)
         else:
             log.info("platform_job_completed", job=job)
+        self._metrics.tap.publish(
+            "job_failed" if outcome.failed else "confirmed",
+            destination=UPSTREAM,
+            job=job,
+            dead_lettered=dead or None,
+        )
 
     async def _give_up(self, job: str, reason: str) -> None:
         await self._outbox.give_up_platform_job(job, reason)
         self._due.pop(job, None)
         self._metrics.platform_jobs.labels(outcome="unconfirmed").inc()
         log.error("platform_job_unconfirmed", job=job, reason=reason)
+        self._metrics.tap.publish("unconfirmed", destination=UPSTREAM, job=job, reason=reason)
 
     def _later(self, job: str) -> None:
         """Ask again after the current interval (an error of ours, not the platform's answer)."""

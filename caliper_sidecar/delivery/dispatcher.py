@@ -313,6 +313,9 @@ class Dispatcher:
                     self._on_platform_job(sent.job_id)
                 self._unconfirmed(sent, len(part))
                 self._metrics.events_delivered.inc(len(part))
+                self._metrics.tap.publish(
+                    "sent", [e.id for e in part], destination=self.name, job=sent.job_id
+                )
                 self._platform_answered()
                 self._log.info(
                     "batch_delivered",
@@ -377,6 +380,13 @@ class Dispatcher:
                 probe,
             )
             self._metrics.events_dead_lettered.labels(reason=DeadLetterReason.REFUSED).inc()
+            self._metrics.tap.publish(
+                "dead_lettered",
+                [event.id],
+                destination=self.name,
+                reason=DeadLetterReason.REFUSED,
+                status=e.status,
+            )
             self._log.warning(
                 "event_dead_lettered",
                 batch=batch_id,
@@ -437,6 +447,13 @@ class Dispatcher:
         else:
             state = UpstreamState.BACKING_OFF
         self._set_state(state, reason)
+        self._metrics.tap.publish(
+            "failed",
+            [e.id for e in events],
+            destination=self.name,
+            state=state,
+            retry_in_s=round(delay, 3),
+        )
         # Each attempt at debug: the change of state above is the one line an operator reads
         # (an outage of hours is two lines at info level and above, not one per retry).
         self._log.debug(
@@ -464,6 +481,9 @@ class Dispatcher:
                 self._outbox.dead_letter(claim, [e.seq for e in dead], why, None, reason), False
             )
             self._metrics.events_dead_lettered.labels(reason=why).inc(len(dead))
+            self._metrics.tap.publish(
+                "dead_lettered", [e.id for e in dead], destination=self.name, reason=why
+            )
             self._log.warning("events_dead_lettered", reason=why, events=len(dead), error=reason)
         if keep:
             await self._bookkeep(

@@ -19,7 +19,7 @@ from typing import Final, Literal
 
 import structlog
 
-from caliper_sidecar.config import ReconcileSettings
+from caliper_sidecar.config import UPSTREAM, ReconcileSettings
 from caliper_sidecar.delivery.reads import PlatformReader
 from caliper_sidecar.delivery.reconcile import (
     Delivered,
@@ -109,6 +109,9 @@ async def check(
     for result, n in counts.items():
         if n:
             metrics.reconcile_events.labels(result=result).inc(n)
+    for what, ids in (("resent", found.missing), ("given_up", found.given_up)):
+        if resend and ids:
+            metrics.tap.publish(what, ids, destination=UPSTREAM)
     return found, resent
 
 

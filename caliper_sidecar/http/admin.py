@@ -3,7 +3,10 @@ is set, a request from this machine."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
+from typing import Final
 
 import msgspec
 import structlog
@@ -25,6 +28,7 @@ MAX_LIST: int = 1000
 
 def routes() -> list[web.RouteDef]:
     return [
+        web.get("/v1/tail", tail),
         web.get("/v1/dead-letters", list_dead_letters),
         web.post("/v1/dead-letters/replay", replay),
         web.post("/v1/dead-letters/purge", purge),
@@ -45,6 +49,36 @@ def _authorize(rt: Runtime, request: web.Request) -> str:
             "admin endpoints answer only on loopback unless admin.token is set",
         )
     return "loopback"
+
+
+#: seconds without anything happening after which a tail writes an `idle` line (a watcher
+#: gone without a word is found out, and proxies keep the stream open)
+TAIL_IDLE_S: Final = 15.0
+
+
+async def tail(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/tail`: what happens to events from now on (accepted, sent, confirmed,
+    dead-lettered, per destination, with sender labels and ids: never event content), one
+    JSON object a line, until the watcher goes (`caliper-sidecar tail`)."""
+    rt = request.app[RUNTIME]
+    who = _authorize(rt, request)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    log.info("tail_started", who=who)
+    with rt.metrics.tap.watching() as watcher:
+        await response.write(codec.dumps({"at": round(time.time(), 3), "what": "tailing"}) + b"\n")
+        try:
+            while True:
+                try:
+                    line = await asyncio.wait_for(watcher.get(), TAIL_IDLE_S)
+                except TimeoutError:
+                    line = {"at": round(time.time(), 3), "what": "idle"}
+                await response.write(codec.dumps(line) + b"\n")
+        except ConnectionError:
+            pass  # the watcher went
+        finally:
+            log.info("tail_ended", who=who)
+    return response
 
 
 def _authorize_change(rt: Runtime, request: web.Request) -> str:

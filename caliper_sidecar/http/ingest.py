@@ -162,6 +162,13 @@ async def _ingest_body(
     finally:
         rt.commits_in_progress -= 1
     rt.metrics.events_received.labels(sender=sender).inc(result.accepted)
+    rt.metrics.tap.publish(
+        "accepted",
+        received.ids,
+        sender=sender or None,
+        duplicates=result.duplicates or None,
+        job=job,
+    )
     rt.metrics.events_duplicate.labels(sender=sender).inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
     return Accepted(received.ids, result, report, job)

@@ -261,6 +261,22 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/tail": {
+                "get": {
+                    "summary": "What happens to events from now on, a JSON object a line",
+                    "description": "accepted, sent, failed, confirmed, dead-lettered, per "
+                    "destination, with sender labels and event ids, never event content; the "
+                    "stream goes on until the client leaves (caliper-sidecar tail)",
+                    "security": _OPERATOR,
+                    "responses": {
+                        "200": {
+                            "description": "one JSON object a line",
+                            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+                        },
+                        "401": _ERRORS["401"],
+                    },
+                }
+            },
             "/v1/dead-letters": {
                 "get": {
                     "summary": "Dead letters, oldest first",

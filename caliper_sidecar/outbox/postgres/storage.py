@@ -41,7 +41,7 @@ from caliper_sidecar.exceptions import (
     storage_error,
 )
 from caliper_sidecar.outbox.batching import fill_batch
-from caliper_sidecar.outbox.postgres import writes
+from caliper_sidecar.outbox.postgres import erasing, writes
 from caliper_sidecar.outbox.postgres.bodies import Partitions, bodies_of
 from caliper_sidecar.outbox.postgres.listen import Listener
 from caliper_sidecar.outbox.postgres.replicas import join
@@ -70,6 +70,7 @@ from caliper_sidecar.outbox.records import (
     DestinationAck,
     DestinationPlan,
     DestinationStats,
+    ErasedRow,
     PlatformJobOutcome,
     StoredEvent,
 )
@@ -761,6 +762,30 @@ class PostgresStorage:
                 job,
                 reason[:1024],
             )
+
+    # -- erasing a learner (erasing.py) -----------------------------------------------------
+
+    async def erase_events(
+        self, actor: str | None, ids: Sequence[str], dry_run: bool
+    ) -> list[ErasedRow]:
+        async with self._transaction() as conn:
+            # Every body is read (a backlog's, at most): longer than a statement may take.
+            await conn.execute(LONG_WORK)
+            return await erasing.find_and_delete(conn, actor, ids, dry_run, _DESTINATION_JOURNEYS)
+
+    async def compact(self) -> None:
+        async with self._connection() as conn:
+            # As long as copying the tables takes; a lock still waits at most lock_timeout
+            # (the replicas' statements go on; the caller tries again).
+            await conn.execute("SET statement_timeout = 0")
+            try:
+                await erasing.compact(conn)
+            finally:
+                await conn.execute("RESET statement_timeout")
+
+    async def truncate_log(self) -> bool:
+        """PostgreSQL's WAL is the server's: it recycles its segments at checkpoints."""
+        return True
 
     async def journey_rows(
         self, ids: list[str]

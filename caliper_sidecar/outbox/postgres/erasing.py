@@ -1,0 +1,120 @@
+"""Erasing a learner's events from the PostgreSQL outbox: found by the event's actor (or by id)
+in `bodies` and `dead_letters`, deleted with their rows and what journeys are built from, in
+one transaction; then the tables are rewritten (VACUUM FULL) so that no page of their files
+still holds a deleted body.
+
+A plain VACUUM would make the deleted tuples' space reusable, not overwrite it: a page keeps
+their bytes until new rows happen to land there. VACUUM FULL writes each table (and its TOAST
+table and indexes) into new files and unlinks the old ones. It locks one table at a time for
+as long as copying it takes; the tables erase touches hold a backlog's bodies at most (the
+partitions of `bodies`), and the replicas wait for the lock as for any other (their lock
+timeout answers 503 rather than hang).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import asyncpg
+
+from caliper_sidecar.outbox.postgres.writes import hold_positions
+from caliper_sidecar.outbox.records import ErasedRow
+
+#: the actor of a stored body ({body}) is $1: the `actor` string, or `actor.id`
+_ACTOR_IS: Final = """
+    CASE jsonb_typeof(convert_from({body}, 'UTF8')::jsonb -> 'actor')
+        WHEN 'string' THEN convert_from({body}, 'UTF8')::jsonb ->> 'actor'
+        WHEN 'object' THEN convert_from({body}, 'UTF8')::jsonb -> 'actor' ->> 'id'
+    END = $1::text
+"""
+#: the tables erase deletes from, rewritten afterwards (`bodies` with its partitions)
+TABLES: Final = ("events", "bodies", "dead_letters", "destination_attempts", "jobs")
+
+
+async def find_and_delete(
+    conn: asyncpg.Connection,
+    actor: str | None,
+    ids: Sequence[str],
+    dry_run: bool,
+    destination_journeys: str,
+) -> list[ErasedRow]:
+    """See `Storage.erase_events`; in the caller's transaction. `destination_journeys` is
+    the storage's query of (id, destination, state, attempts, last_error) by ids ($1)."""
+    # Exclusive: no dead letter is replayed in place (its body restored) and nothing is
+    # pruned while these rows go.
+    await hold_positions(conn, exclusive=True)
+    by_actor = "false" if actor is None else _ACTOR_IS.format(body="b.body")
+    events = await conn.fetch(
+        f"""
+        SELECT e.seq, e.id, e.upstream_dead, e.only_for,
+            e.seq >= (SELECT next FROM head)
+                OR EXISTS (SELECT 1 FROM batches l WHERE e.seq = ANY(l.seqs)) AS waiting
+        FROM events e LEFT JOIN bodies b ON b.seq = e.seq
+        WHERE (b.body IS NOT NULL AND {by_actor}) OR e.id = ANY($2::text[])
+        ORDER BY e.seq FOR UPDATE OF e
+        """,
+        actor,
+        list(ids),
+    )
+    found = [str(r["id"]) for r in events]
+    dead = await conn.fetch(
+        f"""
+        SELECT seq, id, destination FROM dead_letters b
+        WHERE {by_actor} OR id = ANY($2::text[]) OR id = ANY($3::text[])
+        ORDER BY seq FOR UPDATE
+        """,
+        actor,
+        list(ids),
+        found,
+    )
+    rows: list[ErasedRow] = [
+        (str(r["id"]), "dead_letter", str(r["destination"]), "dead_lettered") for r in dead
+    ]
+    dead_at = {(str(r["id"]), str(r["destination"])) for r in dead}
+    for r in events:
+        if r["only_for"] is not None and r["only_for"] != "upstream":
+            continue  # stored again for one destination alone: never [upstream]'s
+        state = "waiting" if r["waiting"] else "delivered"
+        if r["upstream_dead"]:
+            state = "dead_lettered"
+        rows.append((str(r["id"]), "event", "upstream", state))
+    for id_, name, state, *_ in await conn.fetch(destination_journeys, found):
+        # A destination's dead letter is "done" there, as a delivery is: told apart here.
+        done = "dead_lettered" if (id_, name) in dead_at else "delivered"
+        rows.append((str(id_), "event", str(name), state if state == "waiting" else done))
+    if dry_run:
+        return rows
+    seqs = [int(r["seq"]) for r in events]
+    await conn.execute("DELETE FROM bodies WHERE seq = ANY($1::bigint[])", seqs)
+    await conn.execute("DELETE FROM destination_attempts WHERE seq = ANY($1::bigint[])", seqs)
+    # A lease (batches) that holds one of these seqs keeps it: a claim skips seqs whose
+    # event is gone, and a sequence never draws a seq twice.
+    await conn.execute("DELETE FROM events WHERE seq = ANY($1::bigint[])", seqs)
+    await conn.execute(
+        "DELETE FROM dead_letters WHERE seq = ANY($1::bigint[])", [int(r["seq"]) for r in dead]
+    )
+    await _drop_from_jobs(conn, sorted({r[0] for r in rows}))
+    return rows
+
+
+async def _drop_from_jobs(conn: asyncpg.Connection, ids: list[str]) -> None:
+    """Take these ids out of the lists of event ids kept for an app's job ids."""
+    await conn.execute(
+        """
+        UPDATE jobs SET event_ids = (
+            SELECT coalesce(jsonb_agg(v ORDER BY n), '[]'::jsonb)::text
+            FROM jsonb_array_elements_text(event_ids::jsonb) WITH ORDINALITY AS x(v, n)
+            WHERE v <> ALL($1::text[])
+        )
+        WHERE event_ids::jsonb ?| $1::text[]
+        """,
+        ids,
+    )
+
+
+async def compact(conn: asyncpg.Connection) -> None:
+    """VACUUM FULL the tables erase deletes from, one at a time (outside a transaction, as
+    VACUUM must be); a partitioned table's partitions are each rewritten."""
+    for table in TABLES:
+        await conn.execute(f"VACUUM (FULL) {table}")

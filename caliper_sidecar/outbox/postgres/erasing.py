@@ -5,7 +5,11 @@ still holds a deleted body.
 
 A plain VACUUM would make the deleted tuples' space reusable, not overwrite it: a page keeps
 their bytes until new rows happen to land there. VACUUM FULL writes each table (and its TOAST
-table and indexes) into new files and unlinks the old ones. It locks one table at a time for
+table and indexes) into new files and unlinks the old ones; but it copies a deleted tuple that
+a transaction still open may see ("recently dead"): a replica's claim that began before the
+erase committed, under load, kept the dead letter's bytes in the new file one run in three. So
+the rewrite first waits until no session of the database has a snapshot from before the erase
+(`settled`). It locks one table at a time for
 as long as copying it takes; the tables erase touches hold a backlog's bodies at most (the
 partitions of `bodies`), and the replicas wait for the lock as for any other (their lock
 timeout answers 503 rather than hang).
@@ -44,7 +48,8 @@ async def find_and_delete(
     # Exclusive: no dead letter is replayed in place (its body restored) and nothing is
     # pruned while these rows go.
     await hold_positions(conn, exclusive=True)
-    by_actor = "false" if actor is None else _ACTOR_IS.format(body="b.body")
+    # A CASE, so that a pass by id alone ($1 NULL) reads no body.
+    by_actor = f"CASE WHEN $1::text IS NULL THEN false ELSE {_ACTOR_IS.format(body='b.body')} END"
     events = await conn.fetch(
         f"""
         SELECT e.seq, e.id, e.upstream_dead, e.only_for,
@@ -86,7 +91,11 @@ async def find_and_delete(
     if dry_run:
         return rows
     seqs = [int(r["seq"]) for r in events]
-    await conn.execute("DELETE FROM bodies WHERE seq = ANY($1::bigint[])", seqs)
+    # A body may outlive its event's row: one dead-lettered leaves `events` at once, its body
+    # stays until its partition goes. Those are found by actor alone.
+    await conn.execute(
+        f"DELETE FROM bodies b WHERE b.seq = ANY($2::bigint[]) OR {by_actor}", actor, seqs
+    )
     await conn.execute("DELETE FROM destination_attempts WHERE seq = ANY($1::bigint[])", seqs)
     # A lease (batches) that holds one of these seqs keeps it: a claim skips seqs whose
     # event is gone, and a sequence never draws a seq twice.
@@ -110,6 +119,31 @@ async def _drop_from_jobs(conn: asyncpg.Connection, ids: list[str]) -> None:
         WHERE event_ids::jsonb ?| $1::text[]
         """,
         ids,
+    )
+
+
+async def erasing_xid(conn: asyncpg.Connection) -> int:
+    """The id of the erase's transaction (it wrote: it has one), as a 32-bit `xid` (what
+    `pg_stat_activity` shows), not the epoch-qualified `xid8`."""
+    return int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint % 4294967296"))
+
+
+async def settled(conn: asyncpg.Connection, xid: int) -> bool:
+    """Whether every other session of this database sees the transaction `xid` as committed
+    (none holds a snapshot, or is in a transaction, from before it): its deleted tuples are
+    then dead to all, and VACUUM FULL leaves them out."""
+    return bool(
+        await conn.fetchval(
+            """
+            SELECT NOT EXISTS (
+                SELECT 1 FROM pg_stat_activity
+                WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND backend_type = 'client backend'
+                    AND (age(backend_xmin) >= age($1::xid) OR age(backend_xid) >= age($1::xid))
+            )
+            """,
+            xid,
+        )
     )
 
 

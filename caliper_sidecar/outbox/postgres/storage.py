@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ from caliper_sidecar.outbox.storage import TOTALS
 log = structlog.get_logger("sidecar.outbox")
 
 POOL_SIZE: Final = 8
+#: how long `compact` waits for the sessions that may still see erased rows (theirs are short
+#: statements; the caller tries again after that)
+SETTLE_S: Final = 5.0
 _DISK_FULL: Final = "53100"
 #: lock_timeout and statement_timeout (see postgres_sessions)
 _TIMED_OUT: Final = frozenset({"55P03", "57014"})
@@ -215,6 +219,8 @@ class PostgresStorage:
         self._claims_prefix = f"{self.replica_id}:"
         self._heartbeat: asyncio.Task[None] | None = None
         self.lease_s = lease_s
+        #: the transaction id of this process's last erase (see erasing.py's `settled`)
+        self._erased_by = 0
         #: "full" waits for the WAL flush of every commit; "normal" lets PostgreSQL flush a
         #: moment later (synchronous_commit off: a database crash may lose the last commits)
         self._synchronous_commit = "on" if settings.synchronous == "full" else "off"
@@ -771,10 +777,21 @@ class PostgresStorage:
         async with self._transaction() as conn:
             # Every body is read (a backlog's, at most): longer than a statement may take.
             await conn.execute(LONG_WORK)
-            return await erasing.find_and_delete(conn, actor, ids, dry_run, _DESTINATION_JOURNEYS)
+            rows = await erasing.find_and_delete(conn, actor, ids, dry_run, _DESTINATION_JOURNEYS)
+            if rows and not dry_run:
+                self._erased_by = await erasing.erasing_xid(conn)
+        return rows
 
     async def compact(self) -> None:
+        deadline = time.monotonic() + SETTLE_S
         async with self._connection() as conn:
+            while self._erased_by and not await erasing.settled(conn, self._erased_by):
+                if time.monotonic() > deadline:
+                    raise OutboxUnavailable(
+                        "storage_busy",
+                        "a session of the database still holds a snapshot from before the erase",
+                    )
+                await asyncio.sleep(0.05)
             # As long as copying the tables takes; a lock still waits at most lock_timeout
             # (the replicas' statements go on; the caller tries again).
             await conn.execute("SET statement_timeout = 0")

@@ -131,13 +131,16 @@ def erase_securely(
 ) -> list[ErasedRow]:
     """`erase` in one write transaction, with SQLite overwriting with zeros what it deletes
     (in the pages it writes to the WAL and, at the checkpoint, the file); the connection
-    is left as it was, for the writes after it."""
+    is left as it was, for the writes after it (some builds, Debian's, have it on always;
+    others off, as the writes of `run` then leave what they delete or empty in free space).
+    """
+    (before,) = conn.execute("PRAGMA secure_delete").fetchone()
     conn.execute("PRAGMA secure_delete = ON")
     try:
         with writes.immediate(conn):
             return erase(conn, actor, ids, dry_run, now)
     finally:
-        conn.execute("PRAGMA secure_delete = OFF")
+        conn.execute(f"PRAGMA secure_delete = {int(before)}")
 
 
 def compact(conn: sqlite3.Connection) -> None:

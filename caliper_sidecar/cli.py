@@ -607,16 +607,9 @@ def _erase(args: argparse.Namespace) -> int:
         dead_letters=found.dead_letters,
         archive_lines={name: a.total for name, a in archived.items()},
         delivered_to=found.delivered_to,
-        log_truncated=forgotten,
+        wal_truncated=forgotten,
     )
     print(_erase_report(digest, dry, found, archived, settings), end="")
-    if not found.ids and not any(a.total for a in archived.values()):
-        print(
-            "caliper-sidecar: no event of that actor in the outbox, its dead letters or the "
-            "archives: nothing changed (an actor is matched exactly, as the event has it)",
-            file=sys.stderr,
-        )
-        return 1
     if not forgotten:
         print(
             "caliper-sidecar: the events are removed, but the outbox's -wal file could not be "
@@ -626,6 +619,13 @@ def _erase(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ERASED_NOT_TRUNCATED
+    if not found.ids and not any(a.total for a in archived.values()):
+        print(
+            "caliper-sidecar: no event of that actor in the outbox, its dead letters or the "
+            "archives: nothing changed (an actor is matched exactly, as the event has it)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

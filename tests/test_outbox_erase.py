@@ -210,6 +210,23 @@ class TestSqliteFiles:
 
 
 class TestPostgresFiles:
+    async def test_a_batch_a_replica_holds_counts_in_flight(
+        self, tmp_path: Path, request: pytest.FixtureRequest
+    ) -> None:
+        """Events in a batch a sender has claimed (a live lease) may still be sent: counted
+        in flight, for [upstream] and for a destination alike; given back, they are not."""
+        url = request.getfixturevalue("database")
+        plans = [DestinationPlan("district")]
+        async with open_test_outbox("postgres", tmp_path, url, destinations=plans) as box:
+            await box.append([learner_event() for _ in range(4)])
+            up = await box.claim_batch(2, 1 << 22)
+            there = await box.queue("district").claim_batch(3, 1 << 22)
+            found = await box.erase(LEARNER, dry_run=True)
+            assert (found.waiting, found.in_flight) == (4, 3)
+            await box.release(up.claim, up.seqs)
+            await box.queue("district").release(there.claim, there.seqs)
+            assert (await box.erase(LEARNER)).in_flight == 0
+
     async def test_rows_a_transaction_still_sees_are_not_copied_by_the_rewrite(
         self, tmp_path: Path, request: pytest.FixtureRequest
     ) -> None:

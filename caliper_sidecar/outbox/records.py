@@ -347,8 +347,9 @@ def dead_journey(dead: DeadLetter, sensor: str | None, sender: str | None) -> Jo
 
 #: what `Storage.erase_events` found, one row per place: (event id, "event" or
 #: "dead_letter", destination ("upstream" or a [[destinations]] name), state there:
-#: "waiting", "delivered" or "dead_lettered"); an event in the queue table has a row for
-#: each queue it is meant for
+#: "waiting", "in_flight" (waiting, in a batch a sender had claimed: it may still go, where
+#: the storage can see others' claims), "delivered" or "dead_lettered"); an event in the queue
+#: table has a row for each queue it is meant for
 ErasedRow = tuple[str, str, str, str]
 
 
@@ -357,14 +358,17 @@ class Erasure:
     """What erasing one learner's events found in the outbox (and removed, unless a dry run):
     the events' ids; how many were in the queue table still waiting for some queue, and how
     many only kept there after delivery (for deduplication and the journeys); dead letters
-    by destination; and how many each destination, [upstream] included, had already taken
-    (those must be erased there too)."""
+    by destination; how many each destination, [upstream] included, had already taken
+    (those must be erased there too); and how many of the waiting ones a sender had claimed
+    at that instant (they may still go: PostgreSQL's leases say so; SQLite's claims live in
+    `run`'s memory, where another process cannot count them)."""
 
     ids: frozenset[str] = frozenset()
     waiting: int = 0
     kept: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
     delivered_to: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
 
     @classmethod
     def of(cls, rows: Sequence[ErasedRow]) -> Erasure:
@@ -379,13 +383,14 @@ class Erasure:
             queued.setdefault(id_, set()).add(state)
             if state == "delivered":
                 delivered[destination] = delivered.get(destination, 0) + 1
-        waiting = sum(1 for states in queued.values() if "waiting" in states)
+        waiting = sum(1 for states in queued.values() if states & {"waiting", "in_flight"})
         return cls(
             ids=frozenset(r[0] for r in rows),
             waiting=waiting,
             kept=len(queued) - waiting,
             dead_letters=dead,
             delivered_to=delivered,
+            in_flight=sum(1 for states in queued.values() if "in_flight" in states),
         )
 
     def __add__(self, other: Erasure) -> Erasure:
@@ -400,6 +405,7 @@ class Erasure:
             kept=self.kept + other.kept,
             dead_letters=summed(self.dead_letters, other.dead_letters),
             delivered_to=summed(self.delivered_to, other.delivered_to),
+            in_flight=self.in_flight + other.in_flight,
         )
 
     @property

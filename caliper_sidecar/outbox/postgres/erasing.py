@@ -8,8 +8,8 @@ their bytes until new rows happen to land there. VACUUM FULL writes each table (
 table and indexes) into new files and unlinks the old ones; but it copies a deleted tuple that
 a transaction still open may see ("recently dead"): a replica's claim that began before the
 erase committed, under load, kept the dead letter's bytes in the new file one run in three. So
-the rewrite first waits until no session of the database has a snapshot from before the erase
-(`settled`). It locks one table at a time for
+the rewrite first waits until no session of the database has a snapshot from before it began
+(`settled`), so from before the erase. It locks one table at a time for
 as long as copying it takes; the tables erase touches hold a backlog's bodies at most (the
 partitions of `bodies`), and the replicas wait for the lock as for any other (their lock
 timeout answers 503 rather than hang).
@@ -22,7 +22,7 @@ from typing import Final
 
 import asyncpg
 
-from caliper_sidecar.outbox.postgres.writes import hold_positions
+from caliper_sidecar.outbox.postgres.writes import NOW, hold_positions
 from caliper_sidecar.outbox.records import ErasedRow
 
 #: the actor of a stored body ({body}) is $1: the `actor` string, or `actor.id`
@@ -32,6 +32,8 @@ _ACTOR_IS: Final = """
         WHEN 'object' THEN convert_from({body}, 'UTF8')::jsonb -> 'actor' ->> 'id'
     END = $1::text
 """
+#: a lease (`l`) a sender holds now: its events may be on their way
+_LIVE: Final = f"l.claimed_by IS NOT NULL AND l.claim_until > {NOW}"
 #: the tables erase deletes from, rewritten afterwards (`bodies` with its partitions)
 TABLES: Final = ("events", "bodies", "dead_letters", "destination_attempts", "jobs")
 
@@ -54,7 +56,8 @@ async def find_and_delete(
         f"""
         SELECT e.seq, e.id, e.upstream_dead, e.only_for,
             e.seq >= (SELECT next FROM head)
-                OR EXISTS (SELECT 1 FROM batches l WHERE e.seq = ANY(l.seqs)) AS waiting
+                OR EXISTS (SELECT 1 FROM batches l WHERE e.seq = ANY(l.seqs)) AS waiting,
+            EXISTS (SELECT 1 FROM batches l WHERE e.seq = ANY(l.seqs) AND {_LIVE}) AS claimed
         FROM events e LEFT JOIN bodies b ON b.seq = e.seq
         WHERE (b.body IS NOT NULL AND {by_actor}) OR e.id = ANY($2::text[])
         ORDER BY e.seq FOR UPDATE OF e
@@ -80,14 +83,27 @@ async def find_and_delete(
     for r in events:
         if r["only_for"] is not None and r["only_for"] != "upstream":
             continue  # stored again for one destination alone: never [upstream]'s
-        state = "waiting" if r["waiting"] else "delivered"
+        state = "in_flight" if r["claimed"] else "waiting" if r["waiting"] else "delivered"
         if r["upstream_dead"]:
             state = "dead_lettered"
         rows.append((str(r["id"]), "event", "upstream", state))
+    claimed = {
+        (str(r["id"]), str(r["destination"]))
+        for r in await conn.fetch(
+            f"""
+            SELECT e.id, l.destination FROM events e JOIN destination_batches l
+                ON e.seq = ANY(l.seqs) AND {_LIVE}
+            WHERE e.id = ANY($1::text[])
+            """,
+            found,
+        )
+    }
     for id_, name, state, *_ in await conn.fetch(destination_journeys, found):
         # A destination's dead letter is "done" there, as a delivery is: told apart here.
         done = "dead_lettered" if (id_, name) in dead_at else "delivered"
-        rows.append((str(id_), "event", str(name), state if state == "waiting" else done))
+        if state == "waiting":
+            done = "in_flight" if (id_, name) in claimed else "waiting"
+        rows.append((str(id_), "event", str(name), done))
     if dry_run:
         return rows
     seqs = [int(r["seq"]) for r in events]
@@ -122,16 +138,20 @@ async def _drop_from_jobs(conn: asyncpg.Connection, ids: list[str]) -> None:
     )
 
 
-async def erasing_xid(conn: asyncpg.Connection) -> int:
-    """The id of the erase's transaction (it wrote: it has one), as a 32-bit `xid` (what
-    `pg_stat_activity` shows), not the epoch-qualified `xid8`."""
-    return int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint % 4294967296"))
+async def horizon(conn: asyncpg.Connection) -> int:
+    """The first transaction id not yet given out, now, as a 32-bit `xid` (what
+    `pg_stat_activity` shows): every transaction that committed before (an erase) is below."""
+    return int(
+        await conn.fetchval(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint % 4294967296"
+        )
+    )
 
 
-async def settled(conn: asyncpg.Connection, xid: int) -> bool:
-    """Whether every other session of this database sees the transaction `xid` as committed
-    (none holds a snapshot, or is in a transaction, from before it): its deleted tuples are
-    then dead to all, and VACUUM FULL leaves them out."""
+async def settled(conn: asyncpg.Connection, since: int) -> bool:
+    """Whether no other session of this database holds a snapshot, or runs a transaction,
+    from before `since` (a `horizon`): the rows deleted before it are then dead to all, and
+    VACUUM FULL leaves them out."""
     return bool(
         await conn.fetchval(
             """
@@ -139,10 +159,10 @@ async def settled(conn: asyncpg.Connection, xid: int) -> bool:
                 SELECT 1 FROM pg_stat_activity
                 WHERE datname = current_database() AND pid <> pg_backend_pid()
                     AND backend_type = 'client backend'
-                    AND (age(backend_xmin) >= age($1::xid) OR age(backend_xid) >= age($1::xid))
+                    AND (age(backend_xmin) > age($1::xid) OR age(backend_xid) > age($1::xid))
             )
             """,
-            xid,
+            since,
         )
     )
 

@@ -219,8 +219,6 @@ class PostgresStorage:
         self._claims_prefix = f"{self.replica_id}:"
         self._heartbeat: asyncio.Task[None] | None = None
         self.lease_s = lease_s
-        #: the transaction id of this process's last erase (see erasing.py's `settled`)
-        self._erased_by = 0
         #: "full" waits for the WAL flush of every commit; "normal" lets PostgreSQL flush a
         #: moment later (synchronous_commit off: a database crash may lose the last commits)
         self._synchronous_commit = "on" if settings.synchronous == "full" else "off"
@@ -777,15 +775,13 @@ class PostgresStorage:
         async with self._transaction() as conn:
             # Every body is read (a backlog's, at most): longer than a statement may take.
             await conn.execute(LONG_WORK)
-            rows = await erasing.find_and_delete(conn, actor, ids, dry_run, _DESTINATION_JOURNEYS)
-            if rows and not dry_run:
-                self._erased_by = await erasing.erasing_xid(conn)
-        return rows
+            return await erasing.find_and_delete(conn, actor, ids, dry_run, _DESTINATION_JOURNEYS)
 
     async def compact(self) -> None:
         deadline = time.monotonic() + SETTLE_S
         async with self._connection() as conn:
-            while self._erased_by and not await erasing.settled(conn, self._erased_by):
+            since = await erasing.horizon(conn)
+            while not await erasing.settled(conn, since):
                 if time.monotonic() > deadline:
                     raise OutboxUnavailable(
                         "storage_busy",

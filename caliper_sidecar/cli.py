@@ -205,7 +205,7 @@ def _parser() -> argparse.ArgumentParser:
         "erase",
         "remove every event of one learner (its actor) from the outbox, the dead letters and "
         "the archives (safe while `run` is running); exit 0 removed, 1 nothing matched, "
-        "2 bad input, 3 removed but the outbox's WAL could not be truncated yet",
+        "2 bad input, 3 removed but the outbox's files not yet rewritten",
         _erase,
     )
     erase.add_argument(
@@ -560,7 +560,8 @@ def _on_dead_letters(args: argparse.Namespace, operation: str) -> tuple[int, lis
     return count, unknown
 
 
-#: `erase`'s exit status when the events were removed but the outbox's WAL still holds them
+#: `erase`'s exit status when the events were removed but the outbox's files may still hold
+#: their bytes (the rewrite or the WAL's truncation could not be done yet)
 ERASED_NOT_TRUNCATED = 3
 
 
@@ -593,7 +594,8 @@ def _erase(args: argparse.Namespace) -> int:
             only_archived = {i for a in archived.values() for i in a.ids if i} - found.ids
             if only_archived:
                 found += await outbox.erase(None, sorted(only_archived), dry_run=dry)
-            forgotten = dry or await outbox.forget_erased(compact=bool(found.ids))
+            # Even when nothing matched: a run after one that exited 3 finishes its job.
+            forgotten = dry or await outbox.forget_erased()
             return found, archived, forgotten
 
     found, archived, forgotten = asyncio.run(go())
@@ -607,15 +609,17 @@ def _erase(args: argparse.Namespace) -> int:
         dead_letters=found.dead_letters,
         archive_lines={name: a.total for name, a in archived.items()},
         delivered_to=found.delivered_to,
-        wal_truncated=forgotten,
+        in_flight=found.in_flight,
+        rewritten=forgotten,
     )
     print(_erase_report(digest, dry, found, archived, settings), end="")
     if not forgotten:
         print(
-            "caliper-sidecar: the events are removed, but the outbox's -wal file could not be "
-            "truncated while `run` kept reading it: their bytes may remain there until it is. "
-            "Run the same command again (it truncates the log even when nothing is left to "
-            "remove)",
+            "caliper-sidecar: the events are removed, but the outbox's files could not all be "
+            "rewritten yet (SQLite: `run` kept its -wal file in use; PostgreSQL: a session kept "
+            "a snapshot from before the erase, or a table locked): their bytes may remain "
+            "there until they are. Run the same command again: even with nothing left to "
+            "remove, it rewrites the outbox",
             file=sys.stderr,
         )
         return ERASED_NOT_TRUNCATED
@@ -664,10 +668,15 @@ def _erase_report(
         lines += [f"  {name:<{width}}  {n} event(s)" for name, n in sorted(elsewhere.items())]
     else:
         lines.append("already delivered: none outside the archives")
-    if found.waiting and not dry:
+    if settings.outbox.url and found.in_flight:
         lines.append(
-            "in flight: a batch a running `run` had claimed at that instant may still be "
-            "sent (it cannot be counted here); see docs/operators.md"
+            f"in flight: {found.in_flight} of the waiting event(s) were in a batch a replica "
+            "had claimed at that instant: they may still be sent; see docs/operators.md"
+        )
+    elif not settings.outbox.url and found.waiting and not dry:
+        lines.append(
+            "in flight: a batch `run` had claimed at that instant may still be sent (its "
+            "claims live in its memory: not counted here); see docs/operators.md"
         )
     return "\n".join(lines) + "\n"
 

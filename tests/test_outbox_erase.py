@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,24 @@ class TestSqliteFiles:
             assert erased.kept == 20
             assert await box.forget_erased()
             assert holding_the_learner(tmp_path, "outbox.db*") == []
+
+    async def test_a_reader_that_keeps_the_wal_makes_forget_erased_say_so(
+        self, tmp_path: Path
+    ) -> None:
+        """A reader holding a snapshot (as `run` may) keeps the WAL from being truncated:
+        forget_erased says so (False) after its tries; once the reader is gone it succeeds."""
+        async with open_test_outbox("sqlite", tmp_path) as box:
+            await box.append([learner_event(), other_event()])
+            await box.erase(LEARNER)
+            reader = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+            try:
+                reader.execute("BEGIN")
+                reader.execute("SELECT count(*) FROM events").fetchone()
+                await box.append([other_event()])  # the WAL now has frames the reader lacks
+                assert not await box.forget_erased(tries=2, pause_s=0.05)
+            finally:
+                reader.close()
+            assert await box.forget_erased(tries=2, pause_s=0.05)
 
 
 class TestPostgresFiles:

@@ -32,6 +32,8 @@ _ACTOR_IS: Final = """
 """
 #: what a selection by id gets: the ids as a JSON array (?2)
 _ID_IN: Final = "{id} IN (SELECT value FROM json_each(?2))"
+#: how long one truncating checkpoint waits for `run`'s readers to leave the WAL
+TRUNCATE_WAIT_MS: Final = 500
 #: `only_for` of a tombstone: no queue has that name, so every queue passes over it
 TOMBSTONE: Final = ""
 
@@ -151,6 +153,12 @@ def compact(conn: sqlite3.Connection) -> None:
 
 def truncate_wal(conn: sqlite3.Connection) -> bool:
     """Checkpoint the WAL into the file and truncate it to nothing; False when a reader
-    (a running `run`) kept part of it in use."""
-    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    (a running `run`) kept part of it in use for TRUNCATE_WAIT_MS. The caller tries again:
+    the connection's usual busy timeout (5 s) in each try made a refusal take minutes."""
+    (before,) = conn.execute("PRAGMA busy_timeout").fetchone()
+    conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_WAIT_MS}")
+    try:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(before)}")
     return not busy

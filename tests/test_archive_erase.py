@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from caliper_sidecar.delivery.archive import APPENDING, Archive, ArchivedEvent, hour_file
+import pytest
+
+from caliper_sidecar.delivery.archive import APPENDING, LOCK, Archive, ArchivedEvent, hour_file
 from caliper_sidecar.delivery.archive_erase import erase_from_archive
 
 from .conftest import make_event
@@ -156,3 +159,20 @@ class TestEraseFromArchive:
         lines = gzip_dc(directory)
         assert [e["id"] for e in lines] == [e["id"] for e in appended]
         assert traces(directory) == []
+
+    async def test_files_keep_their_owner(self, tmp_path: Path) -> None:
+        """Run as root (`sudo caliper-sidecar erase`), the rewrite keeps each file's owner and
+        gives a `.lock` it creates to the dir's owner: `run`, as the service's user, still
+        appends."""
+        if os.geteuid() != 0:
+            pytest.skip("only root can give files to another user")
+        directory = tmp_path / "archive"
+        async with Archive(directory, keep_days=0) as archive:
+            await archive.append(archived(HOUR, [other(), learner()]))
+        (directory / LOCK).unlink()
+        service = 65534  # nobody
+        for path in [directory, *directory.rglob("*")]:
+            os.chown(path, service, service)
+        await asyncio.to_thread(erase_from_archive, directory, LEARNER)
+        for path in [directory / hour_file(HOUR), directory / LOCK]:
+            assert (path.stat().st_uid, path.stat().st_gid) == (service, service), path.name

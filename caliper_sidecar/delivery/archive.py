@@ -410,9 +410,14 @@ def locked(dir: Path) -> Iterator[None]:
 
 
 def _lock(dir: Path) -> int:
-    """`.lock` opened and flocked exclusively: closing the fd lets it go."""
-    fd = os.open(dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """`.lock` opened and flocked exclusively: closing the fd lets it go. Created by `erase`
+    run as root, it is given to the dir's owner, whom `run` runs as (an flock needs only a
+    descriptor opened for reading, but opening needs the permission)."""
+    fd = os.open(dir / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        owner, mine = os.stat(dir), os.fstat(fd)
+        if (mine.st_uid, mine.st_gid) != (owner.st_uid, owner.st_gid) and os.geteuid() == 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError:
         os.close(fd)

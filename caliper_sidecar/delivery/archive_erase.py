@@ -116,11 +116,15 @@ def _erase_in_file(dir: Path, path: Path, actor: str, dry_run: bool) -> list[str
 
 def _replace(path: Path, data: bytes) -> None:
     """Write `data` as the file at `path`: a temporary file beside it, fsynced, renamed over
-    it, the dir fsynced; its mode kept (0600)."""
+    it, the dir fsynced; its mode (0600) and its owner kept (`sudo caliper-sidecar erase`:
+    `run`, as the service's user, must still append to it)."""
+    owner = path.stat()
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)
+            if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

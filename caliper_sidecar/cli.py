@@ -562,7 +562,7 @@ def _on_dead_letters(args: argparse.Namespace, operation: str) -> tuple[int, lis
 
 #: `erase`'s exit status when the events were removed but the outbox's files may still hold
 #: their bytes (the rewrite or the WAL's truncation could not be done yet)
-ERASED_NOT_TRUNCATED = 3
+ERASED_NOT_REWRITTEN = 3
 
 
 def _erase(args: argparse.Namespace) -> int:
@@ -623,7 +623,7 @@ def _erase(args: argparse.Namespace) -> int:
             "remove, it rewrites the outbox",
             file=sys.stderr,
         )
-        return ERASED_NOT_TRUNCATED
+        return ERASED_NOT_REWRITTEN
     if not found.ids and not any(a.total for a in archived.values()):
         print(
             "caliper-sidecar: no event of that actor in the outbox, its dead letters or the "

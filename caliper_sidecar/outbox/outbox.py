@@ -47,8 +47,8 @@ from caliper_sidecar.waits import wait_set
 
 #: told the running count of a long operation
 Progress = Callable[[int], None]
-#: how many times `forget_erased` tries, and how long it waits between tries: a running
-#: `run` reads in short statements, so a truncating checkpoint finds a moment within seconds
+#: how many times `forget_erased` tries, and how long it waits between tries: `run` reads in
+#: short statements, so a truncating checkpoint (or a rewrite) finds a moment within seconds
 ERASE_TRIES: Final = 20
 ERASE_PAUSE_S: Final = 0.5
 
@@ -354,11 +354,11 @@ class Outbox:
     async def forget_erased(
         self, compact: bool = True, tries: int = ERASE_TRIES, pause_s: float = ERASE_PAUSE_S
     ) -> bool:
-        """Make what `erase` removed unreadable in the storage's files: compact the tables
-        (unless `compact` is False), then empty the write-ahead log. A running `run` may hold
-        a snapshot that keeps the log for a moment: tried `tries` times, `pause_s` apart;
-        False when the log still could not be emptied (the erased events' bytes may be in it
-        until it is)."""
+        """Make what `erase` removed unreadable in the storage's files: rewrite the tables
+        (unless `compact` is False), then empty the write-ahead log. A running `run` (or a
+        replica) may keep the log in use, or a snapshot the rewrite must wait for, for a
+        moment: tried `tries` times, `pause_s` apart; False when it still could not be done
+        (the erased events' bytes may be in those files until it is)."""
         for _ in range(tries):
             try:
                 if compact:

@@ -491,15 +491,15 @@ class SqliteStorage:
         erase = functools.partial(
             erasing.erase_securely, actor=actor, ids=ids, dry_run=dry_run, now=steady_time()
         )
-        return await self._unlocked(erase)
+        return await self._outside_write(erase)
 
     async def compact(self) -> None:
-        await self._unlocked(erasing.compact)
+        await self._outside_write(erasing.compact)
 
     async def truncate_log(self) -> bool:
-        return await self._unlocked(erasing.truncate_wal)
+        return await self._outside_write(erasing.truncate_wal)
 
-    async def _unlocked(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
+    async def _outside_write(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
         """`work` on the writer's connection, outside `_write`'s transaction (it opens its
         own, or cannot run in one: VACUUM, a checkpoint)."""
         try:

@@ -668,7 +668,14 @@ def _erase_report(
         width = max(len(name) for name in elsewhere)
         lines += [f"  {name:<{width}}  {n} event(s)" for name, n in sorted(elsewhere.items())]
     else:
-        lines.append("already delivered: none outside the archives")
+        lines.append("already delivered: none outside the archives, as far as the outbox knows")
+    archived_only = {i for a in archived.values() for i in a.ids} - found.ids
+    if archived_only:
+        lines.append(
+            f"archives only: {len(archived_only)} event(s) the outbox no longer knows (delivered, "
+            "or dead-lettered, longer ago than outbox.dedupe_window_s): they went to every "
+            "destination configured then; erase them there too"
+        )
     if settings.outbox.url and found.in_flight:
         lines.append(
             f"in flight: {found.in_flight} of the waiting event(s) were in a batch a replica "

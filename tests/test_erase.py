@@ -244,3 +244,25 @@ class TestBadInput:
         assert "no event of that actor" in err
         assert "removed 0 event(s)" in out
         assert (archive_snapshot(archive), await outbox_numbers(config)) == before
+
+
+class TestArchiveOnly:
+    async def test_events_the_outbox_forgot_are_named_for_the_destinations(
+        self, platform: RunningFake, tmp_path: Path
+    ) -> None:
+        """An event the archive holds and the outbox no longer knows (delivered long ago)
+        is erased from the archive, and said to have gone to every destination then."""
+        outbox, archive = tmp_path / "outbox.db", tmp_path / "archive"
+        config = write_config(tmp_path / "sidecar.toml", platform, outbox, free_port())
+        with config.open("a") as f:
+            f.write(f'[[destinations]]\nname = "archive"\nkind = "archive"\ndir = "{archive}"\n')
+        async with open_test_outbox("sqlite", tmp_path) as box:
+            await box.append([NewEvent(e["id"], json.dumps(e).encode()) for e in [other()]])
+        old = [learner(True), learner(False)]
+        async with Archive(archive, keep_days=0) as a:
+            await a.append([ArchivedEvent(time.time(), json.dumps(e).encode()) for e in old])
+        code, out, err = await cli("erase", "--actor", LEARNER, "-c", str(config))
+        assert code == 0, err
+        assert "archive archive: removed 2 line(s)" in out
+        assert "archives only: 2 event(s) the outbox no longer knows" in out
+        assert traces(files_under(archive)) == []

@@ -186,7 +186,8 @@ class TestEraseBesideRun:
 
         # Nothing of the learner in any file the sidecar wrote.
         if backend == "postgres":
-            assert await relation_files_holding(url, *NEEDLES) == []
+            left = await relation_files_holding(url, *NEEDLES)
+            assert left == [], ", ".join(left)
         else:
             assert traces([p for p in outbox_files if p.exists()]) == []
         assert traces(files_under(archive)) == []

@@ -34,7 +34,8 @@ from caliper_sidecar.preflight import preflight, reconcile_unavailable
 from caliper_sidecar.presets import PROFILES
 
 if TYPE_CHECKING:
-    from caliper_sidecar.outbox import DestinationStats, Journey, Outbox
+    from caliper_sidecar.delivery.archive_erase import ArchiveErasure
+    from caliper_sidecar.outbox import DestinationStats, Erasure, Journey, Outbox
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,6 +266,23 @@ def _parser() -> argparse.ArgumentParser:
             + (" (WARNING: they are gone for good; list them first)" if name == "purge" else ""),
         )
         a.add_argument("--destination", metavar="NAME", help=DESTINATION_HELP)
+    erase = command(
+        sub,
+        "erase",
+        "remove every event of one learner (its actor) from the outbox, the dead letters and "
+        "the archives (safe while `run` is running); exit 0 removed, 1 nothing matched, "
+        "2 bad input, 3 removed but the outbox's files not yet rewritten",
+        _erase,
+    )
+    erase.add_argument(
+        "--actor",
+        required=True,
+        metavar="ID",
+        help="the learner: an event's `actor` when it is a string, else its `actor.id`",
+    )
+    erase.add_argument(
+        "--dry-run", action="store_true", help="print what would be removed; change nothing"
+    )
     return p
 
 
@@ -694,6 +712,135 @@ def _on_dead_letters(args: argparse.Namespace, operation: str) -> tuple[int, lis
     if unknown:
         print(f"not dead letters (nothing done): {', '.join(unknown)}", file=sys.stderr)
     return count, unknown
+
+
+#: `erase`'s exit status when the events were removed but the outbox's files may still hold
+#: their bytes (the rewrite or the WAL's truncation could not be done yet)
+ERASED_NOT_REWRITTEN = 3
+
+
+def _erase(args: argparse.Namespace) -> int:
+    """See docs/operators.md, "Erasing a learner"."""
+    import hashlib
+
+    import structlog
+
+    from caliper_sidecar.delivery.archive_erase import erase_from_archive
+
+    actor: str = args.actor
+    if not actor.strip():
+        raise ConfigError("--actor: empty; give the learner's id (an event's actor, or actor.id)")
+    settings = _settings(args)
+    configure_logging(settings.log.level, settings.log.format)
+    dry: bool = args.dry_run
+    archives = [d for d in settings.destinations if d.kind == "archive"]
+
+    async def go() -> tuple[Erasure, dict[str, ArchiveErasure], bool]:
+        async with _open_outbox(args, settings) as outbox:
+            # The queue first, so that no waiting event of the learner is archived (or sent)
+            # after its archive was read; then the archives; then, by id, the rows kept after
+            # delivery whose bodies are gone, which only an archive's lines tie to the learner.
+            found = await outbox.erase(actor, dry_run=dry)
+            archived = {
+                d.name: await asyncio.to_thread(erase_from_archive, Path(d.dir), actor, dry)
+                for d in archives
+            }
+            only_archived = {i for a in archived.values() for i in a.ids if i} - found.ids
+            if only_archived:
+                found += await outbox.erase(None, sorted(only_archived), dry_run=dry)
+            # Even when nothing matched: a run after one that exited 3 finishes its job.
+            forgotten = dry or await outbox.forget_erased()
+            return found, archived, forgotten
+
+    found, archived, forgotten = asyncio.run(go())
+    digest = hashlib.sha256(actor.encode()).hexdigest()[:16]
+    structlog.get_logger("sidecar.cli").info(
+        "erase",
+        actor_sha256=digest,
+        dry_run=dry,
+        waiting=found.waiting,
+        kept=found.kept,
+        dead_letters=found.dead_letters,
+        archive_lines={name: a.total for name, a in archived.items()},
+        delivered_to=found.delivered_to,
+        # SQLite's claims live in `run`'s memory: not known here.
+        in_flight=found.in_flight if settings.outbox.url else None,
+        rewritten=forgotten,
+    )
+    print(_erase_report(digest, dry, found, archived, settings), end="")
+    if not forgotten:
+        print(
+            "caliper-sidecar: the events are removed, but the outbox's files could not all be "
+            "rewritten yet (SQLite: `run` kept its -wal file in use; PostgreSQL: a session kept "
+            "a snapshot from before the erase, or a table locked): their bytes may remain "
+            "there until they are. Run the same command again: even with nothing left to "
+            "remove, it rewrites the outbox",
+            file=sys.stderr,
+        )
+        return ERASED_NOT_REWRITTEN
+    if not found.ids and not any(a.total for a in archived.values()):
+        print(
+            "caliper-sidecar: no event of that actor in the outbox, its dead letters or the "
+            "archives: nothing changed (an actor is matched exactly, as the event has it)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _erase_report(
+    digest: str,
+    dry: bool,
+    found: Erasure,
+    archived: dict[str, ArchiveErasure],
+    settings: Settings,
+) -> str:
+    """What `erase` removed where (or would, with --dry-run), for the operator."""
+    verb = "would remove" if dry else "removed"
+    lines = [f"erase: actor sha256:{digest}{' (dry run: nothing changed)' if dry else ''}"]
+    lines.append(
+        f"outbox: {verb} {found.events} event(s): {found.waiting} waiting, {found.kept} "
+        "no longer waiting (kept for deduplication and journeys)"
+    )
+    dead = sum(found.dead_letters.values())
+    per = ", ".join(f"{k} {v}" for k, v in sorted(found.dead_letters.items()))
+    lines.append(f"dead letters: {verb} {dead}{f' ({per})' if per else ''}")
+    for name, a in archived.items():
+        lines.append(
+            f"archive {name}: {verb} {a.total} line(s) from {len(a.lines)} file(s)"
+            + "".join(f"\n  {file}  {n}" for file, n in sorted(a.lines.items()))
+        )
+    kinds = {UPSTREAM: "caliper", **{d.name: d.kind for d in settings.destinations}}
+    elsewhere = {
+        name: n for name, n in found.delivered_to.items() if kinds.get(name) != "archive" and n
+    }
+    if elsewhere:
+        lines.append(
+            "already delivered: the sidecar cannot take these back; erase them at each "
+            "destination too:"
+        )
+        width = max(len(name) for name in elsewhere)
+        lines += [f"  {name:<{width}}  {n} event(s)" for name, n in sorted(elsewhere.items())]
+    else:
+        lines.append("already delivered: none outside the archives, as far as the outbox knows")
+    archived_only = {i for a in archived.values() for i in a.ids} - found.ids
+    if archived_only:
+        lines.append(
+            f"archives only: {len(archived_only)} event(s) the outbox no longer knows (delivered, "
+            "or dead-lettered, longer ago than outbox.dedupe_window_s): they went to every "
+            "destination configured then; erase them there too"
+        )
+    if settings.outbox.url and found.in_flight:
+        lines.append(
+            f"in flight: {found.in_flight} of the waiting event(s) were in a batch a replica "
+            "had claimed at that instant: they may still be sent; see docs/operators.md"
+        )
+    elif not settings.outbox.url and found.waiting and not dry:
+        lines.append(
+            "in flight: a batch `run` had claimed at that instant may still be sent (its "
+            "claims live in its memory: not counted here); see docs/operators.md"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _dead_at(journey: Journey | None, destination: str | None) -> bool:

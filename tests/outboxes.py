@@ -94,3 +94,24 @@ async def open_test_outbox(
         reconciling=reconciling,
     ) as box:
         yield box
+
+
+async def relation_files_holding(url: str, *needles: bytes) -> list[str]:
+    """The relation files of this database that hold any of these bytes, read by the server
+    itself (as superuser: `pg_read_binary_file`) once it has written every page out
+    (CHECKPOINT), named "relation (path)"."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CHECKPOINT")
+        relations = await conn.fetch(
+            "SELECT relname, pg_relation_filepath(oid) AS path FROM pg_class "
+            "WHERE pg_relation_filepath(oid) IS NOT NULL"
+        )
+        found = []
+        for row in relations:
+            data = await conn.fetchval("SELECT pg_read_binary_file($1::text)", row["path"])
+            if data and any(n in data for n in needles):
+                found.append(f"{row['relname']} ({row['path']})")
+        return found
+    finally:
+        await conn.close()

@@ -11,6 +11,17 @@ Which files `open` checks is kept in `.appending` beside them: a file is named t
 size, and that is fsynced before the file's first write; the list is emptied on close and
 started anew hourly. So a start after a crash reads what was written since, not the whole
 archive; without the list (a first start, an operator removed it) every file is read.
+
+`caliper-sidecar erase` rewrites files while `run` appends to them (archive_erase.py): a file
+then shrinks, and is another file (a new inode renamed over the old). Both sides take an
+exclusive `flock` on `.lock` in the dir, the archive for each append, repair and prune, the
+eraser for each file it rewrites: an append never meets a file half rewritten, and a rewrite
+never loses a member appended meanwhile. Two sizes would then be stale, and neither may act:
+`.appending`'s (repair would start reading inside a member and cut a whole file short), so
+the eraser adds a line `0 name` for each file it rewrote, and repair starts from the least
+size listed; and the size a failed append must cut a file back to, so that cut is made only
+on the file it was written to (same inode), never on the rewritten one (a larger size would
+pad it with zeros; the eraser already left out the torn member).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import asyncio
 import calendar
 import contextlib
 import errno
+import fcntl
 import gzip
 import os
 import re
@@ -41,6 +53,8 @@ log = structlog.get_logger("sidecar.delivery.archive")
 SUFFIX: Final = ".ndjson.gz"
 #: the files that may be torn, each after the size it had when it was first written to
 APPENDING: Final = ".appending"
+#: flocked by each append, repair and prune, and by `erase` for each file it rewrites
+LOCK: Final = ".lock"
 #: how long `.appending` grows before it is started anew (a start after a crash reads the
 #: members written since, so this bounds the work of a repair)
 APPENDING_SPAN_S: Final = 3600.0
@@ -167,8 +181,9 @@ class Archive:
         self._appending: int | None = None  # `.appending`, open while the archive is
         self._listed: set[str] = set()
         self._listed_since = 0.0
-        #: files an append failed to cut back, with the size they must return to first
-        self._cut_back: dict[str, int] = {}
+        #: files an append failed to cut back, with the size they must return to first and
+        #: the inode it was written to (a file `erase` rewrote since is left alone)
+        self._cut_back: dict[str, tuple[int, int]] = {}
 
     async def open(self) -> Archive:
         """Create the dir (0700) when missing and repair the files a crash may have torn;
@@ -220,34 +235,37 @@ class Archive:
             check_archive_directory(self.dir)
             for changed in _make_dirs(self.dir):
                 _fsync_dir(changed)
-            listed = self._read_list()
-            if listed is None:
-                listed = dict.fromkeys(self._hour_files(), 0)
-                if listed:
-                    log.info("archive_checking_every_file", files=len(listed))
-            for name, start in sorted(listed.items()):
-                try:
-                    size, kept = repair(self.dir / name, start)
-                except FileNotFoundError:
-                    continue  # created and cut back, or pruned, before the crash
-                if kept < size or not kept:
-                    log.warning(
-                        "archive_tail_cut", file=name, bytes_cut=size - kept, removed=not kept
-                    )
-            path = self.dir / APPENDING
-            created = not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            with locked(self.dir):
+                self._repair_and_list()
+
+    def _repair_and_list(self) -> None:
+        """Repair what `.appending` names (every file without it), then start it anew."""
+        listed = self._read_list()
+        if listed is None:
+            listed = dict.fromkeys(self._hour_files(), 0)
+            if listed:
+                log.info("archive_checking_every_file", files=len(listed))
+        for name, start in sorted(listed.items()):
             try:
-                os.ftruncate(fd, 0)
-                os.fsync(fd)
-                if created:
-                    _fsync_dir(self.dir)
-            except OSError:
-                os.close(fd)
-                raise
-            self._appending = fd
-            self._listed.clear()
-            self._listed_since = time.monotonic()
+                size, kept = repair(self.dir / name, start)
+            except FileNotFoundError:
+                continue  # created and cut back, or pruned, before the crash
+            if kept < size or not kept:
+                log.warning("archive_tail_cut", file=name, bytes_cut=size - kept, removed=not kept)
+        path = self.dir / APPENDING
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+            if created:
+                _fsync_dir(self.dir)
+        except OSError:
+            os.close(fd)
+            raise
+        self._appending = fd
+        self._listed.clear()
+        self._listed_since = time.monotonic()
 
     def _append(self, events: Sequence[ArchivedEvent]) -> None:
         lines: dict[str, list[bytes]] = {}
@@ -260,8 +278,12 @@ class Archive:
         with self._mutex:
             if self._appending is None:
                 raise ArchiveUnavailable(f"archive dir {self.dir}: closed", self.dir)
-            written: list[tuple[str, int]] = []
+            written: list[tuple[str, int, int]] = []
             name = ""
+            try:
+                lock = _lock(self.dir)
+            except OSError as e:
+                raise self._unavailable(LOCK, e) from e
             try:
                 self._finish_cutting_back()
                 changed: set[Path] = set()
@@ -273,7 +295,8 @@ class Archive:
                     path = self.dir / name
                     fd, created = _open_for_append(path)
                     try:
-                        written.append((name, 0 if created else os.fstat(fd).st_size))
+                        st = os.fstat(fd)
+                        written.append((name, 0 if created else st.st_size, st.st_ino))
                         if created:
                             changed.add(path.parent)
                         _write_all(fd, members[name])
@@ -286,10 +309,12 @@ class Archive:
             except OSError as e:
                 self._cut_back_to(written)
                 raise self._unavailable(name, e) from e
+            finally:
+                os.close(lock)  # and the lock with it
 
     def _prune(self, cutoff: float) -> int:
         removed = 0
-        with self._mutex:
+        with self._mutex, locked(self.dir):
             for name in self._hour_files():
                 if _hour_start(name) + 3600 > cutoff:
                     continue
@@ -314,7 +339,8 @@ class Archive:
             if fd is None:
                 return
             try:
-                self._finish_cutting_back()
+                with locked(self.dir):
+                    self._finish_cutting_back()
                 os.ftruncate(fd, 0)
                 os.fsync(fd)
             except OSError as e:  # the next start checks the files named there
@@ -368,21 +394,23 @@ class Archive:
         except FileNotFoundError:
             return 0
 
-    def _cut_back_to(self, written: list[tuple[str, int]]) -> None:
+    def _cut_back_to(self, written: list[tuple[str, int, int]]) -> None:
         """Undo a failed append's writes; a file that cannot be cut now is cut before the
         next append writes anything."""
-        for name, size in written:
-            self._cut_back[name] = size
+        for name, size, inode in written:
+            self._cut_back[name] = (size, inode)
         try:
             self._finish_cutting_back()
         except OSError as e:
             log.error("archive_cut_back_failed", files=sorted(self._cut_back), error=_cause(e))
 
     def _finish_cutting_back(self) -> None:
-        for name, size in sorted(self._cut_back.items()):
+        for name, (size, inode) in sorted(self._cut_back.items()):
             path = self.dir / name
             try:
-                if size:
+                if path.stat().st_ino != inode:
+                    pass  # rewritten by `erase` since, without the torn member
+                elif size:
                     with path.open("r+b") as f:
                         f.truncate(size)
                         os.fsync(f.fileno())
@@ -400,6 +428,33 @@ class Archive:
             self.dir / name if name else self.dir,
             error.errno,
         )
+
+
+@contextlib.contextmanager
+def locked(dir: Path) -> Iterator[None]:
+    """Hold the archive dir's `.lock` exclusively (see the module): the files are not
+    written by anyone else meanwhile."""
+    fd = _lock(dir)
+    try:
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+def _lock(dir: Path) -> int:
+    """`.lock` opened and flocked exclusively: closing the fd lets it go. Created by `erase`
+    run as root, it is given to the dir's owner, whom `run` runs as (an flock needs only a
+    descriptor opened for reading, but opening needs the permission)."""
+    fd = os.open(dir / LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        owner, mine = os.stat(dir), os.fstat(fd)
+        if (mine.st_uid, mine.st_gid) != (owner.st_uid, owner.st_gid) and os.geteuid() == 0:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _hour_start(name: str) -> int:

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Final
 
 from caliper_sidecar.config import UPSTREAM, OutboxSettings
 from caliper_sidecar.exceptions import OutboxUnavailable
@@ -33,6 +34,7 @@ from caliper_sidecar.outbox.records import (
     DestinationPart,
     DestinationPlan,
     DestinationStats,
+    Erasure,
     Journey,
     Mark,
     NewEvent,
@@ -49,6 +51,10 @@ from caliper_sidecar.waits import wait_set
 
 #: told the running count of a long operation
 Progress = Callable[[int], None]
+#: how many times `forget_erased` tries, and how long it waits between tries: `run` reads in
+#: short statements, so a truncating checkpoint (or a rewrite) finds a moment within seconds
+ERASE_TRIES: Final = 20
+ERASE_PAUSE_S: Final = 0.5
 
 
 class Outbox:
@@ -357,6 +363,43 @@ class Outbox:
                 self.wake()
             if progress is not None:
                 progress(done)
+
+    # -- erasing a learner -------------------------------------------------------------------
+
+    async def erase(
+        self, actor: str | None, ids: Sequence[str] = (), dry_run: bool = False
+    ) -> Erasure:
+        """Remove the events whose actor is `actor` (the `actor` string, or `actor.id`; None:
+        by id alone) or whose id is in `ids`, from the queue (waiting and kept) and the dead
+        letters of every destination, in one transaction; with `dry_run`, only count them.
+        No queue sends a removed event afterwards, except a batch a sender had already
+        claimed at that instant (it holds the bodies in memory). Their bytes may still be in
+        the storage's free space and log until `forget_erased`."""
+        if actor is not None and not actor:
+            raise ValueError("an empty actor matches no event")
+        rows = await self.storage.erase_events(actor, [canonical_id(i) for i in ids], dry_run)
+        return Erasure.of(rows)
+
+    async def forget_erased(
+        self, compact: bool = True, tries: int = ERASE_TRIES, pause_s: float = ERASE_PAUSE_S
+    ) -> bool:
+        """Make what `erase` removed unreadable in the storage's files: rewrite the tables
+        (unless `compact` is False), then empty the write-ahead log. A running `run` (or a
+        replica) may keep the log in use, or a snapshot the rewrite must wait for, for a
+        moment: tried `tries` times, `pause_s` apart; False when it still could not be done
+        (the erased events' bytes may be in those files until it is)."""
+        for _ in range(tries):
+            try:
+                if compact:
+                    await self.storage.compact()
+                    compact = False
+                if await self.storage.truncate_log():
+                    return True
+            except OutboxUnavailable as e:
+                if e.reason not in ("busy", "storage_busy"):
+                    raise
+            await asyncio.sleep(pause_s)
+        return False
 
     # -- processing confirmation -----------------------------------------------------------
 

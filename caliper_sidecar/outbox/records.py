@@ -395,6 +395,75 @@ def dead_journey(dead: DeadLetter, sensor: str | None, sender: str | None) -> Jo
     )
 
 
+#: what `Storage.erase_events` found, one row per place: (event id, "event" or
+#: "dead_letter", destination ("upstream" or a [[destinations]] name), state there:
+#: "waiting", "in_flight" (waiting, in a batch a sender had claimed: it may still go, where
+#: the storage can see others' claims), "delivered" or "dead_lettered"); an event in the queue
+#: table has a row for each queue it is meant for
+ErasedRow = tuple[str, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What erasing one learner's events found in the outbox (and removed, unless a dry run):
+    the events' ids; how many were in the queue table still waiting for some queue, and how
+    many only kept there after delivery (for deduplication and the journeys); dead letters
+    by destination; how many each destination, [upstream] included, had already taken
+    (those must be erased there too); and how many of the waiting ones a sender had claimed
+    at that instant (they may still go: PostgreSQL's leases say so; SQLite's claims live in
+    `run`'s memory, where another process cannot count them)."""
+
+    ids: frozenset[str] = frozenset()
+    waiting: int = 0
+    kept: int = 0
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    delivered_to: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+
+    @classmethod
+    def of(cls, rows: Sequence[ErasedRow]) -> Erasure:
+        """Counted from the rows `Storage.erase_events` returns."""
+        queued: dict[str, set[str]] = {}
+        dead: dict[str, int] = {}
+        delivered: dict[str, int] = {}
+        for id_, place, destination, state in rows:
+            if place == "dead_letter":
+                dead[destination] = dead.get(destination, 0) + 1
+                continue
+            queued.setdefault(id_, set()).add(state)
+            if state == "delivered":
+                delivered[destination] = delivered.get(destination, 0) + 1
+        waiting = sum(1 for states in queued.values() if states & {"waiting", "in_flight"})
+        return cls(
+            ids=frozenset(r[0] for r in rows),
+            waiting=waiting,
+            kept=len(queued) - waiting,
+            dead_letters=dead,
+            delivered_to=delivered,
+            in_flight=sum(1 for states in queued.values() if "in_flight" in states),
+        )
+
+    def __add__(self, other: Erasure) -> Erasure:
+        """Both erasures' counts (of disjoint events: an id pass after the actor's)."""
+
+        def summed(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in sorted({*a, *b})}
+
+        return Erasure(
+            ids=self.ids | other.ids,
+            waiting=self.waiting + other.waiting,
+            kept=self.kept + other.kept,
+            dead_letters=summed(self.dead_letters, other.dead_letters),
+            delivered_to=summed(self.delivered_to, other.delivered_to),
+            in_flight=self.in_flight + other.in_flight,
+        )
+
+    @property
+    def events(self) -> int:
+        """Events found in the queue table."""
+        return self.waiting + self.kept
+
+
 @dataclass(frozen=True, slots=True)
 class PlatformJobOutcome:
     """What a finished platform job said: the events it processed (id -> the platform's own id;

@@ -22,6 +22,7 @@ from caliper_sidecar.outbox.records import (
     DestinationAck,
     DestinationPlan,
     DestinationStats,
+    ErasedRow,
     Mark,
     PlatformJobOutcome,
     Replay,
@@ -171,6 +172,28 @@ class Storage(Protocol):
         """(id, destination, state "waiting" or "delivered", attempts, last_error) for these
         ids and every configured destination, for events still in the queue table (a
         destination's dead letters come with `journey_rows`)."""
+
+    # -- erasing a learner ---------------------------------------------------------------
+
+    async def erase_events(
+        self, actor: str | None, ids: Sequence[str], dry_run: bool
+    ) -> list[ErasedRow]:
+        """In one transaction: find the events whose `actor` (the string, or `actor.id`) is
+        `actor`, or whose id is in `ids`, in the queue table and the dead letters (every
+        destination's), and unless `dry_run` delete them, with what journeys are built from
+        (attempts, the ids an app's job lists), so that no queue sends them afterwards. Deleted
+        content is overwritten where the backend can (SQLite's secure_delete). Rows of
+        ErasedRow, with each event's state in each queue as the transaction found it."""
+
+    async def compact(self) -> None:
+        """Rewrite the outbox's tables so that no free space in their files still holds
+        deleted content (SQLite: VACUUM; PostgreSQL: VACUUM FULL of the tables erase deletes
+        from). OutboxUnavailable("busy"/"storage_busy") when it cannot now."""
+
+    async def truncate_log(self) -> bool:
+        """Empty the write-ahead log the sidecar's own files keep (SQLite's -wal, by a
+        truncating checkpoint); False when a reader's snapshot prevents it now. PostgreSQL's
+        WAL is the server's: nothing to do."""
 
     async def job_ids_sent_in(self, platform_job: str) -> list[str]:
         """See `Outbox.job_ids_sent_in`."""

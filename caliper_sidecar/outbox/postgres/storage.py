@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from caliper_sidecar.exceptions import (
     storage_error,
 )
 from caliper_sidecar.outbox.batching import fill_batch
-from caliper_sidecar.outbox.postgres import reconciling, writes
+from caliper_sidecar.outbox.postgres import erasing, reconciling, writes
 from caliper_sidecar.outbox.postgres.bodies import Partitions, bodies_of
 from caliper_sidecar.outbox.postgres.listen import Listener
 from caliper_sidecar.outbox.postgres.replicas import join
@@ -73,6 +74,7 @@ from caliper_sidecar.outbox.records import (
     DestinationAck,
     DestinationPlan,
     DestinationStats,
+    ErasedRow,
     Mark,
     PlatformJobOutcome,
     Replay,
@@ -83,6 +85,9 @@ from caliper_sidecar.outbox.storage import TOTALS
 log = structlog.get_logger("sidecar.outbox")
 
 POOL_SIZE: Final = 8
+#: how long `compact` waits for the sessions that may still see erased rows (theirs are short
+#: statements; the caller tries again after that)
+SETTLE_S: Final = 5.0
 _DISK_FULL: Final = "53100"
 #: lock_timeout and statement_timeout (see postgres_sessions)
 _TIMED_OUT: Final = frozenset({"55P03", "57014"})
@@ -828,6 +833,39 @@ class PostgresStorage:
                 job,
                 reason[:1024],
             )
+
+    # -- erasing a learner (erasing.py) -----------------------------------------------------
+
+    async def erase_events(
+        self, actor: str | None, ids: Sequence[str], dry_run: bool
+    ) -> list[ErasedRow]:
+        async with self._transaction() as conn:
+            # Every body is read (a backlog's, at most): longer than a statement may take.
+            await conn.execute(LONG_WORK)
+            return await erasing.find_and_delete(conn, actor, ids, dry_run, _DESTINATION_JOURNEYS)
+
+    async def compact(self) -> None:
+        deadline = time.monotonic() + SETTLE_S
+        async with self._connection() as conn:
+            since = await erasing.horizon(conn)
+            while not await erasing.settled(conn, since):
+                if time.monotonic() > deadline:
+                    raise OutboxUnavailable(
+                        "storage_busy",
+                        "a session of the database still holds a snapshot from before the erase",
+                    )
+                await asyncio.sleep(0.05)
+            # As long as copying the tables takes; a lock still waits at most lock_timeout
+            # (the replicas' statements go on; the caller tries again).
+            await conn.execute("SET statement_timeout = 0")
+            try:
+                await erasing.compact(conn)
+            finally:
+                await conn.execute("RESET statement_timeout")
+
+    async def truncate_log(self) -> bool:
+        """PostgreSQL's WAL is the server's: it recycles its segments at checkpoints."""
+        return True
 
     async def journey_rows(
         self, ids: list[str]

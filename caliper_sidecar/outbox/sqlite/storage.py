@@ -37,12 +37,13 @@ from caliper_sidecar.outbox.records import (
     DestinationAck,
     DestinationPlan,
     DestinationStats,
+    ErasedRow,
     Mark,
     PlatformJobOutcome,
     Replay,
     StoredEvent,
 )
-from caliper_sidecar.outbox.sqlite import destinations, reconciling, writes
+from caliper_sidecar.outbox.sqlite import destinations, erasing, reconciling, writes
 from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.outbox.sqlite.writer import PRAGMAS, Writer
 from caliper_sidecar.outbox.storage import TOTALS
@@ -541,6 +542,30 @@ class SqliteStorage:
             (json.dumps(ids),),
         )
         return list(await cur.fetchall())
+
+    # -- erasing a learner (erasing.py) -----------------------------------------------------
+
+    async def erase_events(
+        self, actor: str | None, ids: Sequence[str], dry_run: bool
+    ) -> list[ErasedRow]:
+        erase = functools.partial(
+            erasing.erase_securely, actor=actor, ids=ids, dry_run=dry_run, now=steady_time()
+        )
+        return await self._outside_write(erase)
+
+    async def compact(self) -> None:
+        await self._outside_write(erasing.compact)
+
+    async def truncate_log(self) -> bool:
+        return await self._outside_write(erasing.truncate_wal)
+
+    async def _outside_write(self, work: Callable[[sqlite3.Connection], _R]) -> _R:
+        """`work` on the writer's connection, outside `_write`'s transaction (it opens its
+        own, or cannot run in one: VACUUM, a checkpoint)."""
+        try:
+            return await self._writer.run(work)
+        except sqlite3.Error as e:
+            raise await self._storage_failure(e) from e
 
     # -- processing confirmation -----------------------------------------------------------
 

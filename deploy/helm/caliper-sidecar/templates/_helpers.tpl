@@ -1,15 +1,9 @@
-{{/* The release's name for its objects, at most 63 characters (a DNS label). */}}
+{{/*
+The objects' name: the release's (`helm install classroom-relay …` makes the StatefulSet
+classroom-relay and its pod classroom-relay-0), at most 63 characters (a DNS label).
+*/}}
 {{- define "caliper-sidecar.fullname" -}}
-{{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
-{{- else -}}
-{{- $name := default .Chart.Name .Values.nameOverride -}}
-{{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
-{{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
-{{- end -}}
-{{- end -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "caliper-sidecar.selectorLabels" -}}

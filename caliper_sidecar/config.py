@@ -14,11 +14,12 @@ the environment by name (`SIDECAR_DESTINATIONS_<NAME>_<KEY>`), its errors naming
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, cast, get_args, get_origin
 
@@ -508,7 +509,8 @@ def load_settings(
     for section, table in raw.items():
         if section not in SECTIONS:
             known = ", ".join([*SECTIONS, "[destinations]"])
-            raise ConfigError(f"unknown section [{section}] (known: {known})")
+            hint = did_you_mean(section, [*SECTIONS, "destinations"])
+            raise ConfigError(f"unknown section [{section}]{hint} (known: {known})")
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table")
         for key, value in table.items():
@@ -530,6 +532,8 @@ def load_settings(
         values[section][key] = _convert(section, target, value, var, lax=True)
         origins[(section, key)] = f"environment {var}"
 
+    if path is not None:
+        _relative_to_the_file(values, Path(path), origins)
     _resolve_secret_files(values, origins)
     _apply_preset(values, origins)
     if "tokens" in values["receiver"]:
@@ -576,13 +580,48 @@ def _types_of(cls: type[msgspec.Struct]) -> dict[str, Any]:
     return {f.name: f.type for f in msgspec.structs.fields(cls)}
 
 
+#: the keys that name files, as (section, key)
+PATH_KEYS: Final = frozenset(
+    {
+        ("outbox", "path"),
+        ("receiver", "tls_cert"),
+        ("receiver", "tls_key"),
+        ("oauth", "private_key_file"),
+        *((section, f"{key}_file") for section, key in SECRETS),
+    }
+)
+
+
+def _relative_to_the_file(values: dict[str, dict[str, Any]], path: Path, origins: Origins) -> None:
+    """Relative paths written in the configuration file are relative to its directory, so
+    that any command given `-c` finds the same files from anywhere; so is the default outbox
+    (`data/outbox.db`) of a configuration given by file. A value from the environment stays
+    relative to the working directory, as a shell would take it."""
+    base = path.absolute().parent
+    for section, key in PATH_KEYS:
+        value = values[section].get(key)
+        if key not in values[section] and (section, key) == ("outbox", "path"):
+            value = OutboxSettings().path
+        elif not origins.get((section, key), "").startswith("file "):
+            continue
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            values[section][key] = str(base / value)
+
+
 def _target_key(section: str, key: str, where: str) -> str:
     """The settings field a key sets: itself, or the secret behind a `<secret>_file` key."""
     if key in _types(section):
         return key
     if key.endswith("_file") and (section, key.removesuffix("_file")) in SECRETS:
         return key
-    raise ConfigError(f"unknown key {where}")
+    known = [*_types(section), *(f"{k}_file" for s, k in SECRETS if s == section)]
+    raise ConfigError(f"unknown key {where}{did_you_mean(key, known)}")
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """`; did you mean X?` for the closest of `known` to a mistyped word, or nothing."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _from_env(section: str, key: str, text: str) -> Any:
@@ -781,10 +820,14 @@ def _destinations_of(raw: Any, path: Path, origins: Origins) -> list[dict[str, A
                 label = f"{where}.oauth.{oauth_key}"
                 _set_oauth_value(destination, oauth_key, oauth_value, label)
                 origins[(f"{where}.oauth", oauth_key)] = origin
-        if destination.get("dir"):
-            # Relative to the file, so that any command given `-c` finds the same directory
-            # from anywhere; the file's other paths are still relative to the working directory.
-            destination["dir"] = str(path.absolute().parent / destination["dir"])
+        for key in ("dir", "bearer_token_file"):
+            # Relative to the file, as the file's other paths (_relative_to_the_file).
+            if destination.get(key):
+                destination[key] = str(path.absolute().parent / destination[key])
+        for key in ("client_secret_file", "private_key_file"):
+            if destination.get("oauth", {}).get(key):
+                oauth = destination["oauth"]
+                oauth[key] = str(path.absolute().parent / oauth[key])
         destinations.append(destination)
     return destinations
 
@@ -822,7 +865,8 @@ def _set_destination_value(
     (the key, or the environment variable) when no destination has it, or not this kind."""
     kind = _DESTINATION_VALUES.get(key)
     if kind is None and key.removesuffix("_file") not in DESTINATION_SECRETS:
-        raise ConfigError(f"unknown key {label}")
+        hint = did_you_mean(key, [*_DESTINATION_VALUES, "bearer_token_file"])
+        raise ConfigError(f"unknown key {label}{hint}")
     _of_kind(destination, key.removesuffix("_file"), label)
     destination[key] = _convert_to(kind or str, value, label, lax)
 
@@ -833,7 +877,8 @@ def _set_oauth_value(
     """Set a key of a destination's [destinations.oauth] table, shaped as [oauth]."""
     kind = _OAUTH_VALUES.get(key)
     if kind is None and key != "client_secret_file":
-        raise ConfigError(f"unknown key {label}")
+        hint = did_you_mean(key, [*_OAUTH_VALUES, "client_secret_file"])
+        raise ConfigError(f"unknown key {label}{hint}")
     destination.setdefault("oauth", {})[key] = _convert_to(kind or str, value, label, lax)
 
 
@@ -1056,8 +1101,8 @@ def is_secret(table: str, key: str) -> bool:
 
 #: said above what check-config prints of `[[destinations]]`
 _DESTINATIONS_RESTART: Final = (
-    "# a destination added or removed, or any key of one changed, needs a restart: SIGHUP "
-    "does not apply a destination's keys yet (docs/operators.md)"
+    "# a destination added or removed, or its endpoint, sensor, dir or OAuth client changed, "
+    "needs a restart; its secrets and tuning a SIGHUP applies (docs/operators.md)"
 )
 
 

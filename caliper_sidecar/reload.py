@@ -1,25 +1,28 @@
 """SIGHUP: apply what may change without a restart, without refusing a request.
 
-Reloaded: the sender tokens (`receiver.tokens`, `receiver.tokens_file`), the TLS certificate and
-key (new connections get the new ones: the live SSL context loads them), `admin.token` and
-`log.level`. The routes read the settings at each request, so swapping them is the whole
-switch. A reload that fails (an unreadable file, a bad certificate, a wrong key) changes
-nothing and says why, and so does one that would leave fewer kinds of protection than are in
-force (no sender tokens where there were some, no admin token where there was one): a file read
-while it is rewritten must not switch a protection off; that takes a restart. Other keys changed
-in the file are named as needing a restart (docs/operators.md).
+Reloaded (RELOADED, and each destination's DESTINATION_RELOADABLE): the sender tokens, the TLS
+certificate and key (new connections get the new ones: the live SSL context loads them),
+`admin.token`, `log.level`, `receiver.cors_origins` and `receiver.server_names`,
+`validation.mode`, `retry.*`, and what a rotation or a tuning changes: the OAuth client secret
+or private key, a static bearer token, and the batching, concurrency and timeout of
+`[upstream]` and of each destination. The routes read the settings at each request, so swapping
+them is their switch; the dispatchers and token sources are handed theirs (`retune`,
+`rotate`): the next claim, send or token request uses them, sends in flight finish as they
+are.
 
-`[[destinations]]` are told apart by name (destination_changes): a destination added or
-removed, or a key of one changed that is not in DESTINATION_RELOADABLE (its secrets, its
-tuning), needs a restart. Nothing applies the reloadable ones yet, so they are named as needing
-a restart too, until the dispatcher takes them.
+A reload that fails (an unreadable file, a bad certificate or private key) changes nothing and
+says why, and so does one that would leave fewer kinds of protection than are in force (no
+sender tokens where there were some, no admin token where there was one): a file read while it
+is rewritten must not switch a protection off; that takes a restart. Keys that decide where
+events go (the platform, endpoints, token URLs, `outbox.*`, destinations added or removed) are
+named as needing a restart (docs/operators.md).
 """
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import msgspec
@@ -29,24 +32,62 @@ from caliper_sidecar.config import (
     DESTINATION_RELOADABLE,
     SECTIONS,
     DestinationSettings,
+    OAuthSettings,
     Settings,
 )
+from caliper_sidecar.delivery.upstream import UpstreamClient
 from caliper_sidecar.exceptions import SidecarError
 from caliper_sidecar.http.runtime import Runtime
 from caliper_sidecar.logs import set_level
-from caliper_sidecar.preflight import check_tls
+from caliper_sidecar.preflight import check_oauth_private_key, check_private_key, check_tls
 
 log = structlog.get_logger("sidecar.reload")
 
+#: the keys of [upstream] a SIGHUP applies (its tuning and its static token)
+UPSTREAM_RELOADED: Final = frozenset(
+    {"bearer_token", "batch_max_events", "batch_max_bytes", "linger_ms", "concurrency", "timeout_s"}
+)
 RELOADED: Final = frozenset(
     {
         ("receiver", "tokens"),
         ("receiver", "tls_cert"),
         ("receiver", "tls_key"),
+        ("receiver", "cors_origins"),
+        ("receiver", "server_names"),
         ("admin", "token"),
         ("log", "level"),
+        ("oauth", "client_secret"),
+        ("oauth", "private_key_file"),
+        ("validation", "mode"),
+        *(("retry", f.name) for f in msgspec.structs.fields(SECTIONS["retry"])),
+        *(("upstream", key) for key in UPSTREAM_RELOADED),
     }
 )
+#: the secrets among them: new ones are tried at once where the old ones were refused
+_SECRETS: Final = frozenset(
+    {("oauth", "client_secret"), ("oauth", "private_key_file"), ("upstream", "bearer_token")}
+)
+
+
+def restart_only() -> list[str]:
+    """Every key a SIGHUP does not apply, as `section.key` (what check-config names)."""
+    keys = [
+        f"{section}.{f.name}"
+        for section, kind in SECTIONS.items()
+        for f in msgspec.structs.fields(kind)
+        if (section, f.name) not in RELOADED
+    ]
+    keys += [
+        f"destinations[].{f.name}"
+        for f in msgspec.structs.fields(DestinationSettings)
+        if f.name not in DESTINATION_RELOADABLE and f.name != "oauth"
+    ]
+    keys += [
+        f"destinations[].oauth.{f.name}"
+        for f in msgspec.structs.fields(OAuthSettings)
+        if f"oauth.{f.name}" not in DESTINATION_RELOADABLE
+    ]
+    return [*keys, "destinations added or removed"]
 
 
 def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]) -> bool:
@@ -54,6 +95,9 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
     try:
         new = load()
         fresh_tls = check_tls(new)
+        check_private_key(new)
+        for index, d in enumerate(new.destinations):
+            check_oauth_private_key(d.oauth, f"destinations[{index}].oauth")
     except (SidecarError, OSError) as e:
         log.error("reload_failed", error=str(e), kept="the configuration as it was")
         return False
@@ -70,12 +114,8 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
         return False
     changed = _changed(old, new)
     destinations = destination_changes(old, new)
-    # The reloadable ones too: nothing applies a destination's keys at SIGHUP yet.
-    later = sorted(
-        [f"{s}.{k}" for s, k in changed - RELOADED]
-        + [*destinations.restart, *destinations.reloadable]
-    )
-    applied = sorted(f"{s}.{k}" for s, k in changed & RELOADED)
+    later = sorted([f"{s}.{k}" for s, k in changed - RELOADED] + [*destinations.restart])
+    applied = sorted([f"{s}.{k}" for s, k in changed & RELOADED] + [*destinations.reloadable])
     if (tls is None) != (fresh_tls is None):
         later.append("receiver.tls_cert (TLS turned on or off)")
     elif tls is not None:
@@ -83,20 +123,84 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
         # the listener already uses takes the pair, and new handshakes get it.
         tls.load_cert_chain(new.receiver.tls_cert, new.receiver.tls_key)
         applied = sorted({*applied, "receiver.tls_cert", "receiver.tls_key"})
-    rt.settings = msgspec.structs.replace(
-        old,
-        receiver=msgspec.structs.replace(
-            old.receiver,
-            tokens=new.receiver.tokens,
-            tls_cert=new.receiver.tls_cert if tls is not None else old.receiver.tls_cert,
-            tls_key=new.receiver.tls_key if tls is not None else old.receiver.tls_key,
-        ),
-        admin=msgspec.structs.replace(old.admin, token=new.admin.token),
-        log=msgspec.structs.replace(old.log, level=new.log.level),
-    )
+    merged = _merged(old, new, keep_tls=tls is None)
+    _retune(rt, merged, new_secrets=bool(changed & _SECRETS), destinations=destinations)
+    rt.use_settings(merged)
     set_level(new.log.level)
-    log.warning("reloaded", applied=applied, needs_restart=later)
+    log.info("reloaded", applied=applied, needs_restart=later)
     return True
+
+
+def _merged(old: Settings, new: Settings, keep_tls: bool) -> Settings:
+    """The running settings with what a SIGHUP applies taken from the new ones."""
+
+    def take(section: str) -> Any:
+        before, after = getattr(old, section), getattr(new, section)
+        keys = {k for s, k in RELOADED if s == section}
+        if keep_tls and section == "receiver":
+            keys -= {"tls_cert", "tls_key"}
+        return msgspec.structs.replace(before, **{k: getattr(after, k) for k in keys})
+
+    theirs = {d.name: d for d in new.destinations}
+    return msgspec.structs.replace(
+        old,
+        **{section: take(section) for section in {s for s, _ in RELOADED}},
+        destinations=tuple(
+            _merged_destination(d, theirs[d.name]) if d.name in theirs else d
+            for d in old.destinations
+        ),
+    )
+
+
+def _merged_destination(old: DestinationSettings, new: DestinationSettings) -> DestinationSettings:
+    oauth = msgspec.structs.replace(
+        old.oauth,
+        **{
+            key.removeprefix("oauth."): getattr(new.oauth, key.removeprefix("oauth."))
+            for key in DESTINATION_RELOADABLE
+            if key.startswith("oauth.")
+        },
+    )
+    return msgspec.structs.replace(
+        old,
+        oauth=oauth,
+        **{k: getattr(new, k) for k in DESTINATION_RELOADABLE if not k.startswith("oauth.")},
+    )
+
+
+def _retune(
+    rt: Runtime, merged: Settings, new_secrets: bool, destinations: DestinationChanges
+) -> None:
+    """Hand the dispatchers and token sources their new settings."""
+    upstream = merged.upstream
+    if rt.tokens is not None:
+        rt.tokens.rotate(merged.oauth, upstream.bearer_token, upstream.timeout_s)
+    if rt.dispatcher is not None:
+        rt.dispatcher.retune(upstream, merged.retry)
+        sender = rt.dispatcher.sender
+        if isinstance(sender, UpstreamClient):
+            sender.retune(upstream.timeout_s)
+            rt.max_event_bytes = upstream.batch_max_bytes - sender.overhead
+        if new_secrets:
+            rt.dispatcher.credentials_changed()
+    theirs = {d.name: d for d in merged.destinations}
+    secrets_of = {key.split(".")[1] for key in destinations.reloadable if _is_secret(key)}
+    kept = []
+    for d in rt.destinations:
+        mine = theirs[d.settings.name]
+        d.dispatcher.retune(mine, merged.retry)
+        if isinstance(d.dispatcher.sender, UpstreamClient):
+            d.dispatcher.sender.retune(mine.timeout_s)
+        if d.tokens is not None:
+            d.tokens.rotate(mine.oauth, mine.bearer_token, mine.timeout_s)
+        if mine.name in secrets_of:
+            d.dispatcher.credentials_changed()
+        kept.append(replace(d, settings=mine))
+    rt.destinations = tuple(kept)
+
+
+def _is_secret(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in ("bearer_token", "client_secret", "private_key_file")
 
 
 def _protections_lost(old: Settings, new: Settings) -> list[str]:

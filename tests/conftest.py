@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,9 +166,11 @@ async def custom(platform: RunningFake, tmp_path: Path) -> AsyncIterator[StartSi
 # -- the real CLI in a subprocess ---------------------------------------------------------
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
-    """`python -m caliper_sidecar ARGS...` to its end: exit code, stdout, stderr."""
+async def cli(*args: str, wrap: Sequence[str] = ()) -> tuple[int, str, str]:
+    """`python -m caliper_sidecar ARGS...` to its end (under `wrap`, as SidecarProcess):
+    exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
+        *wrap,
         sys.executable,
         "-m",
         "caliper_sidecar",
@@ -223,7 +225,8 @@ def write_config(
 
 
 class SidecarProcess:
-    """`python -m caliper_sidecar run` in a subprocess, its logs in a file."""
+    """`python -m caliper_sidecar run` in a subprocess, its logs in a file; under `wrap`, a
+    command that execs the rest (a mount namespace of its own, as another machine's disk)."""
 
     def __init__(
         self,
@@ -232,6 +235,7 @@ class SidecarProcess:
         log: Path,
         env: dict[str, str] | None = None,
         max_files: int | None = None,
+        wrap: Sequence[str] = (),
     ):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log
@@ -242,7 +246,7 @@ class SidecarProcess:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "caliper_sidecar", "run", "-c", str(config)],
+            [*wrap, sys.executable, "-m", "caliper_sidecar", "run", "-c", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -33,6 +33,8 @@ from caliper_sidecar.delivery.archive import (
     Archive,
     ArchivedEvent,
     hour_file,
+    read_lines,
+    received_since,
 )
 from caliper_sidecar.exceptions import (
     ArchiveUnavailable,
@@ -217,6 +219,40 @@ class TestReaders:
                 f"SELECT n, id FROM read_json('{glob}', format = 'newline_delimited') ORDER BY n"
             ).fetchall()
         assert rows == [(n, f"urn:uuid:{n}") for n in range(len(filled))]
+
+    async def test_read_lines_gives_each_event_as_archived(
+        self, archive: Archive, filled: list[ArchivedEvent]
+    ) -> None:
+        """`read_lines` over the hour files gives every line, bodies as archived, in the order
+        appended within each file."""
+        lines = [line for name in hour_files(archive.dir) for line in read_lines(name)]
+        assert sorted(lines) == sorted(e.body for e in filled)
+        first_hour = [e.body for e in filled if e.received_at < BASE + HOUR]
+        assert list(read_lines(hour_files(archive.dir)[0])) == first_hour
+
+    async def test_read_lines_stops_at_a_member_not_complete(self, archive: Archive) -> None:
+        """A member being appended now (a running `run`), or torn, is not read: only the
+        complete members before it are, every one of their lines."""
+        await archive.append([event(0, BASE), event(1, BASE + 1)])
+        (path,) = hour_files(archive.dir)
+        whole = path.read_bytes()
+        member = gzip.compress(b'{"id": "urn:uuid:2"}\n', mtime=0)
+        for cut in (1, 10, len(member) - 1):
+            path.write_bytes(whole + member[:cut])
+            assert [json.loads(line)["n"] for line in read_lines(path)] == [0, 1]
+        path.write_bytes(whole + member)
+        assert len(list(read_lines(path))) == 3
+
+    async def test_received_since_skips_the_hours_before(self, archive: Archive) -> None:
+        """The files whose hour ended at or before a time are left out; the one it falls in
+        and the later ones are kept, oldest first."""
+        await archive.append([event(n, BASE + n * HOUR) for n in range(4)])
+        assert received_since(archive.dir, BASE + HOUR + 1800) == [
+            "2026/03/14/10.ndjson.gz",
+            "2026/03/14/11.ndjson.gz",
+            "2026/03/14/12.ndjson.gz",
+        ]
+        assert received_since(archive.dir, BASE + 4 * HOUR) == []
 
 
 class TestRepair:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -871,7 +872,8 @@ class TestDestinationsInCheckConfig:
         lines = out.stdout.splitlines()
         first = lines.index("[[destinations]]")
         assert "needs a restart" in lines[first - 1]
-        assert lines[first:] == (
+        last = lines.index(next(line for line in lines if line.startswith("# a SIGHUP applies")))
+        assert lines[first:last] == (
             [
                 "[[destinations]]",
                 f'name = "district-lrs"  # file {path}',
@@ -938,3 +940,76 @@ class TestDestinationsInCheckConfig:
             assert "c-1" in text
         assert redacted(s)["destinations"][0]["bearer_token"] == REDACTED
         assert redacted(s)["destinations"][1]["oauth"]["client_secret"] == REDACTED
+
+
+class TestPathsRelativeToTheFile:
+    """Relative paths in the file are relative to its directory, so any command given `-c`
+    finds the same files from anywhere; the environment's stay relative to the working
+    directory; the default outbox of a configuration given by file is beside the file."""
+
+    def test_the_files_paths_and_the_default_outbox(self, tmp_path: Path) -> None:
+        (tmp_path / "conf").mkdir()
+        (tmp_path / "conf" / "tokens").write_text("room-1 a-sender-token-0123456789\n")
+        path = tmp_path / "conf" / "sidecar.toml"
+        path.write_text(
+            '[receiver]\ntokens_file = "tokens"\ntls_cert = "tls/cert.pem"\ntls_key = "k.pem"\n'
+        )
+        s = load_settings(path, environ={})
+        assert s.outbox.path == str(tmp_path / "conf" / "data" / "outbox.db")
+        assert s.receiver.tls_cert == str(tmp_path / "conf" / "tls" / "cert.pem")
+        assert s.receiver.tokens == ("a-sender-token-0123456789",)
+        from_env = load_settings(path, environ={"SIDECAR_OUTBOX_PATH": "here.db"})
+        assert from_env.outbox.path == "here.db"
+        assert load_settings(None, environ={}).outbox.path == "data/outbox.db"
+
+    def test_a_destinations_files(self, tmp_path: Path) -> None:
+        (tmp_path / "token").write_text("lrs-token-0123456789\n")
+        path = write(
+            tmp_path,
+            UPSTREAM + LRS + 'bearer_token_file = "token"\n' + archive(directory="kept"),
+        )
+        lrs, kept = load_settings(path, environ={}).destinations
+        assert lrs.bearer_token == "lrs-token-0123456789"
+        assert kept.dir == str(tmp_path / "kept")
+
+    def test_outbox_stats_finds_the_outbox_from_anywhere(self, tmp_path: Path) -> None:
+        """The paper cut: `outbox stats -c /etc/…` run in another directory found no outbox."""
+        path = write(tmp_path, '[outbox]\npath = "box/outbox.db"\n' + UPSTREAM)
+        made = subprocess.run(
+            [sys.executable, "-m", "caliper_sidecar", "outbox", "stats", "--json", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+        assert made.returncode == 1, made.stderr  # no outbox yet: said, with its full path
+        assert str(tmp_path / "box" / "outbox.db") in made.stderr
+
+
+class TestDidYouMean:
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ('[upstream]\nendpont = "x"\n', "unknown key upstream.endpont; did you mean endpoint?"),
+            ("[reciever]\nport = 1\n", "unknown section [reciever]; did you mean receiver?"),
+            (
+                '[oauth]\nclient_secert_file = "x"\n',
+                "unknown key oauth.client_secert_file; did you mean client_secret_file?",
+            ),
+            (
+                '[[destinations]]\nname = "a"\nkind = "caliper"\nendpiont = "https://a/c"\n',
+                "did you mean endpoint?",
+            ),
+            ("[log]\nfromat = 1\n", "unknown key log.fromat; did you mean format?"),
+        ],
+    )
+    def test_a_mistyped_key_gets_a_suggestion(
+        self, tmp_path: Path, text: str, message: str
+    ) -> None:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_settings(write(tmp_path, text), environ={})
+
+    def test_no_suggestion_for_what_resembles_nothing(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError) as raised:
+            load_settings(write(tmp_path, "[upstream]\nzzz = 1\n"), environ={})
+        assert "did you mean" not in str(raised.value)

@@ -9,15 +9,17 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
+from unittest.mock import ANY
 
 import asyncpg
 import pytest
 
 from caliper_sidecar.exceptions import OutboxUnavailable
-from caliper_sidecar.outbox import DestinationPlan, NewEvent, Outbox
+from caliper_sidecar.outbox import DestinationPlan, Mark, NewEvent, Outbox, Replay
 from caliper_sidecar.outbox.postgres.room import Footprint
 from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, SCHEMA
 from caliper_sidecar.outbox.postgres.writes import store_events
+from caliper_sidecar.states import JourneyMark
 
 from .conftest import eventually, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
@@ -363,6 +365,161 @@ class TestLimits:
             await queue.acknowledge(flying.claim, flying.seqs)
             assert [e.id for e in flying.events] == [first[2].id]
             assert (await box.destination_stats("lrs")).waiting == 3
+
+
+async def deliver_everywhere(box: Outbox, *names: str) -> None:
+    """Every destination named, then [upstream] (whose acknowledgements prune), takes all."""
+    for name in names:
+        await deliver_all(box, name)
+    await deliver_all(box)
+
+
+class TestReplays:
+    async def test_delivered_everywhere_goes_again_only_where_named(
+        self, open_box: OpenBox
+    ) -> None:
+        """An event every queue has delivered, replayed for [upstream]: [upstream] sends it
+        again, once, body as given, and counts it waiting, then delivered, once more; the
+        destinations are left alone; its journey marks it replayed for upstream."""
+        async with open_box(destinations=plans("lrs", "archive")) as box:
+            sent = events(3)
+            await box.append(sent)
+            await deliver_everywhere(box, "lrs", "archive")
+            again = sent[1]
+            await box.replay([Replay(again.id, again.body, ("upstream",))])
+            stats = await box.stats()
+            assert (stats.events, stats.delivered_total) == (1, 2)
+            batch = await box.claim_batch(10, 1_000_000)
+            assert [(e.id, e.body) for e in batch.events] == [(again.id, again.body)]
+            await box.acknowledge(batch.claim, batch.seqs)
+            assert (await deliver_all(box, "lrs"), await deliver_all(box, "archive")) == ([], [])
+            stats = await box.stats()
+            assert (stats.events, stats.delivered_total) == (0, 3)
+            journey = (await box.journeys([again.id]))[again.id]
+            assert journey.state == "delivered"
+            assert [(m.what, m.destination, m.detail) for m in journey.marks] == [
+                ("replayed", "upstream", None)
+            ]
+            assert journey.marks[0].at is not None
+            assert (await box.journeys([sent[0].id]))[sent[0].id].marks == ()
+
+    async def test_delivered_at_a_destination_goes_there_again(self, open_box: OpenBox) -> None:
+        """Replayed for a destination that has it, the destination sends it again, once;
+        [upstream] is left alone. The mark says what the replay was for (reconciliation
+        sends what a destination lost again as `resent`)."""
+        async with open_box(destinations=plans("lrs", "archive")) as box:
+            sent = events(3)
+            await box.append(sent)
+            await deliver_everywhere(box, "lrs", "archive")
+            await box.replay([Replay(sent[0].id, sent[0].body, ("lrs",))], JourneyMark.RESENT)
+            assert await deliver_all(box, "lrs") == [sent[0].id]
+            assert (await deliver_all(box), await deliver_all(box, "archive")) == ([], [])
+            assert (await box.destination_stats("lrs")).delivered_total == 4
+            journey = (await box.journeys([sent[0].id]))[sent[0].id]
+            assert [(m.what, m.destination) for m in journey.marks] == [("resent", "lrs")]
+
+    async def test_an_event_gone_is_stored_again_for_the_named_queues_alone(
+        self, open_box: OpenBox
+    ) -> None:
+        """An event pruned from the outbox, replayed for [upstream] and a destination: each
+        sends it once, body as given; the other destination never."""
+        async with open_box(destinations=plans("lrs", "archive"), dedupe_window_s=0.05) as box:
+            box.prune_every_s = 0
+            (event,) = events(1)
+            await box.append([event])
+            await deliver_everywhere(box, "lrs", "archive")
+            await asyncio.sleep(0.2)
+            await box.append(events(1))
+            await deliver_everywhere(box, "lrs", "archive")  # prunes the first
+            assert await box.journeys([event.id]) == {}
+            await box.replay([Replay(event.id, event.body, ("upstream", "lrs"))])
+            batch = await box.claim_batch(10, 1_000_000)
+            assert [(e.id, e.body) for e in batch.events] == [(event.id, event.body)]
+            await box.acknowledge(batch.claim, batch.seqs)
+            assert await deliver_all(box, "lrs") == [event.id]
+            assert await deliver_all(box, "archive") == []
+            journey = (await box.journeys([event.id]))[event.id]
+            assert [(m.what, m.destination) for m in journey.marks] == [
+                ("replayed", "upstream"),
+                ("replayed", "lrs"),
+            ]
+
+    async def test_an_event_on_its_way_is_sent_once(self, open_box: OpenBox) -> None:
+        """Replayed while still waiting everywhere, an event is sent once to each queue."""
+        async with open_box(destinations=plans("lrs")) as box:
+            sent = events(2)
+            await box.append(sent)
+            await box.replay([Replay(e.id, e.body, ("upstream", "lrs")) for e in sent])
+            assert await deliver_all(box) == [e.id for e in sent]
+            assert await deliver_all(box, "lrs") == [e.id for e in sent]
+            assert (await box.stats()).events == 0
+
+    async def test_a_dead_letter_there_goes_back_and_is_taken(self, open_box: OpenBox) -> None:
+        """An event a destination dead-lettered, replayed for it: sent there again, and its
+        dead letter there is gone (it is on its way again)."""
+        async with open_box(destinations=plans("lrs")) as box:
+            (event,) = events(1)
+            await box.append([event])
+            await deliver_all(box)
+            theirs = await box.queue("lrs").claim_batch(10, 10_000)
+            await box.queue("lrs").dead_letter(theirs.claim, theirs.seqs, "refused", 400, "")
+            await box.replay([Replay(event.id, event.body, ("lrs",))])
+            assert await box.dead_letters(10) == []
+            assert await deliver_all(box, "lrs") == [event.id]
+            assert await deliver_all(box) == []
+
+    async def test_marks_go_with_the_event(self, open_box: OpenBox) -> None:
+        """Marks show in the journey, oldest first, until the event leaves the outbox; then
+        they are deleted with it."""
+        async with open_box(destinations=plans("lrs"), dedupe_window_s=0.05) as box:
+            box.prune_every_s = 0
+            (event,) = events(1)
+            await box.append([event])
+            await deliver_everywhere(box, "lrs")
+            await box.add_marks(
+                [Mark(event.id, "verified", "upstream"), Mark(event.id, "missing", "lrs", "why")]
+            )
+            journey = (await box.journeys([event.id]))[event.id]
+            assert [(m.what, m.destination, m.detail) for m in journey.marks] == [
+                ("verified", "upstream", None),
+                ("missing", "lrs", "why"),
+            ]
+            await asyncio.sleep(0.2)
+            await box.append(events(1))
+            await deliver_everywhere(box, "lrs")  # prunes the first
+            assert await box.journeys([event.id]) == {}
+            assert await box.storage.mark_rows([event.id]) == []
+
+    @pytest.mark.parametrize("first", [None, "lrs"])
+    async def test_both_dead_letters_of_a_pruned_event_go_back_once_each(
+        self, open_box: OpenBox, first: str | None
+    ) -> None:
+        """An event dead-lettered by [upstream] and by a destination, its row pruned since:
+        replayed (together, or the destination's first), each gets it again once (the second
+        queue takes over the row stored again for the first), and a third destination
+        never."""
+        async with open_box(destinations=plans("lrs", "other"), dedupe_window_s=0.05) as box:
+            box.prune_every_s = 0
+            (event,) = events(1)
+            await box.append([event])
+            mine = await box.claim_batch(10, 10_000)
+            await box.dead_letter(mine.claim, mine.seqs, "refused", 422, "no")
+            theirs = await box.queue("lrs").claim_batch(10, 10_000)
+            await box.queue("lrs").dead_letter(theirs.claim, theirs.seqs, "refused", 400, "")
+            await deliver_all(box, "other")
+            await asyncio.sleep(0.2)
+            await box.append(events(1))
+            await deliver_everywhere(box, "lrs", "other")  # prunes: every queue passed it
+            assert await box.journeys([event.id]) == {event.id: ANY}  # its dead letters
+            if first is not None:
+                assert await box.replay_dead_letters(None, destination=first) == 1
+                assert await box.replay_dead_letters(None) == 1
+            else:
+                assert await box.replay_dead_letters(None) == 2
+            assert await deliver_all(box) == [event.id]
+            assert await deliver_all(box, "lrs") == [event.id]
+            assert event.id not in await deliver_all(box, "other")
+            assert (await box.stats()).events == 0
 
 
 @contextlib.asynccontextmanager

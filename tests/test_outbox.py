@@ -197,6 +197,52 @@ class TestMigration:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         conn.close()
 
+    async def test_version_5_file_gains_marks(self, tmp_path: Path) -> None:
+        """A file of the release before marks migrates in place: waiting events (for
+        [upstream] and a destination), dead letters and totals kept; then events are
+        replayed and marked, and their journeys show it."""
+        from caliper_sidecar.outbox import DestinationPlan, Replay, open_outbox
+        from caliper_sidecar.outbox.sqlite.schema import MIGRATIONS, _statements
+
+        path = tmp_path / "v5.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        for migration in MIGRATIONS[:5]:
+            for statement in _statements(migration):
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 5")
+        waiting, dead = events(3), events(1)[0]
+        conn.executemany(
+            "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)",
+            [(e.id, e.body, len(e.body), time.time()) for e in waiting],
+        )
+        conn.execute("INSERT INTO destinations (name, position) VALUES ('lrs', 0)")
+        conn.execute(
+            "INSERT INTO dead_letters (id, body, received_at, reason, attempts, "
+            "dead_lettered_at) VALUES (?, ?, ?, 'refused', 1, ?)",
+            (dead.id, dead.body, time.time(), time.time()),
+        )
+        conn.close()
+
+        settings = OutboxSettings(path=str(path))
+        plans = [DestinationPlan("lrs")]
+        async with open_outbox(settings, exclusive=False, destinations=plans) as box:
+            stats = await box.stats()
+            assert (stats.events, stats.dead_letters, stats.dead_lettered_total) == (3, 1, 1)
+            assert (await box.destination_stats("lrs")).waiting == 3
+            batch = await box.claim_batch(10, 10_000)
+            assert [e.id for e in batch.events] == [e.id for e in waiting]
+            theirs = await box.queue("lrs").claim_batch(10, 10_000)
+            assert [e.id for e in theirs.events] == [e.id for e in waiting]
+            await box.replay([Replay(dead.id, dead.body, ("upstream",))])
+            journey = (await box.journeys([dead.id]))[dead.id]
+            assert [(m.what, m.destination) for m in journey.marks] == [("replayed", "upstream")]
+            assert (await box.stats()).dead_letters == 0
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        conn.close()
+
 
 class TestPruning:
     async def test_delivered_rows_pruned_after_the_window(self, tmp_path: Path) -> None:

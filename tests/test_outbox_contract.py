@@ -830,3 +830,58 @@ class TestPostgresUpgrade:
                 await box.acknowledge(batch.claim, batch.seqs)
                 waiting = await box.delivered_upstream(0, True, 10)
                 assert [r.id for r in waiting] == [e.id for e in later]
+
+    async def test_a_version_5_database_gains_marks(self) -> None:
+        """A database of the release before marks (schema version 5) holding an event that
+        waits for [upstream] and a destination migrates in place: nothing lost, totals
+        kept; then an event is replayed and marked, and its journey shows it."""
+        from caliper_sidecar.outbox import DestinationPlan, Mark, Replay
+        from caliper_sidecar.outbox.postgres.schema import MIGRATIONS, VERSION
+
+        with fresh_database() as url:
+            waiting = new_id()
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f"CREATE SCHEMA {SCHEMA}; SET search_path = {SCHEMA}")
+                for migration in MIGRATIONS[:5]:
+                    await conn.execute(migration)
+                await conn.execute(
+                    "CREATE TABLE schema_version (version integer NOT NULL);"
+                    "INSERT INTO schema_version VALUES (5);"
+                    f"CREATE TABLE bodies_0 PARTITION OF bodies FOR VALUES FROM (0) "
+                    f"TO ({BODIES_SPAN})"
+                )
+                # as version 5's ingest left it, with the destination at its start
+                await conn.execute(
+                    "INSERT INTO destinations (name, next) VALUES ('lrs', 1);"
+                    "SELECT setval('events_seq_seq', 1, false)"
+                )
+                await store_events(conn, [waiting], [b"{}"], [None], [None], None)
+            finally:
+                await conn.close()
+            settings = OutboxSettings(url=url)
+            plans = [DestinationPlan("lrs")]
+            async with open_outbox(settings, exclusive=False, destinations=plans) as box:
+                assert (await box.stats()).events == 1
+                assert (await box.destination_stats("lrs")).waiting == 1
+                mine = await box.claim_batch(10, 10_000)
+                assert [(e.id, e.body) for e in mine.events] == [(waiting, b"{}")]
+                theirs = await box.queue("lrs").claim_batch(10, 10_000)
+                assert [e.id for e in theirs.events] == [waiting]
+                await box.acknowledge(mine.claim, mine.seqs)
+                await box.queue("lrs").acknowledge(theirs.claim, theirs.seqs)
+                await box.replay([Replay(waiting, b"{}", ("upstream",))])
+                await box.add_marks([Mark(waiting, "verified", "lrs")])
+                journey = (await box.journeys([waiting]))[waiting]
+                assert [(m.what, m.destination) for m in journey.marks] == [
+                    ("replayed", "upstream"),
+                    ("verified", "lrs"),
+                ]
+                again = await box.claim_batch(10, 10_000)
+                assert [e.id for e in again.events] == [waiting]
+            conn = await asyncpg.connect(url)
+            try:
+                found = await conn.fetchval(f"SELECT max(version) FROM {SCHEMA}.schema_version")
+                assert found == VERSION
+            finally:
+                await conn.close()

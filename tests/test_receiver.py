@@ -400,3 +400,94 @@ class TestJsonEdges:
             "/v1/events", data=body, headers={"Content-Type": "application/json"}
         ) as resp:
             assert resp.status == 400
+
+
+class TestJsonLines:
+    """JSON Lines, one event a line, as log shippers send (Fluent Bit's json_lines, Vector's
+    ndjson): all or nothing, as an array is, each event stored exactly as its line."""
+
+    @pytest.mark.parametrize("content_type", ["application/x-ndjson", "application/jsonl"])
+    async def test_one_event_a_line(
+        self, client: aiohttp.ClientSession, fake: Any, content_type: str
+    ) -> None:
+        events = make_events(3)
+        lines = [json.dumps(e, ensure_ascii=False).encode() for e in events]
+        body = lines[0] + b"\r\n\n" + lines[1] + b"\n   \n" + lines[2]  # CRLF, blank lines
+        async with client.post(
+            "/v1/events", data=body, headers={"Content-Type": content_type}
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+            assert (await resp.json())["ids"] == [e["id"] for e in events]
+        await fake.wait_for({e["id"] for e in events})
+        assert [fake.received[e["id"]] for e in events] == events
+
+    async def test_gzipped_to_the_drop_in_route(self, client: aiohttp.ClientSession) -> None:
+        events = make_events(2)
+        body = gzip.compress(b"\n".join(json.dumps(e).encode() for e in events) + b"\n")
+        async with client.post(
+            "/caliper/v1p2",
+            data=body,
+            headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"},
+        ) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["eventsAccepted"] == 2
+
+    async def test_an_invalid_line_stores_nothing(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar
+    ) -> None:
+        events = make_events(3)
+        events[1]["eventTime"] = "not a time"
+        body = b"\n".join(json.dumps(e).encode() for e in events)
+        async with client.post(
+            "/v1/events", data=body, headers={"Content-Type": "application/x-ndjson"}
+        ) as resp:
+            assert resp.status == 422
+            assert [e["index"] for e in (await resp.json())["errors"]] == [1]
+        assert await stored(sidecar) == 0
+
+    @pytest.mark.parametrize(
+        ("body", "message"),
+        [
+            (b'{"a": 1}\n{not json\n', "line 2 of the JSON Lines body is not JSON"),
+            (b"\n \n", "the JSON Lines body holds no event"),
+        ],
+    )
+    async def test_lines_that_are_not_json(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar, body: bytes, message: str
+    ) -> None:
+        async with client.post(
+            "/v1/events", data=body, headers={"Content-Type": "application/x-ndjson"}
+        ) as resp:
+            assert resp.status == 400
+            assert message in (await resp.json())["message"]
+        assert await stored(sidecar) == 0
+
+
+class TestOlderCaliper:
+    """A sensor of Caliper 1.1 is told that only 1.2 is taken (a 400 saying so), not handed a
+    list of rule failures."""
+
+    V1P1 = "http://purl.imsglobal.org/ctx/caliper/v1p1"
+
+    @pytest.mark.parametrize("shape", ["envelope", "event", "array"])
+    async def test_caliper_1_1_is_refused_saying_why(
+        self, client: aiohttp.ClientSession, sidecar: Sidecar, shape: str
+    ) -> None:
+        event = make_event(**{"@context": self.V1P1})
+        document: Any = {
+            "envelope": {
+                "sensor": "https://app.example/sensor",
+                "sendTime": "2026-12-05T08:00:00.000Z",
+                "dataVersion": self.V1P1,
+                "data": [event],
+            },
+            "event": event,
+            "array": [make_event(), event],
+        }[shape]
+        async with client.post("/v1/events", json=document) as resp:
+            assert resp.status == 400
+            body = await resp.json()
+        assert body["error"] == "unsupported_caliper_version"
+        assert "this is Caliper 1.1" in body["message"]
+        assert "only Caliper 1.2" in body["message"]
+        assert await stored(sidecar) == 0

@@ -3,6 +3,8 @@ a default, a description or an answer body changed without regenerating fails he
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_args
 
@@ -41,3 +43,29 @@ _SELF_EXPLAINING = {
 def test_the_platform_type_names_every_platform() -> None:
     """`upstream.platform`'s type and the platforms' endpoint paths name the same platforms."""
     assert set(get_args(Platform)) == set(PLATFORMS)
+
+
+def test_help_prints_help_and_writes_nothing() -> None:
+    """`--help` on the tool prints its help; it rewrote both files before. `--check` says
+    they are up to date (exit 0), writing nothing."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "config" / "sidecar.example.toml", root / "docs" / "openapi.json"]
+    before = [(f.stat().st_mtime_ns, f.read_bytes()) for f in files]
+    for args in (["--help"], ["--check"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "caliper_sidecar.tools.reference", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert [(f.stat().st_mtime_ns, f.read_bytes()) for f in files] == before
+    assert (
+        "usage:"
+        in subprocess.run(
+            [sys.executable, "-m", "caliper_sidecar.tools.reference", "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+    )

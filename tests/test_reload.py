@@ -1,7 +1,8 @@
 """SIGHUP reloads without a restart and without refusing a request (docs/operators.md): sender
-tokens, the TLS certificate (a real TLS client sees the switch), `admin.token`, `log.level`; a
-failed reload keeps everything, and so does one that would switch a protection off; other keys
-changed are named as needing a restart, [[destinations]] by name. The real process, and the
+tokens, the TLS certificate (a real TLS client sees the switch), `admin.token`, `log.level`,
+rotated secrets (the next token request uses them), tuning and validation; a failed reload
+keeps everything, and so does one that would switch a protection off; keys that decide where
+events go are named as needing a restart, [[destinations]] by name. The real process, and the
 classification of destinations' changes alone."""
 
 from __future__ import annotations
@@ -10,17 +11,27 @@ import asyncio
 import json
 import signal
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 
+from caliper_sidecar.app import start as start_in_process
 from caliper_sidecar.config import DestinationSettings, OAuthSettings, Settings
-from caliper_sidecar.reload import DestinationChanges, destination_changes
+from caliper_sidecar.reload import DestinationChanges, destination_changes, reload
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
-from .conftest import SidecarProcess, eventually, free_port, make_events, write_config
+from .conftest import (
+    SidecarProcess,
+    eventually,
+    free_port,
+    make_events,
+    settings_for,
+    write_config,
+)
+from .destinations import DISTRICT_TOKEN, start_district
 from .test_security import self_signed
 
 OLD, NEW = "old-sender-token-0123456789", "new-sender-token-0123456789"
@@ -49,8 +60,14 @@ async def dead_letters(url: str, token: str | None) -> int:
 
 
 def start(
-    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess], **extra: Any
+    tmp_path: Path,
+    platform: RunningFake,
+    processes: list[SidecarProcess],
+    extra_toml: str = "",
+    **extra: Any,
 ) -> tuple[SidecarProcess, Path]:
+    """`run` with a tokens file (OLD, labelled room-1); `extra_toml` goes at the end of the
+    configuration file (a [[destinations]] table) before it starts."""
     port = free_port()
     tokens = tmp_path / "tokens"
     tokens.write_text(f"room-1 {OLD}\n")
@@ -62,6 +79,7 @@ def start(
         receiver__tokens_file=str(tokens),
         **extra,
     )
+    config.write_text(config.read_text() + extra_toml)
     process = SidecarProcess(config, port, tmp_path / "run.log")
     processes.append(process)
     return process, tokens
@@ -200,13 +218,108 @@ async def test_a_reload_that_reads_a_glued_line_is_refused_without_showing_the_t
 async def test_keys_that_need_a_restart_are_named(
     tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
 ) -> None:
-    """Another key changed in the file is logged as needing a restart, and not applied."""
-    process, _ = start(tmp_path, platform, processes)
+    """A key that decides where events go, changed in the file, is logged as needing a
+    restart, and not applied; a tuning key beside it is applied."""
+    process, _ = start(tmp_path, platform, processes, upstream__sensor="https://a.example/s")
     await process.wait_ready()
     config = tmp_path / "c.toml"
-    config.write_text(config.read_text().replace("linger_ms = 20", "linger_ms = 50"))
+    text = config.read_text().replace("https://a.example/s", "https://b.example/s")
+    config.write_text(text.replace("linger_ms = 20", "linger_ms = 50"))
     await hangup(process)
-    assert '"needs_restart":["upstream.linger_ms"]' in process.logs()
+    (line,) = [json.loads(x) for x in process.logs().splitlines() if '"reloaded"' in x]
+    assert line["needs_restart"] == ["upstream.sensor"]
+    assert "upstream.linger_ms" in line["applied"]
+    assert line["level"] == "info"
+    await post(process.url, OLD)
+    await platform.fake.wait_for(1)
+    assert platform.fake.last_envelope["sensor"] == "https://a.example/s"
+
+
+async def test_a_rotated_client_secret_is_used_at_the_next_token_request(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """The platform revokes the sidecar's token and its old client secret: delivery stops as
+    auth_failed, events wait. The new secret written to `oauth.client_secret_file` and a
+    SIGHUP: the next token request uses it, at once, and the events go; no secret is logged."""
+    secret = tmp_path / "client-secret"
+    secret.write_text(platform.fake.client_secret)
+    secret.chmod(0o600)
+    process, _ = start(
+        tmp_path,
+        platform,
+        processes,
+        oauth=False,
+        oauth__token_url=platform.token_url,
+        oauth__client_id=platform.fake.client_id,
+        oauth__client_secret_file=str(secret),
+        retry__initial_backoff_s=3600.0,
+        retry__max_backoff_s=3600.0,
+    )
+    await process.wait_ready()
+    assert await post(process.url, OLD) == 202
+    await platform.fake.wait_for(1)
+    platform.fake.client_secret = "rotated-client-secret-0123456789"
+    platform.fake.revoke_tokens()
+    events = make_events(3)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{process.url}/v1/events",
+            json=events,
+            headers={"Authorization": f"Bearer {OLD}"},
+        ) as resp,
+    ):
+        assert resp.status == 202
+
+    async def auth_failed() -> bool:
+        """Refused, and the next try a minute away or more (a shorter draw of the jittered
+        backoff fails again soon and draws anew)."""
+        async with aiohttp.ClientSession() as http, http.get(f"{process.url}/v1/status") as r:
+            upstream = (await r.json())["upstream"]
+            return bool(upstream["state"] == "auth_failed" and upstream["retry_in_s"] > 60)
+
+    await eventually(auth_failed)
+    secret.write_text(platform.fake.client_secret)
+    await hangup(process)
+    # the next try is a minute away or more: only the new secret being tried at once delivers
+    await platform.fake.wait_for({e["id"] for e in events})
+    (line,) = [json.loads(x) for x in process.logs().splitlines() if '"reloaded"' in x]
+    assert line["applied"] == ["oauth.client_secret"]
+    assert platform.fake.client_secret not in process.logs()
+    assert "sidecar-secret" not in process.logs()
+
+
+async def test_tuning_and_validation_apply_to_what_comes_next(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """`upstream.batch_max_events` and `validation.mode` changed and a SIGHUP: the next
+    envelopes hold at most the new number of events, and an event the old mode refused is
+    taken."""
+    process, _ = start(tmp_path, platform, processes)
+    await process.wait_ready()
+    invalid = make_events(1)
+    invalid[0]["eventTime"] = "yesterday"
+    headers = {"Authorization": f"Bearer {OLD}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{process.url}/v1/events", json=invalid, headers=headers) as r:
+            assert r.status == 422
+        config = tmp_path / "c.toml"
+        config.write_text(
+            config.read_text() + '\n[validation]\nmode = "warn"\n'
+            if "[validation]" not in config.read_text()
+            else config.read_text()
+        )
+        text = config.read_text().replace("[upstream]\n", "[upstream]\nbatch_max_events = 2\n")
+        config.write_text(text)
+        await hangup(process)
+        async with http.post(f"{process.url}/v1/events", json=invalid, headers=headers) as r:
+            assert r.status == 202
+        platform.fake.max_events_seen = 0
+        events = make_events(9)
+        async with http.post(f"{process.url}/v1/events", json=events, headers=headers) as r:
+            assert r.status == 202
+    await platform.fake.wait_for({e["id"] for e in events})
+    assert platform.fake.max_events_seen == 2
 
 
 async def test_a_destination_added_is_named_as_needing_a_restart(
@@ -371,3 +484,84 @@ async def test_the_sender_is_named_in_logs_metrics_and_journeys(
             assert (await resp.json())["sender"] == "room-1"
     assert await process.terminate() == 0
     assert '"sender":"room-1"' in process.logs()
+
+
+def most_at_once(log: list[tuple[float, float, int]]) -> int:
+    """The most requests the fake was answering at one time."""
+    edges = sorted([(start, 1) for start, _, _ in log] + [(end, -1) for _, end, _ in log])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+async def test_concurrency_goes_up_and_down_without_a_restart(
+    platform: RunningFake, tmp_path: Path
+) -> None:
+    """`upstream.concurrency` 1, then 3, then 1 again at SIGHUPs (reload as the signal runs
+    it): the envelopes in flight at once follow, sends under way finishing as they are."""
+    base = settings_for(
+        platform, tmp_path, upstream={"concurrency": 1, "batch_max_events": 1, "linger_ms": 0}
+    )
+    sidecar = await start_in_process(base)
+    platform.fake.faults.latency_s = 0.05
+    try:
+        async with aiohttp.ClientSession(base_url=sidecar.url) as http:
+            for concurrency in (1, 3, 1):
+                tuned = msgspec.structs.replace(
+                    base, upstream=msgspec.structs.replace(base.upstream, concurrency=concurrency)
+                )
+                assert reload(sidecar.runtime, None, lambda t=tuned: t)  # type: ignore[misc]
+                await sidecar.dispatcher.drained(10)
+                platform.fake.request_log = []
+                events = make_events(9)
+                async with http.post("/v1/events", json=events) as resp:
+                    assert resp.status == 202
+                await platform.fake.wait_for({e["id"] for e in events})
+                assert most_at_once(platform.fake.request_log) == concurrency
+    finally:
+        await sidecar.stop()
+
+
+async def test_a_destinations_rotated_bearer_token_is_sent_after_a_sighup(
+    tmp_path: Path, platform: RunningFake, processes: list[SidecarProcess]
+) -> None:
+    """A district's endpoint stops taking the sidecar's bearer token and takes a new one: the
+    district's events wait (auth_failed there, the upstream unaffected); the new token written
+    to the destination's `bearer_token_file` and a SIGHUP: they go."""
+    district = await start_district()
+    try:
+        token_file = tmp_path / "district-token"
+        token_file.write_text(DISTRICT_TOKEN)
+        token_file.chmod(0o600)
+        process, _ = start(
+            tmp_path,
+            platform,
+            processes,
+            extra_toml=f'\n[[destinations]]\nname = "district-lrs"\nkind = "caliper"\n'
+            f'endpoint = "{district.events_url}"\nbearer_token_file = "{token_file}"\n'
+            "linger_ms = 20\n",
+        )
+        await process.wait_ready()
+        rotated = "district-lrs-rotated-token-0123456789"
+        district.fake.tokens.pop(DISTRICT_TOKEN)
+        district.fake.tokens[rotated] = time.time() + 3600
+        events = make_events(2)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{process.url}/v1/events", json=events, headers={"Authorization": f"Bearer {OLD}"}
+            ) as resp,
+        ):
+            assert resp.status == 202
+        await platform.fake.wait_for({e["id"] for e in events})
+        assert not district.fake.received
+        token_file.write_text(rotated)
+        await hangup(process)
+        await district.fake.wait_for({e["id"] for e in events})
+        (line,) = [json.loads(x) for x in process.logs().splitlines() if '"reloaded"' in x]
+        assert line["applied"] == ["destinations.district-lrs.bearer_token"]
+        assert rotated not in process.logs()
+    finally:
+        await district.close()

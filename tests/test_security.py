@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import aiohttp
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -61,7 +60,8 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 class TestTLS:
     async def test_https_with_tokens(self, platform: RunningFake, tmp_path: Path) -> None:
-        """With tls_cert and tls_key the receiver speaks HTTPS only."""
+        """With tls_cert and tls_key the receiver speaks HTTPS only; a plain HTTP request to it
+        is answered 400, in plain HTTP, saying to use https:// (not an empty reply)."""
         cert, key = self_signed(tmp_path)
         sidecar = await start(
             settings_for(
@@ -82,8 +82,20 @@ class TestTLS:
                     headers={"Authorization": "Bearer relay-1"},
                 ) as resp:
                     assert resp.status == 202
-                with pytest.raises(aiohttp.ClientError):
-                    await http.get(sidecar.url.replace("https", "http") + "/healthz")
+                # plain HTTP to the TLS port: answered in plain HTTP, saying to use https://
+                plain = sidecar.url.replace("https", "http")
+                async with http.post(f"{plain}/v1/events", json=events) as resp:
+                    assert resp.status == 400
+                    body = await resp.json()
+                port = plain.rsplit(":", 1)[1]
+                assert body == {
+                    "error": "https_required",
+                    "message": f"this port speaks TLS: send to https://127.0.0.1:{port}/ "
+                    "(not http://)",
+                }
+                # and TLS goes on working beside it
+                async with http.get(f"{sidecar.url}/healthz", ssl=trust) as resp:
+                    assert resp.status == 200
             await platform.fake.wait_for({e["id"] for e in events})
         finally:
             await sidecar.stop()

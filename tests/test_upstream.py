@@ -30,7 +30,7 @@ LRS_TOKEN = "district-lrs-token-0123456789"
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with delivery_session(4) as s:
+    async with delivery_session() as s:
         yield s
 
 

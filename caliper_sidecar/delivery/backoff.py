@@ -116,6 +116,21 @@ class Circuit:
         self._changed.set()
         return delay
 
+    def retune(self, initial_s: float, max_s: float) -> None:
+        """New backoff bounds (SIGHUP): the next delay is drawn within them, and a wait longer
+        than the new cap is cut to it."""
+        self.initial_s, self.max_s = initial_s, max_s
+        if self.state == CircuitState.OPEN:
+            self.open_until = min(self.open_until, time.monotonic() + max_s)
+            self._changed.set()
+
+    def try_now(self) -> None:
+        """Let a probe go at once (new credentials after `auth_failed`: no need to wait out
+        the capped backoff to learn whether they work)."""
+        if self.state == CircuitState.OPEN:
+            self.open_until = time.monotonic()
+            self._changed.set()
+
     def probe_abandoned(self) -> None:
         """The probe ended without a verdict (shutdown): let another one go."""
         self._probe_out = False

@@ -121,6 +121,9 @@ class Dispatcher:
         self._metrics = metrics.for_destination(name)
         self._circuit = Circuit(retry.initial_backoff_s, retry.max_backoff_s)
         self._slots = asyncio.Semaphore(batching.concurrency)
+        self._concurrency = batching.concurrency
+        #: slots being taken out of use after `concurrency` was lowered (as sends end)
+        self._shrinking: set[asyncio.Task[bool]] = set()
         self._sends: set[asyncio.Task[None]] = set()
         self._bookkeeping: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -150,6 +153,8 @@ class Dispatcher:
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
+        for shrinking in self._shrinking:
+            shrinking.cancel()
         cut = 0
         if self._sends:
             _, pending = await asyncio.wait(self._sends, timeout=grace_s)
@@ -161,6 +166,32 @@ class Dispatcher:
         # Outcomes already decided (a 2xx received) are written before the outbox closes.
         await asyncio.gather(*self._bookkeeping, return_exceptions=True)
         return cut
+
+    @property
+    def sender(self) -> Sender:
+        return self._upstream
+
+    def retune(self, batching: Batching, retry: RetrySettings) -> None:
+        """New batching, concurrency and retry settings (SIGHUP): the next claims and sends
+        use them; sends in flight finish as they are. A lower `concurrency` takes effect as
+        sends in flight end; a wait longer than a lowered `max_backoff_s` is cut to it."""
+        self._batch, self._retry = batching, retry
+        self._circuit.retune(retry.initial_backoff_s, retry.max_backoff_s)
+        self._refusals.grace_s = retry.refusing_grace_s
+        more = batching.concurrency - self._concurrency
+        self._concurrency = batching.concurrency
+        for _ in range(max(0, more)):
+            self._slots.release()
+        for _ in range(max(0, -more)):
+            task = asyncio.create_task(self._slots.acquire(), name="slot-removed")
+            self._shrinking.add(task)
+            task.add_done_callback(self._shrinking.discard)
+
+    def credentials_changed(self) -> None:
+        """New secrets (SIGHUP): when they were refused, find out now whether the new ones
+        work rather than after the capped backoff."""
+        if self.state == UpstreamState.AUTH_FAILED:
+            self._circuit.try_now()
 
     @property
     def retry_in_s(self) -> float:
@@ -406,7 +437,9 @@ class Dispatcher:
         else:
             state = UpstreamState.BACKING_OFF
         self._set_state(state, reason)
-        self._log.warning(
+        # Each attempt at debug: the change of state above is the one line an operator reads
+        # (an outage of hours is two lines at info level and above, not one per retry).
+        self._log.debug(
             "batch_failed",
             batch=batch_id,
             events=len(events),

@@ -45,6 +45,10 @@ class TokenSource(Protocol):
     def invalidate(self, token: str) -> None:
         """The platform refused this token: the next `bearer()` must not return it."""
 
+    def rotate(self, oauth: OAuthSettings, bearer_token: str, timeout_s: float) -> None:
+        """New secrets from the configuration (SIGHUP), used from the next request for a
+        token (or, for a static one, from the next send)."""
+
     @property
     def expires_at(self) -> float | None:
         """When the current token expires (seconds since the epoch), if known."""
@@ -61,6 +65,10 @@ class StaticToken:
 
     def invalidate(self, token: str) -> None:
         """A static token cannot be renewed; the caller reports the refusal."""
+
+    def rotate(self, oauth: OAuthSettings, bearer_token: str, timeout_s: float) -> None:
+        """A new token from the configuration (SIGHUP), sent from the next request on."""
+        self._token = bearer_token or None
 
     @property
     def expires_at(self) -> float | None:
@@ -127,6 +135,14 @@ class OAuthTokens:
     def invalidate(self, token: str) -> None:
         if self._token is not None and self._token.get("access_token") == token:
             self._token = None
+
+    def rotate(self, oauth: OAuthSettings, bearer_token: str, timeout_s: float) -> None:
+        """New credentials from the configuration (SIGHUP: a rotated client secret or private
+        key): the next token request uses them; the token held stays while it is good. Raises
+        ConfigError, changing nothing, when the new private key cannot be read."""
+        auth = _client_auth(oauth)
+        self._settings, self._auth = oauth, auth
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     def _due(self) -> bool:
         return self._expires_at is not None and self._clock() >= self._expires_at - self._leeway

@@ -84,11 +84,14 @@ class Sender(Protocol):
     async def job_status(self, job_id: str) -> dict[str, Any]: ...
 
 
-def delivery_session(concurrency: int) -> aiohttp.ClientSession:
-    """The connections one destination's delivery uses, and no other's: its `concurrency`,
-    and room for its token requests and job polls. The caller closes it."""
+def delivery_session() -> aiohttp.ClientSession:
+    """The connections one destination's delivery uses, and no other's. The caller closes it.
+
+    Not limited here: what uses them is, and a SIGHUP may raise `concurrency`, which a fixed
+    pool would silently cap. Sends are at most the dispatcher's `concurrency` (its slots),
+    token requests one at a time, job polls confirmations.CONCURRENT_POLLS."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=concurrency + 2),
+        connector=aiohttp.TCPConnector(limit=0),
         headers={"User-Agent": "caliper-sidecar"},
     )
 
@@ -148,6 +151,10 @@ class UpstreamClient:
             session, settings.oauth, settings.bearer_token, settings.timeout_s, counted
         )
         return cls(session, settings, tokens, counted)
+
+    def retune(self, timeout_s: float) -> None:
+        """A new `timeout_s` (SIGHUP), for the next requests."""
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     @property
     def tokens(self) -> TokenSource:

@@ -152,7 +152,7 @@ class DestinationJourney(Body, kw_only=True, forbid_unknown_fields=True):
     reason: Annotated[str | None, _says("why it was dead-lettered there")]
 
 
-class JourneyMarkBody(Body, kw_only=True, forbid_unknown_fields=True):
+class Mark(Body, kw_only=True, forbid_unknown_fields=True):
     """Something that happened to an event at a destination beside its delivery."""
 
     at: Time | None
@@ -199,7 +199,7 @@ class Journey(Body, kw_only=True, forbid_unknown_fields=True):
         ),
     ] = UNSET
     marks: Annotated[
-        list[JourneyMarkBody] | UnsetType,
+        list[Mark] | UnsetType,
         _says(
             "what happened to it at its destinations beside delivery, oldest first (absent "
             "when nothing did); kept as long as the event is"

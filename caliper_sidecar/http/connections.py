@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import structlog
 from aiohttp import web
+
+from caliper_sidecar.http.plain_to_tls import TlsOrPlain
 
 log = structlog.get_logger("sidecar.connections")
 
@@ -97,14 +100,24 @@ class _Refused(asyncio.Protocol):
 
 
 class _BoundedFactory:
-    """aiohttp's protocol factory, with at most `limit` connections open."""
+    """aiohttp's protocol factory, with at most `limit` connections open; on a TLS listener
+    (`tls`), each first tells TLS from plain HTTP (plain_to_tls.py)."""
 
-    def __init__(self, server: web.Server, limit: int) -> None:
+    def __init__(self, server: web.Server, limit: int, tls: ssl.SSLContext | None) -> None:
         self._server = server
         self._limit = limit
         self._limited = False
+        self._tls = tls
+        #: the port listened on (for the plain HTTP answer, where the request names no Host)
+        self.port = 0
 
     def __call__(self) -> asyncio.Protocol:
+        protocol = self._bounded()
+        if self._tls is None or isinstance(protocol, _Refused):
+            return protocol
+        return TlsOrPlain(protocol, self._tls, self.port)
+
+    def _bounded(self) -> asyncio.Protocol:
         handlers = self._server.connections
         if len(handlers) < self._limit:
             if self._limited and len(handlers) < self._limit // 2:
@@ -153,11 +166,10 @@ class BoundedTCPSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
+        factory = _BoundedFactory(server, self._limit, self._ssl_context)
+        # TLS is not asyncio's here: the factory starts it per connection, once the first
+        # byte says the peer speaks it (plain HTTP gets a 400 saying to use https://).
         self._server = await asyncio.get_running_loop().create_server(
-            _BoundedFactory(server, self._limit),
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=True,
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=True
         )
+        factory.port = int(self._server.sockets[0].getsockname()[1])

@@ -32,6 +32,8 @@ from caliper_sidecar.validation.shape import ShapeError
 log = structlog.get_logger("sidecar.receiver")
 
 JSON_TYPES: Final = frozenset({"application/json", "application/ld+json"})
+#: JSON Lines, as log shippers send it (Fluent Bit's json_lines, Vector's ndjson)
+LINES_TYPES: Final = frozenset({"application/x-ndjson", "application/jsonl"})
 #: what aiohttp decodes for us; anything else would be read as if it were plain JSON
 ENCODINGS: Final = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 
@@ -181,12 +183,13 @@ async def validate_only(request: web.Request) -> web.Response:
 async def _read_events(rt: Runtime, request: web.Request) -> Received:
     """The events of the request's body, validated; ApiError when the body is not of a type
     and encoding events come in, not JSON, not a shape events come in, or holds too many."""
-    if request.content_type not in JSON_TYPES:
+    if request.content_type not in JSON_TYPES | LINES_TYPES:
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"Content-Type must be application/json or application/ld+json, "
-            f"not {request.content_type or 'missing'}",
+            "Content-Type must be application/json or application/ld+json (or, one event a "
+            f"line, application/x-ndjson or application/jsonl), not "
+            f"{request.content_type or 'missing'}",
         )
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding not in ENCODINGS:
@@ -204,6 +207,6 @@ async def _read_events(rt: Runtime, request: web.Request) -> Received:
         rt.settings.receiver.max_events_per_request, validation.mode, validation.profile
     )
     try:
-        return read_events(raw, limits, rt.decoder)
+        return read_events(raw, limits, rt.decoder, request.content_type in LINES_TYPES)
     except (ShapeError, TooManyEvents) as e:
         raise unreadable(e) from None

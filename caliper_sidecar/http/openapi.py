@@ -48,11 +48,13 @@ _ERRORS: Final = {
 }
 _BODY: Final = {
     "required": True,
-    "description": "one Caliper event, a JSON array of events, or a Caliper envelope "
-    "(Content-Encoding gzip or deflate accepted)",
+    "description": "one Caliper event, a JSON array of events, or a Caliper envelope; or JSON "
+    "Lines, one event a line (Content-Encoding gzip or deflate accepted)",
     "content": {
         JSON: {"schema": _ref("Events")},
         "application/ld+json": {"schema": _ref("Events")},
+        "application/x-ndjson": {"schema": {"type": "string", "description": "one event a line"}},
+        "application/jsonl": {"schema": {"type": "string", "description": "one event a line"}},
     },
 }
 Security = list[dict[str, list[str]]]

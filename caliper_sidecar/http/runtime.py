@@ -63,7 +63,12 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.body_budget = ByteBudget(BODIES_IN_FLIGHT * self.settings.receiver.max_body_bytes)
-        validation = self.settings.validation
+        self.use_settings(self.settings)
+
+    def use_settings(self, settings: Settings) -> None:
+        """Serve by these settings from the next request on (a SIGHUP's)."""
+        self.settings = settings
+        validation = settings.validation
         self.decoder = None if validation.mode == "off" else decoder_for(validation.profile)
 
 

@@ -277,7 +277,7 @@ def journey_document(j: Journey) -> bodies.Journey:
         }
     if j.marks:
         document.marks = [
-            bodies.JourneyMarkBody(
+            bodies.Mark(
                 at=time(m.at),
                 what=JourneyMark(m.what),
                 destination=m.destination,

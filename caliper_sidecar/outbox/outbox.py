@@ -291,8 +291,11 @@ class Outbox:
 
     # -- replays from an archive, and marks ----------------------------------------------------
 
-    async def replay(self, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED) -> None:
-        """Queue these events again, each for its queues alone (see `Storage.replay`), in one
+    async def replay(
+        self, events: Sequence[Replay], mark: JourneyMark = JourneyMark.REPLAYED
+    ) -> None:
+        """Queue these events again, each for its queues alone (see `Storage.replay`), each
+        marked so there (`replayed` from an archive; reconciliation's `resent`), in one
         transaction, and wake the dispatchers (a `run` beside this process notices within
         its dispatchers' idle poll, a second; on PostgreSQL at once, by NOTIFY)."""
         await self.storage.replay(events, mark)

@@ -26,7 +26,6 @@ from caliper_sidecar.outbox.records import (
     PlatformJobOutcome,
     Replay,
 )
-from caliper_sidecar.states import JourneyMark
 
 #: the totals a backend keeps, in this order (see `Storage.stats_rows`)
 TOTALS = ("events", "bytes", "dead_letters", "delivered_total", "dead_lettered_total")
@@ -106,14 +105,13 @@ class Storage(Protocol):
         duplicate): for [upstream] as before; for a destination, its place reopened for that
         event. Dead letters of a destination no longer configured are not replayed (left)."""
 
-    async def replay(self, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED) -> None:
+    async def replay(self, events: Sequence[Replay], mark: str) -> None:
         """Queue these events again in one transaction, each for its queues alone, id
         unchanged, never refused as a duplicate (as a dead letter replayed is): where its row
         is still there, back in place for each queue that had it (delivered, or
         dead-lettered: that dead letter is taken) and left alone for one that has it still
         to send; where its row is gone, stored again for those queues alone. Each is marked
-        (`replayed` from an archive, `resent` by reconciliation) for each of its queues, which
-        must be known to the outbox."""
+        `mark` (a JourneyMark) for each of its queues, which must be known to the outbox."""
 
     async def add_marks(self, marks: Sequence[Mark]) -> None:
         """Store these marks, `at` now on the storage's clock."""

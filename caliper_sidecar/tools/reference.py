@@ -12,6 +12,7 @@ and compares):
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import textwrap
@@ -180,11 +181,40 @@ def generated() -> dict[Path, bytes]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m caliper_sidecar.tools.reference",
+        description="Write the files generated from the code: "
+        + ", ".join(generated_paths())
+        + " (the test suite checks they are up to date).",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 naming each file that is not up to date",
+    )
+    args = parser.parse_args(argv)
+    stale = [path for path, content in generated().items() if _current(path) != content]
+    if args.check:
+        for path in stale:
+            print(f"{path} is not up to date", file=sys.stderr)
+        return 1 if stale else 0
     for path, content in generated().items():
         (ROOT / path).write_bytes(content)
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def generated_paths() -> list[str]:
+    return [str(path) for path in generated()]
+
+
+def _current(path: str | Path) -> bytes | None:
+    try:
+        return (ROOT / path).read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

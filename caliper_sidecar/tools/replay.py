@@ -105,13 +105,13 @@ def plan_replay(
     for name in to:
         if name in {d.name for d in archives}:
             raise ConfigError(
-                f"--to {name}: an archive; replay sends to the destinations that are not "
-                f"(upstream, or a [[destinations]] name: {', '.join(senders)})"
+                f"--to {name}: an archive (replay reads archives, never writes them); the "
+                f"destinations it sends to: {', '.join(senders)}"
             )
         if name not in senders:
             raise ConfigError(
-                f"--to {name}: not a destination of this configuration (upstream, or a "
-                f"[[destinations]] name: {', '.join(senders)})"
+                f"--to {name}: not a destination of this configuration; the destinations "
+                f"replay sends to: {', '.join(senders)}"
             )
     return ReplayPlan(archive, start, end, actor, tuple(dict.fromkeys(to)))
 

@@ -14,7 +14,14 @@ from caliper_sidecar import codec
 from caliper_sidecar.exceptions import SidecarError
 from caliper_sidecar.validation import Report, validate_events
 from caliper_sidecar.validation.decoder import Decoder
-from caliper_sidecar.validation.shape import ShapeError, event_bodies, events_of, shape_of
+from caliper_sidecar.validation.shape import (
+    ShapeError,
+    event_bodies,
+    events_of,
+    lines_as_array,
+    refuse_older_caliper,
+    shape_of,
+)
 
 
 class TooManyEvents(SidecarError):
@@ -54,11 +61,16 @@ class Received:
         return event_bodies(self.raw, self.shape)
 
 
-def read_events(raw: bytes, limits: Limits, decoder: Decoder | None = None) -> Received:
-    """The events of a body (one event, an array, or an envelope), validated. Raises ShapeError
-    (not JSON, or not a shape events come in; `code` says which) or TooManyEvents. `decoder`
-    is the profile's one-pass decoder, None when validation is off."""
+def read_events(
+    raw: bytes, limits: Limits, decoder: Decoder | None = None, lines: bool = False
+) -> Received:
+    """The events of a body (one event, an array, or an envelope; with `lines`, JSON Lines:
+    one event a line, all or nothing as an array is), validated. Raises ShapeError (not JSON,
+    not a shape events come in, Caliper 1.1; `code` says which) or TooManyEvents. `decoder` is
+    the profile's one-pass decoder, None when validation is off."""
     raw = codec.without_bom(raw)
+    if lines:
+        raw = lines_as_array(raw)
     decoded = decoder.decode(raw) if decoder is not None else None
     if decoded is not None:  # valid, no warnings: validated while parsing
         _check_count(len(decoded.events), limits)
@@ -67,6 +79,7 @@ def read_events(raw: bytes, limits: Limits, decoder: Decoder | None = None) -> R
         document = codec.loads(raw)
     except (ValueError, RecursionError) as e:
         raise ShapeError("malformed_json", f"the body is not valid JSON: {e}") from None
+    refuse_older_caliper(document)
     events = events_of(document)
     _check_count(len(events), limits)
     report = validate_events(events, limits.mode, limits.profile)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -53,6 +53,62 @@ def _envelope_data(envelope: dict[str, Any]) -> list[Any]:
     if not isinstance(data, list) or not data:
         raise ShapeError("malformed_envelope", "the envelope's `data` must be a non-empty array")
     return data
+
+
+#: the JSON-LD contexts (an envelope's `dataVersion`, an event's `@context`) of the Caliper
+#: versions before 1.2, which the sidecar does not take
+_OLDER_CALIPER: Final = ("/ctx/caliper/v1p1", "/ctx/caliper/v1p0")
+
+
+def refuse_older_caliper(document: Any) -> None:
+    """Raise ShapeError (`unsupported_caliper_version`) when the body is Caliper 1.1 (or 1.0):
+    an IMS sensor of an older release, which no rule-by-rule report would explain (nor a
+    complaint about an envelope's `dataVersion`)."""
+    if isinstance(document, list):
+        items = document
+    elif isinstance(document, dict) and isinstance(document.get("data"), list):
+        items = [document, *document["data"]]
+    else:
+        items = [document]
+    contexts = [
+        item.get(key)
+        for item in items
+        if isinstance(item, dict)
+        for key in ("dataVersion", "@context")
+    ]
+    for context in contexts:
+        if isinstance(context, str) and context.rstrip("/").endswith(_OLDER_CALIPER):
+            raise ShapeError(
+                "unsupported_caliper_version",
+                f"this is Caliper {context.rstrip('/')[-3]}.{context.rstrip('/')[-1]} "
+                f"({context}); only Caliper 1.2 ({DATA_VERSION}) is taken: send with a "
+                "sensor of Caliper 1.2 (IMS caliper-python 1.2, TimeBack's SDKs)",
+            )
+
+
+def lines_as_array(raw: bytes) -> bytes:
+    """JSON Lines (one event a line, as log shippers send) as the JSON array of the same
+    events, each line's bytes kept as they are (so each event is stored exactly as sent);
+    blank lines skipped. Raises ShapeError naming the first line that is not JSON."""
+    lines = [line.rstrip(b"\r") for line in raw.split(b"\n")]
+    kept = [line for line in lines if line.strip(b" \t")]
+    if not kept:
+        raise ShapeError("malformed_request", "the JSON Lines body holds no event")
+    array = b"[" + b",".join(kept) + b"]"
+    try:
+        msgspec.json.decode(array)
+    except msgspec.DecodeError:
+        for number, line in enumerate(lines, 1):
+            if not line.strip(b" \t"):
+                continue
+            try:
+                msgspec.json.decode(line)
+            except msgspec.DecodeError as e:
+                raise ShapeError(
+                    "malformed_json", f"line {number} of the JSON Lines body is not JSON: {e}"
+                ) from None
+        raise ShapeError("malformed_json", "the JSON Lines body is not JSON") from None
+    return array
 
 
 def shape_of(document: Any) -> str:

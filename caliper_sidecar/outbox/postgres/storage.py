@@ -79,7 +79,6 @@ from caliper_sidecar.outbox.records import (
     StoredEvent,
 )
 from caliper_sidecar.outbox.storage import TOTALS
-from caliper_sidecar.states import JourneyMark
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -714,7 +713,7 @@ class PostgresStorage:
                 lambda: writes.take_dead_letters(conn, ids, limit, True, destination),
             )
 
-    async def replay(self, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED) -> None:
+    async def replay(self, events: Sequence[Replay], mark: str) -> None:
         ids = list(dict.fromkeys(e.id for e in events))
         async with self._connection() as conn:
             await self._requeueing(

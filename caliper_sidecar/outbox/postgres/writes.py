@@ -28,7 +28,7 @@ from caliper_sidecar.outbox.records import (
     Replay,
     new_per_append,
 )
-from caliper_sidecar.states import DeadLetterReason, JourneyMark
+from caliper_sidecar.states import DeadLetterReason
 
 #: the channel appends and replays NOTIFY, so that every replica's dispatcher looks at once
 CHANNEL: Final = "caliper_sidecar_appended"
@@ -546,12 +546,9 @@ async def rows_to_replay(
     return [int(r["seq"]) for r in rows]
 
 
-async def replay(
-    conn: asyncpg.Connection, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED
-) -> None:
+async def replay(conn: asyncpg.Connection, events: Sequence[Replay], mark: str) -> None:
     """Events queued again, each for its queues (`requeue`, delivered ones included): a dead
-    letter of it there is taken (it is on its way again), and it is marked there (`replayed`
-    from an archive, `resent` by reconciliation)."""
+    letter of it there is taken (it is on its way again), and it is marked `mark` there."""
     letters: list[dict[str, Any]] = [
         {
             "id": e.id,

@@ -46,7 +46,6 @@ from caliper_sidecar.outbox.sqlite import destinations, reconciling, writes
 from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.outbox.sqlite.writer import PRAGMAS, Writer
 from caliper_sidecar.outbox.storage import TOTALS
-from caliper_sidecar.states import JourneyMark
 
 log = structlog.get_logger("sidecar.outbox")
 
@@ -524,9 +523,10 @@ class SqliteStorage:
         )
         return await self._write(take)
 
-    async def replay(self, events: Sequence[Replay], mark: str = JourneyMark.REPLAYED) -> None:
-        replay = functools.partial(writes.replay, events=events, now=steady_time(), mark=mark)
-        await self._write(replay)
+    async def replay(self, events: Sequence[Replay], mark: str) -> None:
+        await self._write(
+            functools.partial(writes.replay, events=events, mark=mark, now=steady_time())
+        )
 
     # -- marks -------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from caliper_sidecar.outbox.records import (
     new_per_append,
 )
 from caliper_sidecar.outbox.sqlite import destinations
-from caliper_sidecar.states import DeadLetterReason, JourneyMark
+from caliper_sidecar.states import DeadLetterReason
 
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
 #: cannot be confirmed (the answer named no job although jobs are followed)
@@ -171,15 +171,9 @@ def take_dead_letters(
     return cur.rowcount
 
 
-def replay(
-    conn: sqlite3.Connection,
-    events: Sequence[Replay],
-    now: float,
-    mark: str = JourneyMark.REPLAYED,
-) -> None:
+def replay(conn: sqlite3.Connection, events: Sequence[Replay], mark: str, now: float) -> None:
     """Events queued again, each for its queues (`destinations.reopen`): a dead letter of it
-    there is taken (it is on its way again), and it is marked there (`replayed` from an
-    archive, `resent` by reconciliation)."""
+    there is taken (it is on its way again), and it is marked `mark` there."""
     fanned = destinations.has_destinations(conn)
     for event in events:
         destinations.reopen(conn, event, now, fanned)

@@ -261,6 +261,8 @@ class TestLint:
             (["config.receiver.tokens={abcdefghijklmnopqrstuvwx}"], "'tokens' not allowed"),
             (["config.outbox.url=postgresql://u:p@db/s"], "'url' not allowed"),
             (["config.upstream.endpiont=https://x.example"], "'endpiont' not allowed"),
+            (["config.receiver.host=127.0.0.1"], "'host' not allowed"),
+            (["config.outbox.path=/data/outbox.db"], "'path' not allowed"),
             (["config.receiver.port=eighty"], "/config/receiver/port"),
             (["config.validation.mode=lenient"], "/config/validation/mode"),
             (["secrets.senderTokens.name="], "/secrets/senderTokens/name"),
@@ -269,8 +271,8 @@ class TestLint:
     )
     def test_values_against_the_schema(self, helm: Path, sets: list[str], says: str) -> None:
         """Values the schema refuses (its `config` generated from the settings' types: a
-        secret inline, an unknown key, a wrong type or choice) fail `helm lint` and `helm
-        template` (so `helm install`), naming what is wrong."""
+        secret inline, an unknown key, a key the chart sets itself, a wrong type or choice)
+        fail `helm lint` and `helm template` (so `helm install`), naming what is wrong."""
         args = [str(CHART), "-f", str(EXAMPLES / "gateway.yaml")]
         for assignment in sets:
             args += ["--set", assignment]

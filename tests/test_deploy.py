@@ -224,10 +224,10 @@ class TestSystemd:
         assert problems == [], result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("manifest", ["caliper-sidecar.yaml", "gateway.yaml"])
-def test_kubernetes_validate_strict(manifest: str) -> None:
-    """Every document of the manifests validates strictly (no unknown property) against the
-    Kubernetes API schemas of a version with native sidecars."""
+def test_kubernetes_validate_strict() -> None:
+    """Every document of the sidecar's manifest validates strictly (no unknown property)
+    against the Kubernetes API schemas of a version with native sidecars (the chart's are
+    validated in test_helm.py)."""
     validate = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
     if validate is None:
         pytest.skip("kubernetes-validate (the test extra) is not installed")
@@ -237,7 +237,7 @@ def test_kubernetes_validate_strict(manifest: str) -> None:
             "--strict",
             "--kubernetes-version",
             "1.30.0",
-            str(DEPLOY / "kubernetes" / manifest),
+            str(DEPLOY / "kubernetes" / "caliper-sidecar.yaml"),
         ],
         capture_output=True,
         text=True,
@@ -267,36 +267,19 @@ class TestGateway:
         assert url.startswith("postgresql://sidecar:")
         assert "@postgres:5432/sidecar" in url
 
-    def test_kubernetes_replicas_with_a_disruption_budget(self, tmp_path: Path) -> None:
-        documents = {
-            d["kind"]: d
-            for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "gateway.yaml").read_text())
-        }
-        deployment = documents["Deployment"]
-        assert deployment["spec"]["replicas"] >= 2
-        assert documents["PodDisruptionBudget"]["spec"]["minAvailable"] == 1
-        pod = deployment["spec"]["template"]["spec"]
-        assert "volumes" not in pod or all("persistentVolumeClaim" not in v for v in pod["volumes"])
-        (container,) = pod["containers"]
-        env = {e["name"]: e["value"] for e in container["env"]}
-        settings = load_settings(None, environ=sidecar_environment(env, tmp_path))
-        assert settings.outbox.url
-        assert settings.upstream.endpoint == "https://caliper.alpha-1edtech.ai/caliper/event"
-        assert pod["terminationGracePeriodSeconds"] > 2 * settings.upstream.timeout_s
 
-
-@pytest.mark.parametrize("manifest", ["caliper-sidecar.yaml", "gateway.yaml"])
-def test_kubernetes_pods_take_no_service_links(manifest: str) -> None:
+def test_kubernetes_pods_take_no_service_links() -> None:
     """The pods ask for no service-link variables (the sidecar ignores them, docs/operators.md)."""
-    for document in yaml.safe_load_all((DEPLOY / "kubernetes" / manifest).read_text()):
+    for document in yaml.safe_load_all(
+        (DEPLOY / "kubernetes" / "caliper-sidecar.yaml").read_text()
+    ):
         if document and document.get("kind") in ("Deployment", "StatefulSet"):
             assert document["spec"]["template"]["spec"]["enableServiceLinks"] is False
 
 
 def test_prometheus_operator_monitors_scrape_the_ops_port() -> None:
-    """The PodMonitor selects the sidecar's pods and the ServiceMonitor the gateway's ops
-    Service, both on the port named `ops`, which the pods declare and which serves /metrics
-    without a token."""
+    """The PodMonitor selects the sidecar's pods on the port named `ops`, which the pods
+    declare and which serves /metrics without a token (the chart's: test_helm.py)."""
     monitors = {
         d["kind"]: d
         for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "monitoring.yaml").read_text())
@@ -310,9 +293,3 @@ def test_prometheus_operator_monitors_scrape_the_ops_port() -> None:
     containers = app["spec"]["containers"] + app["spec"].get("initContainers", [])
     ports = {p["name"] for c in containers for p in c.get("ports", [])}
     assert monitors["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] in ports
-    service = monitors["Service"]
-    assert (
-        monitors["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items()
-        <= service["metadata"]["labels"].items()
-    )
-    assert monitors["ServiceMonitor"]["spec"]["endpoints"][0]["port"] == "ops"

@@ -3,14 +3,17 @@ and compares):
 
 - config/sidecar.example.toml: every key of every section, its default and its meaning, from
   the settings' types (config.py), and commented `[[destinations]]` of each kind;
-- docs/openapi.json: the HTTP API, whose answer bodies come from http/bodies.py.
+- docs/openapi.json: the HTTP API, whose answer bodies come from http/bodies.py;
+- the Helm chart's values.schema.json: its `Settings` definitions (what `config` may hold),
+  from the same types, less the keys the chart sets itself or takes only by reference.
 
-    python -m caliper_sidecar.tools.reference      # writes both
+    python -m caliper_sidecar.tools.reference      # writes all three
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -20,9 +23,11 @@ import msgspec
 
 from caliper_sidecar.config import (
     DESTINATION_KEYS,
+    DESTINATION_SECRETS,
     SECRETS,
     SECTIONS,
     DestinationSettings,
+    Settings,
     toml_value,
 )
 from caliper_sidecar.http import openapi
@@ -30,6 +35,16 @@ from caliper_sidecar.http import openapi
 ROOT: Final = Path(__file__).resolve().parents[2]
 EXAMPLE: Final = Path("config/sidecar.example.toml")
 OPENAPI: Final = Path("docs/openapi.json")
+HELM_SCHEMA: Final = Path("deploy/helm/caliper-sidecar/values.schema.json")
+#: keys the chart sets itself (the listeners' hosts, the relay's outbox, the TLS files): a
+#: value for one in the chart's `config` would be overridden, so the schema refuses it
+_CHART_KEYS: Final = {
+    ("receiver", "host"),
+    ("receiver", "tls_cert"),
+    ("receiver", "tls_key"),
+    ("ops", "host"),
+    ("outbox", "path"),
+}
 #: where a key's comment starts, and the widest line
 _COMMENT_AT: Final = 30
 _WIDTH: Final = 96
@@ -133,9 +148,37 @@ def _meaning(kind: Any) -> str:
     return "one of " + ", ".join(f'"{c}"' for c in choices) if choices else ""
 
 
+def helm_values_schema() -> str:
+    """The chart's values.schema.json: as it is in the repository, but for its definitions
+    whose names end in `Settings`, generated from the settings' types (msgspec's JSON Schema).
+    Secrets are left out (the chart takes them by reference, from Secrets, as `*_file` keys it
+    sets), and so are the keys the chart sets itself: a values file holding one fails `helm
+    lint`, naming it."""
+    schema = json.loads((ROOT / HELM_SCHEMA).read_text())
+    settings = msgspec.json.schema(Settings)["$defs"]
+    left_out = {
+        *SECRETS,
+        *_CHART_KEYS,
+        *(("destinations", key) for key in DESTINATION_SECRETS if "." not in key),
+    }
+    tables = {**{SECTIONS[s].__name__: s for s in SECTIONS}, "DestinationSettings": "destinations"}
+    for name, definition in settings.items():
+        table = tables.get(name)
+        for key in list(definition.get("properties", {})):
+            if (table, key) in left_out:
+                del definition["properties"][key]
+    hand_written = {k: v for k, v in schema["$defs"].items() if not k.endswith("Settings")}
+    schema["$defs"] = {**hand_written, **settings}
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
 def generated() -> dict[Path, bytes]:
     """Every generated file, by its path in the repository."""
-    return {EXAMPLE: example_toml().encode(), OPENAPI: openapi.rendered()}
+    return {
+        EXAMPLE: example_toml().encode(),
+        OPENAPI: openapi.rendered(),
+        HELM_SCHEMA: helm_values_schema().encode(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

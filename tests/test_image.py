@@ -185,3 +185,6 @@ def test_archive_loads_elsewhere_with_its_healthcheck(image: Image, tmp_path: Pa
         # Unmounted and gone before pytest deletes tmp_path (not `system reset`: that also
         # removes networks, which every podman on the machine shares).
         other.podman("rmi", "--all", "--force")
+        # Podman leaves its overlay directory mounted on itself: undone, so tmp_path can go.
+        overlay = tmp_path / "school" / "storage" / "overlay"
+        subprocess.run(["umount", str(overlay)], capture_output=True, check=False)

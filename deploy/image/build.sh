@@ -52,6 +52,9 @@ base=${CALIPER_IMAGE_BASE:-localhost/caliper-sidecar-base:bookworm}
 if [ -z "${CALIPER_IMAGE_BASE:-}" ] && ! podman image exists "$base"; then
     rootfs="$CALIPER_IMAGE_CACHE/base-bookworm.tar"
     if [ ! -s "$rootfs" ]; then
+        # mmdebstrap picks the output's format by its name's ending: .tar, or a directory.
+        part="$CALIPER_IMAGE_CACHE/base-bookworm.part.tar"
+        rm -rf "$part"
         echo "making the base root file system (mmdebstrap, about 20 s)"
         # essential + what the Containerfile uses. The customize hook empties apt's sources
         # (mmdebstrap already drops the lists): no mirror of this machine is baked into the
@@ -59,8 +62,8 @@ if [ -z "${CALIPER_IMAGE_BASE:-}" ] && ! podman image exists "$base"; then
         mmdebstrap --quiet --variant=essential \
             --include=python3,python3-venv,ca-certificates,passwd \
             --customize-hook='rm -f "$1"/etc/apt/sources.list.d/*; : > "$1"/etc/apt/sources.list' \
-            bookworm "$rootfs.part" ${CALIPER_IMAGE_MIRROR:+"$CALIPER_IMAGE_MIRROR"}
-        mv "$rootfs.part" "$rootfs"
+            bookworm "$part" ${CALIPER_IMAGE_MIRROR:+"$CALIPER_IMAGE_MIRROR"}
+        mv "$part" "$rootfs"
     fi
     podman import --quiet "$rootfs" "$base" >/dev/null
 fi
@@ -79,6 +82,9 @@ echo "building $tag on $base"
 # --format docker: the OCI image format has no HEALTHCHECK and buildah would drop it.
 podman build --quiet --network=none --format docker --build-arg "BASE=$base" \
     -f deploy/Containerfile -t "$tag" . > build/image.log 2>&1 || { cat build/image.log >&2; exit 1; }
+
+# The previous build's image, now untagged: gone, or the cache would grow with every build.
+podman image prune --force >/dev/null
 
 mkdir -p "$(dirname "$output")"
 rm -f "$output"

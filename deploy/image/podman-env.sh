@@ -7,7 +7,10 @@ mkdir -p "$CALIPER_IMAGE_CACHE"
 CALIPER_IMAGE_CACHE=$(cd "$CALIPER_IMAGE_CACHE" && pwd)
 # Per-boot state on /run (a tmpfs on most machines, so a reboot clears it as podman expects),
 # named after the cache so that two clones' podmans never share it.
-_caliper_run=/run/caliper-sidecar-podman/$(printf %s "$CALIPER_IMAGE_CACHE" | sha256sum | cut -c1-12)
+# Not root (rootless podman; not tried on these machines): the user's runtime directory.
+_caliper_run_base=/run
+[ "$(id -u)" = 0 ] || _caliper_run_base=${XDG_RUNTIME_DIR:-/tmp}
+_caliper_run=$_caliper_run_base/caliper-sidecar-podman/$(printf %s "$CALIPER_IMAGE_CACHE" | sha256sum | cut -c1-12)
 # Explicit limits: podman's defaults (nofile 1048576, nproc 4194304) are above what these
 # machines let a process raise them to (no CAP_SYS_RESOURCE), and runc then fails ("error
 # setting rlimit"). nofile: the shell's own; nproc: 4096, plenty for one Python service (the
@@ -38,5 +41,5 @@ CONF
 export CALIPER_IMAGE_CACHE
 export CONTAINERS_CONF="$CALIPER_IMAGE_CACHE/containers.conf"
 export CONTAINERS_STORAGE_CONF="$CALIPER_IMAGE_CACHE/storage.conf"
-unset _caliper_run
+unset _caliper_run _caliper_run_base
 unset -f _caliper_limit

@@ -188,3 +188,4 @@ def test_archive_loads_elsewhere_with_its_healthcheck(image: Image, tmp_path: Pa
         # Podman leaves its overlay directory mounted on itself: undone, so tmp_path can go.
         overlay = tmp_path / "school" / "storage" / "overlay"
         subprocess.run(["umount", str(overlay)], capture_output=True, check=False)
+        shutil.rmtree(other.env["CALIPER_IMAGE_RUN"], ignore_errors=True)

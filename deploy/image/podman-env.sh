@@ -39,6 +39,7 @@ graphroot = "$CALIPER_IMAGE_CACHE/storage"
 runroot = "$_caliper_run/storage"
 CONF
 export CALIPER_IMAGE_CACHE
+export CALIPER_IMAGE_RUN=$_caliper_run  # for whoever throws this podman away
 export CONTAINERS_CONF="$CALIPER_IMAGE_CACHE/containers.conf"
 export CONTAINERS_STORAGE_CONF="$CALIPER_IMAGE_CACHE/storage.conf"
 unset _caliper_run _caliper_run_base

@@ -126,8 +126,10 @@ def reload(rt: Runtime, tls: ssl.SSLContext | None, load: Callable[[], Settings]
     merged = _merged(old, new, keep_tls=tls is None)
     _retune(rt, merged, new_secrets=bool(changed & _SECRETS), destinations=destinations)
     rt.use_settings(merged)
-    set_level(new.log.level)
+    # Said before a new level applies: a level raised to warning must not hide the line that
+    # says so.
     log.info("reloaded", applied=applied, needs_restart=later)
+    set_level(new.log.level)
     return True
 
 
@@ -188,7 +190,8 @@ def _retune(
     kept = []
     for d in rt.destinations:
         mine = theirs[d.settings.name]
-        d.dispatcher.retune(mine, merged.retry)
+        # An archive batches as archives do (ARCHIVE_BATCHING), whatever its table says.
+        d.dispatcher.retune(mine if mine.kind == "caliper" else d.dispatcher.batching, merged.retry)
         if isinstance(d.dispatcher.sender, UpstreamClient):
             d.dispatcher.sender.retune(mine.timeout_s)
         if d.tokens is not None:

@@ -456,7 +456,7 @@ class TestGateway:
         env = {e["name"]: e["value"] for e in container(documents)["env"]}
         config = tomllib.loads(one(documents, "ConfigMap")["data"]["sidecar.toml"])
         assert env["SIDECAR_OPS_PORT"] == str(config["ops"]["port"])
-        image = (ROOT / "deploy" / "Dockerfile").read_text()
+        image = (ROOT / "deploy" / "Containerfile").read_text()
         assert "SIDECAR_OPS_PORT=9090" in image
         assert config["ops"]["port"] == 9090
 

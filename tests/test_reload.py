@@ -20,6 +20,7 @@ import msgspec
 
 from caliper_sidecar.app import start as start_in_process
 from caliper_sidecar.config import DestinationSettings, OAuthSettings, Settings
+from caliper_sidecar.delivery.archive_sender import ARCHIVE_BATCHING
 from caliper_sidecar.reload import DestinationChanges, destination_changes, reload
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
@@ -565,3 +566,28 @@ async def test_a_destinations_rotated_bearer_token_is_sent_after_a_sighup(
         assert rotated not in process.logs()
     finally:
         await district.close()
+
+
+async def test_an_archive_keeps_its_own_batching_through_a_reload(
+    platform: RunningFake, tmp_path: Path
+) -> None:
+    """An archive batches as archives do whatever its table says; a SIGHUP that tunes the
+    other destinations leaves that so."""
+    base = msgspec.structs.replace(
+        settings_for(platform, tmp_path),
+        destinations=(
+            DestinationSettings(name="kept", kind="archive", dir=str(tmp_path / "archive")),
+        ),
+    )
+    sidecar = await start_in_process(base)
+    try:
+        before = sidecar.dispatchers["kept"].batching
+        assert before is ARCHIVE_BATCHING
+        tuned = msgspec.structs.replace(
+            base, upstream=msgspec.structs.replace(base.upstream, batch_max_events=7)
+        )
+        assert reload(sidecar.runtime, None, lambda: tuned)
+        assert sidecar.dispatchers["kept"].batching is ARCHIVE_BATCHING
+        assert sidecar.dispatchers["upstream"].batching.batch_max_events == 7
+    finally:
+        await sidecar.stop()

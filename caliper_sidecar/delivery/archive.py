@@ -131,7 +131,7 @@ def repair(path: Path, start: int = 0) -> tuple[int, int]:
             os.fsync(f.fileno())
     if not end:
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return size, end
 
 
@@ -234,7 +234,7 @@ class Archive:
                 return  # opened already
             check_archive_directory(self.dir)
             for changed in _make_dirs(self.dir):
-                _fsync_dir(changed)
+                fsync_dir(changed)
             with locked(self.dir):
                 self._repair_and_list()
 
@@ -259,7 +259,7 @@ class Archive:
             os.ftruncate(fd, 0)
             os.fsync(fd)
             if created:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         except OSError:
             os.close(fd)
             raise
@@ -305,7 +305,7 @@ class Archive:
                         os.close(fd)
                 name = ""
                 for directory in changed:
-                    _fsync_dir(directory)
+                    fsync_dir(directory)
             except OSError as e:
                 self._cut_back_to(written)
                 raise self._unavailable(name, e) from e
@@ -495,7 +495,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a file created, renamed or removed) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

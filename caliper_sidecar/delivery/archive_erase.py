@@ -29,6 +29,7 @@ from caliper_sidecar.delivery.archive import (
     COMPRESS_LEVEL,
     SUFFIX,
     complete_length,
+    fsync_dir,
     locked,
 )
 
@@ -109,7 +110,7 @@ def _erase_in_file(dir: Path, path: Path, actor: str, dry_run: bool) -> list[str
         _replace(path, gzip.compress(b"".join(kept), COMPRESS_LEVEL, mtime=0))
     else:
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     _list_for_repair(dir, path.relative_to(dir).as_posix())
     return found
 
@@ -133,7 +134,7 @@ def _replace(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _list_for_repair(dir: Path, name: str) -> None:
@@ -145,14 +146,6 @@ def _list_for_repair(dir: Path, name: str) -> None:
         return  # no list: a start checks every file anyway
     try:
         os.write(fd, b"0 %s\n" % name.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)

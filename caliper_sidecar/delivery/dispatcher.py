@@ -171,6 +171,10 @@ class Dispatcher:
     def sender(self) -> Sender:
         return self._upstream
 
+    @property
+    def batching(self) -> Batching:
+        return self._batch
+
     def retune(self, batching: Batching, retry: RetrySettings) -> None:
         """New batching, concurrency and retry settings (SIGHUP): the next claims and sends
         use them; sends in flight finish as they are. A lower `concurrency` takes effect as

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
@@ -85,9 +85,6 @@ class ArchiveSender:
             [ArchivedEvent(at, body) for at, body in zip(received_at, bodies, strict=True)]
         )
         return Sent(status=None)
-
-    async def job_status(self, job_id: str) -> dict[str, Any]:
-        raise NotImplementedError("an archive opens no platform jobs")
 
     async def _prune_hourly(self) -> None:
         while True:

@@ -25,7 +25,7 @@ from typing import Any, Final
 import structlog
 
 from caliper_sidecar.config import UPSTREAM
-from caliper_sidecar.delivery.upstream import Sender
+from caliper_sidecar.delivery.upstream import JobStatuses
 from caliper_sidecar.exceptions import AuthFailed, OutboxUnavailable, Refused, RetryLater
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import Outbox, PlatformJobOutcome
@@ -50,7 +50,7 @@ class JobFollower:
     """Polls the platform's jobs and applies what they say to the outbox. Only [upstream]
     follows jobs: what it dead-letters counts as the `upstream` destination's."""
 
-    def __init__(self, outbox: Outbox, upstream: Sender, metrics: Metrics) -> None:
+    def __init__(self, outbox: Outbox, upstream: JobStatuses, metrics: Metrics) -> None:
         self._outbox = outbox
         self._upstream = upstream
         self._metrics = metrics

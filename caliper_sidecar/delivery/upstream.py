@@ -81,6 +81,11 @@ class Sender(Protocol):
         that files them by it); return when the destination took them, else raise the outcome
         (RetryLater, Refused, AuthFailed)."""
 
+
+class JobStatuses(Protocol):
+    """What following the platform's jobs needs of it (confirmations.py): the UpstreamClient
+    of a platform with jobs, or in tests a scripted stand-in. An archive has none."""
+
     async def job_status(self, job_id: str) -> dict[str, Any]: ...
 
 

@@ -35,6 +35,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,10 +47,20 @@ from typing import Any, Final
 import aiohttp
 import pytest
 
+from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.delivery.archive import Archive, ArchivedEvent
+from caliper_sidecar.outbox import NewEvent, sqlite_outbox
+from caliper_sidecar.outbox.sqlite.storage import PAGE_SIZE
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
-from .conftest import SidecarProcess, eventually, free_port, make_event, write_config
+from .conftest import (
+    SidecarProcess,
+    eventually,
+    free_port,
+    make_event,
+    new_id,
+    write_config,
+)
 from .destinations import DISTRICT_TOKEN, start_district
 
 # The chart's helm: fetched once into .cache/helm, skipped where it cannot be had (a failure
@@ -495,6 +506,29 @@ async def lesson(live: Live) -> None:
     (live.dir / "lesson.json").write_text(json.dumps([good, bad], indent=2))
 
 
+async def an_outbox_of_4k_pages(live: Live) -> None:
+    """An outbox as an earlier release created it (4 KB pages), holding five waiting events."""
+    path = live.dir / "data" / "outbox.db"
+    path.parent.mkdir()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
+        await outbox.append(
+            [NewEvent(new_id(), json.dumps(make_event()).encode()) for _ in range(5)]
+        )
+
+
+async def converted_to_1k_pages(live: Live, session: Session) -> None:
+    path = live.dir / "data" / "outbox.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
+        assert (await outbox.stats()).events == 5
+
+
 async def three_hours_archived(live: Live) -> None:
     """The archive's three hour files of 2026-03-14 (09: three events, 10: two, 11: one),
     written by the archive itself."""
@@ -742,6 +776,12 @@ SPECS: Final = [
             (re.compile(r"\d{4}/\d\d/\d\d/\d\d\.ndjson\.gz"), "2026/12/06/00.ndjson.gz")
         ],
         settle=False,
+    ),
+    Spec(
+        "docs/operators.md",
+        "PRAGMA page_size = 1024",
+        prepare=an_outbox_of_4k_pages,
+        after=converted_to_1k_pages,
     ),
     Spec("docs/operators.md", "$ helm lint --strict", helm=True),
     Spec("docs/operators.md", "client_secret=s3cret", helm=True),

@@ -175,6 +175,20 @@ async def without_secure_delete(box: Outbox) -> None:
 
 
 class TestSqliteFiles:
+    async def test_the_writes_after_an_erase_zero_as_little_as_before(self, tmp_path: Path) -> None:
+        """Erasing overwrites what it deletes, then gives the writer back its own mode
+        (FAST: read back as 2, which set as a number would mean ON and write every freed page
+        again)."""
+        async with open_test_outbox("sqlite", tmp_path) as box:
+            storage = box.storage
+            assert isinstance(storage, SqliteStorage)
+            await box.append([learner_event(), other_event()])
+            await box.erase(LEARNER)
+            mode = await storage._writer.run(
+                lambda conn: conn.execute("PRAGMA secure_delete").fetchone()
+            )
+            assert mode == (2,)
+
     async def test_deleted_bodies_are_overwritten_in_the_file_and_the_wal(
         self, tmp_path: Path
     ) -> None:

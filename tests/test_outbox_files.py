@@ -16,6 +16,7 @@ from caliper_sidecar.app import start
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxLocked
 from caliper_sidecar.outbox import NewEvent, sqlite_outbox
+from caliper_sidecar.outbox.sqlite.storage import PAGE_SIZE, SqliteStorage
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
@@ -156,3 +157,37 @@ class TestLargeDeadLetterOperations:
         assert "2000" in err
         async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
             assert (await outbox.stats()).dead_letters == 0
+
+
+class TestPagesThatWriteLittle:
+    """Issue 33: what a new outbox writes per event (bench/writes.py measures it, docs/
+    operators.md "Writes to the disk"): small pages, and nothing rewritten only to zero it."""
+
+    async def test_a_new_outbox_has_small_pages(self, tmp_path: Path) -> None:
+        path = tmp_path / "outbox.db"
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
+            await outbox.append([NewEvent(new_id(), json.dumps(make_event()).encode())])
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,)
+
+    async def test_an_older_outbox_keeps_its_pages_and_its_events(self, tmp_path: Path) -> None:
+        path = tmp_path / "outbox.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.close()
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
+            await outbox.append([NewEvent(new_id(), b"{}") for _ in range(3)])
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
+            assert (await outbox.stats()).events == 3
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
+
+    async def test_deleting_zeroes_only_what_costs_no_write(self, tmp_path: Path) -> None:
+        async with sqlite_outbox(OutboxSettings(path=str(tmp_path / "outbox.db"))) as outbox:
+            storage = outbox.storage
+            assert isinstance(storage, SqliteStorage)
+            mode = await storage._writer.run(
+                lambda conn: conn.execute("PRAGMA secure_delete").fetchone()
+            )
+            assert mode == (2,)  # FAST

@@ -133,8 +133,8 @@ def erase_securely(
 ) -> list[ErasedRow]:
     """`erase` in one write transaction, with SQLite overwriting with zeros what it deletes
     (in the pages it writes to the WAL and, at the checkpoint, the file); the connection
-    is left as it was, for the writes after it (some builds, Debian's, have it on always;
-    others off, as the writes of `run` then leave what they delete or empty in free space).
+    is left as it was, for the writes after it (FAST, writer.PRAGMAS: the writes of `run`
+    leave what they delete or empty in free pages).
     """
     (before,) = conn.execute("PRAGMA secure_delete").fetchone()
     conn.execute("PRAGMA secure_delete = ON")
@@ -142,7 +142,8 @@ def erase_securely(
         with writes.immediate(conn):
             return erase(conn, actor, ids, dry_run, now)
     finally:
-        conn.execute(f"PRAGMA secure_delete = {int(before)}")
+        # Read back as 0, 1 or 2, but set as a word: "2" would be read as true, not as FAST.
+        conn.execute(f"PRAGMA secure_delete = {('OFF', 'ON', 'FAST')[int(before)]}")
 
 
 def compact(conn: sqlite3.Connection) -> None:

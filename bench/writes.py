@@ -1,7 +1,8 @@
 """Bytes written to the device per event over its whole life in the outbox (issue 33).
 
     .venv/bin/python bench/writes.py [--events 20000] [--senders 8] [--batch 1 --batch 100]
-                                     [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
+        [--event-bytes 1100] [--page-size 4096 --page-size 1024]
+        [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 
 `caliper-sidecar run` (`synchronous = "full"`, `dedupe_window_s = 2`) takes ~1.1 KB events
 from `--senders` concurrent senders (single-event requests with `--batch 1`, 100-event arrays
@@ -11,9 +12,9 @@ everything) is read between phases:
 
   - ingest: the sink is stopped (SIGSTOP), so nothing is acknowledged while events come in;
   - delivery: the sink resumes, until the outbox has nothing waiting;
-  - pruning: after the dedupe window, a trickle of single events whose acknowledgements
-    prune the delivered rows (pruning rides on acknowledgements), until the table is empty
-    but for the trickle.
+  - pruning: once the dedupe window and the pruning cadence (a minute) have passed, single
+    events one at a time, whose acknowledgements prune the delivered rows (pruning rides on
+    acknowledgements), until the table is empty but for them.
 
 It prints bytes per event for each phase and the whole life, and the ratio to the event's
 size (issue 33's budget: at most 3). With `--postgres`, the same run on a fresh database of
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import forward
 from common import PYTHON, Process, free_port, machine, metric
 from forward import EVENT_BYTES, events
 
@@ -120,7 +122,12 @@ async def _pg(server: str, sql: str) -> None:
 
 
 def run(
-    tmp: Path, lines: list[bytes], senders: int, batch: int, pg: str | None = None
+    tmp: Path,
+    lines: list[bytes],
+    senders: int,
+    batch: int,
+    pg: str | None = None,
+    page_size: int | None = None,
 ) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(dir=tmp))
     sink_port = free_port()
@@ -130,6 +137,11 @@ def run(
     )
     port = free_port()
     db = work / "outbox.db"
+    if page_size and not pg:
+        # A file made first keeps its page size: an outbox an earlier release created.
+        with sqlite3.connect(db, isolation_level=None) as conn:
+            conn.execute(f"PRAGMA page_size = {page_size}")
+            conn.execute("PRAGMA journal_mode = WAL")
     outbox = f'url = "{pg}"' if pg else f'path = "{db}"\nsynchronous = "full"'
     config = work / "sidecar.toml"
     config.write_text(
@@ -194,29 +206,42 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        action="append",
+        help="SQLite outboxes made with this page size first (4096: an earlier release's); "
+        "repeat to compare in one run (default: a new outbox's own)",
+    )
+    parser.add_argument("--event-bytes", type=int, default=EVENT_BYTES)
     parser.add_argument("--postgres", help="also measure a PostgreSQL outbox on this server")
     args = parser.parse_args()
-    print(f"# {machine()}; {args.events} events of ~{EVENT_BYTES} bytes, {args.senders} senders")
-    print("backend   batch  events/commit  ingest  delivery  pruning  life(B/event)  ratio")
+    forward.EVENT_BYTES = args.event_bytes  # what `events` pads to
+    print(
+        f"# {machine()}; {args.events} events of ~{args.event_bytes} bytes, {args.senders} senders"
+    )
+    print("backend        batch  events/commit  ingest  delivery  pruning  life(B/event)  ratio")
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch or [1, 100]:
             lines = events(args.events)
-            backends: list[tuple[str, str | None]] = [("sqlite", None)]
+            backends: list[tuple[str, str | None, int | None]] = [
+                (f"sqlite{f' {p}' if p else ''}", None, p) for p in args.page_size or [None]
+            ]
             if args.postgres:
-                backends.append(("postgres", args.postgres))
-            for name, server in backends:
+                backends.append(("postgres", args.postgres, None))
+            for name, server, page_size in backends:
                 pg = None
                 if server:
                     # A fresh database, so that nothing else's pruning or vacuum is counted.
                     asyncio.run(_pg(server, "CREATE DATABASE bench_writes"))
                     pg = server.rsplit("/", 1)[0] + "/bench_writes"
                 try:
-                    r = run(Path(tmp), lines, args.senders, batch, pg)
+                    r = run(Path(tmp), lines, args.senders, batch, pg, page_size)
                 finally:
                     if server:
                         asyncio.run(_pg(server, "DROP DATABASE bench_writes WITH (FORCE)"))
                 print(
-                    f"{name:9} {batch:5} {r['per_commit']:14.1f} {r['ingest']:7.0f} "
+                    f"{name:14} {batch:5} {r['per_commit']:14.1f} {r['ingest']:7.0f} "
                     f"{r['delivery']:9.0f} {r['pruning']:8.0f} {r['life']:14.0f} {r['ratio']:6.2f}",
                     flush=True,
                 )

@@ -162,7 +162,12 @@ def run_syslog_ng(tmp: Path, lines: list[bytes], senders: int) -> dict[str, floa
 
 
 async def post_batches(url: str, lines: list[bytes], senders: int, batch: int) -> None:
-    bodies = [b"[" + b",".join(lines[i : i + batch]) + b"]" for i in range(0, len(lines), batch)]
+    """POST `lines` to /v1/events, `batch` to a request (1: each event alone, not in an
+    array), from `senders` concurrent senders, each waiting for its 202 (503: again)."""
+    bodies = [
+        lines[i] if batch == 1 else b"[" + b",".join(lines[i : i + batch]) + b"]"
+        for i in range(0, len(lines), batch)
+    ]
     queue = iter(bodies)
 
     async def one(session: aiohttp.ClientSession) -> None:

@@ -35,10 +35,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import forward
 from common import PYTHON, Process, free_port, machine, metric
-from forward import EVENT_BYTES, events
+from forward import EVENT_BYTES, events, post_batches
 
 from caliper_sidecar.outbox.records import PRUNE_EVERY_S
 
@@ -55,29 +54,6 @@ def write_bytes(pid: int) -> int:
 def status(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{url}/v1/status") as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
-
-
-async def post(url: str, lines: list[bytes], senders: int, batch: int) -> None:
-    bodies = [
-        lines[i] if batch == 1 else b"[" + b",".join(lines[i : i + batch]) + b"]"
-        for i in range(0, len(lines), batch)
-    ]
-    queue = iter(bodies)
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        for body in queue:
-            while True:
-                async with session.post(
-                    f"{url}/v1/events", data=body, headers={"Content-Type": "application/json"}
-                ) as resp:
-                    if resp.status == 202:
-                        break
-                    if resp.status != 503:
-                        raise RuntimeError(f"{resp.status}: {await resp.text()}")
-                await asyncio.sleep(0.1)
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one(session) for _ in range(senders)))
 
 
 def wait_for(what: str, check: Any, timeout: float = 600) -> None:
@@ -162,7 +138,7 @@ def run(
         marks["start"] = read()
         commits = metric(sidecar.url, "caliper_sidecar_outbox_commits_total")
         sink.proc.send_signal(signal.SIGSTOP)
-        asyncio.run(post(sidecar.url, lines, senders, batch))
+        asyncio.run(post_batches(sidecar.url, lines, senders, batch))
         marks["ingest"] = read()
         commits = metric(sidecar.url, "caliper_sidecar_outbox_commits_total") - commits
         sink.proc.send_signal(signal.SIGCONT)
@@ -177,7 +153,7 @@ def run(
         time.sleep(max(DEDUPE_WINDOW_S, PRUNE_EVERY_S - (time.monotonic() - first_ack)) + 1)
         trickle = events(100)
         for i, line in enumerate(trickle):
-            asyncio.run(post(sidecar.url, [line], 1, 1))
+            asyncio.run(post_batches(sidecar.url, [line], 1, 1))
             time.sleep(0.3)
             if (i == 5) if pg else rows(db) <= i + 2:
                 break

@@ -29,6 +29,7 @@ from typing import Final
 from common import PYTHON, Process, free_port, machine, median, metric, sidecar, wrk
 
 from caliper_sidecar.outbox.sqlite.schema import migrate
+from caliper_sidecar.outbox.sqlite.storage import PAGE_SIZE
 from caliper_sidecar.tools.samples import sample_events
 
 #: what TimeBack's official SDK (timeback-caliper 0.4.0) posts, recorded by tests/data's script
@@ -120,6 +121,7 @@ def raw_executemany(tmp: Path, body: bytes, warmup_s: float, seconds: float) -> 
     """
     path = tmp / "raw.db"
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")  # the outbox's own layout
     conn.execute("PRAGMA journal_mode = WAL")
     migrate(conn)
     conn.execute("PRAGMA synchronous = FULL")

@@ -324,11 +324,14 @@ class TestAuthentication:
         self, run: Run, fake: FakeTimeBack
     ) -> None:
         """401, a new token, 401 again: auth_failed, not dead-lettered, retried later."""
-        fake.fail_next(401, times=4)
+        # Refused until the test has seen auth_failed: a retry may come within milliseconds
+        # (the backoff is jittered from 0), quicker than the state can be polled.
+        fake.fail_next(401, times=1000)
         sidecar, post = await run(retry={"initial_backoff_s": 0.01, "max_backoff_s": 0.02})
         event = make_event()
         await post(event)
         await eventually(lambda: sidecar.dispatcher.state == "auth_failed")
+        fake.faults.script.clear()
         await fake.wait_for({event["id"]})
         assert fake.token_requests >= 3
         assert await dead_letters(sidecar) == 0

@@ -644,6 +644,7 @@ class FakeTimeBack:
             "duplicates": self.duplicates,
             "envelopes": self.envelopes,
             "statuses": {str(k): v for k, v in self.statuses.items()},
+            "most_at_once": self.most_at_once,
         }
         if request.query.get("ids") != "false":
             summary["ids"] = self.order

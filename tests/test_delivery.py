@@ -185,7 +185,8 @@ class TestTransientFailures:
         assert [e["event"] for e in logs if "exc_info" in e] == []
 
     async def test_outage_sends_one_probe_at_a_time(self, run: Run, fake: FakeTimeBack) -> None:
-        """While the platform fails, one probe batch at a time; full concurrency after."""
+        """While the platform fails, one probe batch at a time; several at once after (the
+        adaptive limit climbs again)."""
         fake.request_log = []
         fake.faults.latency_s = 0.05
         fake.fail_next(503, times=8)

@@ -82,6 +82,11 @@ class Process:
 def sidecar(tmp: Path, port: int, **sections: Any) -> Process:
     """`caliper-sidecar run` with a config built from these sections (a list of tables is an
     array of tables: `destinations=[{...}, ...]`)."""
+    return sidecar_by(("-m", "caliper_sidecar"), tmp, port, **sections)
+
+
+def sidecar_by(command: Sequence[str], tmp: Path, port: int, **sections: Any) -> Process:
+    """`sidecar`, with what Python runs (given `run -c CONFIG`) instead of `-m caliper_sidecar`."""
     config = tmp / f"sidecar-{port}.toml"
     lines = []
     for section, table in {"receiver": {"port": port}, **sections}.items():
@@ -90,7 +95,7 @@ def sidecar(tmp: Path, port: int, **sections: Any) -> Process:
             lines.extend(f"{k} = {json.dumps(v)}" for k, v in entry.items())
     config.write_text("\n".join(lines) + "\n")
     return Process(
-        [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)],
+        [PYTHON, *command, "run", "-c", str(config)],
         port,
         log=tmp / f"sidecar-{port}.log",
     )

@@ -190,7 +190,14 @@ class UpstreamSettings(_Section, frozen=True):
         int, _key("serialized envelope size; a larger single event is refused (413)", gt=0)
     ] = 512_000
     linger_ms: Annotated[int, _key("how long a partial batch waits to fill", ge=0)] = 200
-    concurrency: Annotated[int, _key("envelopes in flight at once", gt=0)] = 4
+    concurrency: Annotated[
+        int,
+        _key(
+            "the most envelopes in flight at once: the ceiling of a limit that adapts to the "
+            "platform's answers",
+            gt=0,
+        ),
+    ] = 4
     timeout_s: Annotated[float, _key("per request to the platform or the token endpoint", gt=0)] = (
         30
     )
@@ -376,7 +383,14 @@ class DestinationSettings(_Section, frozen=True):
     batch_max_events: Annotated[int, _key("events per envelope", gt=0)] = 100
     batch_max_bytes: Annotated[int, _key("serialized envelope size", gt=0)] = 512_000
     linger_ms: Annotated[int, _key("how long a partial batch waits to fill", ge=0)] = 200
-    concurrency: Annotated[int, _key("envelopes in flight at once", gt=0)] = 4
+    concurrency: Annotated[
+        int,
+        _key(
+            "the most envelopes in flight at once: the ceiling of a limit that adapts to the "
+            "platform's answers",
+            gt=0,
+        ),
+    ] = 4
     timeout_s: Annotated[float, _key("per request to the endpoint or its token endpoint", gt=0)] = (
         30
     )

@@ -234,6 +234,13 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.concurrency_limit = Gauge(
+            "caliper_sidecar_concurrency_limit",
+            "Envelopes the destination may have in flight at once now: the adaptive limit, "
+            "at most its concurrency",
+            ["destination"],
+            registry=r,
+        )
         self.upstream_requests = Counter(
             "caliper_sidecar_upstream_requests",
             "Requests to the destination's Caliper endpoint, by status code",
@@ -350,9 +357,10 @@ class DestinationMetrics:
     """One destination's delivery series, by the attribute names of `Metrics`, so that the
     dispatcher, its client and its tokens count alike whichever destination they serve.
 
-    What every destination has (delivered, dead-lettered by reason, in flight, unconfirmed) is
-    exported at 0 from the start, for alerts and rates; what only a destination with a Caliper
-    endpoint or a token has (request durations, token refreshes) from when the client or the
+    What every destination has (delivered, dead-lettered by reason, in flight, unconfirmed,
+    its concurrency limit) is exported from the start, at 0 (the limit: where its dispatcher
+    starts it), for alerts and rates; what only a destination with a Caliper endpoint or a
+    token has (request durations, token refreshes) from when the client or the
     token source that counts them is made, so that an archive exports no request series.
     """
 
@@ -366,6 +374,7 @@ class DestinationMetrics:
         for reason in DeadLetterReason:
             self.events_dead_lettered.labels(reason=reason)
         self.in_flight = metrics.in_flight.labels(destination=name)
+        self.concurrency_limit = metrics.concurrency_limit.labels(destination=name)
         self.upstream_requests: LabelledCounter = _Bound(metrics.upstream_requests, name)
 
     @cached_property

@@ -185,7 +185,8 @@ class TestTransientFailures:
         assert [e["event"] for e in logs if "exc_info" in e] == []
 
     async def test_outage_sends_one_probe_at_a_time(self, run: Run, fake: FakeTimeBack) -> None:
-        """While the platform fails, one probe batch at a time; full concurrency after."""
+        """While the platform fails, one probe batch at a time; several at once after (the
+        adaptive limit climbs again)."""
         fake.request_log = []
         fake.faults.latency_s = 0.05
         fake.fail_next(503, times=8)
@@ -324,11 +325,14 @@ class TestAuthentication:
         self, run: Run, fake: FakeTimeBack
     ) -> None:
         """401, a new token, 401 again: auth_failed, not dead-lettered, retried later."""
-        fake.fail_next(401, times=4)
+        # Refused until the test has seen auth_failed: a retry may come within milliseconds
+        # (the backoff is jittered from 0), quicker than the state can be polled.
+        fake.fail_next(401, times=1000)
         sidecar, post = await run(retry={"initial_backoff_s": 0.01, "max_backoff_s": 0.02})
         event = make_event()
         await post(event)
         await eventually(lambda: sidecar.dispatcher.state == "auth_failed")
+        fake.faults.script.clear()
         await fake.wait_for({event["id"]})
         assert fake.token_requests >= 3
         assert await dead_letters(sidecar) == 0

@@ -187,3 +187,59 @@ class TestRetries:
         await post(events)
         await fake.wait_for({e["id"] for e in events}, timeout=10)
         await eventually(lambda: sidecar.dispatcher.state == "ok")
+
+
+class TestAdaptiveConcurrency:
+    """`concurrency` is the ceiling of a limit that follows the platform's answers
+    (delivery/concurrency.py): against a real fake platform over HTTP, counted, never timed."""
+
+    async def test_a_platform_of_limited_capacity_is_not_flooded(
+        self, run: Callable[..., Any], fake: FakeTimeBack
+    ) -> None:
+        """The platform serves 2 envelopes at once, queues 2 more and answers 429 past that;
+        the ceiling is 16. Every event is delivered once, no envelope meets a 429, and over
+        the second half of the drain no more than 2 + 1 envelopes are at the platform at once
+        (one waiting its turn: the probe the limit makes upward)."""
+        capacity = 2
+        fake.faults.capacity = fake.faults.capacity_queue = capacity
+        fake.faults.latency_s = 0.05
+        sidecar, post = await run(
+            upstream={"concurrency": 16, "batch_max_events": 5, "linger_ms": 0}
+        )
+        events = make_events(500)
+        for first in range(0, len(events), 100):
+            await post(events[first : first + 100])
+        await fake.wait_for(250)
+        fake.most_at_once = 0
+        await fake.wait_for({e["id"] for e in events})
+        assert fake.duplicates == 0
+        assert fake.statuses[429] == 0
+        assert fake.most_at_once <= capacity + 1
+        assert sidecar.dispatcher.concurrency.limit <= capacity + 1
+        assert (await sidecar.outbox.stats()).dead_letters == 0
+
+    async def test_the_limit_rises_to_the_ceiling_and_shows(
+        self, run: Callable[..., Any], fake: FakeTimeBack
+    ) -> None:
+        """A platform that takes everything: from 1, the limit rises to the ceiling of 4,
+        envelopes in flight follow it and never pass it; the status and the metrics show the
+        limit and the ceiling."""
+        fake.faults.latency_s = 0.1
+        sidecar, post = await run(
+            upstream={"concurrency": 4, "batch_max_events": 5, "linger_ms": 0}
+        )
+        assert sidecar.dispatcher.concurrency.limit == 1
+        events = make_events(600)
+        for first in range(0, len(events), 100):
+            await post(events[first : first + 100])
+        await fake.wait_for({e["id"] for e in events})
+        assert fake.most_at_once == 4
+        limit = sidecar.dispatcher.concurrency.limit
+        async with aiohttp.ClientSession(base_url=sidecar.url) as http:
+            async with http.get("/v1/status") as resp:
+                (upstream,) = (await resp.json())["destinations"]
+            async with http.get("/metrics") as resp:
+                metrics = await resp.text()
+        assert upstream["concurrency_limit"] == limit
+        assert upstream["concurrency_ceiling"] == 4
+        assert f'caliper_sidecar_concurrency_limit{{destination="upstream"}} {limit}.0' in metrics

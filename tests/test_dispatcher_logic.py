@@ -5,6 +5,7 @@ waits for the outcome it expects."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -21,9 +22,16 @@ from caliper_sidecar.config import (
     Settings,
     UpstreamSettings,
 )
-from caliper_sidecar.delivery.dispatcher import Dispatcher
+from caliper_sidecar.delivery.dispatcher import Dispatcher, back_pressure
 from caliper_sidecar.delivery.upstream import Sent
-from caliper_sidecar.exceptions import Refused, RetryLater
+from caliper_sidecar.exceptions import (
+    ArchiveUnavailable,
+    AuthFailed,
+    EndpointFailed,
+    Refused,
+    RetryLater,
+    UnexpectedAnswer,
+)
 from caliper_sidecar.metrics import Metrics
 from caliper_sidecar.outbox import NewEvent, Outbox, sqlite_outbox
 
@@ -36,8 +44,11 @@ class ScriptedPlatform:
 
     overhead = 200
 
-    def __init__(self, refuse: set[str], outages: int = 0, bugs: int = 0) -> None:
+    def __init__(
+        self, refuse: set[str], outages: int = 0, bugs: int = 0, latency_s: float = 0
+    ) -> None:
         self.refuse = refuse
+        self.latency_s = latency_s
         self.outages = outages
         #: envelopes that meet an error of ours rather than the platform's answer
         self.bugs = bugs
@@ -52,6 +63,8 @@ class ScriptedPlatform:
     ) -> Sent:
         ids = [json.loads(body)["id"] for body in bodies]
         self.envelopes.append(ids)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         if self.outages:
             self.outages -= 1
             raise RetryLater("the platform is down (scripted)")
@@ -192,3 +205,54 @@ async def test_a_destination_batches_by_its_keys_and_counts_under_its_name(
     lines = [e for e in logs if e["event"] in ("batch_delivered", "event_dead_lettered")]
     assert lines
     assert {e["destination"] for e in lines} == {"district-lrs"}
+
+
+@pytest.mark.parametrize(
+    ("outcome", "pushed_back"),
+    [
+        (RetryLater("Caliper endpoint answered HTTP 429", 1.0), True),
+        (RetryLater("Caliper endpoint answered HTTP 503"), True),
+        (RetryLater("Caliper endpoint timed out"), True),
+        (RetryLater("Caliper endpoint unreachable: ClientConnectorError: refused"), True),
+        (EndpointFailed("Caliper endpoint answered HTTP 404"), False),
+        (UnexpectedAnswer("HTTP 200 that is not the platform's answer"), False),
+        (ArchiveUnavailable("disk full", Path("/srv/archive")), False),
+        (AuthFailed("Caliper endpoint answered HTTP 401"), False),
+    ],
+)
+def test_what_is_back_pressure(outcome: RetryLater | AuthFailed, pushed_back: bool) -> None:
+    """The transient answers, timeouts and failed connections say "too much" and lower the
+    adaptive concurrency; a missing endpoint, something else answering, an archive's disk and
+    refused credentials do not (fewer requests would not help them)."""
+    assert back_pressure(outcome) is pushed_back
+
+
+async def test_the_dispatcher_lowers_its_limit_on_back_pressure(outbox: Outbox) -> None:
+    """Through the dispatcher: a platform that takes everything, then answers "try later" to
+    every envelope for a while: the limit, risen first, is lowered; everything is delivered."""
+    ids = [new_id() for _ in range(400)]
+    await outbox.append([NewEvent(i, json.dumps({"id": i}).encode()) for i in ids])
+    # a round trip long enough that the loop's jitter is small beside it
+    platform = ScriptedPlatform(refuse=set(), latency_s=0.05)
+    dispatcher = Dispatcher(
+        outbox,
+        platform,
+        name="upstream",
+        batching=UpstreamSettings(batch_max_events=1, linger_ms=0, concurrency=8),
+        retry=RetrySettings(initial_backoff_s=0.001, max_backoff_s=0.002),
+        metrics=Metrics(),
+    )
+    dispatcher.start()
+    try:
+        async with asyncio.timeout(30):
+            while dispatcher.concurrency.limit < 3:
+                await asyncio.sleep(0.01)
+            risen = dispatcher.concurrency.limit
+            platform.outages = 10**9
+            while dispatcher.concurrency.limit >= risen:
+                await asyncio.sleep(0.01)
+        platform.outages = 0
+        await dispatcher.drained(timeout=30)
+    finally:
+        await dispatcher.stop(grace_s=1)
+    assert sorted(set(platform.accepted)) == sorted(ids)

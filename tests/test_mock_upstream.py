@@ -7,10 +7,12 @@ import base64
 import json
 import signal
 import sys
+import time
 
 import aiohttp
 
 from caliper_sidecar.envelope import build_envelope
+from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import eventually, free_port, make_event, sdk_events
 
@@ -80,3 +82,42 @@ async def test_serves_prints_its_urls_and_stops_on_sigterm() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
+
+
+async def test_a_platform_of_limited_capacity_queues_then_answers_429(
+    platform: RunningFake,
+) -> None:
+    """`capacity` 2 and `capacity_queue` 2 (set over HTTP, as the drain benchmark does), six
+    envelopes at once: two are served, two wait their turn (served a latency later), the last
+    two are answered 429 with Retry-After at once."""
+    fake = platform.fake
+    fake.tokens["capacity-token"] = time.time() + 3600
+    fake.request_log = []
+    latency = 0.2
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{platform.base_url}/_mock/faults",
+            json={"capacity": 2, "capacity_queue": 2, "latency_ms": latency * 1000},
+        ) as resp:
+            assert resp.status == 200
+
+        async def post() -> tuple[int, str | None]:
+            async with http.post(
+                platform.events_url,
+                data=build_envelope("https://app.test/sensor", [json.dumps(make_event()).encode()]),
+                headers={
+                    "Content-Type": "application/json",
+                    "Authorization": "Bearer capacity-token",
+                },
+            ) as resp:
+                return resp.status, resp.headers.get("Retry-After")
+
+        answers = await asyncio.gather(*(post() for _ in range(6)))
+    assert sorted(answers, key=lambda a: a[0]) == [(200, None)] * 4 + [(429, "1")] * 2
+    assert fake.most_at_once == 4
+    assert fake.at_once == 0
+    took = sorted(end - start for start, end, status in fake.request_log if status == 200)
+    # The two served first took a latency; the two that waited for them, close to two (they
+    # arrived a moment after them; a sleep is never short, so this holds on any machine).
+    assert took[2] >= 1.5 * latency
+    assert took[3] >= 1.5 * latency

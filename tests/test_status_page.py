@@ -100,6 +100,10 @@ async def test_status_page_shows_the_live_numbers(
     await expect(page.locator("#replay")).to_be_hidden()
     await expect(page.locator("#purge")).to_be_hidden()
     await expect(page.locator("#state")).to_contain_text("Delivering normally", timeout=20_000)
+    # the adaptive concurrency: how many envelopes may go at once now, under `concurrency`
+    await expect(page.locator("#detail")).to_contain_text(
+        re.compile(r"Up to [1-4] envelopes at once now, at the platform's pace \(at most 4\)\.")
+    )
     await fake.wait_for({events[0]["id"]})
     async with aiohttp.ClientSession() as http, http.get(sidecar.ops_url + "/") as resp:
         assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
@@ -186,6 +190,10 @@ async def test_a_row_per_destination(browser: Any, platform: RunningFake, tmp_pa
         await expect(page.locator('#destinations tr[data-destination="archive"]')).to_contain_text(
             "delivering"
         )
+        # at once: the adaptive limit of its ceiling (an archive's is 1)
+        await expect(rows.nth(0).locator("td").nth(6)).to_have_text(re.compile(r"^[1-4] of 4$"))
+        archive_row = page.locator('#destinations tr[data-destination="archive"]')
+        await expect(archive_row.locator("td").nth(6)).to_have_text("1 of 1")
         await expect(page.locator("#dead")).to_contain_text("district-lrs: refused (HTTP 422)")
         await expect(page.locator("#dead-count")).to_have_text("1 dead letter")
         await expect(page.locator("#state")).to_contain_text("Delivering normally")

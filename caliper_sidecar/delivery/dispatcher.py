@@ -21,9 +21,11 @@ import structlog
 
 from caliper_sidecar.config import RetrySettings
 from caliper_sidecar.delivery.backoff import Circuit, CircuitState
+from caliper_sidecar.delivery.concurrency import AdaptiveConcurrency
 from caliper_sidecar.delivery.refusals import Refusals, SplitSearch
 from caliper_sidecar.delivery.upstream import Sender, Sent
 from caliper_sidecar.exceptions import (
+    ArchiveUnavailable,
     AuthFailed,
     EndpointFailed,
     OutboxUnavailable,
@@ -90,7 +92,8 @@ class DeliveryQueue(Protocol):
 
 
 class Dispatcher:
-    """Keeps up to its destination's `concurrency` envelopes in flight, no event in two at once.
+    """Keeps envelopes in flight to its destination, no event in two at once: as many as its
+    adaptive limit allows (delivery/concurrency.py), never more than its `concurrency`.
 
     Receive order is kept as far as concurrency and retries allow: batches are claimed oldest
     first, and a failed batch goes back to the head of the queue.
@@ -120,10 +123,15 @@ class Dispatcher:
         self._retry = retry
         self._metrics = metrics.for_destination(name)
         self._circuit = Circuit(retry.initial_backoff_s, retry.max_backoff_s)
-        self._slots = asyncio.Semaphore(batching.concurrency)
-        self._concurrency = batching.concurrency
-        #: slots being taken out of use after `concurrency` was lowered (as sends end)
-        self._shrinking: set[asyncio.Task[bool]] = set()
+        #: how many envelopes may be in flight now, under `concurrency`
+        self.concurrency = AdaptiveConcurrency(batching.concurrency, time.monotonic())
+        self._metrics.concurrency_limit.set(self.concurrency.limit)
+        # Slots: one taken by the claim loop before it claims, handed to the send it starts,
+        # given back when that send ends. Taken while fewer than the limit are.
+        self._slots_taken = 0
+        self._slot_freed = asyncio.Event()
+        #: requests out now (a split batch sends its parts one after another)
+        self._requests_out = 0
         self._sends: set[asyncio.Task[None]] = set()
         self._bookkeeping: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -153,8 +161,6 @@ class Dispatcher:
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
-        for shrinking in self._shrinking:
-            shrinking.cancel()
         cut = 0
         if self._sends:
             _, pending = await asyncio.wait(self._sends, timeout=grace_s)
@@ -177,19 +183,15 @@ class Dispatcher:
 
     def retune(self, batching: Batching, retry: RetrySettings) -> None:
         """New batching, concurrency and retry settings (SIGHUP): the next claims and sends
-        use them; sends in flight finish as they are. A lower `concurrency` takes effect as
-        sends in flight end; a wait longer than a lowered `max_backoff_s` is cut to it."""
+        use them; sends in flight finish as they are. A lower `concurrency` lowers the limit
+        at once, and takes effect as sends in flight end; a higher one lets the limit rise to
+        it as the destination allows; a wait longer than a lowered `max_backoff_s` is cut to
+        it."""
         self._batch, self._retry = batching, retry
         self._circuit.retune(retry.initial_backoff_s, retry.max_backoff_s)
         self._refusals.grace_s = retry.refusing_grace_s
-        more = batching.concurrency - self._concurrency
-        self._concurrency = batching.concurrency
-        for _ in range(max(0, more)):
-            self._slots.release()
-        for _ in range(max(0, -more)):
-            task = asyncio.create_task(self._slots.acquire(), name="slot-removed")
-            self._shrinking.add(task)
-            task.add_done_callback(self._shrinking.discard)
+        self.concurrency.retune(batching.concurrency)
+        self._metrics.concurrency_limit.set(self.concurrency.limit)
 
     def credentials_changed(self) -> None:
         """New secrets (SIGHUP): when they were refused, find out now whether the new ones
@@ -216,9 +218,19 @@ class Dispatcher:
 
     # -- claiming --------------------------------------------------------------------------
 
+    async def _take_slot(self) -> None:
+        while self._slots_taken >= self.concurrency.limit:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        self._slots_taken += 1
+
+    def _free_slot(self) -> None:
+        self._slots_taken -= 1
+        self._slot_freed.set()
+
     async def _claim_loop(self) -> None:
         while True:
-            await self._slots.acquire()
+            await self._take_slot()
             probe = False
             try:
                 probe = await self._circuit.admit()
@@ -227,18 +239,18 @@ class Dispatcher:
                 # A storage error while reading the next batch must not end delivery for the
                 # life of the process: say so, wait, and try again.
                 self._log.exception("claim_failed", retry_in_s=CLAIM_RETRY_S)
-                self._slots.release()
+                self._free_slot()
                 if probe:
                     self._circuit.probe_abandoned()
                 await asyncio.sleep(CLAIM_RETRY_S)
                 continue
             except BaseException:
-                self._slots.release()
+                self._free_slot()
                 raise
             if not probe and self._circuit.state != CircuitState.CLOSED:
                 # The circuit opened while this batch was being gathered: it waits its turn.
                 await self._outbox.release(batch.claim, batch.seqs)
-                self._slots.release()
+                self._free_slot()
                 continue
             task = asyncio.create_task(self._deliver(batch, probe))
             self._sends.add(task)
@@ -246,7 +258,7 @@ class Dispatcher:
 
     def _send_done(self, task: asyncio.Task[None]) -> None:
         self._sends.discard(task)
-        self._slots.release()
+        self._free_slot()
         self._settled.set()
         if not task.cancelled() and task.exception() is not None:
             # An outcome that could not be written (a full disk): the outbox released the
@@ -420,16 +432,56 @@ class Dispatcher:
 
     async def _send(self, batch_id: int, part: list[StoredEvent]) -> Sent:
         """Send one envelope; any failure that is not the platform's answer counts as
-        transient, so that a bug or an odd error backs off instead of resending at once."""
+        transient, so that a bug or an odd error backs off instead of resending at once.
+
+        What it met, and its round trip when the destination took it, go to the adaptive
+        concurrency; a send cut short by shutdown says nothing and is not counted."""
+        self._requests_out += 1
+        generation = self.concurrency.started(self._requests_out)
+        started = time.monotonic()
+        rtt_s: float | None = None
+        outcome: bool | None = None  # back-pressure or not, once the send ended
         try:
-            return await self._upstream.send(
+            sent = await self._upstream.send(
                 [e.body for e in part], part[0].sensor, [e.received_at for e in part]
             )
-        except (Refused, RetryLater, AuthFailed):
+            rtt_s, outcome = time.monotonic() - started, False
+            return sent
+        except Refused:
+            outcome = False  # a verdict on these events, not on the load
+            raise
+        except (RetryLater, AuthFailed) as e:
+            outcome = back_pressure(e)
             raise
         except Exception as e:
+            outcome = False  # an error of ours says nothing of the destination's load
             self._log.exception("send_failed_unexpectedly", batch=batch_id)
             raise RetryLater(f"unexpected error while sending: {e!r}") from e
+        finally:
+            self._requests_out -= 1
+            if outcome is not None:
+                self._adapt(generation, rtt_s, outcome)
+
+    def _adapt(self, generation: int, rtt_s: float | None, back_pressure: bool) -> None:
+        """Tell the adaptive concurrency what a send met; follow its limit."""
+        limits = self.concurrency
+        change = limits.answered(time.monotonic(), generation, rtt_s, back_pressure=back_pressure)
+        if not change:
+            return
+        self._metrics.concurrency_limit.set(limits.limit)
+        if change > 0:
+            self._slot_freed.set()  # the claim loop may be waiting for the slot it adds
+        # At debug: it may change every round trip; its value is in the status and metrics.
+        self._log.debug(
+            "concurrency_changed",
+            limit=limits.limit,
+            ceiling=limits.ceiling,
+            back_pressure=back_pressure,
+            rtt_ms=None if limits.past_rtt_s is None else round(limits.past_rtt_s * 1000, 1),
+            unloaded_rtt_ms=(
+                None if limits.base_rtt_s is None else round(limits.base_rtt_s * 1000, 1)
+            ),
+        )
 
     async def _failed(
         self,
@@ -541,3 +593,12 @@ class Dispatcher:
             self._circuit.failed(probe=probe)
             self._set_state(UpstreamState.BACKING_OFF, f"cannot record outcomes: {e}")
             raise
+
+
+def back_pressure(outcome: RetryLater | AuthFailed) -> bool:
+    """Whether a failed send says the destination has more than it takes now: a 429, a 503
+    and the other transient answers (408, 425, 5xx), a timeout, a connection refused or cut.
+    Not an endpoint that is not there (404, 405, 410), something else answering in its place,
+    an archive's disk, or credentials refused: fewer requests would not help those."""
+    not_load = AuthFailed | EndpointFailed | UnexpectedAnswer | ArchiveUnavailable
+    return not isinstance(outcome, not_load)

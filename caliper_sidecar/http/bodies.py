@@ -266,6 +266,14 @@ class DestinationStatus(Body, kw_only=True, forbid_unknown_fields=True):
     last_error_at: Time | None
     retry_in_s: Annotated[float, msgspec.Meta(ge=0)]
     token_expires_at: Annotated[Time | None, _says("null without OAuth")]
+    concurrency_limit: Annotated[
+        Count,
+        _says(
+            "envelopes it may have in flight at once now: the adaptive limit, from 1 up to "
+            "concurrency_ceiling as the destination's answers allow"
+        ),
+    ]
+    concurrency_ceiling: Annotated[Count, _says("its `concurrency`: the most the limit reaches")]
 
 
 class ReconcileStatus(Body, kw_only=True, forbid_unknown_fields=True):

@@ -171,6 +171,12 @@ async def status_document(rt: Runtime) -> bodies.Status:
             last_error_at=upstream.last_error_at,
             retry_in_s=upstream.retry_in_s,
             token_expires_at=upstream.token_expires_at,
+            concurrency_limit=dispatcher.concurrency.limit if dispatcher is not None else 0,
+            concurrency_ceiling=(
+                dispatcher.concurrency.ceiling
+                if dispatcher is not None
+                else rt.settings.upstream.concurrency
+            ),
         )
     ]
     for d in rt.destinations:
@@ -190,6 +196,8 @@ async def status_document(rt: Runtime) -> bodies.Status:
                 last_error_at=codec.utc_from_timestamp(d.dispatcher.last_error_at),
                 retry_in_s=d.dispatcher.retry_in_s,
                 token_expires_at=codec.utc_from_timestamp(expiry),
+                concurrency_limit=d.dispatcher.concurrency.limit,
+                concurrency_ceiling=d.dispatcher.concurrency.ceiling,
             )
         )
     reconcile = None

@@ -84,6 +84,11 @@ class Faults:
     token_answers: deque[dict[str, Any]] = field(default_factory=deque)
     latency_s: float = 0.0
     token_latency_s: float = 0.0
+    #: Caliper requests served at once (0: any number), each taking `latency_s`: past it they
+    #: wait their turn, so their latency rises, and past `capacity + capacity_queue` at the
+    #: platform they are answered 429 with Retry-After: 1 (a platform of limited capacity)
+    capacity: int = 0
+    capacity_queue: int = 0
     #: an envelope holding any of these event ids is refused with 422, as a whole
     refuse_ids: set[str] = field(default_factory=set)
     #: envelopes larger than this many bytes are refused with 413
@@ -201,6 +206,12 @@ class FakeTimeBack:
         self.lost_arrivals: Counter[str] = Counter()
         self.duplicates = 0
         self.envelopes = 0
+        #: Caliper requests at the platform now (served or waiting their turn), and the most
+        #: there at once (a test may set it back to 0 to watch a later part of a run)
+        self.at_once = 0
+        self.most_at_once = 0
+        self._serving = 0  # of those, the ones being served (at most `faults.capacity`)
+        self._turns: deque[asyncio.Future[None]] = deque()  # the ones waiting their turn
         #: the bytes of the last envelope accepted (what a test compares byte for byte)
         self.last_raw_envelope = b""
         self.statuses: Counter[int] = Counter()
@@ -371,10 +382,21 @@ class FakeTimeBack:
         elif f.huge_answers > 0:
             f.huge_answers -= 1
             return await self._endless(request)
+        elif f.capacity and self.at_once >= f.capacity + f.capacity_queue:
+            status, body, headers = 429, {"error": "too many requests"}, {"Retry-After": "1"}
         else:
-            if f.latency_s:
-                await asyncio.sleep(f.latency_s)
-            status, body, headers = await self._check(request)
+            self.at_once += 1
+            self.most_at_once = max(self.most_at_once, self.at_once)
+            try:
+                await self._turn()
+                try:
+                    if f.latency_s:
+                        await asyncio.sleep(f.latency_s)
+                    status, body, headers = await self._check(request)
+                finally:
+                    self._next_turn()
+            finally:
+                self.at_once -= 1
         self.statuses[status] += 1
         if self.request_log is not None:
             self.request_log.append((started, time.monotonic(), status))
@@ -385,6 +407,29 @@ class FakeTimeBack:
                 text=body.text, status=status, headers=headers, content_type=body.content_type
             )
         return web.json_response(body, status=status, headers=headers)
+
+    async def _turn(self) -> None:
+        """Wait until one of `faults.capacity` is free (at once without a capacity)."""
+        if self.faults.capacity and self._serving >= self.faults.capacity:
+            turn = asyncio.get_running_loop().create_future()
+            self._turns.append(turn)
+            try:
+                await turn  # the request that ends hands its place over
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._next_turn()  # handed over as the client went: pass it on
+                raise
+            return
+        self._serving += 1
+
+    def _next_turn(self) -> None:
+        """A request was served: its place goes to the next one waiting, if any."""
+        while self._turns:
+            turn = self._turns.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._serving -= 1
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -599,6 +644,7 @@ class FakeTimeBack:
             "duplicates": self.duplicates,
             "envelopes": self.envelopes,
             "statuses": {str(k): v for k, v in self.statuses.items()},
+            "most_at_once": self.most_at_once,
         }
         if request.query.get("ids") != "false":
             summary["ids"] = self.order
@@ -606,10 +652,10 @@ class FakeTimeBack:
 
     async def _set_faults(self, request: web.Request) -> web.Response:
         """Set faults over HTTP: fail_next {status, times, retry_after, body, text,
-        content_type}, latency_ms, refuse_ids and refusal_status (422, 207 or 200), refuse_all
-        [status, body] (or null), web_filter (true: an HTML 200 page answers for the platform),
-        outage_s, chaos_rate, lose_rate (the share of events answered as taken and lost),
-        lose_ids (events lost however often sent),
+        content_type}, latency_ms, capacity and capacity_queue, refuse_ids and refusal_status
+        (422, 207 or 200), refuse_all [status, body] (or null), web_filter (true: an HTML 200
+        page answers for the platform), outage_s, chaos_rate, lose_rate (the share of events
+        answered as taken and lost), lose_ids (events lost however often sent),
         revoke_tokens, and for Beyond AI omit_job_id and its jobs'
         fail_job_ids, job_omit_ids, job_delay_ms, stuck_jobs, job_lag_polls."""
         body = await request.json()
@@ -618,6 +664,10 @@ class FakeTimeBack:
             self.fail_next(**body["fail_next"])
         if "latency_ms" in body:
             f.latency_s = float(body["latency_ms"]) / 1000
+        if "capacity" in body:
+            f.capacity = int(body["capacity"])
+        if "capacity_queue" in body:
+            f.capacity_queue = int(body["capacity_queue"])
         if "refuse_ids" in body:
             f.refuse_ids = set(body["refuse_ids"])
         if "outage_s" in body:

@@ -163,6 +163,17 @@ class OutboxSettings(_Section, frozen=True):
         _mask(self, "url")  # it may hold the database's password
 
 
+#: `concurrency` of [upstream] and of each destination
+_Concurrency = Annotated[
+    int,
+    _key(
+        "the most envelopes in flight at once: the ceiling of a limit that adapts to the "
+        "platform's answers",
+        gt=0,
+    ),
+]
+
+
 class UpstreamSettings(_Section, frozen=True):
     """The Caliper endpoint events are forwarded to, and how envelopes are batched."""
 
@@ -190,14 +201,7 @@ class UpstreamSettings(_Section, frozen=True):
         int, _key("serialized envelope size; a larger single event is refused (413)", gt=0)
     ] = 512_000
     linger_ms: Annotated[int, _key("how long a partial batch waits to fill", ge=0)] = 200
-    concurrency: Annotated[
-        int,
-        _key(
-            "the most envelopes in flight at once: the ceiling of a limit that adapts to the "
-            "platform's answers",
-            gt=0,
-        ),
-    ] = 4
+    concurrency: _Concurrency = 4
     timeout_s: Annotated[float, _key("per request to the platform or the token endpoint", gt=0)] = (
         30
     )
@@ -383,14 +387,7 @@ class DestinationSettings(_Section, frozen=True):
     batch_max_events: Annotated[int, _key("events per envelope", gt=0)] = 100
     batch_max_bytes: Annotated[int, _key("serialized envelope size", gt=0)] = 512_000
     linger_ms: Annotated[int, _key("how long a partial batch waits to fill", ge=0)] = 200
-    concurrency: Annotated[
-        int,
-        _key(
-            "the most envelopes in flight at once: the ceiling of a limit that adapts to the "
-            "platform's answers",
-            gt=0,
-        ),
-    ] = 4
+    concurrency: _Concurrency = 4
     timeout_s: Annotated[float, _key("per request to the endpoint or its token endpoint", gt=0)] = (
         30
     )

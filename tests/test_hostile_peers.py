@@ -239,3 +239,43 @@ class TestShutdownIsBounded:
             trickling.cancel()
             writer.close()
         assert "stopped" in process.events()
+
+
+class TestByteBudget:
+    """The bodies held at once stay within the budget (whether or not a request finds room
+    without waiting), and a small body that fits is not held up behind a large one waiting."""
+
+    async def test_a_full_budget_makes_the_next_wait_until_room_is_given_back(self) -> None:
+        budget = connections.ByteBudget(100)
+        await budget.take(60)
+        await budget.take(40)
+        waiting = asyncio.create_task(budget.take(50))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await budget.give_back(60)
+        await asyncio.wait_for(waiting, 1)
+        await budget.give_back(40)
+        await budget.give_back(50)
+        await budget.take(100)  # all of it is free again
+
+    async def test_a_small_body_that_fits_goes_on_while_a_large_one_waits(self) -> None:
+        budget = connections.ByteBudget(100)
+        await budget.take(90)
+        large = asyncio.create_task(budget.take(50))
+        await asyncio.sleep(0.01)
+        await asyncio.wait_for(budget.take(5), 1)
+        assert not large.done()
+        blocked = asyncio.create_task(budget.take(10))  # 5 left: waits too
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        await budget.give_back(90)
+        await asyncio.wait_for(asyncio.gather(large, blocked), 1)
+
+    async def test_a_request_larger_than_the_budget_takes_all_of_it(self) -> None:
+        budget = connections.ByteBudget(100)
+        await budget.take(1000)
+        blocked = asyncio.create_task(budget.take(1))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        await budget.give_back(1000)
+        await asyncio.wait_for(blocked, 1)

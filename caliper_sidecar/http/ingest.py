@@ -119,8 +119,12 @@ async def _ingest(
     limit = rt.settings.receiver.max_body_bytes
     # Memory held from reading the body until its events are committed is bounded (see
     # connections.ByteBudget); a body of unknown length counts as the largest allowed.
-    async with rt.body_budget.reserve(min(request.content_length or limit, limit)):
+    size = min(request.content_length or limit, limit)
+    await rt.body_budget.take(size)
+    try:
         return await _ingest_body(rt, request, fields, job, sender)
+    finally:
+        await rt.body_budget.give_back(size)
 
 
 async def _ingest_body(

@@ -4,6 +4,7 @@ test_outbox_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import stat
@@ -17,6 +18,7 @@ import pytest
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable, SchemaTooNew
 from caliper_sidecar.outbox import NewEvent, Outbox, OutboxLock, sqlite_outbox
+from caliper_sidecar.outbox.grouping import GroupCommit
 from caliper_sidecar.outbox.sqlite.schema import VERSION
 from caliper_sidecar.outbox.sqlite.storage import SqliteStorage
 
@@ -279,3 +281,33 @@ class TestLock:
             OutboxLock(path).acquire()
         with OutboxLock(path):  # released on exit
             pass
+
+
+class TestGroupCommit:
+    """Callers that go away (a client that hangs up mid-request) never stop a commit that
+    others share; what they submitted is committed all the same."""
+
+    async def test_callers_that_go_away_leave_the_commit_to_the_others(self) -> None:
+        committed: list[int] = []
+        release = asyncio.Event()
+
+        async def commit(items: list[int]) -> list[str | OutboxUnavailable]:
+            await release.wait()
+            committed.extend(items)
+            return [f"stored {i}" for i in items]
+
+        group: GroupCommit[int, str] = GroupCommit(commit, "test")
+        group.start()
+        committing = asyncio.create_task(group.submit(1))
+        await asyncio.sleep(0.01)  # its group is being committed
+        queued = [asyncio.create_task(group.submit(i)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        committing.cancel()
+        queued[0].cancel()
+        release.set()
+        assert await queued[1] == "stored 3"
+        for gone in (committing, queued[0]):
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+        assert committed == [1, 2, 3]
+        await group.close()

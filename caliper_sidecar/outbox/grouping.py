@@ -45,8 +45,10 @@ class GroupCommit(Generic[T, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         self._queued.set()
-        # Shielded: a caller that goes away must not cancel a commit others share.
-        return await asyncio.shield(future)
+        # A caller that goes away cancels only its own future, never the commit others share:
+        # that runs in _run's task, which skips a future already done. (No asyncio.shield: it
+        # cost a second future and its callbacks on every request.)
+        return await future
 
     async def close(self) -> None:
         """Commit what is queued, then stop; later submissions raise OutboxUnavailable."""

@@ -194,9 +194,11 @@ class Metrics:
             ["sender"],
             registry=r,
         )
+        #: each sender's (received, duplicate) counters, looked up once: `labels()` takes a
+        #: lock and builds a key on every call, twice per ingest request
+        self._by_sender: dict[str, tuple[Counter, Counter]] = {}
         # Exported at 0 from the start (for alerts and rates), as unlabelled senders.
-        self.events_received.labels(sender="")
-        self.events_duplicate.labels(sender="")
+        self._of_sender("")
         self.events_rejected = Counter(
             "caliper_sidecar_events_rejected",
             "Events refused at the door, by reason",
@@ -308,6 +310,22 @@ class Metrics:
         self.tap = Tap()
         self._destinations: dict[str, DestinationMetrics] = {}
         self.for_destination(UPSTREAM)
+
+    def received(self, sender: str, accepted: int, duplicates: int) -> None:
+        """Count one ingest request's outcome for its sender."""
+        received, duplicate = self._of_sender(sender)
+        received.inc(accepted)
+        if duplicates:
+            duplicate.inc(duplicates)
+
+    def _of_sender(self, sender: str) -> tuple[Counter, Counter]:
+        children = self._by_sender.get(sender)
+        if children is None:
+            children = self._by_sender[sender] = (
+                self.events_received.labels(sender=sender),
+                self.events_duplicate.labels(sender=sender),
+            )
+        return children
 
     def for_destination(self, name: str) -> DestinationMetrics:
         """The delivery series of this destination (`upstream` for [upstream]), its label

@@ -165,7 +165,7 @@ async def _ingest_body(
         raise unavailable(e, request.path) from e
     finally:
         rt.commits_in_progress -= 1
-    rt.metrics.events_received.labels(sender=sender).inc(result.accepted)
+    rt.metrics.received(sender, result.accepted, result.duplicates)
     rt.metrics.tap.publish(
         "accepted",
         received.ids,
@@ -173,7 +173,6 @@ async def _ingest_body(
         duplicates=result.duplicates or None,
         job=job,
     )
-    rt.metrics.events_duplicate.labels(sender=sender).inc(result.duplicates)
     fields.update(accepted=result.accepted, duplicates=result.duplicates, job=job)
     return Accepted(received.ids, result, report, job)
 

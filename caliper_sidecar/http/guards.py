@@ -11,6 +11,7 @@ browser's ambient request, and apps reach gateways by names nobody listed.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -34,6 +35,10 @@ def host_name(host: str) -> str:
     return name if name and port.isdigit() else host
 
 
+# Remembered: every request asks, nearly always with the same Host, and parsing it as an IP
+# address was 3 % of the event loop's time under single-event ingest (bench/profile_ingest.py).
+# Bounded, so a client inventing Host values costs only the parsing it would have cost anyway.
+@functools.lru_cache(maxsize=256)
 def known_host(host: str, server_names: tuple[str, ...]) -> bool:
     """An IP literal, `localhost`, or one of the names the operator listed."""
     name = host_name(host).rstrip(".")

@@ -1,10 +1,11 @@
 """Where a sidecar spends its time under single-event ingest load (issue 6).
 
     .venv/bin/pip install py-spy
-    .venv/bin/python bench/profile_ingest.py [--batch 1] [--seconds 8] [--top 40]
+    .venv/bin/python bench/profile_ingest.py [--batch 1] [--seconds 8] [--top 40] [--save FILE]
 
 Starts a sidecar (synchronous = "full", upstream unreachable), loads it with wrk, samples it
-with py-spy, and prints the functions with the largest inclusive share of samples.
+with py-spy, and prints the functions with the largest inclusive share of samples; `--save`
+keeps every sample as collapsed stacks, each under its thread.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--save", type=Path, help="also keep the samples here, as collapsed stacks per thread"
+    )
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -60,6 +64,7 @@ def main() -> None:
                 str(args.seconds),
                 "-r",
                 "250",
+                "--threads",
                 "-f",
                 "raw",
                 "-o",
@@ -70,6 +75,8 @@ def main() -> None:
         )
         load.join()
         server.stop()
+        if args.save:
+            shutil.copy(raw, args.save)
         inclusive: Counter[str] = Counter()
         total = 0
         for line in raw.read_text().splitlines():

@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", default="naive.db")
     parser.add_argument("--synchronous", default="full")
+    parser.add_argument("--uvloop", action="store_true", help="on uvloop's event loop")
     args = parser.parse_args()
     if args.kind == "bare":
         app = web.Application()
@@ -100,7 +101,12 @@ def main() -> None:
         app = sink_app()
     else:
         app = naive_app(args.db, args.synchronous)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    loop = None
+    if args.uvloop:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from caliper_sidecar.cli import _parser
+from caliper_sidecar.cli import GC_YOUNG_THRESHOLD, _collect_less, _parser
 from caliper_sidecar.config import OutboxSettings, load_settings
 from caliper_sidecar.outbox import NewEvent, sqlite_outbox
 from caliper_sidecar.tools.validate import wants_colour
@@ -192,3 +193,16 @@ class TestTokenNew:
         assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
         s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
         assert s.receiver.tokens == (out.strip(),)
+
+
+def test_run_collects_garbage_as_a_server_does() -> None:
+    """`run` freezes what is loaded at start and collects the young generation in larger
+    batches (cli._collect_less; BENCHMARKS.md: +8 % single-event ingest)."""
+    before = gc.get_threshold()
+    try:
+        _collect_less()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -4,7 +4,7 @@
     .venv/bin/python bench/ab.py /tmp/before . [--rounds 5] [--seconds 6] [--batch 1]
 
 Each round runs the bare aiohttp handler (the HTTP ceiling), then each checkout's sidecar in
-turn (PYTHONPATH puts its caliper_sidecar first; the venv's dependencies serve them all), under
+turn (its caliper_sidecar first on sys.path; the venv's dependencies serve them all), under
 the same wrk load as bench/ingest.py (synchronous = "full", the reference's ViewEvent, the
 upstream unreachable). Changes worth a few percent drown in this machine's noise between two
 separate runs; in one interleaved run they show round after round, and each checkout's share of
@@ -14,30 +14,23 @@ the ceiling measured beside it is what BENCHMARKS.md compares.
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from common import PYTHON, Process, free_port, machine, median, wrk
-from ingest import WARMUP_S, bare, template
+from common import Process, machine, median
+from ingest import bare, measure, sidecar_factory, template
 
 
 def checkout_sidecar(tree: Path, tmp: Path, port: int) -> Process:
-    config = tmp / f"sidecar-{port}.toml"
-    config.write_text(
-        f'[receiver]\nport = {port}\n[outbox]\npath = "{tmp / f"outbox-{port}.db"}"\n'
-        'synchronous = "full"\n[upstream]\nendpoint = "http://127.0.0.1:9/events/1.0/"\n'
-        'bearer_token = "x"\n'
+    """bench/ingest.py's sidecar ("full"), with `tree`'s caliper_sidecar first on the path."""
+    # sidecar_by passes `run -c CONFIG` after these, which run_module sees as its argv.
+    first = (
+        f"import runpy, sys; sys.path.insert(0, {str(tree)!r}); "
+        "runpy.run_module('caliper_sidecar', run_name='__main__', alter_sys=True)"
     )
-    os.environ["PYTHONPATH"] = str(tree)
-    try:
-        return Process(
-            [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)],
-            port,
-            log=tmp / f"sidecar-{port}.log",
-        )
-    finally:
-        del os.environ["PYTHONPATH"]
+    return sidecar_factory("full", ("-c", first))(tmp, port)
 
 
 def main() -> None:
@@ -54,32 +47,13 @@ def main() -> None:
         tmp = Path(tmp_name)
         event = template(tmp)
         for round_ in range(args.rounds):
-            starts = [("bare", lambda port: bare(tmp, port))] + [
-                (str(t), lambda port, t=t: checkout_sidecar(t, tmp, port)) for t in trees
-            ]
+            starts: list[tuple[str, Callable[[Path, int], Process]]] = [("bare", bare)]
+            starts += [(str(t), functools.partial(checkout_sidecar, t)) for t in trees]
             line = []
             for name, start in starts:
-                port = free_port()
-                server = start(port)
-                try:
-                    wrk(
-                        server.url,
-                        event,
-                        batch=args.batch,
-                        connections=args.connections,
-                        seconds=WARMUP_S,
-                    )
-                    rps = wrk(
-                        server.url,
-                        event,
-                        batch=args.batch,
-                        connections=args.connections,
-                        seconds=args.seconds,
-                    )["rps"]
-                finally:
-                    server.stop()
-                rates[name].append(rps * args.batch)
-                line.append(f"{name}: {rps * args.batch:,.0f}")
+                result = measure(start, tmp, event, args.batch, args.seconds, args.connections)
+                rates[name].append(result["rps"] * args.batch)
+                line.append(f"{name}: {result['rps'] * args.batch:,.0f}")
             print(f"round {round_ + 1}: " + "; ".join(line), flush=True)
     ceiling = median(rates["bare"])
     print(

@@ -22,11 +22,11 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from common import PYTHON, Process, free_port, machine, median, metric, sidecar, wrk
+from common import PYTHON, Process, free_port, machine, median, metric, sidecar_by, wrk
 
 from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.outbox.sqlite.storage import PAGE_SIZE
@@ -50,9 +50,14 @@ def template(tmp: Path, events: str = "reference") -> Path:
     return path
 
 
-def sidecar_factory(synchronous: str) -> Callable[[Path, int], Process]:
+def sidecar_factory(
+    synchronous: str, command: Sequence[str] = ("-m", "caliper_sidecar")
+) -> Callable[[Path, int], Process]:
+    """The sidecar's `run` (what Python runs given `run -c CONFIG`: `command`)."""
+
     def start(tmp: Path, port: int) -> Process:
-        return sidecar(
+        return sidecar_by(
+            command,
             tmp,
             port,
             outbox={"path": str(tmp / f"outbox-{port}.db"), "synchronous": synchronous},

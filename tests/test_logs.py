@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -15,8 +16,10 @@ from caliper_sidecar import __version__
 from caliper_sidecar.logs import (
     MAX_PENDING_LINES,
     BufferedLineLogger,
+    HotLine,
     configure_logging,
     flush_logs,
+    set_level,
 )
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
@@ -92,6 +95,38 @@ class TestOneJsonStream:
         dispatcher.log.warning("batch_failed", events=1)
         (line,) = self.lines(buffer)
         assert line["logger"] == "sidecar.dispatcher"
+
+    def test_the_ingest_line_is_the_line_structlog_writes(self) -> None:
+        """The ingest line, rendered without structlog's processors, has the same keys and
+        values as structlog's line for the same call; only the timestamp is its own (the same
+        ISO 8601 UTC form, always with microseconds)."""
+        buffer = io.BytesIO()
+        configure_logging("info", "json", io.TextIOWrapper(buffer, write_through=True))
+        fields = {"path": "/caliper/event", "status": 202, "duration_ms": 1.25, "job": None}
+        fields["warnings"] = ["0/actor: a warning"]
+        HotLine("sidecar.receiver").info("ingest", **fields)
+        structlog.get_logger("sidecar.receiver").info("ingest", **fields)
+        hot, slow = self.lines(buffer)
+        for line in (hot, slow):
+            stamp = str(line.pop("timestamp"))
+            assert datetime.fromisoformat(stamp.replace("Z", "+00:00")).tzinfo is not None
+        assert hot == slow
+        assert list(hot) == list(slow)  # in the same order, for people reading the raw line
+
+    def test_the_ingest_line_follows_the_level_and_the_format(self) -> None:
+        """Above info (SIGHUP to `warning`) the ingest line is not written; with the console
+        format it is structlog's console line."""
+        buffer = io.BytesIO()
+        configure_logging("info", "json", io.TextIOWrapper(buffer, write_through=True))
+        set_level("warning")
+        HotLine("sidecar.receiver").info("ingest", status=202)
+        assert self.lines(buffer) == []
+        text = io.StringIO()
+        configure_logging("info", "console", text)
+        HotLine("sidecar.receiver").info("ingest", status=202)
+        assert "ingest" in text.getvalue()
+        assert "status" in text.getvalue()
+        assert not text.getvalue().lstrip().startswith("{")
 
 
 async def test_logs_never_hold_event_content(

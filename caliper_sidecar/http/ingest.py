@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import structlog
 from aiohttp import web
 
 from caliper_sidecar.envelope import MAX_SENSOR_BYTES, sensor_bytes
@@ -24,12 +23,13 @@ from caliper_sidecar.http.errors import ApiError, json_response, unavailable, un
 from caliper_sidecar.http.requests import authenticate, read_body, too_large
 from caliper_sidecar.http.runtime import RUNTIME, Runtime
 from caliper_sidecar.ids import canonical_id
+from caliper_sidecar.logs import HotLine
 from caliper_sidecar.outbox import AppendResult, NewEvent
 from caliper_sidecar.validation import Report
 from caliper_sidecar.validation.reading import Limits, Received, TooManyEvents, read_events
 from caliper_sidecar.validation.shape import ShapeError
 
-log = structlog.get_logger("sidecar.receiver")
+log = HotLine("sidecar.receiver")
 
 JSON_TYPES: Final = frozenset({"application/json", "application/ld+json"})
 #: JSON Lines, as log shippers send it (Fluent Bit's json_lines, Vector's ndjson)

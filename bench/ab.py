@@ -19,18 +19,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from common import Process, machine, median
+from common import Process, checkout_command, machine, median
 from ingest import bare, measure, sidecar_factory, template
 
 
 def checkout_sidecar(tree: Path, tmp: Path, port: int) -> Process:
     """bench/ingest.py's sidecar ("full"), with `tree`'s caliper_sidecar first on the path."""
-    # sidecar_by passes `run -c CONFIG` after these, which run_module sees as its argv.
-    first = (
-        f"import runpy, sys; sys.path.insert(0, {str(tree)!r}); "
-        "runpy.run_module('caliper_sidecar', run_name='__main__', alter_sys=True)"
-    )
-    return sidecar_factory("full", ("-c", first))(tmp, port)
+    return sidecar_factory("full", checkout_command(tree))(tmp, port)
 
 
 def main() -> None:

@@ -85,6 +85,21 @@ def sidecar(tmp: Path, port: int, **sections: Any) -> Process:
     return sidecar_by(("-m", "caliper_sidecar"), tmp, port, **sections)
 
 
+def checkout_command(tree: Path | None) -> tuple[str, ...]:
+    """What Python runs (given `run -c CONFIG`) for the sidecar of another checkout, its
+    caliper_sidecar first on sys.path; None: this checkout's (`-m caliper_sidecar`).
+    PYTHONPATH does not do it: bench processes run in this checkout, and `python -m` puts the
+    working directory before PYTHONPATH."""
+    if tree is None:
+        return ("-m", "caliper_sidecar")
+    # run_module's argv: what follows `-c CODE` on the command line.
+    code = (
+        f"import runpy, sys; sys.path.insert(0, {str(tree.resolve())!r}); "
+        "runpy.run_module('caliper_sidecar', run_name='__main__', alter_sys=True)"
+    )
+    return ("-c", code)
+
+
 def sidecar_by(command: Sequence[str], tmp: Path, port: int, **sections: Any) -> Process:
     """`sidecar`, with what Python runs (given `run -c CONFIG`) instead of `-m caliper_sidecar`."""
     config = tmp / f"sidecar-{port}.toml"

@@ -18,7 +18,8 @@ Needs syslog-ng and a C compiler:
 
     apt-get install syslog-ng-core syslog-ng-mod-http gcc
 
-`--only caliper-sidecar --profile FILE` records the sidecar's run with py-spy, every thread, as
+`--checkout PATH` (again for more) runs that checkout's sidecar instead of this one's, each in
+turn in every round: an interleaved A/B. `--only caliper-sidecar --profile FILE` records the sidecar's run with py-spy, every thread, as
 collapsed stacks (sampling slows it: the shares tell where the time goes, not the rate).
 """
 
@@ -36,7 +37,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-from common import PYTHON, Process, free_port, get_json, machine, median
+from common import PYTHON, Process, checkout_command, free_port, get_json, machine, median
 
 from caliper_sidecar.tools.samples import sample_events
 
@@ -187,7 +188,11 @@ async def post_batches(url: str, lines: list[bytes], senders: int, batch: int) -
 
 
 def run_sidecar(
-    tmp: Path, lines: list[bytes], senders: int, profile: Path | None = None
+    tmp: Path,
+    lines: list[bytes],
+    senders: int,
+    profile: Path | None = None,
+    checkout: Path | None = None,
 ) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(dir=tmp))
     sink = start_sink(work)
@@ -200,7 +205,7 @@ def run_sidecar(
         "batch_max_events = 100\n"
         '[log]\nlevel = "warning"\n'
     )
-    args = [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)]
+    args = [PYTHON, *checkout_command(checkout), "run", "-c", str(config)]
     forwarder = Process(args, port, env=counted(tmp, work), log=work / "sidecar.log")
     spy = None
     if profile is not None:
@@ -249,18 +254,29 @@ def main() -> None:
         help="record the sidecar's run with py-spy (.venv/bin/pip install py-spy) into this "
         "file, as collapsed stacks per thread",
     )
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        action="append",
+        help="the sidecar of this checkout instead of this one's (again for more: each round "
+        "runs them one after the other, an A/B)",
+    )
     args = parser.parse_args()
     require_tools()
     lines = events(args.events)
-    results: dict[str, list[dict[str, float]]] = {"syslog-ng": [], "caliper-sidecar": []}
+    checkouts: dict[str, Path | None] = {"caliper-sidecar": None}
+    if args.checkout:
+        checkouts = {f"caliper-sidecar {c}": c for c in args.checkout}
+    results: dict[str, list[dict[str, float]]] = {"syslog-ng": [], **{n: [] for n in checkouts}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for _ in range(args.rounds):
             if args.only != "caliper-sidecar":
                 results["syslog-ng"].append(run_syslog_ng(tmp, lines, args.senders))
             if args.only != "syslog-ng":
-                run = run_sidecar(tmp, lines, args.senders, args.profile)
-                results["caliper-sidecar"].append(run)
+                for name, checkout in checkouts.items():
+                    run = run_sidecar(tmp, lines, args.senders, args.profile, checkout)
+                    results[name].append(run)
     results = {name: runs for name, runs in results.items() if runs}
     size = sum(map(len, lines)) / len(lines)
     print(
@@ -278,11 +294,12 @@ def main() -> None:
         syncs = median([r["syncs"] for r in runs]) * 1000 / args.events
         lost = [args.events - int(r["received"]) for r in runs]
         print(f"  {name:18s} {rate[name]:10.0f} {seconds:8.2f} {syncs:19.1f} {lost!s:>14s}")
-    if len(rate) == 2:
-        print(
-            f"  caliper-sidecar / syslog-ng: {rate['caliper-sidecar'] / rate['syslog-ng']:.2f} "
-            "(target 0.3, at most 20 fsyncs per 1,000 events)"
-        )
+    for name in checkouts:
+        if name in rate and "syslog-ng" in rate:
+            print(
+                f"  {name} / syslog-ng: {rate[name] / rate['syslog-ng']:.2f} "
+                "(target 0.25, at most 20 fsyncs per 1,000 events)"
+            )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ Needs syslog-ng and a C compiler:
     apt-get install syslog-ng-core syslog-ng-mod-http gcc
 
 `--checkout PATH` (again for more) runs that checkout's sidecar instead of this one's, each in
-turn in every round: an interleaved A/B. `--only caliper-sidecar --profile FILE` records the sidecar's run with py-spy, every thread, as
-collapsed stacks (sampling slows it: the shares tell where the time goes, not the rate).
+turn in every round: an interleaved A/B. `--only caliper-sidecar --profile FILE` records the
+sidecar's run with py-spy, every thread, as collapsed stacks (sampling slows it: the shares
+tell where the time goes, not the rate).
 """
 
 from __future__ import annotations

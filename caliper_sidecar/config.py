@@ -721,10 +721,19 @@ def _read_secret_file(
     if table.get(key):
         raise ConfigError(f"set {section}.{key} or {section}.{file_key}, not both")
     try:
-        text = Path(file_name).read_text(encoding="utf-8")
+        data = Path(file_name).read_bytes()
     except OSError as e:
         raise ConfigError(f"{section}.{file_key}: cannot read {file_name}: {e.strerror}") from None
     where = f"{section}.{file_key} {file_name}"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Named by its line, never shown: the bytes around it may be a token.
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{where}, line {line}: not UTF-8 text (saved in another encoding?); secrets "
+            "files are UTF-8"
+        ) from None
     value: str | tuple[SenderToken, ...] = (
         tokens_of(text, where) if key == "tokens" else text.strip()
     )

@@ -433,6 +433,26 @@ class TestTokensFiles:
         with pytest.raises(ConfigError, match=key):
             load_settings(path, environ={})
 
+    @pytest.mark.parametrize("key", ["receiver.tokens_file", "admin.token_file"])
+    def test_a_secret_file_that_is_not_utf8_is_refused_naming_the_line(
+        self, tmp_path: Path, key: str
+    ) -> None:
+        """A secret file saved in another encoding (Latin-1 from a Windows editor) is refused
+        like any other bad configuration: exit 2, the key, the file and the line, no
+        traceback, and none of the file's bytes."""
+        section, name = key.split(".")
+        secret = tmp_path / "token-file"
+        secret.write_bytes(f"room-1 {self.A}\n".encode() + b"r\xf6om-2 " + self.B.encode())
+        path = write(tmp_path, f'[{section}]\n{name} = "{secret}"\n')
+        out = check_config(path)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        assert f"{key} {secret}, line 2: not UTF-8 text" in out.stderr
+        for secret_text in (self.A, self.B, "r\ufffdom"):
+            assert secret_text not in out.stderr
+        with pytest.raises(ConfigError, match="not UTF-8"):
+            load_settings(path, environ={})
+
     @pytest.mark.parametrize("label", ["room-12", "a.b_c:d-E9", "x" * 32])
     def test_a_label_of_at_most_32_characters_of_the_alphabet_names_the_sender(
         self, tmp_path: Path, label: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import gc
 import json
 import os
@@ -399,8 +400,24 @@ def _append_line(path: Path, line: str) -> tuple[Path, int]:
     The whole file is written anew beside it, owner-only, fsynced, and renamed over it, so a
     sidecar reloading meanwhile reads the old file or the new one, never half of one. Returns
     the file written and the line's number. Refuses (ConfigError) to write a file the sidecar
-    would refuse to load."""
+    would refuse to load. Appends at once (a script making a token per room in parallel) take
+    turns: each holds a lock on the file's directory from reading the file to renaming the
+    new one over it, or the later rename would drop the earlier one's line."""
     target = path.resolve()  # through a symlink: the link keeps pointing at the file
+    try:
+        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise SidecarError(f"--append: cannot open the directory of {path}: {e.strerror}") from None
+    try:
+        # The directory, not the file: the file is replaced, and a lock on the old one would
+        # not keep the next append from reading the new one too early.
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        return _append_line_locked(path, target, directory, line)
+    finally:
+        os.close(directory)  # and with it the lock
+
+
+def _append_line_locked(path: Path, target: Path, directory: int, line: str) -> tuple[Path, int]:
     try:
         before = target.read_bytes()
         owner: os.stat_result | None = target.stat()
@@ -431,11 +448,7 @@ def _append_line(path: Path, line: str) -> tuple[Path, int]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, target)
-        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power cut
-        finally:
-            os.close(directory)
+        os.fsync(directory)  # the rename itself survives a power cut
     except OSError as e:
         if temporary is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import io
 import json
@@ -193,6 +194,20 @@ class TestTokenNew:
         assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
         s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
         assert s.receiver.tokens == (out.strip(),)
+
+    async def test_appends_at_once_each_keep_their_line(self, tmp_path: Path) -> None:
+        """A provisioning script making a token per room in parallel (`xargs -P`): every
+        `--append` that printed a token left it in the file (each rewrites the whole file,
+        so two at once used to keep only the later one's)."""
+        tokens = tmp_path / "tokens"
+        rooms = [f"room-{n}" for n in range(12)]
+        runs = await asyncio.gather(
+            *(cli("token", "new", "--label", room, "--append", str(tokens)) for room in rooms)
+        )
+        assert all(code == 0 for code, _, _ in runs), [err for _, _, err in runs]
+        s = load_settings(None, environ={"SIDECAR_RECEIVER_TOKENS_FILE": str(tokens)})
+        assert sorted(s.receiver.tokens) == sorted(out.strip() for _, out, _ in runs)
+        assert os.listdir(tmp_path) == ["tokens"]  # nothing left beside it
 
 
 def test_run_collects_garbage_as_a_server_does() -> None:

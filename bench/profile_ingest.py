@@ -2,10 +2,13 @@
 
     .venv/bin/pip install py-spy
     .venv/bin/python bench/profile_ingest.py [--batch 1] [--seconds 8] [--top 40] [--save FILE]
+        [--gil]
 
 Starts a sidecar (synchronous = "full", upstream unreachable), loads it with wrk, samples it
 with py-spy, and prints the functions with the largest inclusive share of samples; `--save`
-keeps every sample as collapsed stacks, each under its thread.
+keeps every sample as collapsed stacks, each under its thread. `--gil` samples only the
+thread holding the GIL, and prints each thread's share of the run's sample slots first: how
+long each held it (against a run without `--gil`: how long each was busy).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from common import free_port, sidecar, wrk
 
 from caliper_sidecar.tools.samples import sample_events
 
+RATE = 250  # samples a second
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -33,6 +38,7 @@ def main() -> None:
     parser.add_argument(
         "--save", type=Path, help="also keep the samples here, as collapsed stacks per thread"
     )
+    parser.add_argument("--gil", action="store_true", help="only the thread holding the GIL")
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -63,8 +69,9 @@ def main() -> None:
                 "-d",
                 str(args.seconds),
                 "-r",
-                "250",
+                str(RATE),
                 "--threads",
+                *(["--gil"] if args.gil else []),
                 "-f",
                 "raw",
                 "-o",
@@ -84,6 +91,11 @@ def main() -> None:
             total += int(count)
             for frame in set(stack.split(";")):
                 inclusive[frame] += int(count)
+    slots = args.seconds * RATE
+    print(f"{slots} sample slots per thread ({args.seconds} s at {RATE} Hz); samples by thread:")
+    for frame, count in inclusive.most_common():
+        if frame.startswith("thread ("):
+            print(f"{100 * count / slots:5.1f}%  {frame}")
     print(f"{total} samples; inclusive share")
     for frame, count in inclusive.most_common(args.top):
         print(f"{100 * count / total:5.1f}%  {frame[:140]}")

@@ -115,6 +115,24 @@ async def freeze_holding_the_ingest_lock(p: SidecarProcess, url: str) -> None:
         await conn.close()
 
 
+async def sessions(url: str) -> list[str]:
+    """Every other session of the database: its state, what it waits for, its locks awaited,
+    and the start of its query (for a failure's message)."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT a.pid, a.state, a.wait_event_type, a.wait_event, "
+            "now() - a.xact_start AS in_transaction, left(a.query, 100) AS query, "
+            "(SELECT string_agg(l.locktype || ':' || l.mode, ',') FROM pg_locks l "
+            " WHERE l.pid = a.pid AND NOT l.granted) AS awaiting "
+            "FROM pg_stat_activity a WHERE a.datname = current_database() "
+            "AND a.pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return [str(dict(row)) for row in rows]
+
+
 async def post(url: str, events: list[dict[str, Any]]) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/events", json=events) as r:
         assert r.status == 202, await r.text()
@@ -229,16 +247,25 @@ class TestReplicas:
                     assert r.status == 503
                     assert (await r.json())["reason"] == "storage_busy"
 
+                answers: list[str] = []
+
                 async def accepted() -> bool:
                     events = make_events(3)
                     async with http.post(f"{b.url}/v1/events", json=events) as r:
                         if r.status != 202:
+                            answers.append(f"{r.status} {(await r.text())[:200]}")
                             return False
                     acknowledged.update(e["id"] for e in events)
                     return True
 
                 # a is still stopped: the database cut its session off
-                await eventually(accepted, timeout=30)
+                try:
+                    await eventually(accepted, timeout=30)
+                except AssertionError:
+                    # Once seen in a full suite run, never alone: say what held b up.
+                    raise AssertionError(
+                        f"b's last answers: {answers[-3:]}; sessions: {await sessions(shared)}"
+                    ) from None
         finally:
             loading = False
             for task in loaders:

@@ -8,7 +8,8 @@ turn (its caliper_sidecar first on sys.path; the venv's dependencies serve them 
 the same wrk load as bench/ingest.py (synchronous = "full", the reference's ViewEvent, the
 upstream unreachable). Changes worth a few percent drown in this machine's noise between two
 separate runs; in one interleaved run they show round after round, and each checkout's share of
-the ceiling measured beside it is what BENCHMARKS.md compares.
+the ceiling measured beside it is what BENCHMARKS.md compares. Each sidecar's peak resident
+memory (VmHWM) over its run is printed beside its rate.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
     rates: dict[str, list[float]] = {"bare": [], **{str(t): [] for t in trees}}
+    peaks: dict[str, list[float]] = {name: [] for name in rates}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         event = template(tmp)
@@ -48,6 +50,7 @@ def main() -> None:
             for name, start in starts:
                 result = measure(start, tmp, event, args.batch, args.seconds, args.connections)
                 rates[name].append(result["rps"] * args.batch)
+                peaks[name].append(result["peak_rss_mb"])
                 line.append(f"{name}: {result['rps'] * args.batch:,.0f}")
             print(f"round {round_ + 1}: " + "; ".join(line), flush=True)
     ceiling = median(rates["bare"])
@@ -60,7 +63,8 @@ def main() -> None:
         ratios = [r / b for r, b in zip(rates[str(tree)], rates["bare"], strict=True)]
         print(
             f"  {tree!s:40s} {median(rates[str(tree)]):10,.0f}   "
-            f"{median(ratios):.3f} of the ceiling in its round (median)"
+            f"{median(ratios):.3f} of the ceiling in its round (median), "
+            f"peak RSS {median(peaks[str(tree)]):.1f} MB"
         )
 
 

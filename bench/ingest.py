@@ -110,6 +110,7 @@ def measure(
         if commits_before is not None:
             commits = metric(server.url, "caliper_sidecar_outbox_commits_total") - commits_before
             result["requests_per_commit"] = result["rps"] * seconds / max(commits, 1)
+        result["peak_rss_mb"] = server.peak_rss_mb()
         return result
     finally:
         server.stop()

@@ -330,7 +330,7 @@ def _collect_less() -> None:
     classes, the decoder's types) is never scanned again, and the young generation is
     collected every GC_YOUNG_THRESHOLD allocations instead of 700. Under single-event ingest
     it ran about 1,100 times in 10 s (3-4 % of the event loop's time, more in scans of
-    everything loaded); interleaved A/B, +8 % requests/s, +1.2 MB peak memory (BENCHMARKS.md).
+    everything loaded); interleaved A/B, +3 to +5 % requests/s, +0.3 MB peak memory (BENCHMARKS.md).
     Cycles are still collected, only in larger, rarer batches."""
     gc.collect()
     gc.freeze()

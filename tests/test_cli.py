@@ -212,7 +212,7 @@ class TestTokenNew:
 
 def test_run_collects_garbage_as_a_server_does() -> None:
     """`run` freezes what is loaded at start and collects the young generation in larger
-    batches (cli._collect_less; BENCHMARKS.md: +8 % single-event ingest)."""
+    batches (cli._collect_less; BENCHMARKS.md: +3 to +5 % single-event ingest)."""
     before = gc.get_threshold()
     try:
         _collect_less()

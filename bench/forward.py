@@ -253,7 +253,7 @@ def main() -> None:
         "--profile",
         type=Path,
         help="record the sidecar's run with py-spy (.venv/bin/pip install py-spy) into this "
-        "file, as collapsed stacks per thread",
+        "file, as collapsed stacks per thread (with several --checkout, the last run's)",
     )
     parser.add_argument(
         "--checkout",

@@ -181,7 +181,7 @@ class HotLine:
         if target is None:
             self._structlog.info(event, **fields)
             return
-        if _level[0] > logging.INFO:
+        if _dropped("info"):
             return
         fields["event"] = event
         fields["level"] = "info"
@@ -211,9 +211,14 @@ def set_level(level: str) -> None:
 
 
 def _below_level(_: Any, method: str, event: Any) -> Any:
-    if _METHOD_LEVELS.get(method, logging.INFO) < _level[0]:
+    if _dropped(method):
         raise structlog.DropEvent
     return event
+
+
+def _dropped(method: str) -> bool:
+    """A line logged by this method is below the level in force."""
+    return _METHOD_LEVELS.get(method, logging.INFO) < _level[0]
 
 
 _METHOD_LEVELS = {**_LEVELS, "exception": logging.ERROR, "critical": logging.CRITICAL}

@@ -7,10 +7,11 @@ The sidecar's schema on a 1 KB-page WAL outbox (bench/wal_frames.py's `outbox`, 
 commits of `--group`, into a table that grows as an outbox's does until its dedupe window
 prunes it; µs an event for insert and COMMIT, by fifths of the run, for:
 
-  - as is: `writes.insert_appends` (the dedupe lookup, the capacity check, the packed insert);
-  - without `events_in`: the same, the per-row trigger that keeps the totals dropped;
-  - without the id index: the packed insert alone into a table whose `events.id` has no
-    UNIQUE index (what deduplicating in memory would leave; the lookup would scan the table).
+  - schema 6: the lookup and the packed insert as released before schema 7, into a table
+    whose `events.id` has a UNIQUE index;
+  - now: `writes.insert_appends` (the dedupe lookup, the capacity check, the packed insert),
+    and every 10 commits (with the checkpoint) `event_ids.index_tail`, as `run` does once a second;
+  - without `events_in`: the same, the per-row trigger that keeps the totals dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import forward
 from common import machine
-from wal_frames import _insert, _insert_unindexed, outbox
+from wal_frames import _insert, _insert_schema_6, outbox
+
+from caliper_sidecar.outbox.sqlite import writes
+from caliper_sidecar.outbox.sqlite.event_ids import index_tail
 
 Insert = Callable[[sqlite3.Connection, list[bytes]], None]
 
@@ -46,6 +50,11 @@ def run(
             conn.execute("COMMIT")
             spent += time.perf_counter() - began
             if (start // group) % 10 == 9:
+                if insert is not _insert_schema_6:
+                    began = time.perf_counter()
+                    with writes.immediate(conn):
+                        index_tail(conn)
+                    spent += time.perf_counter() - began
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             if (start + group) % fifth == 0:
                 costs.append(spent / fifth * 1e6)
@@ -72,9 +81,9 @@ def main() -> None:
         f"{args.group}; µs an event (insert + COMMIT, synchronous = OFF), by fifths of the run"
     )
     variants: list[tuple[str, Insert, Callable[[Path], sqlite3.Connection]]] = [
-        ("as is", _insert, outbox),
+        ("schema 6", _insert_schema_6, lambda path: outbox(path, schema=6)),
+        ("now", _insert, outbox),
         ("without events_in", _insert, without_trigger),
-        ("without the id index", _insert_unindexed, lambda path: outbox(path, id_index=False)),
     ]
     for name, insert, setup in variants:
         costs = run(lines, args.group, insert, setup)

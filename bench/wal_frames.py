@@ -11,14 +11,21 @@ before the run (`dbstat`; a page allocated during the run is "new"). A checkpoin
 events copies each page the WAL holds once, as the sidecar's checkpoint every second does.
 
   - ingest: `--events` appended in commits of `--group` events, into an outbox already
-    holding `--prefill` rows (the dedupe window's worth: the id index grows with it); then
-    the same into an outbox whose `events.id` has no UNIQUE index (what deduplicating in
-    memory would leave: the same insert, without the index's random leaf per event);
+    holding `--prefill` rows (the dedupe window's worth: the id index grows with it), as
+    schema 6 did (a UNIQUE index on `events.id`, a random leaf of it per event in every
+    commit; its lookup and insert as released) and as the sidecar does now (schema 7: the
+    rows alone, their ids indexed into `event_ids` in a commit of their own before each
+    checkpoint, as `run` does about once a second; counted with ingest);
   - ack: the same events acknowledged in commits of 100 (writes.record_acks), and, for
     comparison, the acknowledgement the next step would make instead: one narrow row per
     event in a table of its own (`acked`), the event's row left as it is;
   - prune: every delivered row deleted in one transaction (writes.prune_delivered), and the
     prototype's rows (bodies still in them) deleted by seq.
+
+With `--compress`, each body is stored compressed (raw deflate, level 6, with a dictionary of
+the events TimeBack's SDK sent in tests/data, a source other than the samples measured): what
+compressing bodies in the outbox would change, page by page. The samples' padding is random
+text in every run, so that it compresses as little as real content would.
 
 Bytes per event: frames × (page + 24-byte header) for the WAL, distinct pages × page size for
 the checkpoint. The 4 KB pages of the page cache that a commit dirties again at the WAL's tail
@@ -29,12 +36,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
 import json
+import random
+import re
 import sqlite3
+import string
 import struct
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,10 +56,43 @@ from common import machine
 
 from caliper_sidecar.outbox.records import NewEvent
 from caliper_sidecar.outbox.sqlite import writes
-from caliper_sidecar.outbox.sqlite.schema import migrate
+from caliper_sidecar.outbox.sqlite.event_ids import index_tail
+from caliper_sidecar.outbox.sqlite.schema import VERSION, migrate
 
 PAGE = 1024
 CHECKPOINT_EVERY = 1000  # events
+SDK_CALLS = Path(__file__).parent.parent / "tests" / "data" / "timeback-sdk-0.4.0"
+#: set by --compress: the dictionary bodies are compressed with
+DICTIONARY: bytes | None = None
+
+
+def sdk_dictionary() -> bytes:
+    """The last 4 KB of the events TimeBack's SDK sent, as a compression dictionary."""
+    events = []
+    for path in sorted(SDK_CALLS.glob("sdk-calls-*.json")):
+        for call in json.loads(path.read_text())["calls"]:
+            body = call["request"].get("body")
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                events += json.loads(body)["data"] if isinstance(body, str) else body["data"]
+    return b"".join(json.dumps(e, separators=(",", ":")).encode() for e in events)[-4096:]
+
+
+def sample_lines(count: int) -> list[bytes]:
+    """forward.events, the padding made of random letters (an "x" run compresses to nothing)."""
+    letters = string.ascii_letters + string.digits
+
+    def pad(match: re.Match[bytes]) -> bytes:
+        return b'"pad":"' + "".join(random.choices(letters, k=len(match[1]))).encode() + b'"'
+
+    return [re.sub(rb'"pad":"(x*)"', pad, line) for line in forward.events(count)]
+
+
+def stored(line: bytes) -> bytes:
+    """A body as the outbox would hold it."""
+    if DICTIONARY is None:
+        return line
+    packer = zlib.compressobj(6, zlib.DEFLATED, -12, 5, zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
+    return packer.compress(line) + packer.flush()
 
 
 class Wal:
@@ -69,21 +114,11 @@ class Wal:
         self.offset = 32  # after a truncating checkpoint, the next commit writes from the start
 
 
-def outbox(path: Path, id_index: bool = True) -> sqlite3.Connection:
+def outbox(path: Path, schema: int = VERSION) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(f"PRAGMA page_size = {PAGE}")
     conn.execute("PRAGMA journal_mode = WAL")
-    migrate(conn)
-    if not id_index:
-        # A measurement only: the empty index's root page is left behind, unused.
-        conn.execute("PRAGMA writable_schema = ON")
-        conn.execute(
-            "UPDATE sqlite_schema SET sql = replace(sql, 'id TEXT NOT NULL UNIQUE', "
-            "'id TEXT NOT NULL') WHERE name = 'events'"
-        )
-        conn.execute("DELETE FROM sqlite_schema WHERE name = 'sqlite_autoindex_events_1'")
-        conn.close()
-        conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, upto=schema)
     for pragma in ("synchronous = FULL", "secure_delete = FAST", "wal_autocheckpoint = 0"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
@@ -91,7 +126,7 @@ def outbox(path: Path, id_index: bool = True) -> sqlite3.Connection:
 
 def append(conn: sqlite3.Connection, lines: Sequence[bytes], group: int) -> None:
     for i in range(0, len(lines), group):
-        events = [NewEvent(json.loads(line)["id"], line) for line in lines[i : i + group]]
+        events = [NewEvent(json.loads(line)["id"], stored(line)) for line in lines[i : i + group]]
         with writes.immediate(conn):
             writes.insert_appends(conn, [(events, None)], time.time() - 100, 1, 10**9, 10**12)
 
@@ -104,6 +139,7 @@ def measure(
     args: Sequence[Any],
     events: int,
     per_checkpoint: int,
+    before_checkpoint: Callable[[sqlite3.Connection], object] | None = None,
 ) -> None:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     wal.restarted()
@@ -118,9 +154,14 @@ def measure(
         with writes.immediate(conn):
             commit(conn, arg)
         pages = wal.new_pages()
+        checkpoint = n % per_checkpoint == 0 or n == len(args)
+        if checkpoint and before_checkpoint is not None:
+            with writes.immediate(conn):
+                before_checkpoint(conn)
+            pages += wal.new_pages()
         frames.update(owner.get(p, "new") for p in pages)
         pending.update(pages)
-        if n % per_checkpoint == 0 or n == len(args):
+        if checkpoint:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             wal.restarted()
             copied += len(pending)
@@ -141,39 +182,47 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--prefill", type=int, default=20000)
     parser.add_argument("--group", type=int, action="append")
+    parser.add_argument("--compress", action="store_true", help="bodies stored compressed")
     args = parser.parse_args()
+    global DICTIONARY
+    DICTIONARY = sdk_dictionary() if args.compress else None
     forward.EVENT_BYTES = args.event_bytes
     n = args.events
-    sizes = [len(line) for line in forward.events(1000)]
+    lines = sample_lines(1000)
+    sizes = [len(line) for line in lines]
+    kept = [len(stored(line)) for line in lines]
     print(
         f"# {machine()}; SQLite {sqlite3.sqlite_version}; events of {sum(sizes) / len(sizes):.0f} "
-        f"bytes on average (--event-bytes {args.event_bytes})"
+        f"bytes on average (--event-bytes {args.event_bytes}), stored in "
+        f"{sum(kept) / len(kept):.0f}" + (" (compressed)" if args.compress else "")
     )
     with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
-        for group, id_index in itertools.product(args.group or [4, 100], (True, False)):
-            path = Path(tmp, f"ingest{group}{id_index}.db")
-            conn = outbox(path, id_index)
-            insert = _insert if id_index else _insert_unindexed
-            prefill = forward.events(args.prefill)
+        for group, schema in itertools.product(args.group or [4, 100], (6, VERSION)):
+            path = Path(tmp, f"ingest{group}-{schema}.db")
+            conn = outbox(path, schema)
+            insert = _insert_schema_6 if schema == 6 else _insert
+            prefill = sample_lines(args.prefill)
             for i in range(0, len(prefill), 500):
                 with writes.immediate(conn):
                     insert(conn, prefill[i : i + 500])
-            lines = forward.events(n)
+                    if schema != 6:
+                        index_tail(conn)
+            lines = sample_lines(n)
             measure(
                 conn,
                 Wal(Path(f"{path}-wal")),
-                f"ingest, {group} a commit, over {args.prefill} rows"
-                + ("" if id_index else ", no id index"),
+                f"ingest, {group} a commit, over {args.prefill} rows, schema {schema}",
                 insert,
                 [lines[i : i + group] for i in range(0, n, group)],
                 n,
                 max(1, CHECKPOINT_EVERY // group),
+                None if schema == 6 else index_tail,
             )
             conn.close()
         for prototype in (False, True):
             path = Path(tmp, f"ack{prototype}.db")
             conn = outbox(path)
-            append(conn, forward.events(n), 500)
+            append(conn, sample_lines(n), 500)
             seqs = [s for (s,) in conn.execute("SELECT seq FROM events ORDER BY seq")]
             acks = [seqs[i : i + 100] for i in range(0, n, 100)]
             wal = Wal(Path(f"{path}-wal"))
@@ -188,17 +237,34 @@ def main() -> None:
 
 
 def _insert(conn: sqlite3.Connection, lines: list[bytes]) -> None:
-    events = [NewEvent(json.loads(line)["id"], line) for line in lines]
+    events = [NewEvent(json.loads(line)["id"], stored(line)) for line in lines]
     writes.insert_appends(conn, [(events, None)], time.time(), 1, 10**9, 10**12)
 
 
-def _insert_unindexed(conn: sqlite3.Connection, lines: list[bytes]) -> None:
-    """insert_appends' own insert, without its lookups (they would scan the table)."""
-    entries, offset = [], 1
-    for line in lines:
-        entries.append((json.loads(line)["id"], offset, len(line), None, None))
-        offset += len(line)
-    conn.execute(writes._PACKED_INSERT, (json.dumps(entries), b"".join(lines), time.time()))
+#: schema 6's dedupe lookup and insert, as released (3931ce9), for comparison
+_KNOWN_IDS_6 = """
+    WITH wanted(id) AS (SELECT value FROM json_each(?1))
+    SELECT id FROM events WHERE id IN wanted AND (delivered_at IS NULL OR delivered_at >= ?2)
+    UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
+    UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
+"""
+_PACKED_INSERT_6 = """
+    INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender)
+    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3, value ->> 3,
+        value ->> 4
+    FROM json_each(?1)
+"""
+
+
+def _insert_schema_6(conn: sqlite3.Connection, lines: list[bytes]) -> None:
+    """What insert_appends did in a schema 6 file: the lookup, then the packed insert."""
+    ids = [json.loads(line)["id"] for line in lines]
+    conn.execute(_KNOWN_IDS_6, (json.dumps(ids), time.time() - 60)).fetchall()
+    entries, offset, bodies = [], 1, [stored(line) for line in lines]
+    for id_, body in zip(ids, bodies, strict=True):
+        entries.append((id_, offset, len(body), None, None))
+        offset += len(body)
+    conn.execute(_PACKED_INSERT_6, (json.dumps(entries), b"".join(bodies), time.time()))
 
 
 #: every acknowledgement is this old, so that pruning takes them all

@@ -123,14 +123,12 @@ class TestMigration:
     async def test_version_1_file_keeps_everything(self, tmp_path: Path) -> None:
         """A file written by the first release opens in this one: waiting events, dead
         letters, totals and the ids remembered for deduplication all survive."""
-        from caliper_sidecar.outbox.sqlite.schema import MIGRATIONS, _statements
+        from caliper_sidecar.outbox.sqlite.schema import migrate
 
         path = tmp_path / "v1.db"
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
-        for statement in _statements(MIGRATIONS[0]):
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version = 1")
+        migrate(conn, upto=1)
         waiting = events(3)
         conn.executemany(
             "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)",
@@ -159,15 +157,12 @@ class TestMigration:
         """A file of the release before [[destinations]] migrates in place: waiting events,
         dead letters and totals kept, then every destination added gets new events."""
         from caliper_sidecar.outbox import DestinationPlan, open_outbox
-        from caliper_sidecar.outbox.sqlite.schema import MIGRATIONS, _statements
+        from caliper_sidecar.outbox.sqlite.schema import migrate
 
         path = tmp_path / "v4.db"
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
-        for migration in MIGRATIONS[:4]:
-            for statement in _statements(migration):
-                conn.execute(statement)
-        conn.execute("PRAGMA user_version = 4")
+        migrate(conn, upto=4)
         waiting, dead = events(3), events(1)[0]
         conn.executemany(
             "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)",
@@ -204,15 +199,12 @@ class TestMigration:
         [upstream] and a destination), dead letters and totals kept; then events are
         replayed and marked, and their journeys show it."""
         from caliper_sidecar.outbox import DestinationPlan, Replay, open_outbox
-        from caliper_sidecar.outbox.sqlite.schema import MIGRATIONS, _statements
+        from caliper_sidecar.outbox.sqlite.schema import migrate
 
         path = tmp_path / "v5.db"
         conn = sqlite3.connect(path, isolation_level=None)
         conn.execute("PRAGMA journal_mode = WAL")
-        for migration in MIGRATIONS[:5]:
-            for statement in _statements(migration):
-                conn.execute(statement)
-        conn.execute("PRAGMA user_version = 5")
+        migrate(conn, upto=5)
         waiting, dead = events(3), events(1)[0]
         conn.executemany(
             "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)",
@@ -241,8 +233,141 @@ class TestMigration:
             assert [(m.what, m.destination) for m in journey.marks] == [("replayed", "upstream")]
             assert (await box.stats()).dead_letters == 0
         conn = sqlite3.connect(path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION == 7
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        conn.close()
+
+    async def test_version_6_file_drops_the_unique_id_index(self, tmp_path: Path) -> None:
+        """A file of the release before ids were indexed late migrates in place: the events
+        table loses its UNIQUE index on id, every row's id is in `event_ids`, and what the
+        index served still works (deduplication of waiting, delivered and dead-lettered
+        ids, journeys with their marks, acknowledgements)."""
+        from caliper_sidecar.outbox.sqlite.schema import migrate
+
+        path = tmp_path / "v6.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrate(conn, upto=6)
+        waiting, delivered, dead = events(3), events(1)[0], events(1)[0]
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO events (id, body, size, received_at, delivered_at) VALUES (?, ?, ?, ?, ?)",
+            [(e.id, e.body, len(e.body), now, None) for e in waiting]
+            + [(delivered.id, b"", 0, now, now)],
+        )
+        conn.execute(
+            "INSERT INTO dead_letters (id, body, received_at, reason, attempts, "
+            "dead_lettered_at) VALUES (?, ?, ?, 'refused', 1, ?)",
+            (dead.id, dead.body, now, now),
+        )
+        conn.execute(
+            "INSERT INTO marks (id, at, what, destination) VALUES (?, ?, 'verified', 'upstream')",
+            (delivered.id, now),
+        )
+        conn.close()
+
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
+            assert (await box.stats()).events == 3
+            for known in (waiting[0], delivered, dead):
+                assert (await box.append([known])).duplicates == 1, known.id
+            journey = (await box.journeys([delivered.id]))[delivered.id]
+            assert [m.what for m in journey.marks] == ["verified"]
+            batch = await box.claim_batch(10, 10_000)
+            assert [e.id for e in batch.events] == [e.id for e in waiting]
+            await box.acknowledge(batch.claim, batch.seqs)
+            assert (await box.stats()).events == 0
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        indexes = [row[1] for row in conn.execute("PRAGMA index_list(events)")]
+        assert not [name for name in indexes if name.startswith("sqlite_autoindex")], indexes
+        assert {r[0] for r in conn.execute("SELECT id FROM event_ids")} == {
+            e.id for e in [*waiting, delivered]
+        }
+        conn.close()
+
+
+class TestIdsIndexedLate:
+    """`events.id` has no index of its own: ingest's rows reach `event_ids` about once a
+    second (event_ids.py), and nothing may tell the difference meanwhile."""
+
+    @staticmethod
+    def indexed(path: Path) -> set[str]:
+        conn = sqlite3.connect(path)
+        try:
+            return {row[0] for row in conn.execute("SELECT id FROM event_ids")}
+        finally:
+            conn.close()
+
+    async def test_a_retry_before_its_ids_are_indexed_is_a_duplicate(self, outbox: Outbox) -> None:
+        sent = events(3)
+        assert (await outbox.append(sent)).accepted == 3
+        assert not self.indexed(path_of(outbox)) & {e.id for e in sent}, "indexed already"
+        assert (await outbox.append(sent)).duplicates == 3
+        assert (await outbox.stats()).events == 3
+
+    async def test_a_journey_finds_an_event_not_yet_indexed(self, outbox: Outbox) -> None:
+        (sent,) = events(1)
+        await outbox.append([sent])
+        assert sent.id not in self.indexed(path_of(outbox)), "indexed already"
+        assert (await outbox.journeys([sent.id]))[sent.id].received_at is not None
+
+    async def test_the_index_catches_up(self, outbox: Outbox) -> None:
+        sent = events(5)
+        await outbox.append(sent)
+        await eventually(lambda: {e.id for e in sent} <= self.indexed(path_of(outbox)))
+
+    async def test_ids_a_stopped_process_left_unindexed_still_count(self, tmp_path: Path) -> None:
+        """A process that stops before indexing (killed, or stopped within the second) leaves
+        rows `event_ids` lacks; the next open indexes them before anything else."""
+        path = tmp_path / "o.db"
+        sent = events(4)
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
+            await box.append(sent)
+        assert not self.indexed(path) & {e.id for e in sent}, "indexed before the stop"
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
+            assert {e.id for e in sent} <= self.indexed(path)
+            assert (await box.append(sent)).duplicates == 4
+
+    def test_a_row_after_the_newest_was_deleted_is_indexed(self, tmp_path: Path) -> None:
+        """SQLite gives a new row the highest seq plus one; had the newest indexed row been
+        deleted, the next one would take a seq at or below `upto` and never be indexed.
+        Ingest's rows take seqs above `upto` instead."""
+        from caliper_sidecar.outbox.sqlite import writes
+        from caliper_sidecar.outbox.sqlite.event_ids import index_tail
+        from caliper_sidecar.outbox.sqlite.schema import migrate
+
+        conn = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+        migrate(conn)
+        first, second = events(1), events(1)
+        with writes.immediate(conn):
+            writes.insert_appends(conn, [(first, None)], time.time(), 60, 100, 10**6)
+            index_tail(conn)
+            conn.execute("DELETE FROM events")
+        with writes.immediate(conn):
+            writes.insert_appends(conn, [(second, None)], time.time(), 60, 100, 10**6)
+            index_tail(conn)
+        assert [r[0] for r in conn.execute("SELECT id FROM event_ids")] == [second[0].id]
+        conn.close()
+
+    async def test_an_id_sent_after_the_window_replaces_its_delivered_row(
+        self, tmp_path: Path
+    ) -> None:
+        """Without a UNIQUE index to take it out of the way, the old delivered row goes when
+        the id is stored again: one row per id, as before."""
+        path = tmp_path / "o.db"
+        async with sqlite_outbox(OutboxSettings(path=str(path), dedupe_window_s=0.2)) as box:
+            box.prune_every_s = 3600
+            sent = events(1)
+            await box.append(sent)
+            batch = await box.claim_batch(10, 10_000)
+            await box.acknowledge(batch.claim, batch.seqs)
+            await eventually(lambda: sent[0].id in self.indexed(path))
+            await asyncio.sleep(0.3)
+            assert (await box.append(sent)).accepted == 1
+        conn = sqlite3.connect(path)
+        rows = conn.execute("SELECT delivered_at FROM events WHERE id = ?", (sent[0].id,))
+        assert rows.fetchall() == [(None,)]
         conn.close()
 
 

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from caliper_sidecar.config import UPSTREAM
 from caliper_sidecar.outbox.records import DestinationPlan, Replay, StoredEvent
+from caliper_sidecar.outbox.sqlite.event_ids import IN_JSON, index_now, seqs_of
 from caliper_sidecar.states import DeadLetterReason
 
 #: the seqs a destination still needs, oldest first (?1 its name): above its position, not
@@ -184,7 +185,9 @@ def reopen(
     there, goes back in place for each queue that is done with it (one still on its way
     keeps it); when gone, it is stored again for those queues alone."""
     row = conn.execute(
-        "SELECT seq, delivered_at, only_for FROM events WHERE id = ?", (event.id,)
+        f"SELECT seq, delivered_at, only_for FROM events WHERE seq IN {seqs_of(IN_JSON)} "
+        "ORDER BY seq DESC",
+        (json.dumps([event.id]),),
     ).fetchone()
     if row is None:
         _store_again(conn, event, now, has_destinations)
@@ -236,8 +239,10 @@ def _store_again(
             None if UPSTREAM in queues else now,
         ),
     )
+    seq = int(cur.lastrowid or 0)
+    index_now(conn, event.id, seq)
     if only_for is None and has_destinations:
-        _widen(conn, int(cur.lastrowid or 0), set(queues))
+        _widen(conn, seq, set(queues))
 
 
 def _widen(conn: sqlite3.Connection, seq: int, queues: set[str | None]) -> None:
@@ -254,7 +259,7 @@ def journey_rows(conn: sqlite3.Connection, ids: list[str]) -> list[tuple[Any, ..
     events still in the queue table that it is meant for."""
     out: list[tuple[Any, ...]] = []
     events = conn.execute(
-        "SELECT seq, id, only_for FROM events WHERE id IN (SELECT value FROM json_each(?))",
+        f"SELECT seq, id, only_for FROM events WHERE seq IN {seqs_of(IN_JSON)}",
         (json.dumps(ids),),
     ).fetchall()
     for (name,) in conn.execute("SELECT name FROM destinations").fetchall():

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
+from caliper_sidecar.outbox.sqlite.event_ids import IN_JSON, seqs_of
 from caliper_sidecar.outbox.sqlite.writes import _EMPTIED, AWAITING_CHECK
 from caliper_sidecar.states import JourneyMark
 
@@ -54,7 +55,7 @@ def checked(
     done = [*held, *given_up]
     if done:
         conn.execute(
-            f"UPDATE events SET body = {_EMPTIED} WHERE id IN (SELECT value FROM json_each(?))",
+            f"UPDATE events SET body = {_EMPTIED} WHERE seq IN {seqs_of(IN_JSON)}",
             (json.dumps(done),),
         )
 

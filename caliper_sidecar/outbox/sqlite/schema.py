@@ -8,11 +8,76 @@ earlier release opens in this one.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from typing import Final
 
 from caliper_sidecar.exceptions import SchemaTooNew
 
-MIGRATIONS: Final[tuple[str, ...]] = (
+
+def _ids_indexed_late(conn: sqlite3.Connection) -> None:
+    """7: `events.id` loses its UNIQUE index, which cost every ingest commit a random leaf per
+    event (bench/wal_frames.py: 40 % of a single-event commit's pages; forwarding +28 to +39 %
+    without it, bench/forward.py); `event_ids` (event_ids.py) maps ids to seqs instead, filled
+    about once a second from the rows above `ids_indexed.upto`.
+
+    SQLite cannot drop a UNIQUE constraint, so the table is built again (its own procedure:
+    a new table, the rows copied, the old one dropped, the new one renamed), and the indexes
+    and triggers that went with it are made again from their saved definitions."""
+    tied = conn.execute(
+        "SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL AND type IN ('index', 'trigger') "
+        "AND (tbl_name = 'events' OR sql LIKE '%FROM events %') ORDER BY rowid"
+    ).fetchall()
+    (table,) = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'events'").fetchone()
+    rebuilt = table.replace("id TEXT NOT NULL UNIQUE", "id TEXT NOT NULL", 1)
+    if rebuilt == table:
+        raise sqlite3.DatabaseError("the events table is not as migration 6 left it")
+    names = [
+        name
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_schema WHERE type = 'trigger' AND tbl_name != 'events' "
+            "AND sql LIKE '%FROM events %'"
+        )
+    ]
+    for name in names:  # the others go with the table
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.execute(rebuilt.replace("CREATE TABLE events", "CREATE TABLE events_7", 1))
+    conn.execute("INSERT INTO events_7 SELECT * FROM events")
+    conn.execute("DROP TABLE events")
+    conn.execute("ALTER TABLE events_7 RENAME TO events")
+    for (sql,) in tied:
+        conn.execute(
+            sql.replace(
+                "AND NOT EXISTS (SELECT 1 FROM events WHERE id = OLD.id)",
+                f"AND NOT ({EVENT_ID_KNOWN.format(id='OLD.id')})",
+            )
+        )
+    for statement in _statements(_ID_INDEX):
+        conn.execute(statement)
+
+
+#: an SQL condition: some row of `events` has the id {id} (indexed, or in the tail not yet
+#: indexed; event_ids.py)
+EVENT_ID_KNOWN: Final = (
+    "EXISTS (SELECT 1 FROM event_ids WHERE id = {id}) OR EXISTS (SELECT 1 FROM events "
+    "WHERE seq > (SELECT upto FROM ids_indexed) AND id = {id})"
+)
+
+_ID_INDEX: Final = """
+    CREATE TABLE event_ids (id TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO event_ids SELECT id, seq FROM events;
+    CREATE TABLE ids_indexed (one INTEGER PRIMARY KEY CHECK (one = 1), upto INTEGER NOT NULL);
+    INSERT INTO ids_indexed SELECT 1, coalesce(max(seq), 0) FROM events;
+    -- An id leaves the index with its row, and follows it when erase renames it.
+    CREATE TRIGGER event_ids_out AFTER DELETE ON events BEGIN
+        DELETE FROM event_ids WHERE id = OLD.id AND seq = OLD.seq;
+    END;
+    CREATE TRIGGER event_ids_renamed AFTER UPDATE OF id ON events BEGIN
+        DELETE FROM event_ids WHERE id = OLD.id AND seq = OLD.seq;
+        INSERT OR REPLACE INTO event_ids VALUES (NEW.id, NEW.seq);
+    END;
+"""
+
+MIGRATIONS: Final[tuple[str | Callable[[sqlite3.Connection], None], ...]] = (
     # 1: the queue, the dead letters, recent deliveries (for deduplication) and running totals.
     """
     CREATE TABLE events (
@@ -246,24 +311,30 @@ MIGRATIONS: Final[tuple[str, ...]] = (
             AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE id = OLD.id);
     END;
     """,
+    _ids_indexed_late,
 )
 
 VERSION: Final = len(MIGRATIONS)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the file up to VERSION; returns the version it had before."""
+def migrate(conn: sqlite3.Connection, upto: int = VERSION) -> int:
+    """Bring the file up to VERSION (`upto`: an earlier one, as an earlier release left a
+    file, for tests); returns the version it had before."""
     (found,) = conn.execute("PRAGMA user_version").fetchone()
     if found > VERSION:
         raise SchemaTooNew(
             f"the outbox has schema version {found}, but this caliper-sidecar knows only up to "
             f"{VERSION}: run the newer release, or restore a backup"
         )
-    for version in range(found + 1, VERSION + 1):
+    for version in range(found + 1, upto + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _statements(MIGRATIONS[version - 1]):
-                conn.execute(statement)
+            migration = MIGRATIONS[version - 1]
+            if callable(migration):
+                migration(conn)
+            else:
+                for statement in _statements(migration):
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:

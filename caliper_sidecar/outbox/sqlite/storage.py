@@ -44,6 +44,7 @@ from caliper_sidecar.outbox.records import (
     StoredEvent,
 )
 from caliper_sidecar.outbox.sqlite import destinations, erasing, reconciling, writes
+from caliper_sidecar.outbox.sqlite.event_ids import IN_JSON, index_tail, seqs_of
 from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.outbox.sqlite.writer import PRAGMAS, Writer
 from caliper_sidecar.outbox.storage import TOTALS
@@ -156,6 +157,9 @@ class SqliteStorage:
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
+        #: ids ingest inserted that `event_ids` does not hold yet (event_ids.py); the writer's
+        #: thread alone changes it, after its commits
+        self._unindexed: set[str] = set()
         #: set for good when the file was deleted or replaced under a running process
         self.lost: str | None = None
         self._identity: tuple[int, int] | None = None
@@ -220,6 +224,9 @@ class SqliteStorage:
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode = WAL")
             migrate(conn)
+            # What a process that stopped (or was killed) left unindexed.
+            with writes.immediate(conn):
+                index_tail(conn)
         finally:
             conn.close()
 
@@ -244,6 +251,7 @@ class SqliteStorage:
                 f"until {self.reserve_bytes // 1_048_576} MiB are",
                 30,
             )
+        inserted: list[str] = []
         return await self._write(
             functools.partial(
                 writes.insert_appends,
@@ -255,7 +263,12 @@ class SqliteStorage:
                 claimed=None
                 if self._destination_claims is None
                 else {name: set(c) for name, c in self._destination_claims.items()},
-            )
+                unindexed=self._unindexed,
+                inserted=inserted,
+            ),
+            # Only once they are committed: ids of a rolled-back insert must not count as
+            # duplicates when the app sends them again.
+            committed=lambda: self._unindexed.update(inserted),
         )
 
     def append_failed(self, error: OutboxUnavailable) -> None:
@@ -639,7 +652,7 @@ class SqliteStorage:
             f"""
             SELECT {JOURNEY_COLUMNS}
             FROM events e LEFT JOIN platform_jobs p ON p.id = e.platform_job
-            WHERE e.id IN (SELECT value FROM json_each(?))
+            WHERE e.seq IN {seqs_of(IN_JSON)}
             """,
             (wanted,),
         )
@@ -672,6 +685,7 @@ class SqliteStorage:
         work: Callable[[sqlite3.Connection], _R],
         releasing: Sequence[int] = (),
         claimed: dict[int, str] | None = None,
+        committed: Callable[[], None] | None = None,
     ) -> _R:
         """`work` in one transaction on the writer's connection, in its thread, in one
         hand-off; a write that fails raises OutboxUnavailable. Claims in `releasing` are
@@ -687,7 +701,10 @@ class SqliteStorage:
 
         def transaction(conn: sqlite3.Connection) -> _R:
             with writes.immediate(conn):
-                return work(conn)
+                done = work(conn)
+            if committed is not None:
+                committed()  # still in the writer's thread, before any other write
+            return done
 
         try:
             return await self._writer.run(transaction)
@@ -705,9 +722,13 @@ class SqliteStorage:
         19k events/s once it moved out), and a WAL checkpointed seldom holds most of the
         data: on a full disk it could then never be moved into the database, since that file
         would have to grow. Checkpointed often, the WAL can be truncated when space runs out.
+        Ingest's ids are indexed first (event_ids.py), so that the checkpoint copies their pages.
         """
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
+            if self._unindexed:
+                with contextlib.suppress(OutboxUnavailable):
+                    await self._write(index_tail, committed=self._unindexed.clear)
             with contextlib.suppress(sqlite3.Error):
                 await self._require(self._checkpointer).execute("PRAGMA wal_checkpoint(PASSIVE)")
 

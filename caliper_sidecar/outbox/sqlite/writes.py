@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from typing import Any, Final
 
 from caliper_sidecar.exceptions import OutboxUnavailable
@@ -23,6 +23,7 @@ from caliper_sidecar.outbox.records import (
     new_per_append,
 )
 from caliper_sidecar.outbox.sqlite import destinations
+from caliper_sidecar.outbox.sqlite.event_ids import next_seq
 from caliper_sidecar.states import DeadLetterReason
 
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
@@ -38,14 +39,23 @@ def insert_appends(
     max_events: int,
     max_bytes: int,
     claimed: dict[str, set[int]] | None = None,
+    unindexed: Set[str] = frozenset(),
+    inserted: list[str] | None = None,
 ) -> list[AppendResult | OutboxUnavailable]:
     """A group commit's appends: known ids skipped, capacity checked per append (all of it or
     none), one packed insert. `claimed`: what each destination has in flight (left alone
-    when a lagging one is shed)."""
+    when a lagging one is shed); `unindexed`: the ids this writer inserted that `event_ids`
+    does not hold yet (event_ids.py); `inserted` gets the ids of the rows inserted."""
     all_ids = [e.id for events, _ in group for e in events]
-    known = {
-        row[0] for row in conn.execute(_KNOWN_IDS, (json.dumps(all_ids), now - dedupe_window_s))
-    }
+    known = {id_ for id_ in all_ids if id_ in unindexed}
+    # A row of a known id delivered longer ago than the dedupe window is replaced by the new
+    # one (without a UNIQUE index, nothing else would take it out of the way).
+    stale: dict[str, int] = {}
+    for id_, seq, live in conn.execute(_KNOWN_IDS, (json.dumps(all_ids), now - dedupe_window_s)):
+        if live:
+            known.add(id_)
+        else:
+            stale[id_] = seq
     row = conn.execute("SELECT events, bytes FROM totals").fetchone()
     depth, size = (int(row[0]), int(row[1])) if row else (0, 0)
     if claimed is not None:
@@ -76,7 +86,15 @@ def insert_appends(
             jobs.append((job, now, json.dumps([e.id for e in events])))
         results.append(AppendResult(len(fresh), len(events) - len(fresh)))
     if entries:
-        conn.execute(_PACKED_INSERT, (json.dumps(entries), b"".join(bodies), now))
+        gone = [stale[entry[0]] for entry in entries if entry[0] in stale]
+        if gone:
+            conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))",
+                (json.dumps(gone),),
+            )
+        conn.execute(_PACKED_INSERT, (json.dumps(entries), b"".join(bodies), now, next_seq(conn)))
+        if inserted is not None:
+            inserted.extend(entry[0] for entry in entries)
     if jobs:
         conn.executemany(
             "INSERT OR IGNORE INTO jobs (id, created_at, event_ids) VALUES (?, ?, ?)", jobs
@@ -303,18 +321,21 @@ def free_page_bytes(conn: sqlite3.Connection) -> int:
     return int(pages[0]) * int(size[0]) if pages and size else 0
 
 
+#: (id, seq, whether it still counts) of the ids (?1) the outbox knows: an indexed row
+#: (one delivered before the window (?2) no longer counts), a dead letter, an old delivery
 _KNOWN_IDS: Final = """
     WITH wanted(id) AS (SELECT value FROM json_each(?1))
-    SELECT id FROM events WHERE id IN wanted AND (delivered_at IS NULL OR delivered_at >= ?2)
-    UNION ALL SELECT id FROM dead_letters WHERE id IN wanted
-    UNION ALL SELECT id FROM delivered WHERE id IN wanted AND delivered_at >= ?2
+    SELECT i.id, e.seq, e.delivered_at IS NULL OR e.delivered_at >= ?2
+        FROM event_ids i JOIN events e ON e.seq = i.seq WHERE i.id IN wanted
+    UNION ALL SELECT id, NULL, 1 FROM dead_letters WHERE id IN wanted
+    UNION ALL SELECT id, NULL, 1 FROM delivered WHERE id IN wanted AND delivered_at >= ?2
 """
-# REPLACE only ever meets a delivered row older than the dedupe window (not yet pruned): every
-# other known id was filtered out before. json_each keeps the array's order, so seq does too.
+# json_each keeps the array's order, and its keys count from 0: seqs follow one another from
+# ids.next_seq (?4).
 _PACKED_INSERT: Final = """
-    INSERT OR REPLACE INTO events (id, body, size, received_at, sensor, sender)
-    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3, value ->> 3,
-        value ->> 4
+    INSERT INTO events (seq, id, body, size, received_at, sensor, sender)
+    SELECT ?4 + key, value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3,
+        value ->> 3, value ->> 4
     FROM json_each(?1)
 """
 #: an event some destination has not passed yet (its body and row are kept for it)

@@ -1,0 +1,71 @@
+"""Event ids in the SQLite outbox: the index that ingest fills late, and lookups by id.
+
+`events.id` has no index of its own (schema version 7): a UNIQUE index cost every ingest
+commit a random leaf of a large b-tree per event, written to the WAL and again by the
+checkpoint. `event_ids` maps ids to seqs instead, filled from the rows above
+`ids_indexed.upto` about once a second (`index_tail`, in one transaction whose inserts,
+sorted, share leaves). Until then:
+
+- the writer remembers the ids it inserted (`SqliteStorage._unindexed`), and ingest's
+  dedupe lookup reads them beside the index, so a retry within that second is still a
+  duplicate (whatever `dedupe_window_s`: a window shorter than that second is a second);
+- every other lookup by id reads the index and the rows above `upto` (`seqs_of`): at most
+  about a second of ingest, found by seq;
+- after a crash, opening the file indexes the tail before anything else runs.
+
+Every other insert into `events` (a replay, a dead letter queued again, from `run` or from
+a command beside it) indexes its row at once (`index_now`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Final
+
+
+def seqs_of(ids: str) -> str:
+    """An SQL subquery: the seqs of the events whose id is one `ids` selects (such as
+    IN_JSON), evaluated once."""
+    return (
+        f"(WITH wanted(id) AS ({ids}) "
+        "SELECT seq FROM event_ids WHERE id IN wanted "
+        f"UNION ALL SELECT seq FROM events WHERE {_IN_TAIL} AND id IN wanted)"
+    )
+
+
+#: ids given as a JSON array, bound to the next parameter
+IN_JSON: Final = "SELECT value FROM json_each(?)"
+
+#: rows of `events` not indexed yet
+_IN_TAIL: Final = "seq > (SELECT upto FROM ids_indexed)"
+
+
+def index_tail(conn: sqlite3.Connection) -> int:
+    """Index every row above `upto`; how many. In the caller's transaction."""
+    (upto,) = conn.execute("SELECT upto FROM ids_indexed").fetchone()
+    # Sorted by id: neighbouring inserts land in the same leaf. The newest row of an id wins
+    # (a re-sent id whose delivered row outlived the dedupe window, until it is pruned).
+    cur = conn.execute(
+        "INSERT OR REPLACE INTO event_ids (id, seq) "
+        "SELECT id, seq FROM events WHERE seq > ? ORDER BY id, seq",
+        (upto,),
+    )
+    conn.execute(
+        "UPDATE ids_indexed SET upto = (SELECT max(?1, coalesce(max(seq), 0)) FROM events)",
+        (upto,),
+    )
+    return cur.rowcount
+
+
+def index_now(conn: sqlite3.Connection, id_: str, seq: int) -> None:
+    """Index a row inserted outside ingest's packed insert."""
+    conn.execute("INSERT OR REPLACE INTO event_ids (id, seq) VALUES (?, ?)", (id_, seq))
+
+
+def next_seq(conn: sqlite3.Connection) -> int:
+    """The seq ingest's next row takes: above every row and above `upto`, so that a row
+    inserted after the newest ones were deleted is never taken for indexed."""
+    (seq,) = conn.execute(
+        "SELECT max(coalesce((SELECT max(seq) FROM events), 0), upto) + 1 FROM ids_indexed"
+    ).fetchone()
+    return int(seq)

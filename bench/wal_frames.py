@@ -129,6 +129,7 @@ def append(conn: sqlite3.Connection, lines: Sequence[bytes], group: int) -> None
         events = [NewEvent(json.loads(line)["id"], stored(line)) for line in lines[i : i + group]]
         with writes.immediate(conn):
             writes.insert_appends(conn, [(events, None)], time.time() - 100, 1, 10**9, 10**12)
+            index_tail(conn)
 
 
 def measure(

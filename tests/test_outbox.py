@@ -264,6 +264,8 @@ class TestMigration:
             "INSERT INTO marks (id, at, what, destination) VALUES (?, ?, 'verified', 'upstream')",
             (delivered.id, now),
         )
+        schema = "SELECT type, name FROM sqlite_schema WHERE type IN ('index', 'trigger')"
+        before = set(conn.execute(schema)) - {("index", "sqlite_autoindex_events_1")}
         conn.close()
 
         async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
@@ -279,6 +281,7 @@ class TestMigration:
         conn = sqlite3.connect(path)
         assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert before <= set(conn.execute(schema))  # every index and trigger made again
         indexes = [row[1] for row in conn.execute("PRAGMA index_list(events)")]
         assert not [name for name in indexes if name.startswith("sqlite_autoindex")], indexes
         assert {r[0] for r in conn.execute("SELECT id FROM event_ids")} == {

@@ -21,30 +21,37 @@ def _ids_indexed_late(conn: sqlite3.Connection) -> None:
     about once a second from the rows above `ids_indexed.upto`.
 
     SQLite cannot drop a UNIQUE constraint, so the table is built again (its own procedure:
-    a new table, the rows copied, the old one dropped, the new one renamed), and the indexes
-    and triggers that went with it are made again from their saved definitions."""
-    tied = conn.execute(
-        "SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL AND type IN ('index', 'trigger') "
-        "AND (tbl_name = 'events' OR sql LIKE '%FROM events %') ORDER BY rowid"
-    ).fetchall()
+    a new table, the rows copied, the old one dropped, the new one renamed)."""
     (table,) = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'events'").fetchone()
     rebuilt = table.replace("id TEXT NOT NULL UNIQUE", "id TEXT NOT NULL", 1)
     if rebuilt == table:
         raise sqlite3.DatabaseError("the events table is not as migration 6 left it")
-    names = [
-        name
-        for (name,) in conn.execute(
-            "SELECT name FROM sqlite_schema WHERE type = 'trigger' AND tbl_name != 'events' "
-            "AND sql LIKE '%FROM events %'"
-        )
-    ]
-    for name in names:  # the others go with the table
-        conn.execute(f"DROP TRIGGER {name}")
+    # Its indexes and triggers, and the triggers of other tables that read it, dropped before
+    # the rows move (deleting them then fires nothing and updates no index), made again after.
+    tied = conn.execute(
+        "SELECT type, name, sql FROM sqlite_schema WHERE sql IS NOT NULL "
+        "AND type IN ('index', 'trigger') AND (tbl_name = 'events' OR sql LIKE '%FROM events %') "
+        "ORDER BY rowid"
+    ).fetchall()
+    for kind, name, _ in tied:
+        conn.execute(f"DROP {kind.upper()} {name}")
     conn.execute(rebuilt.replace("CREATE TABLE events", "CREATE TABLE events_7", 1))
-    conn.execute("INSERT INTO events_7 SELECT * FROM events")
+    # A chunk at a time, each deleted once copied: the new table reuses the old one's freed
+    # pages, so the file does not end up twice its size (bench/migration.py).
+    moved = 0
+    while True:
+        conn.execute(
+            "INSERT INTO events_7 SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT 10000",
+            (moved,),
+        )
+        last = conn.execute("SELECT max(seq) FROM events_7").fetchone()[0]
+        if last is None or last == moved:
+            break
+        conn.execute("DELETE FROM events WHERE seq <= ?", (last,))
+        moved = last
     conn.execute("DROP TABLE events")
     conn.execute("ALTER TABLE events_7 RENAME TO events")
-    for (sql,) in tied:
+    for _, _, sql in tied:
         conn.execute(
             sql.replace(
                 "AND NOT EXISTS (SELECT 1 FROM events WHERE id = OLD.id)",

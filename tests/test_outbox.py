@@ -289,6 +289,48 @@ class TestMigration:
         }
         conn.close()
 
+    async def test_version_6_file_on_a_disk_too_small_stays_as_it_was(self, tmp_path: Path) -> None:
+        """The rebuild of schema 7 needs room about the file's size: without it the start
+        fails, naming the outbox and the full disk, and the file is left as it was (one
+        transaction); with room again, it migrates."""
+        from caliper_sidecar.exceptions import OutboxUnusable
+        from caliper_sidecar.outbox.sqlite.schema import migrate
+
+        from .disks import fill_disk, tmpfs
+
+        with tmpfs(tmp_path, "6m", "test_version_6_file_drops_the_unique_id_index") as disk:
+            path = disk / "outbox.db"
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA page_size = 1024")
+            conn.execute("PRAGMA journal_mode = WAL")
+            migrate(conn, upto=6)
+            waiting = events(1000, size=1000)
+            conn.executemany(
+                "INSERT INTO events (id, body, size, received_at) VALUES (?, ?, ?, ?)",
+                [(e.id, e.body, len(e.body), time.time()) for e in waiting],
+            )
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+            filler = disk / "filler"
+            fill_disk(filler)
+            with filler.open("r+b") as f:  # room for the WAL's first pages, not the rebuild
+                f.truncate(filler.stat().st_size - 512 * 1024)
+
+            with pytest.raises(OutboxUnusable, match="full") as failed:
+                await sqlite_outbox(OutboxSettings(path=str(path))).open()
+            assert str(path) in str(failed.value)
+            conn = sqlite3.connect(path)
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+            assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 1000
+            conn.close()
+
+            filler.unlink()
+            async with sqlite_outbox(OutboxSettings(path=str(path))) as box:
+                assert (await box.stats()).events == 1000
+            conn = sqlite3.connect(path)
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+            conn.close()
+
 
 class TestIdsIndexedLate:
     """`events.id` has no index of its own: ingest's rows reach `event_ids` about once a

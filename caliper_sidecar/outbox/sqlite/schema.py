@@ -345,7 +345,10 @@ def migrate(conn: sqlite3.Connection, upto: int = VERSION) -> int:
             conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite has rolled back already after some errors (a full disk): a ROLLBACK then
+            # fails, and its error would hide the real one.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
     return int(found)
 

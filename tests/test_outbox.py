@@ -377,7 +377,7 @@ class TestIdsIndexedLate:
     def test_a_row_after_the_newest_was_deleted_is_indexed(self, tmp_path: Path) -> None:
         """SQLite gives a new row the highest seq plus one; had the newest indexed row been
         deleted, the next one would take a seq at or below `upto` and never be indexed.
-        Ingest's rows take seqs above `upto` instead."""
+        `upto` comes down to the newest row first instead (next_seq)."""
         from caliper_sidecar.outbox.sqlite import writes
         from caliper_sidecar.outbox.sqlite.event_ids import index_tail
         from caliper_sidecar.outbox.sqlite.schema import migrate
@@ -393,6 +393,46 @@ class TestIdsIndexedLate:
             writes.insert_appends(conn, [(second, None)], time.time(), 60, 100, 10**6)
             index_tail(conn)
         assert [r[0] for r in conn.execute("SELECT id FROM event_ids")] == [second[0].id]
+        conn.close()
+
+    async def test_an_id_erased_before_it_was_indexed_is_taken_again(self, outbox: Outbox) -> None:
+        """An id the writer still holds as unindexed, whose row is gone (erased, or purged
+        from the dead letters), is new: counted as a duplicate it would be lost."""
+        (sent,) = events(1)
+        await outbox.append([sent])
+        await outbox.erase(None, [sent.id])
+        assert sent.id not in self.indexed(path_of(outbox)), "indexed already"
+        assert (await outbox.append([sent])).accepted == 1
+        assert (await outbox.stats()).events == 1
+
+    def test_a_destination_added_after_the_newest_rows_went_counts_no_gap(
+        self, tmp_path: Path
+    ) -> None:
+        """The newest rows delivered and pruned (the table empty), then a destination
+        added: the next event is the one it waits for, not every seq ever indexed (which
+        would shed real events as lagging, or hold ingest as full)."""
+        from caliper_sidecar.outbox import DestinationPlan
+        from caliper_sidecar.outbox.sqlite import destinations, writes
+        from caliper_sidecar.outbox.sqlite.event_ids import index_tail
+        from caliper_sidecar.outbox.sqlite.schema import migrate
+
+        conn = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+        migrate(conn)
+        now = time.time()
+        with writes.immediate(conn):
+            writes.insert_appends(conn, [(events(50), None)], now, 60, 100, 10**6)
+            index_tail(conn)
+        with writes.immediate(conn):
+            conn.execute("UPDATE events SET delivered_at = ?", (now - 1000,))
+            writes.prune_delivered(conn, now - 60)
+            destinations.set_destinations(conn, [DestinationPlan("lrs", False)])
+        for _ in range(2):
+            with writes.immediate(conn):
+                writes.insert_appends(
+                    conn, [(events(1), None)], now, 60, 10, 10**6, claimed={"lrs": set()}
+                )
+        assert destinations.lags(conn) == [("lrs", 2)]
+        assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
         conn.close()
 
     async def test_an_id_sent_after_the_window_replaces_its_delivered_row(

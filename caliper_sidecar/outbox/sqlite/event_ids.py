@@ -7,8 +7,9 @@ checkpoint. `event_ids` maps ids to seqs instead, filled from the rows above
 sorted, share leaves). Until then:
 
 - the writer remembers the ids it inserted (`SqliteStorage._unindexed`), and ingest's
-  dedupe lookup reads them beside the index, so a retry within that second is still a
-  duplicate (whatever `dedupe_window_s`: a window shorter than that second is a second);
+  dedupe lookup reads them beside the index (checked against the rows, `in_tail`: one
+  erased meanwhile is gone), so a retry within that second is still a duplicate (whatever
+  `dedupe_window_s`: a window shorter than that second is a second);
 - every other lookup by id reads the index and the rows above `upto` (`seqs_of`): at most
   about a second of ingest, found by seq;
 - after a crash, opening the file indexes the tail before anything else runs.
@@ -19,7 +20,9 @@ a command beside it) indexes its row at once (`index_now`).
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterable
 from typing import Final
 
 
@@ -38,6 +41,8 @@ IN_JSON: Final = "SELECT value FROM json_each(?)"
 
 #: rows of `events` not indexed yet
 _IN_TAIL: Final = "seq > (SELECT upto FROM ids_indexed)"
+#: a row if any is not indexed yet
+TAIL_EXISTS: Final = f"SELECT 1 FROM events WHERE {_IN_TAIL} LIMIT 1"
 
 
 def index_tail(conn: sqlite3.Connection) -> int:
@@ -57,15 +62,35 @@ def index_tail(conn: sqlite3.Connection) -> int:
     return cur.rowcount
 
 
+def in_tail(conn: sqlite3.Connection, ids: Iterable[str]) -> set[str]:
+    """Which of these ids a row not indexed yet has: the writer's memory of its unindexed
+    ids, checked (a row erased or purged meanwhile is gone, and its id is new again)."""
+    wanted = list(ids)
+    if not wanted:
+        return set()
+    return {
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM events WHERE {_IN_TAIL} AND id IN ({IN_JSON})", (json.dumps(wanted),)
+        )
+    }
+
+
 def index_now(conn: sqlite3.Connection, id_: str, seq: int) -> None:
     """Index a row inserted outside ingest's packed insert."""
     conn.execute("INSERT OR REPLACE INTO event_ids (id, seq) VALUES (?, ?)", (id_, seq))
 
 
 def next_seq(conn: sqlite3.Connection) -> int:
-    """The seq ingest's next row takes: above every row and above `upto`, so that a row
-    inserted after the newest ones were deleted is never taken for indexed."""
-    (seq,) = conn.execute(
-        "SELECT max(coalesce((SELECT max(seq) FROM events), 0), upto) + 1 FROM ids_indexed"
-    ).fetchone()
+    """The seq ingest's next row takes, SQLite's own (the newest row's plus one), with `upto`
+    brought down to the newest row first: once the newest indexed rows are deleted, a new
+    row would otherwise take a seq at or below `upto` and never be indexed. (A seq above
+    the newest row instead would leave a gap that destinations count as waiting.) Nothing
+    lies between the newest row and the old `upto`, so every row at or below the new one is
+    indexed still. In the caller's transaction."""
+    conn.execute(
+        "UPDATE ids_indexed SET upto = coalesce((SELECT max(seq) FROM events), 0) "
+        "WHERE upto > coalesce((SELECT max(seq) FROM events), 0)"
+    )
+    (seq,) = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
     return int(seq)

@@ -44,7 +44,7 @@ from caliper_sidecar.outbox.records import (
     StoredEvent,
 )
 from caliper_sidecar.outbox.sqlite import destinations, erasing, reconciling, writes
-from caliper_sidecar.outbox.sqlite.event_ids import IN_JSON, index_tail, seqs_of
+from caliper_sidecar.outbox.sqlite.event_ids import IN_JSON, TAIL_EXISTS, index_tail, seqs_of
 from caliper_sidecar.outbox.sqlite.schema import migrate
 from caliper_sidecar.outbox.sqlite.writer import PRAGMAS, Writer
 from caliper_sidecar.outbox.storage import TOTALS
@@ -224,9 +224,11 @@ class SqliteStorage:
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode = WAL")
             migrate(conn)
-            # What a process that stopped (or was killed) left unindexed.
-            with writes.immediate(conn):
-                index_tail(conn)
+            # What a process that stopped (or was killed) left unindexed; nothing written when
+            # nothing is (a command opening the file beside `run` only reads).
+            if conn.execute(TAIL_EXISTS).fetchone():
+                with writes.immediate(conn):
+                    index_tail(conn)
         finally:
             conn.close()
 

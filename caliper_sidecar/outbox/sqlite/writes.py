@@ -23,7 +23,7 @@ from caliper_sidecar.outbox.records import (
     new_per_append,
 )
 from caliper_sidecar.outbox.sqlite import destinations
-from caliper_sidecar.outbox.sqlite.event_ids import next_seq
+from caliper_sidecar.outbox.sqlite.event_ids import in_tail, next_seq
 from caliper_sidecar.states import DeadLetterReason
 
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
@@ -47,7 +47,7 @@ def insert_appends(
     when a lagging one is shed); `unindexed`: the ids this writer inserted that `event_ids`
     does not hold yet (event_ids.py); `inserted` gets the ids of the rows inserted."""
     all_ids = [e.id for events, _ in group for e in events]
-    known = {id_ for id_ in all_ids if id_ in unindexed}
+    known = in_tail(conn, {id_ for id_ in all_ids if id_ in unindexed})
     # A row of a known id delivered longer ago than the dedupe window is replaced by the new
     # one (without a UNIQUE index, nothing else would take it out of the way).
     stale: dict[str, int] = {}

@@ -331,6 +331,50 @@ class TestMigration:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
             conn.close()
 
+    async def test_a_command_does_not_migrate_a_file_an_older_run_holds(
+        self, tmp_path: Path
+    ) -> None:
+        """A command of this release (`outbox stats`, say) opening a version-6 file while a
+        `run` of the earlier release holds it would rebuild the events table under that
+        process: refused, naming the holder; once it has stopped, the file migrates."""
+        import sys
+
+        from caliper_sidecar.exceptions import OutboxLocked
+        from caliper_sidecar.outbox import open_outbox
+        from caliper_sidecar.outbox.sqlite.schema import migrate
+
+        path = tmp_path / "v6.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrate(conn, upto=6)
+        conn.close()
+        older_run = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        settings = OutboxSettings(path=str(path))
+        try:
+            assert older_run.stdout is not None
+            assert await older_run.stdout.readline() == b"held\n"
+            with pytest.raises(OutboxLocked, match="earlier release"):
+                async with open_outbox(settings, exclusive=False):
+                    pass
+            conn = sqlite3.connect(path)
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+            conn.close()
+        finally:
+            older_run.kill()
+            await older_run.wait()
+        async with open_outbox(settings, exclusive=False) as box:
+            assert (await box.stats()).events == 0
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == VERSION
+        conn.close()
+
 
 class TestIdsIndexedLate:
     """`events.id` has no index of its own: ingest's rows reach `event_ids` about once a

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 
 from caliper_sidecar.config import OutboxSettings
+from caliper_sidecar.exceptions import OutboxLocked
 from caliper_sidecar.outbox.outbox import Outbox
 from caliper_sidecar.outbox.records import DestinationPlan
 from caliper_sidecar.outbox.sqlite.lock import OutboxLock
+from caliper_sidecar.outbox.sqlite.schema import VERSION, file_version
 from caliper_sidecar.outbox.sqlite.storage import RESERVE_BYTES, SqliteStorage
 from caliper_sidecar.outbox.storage import Storage
 
@@ -47,10 +50,27 @@ async def open_outbox(
         else:
             if exclusive:
                 stack.enter_context(OutboxLock(settings.path))
+            else:
+                _refuse_to_migrate_under_run(settings.path)
             storage = SqliteStorage(settings, keep_delivered_bodies=reconciling)
         outbox = await Outbox(storage, settings, destinations).open()
         stack.push_async_callback(outbox.close)
         yield outbox
+
+
+def _refuse_to_migrate_under_run(path: str) -> None:
+    """A command of a newer release opening a file that a `run` of an older one holds would
+    migrate the file under it (schema 7 rebuilds the events table): refused, saying so."""
+    found = file_version(Path(path))
+    if not found or found >= VERSION:  # none yet, or new: nothing to migrate
+        return
+    holder = OutboxLock.holder(path)
+    if holder is not None:
+        raise OutboxLocked(
+            f"the outbox {path} has schema version {found} and is in use by caliper-sidecar "
+            f"run ({holder}) of an earlier release; this release would migrate it to "
+            f"{VERSION} under that process: stop it first (docs/operators.md, Upgrades)"
+        )
 
 
 def sqlite_outbox(settings: OutboxSettings, reserve_bytes: int = RESERVE_BYTES) -> Outbox:

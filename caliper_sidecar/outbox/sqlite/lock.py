@@ -55,6 +55,26 @@ class OutboxLock:
             pass  # the note is a courtesy; the lock is what counts
         self._fd = fd
 
+    @staticmethod
+    def holder(outbox_path: str | os.PathLike[str]) -> str | None:
+        """Who holds the lock now, as the message names it ("pid N", or "another process");
+        None when nobody does (or there is no file)."""
+        try:
+            fd = os.open(outbox_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = Path(f"{os.path.realpath(outbox_path)}.lock").read_text(errors="replace")
+            except OSError:
+                pid = ""
+            return f"pid {pid.strip()}" if pid.strip() else "another process"
+        finally:
+            os.close(fd)  # closing drops a shared lock taken here
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 from caliper_sidecar.exceptions import SchemaTooNew
@@ -322,6 +323,21 @@ MIGRATIONS: Final[tuple[str | Callable[[sqlite3.Connection], None], ...]] = (
 )
 
 VERSION: Final = len(MIGRATIONS)
+
+
+def file_version(path: Path) -> int | None:
+    """The schema version of an outbox file, read without writing; None when there is no
+    such file or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
 
 
 def migrate(conn: sqlite3.Connection, upto: int = VERSION) -> int:

@@ -237,9 +237,13 @@ class TestAdaptiveConcurrency:
         limit = sidecar.dispatcher.concurrency.limit
         async with aiohttp.ClientSession(base_url=sidecar.url) as http:
             async with http.get("/v1/status") as resp:
-                (upstream,) = (await resp.json())["destinations"]
+                status = await resp.json()
             async with http.get("/metrics") as resp:
                 metrics = await resp.text()
+        (upstream,) = status["destinations"]
         assert upstream["concurrency_limit"] == limit
         assert upstream["concurrency_ceiling"] == 4
+        # and in the `upstream` block, which dashboards written before destinations read
+        assert status["upstream"]["concurrency_limit"] == limit
+        assert status["upstream"]["concurrency_ceiling"] == 4
         assert f'caliper_sidecar_concurrency_limit{{destination="upstream"}} {limit}.0' in metrics

@@ -229,6 +229,16 @@ class PlatformJobsStatus(Body, kw_only=True, forbid_unknown_fields=True):
     unconfirmed: Count
 
 
+ConcurrencyLimit = Annotated[
+    Count,
+    _says(
+        "envelopes it may have in flight at once now: the adaptive limit, from 1 up to "
+        "concurrency_ceiling as the destination's answers allow"
+    ),
+]
+ConcurrencyCeiling = Annotated[Count, _says("its `concurrency`: the most the limit reaches")]
+
+
 class UpstreamStatus(Body, kw_only=True, forbid_unknown_fields=True):
     platform: Literal["learnwith-ai", "beyond-ai", "caliper"]
     endpoint: str
@@ -238,6 +248,8 @@ class UpstreamStatus(Body, kw_only=True, forbid_unknown_fields=True):
     retry_in_s: Annotated[float, msgspec.Meta(ge=0)]
     in_flight: Count
     token_expires_at: Time | None
+    concurrency_limit: ConcurrencyLimit
+    concurrency_ceiling: ConcurrencyCeiling
     platform_jobs: PlatformJobsStatus | UnsetType = UNSET
 
 
@@ -266,14 +278,8 @@ class DestinationStatus(Body, kw_only=True, forbid_unknown_fields=True):
     last_error_at: Time | None
     retry_in_s: Annotated[float, msgspec.Meta(ge=0)]
     token_expires_at: Annotated[Time | None, _says("null without OAuth")]
-    concurrency_limit: Annotated[
-        Count,
-        _says(
-            "envelopes it may have in flight at once now: the adaptive limit, from 1 up to "
-            "concurrency_ceiling as the destination's answers allow"
-        ),
-    ]
-    concurrency_ceiling: Annotated[Count, _says("its `concurrency`: the most the limit reaches")]
+    concurrency_limit: ConcurrencyLimit
+    concurrency_ceiling: ConcurrencyCeiling
 
 
 class ReconcileStatus(Body, kw_only=True, forbid_unknown_fields=True):

@@ -150,6 +150,12 @@ async def status_document(rt: Runtime) -> bodies.Status:
         retry_in_s=dispatcher.retry_in_s if dispatcher is not None else 0.0,
         in_flight=dispatcher.in_flight if dispatcher is not None else 0,
         token_expires_at=codec.utc_from_timestamp(expires_at),
+        concurrency_limit=dispatcher.concurrency.limit if dispatcher is not None else 0,
+        concurrency_ceiling=(
+            dispatcher.concurrency.ceiling
+            if dispatcher is not None
+            else rt.settings.upstream.concurrency
+        ),
     )
     if rt.settings.upstream.jobs_url:
         # Processing confirmation: jobs followed now, and those given up on (never finished).
@@ -171,12 +177,8 @@ async def status_document(rt: Runtime) -> bodies.Status:
             last_error_at=upstream.last_error_at,
             retry_in_s=upstream.retry_in_s,
             token_expires_at=upstream.token_expires_at,
-            concurrency_limit=dispatcher.concurrency.limit if dispatcher is not None else 0,
-            concurrency_ceiling=(
-                dispatcher.concurrency.ceiling
-                if dispatcher is not None
-                else rt.settings.upstream.concurrency
-            ),
+            concurrency_limit=upstream.concurrency_limit,
+            concurrency_ceiling=upstream.concurrency_ceiling,
         )
     ]
     for d in rt.destinations:

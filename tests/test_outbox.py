@@ -479,6 +479,18 @@ class TestIdsIndexedLate:
         assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
         conn.close()
 
+    async def test_the_window_holds_before_indexing_too(self, tmp_path: Path) -> None:
+        """An id delivered longer ago than a short window is new again, indexed or not."""
+        path = tmp_path / "o.db"
+        async with sqlite_outbox(OutboxSettings(path=str(path), dedupe_window_s=0.05)) as box:
+            sent = events(1)
+            await box.append(sent)
+            batch = await box.claim_batch(10, 10_000)
+            await box.acknowledge(batch.claim, batch.seqs)
+            await asyncio.sleep(0.1)
+            assert sent[0].id not in self.indexed(path), "indexed already"
+            assert (await box.append(sent)).accepted == 1
+
     async def test_an_id_sent_after_the_window_replaces_its_delivered_row(
         self, tmp_path: Path
     ) -> None:

@@ -7,9 +7,9 @@ checkpoint. `event_ids` maps ids to seqs instead, filled from the rows above
 sorted, share leaves). Until then:
 
 - the writer remembers the ids it inserted (`SqliteStorage._unindexed`), and ingest's
-  dedupe lookup reads them beside the index (checked against the rows, `in_tail`: one
-  erased meanwhile is gone), so a retry within that second is still a duplicate (whatever
-  `dedupe_window_s`: a window shorter than that second is a second);
+  dedupe lookup reads them beside the index, checked against the rows (`in_tail`: one erased
+  meanwhile is gone, one delivered before the dedupe window no longer counts), so a retry
+  within that second is still a duplicate;
 - every other lookup by id reads the index and the rows above `upto` (`seqs_of`): at most
   about a second of ingest, found by seq;
 - after a crash, opening the file indexes the tail before anything else runs.
@@ -62,18 +62,24 @@ def index_tail(conn: sqlite3.Connection) -> int:
     return cur.rowcount
 
 
-def in_tail(conn: sqlite3.Connection, ids: Iterable[str]) -> set[str]:
-    """Which of these ids a row not indexed yet has: the writer's memory of its unindexed
-    ids, checked (a row erased or purged meanwhile is gone, and its id is new again)."""
+def in_tail(
+    conn: sqlite3.Connection, ids: Iterable[str], delivered_since: float
+) -> list[tuple[str, int, bool]]:
+    """(id, seq, whether it still counts) of the rows not indexed yet that have one of these
+    ids: the writer's memory of its unindexed ids, checked (a row erased or purged meanwhile
+    is gone, and one delivered before `delivered_since`, the dedupe window, no longer
+    counts), as `writes._KNOWN_IDS` answers for the indexed ones."""
     wanted = list(ids)
     if not wanted:
-        return set()
-    return {
-        row[0]
-        for row in conn.execute(
-            f"SELECT id FROM events WHERE {_IN_TAIL} AND id IN ({IN_JSON})", (json.dumps(wanted),)
+        return []
+    return [
+        (str(id_), int(seq), bool(live))
+        for id_, seq, live in conn.execute(
+            f"SELECT id, seq, delivered_at IS NULL OR delivered_at >= ? FROM events "
+            f"WHERE {_IN_TAIL} AND id IN ({IN_JSON})",
+            (delivered_since, json.dumps(wanted)),
         )
-    }
+    ]
 
 
 def index_now(conn: sqlite3.Connection, id_: str, seq: int) -> None:

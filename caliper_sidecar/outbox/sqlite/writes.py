@@ -47,11 +47,16 @@ def insert_appends(
     when a lagging one is shed); `unindexed`: the ids this writer inserted that `event_ids`
     does not hold yet (event_ids.py); `inserted` gets the ids of the rows inserted."""
     all_ids = [e.id for events, _ in group for e in events]
-    known = in_tail(conn, {id_ for id_ in all_ids if id_ in unindexed})
     # A row of a known id delivered longer ago than the dedupe window is replaced by the new
     # one (without a UNIQUE index, nothing else would take it out of the way).
+    known: set[str] = set()
     stale: dict[str, int] = {}
-    for id_, seq, live in conn.execute(_KNOWN_IDS, (json.dumps(all_ids), now - dedupe_window_s)):
+    since = now - dedupe_window_s
+    candidates = {id_ for id_ in all_ids if id_ in unindexed}
+    for id_, seq, live in [
+        *in_tail(conn, candidates, since),
+        *conn.execute(_KNOWN_IDS, (json.dumps(all_ids), since)),
+    ]:
         if live:
             known.add(id_)
         else:

@@ -18,6 +18,7 @@ from typing import Final
 
 from caliper_sidecar.outbox.records import ErasedRow
 from caliper_sidecar.outbox.sqlite import destinations, writes
+from caliper_sidecar.outbox.sqlite.event_ids import seqs_of
 
 #: the actor of a stored body (?1): the `actor` string, or `actor.id`; NULL for anything else
 #: (an emptied body, a tombstone). Bodies are BLOBs: read as text, else SQLite 3.45+ would
@@ -44,10 +45,13 @@ def erase(
     """See `Storage.erase_events`; runs inside the writer's transaction."""
     wanted = json.dumps(list(ids))
     match = _ID_IN.format(id="id")
+    # By id through event_ids (events.id has no index of its own); by actor, every body is read.
+    by_id = f"seq IN {seqs_of('SELECT value FROM json_each(?2)')}"
     if actor is not None:
         match = f"({_ACTOR_IS.format(body='body')} OR {match})"
+        by_id = f"({_ACTOR_IS.format(body='body')} OR {by_id})"
     events = conn.execute(
-        f"SELECT seq, id, delivered_at, upstream_dead, only_for FROM events WHERE {match} "
+        f"SELECT seq, id, delivered_at, upstream_dead, only_for FROM events WHERE {by_id} "
         "ORDER BY seq",
         (actor, wanted),
     ).fetchall()

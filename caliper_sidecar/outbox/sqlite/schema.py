@@ -7,6 +7,7 @@ earlier release opens in this one.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +30,14 @@ def _ids_indexed_late(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError("the events table is not as migration 6 left it")
     # Its indexes and triggers, and the triggers of other tables that read it, dropped before
     # the rows move (deleting them then fires nothing and updates no index), made again after.
-    tied = conn.execute(
-        "SELECT type, name, sql FROM sqlite_schema WHERE sql IS NOT NULL "
-        "AND type IN ('index', 'trigger') AND (tbl_name = 'events' OR sql LIKE '%FROM events %') "
-        "ORDER BY rowid"
-    ).fetchall()
+    tied = [
+        (kind, name, sql)
+        for kind, name, table, sql in conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE sql IS NOT NULL "
+            "AND type IN ('index', 'trigger') ORDER BY rowid"
+        )
+        if table == "events" or re.search(r"\bevents\b", sql)
+    ]
     for kind, name, _ in tied:
         conn.execute(f"DROP {kind.upper()} {name}")
     conn.execute(rebuilt.replace("CREATE TABLE events", "CREATE TABLE events_7", 1))

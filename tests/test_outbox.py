@@ -421,7 +421,7 @@ class TestIdsIndexedLate:
     def test_a_row_after_the_newest_was_deleted_is_indexed(self, tmp_path: Path) -> None:
         """SQLite gives a new row the highest seq plus one; had the newest indexed row been
         deleted, the next one would take a seq at or below `upto` and never be indexed.
-        `upto` comes down to the newest row first instead (next_seq)."""
+        `upto` comes down with the deleted rows instead (the trigger ids_indexed_down)."""
         from caliper_sidecar.outbox.sqlite import writes
         from caliper_sidecar.outbox.sqlite.event_ids import index_tail
         from caliper_sidecar.outbox.sqlite.schema import migrate

@@ -85,18 +85,3 @@ def in_tail(
 def index_now(conn: sqlite3.Connection, id_: str, seq: int) -> None:
     """Index a row inserted outside ingest's packed insert."""
     conn.execute("INSERT OR REPLACE INTO event_ids (id, seq) VALUES (?, ?)", (id_, seq))
-
-
-def next_seq(conn: sqlite3.Connection) -> int:
-    """The seq ingest's next row takes, SQLite's own (the newest row's plus one), with `upto`
-    brought down to the newest row first: once the newest indexed rows are deleted, a new
-    row would otherwise take a seq at or below `upto` and never be indexed. (A seq above
-    the newest row instead would leave a gap that destinations count as waiting.) Nothing
-    lies between the newest row and the old `upto`, so every row at or below the new one is
-    indexed still. In the caller's transaction."""
-    conn.execute(
-        "UPDATE ids_indexed SET upto = coalesce((SELECT max(seq) FROM events), 0) "
-        "WHERE upto > coalesce((SELECT max(seq) FROM events), 0)"
-    )
-    (seq,) = conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM events").fetchone()
-    return int(seq)

@@ -89,6 +89,14 @@ _ID_INDEX: Final = """
         DELETE FROM event_ids WHERE id = OLD.id AND seq = OLD.seq;
         INSERT OR REPLACE INTO event_ids VALUES (NEW.id, NEW.seq);
     END;
+    -- SQLite gives a new row the newest row's seq plus one: once the newest rows are deleted,
+    -- `upto` comes down to the newest left (nothing lies between), or the next row would take
+    -- a seq at or below it and never be indexed.
+    CREATE TRIGGER ids_indexed_down AFTER DELETE ON events
+    WHEN OLD.seq >= (SELECT upto FROM ids_indexed) BEGIN
+        UPDATE ids_indexed SET upto = (SELECT coalesce(max(seq), 0) FROM events)
+        WHERE upto > (SELECT coalesce(max(seq), 0) FROM events);
+    END;
 """
 
 MIGRATIONS: Final[tuple[str | Callable[[sqlite3.Connection], None], ...]] = (

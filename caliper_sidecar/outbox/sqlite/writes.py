@@ -23,7 +23,7 @@ from caliper_sidecar.outbox.records import (
     new_per_append,
 )
 from caliper_sidecar.outbox.sqlite import destinations
-from caliper_sidecar.outbox.sqlite.event_ids import in_tail, next_seq
+from caliper_sidecar.outbox.sqlite.event_ids import in_tail
 from caliper_sidecar.states import DeadLetterReason
 
 #: an acknowledgement: the events of one envelope, the platform's job for them, and why they
@@ -97,7 +97,7 @@ def insert_appends(
                 "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))",
                 (json.dumps(gone),),
             )
-        conn.execute(_PACKED_INSERT, (json.dumps(entries), b"".join(bodies), now, next_seq(conn)))
+        conn.execute(_PACKED_INSERT, (json.dumps(entries), b"".join(bodies), now))
         if inserted is not None:
             inserted.extend(entry[0] for entry in entries)
     if jobs:
@@ -335,12 +335,11 @@ _KNOWN_IDS: Final = """
     UNION ALL SELECT id, NULL, 1 FROM dead_letters WHERE id IN wanted
     UNION ALL SELECT id, NULL, 1 FROM delivered WHERE id IN wanted AND delivered_at >= ?2
 """
-# json_each keeps the array's order, and its keys count from 0: seqs follow one another from
-# ids.next_seq (?4).
+# json_each keeps the array's order, so seq does too.
 _PACKED_INSERT: Final = """
-    INSERT INTO events (seq, id, body, size, received_at, sensor, sender)
-    SELECT ?4 + key, value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3,
-        value ->> 3, value ->> 4
+    INSERT INTO events (id, body, size, received_at, sensor, sender)
+    SELECT value ->> 0, substr(?2, value ->> 1, value ->> 2), value ->> 2, ?3, value ->> 3,
+        value ->> 4
     FROM json_each(?1)
 """
 #: an event some destination has not passed yet (its body and row are kept for it)

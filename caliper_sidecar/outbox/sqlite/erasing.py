@@ -44,12 +44,12 @@ def erase(
 ) -> list[ErasedRow]:
     """See `Storage.erase_events`; runs inside the writer's transaction."""
     wanted = json.dumps(list(ids))
+    # Dead letters by their id index; events by event_ids (events.id has none of its own).
     match = _ID_IN.format(id="id")
-    # By id through event_ids (events.id has no index of its own); by actor, every body is read.
     by_id = f"seq IN {seqs_of('SELECT value FROM json_each(?2)')}"
-    if actor is not None:
-        match = f"({_ACTOR_IS.format(body='body')} OR {match})"
-        by_id = f"({_ACTOR_IS.format(body='body')} OR {by_id})"
+    if actor is not None:  # every body is read
+        actor_is = _ACTOR_IS.format(body="body")
+        match, by_id = f"({actor_is} OR {match})", f"({actor_is} OR {by_id})"
     events = conn.execute(
         f"SELECT seq, id, delivered_at, upstream_dead, only_for FROM events WHERE {by_id} "
         "ORDER BY seq",

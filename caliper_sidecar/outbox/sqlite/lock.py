@@ -34,20 +34,16 @@ class OutboxLock:
             raise OutboxUnusable(
                 f"outbox.path {self.path} cannot be used as an outbox: {e.strerror or e}"
             ) from None
-        note = Path(f"{os.path.realpath(self.path)}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            try:
-                holder = note.read_text(errors="replace").strip()
-            except OSError:
-                holder = ""
             raise OutboxLocked(
                 f"the outbox {self.path} is in use by caliper-sidecar run "
-                f"({'pid ' + holder if holder else 'another process'}); only one run process "
-                "may own an outbox file, whatever name or link it is reached by"
+                f"({_named(self.path)}); only one run process may own an outbox file, whatever "
+                "name or link it is reached by"
             ) from None
+        note = _note(self.path)
         try:
             note.write_text(str(os.getpid()))
             note.chmod(0o600)
@@ -66,11 +62,7 @@ class OutboxLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                pid = Path(f"{os.path.realpath(outbox_path)}.lock").read_text(errors="replace")
-            except OSError:
-                pid = ""
-            return f"pid {pid.strip()}" if pid.strip() else "another process"
+            return _named(outbox_path)
         finally:
             os.close(fd)  # closing drops a shared lock taken here
         return None
@@ -91,3 +83,17 @@ class OutboxLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _note(outbox_path: str | os.PathLike[str]) -> Path:
+    """Where the holder's pid is written: beside the real file, whatever link names it."""
+    return Path(f"{os.path.realpath(outbox_path)}.lock")
+
+
+def _named(outbox_path: str | os.PathLike[str]) -> str:
+    """The holder as a message names it: "pid N" from the note, or "another process"."""
+    try:
+        pid = _note(outbox_path).read_text(errors="replace").strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid else "another process"

@@ -19,7 +19,8 @@ everything) is read between phases:
 It prints bytes per event for each phase and the whole life, and the ratio to the event's
 size (issue 33's budget: at most 3). With `--postgres`, the same run on a fresh database of
 that server, for information: the server's WAL bytes (pg_stat_wal) and the bytes its
-backends, checkpointer and background writer wrote (pg_stat_io), per event.
+backends, checkpointer and background writer wrote (pg_stat_io; pg_stat_bgwriter's buffers
+before PostgreSQL 16, which has no pg_stat_io), per event.
 """
 
 from __future__ import annotations
@@ -76,10 +77,16 @@ def pg_counters(url: str) -> dict[str, int]:
         conn = await asyncpg.connect(url)
         try:
             wal = await conn.fetchval("SELECT wal_bytes FROM pg_stat_wal")
-            io = await conn.fetchval(
-                "SELECT coalesce(sum(writes * op_bytes), 0) FROM pg_stat_io "
-                "WHERE object = 'relation'"
-            )
+            if await conn.fetchval("SELECT to_regclass('pg_stat_io') IS NOT NULL"):
+                io = await conn.fetchval(
+                    "SELECT coalesce(sum(writes * op_bytes), 0) FROM pg_stat_io "
+                    "WHERE object = 'relation'"
+                )
+            else:  # PostgreSQL 15 and older: the same writes, counted by pg_stat_bgwriter
+                io = await conn.fetchval(
+                    "SELECT (buffers_checkpoint + buffers_clean + buffers_backend) "
+                    "* current_setting('block_size')::bigint FROM pg_stat_bgwriter"
+                )
             return {"wal": int(wal), "io": int(io)}
         finally:
             await conn.close()

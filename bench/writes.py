@@ -1,7 +1,7 @@
 """Bytes written to the device per event over its whole life in the outbox (issue 33).
 
     .venv/bin/python bench/writes.py [--events 20000] [--senders 8] [--batch 1 --batch 100]
-        [--event-bytes 1100] [--page-size 4096 --page-size 1024]
+        [--event-bytes 1100] [--page-size 4096 --page-size 1024] [--rate 5]
         [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 
 `caliper-sidecar run` (`synchronous = "full"`, `dedupe_window_s = 2`) takes ~1.1 KB events
@@ -15,6 +15,10 @@ everything) is read between phases:
   - pruning: once the dedupe window and the pruning cadence (a minute) have passed, single
     events one at a time, whose acknowledgements prune the delivered rows (pruning rides on
     acknowledgements), until the table is empty but for them.
+
+With `--rate N`, one sender sends single events at N a second instead, as the apps of a
+classroom do (each event then mostly has a commit of its own); each phase ends with the
+checkpoint that follows it, up to CHECKPOINT_AT_LEAST_EVERY_S later.
 
 It prints bytes per event for each phase and the whole life, and the ratio to the event's
 size (issue 33's budget: at most 3). With `--postgres`, the same run on a fresh database of
@@ -36,11 +40,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import forward
 from common import PYTHON, Process, free_port, machine, metric
 from forward import EVENT_BYTES, events, post_batches
 
 from caliper_sidecar.outbox.records import PRUNE_EVERY_S
+from caliper_sidecar.outbox.sqlite.storage import CHECKPOINT_AT_LEAST_EVERY_S
 
 DEDUPE_WINDOW_S = 2
 
@@ -111,6 +117,7 @@ def run(
     batch: int,
     pg: str | None = None,
     page_size: int | None = None,
+    rate: float | None = None,
 ) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(dir=tmp))
     sink_port = free_port()
@@ -145,16 +152,20 @@ def run(
         marks["start"] = read()
         commits = metric(sidecar.url, "caliper_sidecar_outbox_commits_total")
         sink.proc.send_signal(signal.SIGSTOP)
-        asyncio.run(post_batches(sidecar.url, lines, senders, batch))
-        # The background checkpoint that follows copies the last second's commits into the
-        # file: ingest's writes, which were counted in delivery's before.
-        time.sleep(1.5)
+        if rate:
+            asyncio.run(post_paced(sidecar.url, lines, rate))
+        else:
+            asyncio.run(post_batches(sidecar.url, lines, senders, batch))
+        # The background checkpoint that follows copies the last commits into the file:
+        # ingest's writes (a busy outbox's within a second, a quiet one's later).
+        settle = CHECKPOINT_AT_LEAST_EVERY_S + 1.5 if rate else 1.5
+        time.sleep(settle)
         marks["ingest"] = read()
         commits = metric(sidecar.url, "caliper_sidecar_outbox_commits_total") - commits
         sink.proc.send_signal(signal.SIGCONT)
         first_ack = time.monotonic()  # about when the first pruning ran (there was nothing)
         wait_for("delivery", lambda: status(sidecar.url)["outbox"]["events"] == 0)
-        time.sleep(1.5)  # the background checkpoint that follows (it is part of delivery)
+        time.sleep(settle)  # the background checkpoint that follows (it is part of delivery)
         marks["delivery"] = read()
         # Pruning runs with an acknowledgement, at most every PRUNE_EVERY_S unless a chunk
         # was full: once that time is up, single events are sent one by one until their
@@ -167,7 +178,7 @@ def run(
             time.sleep(0.3)
             if (i == 5) if pg else rows(db) <= i + 2:
                 break
-        time.sleep(1.5)
+        time.sleep(settle)
         marks["pruning"] = read()
         if pg is None and rows(db) > len(trickle):
             raise RuntimeError(f"{rows(db)} rows left after pruning")
@@ -187,6 +198,19 @@ def run(
     return out
 
 
+async def post_paced(url: str, lines: list[bytes], rate: float) -> None:
+    """POST each line alone at `rate` a second, one sender."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        for i, line in enumerate(lines):
+            async with session.post(
+                f"{url}/v1/events", data=line, headers={"Content-Type": "application/json"}
+            ) as resp:
+                if resp.status != 202:
+                    raise RuntimeError(f"{resp.status}: {await resp.text()}")
+            await asyncio.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20000)
@@ -201,11 +225,13 @@ def main() -> None:
     )
     parser.add_argument("--event-bytes", type=int, default=EVENT_BYTES)
     parser.add_argument("--postgres", help="also measure a PostgreSQL outbox on this server")
+    parser.add_argument(
+        "--rate", type=float, help="single events at this many a second, one sender (a classroom)"
+    )
     args = parser.parse_args()
     forward.EVENT_BYTES = args.event_bytes  # what `events` pads to
-    print(
-        f"# {machine()}; {args.events} events of ~{args.event_bytes} bytes, {args.senders} senders"
-    )
+    pace = f"one sender, {args.rate:g} a second" if args.rate else f"{args.senders} senders"
+    print(f"# {machine()}; {args.events} events of ~{args.event_bytes} bytes, {pace}")
     print("backend        batch  events/commit  ingest  delivery  pruning  life(B/event)  ratio")
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch or [1, 100]:
@@ -222,7 +248,7 @@ def main() -> None:
                     asyncio.run(_pg(server, "CREATE DATABASE bench_writes"))
                     pg = server.rsplit("/", 1)[0] + "/bench_writes"
                 try:
-                    r = run(Path(tmp), lines, args.senders, batch, pg, page_size)
+                    r = run(Path(tmp), lines, args.senders, batch, pg, page_size, args.rate)
                 finally:
                     if server:
                         asyncio.run(_pg(server, "DROP DATABASE bench_writes WITH (FORCE)"))

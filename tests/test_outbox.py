@@ -19,8 +19,14 @@ from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable, SchemaTooNew
 from caliper_sidecar.outbox import NewEvent, Outbox, OutboxLock, sqlite_outbox
 from caliper_sidecar.outbox.grouping import GroupCommit
+from caliper_sidecar.outbox.sqlite import storage as sqlite_storage
 from caliper_sidecar.outbox.sqlite.schema import VERSION
-from caliper_sidecar.outbox.sqlite.storage import SqliteStorage
+from caliper_sidecar.outbox.sqlite.storage import (
+    CHECKPOINT_AFTER_CHANGES,
+    CHECKPOINT_AT_LEAST_EVERY_S,
+    SqliteStorage,
+    checkpoint_due,
+)
 
 from .conftest import eventually, new_id
 
@@ -401,9 +407,25 @@ class TestIdsIndexedLate:
         assert sent.id not in self.indexed(path_of(outbox)), "indexed already"
         assert (await outbox.journeys([sent.id]))[sent.id].received_at is not None
 
-    async def test_the_index_catches_up(self, outbox: Outbox) -> None:
+    async def test_the_index_catches_up(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A quiet outbox's ids are indexed with its checkpoint, at the latest after
+        CHECKPOINT_AT_LEAST_EVERY_S (a second here)."""
+        monkeypatch.setattr(sqlite_storage, "CHECKPOINT_AT_LEAST_EVERY_S", 1.0)
         sent = events(5)
         await outbox.append(sent)
+        await eventually(lambda: {e.id for e in sent} <= self.indexed(path_of(outbox)))
+
+    async def test_a_busy_outbox_is_indexed_within_a_second(
+        self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """CHECKPOINT_AFTER_CHANGES rows make the checkpoint due at the next look, whatever
+        the time bound (an hour here)."""
+        monkeypatch.setattr(sqlite_storage, "CHECKPOINT_AT_LEAST_EVERY_S", 3600.0)
+        sent = events(sqlite_storage.CHECKPOINT_AFTER_CHANGES)
+        for i in range(0, len(sent), 100):
+            await outbox.append(sent[i : i + 100])
         await eventually(lambda: {e.id for e in sent} <= self.indexed(path_of(outbox)))
 
     async def test_ids_a_stopped_process_left_unindexed_still_count(self, tmp_path: Path) -> None:
@@ -492,10 +514,11 @@ class TestIdsIndexedLate:
             assert (await box.append(sent)).accepted == 1
 
     async def test_an_id_sent_after_the_window_replaces_its_delivered_row(
-        self, tmp_path: Path
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Without a UNIQUE index to take it out of the way, the old delivered row goes when
         the id is stored again: one row per id, as before."""
+        monkeypatch.setattr(sqlite_storage, "CHECKPOINT_AT_LEAST_EVERY_S", 1.0)
         path = tmp_path / "o.db"
         async with sqlite_outbox(OutboxSettings(path=str(path), dedupe_window_s=0.2)) as box:
             box.prune_every_s = 3600
@@ -510,6 +533,23 @@ class TestIdsIndexedLate:
         rows = conn.execute("SELECT delivered_at FROM events WHERE id = ?", (sent[0].id,))
         assert rows.fetchall() == [(None,)]
         conn.close()
+
+
+class TestCheckpointsOfAQuietOutbox:
+    """A relay taking a few events a second is not checkpointed every second: each
+    checkpoint copies the same few pages (the table's last leaf, the queue's, the totals,
+    the header) into the file again, bytes an SD card pays for."""
+
+    def test_a_few_changes_wait_for_the_time_bound(self) -> None:
+        assert not checkpoint_due(5, 1.0)
+        assert not checkpoint_due(5, CHECKPOINT_AT_LEAST_EVERY_S - 1)
+        assert checkpoint_due(5, CHECKPOINT_AT_LEAST_EVERY_S)
+
+    def test_many_changes_do_not_wait(self) -> None:
+        assert checkpoint_due(CHECKPOINT_AFTER_CHANGES, 0.5)
+
+    def test_a_count_started_again_does_not_wait(self) -> None:
+        assert checkpoint_due(-3, 0.5)
 
 
 class TestPruning:

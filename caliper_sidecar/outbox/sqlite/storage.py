@@ -57,7 +57,17 @@ _MONOTONIC_AT_START: Final = time.monotonic()
 _SQLITE_FULL: Final = 13
 _SQLITE_HEADER: Final = 100
 _SQLITE_BUSY: Final = 5
+#: how often the checkpointer looks at the WAL
 CHECKPOINT_EVERY_S: Final = 1.0
+#: rows the writer changed since the last checkpoint that make it due at the next look: about
+#: a second of a busy outbox (the WAL then holds a few MB at most)
+CHECKPOINT_AFTER_CHANGES: Final = 1000
+#: and at least this often when anything was written at all. A checkpoint copies every page
+#: the WAL holds, and each commit of a quiet outbox touches the same few pages (the table's
+#: last leaf, the queue's, the totals, the header): checkpointed every second, a relay taking
+#: 5 single events a second wrote 26.7 KB a 1.1 KB event; every 30 s, 10.6 KB (BENCHMARKS.md,
+#: issue 33)
+CHECKPOINT_AT_LEAST_EVERY_S: Final = 30.0
 #: the page size of a new outbox file. Every commit writes each page it touches to the WAL
 #: and the checkpoint writes it again; with ~1.1 KB events a 4 KB page held three rows, so
 #: each commit and each acknowledgement rewrote whole pages of bodies. At 1 KB a body sits
@@ -69,6 +79,14 @@ CHECKPOINT_EVERY_S: Final = 1.0
 PAGE_SIZE: Final = 1024
 #: free space kept on the outbox's disk for delivery bookkeeping and checkpoints
 RESERVE_BYTES: Final = 32 * 1_048_576
+
+
+def checkpoint_due(changes: int, seconds: float) -> bool:
+    """Whether to checkpoint now, `changes` rows written and `seconds` after the last
+    checkpoint. Commands beside `run` (erase, replay) write to the WAL too: the time bound
+    checkpoints theirs even when this process wrote nothing. Fewer changes than none: the
+    writer's count started again."""
+    return not 0 <= changes < CHECKPOINT_AFTER_CHANGES or seconds >= CHECKPOINT_AT_LEAST_EVERY_S
 
 
 def steady_time() -> float:
@@ -160,6 +178,10 @@ class SqliteStorage:
         #: ids ingest inserted that `event_ids` does not hold yet (event_ids.py); the writer's
         #: thread alone changes it, after its commits
         self._unindexed: set[str] = set()
+        #: the writer connection's total_changes after its last commit, and at the last
+        #: checkpoint (the writer's thread sets the first, the checkpointer the second)
+        self._changes = 0
+        self._changes_checkpointed = 0
         #: set for good when the file was deleted or replaced under a running process
         self.lost: str | None = None
         self._identity: tuple[int, int] | None = None
@@ -704,6 +726,7 @@ class SqliteStorage:
         def transaction(conn: sqlite3.Connection) -> _R:
             with writes.immediate(conn):
                 done = work(conn)
+            self._changes = conn.total_changes
             if committed is not None:
                 committed()  # still in the writer's thread, before any other write
             return done
@@ -718,16 +741,25 @@ class SqliteStorage:
                 held.pop(seq, None)
 
     async def _checkpoint_often(self) -> None:
-        """Copy the WAL into the database every CHECKPOINT_EVERY_S, off the write paths.
+        """Copy the WAL into the database off the write paths: within a second of
+        CHECKPOINT_AFTER_CHANGES rows written, and at least every CHECKPOINT_AT_LEAST_EVERY_S.
 
         A checkpoint in the committing thread held acknowledgements up (measured: 14k ->
         19k events/s once it moved out), and a WAL checkpointed seldom holds most of the
         data: on a full disk it could then never be moved into the database, since that file
-        would have to grow. Checkpointed often, the WAL can be truncated when space runs out.
+        would have to grow. Checkpointed after every thousand rows, the WAL stays a few MB
+        (RESERVE_BYTES covers it) and can be truncated when space runs out; a quiet outbox is
+        not checkpointed every second, which would copy the same pages again each time.
         Ingest's ids are indexed first (event_ids.py), so that the checkpoint copies their pages.
         """
+        last = time.monotonic()
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
+            changes = self._changes
+            if not checkpoint_due(changes - self._changes_checkpointed, time.monotonic() - last):
+                continue
+            last = time.monotonic()
+            self._changes_checkpointed = changes
             if self._unindexed:
                 with contextlib.suppress(OutboxUnavailable):
                     await self._write(index_tail, committed=self._unindexed.clear)

@@ -1,7 +1,8 @@
 """Bytes written to the device per event over its whole life in the outbox (issue 33).
 
     .venv/bin/python bench/writes.py [--events 20000] [--senders 8] [--batch 1 --batch 100]
-        [--event-bytes 1100] [--page-size 4096 --page-size 1024] [--rate 5]
+        [--event-bytes 1100] [--page-size 4096 --page-size 1024] [--rate 5 [--offline]]
+        [--checkout OTHER]
         [--postgres postgresql://postgres@127.0.0.1:5432/postgres]
 
 `caliper-sidecar run` (`synchronous = "full"`, `dedupe_window_s = 2`) takes ~1.1 KB events
@@ -18,7 +19,10 @@ everything) is read between phases:
 
 With `--rate N`, one sender sends single events at N a second instead, as the apps of a
 classroom do (each event then mostly has a commit of its own); each phase ends with the
-checkpoint that follows it, up to CHECKPOINT_AT_LEAST_EVERY_S later.
+checkpoint that follows it, up to CHECKPOINT_AT_LEAST_EVERY_S later. With `--offline`, the
+platform is not stopped but gone during ingest (connections refused, as for a classroom
+without its network: every retry is recorded), and back for delivery. `--checkout` runs
+another checkout's sidecar (common.checkout_command), this script unchanged.
 
 It prints bytes per event for each phase and the whole life, and the ratio to the event's
 size (issue 33's budget: at most 3). With `--postgres`, the same run on a fresh database of
@@ -42,7 +46,7 @@ from typing import Any
 
 import aiohttp
 import forward
-from common import PYTHON, Process, free_port, machine, metric
+from common import PYTHON, Process, checkout_command, free_port, machine, metric
 from forward import EVENT_BYTES, events, post_batches
 
 from caliper_sidecar.outbox.records import PRUNE_EVERY_S
@@ -118,13 +122,19 @@ def run(
     pg: str | None = None,
     page_size: int | None = None,
     rate: float | None = None,
+    offline: bool = False,
+    checkout: Path | None = None,
 ) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(dir=tmp))
     sink_port = free_port()
-    sink = Process(
-        [PYTHON, str(Path(__file__).parent / "servers.py"), "sink", "--port", str(sink_port)],
-        sink_port,
-    )
+    sink_args = [
+        PYTHON,
+        str(Path(__file__).parent / "servers.py"),
+        "sink",
+        "--port",
+        str(sink_port),
+    ]
+    sink = Process(sink_args, sink_port)
     port = free_port()
     db = work / "outbox.db"
     if page_size and not pg:
@@ -142,7 +152,9 @@ def run(
         '[log]\nlevel = "warning"\n'
     )
     sidecar = Process(
-        [PYTHON, "-m", "caliper_sidecar", "run", "-c", str(config)], port, log=work / "sidecar.log"
+        [PYTHON, *checkout_command(checkout), "run", "-c", str(config)],
+        port,
+        log=work / "sidecar.log",
     )
     pid = sidecar.proc.pid
     read = (lambda: sum(pg_counters(pg).values())) if pg else (lambda: write_bytes(pid))
@@ -151,7 +163,10 @@ def run(
         time.sleep(1)  # startup's own writes (schema, first checkpoint) are not the events'
         marks["start"] = read()
         commits = metric(sidecar.url, "caliper_sidecar_outbox_commits_total")
-        sink.proc.send_signal(signal.SIGSTOP)
+        if offline:
+            sink.stop()
+        else:
+            sink.proc.send_signal(signal.SIGSTOP)
         if rate:
             asyncio.run(post_paced(sidecar.url, lines, rate))
         else:
@@ -162,6 +177,8 @@ def run(
         time.sleep(settle)
         marks["ingest"] = read()
         commits = metric(sidecar.url, "caliper_sidecar_outbox_commits_total") - commits
+        if offline:
+            sink = Process(sink_args, sink_port)
         sink.proc.send_signal(signal.SIGCONT)
         first_ack = time.monotonic()  # about when the first pruning ran (there was nothing)
         wait_for("delivery", lambda: status(sidecar.url)["outbox"]["events"] == 0)
@@ -228,6 +245,8 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, help="single events at this many a second, one sender (a classroom)"
     )
+    parser.add_argument("--offline", action="store_true", help="the platform gone during ingest")
+    parser.add_argument("--checkout", type=Path, help="another checkout's sidecar")
     args = parser.parse_args()
     forward.EVENT_BYTES = args.event_bytes  # what `events` pads to
     pace = f"one sender, {args.rate:g} a second" if args.rate else f"{args.senders} senders"
@@ -248,7 +267,17 @@ def main() -> None:
                     asyncio.run(_pg(server, "CREATE DATABASE bench_writes"))
                     pg = server.rsplit("/", 1)[0] + "/bench_writes"
                 try:
-                    r = run(Path(tmp), lines, args.senders, batch, pg, page_size, args.rate)
+                    r = run(
+                        Path(tmp),
+                        lines,
+                        args.senders,
+                        batch,
+                        pg,
+                        page_size,
+                        args.rate,
+                        args.offline,
+                        args.checkout,
+                    )
                 finally:
                     if server:
                         asyncio.run(_pg(server, "DROP DATABASE bench_writes WITH (FORCE)"))

@@ -383,8 +383,8 @@ class TestMigration:
 
 
 class TestIdsIndexedLate:
-    """`events.id` has no index of its own: ingest's rows reach `event_ids` about once a
-    second (event_ids.py), and nothing may tell the difference meanwhile."""
+    """`events.id` has no index of its own: ingest's rows reach `event_ids` with each
+    checkpoint (event_ids.py), and nothing may tell the difference meanwhile."""
 
     @staticmethod
     def indexed(path: Path) -> set[str]:

@@ -3,15 +3,16 @@
 `events.id` has no index of its own (schema version 7): a UNIQUE index cost every ingest
 commit a random leaf of a large b-tree per event, written to the WAL and again by the
 checkpoint. `event_ids` maps ids to seqs instead, filled from the rows above
-`ids_indexed.upto` about once a second (`index_tail`, in one transaction whose inserts,
-sorted, share leaves). Until then:
+`ids_indexed.upto` just before each checkpoint (`index_tail`, in one transaction whose
+inserts, sorted, share leaves): within a second of a thousand rows written, at least every
+30 s (SqliteStorage._checkpoint_often). Until then:
 
 - the writer remembers the ids it inserted (`SqliteStorage._unindexed`), and ingest's
   dedupe lookup reads them beside the index, checked against the rows (`in_tail`: one erased
   meanwhile is gone, one delivered before the dedupe window no longer counts), so a retry
-  within that second is still a duplicate;
+  meanwhile is still a duplicate;
 - every other lookup by id reads the index and the rows above `upto` (`seqs_of`): at most
-  about a second of ingest, found by seq;
+  about a thousand rows, found by seq;
 - after a crash, opening the file indexes the tail before anything else runs.
 
 Every other insert into `events` (a replay, a dead letter queued again, from `run` or from

@@ -20,7 +20,7 @@ def _ids_indexed_late(conn: sqlite3.Connection) -> None:
     """7: `events.id` loses its UNIQUE index, which cost every ingest commit a random leaf per
     event (bench/wal_frames.py: 40 % of a single-event commit's pages; forwarding +28 to +39 %
     without it, bench/forward.py); `event_ids` (event_ids.py) maps ids to seqs instead, filled
-    about once a second from the rows above `ids_indexed.upto`.
+    with each checkpoint from the rows above `ids_indexed.upto`.
 
     SQLite cannot drop a UNIQUE constraint, so the table is built again (its own procedure:
     a new table, the rows copied, the old one dropped, the new one renamed)."""

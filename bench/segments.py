@@ -24,6 +24,11 @@ an answer waits for its commit), acknowledgement in commits of 100, pruning. Thr
 
 Segments are 4 MB files; pruning deletes the rows and every segment whose events are all
 delivered (a segment's events are pruned together: it was written in their order).
+
+Two more, with bodies compressed (raw deflate with a dictionary of the events TimeBack's SDK
+sent, as `bench/wal_frames.py --compress`): `compressed`, the rows holding them as now; and
+`apart`, compressed bodies in a table of their own, deleted at acknowledgement (so that the
+acknowledgement rewrites the narrow rows, not the bodies' pages). `--designs` picks.
 """
 
 from __future__ import annotations
@@ -97,8 +102,20 @@ class Segments:
                 del self.last_seq_of[number]
 
 
-def new_events(lines: list[bytes], with_bodies: bool) -> list[NewEvent]:
-    return [NewEvent(json.loads(line)["id"], line if with_bodies else b"-") for line in lines]
+def new_events(
+    lines: list[bytes], with_bodies: bool, pack: Callable[[bytes], bytes] = bytes
+) -> list[NewEvent]:
+    return [NewEvent(json.loads(line)["id"], pack(line) if with_bodies else b"-") for line in lines]
+
+
+def packer() -> Callable[[bytes], bytes]:
+    dictionary = wal_frames.sdk_dictionary()
+
+    def pack(line: bytes) -> bytes:
+        deflate = zlib.compressobj(6, zlib.DEFLATED, -12, 5, zlib.Z_DEFAULT_STRATEGY, dictionary)
+        return deflate.compress(line) + deflate.flush()
+
+    return pack
 
 
 def insert(conn: sqlite3.Connection, events: list[NewEvent]) -> None:
@@ -114,7 +131,10 @@ def life(
 ) -> tuple[int, int, int]:
     """Bytes written by ingest, acknowledgement and pruning of `lines`."""
     conn = wal_frames.outbox(folder / "outbox.db")
-    segments = Segments(folder) if design != "now" else None
+    segments = Segments(folder) if design in ("commit", "late") else None
+    pack = packer() if design in ("compressed", "apart") else bytes
+    if design == "apart":
+        conn.execute("CREATE TABLE bodies (seq INTEGER PRIMARY KEY, body BLOB NOT NULL)")
     seq = 0
     late: list[NewEvent] = []
 
@@ -136,9 +156,17 @@ def life(
         seq += len(chunk)
         if design == "late":
             late += new_events(chunk, with_bodies=False)
-        else:
+        elif design == "apart":
             with writes.immediate(conn):
-                insert(conn, new_events(chunk, with_bodies=design == "now"))
+                insert(conn, new_events(chunk, with_bodies=False))
+                conn.executemany(
+                    "INSERT INTO bodies (seq, body) VALUES (?, ?)",
+                    [(n, pack(line)) for n, line in enumerate(chunk, seq - len(chunk) + 1)],
+                )
+        else:
+            bodies = design in ("now", "compressed")
+            with writes.immediate(conn):
+                insert(conn, new_events(chunk, with_bodies=bodies, pack=pack))
         if seq % index_every < group:
             index()
     index()
@@ -149,6 +177,11 @@ def life(
     for i in range(0, len(seqs), 100):
         with writes.immediate(conn):
             writes.record_acks(conn, [(seqs[i : i + 100], None, None)], 1_000.0, None)
+            if design == "apart":
+                conn.execute(
+                    "DELETE FROM bodies WHERE seq IN (SELECT value FROM json_each(?))",
+                    (json.dumps(seqs[i : i + 100]),),
+                )
         if (i // 100) % 10 == 9:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -173,6 +206,8 @@ DESIGNS: dict[str, str] = {
     "now": "outbox now",
     "commit": "segments, rows in the commit",
     "late": "segments, rows late",
+    "compressed": "bodies compressed, in the rows",
+    "apart": "bodies compressed, in a table of their own",
 }
 
 
@@ -182,6 +217,7 @@ def main() -> None:
     parser.add_argument("--event-bytes", type=int, default=forward.EVENT_BYTES)
     parser.add_argument("--group", type=int, action="append")
     parser.add_argument("--index-every", type=int, default=1000)
+    parser.add_argument("--designs", nargs="+", choices=DESIGNS, default=["now", "commit", "late"])
     args = parser.parse_args()
     forward.EVENT_BYTES = args.event_bytes
     lines = wal_frames.sample_lines(args.events)
@@ -194,7 +230,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     run: Callable[..., tuple[int, int, int]] = life
     for group in args.group or [4, 100]:
-        for design, label in DESIGNS.items():
+        for design in args.designs:
+            label = DESIGNS[design]
             with tempfile.TemporaryDirectory(dir=Path(__file__).parent) as tmp:
                 ingest, ack, prune = run(Path(tmp), lines, group, args.index_every, design)
             n = len(lines)

@@ -22,6 +22,7 @@ from caliper_sidecar.outbox.grouping import GroupCommit
 from caliper_sidecar.outbox.sqlite import storage as sqlite_storage
 from caliper_sidecar.outbox.sqlite.schema import VERSION
 from caliper_sidecar.outbox.sqlite.storage import (
+    CHECKPOINT_AFTER_BYTES,
     CHECKPOINT_AFTER_CHANGES,
     CHECKPOINT_AT_LEAST_EVERY_S,
     SqliteStorage,
@@ -540,16 +541,32 @@ class TestCheckpointsOfAQuietOutbox:
     checkpoint copies the same few pages (the table's last leaf, the queue's, the totals,
     the header) into the file again, bytes an SD card pays for."""
 
+    BOUND = CHECKPOINT_AT_LEAST_EVERY_S
+
     def test_a_few_changes_wait_for_the_time_bound(self) -> None:
-        assert not checkpoint_due(5, 1.0)
-        assert not checkpoint_due(5, CHECKPOINT_AT_LEAST_EVERY_S - 1)
-        assert checkpoint_due(5, CHECKPOINT_AT_LEAST_EVERY_S)
+        assert not checkpoint_due(5, 5_000, 1.0, self.BOUND)
+        assert not checkpoint_due(5, 5_000, self.BOUND - 1, self.BOUND)
+        assert checkpoint_due(5, 5_000, self.BOUND, self.BOUND)
 
     def test_many_changes_do_not_wait(self) -> None:
-        assert checkpoint_due(CHECKPOINT_AFTER_CHANGES, 0.5)
+        assert checkpoint_due(CHECKPOINT_AFTER_CHANGES, 0, 0.5, self.BOUND)
+
+    def test_large_events_do_not_wait(self) -> None:
+        """Few rows, many bytes: the WAL's size is what the bound is for."""
+        assert checkpoint_due(4, CHECKPOINT_AFTER_BYTES, 0.5, self.BOUND)
 
     def test_a_count_started_again_does_not_wait(self) -> None:
-        assert checkpoint_due(-3, 0.5)
+        assert checkpoint_due(-3, 0, 0.5, self.BOUND)
+
+    async def test_an_outbox_at_normal_is_checkpointed_every_second(self, tmp_path: Path) -> None:
+        """With `synchronous = "normal"` only checkpoints sync the WAL: a quiet outbox of that
+        kind keeps its checkpoint every second, or a power cut could take 30 s of events."""
+        path = tmp_path / "o.db"
+        settings = OutboxSettings(path=str(path), synchronous="normal")
+        async with sqlite_outbox(settings) as box:
+            sent = events(3)
+            await box.append(sent)
+            await eventually(lambda: {e.id for e in sent} <= TestIdsIndexedLate.indexed(path), 5)
 
 
 class TestPruning:

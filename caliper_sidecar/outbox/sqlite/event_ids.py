@@ -4,15 +4,15 @@
 commit a random leaf of a large b-tree per event, written to the WAL and again by the
 checkpoint. `event_ids` maps ids to seqs instead, filled from the rows above
 `ids_indexed.upto` just before each checkpoint (`index_tail`, in one transaction whose
-inserts, sorted, share leaves): within a second of a thousand rows written, at least every
-30 s (SqliteStorage._checkpoint_often). Until then:
+inserts, sorted, share leaves): within a second of a thousand rows changed or 4 MB of
+events written, at least every 30 s (SqliteStorage._checkpoint_often). Until then:
 
 - the writer remembers the ids it inserted (`SqliteStorage._unindexed`), and ingest's
   dedupe lookup reads them beside the index, checked against the rows (`in_tail`: one erased
   meanwhile is gone, one delivered before the dedupe window no longer counts), so a retry
   meanwhile is still a duplicate;
 - every other lookup by id reads the index and the rows above `upto` (`seqs_of`): at most
-  about a thousand rows, found by seq;
+  about 500 events (or 30 s of a quiet outbox), found by seq;
 - after a crash, opening the file indexes the tail before anything else runs.
 
 Every other insert into `events` (a replay, a dead letter queued again, from `run` or from

@@ -59,14 +59,17 @@ _SQLITE_HEADER: Final = 100
 _SQLITE_BUSY: Final = 5
 #: how often the checkpointer looks at the WAL
 CHECKPOINT_EVERY_S: Final = 1.0
-#: rows the writer changed since the last checkpoint that make it due at the next look: about
-#: a second of a busy outbox (the WAL then holds a few MB at most)
+#: rows the writer changed (its triggers' included: an event ingested is about two) since the
+#: last checkpoint that make it due at the next look: about a second of a busy outbox
 CHECKPOINT_AFTER_CHANGES: Final = 1000
-#: and at least this often when anything was written at all. A checkpoint copies every page
-#: the WAL holds, and each commit of a quiet outbox touches the same few pages (the table's
-#: last leaf, the queue's, the totals, the header): checkpointed every second, a relay taking
-#: 5 single events a second wrote 26.7 KB a 1.1 KB event; every 30 s, 10.6 KB (BENCHMARKS.md,
-#: issue 33)
+#: or bytes of events ingested: large events fill the WAL with few rows
+CHECKPOINT_AFTER_BYTES: Final = 4 * 1_048_576
+#: and at least this often. A checkpoint copies every page the WAL holds, and each commit of a
+#: quiet outbox touches the same few pages (the table's last leaf, the queue's, the totals,
+#: the header): checkpointed every second, a relay taking 5 single events a second wrote
+#: 18.2 KB a 1.1 KB event at ingest; every 30 s, 11.1 KB (BENCHMARKS.md, "A quiet outbox").
+#: With `synchronous = "normal"` the WAL is synced only by checkpoints, so that outbox keeps
+#: checkpointing every second: what a power cut may take from it stays about a second.
 CHECKPOINT_AT_LEAST_EVERY_S: Final = 30.0
 #: the page size of a new outbox file. Every commit writes each page it touches to the WAL
 #: and the checkpoint writes it again; with ~1.1 KB events a 4 KB page held three rows, so
@@ -81,12 +84,16 @@ PAGE_SIZE: Final = 1024
 RESERVE_BYTES: Final = 32 * 1_048_576
 
 
-def checkpoint_due(changes: int, seconds: float) -> bool:
-    """Whether to checkpoint now, `changes` rows written and `seconds` after the last
-    checkpoint. Commands beside `run` (erase, replay) write to the WAL too: the time bound
-    checkpoints theirs even when this process wrote nothing. Fewer changes than none: the
-    writer's count started again."""
-    return not 0 <= changes < CHECKPOINT_AFTER_CHANGES or seconds >= CHECKPOINT_AT_LEAST_EVERY_S
+def checkpoint_due(changes: int, ingested: int, seconds: float, at_least_every_s: float) -> bool:
+    """Whether to checkpoint now, `changes` rows and `ingested` bytes of events written and
+    `seconds` after the last checkpoint. Commands beside `run` (erase, replay) write to the WAL
+    too: the time bound checkpoints theirs even when this process wrote nothing. Fewer changes
+    than none: the writer's count started again."""
+    return (
+        not 0 <= changes < CHECKPOINT_AFTER_CHANGES
+        or ingested >= CHECKPOINT_AFTER_BYTES
+        or seconds >= at_least_every_s
+    )
 
 
 def steady_time() -> float:
@@ -179,9 +186,11 @@ class SqliteStorage:
         #: thread alone changes it, after its commits
         self._unindexed: set[str] = set()
         #: the writer connection's total_changes after its last commit, and at the last
-        #: checkpoint (the writer's thread sets the first, the checkpointer the second)
+        #: checkpoint; bytes of events ingested (the writer's thread sets the first and adds
+        #: to the last, the checkpointer reads them and sets the second)
         self._changes = 0
         self._changes_checkpointed = 0
+        self._ingested = 0
         #: set for good when the file was deleted or replaced under a running process
         self.lost: str | None = None
         self._identity: tuple[int, int] | None = None
@@ -247,7 +256,8 @@ class SqliteStorage:
             conn.execute("PRAGMA journal_mode = WAL")
             migrate(conn)
             # What a process that stopped (or was killed) left unindexed; nothing written when
-            # nothing is (a command opening the file beside `run` only reads).
+            # nothing is. A command opened beside a running `run` indexes what `run` has not
+            # yet (its ids stay found: `run` remembers them and they are in `event_ids`).
             if conn.execute(TAIL_EXISTS).fetchone():
                 with writes.immediate(conn):
                     index_tail(conn)
@@ -276,6 +286,12 @@ class SqliteStorage:
                 30,
             )
         inserted: list[str] = []
+        size = sum(len(e.body) for events, _ in group for e in events)
+
+        def committed() -> None:
+            self._unindexed.update(inserted)
+            self._ingested += size
+
         return await self._write(
             functools.partial(
                 writes.insert_appends,
@@ -292,7 +308,7 @@ class SqliteStorage:
             ),
             # Only once they are committed: ids of a rolled-back insert must not count as
             # duplicates when the app sends them again.
-            committed=lambda: self._unindexed.update(inserted),
+            committed=committed,
         )
 
     def append_failed(self, error: OutboxUnavailable) -> None:
@@ -742,27 +758,39 @@ class SqliteStorage:
 
     async def _checkpoint_often(self) -> None:
         """Copy the WAL into the database off the write paths: within a second of
-        CHECKPOINT_AFTER_CHANGES rows written, and at least every CHECKPOINT_AT_LEAST_EVERY_S.
+        CHECKPOINT_AFTER_CHANGES rows or CHECKPOINT_AFTER_BYTES of events written, and at
+        least every CHECKPOINT_AT_LEAST_EVERY_S (every second with `synchronous = "normal"`).
 
         A checkpoint in the committing thread held acknowledgements up (measured: 14k ->
         19k events/s once it moved out), and a WAL checkpointed seldom holds most of the
         data: on a full disk it could then never be moved into the database, since that file
-        would have to grow. Checkpointed after every thousand rows, the WAL stays a few MB
-        (RESERVE_BYTES covers it) and can be truncated when space runs out; a quiet outbox is
-        not checkpointed every second, which would copy the same pages again each time.
-        Ingest's ids are indexed first (event_ids.py), so that the checkpoint copies their pages.
+        would have to grow. Bounded so, the WAL stays a few MB (RESERVE_BYTES covers it) and
+        can be truncated when space runs out; a quiet outbox is not checkpointed every
+        second, which copied the same pages again each time. Ingest's ids are indexed first
+        (event_ids.py), so that the checkpoint copies their pages.
         """
         last = time.monotonic()
+        ingested_then = 0
         while True:
             await asyncio.sleep(CHECKPOINT_EVERY_S)
-            changes = self._changes
-            if not checkpoint_due(changes - self._changes_checkpointed, time.monotonic() - last):
+            normal = self.synchronous == "normal"
+            if not checkpoint_due(
+                self._changes - self._changes_checkpointed,
+                self._ingested - ingested_then,
+                time.monotonic() - last,
+                CHECKPOINT_EVERY_S if normal else CHECKPOINT_AT_LEAST_EVERY_S,
+            ):
                 continue
-            last = time.monotonic()
-            self._changes_checkpointed = changes
+            indexed = True
             if self._unindexed:
-                with contextlib.suppress(OutboxUnavailable):
+                try:
                     await self._write(index_tail, committed=self._unindexed.clear)
+                except OutboxUnavailable:
+                    indexed = False  # again at the next look, not after the time bound
+            if indexed:
+                # After the index's own rows, so that they do not count toward the next one.
+                self._changes_checkpointed, ingested_then = self._changes, self._ingested
+                last = time.monotonic()
             with contextlib.suppress(sqlite3.Error):
                 await self._require(self._checkpointer).execute("PRAGMA wal_checkpoint(PASSIVE)")
 

@@ -17,7 +17,7 @@ import pytest
 
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxLocked, OutboxUnavailable, SchemaTooNew
-from caliper_sidecar.outbox import NewEvent, Outbox, OutboxLock, sqlite_outbox
+from caliper_sidecar.outbox import NewEvent, Outbox, OutboxLock, open_outbox, sqlite_outbox
 from caliper_sidecar.outbox.grouping import GroupCommit
 from caliper_sidecar.outbox.sqlite import storage as sqlite_storage
 from caliper_sidecar.outbox.sqlite.schema import VERSION
@@ -417,6 +417,22 @@ class TestIdsIndexedLate:
         sent = events(5)
         await outbox.append(sent)
         await eventually(lambda: {e.id for e in sent} <= self.indexed(path_of(outbox)))
+
+    async def test_a_command_beside_run_leaves_its_tail_alone(self, tmp_path: Path) -> None:
+        """A command (stats, journeys: `open_outbox(exclusive=False)`) opened beside a quiet
+        `run` finds run's unindexed events without indexing them: that would be a write to
+        the card at every look, and a wait for run's write lock."""
+        path = tmp_path / "o.db"
+        settings = OutboxSettings(path=str(path))
+        async with sqlite_outbox(settings) as run:
+            sent = events(3)
+            await run.append(sent)
+            async with open_outbox(settings, exclusive=False) as command:
+                assert (await command.stats()).events == 3
+                found = await command.journeys([e.id for e in sent])
+                assert all(found[e.id].received_at is not None for e in sent)
+            assert not {e.id for e in sent} & self.indexed(path), "the command indexed them"
+            assert (await run.append(sent)).duplicates == 3
 
     async def test_a_busy_outbox_is_indexed_within_a_second(
         self, outbox: Outbox, monkeypatch: pytest.MonkeyPatch

@@ -52,7 +52,9 @@ async def open_outbox(
                 stack.enter_context(OutboxLock(settings.path))
             else:
                 _refuse_to_migrate_under_run(settings.path)
-            storage = SqliteStorage(settings, keep_delivered_bodies=reconciling)
+            storage = SqliteStorage(
+                settings, keep_delivered_bodies=reconciling, index_leftovers=exclusive
+            )
         outbox = await Outbox(storage, settings, destinations).open()
         stack.push_async_callback(outbox.close)
         yield outbox

@@ -156,8 +156,11 @@ class SqliteStorage:
         settings: OutboxSettings,
         reserve_bytes: int = RESERVE_BYTES,
         keep_delivered_bodies: bool = False,
+        index_leftovers: bool = True,
     ) -> None:
         self.where = {"path": settings.path}
+        #: `run`'s: index at open what a process that stopped left unindexed (event_ids.py)
+        self.index_leftovers = index_leftovers
         #: reconciliation is on: a delivered event's body stays until it is checked
         self.keep_delivered_bodies = keep_delivered_bodies
         self.path = Path(settings.path)
@@ -255,10 +258,11 @@ class SqliteStorage:
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode = WAL")
             migrate(conn)
-            # What a process that stopped (or was killed) left unindexed; nothing written when
-            # nothing is. A command opened beside a running `run` indexes what `run` has not
-            # yet (its ids stay found: `run` remembers them and they are in `event_ids`).
-            if conn.execute(TAIL_EXISTS).fetchone():
+            # What a process that stopped (or was killed) left unindexed, for `run`'s dedupe,
+            # which knows only its own; nothing written when nothing is. A command leaves the
+            # tail to the `run` that may be beside it (lookups read the tail): indexing it would
+            # write to the disk, and wait for run's write lock, at every look.
+            if self.index_leftovers and conn.execute(TAIL_EXISTS).fetchone():
                 with writes.immediate(conn):
                     index_tail(conn)
         finally:

@@ -552,6 +552,44 @@ class TestIdsIndexedLate:
         conn.close()
 
 
+class TestReadsInOneHop:
+    """Every read of the reader connection takes one hop to its thread. Between two hops
+    (`execute`, then a fetch) the statement holds the connection's read transaction open,
+    and any read run in that gap sees its old snapshot: an [upstream] claim made so after an
+    acknowledgement saw the acknowledged events as waiting, their claims released, and sent
+    them again (twice in full-suite runs: a batch delivered twice)."""
+
+    class OneHop:
+        """The reader connection, with `execute` (the first of two hops) refused."""
+
+        def __init__(self, conn: object) -> None:
+            self._conn = conn
+
+        async def execute_fetchall(self, sql: str, parameters: object = ()) -> object:
+            return await self._conn.execute_fetchall(sql, parameters)  # type: ignore[attr-defined]
+
+        async def close(self) -> None:
+            await self._conn.close()  # type: ignore[attr-defined]
+
+    async def test_every_read_takes_one_hop(self, outbox: Outbox) -> None:
+        storage = outbox.storage
+        assert isinstance(storage, SqliteStorage)
+        storage._reader = self.OneHop(storage._reader)  # type: ignore[assignment]
+        sent = events(3)
+        await outbox.append(sent)
+        batch = await outbox.claim_batch(10, 10_000)
+        assert len(batch.seqs) == 3
+        await outbox.acknowledge(batch.claim, batch.seqs)
+        assert (await outbox.claim_batch(10, 10_000)).seqs == []
+        await outbox.stats()
+        await outbox.journeys([e.id for e in sent])
+        await storage.dead_letters(10, None, None)
+        await storage.mark_rows([e.id for e in sent])
+        await storage.pending_platform_jobs()
+        await storage.job_ids_sent_in("job")
+        await storage.job_event_ids("job")
+
+
 class TestCheckpointsOfAQuietOutbox:
     """A relay taking a few events a second is not checkpointed every second: each
     checkpoint copies the same few pages (the table's last leaf, the queue's, the totals,

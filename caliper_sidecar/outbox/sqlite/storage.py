@@ -325,7 +325,7 @@ class SqliteStorage:
 
     @_read_errors_unavailable
     async def claim_batch(self, max_events: int, max_bytes: int, linger_s: float) -> Batch:
-        cur = await self._require(self._reader).execute(
+        found = await self._read(
             """
             SELECT seq, id, body, received_at, attempts, first_attempt_at, sensor,
                 max(?1 - received_at, 0.0)
@@ -335,7 +335,7 @@ class SqliteStorage:
             """,
             (steady_time(), json.dumps(sorted(self._claimed)), max_events),
         )
-        rows = [StoredEvent(*row) for row in await cur.fetchall()]
+        rows = [StoredEvent(*row) for row in found]
         return self._claim_from(rows, self._claimed, "", max_events, max_bytes, linger_s)
 
     def _claim_from(
@@ -405,11 +405,11 @@ class SqliteStorage:
         self, name: str, max_events: int, max_bytes: int, linger_s: float
     ) -> Batch:
         claimed = self._claims_of(name)
-        cur = await self._require(self._reader).execute(
+        found = await self._read(
             destinations.CLAIM,
             (name, steady_time(), json.dumps(sorted(claimed)), max_events),
         )
-        rows = [StoredEvent(*row) for row in await cur.fetchall()]
+        rows = [StoredEvent(*row) for row in found]
         return self._claim_from(rows, claimed, name, max_events, max_bytes, linger_s)
 
     async def destination_extend(self, name: str, claim: Claim) -> None:
@@ -460,18 +460,17 @@ class SqliteStorage:
 
     @_read_errors_unavailable
     async def destination_stats(self, name: str) -> DestinationStats:
-        conn = self._require(self._reader)
-        cur = await conn.execute(
+        found = await self._read(
             "SELECT delivered_total, dead_lettered_total, dead_letters FROM destinations "
             "WHERE name = ?",
             (name,),
         )
-        totals = await cur.fetchone()
+        totals = _first(found)
         if totals is None:
             raise OutboxUnavailable("unknown_destination", f"no destination named {name}")
         waiting = dict(await self._writer.run(destinations.lags)).get(name, 0)
-        cur = await conn.execute(destinations.OLDEST, (name,))
-        row = await cur.fetchone()
+        found = await self._read(destinations.OLDEST, (name,))
+        row = _first(found)
         oldest = float(row[0]) if row else None
         return DestinationStats(
             waiting=waiting,
@@ -555,30 +554,28 @@ class SqliteStorage:
     async def stats_rows(
         self,
     ) -> tuple[Sequence[Any], float | None, float | None, Sequence[Sequence[Any]]]:
-        conn = self._require(self._reader)
-        totals = await (await conn.execute(f"SELECT {', '.join(TOTALS)} FROM totals")).fetchone()
-        cur = await conn.execute(
+        totals = _first(await self._read(f"SELECT {', '.join(TOTALS)} FROM totals"))
+        found = await self._read(
             "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
         )
-        row = await cur.fetchone()
+        row = _first(found)
         oldest = float(row[0]) if row else None
         age = None if oldest is None else steady_time() - oldest
-        cur = await conn.execute("SELECT state, count(*) FROM platform_jobs GROUP BY state")
-        return totals or (), oldest, age, list(await cur.fetchall())
+        found = await self._read("SELECT state, count(*) FROM platform_jobs GROUP BY state")
+        return totals or (), oldest, age, list(found)
 
     @_read_errors_unavailable
     async def dead_letters(
         self, limit: int, after: str | None, destination: str | None
     ) -> list[DeadLetter]:
-        cur = await self._require(self._reader).execute(
+        found = await self._read(
             f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters "
             "WHERE (?3 IS NULL OR destination = ?3) AND (?1 IS NULL OR seq > "
             "(SELECT max(seq) FROM dead_letters WHERE id = ?1 "
             "AND (?3 IS NULL OR destination = ?3))) ORDER BY seq LIMIT ?2",
             (after, limit, destination),
         )
-        rows = await cur.fetchall()
-        return [DeadLetter(*row) for row in rows]
+        return [DeadLetter(*row) for row in found]
 
     async def take_dead_letters(
         self, ids: list[str] | None, limit: int, replay: bool, destination: str | None
@@ -605,12 +602,12 @@ class SqliteStorage:
 
     @_read_errors_unavailable
     async def mark_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
-        cur = await self._require(self._reader).execute(
+        found = await self._read(
             f"SELECT {MARK_COLUMNS} FROM marks WHERE id IN (SELECT value FROM json_each(?)) "
             "ORDER BY rowid",
             (json.dumps(ids),),
         )
-        return list(await cur.fetchall())
+        return list(found)
 
     # -- erasing a learner (erasing.py) -----------------------------------------------------
 
@@ -640,18 +637,18 @@ class SqliteStorage:
 
     @_read_errors_unavailable
     async def pending_platform_jobs(self) -> list[str]:
-        cur = await self._require(self._reader).execute(
+        found = await self._read(
             "SELECT id FROM platform_jobs WHERE state != 'unconfirmed' ORDER BY sent_at"
         )
-        return [str(r[0]) for r in await cur.fetchall()]
+        return [str(r[0]) for r in found]
 
     @_read_errors_unavailable
     async def job_ids_sent_in(self, platform_job: str) -> list[str]:
-        cur = await self._require(self._reader).execute(
+        found = await self._read(
             "SELECT id FROM events WHERE platform_job = ? AND confirmed_at IS NULL ORDER BY seq",
             (platform_job,),
         )
-        return [str(r[0]) for r in await cur.fetchall()]
+        return [str(r[0]) for r in found]
 
     async def platform_job_polled(self, job: str, state: str, error: str | None) -> None:
         await self._write(
@@ -690,9 +687,8 @@ class SqliteStorage:
     async def journey_rows(
         self, ids: list[str]
     ) -> tuple[Sequence[Sequence[Any]], Sequence[Sequence[Any]]]:
-        conn = self._require(self._reader)
         wanted = json.dumps(ids)
-        cur = await conn.execute(
+        found = await self._read(
             f"""
             SELECT {JOURNEY_COLUMNS}
             FROM events e LEFT JOIN platform_jobs p ON p.id = e.platform_job
@@ -700,23 +696,28 @@ class SqliteStorage:
             """,
             (wanted,),
         )
-        rows = list(await cur.fetchall())
-        cur = await conn.execute(
+        rows = list(found)
+        found = await self._read(
             f"SELECT {DEAD_LETTER_COLUMNS}, sensor, sender FROM dead_letters "
             "WHERE id IN (SELECT value FROM json_each(?))",
             (wanted,),
         )
-        return rows, list(await cur.fetchall())
+        return rows, list(found)
 
     @_read_errors_unavailable
     async def job_event_ids(self, job: str) -> list[str] | None:
-        cur = await self._require(self._reader).execute(
-            "SELECT event_ids FROM jobs WHERE id = ?", (job,)
-        )
-        row = await cur.fetchone()
+        found = await self._read("SELECT event_ids FROM jobs WHERE id = ?", (job,))
+        row = _first(found)
         return None if row is None else [str(i) for i in json.loads(row[0])]
 
     # -- plumbing --------------------------------------------------------------------------
+
+    async def _read(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+        """Every row of one query, in one hop to the reader's thread. Between two hops
+        (`execute`, then a fetch) the statement holds the reader's read transaction open, and
+        any read aiosqlite runs meanwhile sees that old snapshot: a claim made so saw events
+        acknowledged since as waiting, their claims released, and sent them again."""
+        return list(await self._require(self._reader).execute_fetchall(sql, parameters))
 
     @staticmethod
     def _require(conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
@@ -844,3 +845,8 @@ def _unavailable(e: sqlite3.Error) -> OutboxUnavailable:
     if code == _SQLITE_BUSY:
         return OutboxUnavailable("busy", "the outbox is busy; try again", 1)
     return storage_error(e)
+
+
+def _first(rows: list[Any]) -> Any:
+    """The first row of a query's rows, or None."""
+    return rows[0] if rows else None

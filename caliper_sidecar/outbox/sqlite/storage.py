@@ -290,11 +290,10 @@ class SqliteStorage:
                 30,
             )
         inserted: list[str] = []
-        size = sum(len(e.body) for events, _ in group for e in events)
 
-        def committed() -> None:
+        def committed() -> None:  # in the writer's thread, off the event loop
             self._unindexed.update(inserted)
-            self._ingested += size
+            self._ingested += sum(len(e.body) for events, _ in group for e in events)
 
         return await self._write(
             functools.partial(
@@ -469,8 +468,7 @@ class SqliteStorage:
         if totals is None:
             raise OutboxUnavailable("unknown_destination", f"no destination named {name}")
         waiting = dict(await self._writer.run(destinations.lags)).get(name, 0)
-        found = await self._read(destinations.OLDEST, (name,))
-        row = _first(found)
+        row = _first(await self._read(destinations.OLDEST, (name,)))
         oldest = float(row[0]) if row else None
         return DestinationStats(
             waiting=waiting,
@@ -555,14 +553,15 @@ class SqliteStorage:
         self,
     ) -> tuple[Sequence[Any], float | None, float | None, Sequence[Sequence[Any]]]:
         totals = _first(await self._read(f"SELECT {', '.join(TOTALS)} FROM totals"))
-        found = await self._read(
-            "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
+        row = _first(
+            await self._read(
+                "SELECT received_at FROM events WHERE delivered_at IS NULL ORDER BY seq LIMIT 1"
+            )
         )
-        row = _first(found)
         oldest = float(row[0]) if row else None
         age = None if oldest is None else steady_time() - oldest
-        found = await self._read("SELECT state, count(*) FROM platform_jobs GROUP BY state")
-        return totals or (), oldest, age, list(found)
+        jobs = await self._read("SELECT state, count(*) FROM platform_jobs GROUP BY state")
+        return totals or (), oldest, age, jobs
 
     @_read_errors_unavailable
     async def dead_letters(
@@ -602,12 +601,11 @@ class SqliteStorage:
 
     @_read_errors_unavailable
     async def mark_rows(self, ids: list[str]) -> Sequence[Sequence[Any]]:
-        found = await self._read(
+        return await self._read(
             f"SELECT {MARK_COLUMNS} FROM marks WHERE id IN (SELECT value FROM json_each(?)) "
             "ORDER BY rowid",
             (json.dumps(ids),),
         )
-        return list(found)
 
     # -- erasing a learner (erasing.py) -----------------------------------------------------
 
@@ -696,18 +694,16 @@ class SqliteStorage:
             """,
             (wanted,),
         )
-        rows = list(found)
-        found = await self._read(
+        letters = await self._read(
             f"SELECT {DEAD_LETTER_COLUMNS}, sensor, sender FROM dead_letters "
             "WHERE id IN (SELECT value FROM json_each(?))",
             (wanted,),
         )
-        return rows, list(found)
+        return found, letters
 
     @_read_errors_unavailable
     async def job_event_ids(self, job: str) -> list[str] | None:
-        found = await self._read("SELECT event_ids FROM jobs WHERE id = ?", (job,))
-        row = _first(found)
+        row = _first(await self._read("SELECT event_ids FROM jobs WHERE id = ?", (job,)))
         return None if row is None else [str(i) for i in json.loads(row[0])]
 
     # -- plumbing --------------------------------------------------------------------------

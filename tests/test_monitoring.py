@@ -20,6 +20,7 @@ from caliper_sidecar.metrics import Metrics, Snapshot
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import make_events, settings_for
+from .installs import apt_install
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
@@ -40,14 +41,7 @@ def settings(platform: RunningFake, tmp_path: Path) -> Settings:
 def promtool() -> str:
     """Debian's promtool (package prometheus), installed with apt when missing and root."""
     if not shutil.which("promtool") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
-            "apt-get install -y -qq --no-install-recommends prometheus",
-            shell=True,
-            capture_output=True,
-            timeout=600,
-            check=False,
-        )
+        apt_install("prometheus", recommends=False)
     found = shutil.which("promtool")
     if found is None:
         pytest.skip("promtool (Debian's prometheus package) is not installed and could not be")

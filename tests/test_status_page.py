@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import StartSidecar, free_port, make_events
 from .destinations import start_district, with_destinations
+from .installs import apt_install
 
 CHROMIUM = "/usr/bin/chromium"
 #: flags this machine needs: no sandbox as root, and no background calls to hosts it cannot reach
@@ -38,13 +38,7 @@ FLAGS = [
 def chromium() -> str:
     """Debian's Chromium, installed with apt when it is missing and this is root."""
     if not shutil.which("chromium") and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(
-            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
-            shell=True,
-            capture_output=True,
-            timeout=600,
-            check=False,
-        )
+        apt_install("chromium")
     if not Path(CHROMIUM).exists():
         pytest.skip("no browser: Debian's chromium is not installed and could not be")
     return CHROMIUM

@@ -9,15 +9,20 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 
-from caliper_sidecar.outbox import NewEvent, Outbox
+from caliper_sidecar import codec
+from caliper_sidecar.config import OutboxSettings, ReconcileSettings
+from caliper_sidecar.delivery.reads import PlatformReader
+from caliper_sidecar.delivery.reconciling import ReconcileLoop
+from caliper_sidecar.metrics import Metrics
+from caliper_sidecar.outbox import NewEvent, Outbox, open_outbox
 from caliper_sidecar.outbox.postgres.schema import BODIES_SPAN, SCHEMA
 
-from .conftest import eventually, new_id
+from .conftest import eventually, make_events, new_id
 from .outboxes import BACKENDS, fresh_database, open_test_outbox
 
 
@@ -159,3 +164,66 @@ async def partitions(conn: asyncpg.Connection) -> set[str]:
         "SELECT relid::regclass::text AS name FROM pg_partition_tree('bodies') WHERE isleaf"
     )
     return {r["name"].rsplit(".", 1)[-1] for r in rows}
+
+
+class LostEverything:
+    """A platform that holds none of what it took, whose listing answers once two rounds are
+    asking at the same time (or after a second: one round alone)."""
+
+    def __init__(self) -> None:
+        self.asking = 0
+        self.together = asyncio.Event()
+
+    async def page(self, query: dict[str, str]) -> tuple[int, float | None, str]:
+        self.asking += 1
+        if self.asking == 2:
+            self.together.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.together.wait(), 1.0)
+        return 200, None, codec.dumps({"events": [], "pagination": {"total": 0}}).decode()
+
+
+async def test_replicas_send_a_lost_event_again_once(database: str, tmp_path: Path) -> None:
+    """Every replica runs reconciliation's rounds, but one round checks at a time: an event the
+    platform lost is sent again once, not once by each replica that found it missing."""
+    events = [NewEvent(e["id"], codec.dumps(e)) for e in make_events(5)]
+    async with (
+        open_test_outbox("postgres", tmp_path, database, reconciling=True) as one,
+        open_outbox(OutboxSettings(url=database), exclusive=False, reconciling=True) as other,
+    ):
+        await one.append(events)
+        while (batch := await one.claim_batch(100, 1_000_000)).events:
+            await one.acknowledge(batch.claim, batch.seqs)
+        platform = LostEverything()
+        rounds = [
+            ReconcileLoop(
+                box, cast(PlatformReader, platform), ReconcileSettings(), "urn:sensor", Metrics()
+            )
+            for box in (one, other)
+        ]
+        await asyncio.gather(*(r.round() for r in rounds))
+        assert sum(r.totals.resent for r in rounds) == len(events)
+        queued = await one.claim_batch(100, 1_000_000)
+        assert sorted(e.id for e in queued.events) == sorted(e.id for e in events)
+
+
+async def test_the_turn_to_reconcile_is_one_replica_s_until_it_stops_or_runs_out(
+    database: str, tmp_path: Path
+) -> None:
+    """One replica's at a time, renewed by its holder; another's once the holder's ran out,
+    and at once when the holder stops (a replica that died holding it delays the checks by
+    reconciling.TURN_S at most)."""
+    async with open_test_outbox("postgres", tmp_path, database):
+        pass  # the database emptied
+    settings, agreed = OutboxSettings(url=database), {"upstream.endpoint": "e"}
+    async with contextlib.AsyncExitStack() as stack:
+        one = await stack.enter_async_context(open_outbox(settings, agreement=agreed))
+        async with open_outbox(settings, agreement=agreed) as other:
+            assert await one.reconcile_turn(0.5)
+            assert not await other.reconcile_turn(0.5)
+            assert await one.reconcile_turn(0.5)  # renewed by its holder
+            assert not await other.reconcile_turn(0.5)
+            await asyncio.sleep(0.7)
+            assert await other.reconcile_turn(600)  # the holder's ran out
+            assert not await one.reconcile_turn(600)
+        assert await one.reconcile_turn(600)  # given back as `other` stopped

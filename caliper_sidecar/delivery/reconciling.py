@@ -42,6 +42,10 @@ ROUND_EVENTS: Final = 2000
 INTERVAL_S: Final = 60.0
 #: how long a platform that cannot list is left alone before the next round
 UNAVAILABLE_WAIT_S: Final = 300.0
+#: how long a replica's turn to reconcile lasts from its last round (PostgreSQL; renewed by
+#: every round, given back when it stops): the longest the others wait for a replica that
+#: died holding it, and longer than a round and the wait after a platform that cannot list
+TURN_S: Final = 600.0
 
 ReconcileState = Literal["ok", "unavailable"]
 
@@ -92,6 +96,19 @@ async def check(
     with `reconcile --dry-run`: nothing recorded, nothing sent). Returns what was found and
     how many were queued again. Raises ListingUnavailable."""
     found = await reconciler.sort(delivered(rows, default_sensor))
+    return found, await record(outbox, found, rows, metrics, resend=resend)
+
+
+async def record(
+    outbox: Outbox,
+    found: Sorted,
+    rows: Sequence[DeliveredUpstream],
+    metrics: Metrics,
+    *,
+    resend: bool = True,
+) -> int:
+    """Record what a check of these rows found and queue the missing ones again (nothing
+    with `resend` False); returns how many were queued again."""
     resent = 0
     if resend:
         by_id = {r.id: r for r in rows}
@@ -112,7 +129,7 @@ async def check(
     for what, ids in (("resent", found.missing), ("given_up", found.given_up)):
         if resend and ids:
             metrics.tap.publish(what, ids, destination=UPSTREAM)
-    return found, resent
+    return resent
 
 
 class ReconcileLoop:
@@ -144,14 +161,21 @@ class ReconcileLoop:
                 await self._task
 
     async def round(self) -> int:
-        """Check what is due; returns how many were due (ROUND_EVENTS: maybe more)."""
+        """Check what is due, when it is this process's turn; returns how many were due
+        (ROUND_EVENTS: maybe more)."""
+        if not await self._outbox.reconcile_turn(TURN_S):
+            return 0  # another replica's turn (PostgreSQL): its rounds check for every one
         rows = await self._outbox.delivered_upstream(
             older_than_s=self._after_s, unchecked_only=True, limit=ROUND_EVENTS
         )
         if rows:
-            found, resent = await check(
-                self._outbox, self._reconciler, rows, self._default_sensor, self._metrics
-            )
+            found = await self._reconciler.sort(delivered(rows, self._default_sensor))
+            # Taken again before anything is recorded: a replica frozen while it listed (or a
+            # round longer than the turn) finds the turn gone, and leaves what it found to the
+            # replica whose turn it is now, rather than send the lost events a second time.
+            if not await self._outbox.reconcile_turn(TURN_S):
+                return 0
+            resent = await record(self._outbox, found, rows, self._metrics)
             self.totals.add(found, resent)
             if found.missing or found.given_up:
                 log.warning(

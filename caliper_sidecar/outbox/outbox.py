@@ -411,6 +411,10 @@ class Outbox:
         """See `Storage.delivered_upstream`."""
         return await self.storage.delivered_upstream(older_than_s, unchecked_only, limit, after_seq)
 
+    async def reconcile_turn(self, turn_s: float) -> bool:
+        """See `Storage.reconcile_turn`."""
+        return await self.storage.reconcile_turn(turn_s)
+
     async def record_reconciled(
         self,
         held: Sequence[str],

@@ -223,6 +223,13 @@ class Storage(Protocol):
         after `after_seq`; with `unchecked_only`, only those reconciliation has neither
         verified nor given up on."""
 
+    async def reconcile_turn(self, turn_s: float) -> bool:
+        """Whether this process runs reconciliation's next round. SQLite: always (one `run` a
+        file). PostgreSQL: only the replica whose turn it is, taken when no replica holds it
+        or its holder's ran out, held `turn_s` from now (each call of the holder renews it),
+        given back when the replica stops: two replicas checking at once each sent a lost
+        event again."""
+
     async def reconciled(
         self, held: Sequence[str], missing: Sequence[str], given_up: Sequence[str]
     ) -> None:

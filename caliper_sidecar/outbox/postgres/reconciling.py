@@ -79,3 +79,23 @@ async def checked(
     )
     await add_marks(conn, [Mark(i, what, "upstream") for what, ids in found for i in ids])
     await conn.execute(_CLOSE, [*held, *missing, *given_up])
+
+
+#: the turn to reconcile ($1 the replica, $2 how long): taken when no replica holds it or its
+#: holder's ran out, renewed by its holder; a row when it is $1's now
+_TAKE_TURN: Final = f"""
+    INSERT INTO reconcile_turn AS t (one, replica, until) VALUES (1, $1, {NOW} + $2)
+    ON CONFLICT (one) DO UPDATE SET replica = $1, until = {NOW} + $2
+        WHERE t.replica = $1 OR t.until < {NOW}
+    RETURNING replica
+"""
+
+
+async def take_turn(conn: asyncpg.Connection, replica: str, turn_s: float) -> bool:
+    """Whether reconciliation's next round is this replica's (Storage.reconcile_turn)."""
+    return await conn.fetchval(_TAKE_TURN, replica, turn_s) is not None
+
+
+async def give_back_turn(conn: asyncpg.Connection, replica: str) -> None:
+    """A replica that stops lets another take its turn at once."""
+    await conn.execute("DELETE FROM reconcile_turn WHERE replica = $1", replica)

@@ -827,6 +827,16 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         CASE WHEN {RECONCILING} THEN NULL ELSE extract(epoch from clock_timestamp()) END;
     CREATE INDEX sent_unchecked ON sent (lower(span)) WHERE checked_at IS NULL;
     """,
+    # 8: reconciliation one replica at a time. Every replica listed the platform for the same
+    # delivered events, and each sent what it found lost again: a lost event twice with two
+    # replicas. The replica whose turn it is (reconciling.take_turn) is the one that checks.
+    """
+    CREATE TABLE reconcile_turn (
+        one int PRIMARY KEY CHECK (one = 1),
+        replica text NOT NULL,
+        until double precision NOT NULL
+    );
+    """,
 )
 
 VERSION: Final = len(MIGRATIONS)

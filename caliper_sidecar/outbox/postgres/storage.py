@@ -298,8 +298,8 @@ class PostgresStorage:
             await asyncio.gather(self._heartbeat, return_exceptions=True)
             self._heartbeat = None
         if self._pool is not None and self._agreement is not None:
-            # Leave: the jobs this replica followed go to the others at once, and a replica
-            # with new settings may start once every one has left.
+            # Leave: the jobs this replica followed (and its turn to reconcile) go to the
+            # others at once, and a replica with new settings may start once every one has left.
             with contextlib.suppress(OSError, OutboxUnavailable, asyncpg.PostgresError):
                 async with self._connection() as conn:
                     await conn.execute(
@@ -307,6 +307,7 @@ class PostgresStorage:
                         "WHERE followed_by = $1",
                         self.replica_id,
                     )
+                    await reconciling.give_back_turn(conn, self.replica_id)
                     await conn.execute("DELETE FROM replicas WHERE id = $1", self.replica_id)
         if self._pool is not None:
             with contextlib.suppress(OSError, OutboxUnavailable, asyncpg.PostgresError):
@@ -778,6 +779,10 @@ class PostgresStorage:
             DeliveredUpstream(r["seq"], r["id"], bytes(r["body"]), r["sensor"], r["missing_for"])
             for r in rows
         ]
+
+    async def reconcile_turn(self, turn_s: float) -> bool:
+        async with self._connection() as conn:
+            return await reconciling.take_turn(conn, self.replica_id, turn_s)
 
     async def reconciled(
         self, held: Sequence[str], missing: Sequence[str], given_up: Sequence[str]

@@ -16,7 +16,7 @@ from caliper_sidecar.app import start
 from caliper_sidecar.config import OutboxSettings
 from caliper_sidecar.exceptions import OutboxLocked
 from caliper_sidecar.outbox import NewEvent, sqlite_outbox
-from caliper_sidecar.outbox.sqlite.storage import PAGE_SIZE, SqliteStorage
+from caliper_sidecar.outbox.sqlite.storage import PAGE_SIZE, RESERVE_BYTES, SqliteStorage
 from caliper_sidecar.tools.fake_timeback import RunningFake
 
 from .conftest import (
@@ -182,6 +182,26 @@ class TestPagesThatWriteLittle:
             assert (await outbox.stats()).events == 3
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA page_size").fetchone() == (4096,)
+
+    @pytest.mark.parametrize("page_size", [PAGE_SIZE, 4096])
+    async def test_the_wal_s_backstop_fits_in_the_room_kept_for_it(
+        self, tmp_path: Path, page_size: int
+    ) -> None:
+        """SQLite checkpoints by itself once the WAL holds `wal_autocheckpoint` pages, where
+        the background checkpoints fell behind: bytes that must fit in the room the capacity
+        check keeps (RESERVE_BYTES), on an older file's 4 KB pages too."""
+        path = tmp_path / "outbox.db"
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(f"PRAGMA page_size = {page_size}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.close()
+        async with sqlite_outbox(OutboxSettings(path=str(path))) as outbox:
+            storage = outbox.storage
+            assert isinstance(storage, SqliteStorage)
+            (pages,) = await storage._writer.run(
+                lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+            )
+        assert 0 < pages * page_size <= RESERVE_BYTES // 2
 
     async def test_deleting_zeroes_only_what_costs_no_write(self, tmp_path: Path) -> None:
         async with sqlite_outbox(OutboxSettings(path=str(tmp_path / "outbox.db"))) as outbox:

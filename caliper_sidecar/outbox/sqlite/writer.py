@@ -24,9 +24,6 @@ R = TypeVar("R")
 #: the settings every connection of the outbox takes, with its `synchronous` level
 PRAGMAS: Final = (
     "PRAGMA busy_timeout = 5000",
-    # Checkpoints run in the background (SqliteStorage._checkpoint_often), not in the thread of
-    # the commit that crosses the threshold; this one is only the backstop.
-    "PRAGMA wal_autocheckpoint = 10000",
     # Debian's SQLite overwrites whatever is deleted with zeros (SQLITE_SECURE_DELETE): an
     # emptied body's freed overflow page, and every pruned row, written out again only to
     # zero it (bench/writes.py: pruning 4,388 -> 273 bytes an event). FAST zeroes what is
@@ -34,6 +31,13 @@ PRAGMAS: Final = (
     # transaction (erasing.py), which is where overwriting is promised.
     "PRAGMA secure_delete = FAST",
 )
+
+
+#: Checkpoints run in the background (SqliteStorage._checkpoint_often), not in the thread of
+#: the commit that crosses this; it is only the backstop, set in pages of the file's size so
+#: that the WAL it allows fits in the room the capacity check keeps (storage.RESERVE_BYTES,
+#: 32 MiB) on an older file's 4 KB pages too (10,000 pages were 40 MB there).
+WAL_BACKSTOP_BYTES: Final = 8 * 1_048_576
 
 
 class Writer:
@@ -61,6 +65,8 @@ class Writer:
         conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
         for pragma in PRAGMAS:
             conn.execute(pragma)
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_BYTES // int(page_size)}")
         return conn
 
     async def run(self, work: Callable[[sqlite3.Connection], R]) -> R:

@@ -37,7 +37,7 @@ PRAGMAS: Final = (
 #: the commit that crosses this; it is only the backstop, set in pages of the file's size so
 #: that the WAL it allows fits in the room the capacity check keeps (storage.RESERVE_BYTES,
 #: 32 MiB) on an older file's 4 KB pages too (10,000 pages were 40 MB there).
-WAL_BACKSTOP_BYTES: Final = 8 * 1_048_576
+WAL_BACKSTOP_BYTES: Final = 10 * 1_048_576
 
 
 class Writer:

@@ -152,7 +152,7 @@ class TimeBackChecker(Checker):
                 "the Response should embed its Attempt as an object",
                 "item-response",
             )
-        elif not {"startedAtTime", "endedAtTime"} <= attempt.keys():
+        elif "startedAtTime" not in attempt or "endedAtTime" not in attempt:
             self.warn(
                 "/generated/attempt",
                 "the Response's Attempt should have `startedAtTime` and `endedAtTime`",

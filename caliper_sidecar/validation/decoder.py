@@ -102,8 +102,12 @@ class TextPositionSelector(msgspec.Struct):
 _UNSET: Final = msgspec.UNSET
 
 
-class Node(msgspec.Struct, forbid_unknown_fields=True):
-    """A decoded event or entity; reads as a mapping of its JSON keys (for TimeBack's rules)."""
+class Node(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A decoded event or entity; reads as a mapping of its JSON keys (for TimeBack's rules).
+
+    Not tracked by the garbage collector (`gc=False`, inherited by every generated class): a
+    decoded body is a tree, which holds no cycle, and a 100-event body made thousands of
+    tracked objects, each counted toward the next young collection."""
 
     #: JSON key -> attribute, per generated class
     keys_to_attributes: ClassVar[dict[str, str]] = {}

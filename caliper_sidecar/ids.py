@@ -14,4 +14,6 @@ UUID_URN: Final = re.compile(
 def canonical_id(event_id: str) -> str:
     """The form an id is known by in the outbox: a `urn:uuid:` id in lower case, so that the
     same UUID written in two cases is one event (what is forwarded is the id as received)."""
+    if event_id.islower():  # nothing to lower (how ids mostly come): no match needed
+        return event_id
     return event_id.lower() if UUID_URN.fullmatch(event_id) else event_id

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from caliper_sidecar import codec
+from caliper_sidecar.ids import UUID_URN, canonical_id
 from caliper_sidecar.validation.decoder import Decoder, decoder_for
 from caliper_sidecar.validation.reading import Limits, TooManyEvents, read_events
 from caliper_sidecar.validation.shape import ShapeError
@@ -92,3 +95,12 @@ class TestReadEvents:
         assert read_events(codec.dumps(event), off).report.ok
         del event["id"]
         assert not read_events(codec.dumps(event), off).report.ok
+
+
+@given(st.one_of(st.text(), st.uuids().map(lambda u: f"urn:uuid:{u}"), st.just("URN:UUID:")))
+def test_an_id_is_known_by_its_urn_uuid_in_lower_case_and_otherwise_as_sent(raw: str) -> None:
+    """The outbox's form of an id (ids.canonical_id): the same UUID in two cases is one event;
+    any other id stays exactly as the app sent it."""
+    for event_id in (raw, raw.upper(), raw.swapcase()):
+        expected = event_id.lower() if UUID_URN.fullmatch(event_id) else event_id
+        assert canonical_id(event_id) == expected

@@ -8,8 +8,9 @@ turn (its caliper_sidecar first on sys.path; the venv's dependencies serve them 
 the same wrk load as bench/ingest.py (synchronous = "full", the reference's ViewEvent, the
 upstream unreachable). Changes worth a few percent drown in this machine's noise between two
 separate runs; in one interleaved run they show round after round, and each checkout's share of
-the ceiling measured beside it is what BENCHMARKS.md compares. Each sidecar's peak resident
-memory (VmHWM) over its run is printed beside its rate.
+the ceiling measured beside it is what BENCHMARKS.md compares. The checkouts take turns at
+going first, round by round (the first after the bare handler was favoured). Each sidecar's
+peak resident memory (VmHWM) over its run is printed beside its rate.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ def main() -> None:
         tmp = Path(tmp_name)
         event = template(tmp)
         for round_ in range(args.rounds):
+            # The checkouts' order turns each round: the one measured first after the bare
+            # handler did better, whichever it was (two runs of 2026-12-07, orders swapped:
+            # 0.409 and 0.402 first, 0.345 and 0.331 second).
+            turn = round_ % len(trees)
             starts: list[tuple[str, Callable[[Path, int], Process]]] = [("bare", bare)]
-            starts += [(str(t), functools.partial(checkout_sidecar, t)) for t in trees]
+            starts += [
+                (str(t), functools.partial(checkout_sidecar, t))
+                for t in trees[turn:] + trees[:turn]
+            ]
             line = []
             for name, start in starts:
                 result = measure(start, tmp, event, args.batch, args.seconds, args.connections)

@@ -271,13 +271,19 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {"syslog-ng": [], **{n: [] for n in checkouts}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             if args.only != "caliper-sidecar":
                 results["syslog-ng"].append(run_syslog_ng(tmp, lines, args.senders))
             if args.only != "syslog-ng":
-                for name, checkout in checkouts.items():
+                # the checkouts take turns at going first, round by round (as bench/ab.py)
+                order = list(checkouts.items())
+                turn = round_ % len(order)
+                said = []
+                for name, checkout in order[turn:] + order[:turn]:
                     run = run_sidecar(tmp, lines, args.senders, args.profile, checkout)
                     results[name].append(run)
+                    said.append(f"{name}: {run['received'] / run['seconds']:,.0f}")
+                print(f"round {round_ + 1}: " + "; ".join(said), flush=True)
     results = {name: runs for name, runs in results.items() if runs}
     size = sum(map(len, lines)) / len(lines)
     print(

@@ -41,8 +41,18 @@ class BufferedLineLogger:
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True).start()
+        self.flusher = threading.Thread(
+            target=self._flush_periodically, name="log-flush", daemon=True
+        )
+        self.flusher.start()
         atexit.register(self.flush)
+
+    def stop(self) -> None:
+        """Write what is pending and end the periodic flushes (a logger replaced by another:
+        each left a thread waking five times a second for as long as the process lived)."""
+        self._stopped.set()
+        atexit.unregister(self.flush)
+        self.flush()
 
     @property
     def pending(self) -> int:
@@ -89,6 +99,11 @@ def flush_logs() -> None:
         _json_logger.flush()
 
 
+def _stop_json_logger() -> None:
+    if _json_logger is not None:
+        _json_logger.stop()
+
+
 class _Named:
     """A logger for one name: structlog's `add_logger_name` reads `.name`; the writing is
     the shared logger's (its methods, bound once, so a log call costs no extra lookup)."""
@@ -123,7 +138,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         )
         renderer: Any = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        flush_logs()
+        _stop_json_logger()
         _json_logger = BufferedLineLogger(stream.buffer)
         target: Any = _json_logger
     else:
@@ -132,7 +147,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
             colors=stream.isatty() and not os.environ.get("NO_COLOR")
         )
         target = structlog.PrintLogger(stream)
-        flush_logs()
+        _stop_json_logger()
         _json_logger = None
 
     def factory(name: str = "sidecar", *_: Any) -> _Named:

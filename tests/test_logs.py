@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from caliper_sidecar import __version__
+from caliper_sidecar import __version__, logs
 from caliper_sidecar.logs import (
     MAX_PENDING_LINES,
     BufferedLineLogger,
@@ -46,6 +46,23 @@ class TestBufferedLineLogger:
         for _ in range(MAX_PENDING_LINES):
             logger.info(b"x")
         assert stream.getvalue().count(b"\n") == MAX_PENDING_LINES
+
+    def test_a_logger_replaced_writes_its_lines_and_stops(self) -> None:
+        """configure_logging again (tests, a command after another in one process): the old
+        logger's lines are written and its flushing thread ends, rather than one more thread
+        waking five times a second for as long as the process lives."""
+        stream = io.BytesIO()
+        text = io.TextIOWrapper(stream)  # held: collected, it would close the stream
+        configure_logging("info", "json", stream=text)
+        first = logs._json_logger
+        assert first is not None
+        assert first.flusher.is_alive()
+        structlog.get_logger("sidecar.test").info("before")
+        other = io.TextIOWrapper(io.BytesIO())
+        configure_logging("info", "json", stream=other)
+        assert b'"event":"before"' in stream.getvalue()
+        first.flusher.join(timeout=5)
+        assert not first.flusher.is_alive()
 
     def test_a_broken_stream_drops_lines_instead_of_failing(self) -> None:
         logger = BufferedLineLogger(Broken())

@@ -16,6 +16,7 @@ import pytest
 
 from caliper_sidecar import codec
 from caliper_sidecar.config import OutboxSettings, ReconcileSettings
+from caliper_sidecar.delivery import reconciling
 from caliper_sidecar.delivery.reads import PlatformReader
 from caliper_sidecar.delivery.reconciling import ReconcileLoop
 from caliper_sidecar.metrics import Metrics
@@ -203,6 +204,53 @@ async def test_replicas_send_a_lost_event_again_once(database: str, tmp_path: Pa
         ]
         await asyncio.gather(*(r.round() for r in rounds))
         assert sum(r.totals.resent for r in rounds) == len(events)
+        queued = await one.claim_batch(100, 1_000_000)
+        assert sorted(e.id for e in queued.events) == sorted(e.id for e in events)
+
+
+class FrozenFirst:
+    """A platform that holds nothing; the first listing hangs until `thaw` is set (the replica
+    asking froze meanwhile), every later one answers at once."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+        self.thaw = asyncio.Event()
+
+    async def page(self, query: dict[str, str]) -> tuple[int, float | None, str]:
+        self.asked += 1
+        if self.asked == 1:
+            await self.thaw.wait()
+        return 200, None, codec.dumps({"events": [], "pagination": {"total": 0}}).decode()
+
+
+async def test_a_replica_frozen_while_it_listed_records_nothing(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its turn ran out while it waited for the platform and another replica checked the same
+    events: what the frozen one found when it thaws is not recorded, nor sent again."""
+    monkeypatch.setattr(reconciling, "TURN_S", 0.3)
+    events = [NewEvent(e["id"], codec.dumps(e)) for e in make_events(5)]
+    async with (
+        open_test_outbox("postgres", tmp_path, database, reconciling=True) as one,
+        open_outbox(OutboxSettings(url=database), exclusive=False, reconciling=True) as other,
+    ):
+        await one.append(events)
+        while (batch := await one.claim_batch(100, 1_000_000)).events:
+            await one.acknowledge(batch.claim, batch.seqs)
+        platform = FrozenFirst()
+        frozen, awake = (
+            ReconcileLoop(
+                box, cast(PlatformReader, platform), ReconcileSettings(), "urn:sensor", Metrics()
+            )
+            for box in (one, other)
+        )
+        listing = asyncio.ensure_future(frozen.round())
+        await eventually(lambda: platform.asked == 1)
+        await asyncio.sleep(0.4)  # the frozen replica's turn runs out
+        assert await awake.round() == len(events)
+        platform.thaw.set()
+        assert await listing == 0
+        assert (frozen.totals.resent, awake.totals.resent) == (0, len(events))
         queued = await one.claim_batch(100, 1_000_000)
         assert sorted(e.id for e in queued.events) == sorted(e.id for e in events)
 
